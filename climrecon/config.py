@@ -1,0 +1,184 @@
+"""Typed configuration for every stage, loaded from YAML and validated by pydantic.
+
+Contract:
+- ``load_config(path, overrides)`` returns a :class:`ClimReconConfig`; any unknown key, wrong type or
+  missing field raises :class:`ConfigError` whose message names the file and the dotted key at fault.
+- Overrides are ``dotted.key=value`` strings (value parsed as YAML), applied before validation, so
+  ``--set ingest.chunks.time=24`` behaves exactly like editing the file.
+- Secrets never live here: storage options in a config are non-secret (endpoint, region, anon); keys and
+  tokens come from the environment at use time (see :mod:`climrecon.storage`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from climrecon.storage import SECRET_OPTION_KEYS, default_data_home
+
+__all__ = [
+    "ConfigError",
+    "Region",
+    "StorageConfig",
+    "CatalogQuery",
+    "IngestConfig",
+    "SyntheticConfig",
+    "SampleCatalogConfig",
+    "ClimReconConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file and key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Region(_Model):
+    """A lat/lon box in degrees; longitudes in -180..180 or 0..360 (lon_min may exceed lon_max across the dateline)."""
+
+    lat_min: float = Field(ge=-90, le=90)
+    lat_max: float = Field(ge=-90, le=90)
+    lon_min: float = Field(ge=-180, le=360)
+    lon_max: float = Field(ge=-180, le=360)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Region:
+        if self.lat_min >= self.lat_max:
+            raise ValueError(f"lat_min ({self.lat_min}) must be below lat_max ({self.lat_max})")
+        return self
+
+
+class StorageConfig(_Model):
+    """Where stores are written: a local directory or any fsspec URL (s3://bucket/prefix)."""
+
+    root: str = "outputs"
+    options: dict[str, Any] = Field(default_factory=dict, description="non-secret fsspec storage options")
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = sorted(k for k in v if k.lower() in SECRET_OPTION_KEYS)
+        if bad:
+            raise ValueError(
+                f"secret storage option(s) {bad} must not be written in a config file; set them in the "
+                "environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or CLIMRECON_STORAGE_OPTIONS as JSON)"
+            )
+        return v
+
+
+class CatalogQuery(_Model):
+    """An intake-esm search: every given column must match; ``time`` clips to [start, end] (YYYY or YYYY-MM)."""
+
+    source_id: str | list[str] | None = None
+    experiment_id: str | list[str] | None = None
+    member_id: str | list[str] | None = None
+    variable_id: str | list[str] | None = None
+    table_id: str | list[str] | None = None
+    time: tuple[str, str] | None = None
+
+    def search_terms(self) -> dict[str, Any]:
+        """The catalog columns to search on (``time`` is applied after opening)."""
+        return {k: v for k, v in self.model_dump(exclude={"time"}).items() if v is not None}
+
+
+class IngestConfig(_Model):
+    catalog: str | None = Field(None, description="intake-esm JSON; default: the built sample catalog")
+    query: CatalogQuery = CatalogQuery(source_id="MPI-ESM-LR", variable_id=["tas", "uas", "vas"])
+    lon_convention: Literal["-180..180", "0..360"] = "-180..180"
+    time_chunk: int = Field(12, ge=1, description="months (or years) per zarr chunk and per write block")
+    zarr_format: Literal[2, 3] = 3
+
+
+class SyntheticConfig(_Model):
+    """The synthetic reanalysis: a labelled offline stand-in for ERA5 monthly means."""
+
+    region: Region = Region(lat_min=30.0, lat_max=50.0, lon_min=-125.0, lon_max=-100.0)
+    resolution: float = Field(0.25, gt=0)
+    start_year: int = 1961
+    end_year: int = 2020
+    variables: list[Literal["tas", "uas", "vas", "pr"]] = ["tas", "uas", "vas", "pr"]
+    seed: int = 20261121
+    chunk_months: int = Field(12, ge=1)
+
+    @model_validator(mode="after")
+    def _span(self) -> SyntheticConfig:
+        if self.end_year < self.start_year:
+            raise ValueError(f"end_year ({self.end_year}) is before start_year ({self.start_year})")
+        return self
+
+
+class SampleCatalogConfig(_Model):
+    """Where the offline sample catalog (real packaged data + synthetic reanalysis) is built."""
+
+    directory: str | None = Field(None, description="default: <data_home>/sample")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ClimReconConfig(_Model):
+    data_home: str = Field(default_factory=lambda: str(default_data_home()))
+    storage: StorageConfig = StorageConfig()
+    sample: SampleCatalogConfig = SampleCatalogConfig()
+    ingest: IngestConfig = IngestConfig()
+
+    def sample_dir(self) -> Path:
+        return Path(self.sample.directory or Path(self.data_home) / "sample")
+
+    def sample_catalog(self) -> Path:
+        return self.sample_dir() / "catalog.json"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``dotted.key=value`` overrides set (values parsed as YAML)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key (not allowed here)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ClimReconConfig:
+    """Load and validate a config; ``path=None`` gives the embedded defaults (plus overrides)."""
+    source = str(path) if path else "embedded defaults"
+    raw: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, not {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return ClimReconConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -1,0 +1,173 @@
+"""Hash-keyed, resumable Zarr stores that several workers fill block by block.
+
+Every stage writes its output the same way (STACK.md, "Parallel writers"):
+
+1. :meth:`StageStore.initialize` writes the template once (metadata and coordinates, no data) with the
+   store's content key and ``climrecon_status="incomplete"`` in its attributes;
+2. each block is written with :meth:`StageStore.write_block` as a chunk-aligned ``region`` write, then a
+   small *done marker* object is put under ``<store>/.climrecon/done/`` (after the data, never before);
+3. :meth:`StageStore.finalize` checks every expected block has its marker, flips the status attribute to
+   ``complete``, re-consolidates metadata and writes ``<store>/.climrecon/complete.json`` last.
+
+So a store is complete only if that marker exists and names the same key; an interrupted or failed run
+leaves a store that :meth:`is_complete` rejects, and a re-run writes only the blocks without markers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from climrecon.storage import filesystem, join_url
+
+__all__ = ["content_key", "StageStore", "StoreStateError", "time_blocks"]
+
+STATE_DIR = ".climrecon"
+
+
+class StoreStateError(RuntimeError):
+    """A store exists but does not belong to this run (other key) or is not in the state expected."""
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if hasattr(obj, "model_dump"):
+        return _canonical(obj.model_dump(mode="json"))
+    return obj
+
+
+def content_key(*parts: Any, length: int = 16) -> str:
+    """A stable hex digest of JSON-able parts (dict order does not matter; pydantic models allowed)."""
+    blob = json.dumps(_canonical(list(parts)), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def time_blocks(n_time: int, block: int) -> list[slice]:
+    """Consecutive ``slice``s of length ``block`` (the last may be shorter) covering ``range(n_time)``."""
+    return [slice(i, min(i + block, n_time)) for i in range(0, n_time, block)]
+
+
+def _block_name(region: Mapping[str, slice]) -> str:
+    return "_".join(f"{dim}-{s.start}-{s.stop}" for dim, s in sorted(region.items()))
+
+
+@dataclass
+class StageStore:
+    """One stage output store at ``url`` whose identity is ``key`` (a :func:`content_key`)."""
+
+    url: str
+    key: str
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- state ------------------------------------------------------------------------------------
+    def _fs(self):
+        return filesystem(self.url, self.storage_options)
+
+    def _state(self, *parts: str) -> str:
+        return join_url(self._fs()[1], STATE_DIR, *parts)
+
+    def _put(self, path: str, data: bytes) -> None:
+        fs, _ = self._fs()
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe(path, data)
+
+    def exists(self) -> bool:
+        fs, path = self._fs()
+        return fs.exists(join_url(path, "zarr.json")) or fs.exists(join_url(path, ".zgroup"))
+
+    def stored_key(self) -> str | None:
+        """The key recorded in the store's attributes, or None when there is no readable store."""
+        if not self.exists():
+            return None
+        try:
+            group = zarr.open_group(store=self.url, mode="r", storage_options=self.storage_options or None)
+        except Exception:  # noqa: BLE001 - an unreadable store has no key
+            return None
+        return group.attrs.get("climrecon_key")
+
+    def is_complete(self) -> bool:
+        fs, _ = self._fs()
+        marker = self._state("complete.json")
+        if not fs.exists(marker):
+            return False
+        try:
+            info = json.loads(fs.cat(marker))
+        except (ValueError, OSError):
+            return False
+        return info.get("key") == self.key
+
+    def done_blocks(self) -> set[str]:
+        fs, _ = self._fs()
+        try:
+            return {p.rsplit("/", 1)[-1] for p in fs.ls(self._state("done"), detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def pending(self, regions: Iterable[Mapping[str, slice]]) -> list[dict[str, slice]]:
+        """The regions among ``regions`` that have no done marker yet, in order."""
+        done = self.done_blocks()
+        return [dict(r) for r in regions if _block_name(r) not in done]
+
+    # -- writing ----------------------------------------------------------------------------------
+    def initialize(self, template: xr.Dataset, encoding: dict[str, Any] | None = None, zarr_format: int = 3) -> bool:
+        """Write the template (no data) unless a store with this key is already there.
+
+        Returns True when a new template was written, False when an existing one (complete or
+        partially filled with this key) is reused. A store at ``url`` with another key is never
+        overwritten: :class:`StoreStateError`.
+        """
+        if self.exists():
+            found = self.stored_key()
+            if found == self.key:
+                return False
+            raise StoreStateError(
+                f"{self.url} already holds a store with key {found!r}, not {self.key!r}; refusing to overwrite it"
+            )
+        tmpl = template.copy()
+        tmpl.attrs = {**template.attrs, "climrecon_key": self.key, "climrecon_status": "incomplete"}
+        tmpl.to_zarr(
+            self.url,
+            mode="w-",
+            compute=False,
+            encoding=encoding,
+            zarr_format=zarr_format,
+            consolidated=True,
+            storage_options=self.storage_options or None,
+        )
+        return True
+
+    def write_block(self, block: xr.Dataset, region: Mapping[str, slice]) -> None:
+        """Write ``block`` into ``region`` (chunk-aligned), then record the block as done."""
+        dims = set(region)
+        drop = [n for n, c in block.coords.items() if not dims.intersection(c.dims)]
+        block.drop_vars(drop).to_zarr(
+            self.url,
+            region=dict(region),
+            mode="r+",
+            storage_options=self.storage_options or None,
+        )
+        self._put(self._state("done", _block_name(region)), b"")
+
+    def finalize(self, regions: Iterable[Mapping[str, slice]], attrs: Mapping[str, Any] | None = None) -> None:
+        """Mark the store complete once every region in ``regions`` has its done marker."""
+        missing = self.pending(regions)
+        if missing:
+            raise StoreStateError(f"{self.url}: {len(missing)} block(s) not written yet, e.g. {missing[0]}")
+        group = zarr.open_group(store=self.url, mode="r+", storage_options=self.storage_options or None)
+        finished = datetime.now(UTC).isoformat(timespec="seconds")
+        group.attrs.update({**(attrs or {}), "climrecon_status": "complete", "climrecon_completed": finished})
+        zarr.consolidate_metadata(group.store)
+        self._put(self._state("complete.json"), json.dumps({"key": self.key, "completed": finished}).encode())

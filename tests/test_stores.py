@@ -1,0 +1,53 @@
+"""StageStore: template once, region blocks with markers, completeness only at the very end."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from climrecon.stores import StageStore, StoreStateError, content_key, time_blocks
+
+
+def _dataset(n_time: int = 10) -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    return xr.Dataset(
+        {"tas": (("time", "lat", "lon"), rng.normal(size=(n_time, 3, 4)).astype("float32"))},
+        coords={"time": np.arange(n_time), "lat": [0.0, 1.0, 2.0], "lon": [0.0, 1.0, 2.0, 3.0]},
+    )
+
+
+def test_content_key_is_order_independent_and_sensitive():
+    assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_blocks_fill_store_and_complete_only_at_end(tmp_path):
+    ds = _dataset()
+    store = StageStore(str(tmp_path / "s.zarr"), key="k1")
+    assert store.initialize(ds.chunk({"time": 4}))
+    regions = [{"time": s} for s in time_blocks(ds.sizes["time"], 4)]
+    assert len(regions) == 3 and regions[-1]["time"] == slice(8, 10)
+    for r in regions[:2]:
+        store.write_block(ds.isel(r), r)
+    assert not store.is_complete()
+    with pytest.raises(StoreStateError, match="1 block"):
+        store.finalize(regions)
+    assert store.pending(regions) == [regions[2]]
+    # a second run reuses the template and writes only what is missing
+    assert not store.initialize(ds.chunk({"time": 4}))
+    for r in store.pending(regions):
+        store.write_block(ds.isel(r), r)
+    store.finalize(regions, attrs={"note": "x"})
+    assert store.is_complete()
+    out = xr.open_zarr(store.url)
+    assert out.attrs["climrecon_status"] == "complete" and out.attrs["note"] == "x"
+    np.testing.assert_array_equal(out.tas.values, ds.tas.values)
+
+
+def test_store_with_other_key_is_never_overwritten(tmp_path):
+    ds = _dataset()
+    a = StageStore(str(tmp_path / "s.zarr"), key="k1")
+    a.initialize(ds.chunk({"time": 5}))
+    b = StageStore(a.url, key="k2")
+    with pytest.raises(StoreStateError, match="refusing to overwrite"):
+        b.initialize(ds.chunk({"time": 5}))
+    assert not b.is_complete()
