@@ -154,6 +154,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 
+# Sections a file replaces whole rather than merging into the defaults: a catalog query written in a
+# file means exactly that query, not the default one with some columns changed.
+ATOMIC_SECTIONS = frozenset({"query"})
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``: mappings merge key by key (except ATOMIC_SECTIONS), anything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        mergeable = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ATOMIC_SECTIONS
+        out[k] = _deep_merge(out[k], v) if mergeable else v
+    return out
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
@@ -177,7 +191,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level, not {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
+    # Defaults first, then the file, then overrides: setting one key of a section keeps the others.
+    raw = apply_overrides(_deep_merge(ClimReconConfig().model_dump(mode="json"), raw), overrides)
     try:
         return ClimReconConfig.model_validate(raw)
     except ValidationError as exc:
