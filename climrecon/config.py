@@ -101,7 +101,9 @@ class IngestConfig(_Model):
 class SyntheticConfig(_Model):
     """The synthetic reanalysis: a labelled offline stand-in for ERA5 monthly means."""
 
-    region: Region = Region(lat_min=30.0, lat_max=50.0, lon_min=-125.0, lon_max=-100.0)
+    # Western US (Pacific coast, Cascades, Sierra Nevada, Great Basin, Rockies), inside the UM A1B North
+    # America domain; 20 x 20 deg so that coarsening by 4, 8, 16 and 20 (1, 2, 4, 5 deg) tiles it exactly.
+    region: Region = Region(lat_min=30.0, lat_max=50.0, lon_min=-125.0, lon_max=-105.0)
     resolution: float = Field(0.25, gt=0)
     start_year: int = 1961
     end_year: int = 2020

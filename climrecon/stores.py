@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -169,5 +170,8 @@ class StageStore:
         group = zarr.open_group(store=self.url, mode="r+", storage_options=self.storage_options or None)
         finished = datetime.now(UTC).isoformat(timespec="seconds")
         group.attrs.update({**(attrs or {}), "climrecon_status": "complete", "climrecon_completed": finished})
-        zarr.consolidate_metadata(group.store)
+        with warnings.catch_warnings():
+            # our state folder (.climrecon/) sits inside the store on purpose; zarr notes it is not a node
+            warnings.filterwarnings("ignore", message=r"Object at \.climrecon is not recognized")
+            zarr.consolidate_metadata(group.store)
         self._put(self._state("complete.json"), json.dumps({"key": self.key, "completed": finished}).encode())

@@ -8,7 +8,8 @@ Contract:
   dateline in -180..180 (``lon_min > lon_max``, e.g. 170 -> -170) is contiguous only in 0..360, so its grid
   uses 0..360 (centres 170..190); one that crosses Greenwich in 0..360 uses -180..180. ``lon_convention``
   says which.
-- ``cell_area()`` is the exact spherical area R^2 dlon (sin lat_n - sin lat_s); a global grid sums to 4 pi R^2.
+- ``cell_area()`` is the exact spherical area R^2 dlon (sin lat_n - sin lat_s); a global grid sums to
+  4 pi R^2.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ class Grid:
             raise GridError(f"grid latitudes {self.south:g}..{north:g} leave -90..90")
         if self.nlon * self.dlon > 360 + _TOL * self.dlon:
             raise GridError(f"grid spans {self.nlon * self.dlon:g} deg of longitude, more than 360")
-        if not (-180 - _TOL <= self.west and self.west + self.nlon * self.dlon <= 360 + _TOL * self.dlon):
+        tol = _TOL * self.dlon
+        in_pm180 = self.west >= -180 - tol and self.east <= 180 + tol
+        in_0_360 = self.west >= -tol and self.east <= 360 + tol
+        offset_global = self.is_global_lon and -180 - self.dlon <= self.west < 360  # e.g. centres 0..358.125
+        if not (in_pm180 or in_0_360 or offset_global):
             raise GridError(
                 f"grid longitudes {self.west:g}..{self.west + self.nlon * self.dlon:g} are in neither "
                 "convention (-180..180 or 0..360)"
@@ -72,16 +77,18 @@ class Grid:
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
     def from_region(cls, region: Region, resolution: float | tuple[float, float]) -> Grid:
-        """Cells of ``resolution`` deg (or ``(dlat, dlon)``) tiling ``region`` exactly (edges = region bounds)."""
+        """Cells of ``resolution`` deg (or ``(dlat, dlon)``) tiling ``region`` (edges = its bounds)."""
         dlat, dlon = (resolution, resolution) if np.isscalar(resolution) else resolution
-        nlat = _whole_cells(region.lat_max - region.lat_min, dlat, f"region latitudes {region.lat_min:g}..{region.lat_max:g}")
+        nlat = _whole_cells(
+            region.lat_max - region.lat_min, dlat, f"region latitudes {region.lat_min:g}..{region.lat_max:g}"
+        )
         width = (region.lon_max - region.lon_min) % 360 or 360.0
         nlon = _whole_cells(width, dlon, f"region longitudes {region.lon_min:g}..{region.lon_max:g}")
         west = region.lon_min
-        if west + width > 360 + _TOL:  # crosses Greenwich in 0..360: contiguous only in -180..180
+        # lon_min > lon_max in -180..180 (170 -> -170) crosses the dateline: west=170, east=190, i.e. 0..360.
+        # One crossing Greenwich in 0..360 (350 -> 10) is contiguous only in -180..180: west=-10, east=10.
+        if west + width > 360 + _TOL:
             west -= 360
-        elif west < 0 and west + width > 180 + _TOL:  # crosses the dateline in -180..180: use 0..360
-            west += 360
         return cls(region.lat_min, west, float(dlat), float(dlon), nlat, nlon)
 
     @classmethod
@@ -92,7 +99,9 @@ class Grid:
         dlat, dlon = (resolution, resolution) if np.isscalar(resolution) else resolution
         nlat = _whole_cells(180.0, dlat, "global latitudes -90..90")
         nlon = _whole_cells(360.0, dlon, "global longitudes")
-        return cls(-90.0, -180.0 if lon_convention == "-180..180" else 0.0, float(dlat), float(dlon), nlat, nlon)
+        return cls(
+            -90.0, -180.0 if lon_convention == "-180..180" else 0.0, float(dlat), float(dlon), nlat, nlon
+        )
 
     @classmethod
     def from_dataset(cls, ds: xr.Dataset | xr.DataArray, name: str = "dataset") -> Grid:
@@ -126,10 +135,11 @@ class Grid:
 
     @property
     def lon_convention(self) -> str:
-        return "-180..180" if self.west < 0 or self.east <= 180 + _TOL else "0..360"
+        """Which convention the cell centres follow: "-180..180" if none exceeds 180, else "0..360"."""
+        return "-180..180" if self.lon[-1] <= 180 else "0..360"
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(lat_bnds, lon_bnds)``, shapes ``(nlat, 2)`` and ``(nlon, 2)``: [south, north], [west, east] edges."""
+        """``(lat_bnds, lon_bnds)``, shapes ``(nlat, 2)``/``(nlon, 2)``: [south, north], [west, east]."""
         lat_e = self.south + np.arange(self.nlat + 1) * self.dlat
         lon_e = self.west + np.arange(self.nlon + 1) * self.dlon
         return np.stack([lat_e[:-1], lat_e[1:]], -1), np.stack([lon_e[:-1], lon_e[1:]], -1)
@@ -144,10 +154,17 @@ class Grid:
         """The grid of ``factor x factor`` blocks of this one (same edges; centres are block centres)."""
         if factor < 1 or self.nlat % factor or self.nlon % factor:
             raise GridError(
-                f"cannot coarsen a {self.nlat} x {self.nlon} grid by {factor}: expected a factor dividing both "
-                "(lat and lon cell counts)"
+                f"cannot coarsen a {self.nlat} x {self.nlon} grid by {factor}: expected a factor dividing "
+                "both (lat and lon cell counts)"
             )
-        return Grid(self.south, self.west, self.dlat * factor, self.dlon * factor, self.nlat // factor, self.nlon // factor)
+        return Grid(
+            self.south,
+            self.west,
+            self.dlat * factor,
+            self.dlon * factor,
+            self.nlat // factor,
+            self.nlon // factor,
+        )
 
     def contains(self, other: Grid) -> bool:
         """Whether every cell of ``other`` lies inside this grid's domain (longitudes modulo 360)."""
@@ -165,8 +182,16 @@ class Grid:
         return xr.Dataset(
             {"lat_bnds": (("lat", "bnds"), lat_b), "lon_bnds": (("lon", "bnds"), lon_b)},
             coords={
-                "lat": ("lat", self.lat, {"units": "degrees_north", "standard_name": "latitude", "bounds": "lat_bnds"}),
-                "lon": ("lon", self.lon, {"units": "degrees_east", "standard_name": "longitude", "bounds": "lon_bnds"}),
+                "lat": (
+                    "lat",
+                    self.lat,
+                    {"units": "degrees_north", "standard_name": "latitude", "bounds": "lat_bnds"},
+                ),
+                "lon": (
+                    "lon",
+                    self.lon,
+                    {"units": "degrees_east", "standard_name": "longitude", "bounds": "lon_bnds"},
+                ),
             },
             attrs={"lon_convention": self.lon_convention},
         )
@@ -192,13 +217,19 @@ def _regular_step(centres: np.ndarray, what: str) -> float:
 
 
 def lat_edges_from_centres(lat: np.ndarray) -> np.ndarray:
-    """Cell edges of ascending centres (midpoints, outer edges mirrored), clipped to -90..90; size n+1.
+    """Cell edges of ascending centres: midpoints inside, outer edges mirrored; size n+1, within -90..90.
 
-    Works for regular and Gaussian grids alike (a Gaussian grid's outer edges land on the poles).
+    An outer edge snaps to the pole when the pole is less than one cell width from the outermost centre
+    (the source covers the polar cap): exact for regular global grids, and the usual reading of Gaussian
+    ones (MPI-ESM T63: first centre -88.57, mirrored edge -89.49 -> -90).
     """
     lat = np.asarray(lat, float)
     mid = (lat[:-1] + lat[1:]) / 2
     edges = np.concatenate([[2 * lat[0] - mid[0]], mid, [2 * lat[-1] - mid[-1]]])
+    if 90 + lat[0] < lat[1] - lat[0]:
+        edges[0] = -90.0
+    if 90 - lat[-1] < lat[-1] - lat[-2]:
+        edges[-1] = 90.0
     return np.clip(edges, -90.0, 90.0)
 
 

@@ -1,0 +1,329 @@
+"""A plain-torch training loop for :class:`EDMPrecond` models: AdamW with warmup, EMA weights, gradient
+clipping, bf16 autocast on CUDA (fp32 on CPU), atomic periodic checkpoints and exact resume.
+
+The data pipeline supplies :class:`Batch` objects (tensors already normalised, see
+:mod:`climrecon.models.normalization`). Pass ``batches`` as a *factory* ``first_step -> iterator`` so that a
+resumed run draws the same batches as an uninterrupted one (e.g. seed the crop sampler with
+``seed_for(seed, step)``); a plain iterator is accepted too, and is then simply continued.
+
+Exact resume: the checkpoint holds the raw and EMA weights, the optimizer moments, the step, the loss
+history and every RNG state the loop uses (the loss noise generator, the global CPU generator used by
+dropout, and the CUDA one). Interrupting a run after any checkpoint and calling :func:`train` again with the
+same arguments gives bit-identical weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from climrecon.models.checkpoint import (
+    EMA_PREFIX,
+    TRAIN_PREFIX,
+    CheckpointError,
+    CheckpointMetadata,
+    read_checkpoint,
+    save_checkpoint,
+)
+from climrecon.models.edm import EDMLoss, EDMPrecond
+from climrecon.models.samplers import make_generator, seed_for
+
+__all__ = ["Batch", "TrainConfig", "TrainResult", "train", "resolve_device"]
+
+
+@dataclass
+class Batch:
+    """One training batch, normalised: target [B, C, H, W], cond [B, Ccond, H, W], time_of_year [B] in [0, 1)."""
+
+    target: torch.Tensor
+    cond: torch.Tensor | None = None
+    time_of_year: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.target), move(self.cond), move(self.time_of_year))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 10_000
+    lr: float = 2e-4
+    warmup_steps: int = 500  # linear ramp from lr/warmup_steps to lr
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
+    ema_halflife_steps: float = 500.0  # EMA weight of a step halves after this many steps
+    ema_rampup_ratio: float | None = 0.05  # early on, half-life <= ratio * step (as in EDM)
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    mixed_precision: bool = True  # bf16 autocast, CUDA only
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        checks = [
+            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine'"),
+            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
+            (self.ema_halflife_steps > 0, f"ema_halflife_steps must be > 0, got {self.ema_halflife_steps}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid TrainConfig: {msg}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for the update that follows ``step`` completed steps."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            span = max(self.max_steps - self.warmup_steps, 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(step - self.warmup_steps, span) / span))
+        return self.lr
+
+    def ema_beta(self, step: int) -> float:
+        """EMA decay after ``step`` (>= 1) completed steps."""
+        halflife = self.ema_halflife_steps
+        if self.ema_rampup_ratio is not None:
+            halflife = min(halflife, step * self.ema_rampup_ratio)
+        return 0.5 ** (1 / max(halflife, 1e-8))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(d))
+
+
+@dataclass
+class TrainResult:
+    step: int  # completed optimisation steps
+    losses: list[float] = field(repr=False)  # mean training loss of every step 1..step (resumed runs included)
+    checkpoint_path: Path
+    content_sha256: str
+    resumed_from: int  # step the run started from (0: fresh)
+    seconds: float  # wall time of this call
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"TrainConfig.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+# -- optimizer / RNG state <-> flat tensors ---------------------------------------------------------
+def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in info["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in info["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state(noise: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state(), "rng.noise": noise.get_state()}
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], noise: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.cpu"].cpu())
+    noise.set_state(tensors["rng.noise"].cpu())
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def _batch_iterator(batches: Iterable[Batch] | Callable[[int], Iterable[Batch]], start: int) -> Iterator[Batch]:
+    return iter(batches(start)) if callable(batches) and not hasattr(batches, "__next__") else iter(batches)
+
+
+def train(
+    model: EDMPrecond,
+    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    cfg: TrainConfig,
+    *,
+    checkpoint_path: str | Path,
+    metadata: CheckpointMetadata | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``cfg.max_steps`` steps in total, checkpointing to ``checkpoint_path``.
+
+    ``metadata`` describes the model for its checkpoint (method, variables, normalisation, grid, data);
+    its ``unet``/``edm`` must match the model; ``train`` and ``step`` are filled in here. Default: a bare
+    ``CheckpointMetadata(method="edm", ...)``. With ``resume`` and an existing checkpoint, training
+    continues from it (a finished run returns at once); ``resume=False`` starts over and overwrites it.
+    ``on_log`` receives ``{"step", "loss", "lr", "grad_norm", "steps_per_s"}`` every ``cfg.log_every``
+    steps, after any checkpoint due at that step. The model is moved to the training device in place.
+    """
+    t0 = time.perf_counter()
+    checkpoint_path = Path(checkpoint_path)
+    device = resolve_device(cfg.device)
+    metadata = metadata or CheckpointMetadata(method="edm", unet=model.net.config, edm=model.config)
+    if metadata.unet != model.net.config or metadata.edm != model.config:
+        raise ValueError(
+            "metadata.unet/edm do not describe the model being trained: "
+            f"{metadata.unet} / {metadata.edm} vs {model.net.config} / {model.config}"
+        )
+    metadata = replace(metadata, train=cfg.to_dict())
+
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    loss_fn = EDMLoss(model.config)
+    noise = make_generator(seed_for(cfg.seed, 1), device)
+    use_amp = cfg.mixed_precision and device.type == "cuda"
+
+    start, losses = 0, []
+    if resume and checkpoint_path.exists():
+        contents = read_checkpoint(checkpoint_path, map_location="cpu")
+        info = contents.header.get("training")
+        if info is None:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path} holds no training state (inference-only); cannot resume from it. "
+                "Pass resume=False to start over, or another checkpoint_path"
+            )
+        if contents.metadata.unet != model.net.config or contents.metadata.edm != model.config:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path} was written for another model ({contents.metadata.unet}, "
+                f"{contents.metadata.edm}); refusing to resume. Use resume=False or another checkpoint_path"
+            )
+        train_tensors = contents.with_prefix(TRAIN_PREFIX)
+        model.load_state_dict({k[6:]: v for k, v in train_tensors.items() if k.startswith("model.")})
+        ema.load_state_dict(contents.with_prefix(EMA_PREFIX))
+        _load_optimizer_state(opt, train_tensors, info["optimizer"])
+        _set_rng_state(train_tensors, noise, device)
+        losses = train_tensors["losses"].tolist()
+        start = int(info["step"])
+    else:
+        torch.manual_seed(seed_for(cfg.seed, 0))  # dropout and anything else on the global generator
+
+    digest = ""
+
+    def checkpoint(step: int) -> str:
+        opt_tensors, opt_info = _optimizer_state(opt)
+        training_state = {
+            **{f"model.{k}": v for k, v in model.state_dict().items()},
+            **opt_tensors,
+            **_rng_state(noise, device),
+            "losses": torch.tensor(losses, dtype=torch.float64),
+        }
+        return save_checkpoint(
+            checkpoint_path,
+            ema.state_dict(),
+            replace(metadata, step=step),
+            training_state=training_state,
+            training_info={"step": step, "optimizer": opt_info},
+        )
+
+    resumed_from = start
+    if start >= cfg.max_steps:
+        digest = read_checkpoint(checkpoint_path).header["content_sha256"]
+        return TrainResult(start, losses, checkpoint_path, digest, resumed_from, time.perf_counter() - t0)
+
+    it = _batch_iterator(batches, start)
+    params = [p for p in model.parameters() if p.requires_grad]
+    window: list[float] = []
+    t_log = time.perf_counter()
+    columns = (
+        TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("train", total=cfg.max_steps, completed=start, loss="-")
+        for step in range(start, cfg.max_steps):
+            try:
+                batch = next(it).to(device)
+            except StopIteration:
+                raise ValueError(
+                    f"the batch iterator ran out after {step - start} batch(es), at step {step} of {cfg.max_steps}; "
+                    "make it infinite (cycle over random crops) or lower TrainConfig.max_steps"
+                ) from None
+            lr = cfg.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = loss_fn(model, batch.target, batch.cond, batch.time_of_year, generator=noise).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss_value}) at step {step + 1}; check the batch normalisation "
+                    f"or lower TrainConfig.lr (now {cfg.lr})"
+                )
+            opt.step()
+            done = step + 1
+            _update_ema(ema, model, cfg.ema_beta(done))
+            losses.append(loss_value)
+            window.append(loss_value)
+            bar.update(task, completed=done, loss=f"{loss_value:.4f}")
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                digest = checkpoint(done)
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": float(done),
+                    "loss": sum(window) / len(window),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "steps_per_s": len(window) / max(now - t_log, 1e-9),
+                }
+                window, t_log = [], now
+                if on_log is not None:
+                    on_log(record)
+    return TrainResult(cfg.max_steps, losses, checkpoint_path, digest, resumed_from, time.perf_counter() - t0)

@@ -1,0 +1,148 @@
+"""PNG figures of evaluation results: map comparisons, power spectra, rank histograms.
+
+Contract: every function takes xarray results (maps, :func:`climrecon.tasks.metrics.power_spectrum` outputs,
+:func:`climrecon.tasks.metrics.rank_histogram` counts), writes one PNG of exactly ``figsize * dpi`` pixels
+to ``path`` (parent folders created) and returns that path. Figures are built on matplotlib's Agg canvas
+directly (no pyplot state), so they are safe in Dask workers and threads; each takes well under a second.
+Axis and colour-bar labels carry the variable's ``units`` attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["PlotError", "plot_maps", "plot_power_spectra", "plot_rank_histogram"]
+
+
+class PlotError(ValueError):
+    """Data cannot be drawn as asked; the message names the panel or series at fault."""
+
+
+def _label(da: xr.DataArray, fallback: str) -> str:
+    name = da.attrs.get("long_name") or da.name or fallback
+    units = da.attrs.get("units")
+    return f"{name} [{units}]" if units else str(name)
+
+
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, format="png")  # no bbox_inches="tight": the size stays figsize * dpi
+    return path
+
+
+def _map2d(da: xr.DataArray, panel: str) -> xr.DataArray:
+    extra = [d for d in da.dims if d not in ("lat", "lon")]
+    if extra or set(da.dims) != {"lat", "lon"}:
+        raise PlotError(f"map panel {panel!r} has dims {da.dims}; select one (lat, lon) map first, e.g. .isel(time=0, member=0)")
+    return da.transpose("lat", "lon")
+
+
+def plot_maps(
+    panels: Mapping[str, xr.DataArray],
+    path: str | Path,
+    *,
+    spread: xr.DataArray | None = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+    panel_size: tuple[float, float] = (3.6, 3.0),
+    dpi: int = 100,
+) -> Path:
+    """Side-by-side (lat, lon) maps, e.g. ``{"truth": t, "bilinear": b, "model": m}``, on one shared colour scale.
+
+    The shared scale spans the min..max of all panels, with one colour bar labelled "name [units]" (from the
+    first panel's attrs). An optional ensemble ``spread`` map is drawn last on its own scale and colour bar.
+    Figure size: (number of panels) * ``panel_size`` inches at ``dpi``.
+    """
+    if not panels:
+        raise PlotError("plot_maps: no panels given; pass e.g. {'truth': map, 'model': map}")
+    maps = {name: _map2d(da, name) for name, da in panels.items()}
+    if spread is not None:
+        spread = _map2d(spread, "spread")
+    values = np.concatenate([np.asarray(m.values, float).ravel() for m in maps.values()])
+    if not np.isfinite(values).any():
+        raise PlotError("plot_maps: every panel is all-NaN")
+    vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
+    n = len(maps) + (spread is not None)
+    fig = Figure(figsize=(panel_size[0] * n, panel_size[1]), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    first = next(iter(maps.values()))
+    mesh = None
+    for ax, (name, m) in zip(axes, maps.items()):
+        mesh = ax.pcolormesh(m["lon"], m["lat"], m.values, vmin=vmin, vmax=vmax, cmap=cmap, shading="nearest")
+        ax.set_title(name)
+    fig.colorbar(mesh, ax=list(axes[: len(maps)]), shrink=0.85, label=_label(first, "value"))
+    if spread is not None:
+        ax = axes[-1]
+        s = ax.pcolormesh(spread["lon"], spread["lat"], spread.values, cmap="magma", shading="nearest")
+        ax.set_title("spread")
+        units = spread.attrs.get("units") or first.attrs.get("units")
+        fig.colorbar(s, ax=ax, shrink=0.85, label=f"spread [{units}]" if units else "spread")
+    mean_lat = float(np.mean(first["lat"]))
+    for ax in axes:
+        ax.set_aspect(1.0 / max(np.cos(np.deg2rad(mean_lat)), 0.1))
+        ax.set_xlabel("longitude [degrees_east]")
+    axes[0].set_ylabel("latitude [degrees_north]")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def plot_power_spectra(
+    spectra: Mapping[str, xr.DataArray],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    figsize: tuple[float, float] = (6.0, 4.5),
+    dpi: int = 100,
+) -> Path:
+    """Radially averaged power spectra of several methods on log-log axes; a "truth" entry is drawn in black."""
+    if not spectra:
+        raise PlotError("plot_power_spectra: no spectra given; pass e.g. {'truth': power_spectrum(t), ...}")
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.subplots()
+    for name, p in spectra.items():
+        if p.dims != ("wavenumber",):
+            raise PlotError(f"plot_power_spectra: {name!r} has dims {p.dims}; expected ('wavenumber',) from metrics.power_spectrum")
+        style = {"color": "black", "linewidth": 2.2, "zorder": 3} if name.lower() == "truth" else {"linewidth": 1.4}
+        ax.loglog(p["wavenumber"], p.values, label=name, **style)
+    first = next(iter(spectra.values()))
+    ax.set_xlabel(f"wavenumber [{first['wavenumber'].attrs.get('units', 'cycles per cell')}]")
+    ax.set_ylabel(f"power [{first.attrs.get('units', 'arbitrary')}]")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "radially averaged power spectrum")
+    return _save(fig, path, dpi)
+
+
+def plot_rank_histogram(
+    counts: xr.DataArray,
+    path: str | Path,
+    *,
+    title: str | None = None,
+    figsize: tuple[float, float] = (5.0, 3.5),
+    dpi: int = 100,
+) -> Path:
+    """Relative frequency of each rank 0..M with the flat 1 / (M + 1) line a calibrated ensemble follows."""
+    if counts.dims != ("rank",) or counts.size < 2:
+        raise PlotError(f"plot_rank_histogram: expected counts with dims ('rank',) and >= 2 bins, got {counts.dims} {counts.shape}")
+    total = float(counts.sum())
+    if total <= 0:
+        raise PlotError("plot_rank_histogram: the histogram is empty (all counts are 0)")
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.subplots()
+    ranks = np.asarray(counts["rank"]) if "rank" in counts.coords else np.arange(counts.size)
+    ax.bar(ranks, counts.values / total, width=0.9, color="tab:blue", label="observed")
+    ax.axhline(1.0 / counts.size, color="black", linestyle="--", label=f"flat: 1/{counts.size}")
+    ax.set_xlabel(f"rank of truth among {counts.size - 1} members")
+    ax.set_ylabel("relative frequency")
+    ax.legend(loc="upper center")
+    ax.set_title(title or f"rank histogram{f' of {counts.name}' if counts.name else ''}")
+    return _save(fig, path, dpi)

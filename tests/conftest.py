@@ -1,0 +1,189 @@
+"""Shared fixtures: a local S3 (moto_server), a Prefect test harness, small intake-esm catalogs.
+
+- ``moto_s3`` (session): a real S3 API served by ``moto_server`` on 127.0.0.1 at a free port, stopped at
+  the end of the session. It yields :class:`S3Server` (endpoint URL, non-secret storage options, and
+  throw-away credentials that tests put in the environment, never in a config).
+- ``s3`` (function): ``moto_s3`` with the credentials set as AWS_* environment variables and a fresh
+  bucket; use ``s3.url(...)`` for object URLs and ``s3.storage_options`` for fsspec/xarray.
+- ``prefect_harness`` (session): Prefect's temporary test API (``prefect_test_harness``), ~10 s once.
+- ``make_catalog``: writes an intake-esm catalog (JSON + CSV, the project's columns) for given rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+CATALOG_COLUMNS = [
+    "activity_id", "institution_id", "source_id", "experiment_id", "member_id", "table_id", "variable_id",
+    "grid_label", "version", "frequency", "calendar", "time_range", "format", "path", "origin", "synthetic",
+    "license",
+]
+GROUPBY = ["activity_id", "institution_id", "source_id", "experiment_id", "member_id", "table_id", "grid_label"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    key: str = "climrecon-test-key"
+    secret: str = field(default_factory=lambda: f"secret-{uuid.uuid4().hex}")
+    bucket: str = ""
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """Non-secret options: credentials come from the environment."""
+        return {"endpoint_url": self.endpoint_url}
+
+    def url(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *parts])
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint_url, key=self.key, secret=self.secret)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    port = _free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with code {proc.returncode}")
+            time.sleep(0.1)
+    else:
+        proc.terminate()
+        raise RuntimeError("moto_server did not start within 20 s")
+    try:
+        yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3(moto_s3, monkeypatch):
+    """The moto server with its credentials in the environment and a new, empty bucket."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = S3Server(moto_s3.endpoint_url, moto_s3.key, moto_s3.secret, bucket=f"b-{uuid.uuid4().hex[:12]}")
+    server.filesystem().mkdir(server.bucket)
+    return server
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+def catalog_row(path: str | Path, variable_id: str, **overrides: Any) -> dict[str, Any]:
+    """A catalog row with the project's columns (MPI-ESM-LR historical r1i1p1 Amon unless overridden)."""
+    row = {
+        "activity_id": "CMIP", "institution_id": "MPI-M", "source_id": "MPI-ESM-LR",
+        "experiment_id": "historical", "member_id": "r1i1p1", "table_id": "Amon", "variable_id": variable_id,
+        "grid_label": "gn", "version": "v20110527", "frequency": "mon", "calendar": "proleptic_gregorian",
+        "time_range": "200501-200512", "format": "netcdf", "path": str(path), "origin": "test",
+        "synthetic": False, "license": "test",
+    }
+    row.update(overrides)
+    return row
+
+
+def write_catalog(directory: Path, rows: list[dict[str, Any]], name: str = "catalog",
+                  columns: list[str] | None = None, path_column: str = "path") -> Path:
+    """An intake-esm catalog (``<name>.json`` + ``<name>.csv``) grouping like the project's sample catalog."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cols = columns or CATALOG_COLUMNS
+    pd.DataFrame(rows, columns=cols).to_csv(directory / f"{name}.csv", index=False)
+    assets: dict[str, Any] = {"column_name": path_column}
+    if "format" in cols:
+        assets["format_column_name"] = "format"
+    else:
+        assets["format"] = "zarr"
+    spec = {
+        "esmcat_version": "0.1.0",
+        "id": name,
+        "description": "test catalog",
+        "catalog_file": f"{name}.csv",
+        "attributes": [{"column_name": c, "vocabulary": ""} for c in cols if c != path_column],
+        "assets": assets,
+        "aggregation_control": {
+            "variable_column_name": "variable_id",
+            "groupby_attrs": [c for c in GROUPBY if c in cols],
+            "aggregations": [{"type": "union", "attribute_name": "variable_id", "options": {}}],
+        },
+    }
+    (directory / f"{name}.json").write_text(json.dumps(spec, indent=1))
+    return directory / f"{name}.json"
+
+
+@pytest.fixture
+def make_catalog(tmp_path):
+    """``make_catalog(rows, name="catalog", ...)`` -> path of an intake-esm JSON in ``tmp_path/catalogs``."""
+
+    def make(rows, name="catalog", **kwargs):
+        return str(write_catalog(tmp_path / "catalogs", rows, name, **kwargs))
+
+    return make
+
+
+@pytest.fixture(name="catalog_row")
+def _catalog_row_fixture():
+    """The :func:`catalog_row` helper (a row with the project's columns)."""
+    return catalog_row
+
+
+@pytest.fixture(scope="session")
+def raw_files() -> dict[str, Path]:
+    """Real raw files unpacked by deploy/install.sh and shipped by iris-sample-data (skips if absent)."""
+    import iris_sample_data
+
+    from climrecon.storage import default_data_home
+
+    debian = default_data_home() / "debian" / "usr" / "share"
+    nug = debian / "ncarg" / "data" / "nug"
+    files = {
+        "tas": nug / "tas_rectilinear_grid_2D.nc",
+        "uas": nug / "uas_rectilinear_grid_2D.nc",
+        "vas": nug / "vas_rectilinear_grid_2D.nc",
+        "eur11": nug / "tas_rotated_grid_EUR11.nc",
+        "navy": debian / "ferret-vis" / "data" / "monthly_navy_winds.cdf",
+        "a1b": Path(iris_sample_data.path) / "A1B_north_america.nc",
+    }
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        pytest.skip(f"raw data not installed (run deploy/install.sh): {missing}")
+    return files

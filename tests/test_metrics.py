@@ -1,0 +1,264 @@
+"""Metrics against hand-computed cases, reference libraries and synthetic ensembles of known calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import properscoring
+import pytest
+import scipy.ndimage
+import xarray as xr
+
+from climrecon.tasks import metrics as M
+
+W0, W60 = 1.0, 0.5  # cos(0 deg), cos(60 deg): the two rows of the hand-computed grid
+
+
+def field(values, lat=(0.0, 60.0), lon=None, name="tas", units="K", member=False, start="2000-01-01") -> xr.DataArray:
+    """A float64 (time, lat, lon) or (member, time, lat, lon) DataArray on a noleap monthly axis."""
+    values = np.asarray(values, dtype=np.float64)
+    dims = ("member", "time", "lat", "lon") if member else ("time", "lat", "lon")
+    shape = dict(zip(dims, values.shape))
+    coords = {
+        "time": xr.date_range(start, periods=shape["time"], freq="MS", calendar="noleap", use_cftime=True),
+        "lat": np.asarray(lat, float) if len(lat) == shape["lat"] else np.linspace(lat[0], lat[1], shape["lat"]),
+        "lon": np.asarray(lon, float) if lon is not None else np.arange(shape["lon"], dtype=float),
+    }
+    if member:
+        coords["member"] = np.arange(shape["member"])
+    return xr.DataArray(values, dims=dims, coords={d: coords[d] for d in dims}, name=name, attrs={"units": units})
+
+
+# -- deterministic scores ------------------------------------------------------------------------------
+def test_mae_rmse_bias_by_hand() -> None:
+    truth = field(np.zeros((1, 2, 2)))
+    forecast = field([[[1.0, 3.0], [2.0, -2.0]]])  # row lat=0: errors 1, 3; row lat=60: 2, -2
+    total = 2 * W0 + 2 * W60
+    assert float(M.mae(forecast, truth)) == pytest.approx((W0 * 4 + W60 * 4) / total)  # 8/3
+    assert float(M.rmse(forecast, truth)) == pytest.approx(np.sqrt((W0 * 10 + W60 * 8) / total))  # sqrt(14/3)
+    assert float(M.bias(forecast, truth)) == pytest.approx((W0 * 4 + W60 * 0) / total)  # 4/3
+    per_time = M.rmse(forecast, truth, dim=["lat", "lon"])
+    assert per_time.dims == ("time",)
+
+
+def test_scores_per_variable_and_per_member() -> None:
+    rng = np.random.default_rng(1)
+    truth = field(rng.normal(size=(3, 4, 5)))
+    ens = field(rng.normal(size=(2, 3, 4, 5)), member=True)
+    out = M.mae(ens.to_dataset(), truth.to_dataset())
+    assert isinstance(out, xr.Dataset) and out["tas"].dims == ("member",)
+    for m in range(2):
+        err = np.abs(ens.values[m] - truth.values)
+        w = np.cos(np.deg2rad(truth.lat.values))[None, :, None] * np.ones_like(err)
+        assert float(out["tas"][m]) == pytest.approx((err * w).sum() / w.sum())
+
+
+def test_mismatched_inputs_name_the_problem() -> None:
+    truth = field(np.zeros((1, 2, 2)))
+    shifted = truth.assign_coords(lat=[1.0, 61.0])
+    with pytest.raises(M.MetricError, match="'lat'"):
+        M.rmse(shifted, truth)
+    with pytest.raises(M.MetricError, match="truth has no variable 'tas'"):
+        M.mae(truth.to_dataset(), truth.rename("pr").to_dataset())
+    with pytest.raises(M.MetricError, match="needs an ensemble"):
+        M.crps(truth, truth)
+
+
+def test_acc_by_hand_and_with_monthly_climatology() -> None:
+    # one map, zero climatology: ACC = sum w f t / sqrt(sum w f^2 sum w t^2)
+    t = np.array([[[1.0, -1.0], [2.0, 0.0]]])
+    f = np.array([[[1.0, 0.0], [1.0, 1.0]]])
+    w = np.array([[W0, W0], [W60, W60]])
+    expected = (w * f[0] * t[0]).sum() / np.sqrt((w * f[0] ** 2).sum() * (w * t[0] ** 2).sum())
+    clim = xr.zeros_like(field(t).isel(time=0, drop=True))
+    assert float(M.acc(field(f), field(t), clim)) == pytest.approx(expected)
+    # monthly climatology from the truth: ACC is invariant to scaling anomalies, and -1 for negated ones
+    rng = np.random.default_rng(2)
+    truth = field(rng.normal(size=(24, 3, 4)) + 10 * np.arange(24)[:, None, None] % 12)
+    climatology = M.monthly_climatology(truth)
+    assert climatology.sizes["month"] == 12
+    anom = M.anomalies(truth, climatology)
+    assert float(M.acc(truth, truth, climatology)) == pytest.approx(1.0)
+    assert float(M.acc(climatology.sel(month=truth.time.dt.month).drop_vars("month") + 3 * anom, truth, climatology)) == pytest.approx(1.0)
+    assert float(M.acc(climatology.sel(month=truth.time.dt.month).drop_vars("month") - anom, truth, climatology)) == pytest.approx(-1.0)
+    with pytest.raises(M.MetricError, match="no month"):
+        M.acc(truth, truth, climatology.sel(month=[1, 2]))
+
+
+# -- image metrics -------------------------------------------------------------------------------------
+def _ssim_brute_force(x: np.ndarray, y: np.ndarray, L: float) -> float:
+    """Mean SSIM over cells whose 11 x 11 Gaussian (sigma 1.5) window fits inside the map, by explicit sums."""
+    k = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
+    g = np.outer(k, k) / np.outer(k, k).sum()
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    vals = []
+    for i in range(5, x.shape[0] - 5):
+        for j in range(5, x.shape[1] - 5):
+            px, py = x[i - 5 : i + 6, j - 5 : j + 6], y[i - 5 : i + 6, j - 5 : j + 6]
+            mx, my = (g * px).sum(), (g * py).sum()
+            vx, vy = (g * px**2).sum() - mx**2, (g * py**2).sum() - my**2
+            cov = (g * px * py).sum() - mx * my
+            vals.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_by_hand_and_against_explicit_windows() -> None:
+    # constant maps a, b: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, L = 2.0, 3.0, 10.0
+    c1 = (0.01 * L) ** 2
+    got = M.ssim(field(np.full((1, 12, 12), b), lat=(0, 11)), field(np.full((1, 12, 12), a), lat=(0, 11)), data_range=L)
+    assert float(got) == pytest.approx((2 * a * b + c1) / (a**2 + b**2 + c1))
+    rng = np.random.default_rng(3)
+    t = scipy.ndimage.gaussian_filter(rng.normal(size=(2, 16, 18)), (0, 2, 2))
+    f = t + 0.3 * rng.normal(size=t.shape)
+    truth, forecast = field(t, lat=(0, 15)), field(f, lat=(0, 15))
+    L = float(t.max() - t.min())
+    expected = np.mean([_ssim_brute_force(f[i], t[i], L) for i in range(2)])
+    result = M.ssim(forecast, truth)
+    assert float(result) == pytest.approx(expected, rel=1e-9)
+    assert result.attrs["data_range"] == pytest.approx(L)
+    assert float(M.ssim(truth, truth)) == pytest.approx(1.0)
+    with pytest.raises(M.MetricError, match="11 x 11"):
+        M.ssim(field(np.zeros((1, 4, 4))), field(np.ones((1, 4, 4))))
+
+
+def test_psnr_by_hand() -> None:
+    t = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)  # range L = 23
+    result = M.psnr(field(t + 1.0, lat=(0, 2)), field(t, lat=(0, 2)))  # MSE = 1 on every map
+    assert float(result) == pytest.approx(20 * np.log10(23.0))
+    maps_mse = np.array([1.0, 4.0])
+    f = t + np.sqrt(maps_mse)[:, None, None]
+    assert float(M.psnr(field(f, lat=(0, 2)), field(t, lat=(0, 2)), data_range=10.0)) == pytest.approx(
+        np.mean(10 * np.log10(100.0 / maps_mse))
+    )
+
+
+# -- distributions ---------------------------------------------------------------------------------------
+def test_q99_error_per_cell_and_pooled() -> None:
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=(50, 2, 3))
+    truth = field(t)
+    assert float(M.q99_error(field(t + 2.0), truth)) == pytest.approx(2.0)
+    f = rng.normal(size=(50, 2, 3)) * 2.0
+    q_f, q_t = np.quantile(f, 0.99, axis=0), np.quantile(t, 0.99, axis=0)
+    w = np.array([W0, W60])[:, None] * np.ones((2, 3))
+    assert float(M.q99_error(field(f), truth)) == pytest.approx((w * np.abs(q_f - q_t)).sum() / w.sum())
+    assert float(M.q99_error(field(f), truth, mode="pooled")) == pytest.approx(abs(np.quantile(f, 0.99) - np.quantile(t, 0.99)))
+
+
+def test_wasserstein_by_hand() -> None:
+    truth = field(np.zeros((1, 2, 2)))
+    forecast = field([[[1.0, 1.0], [0.0, 0.0]]])  # the lat=0 row (weight 1 of 1.5 per column) moves by 1
+    assert float(M.wasserstein(forecast, truth)) == pytest.approx(W0 / (W0 + W60))
+    rng = np.random.default_rng(5)
+    t = rng.normal(size=(10, 3, 4))
+    assert float(M.wasserstein(field(t + 0.7), field(t))) == pytest.approx(0.7)
+
+
+# -- ensembles -----------------------------------------------------------------------------------------
+def test_crps_matches_properscoring_and_fair_formula() -> None:
+    rng = np.random.default_rng(6)
+    truth = field(rng.normal(size=(4, 3, 5)))
+    ens = field(rng.normal(size=(7, 4, 3, 5)), member=True)
+    w = np.cos(np.deg2rad(truth.lat.values))[None, :, None] * np.ones(truth.shape)
+    ref = properscoring.crps_ensemble(truth.values, np.moveaxis(ens.values, 0, -1))
+    assert float(M.crps(ens, truth)) == pytest.approx((ref * w).sum() / w.sum(), rel=1e-10)
+    x, y, m = ens.values, truth.values, ens.sizes["member"]
+    fair = np.abs(x - y).mean(0) - np.abs(x[:, None] - x[None]).sum((0, 1)) / (2 * m * (m - 1))
+    assert float(M.crps(ens, truth, fair=True)) == pytest.approx((fair * w).sum() / w.sum(), rel=1e-10)
+
+
+def _ensemble(member_scale: float, members: int = 10, seed: int = 7):
+    """Truth ~ N(mu, 1); members ~ N(mu, member_scale^2): calibrated when member_scale == 1."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(100, 8, 8)) * 3
+    truth = field(mu + rng.normal(size=mu.shape), lat=(30, 50))
+    ens = field(mu + member_scale * rng.normal(size=(members, *mu.shape)), lat=(30, 50), member=True)
+    return ens, truth
+
+
+def test_spread_skill_ratio_calibrated_and_underdispersive() -> None:
+    calibrated = float(M.spread_skill_ratio(*_ensemble(1.0, members=5)))
+    assert calibrated == pytest.approx(1.0, abs=0.03)
+    assert float(M.spread_skill_ratio(*_ensemble(0.4))) < 0.6
+    # the finite-ensemble factor: with M = 2 the uncorrected ratio would be sqrt(2/3) ~ 0.82
+    assert float(M.spread_skill_ratio(*_ensemble(1.0, members=2))) == pytest.approx(1.0, abs=0.04)
+
+
+def test_rank_histogram_flat_u_shaped_and_seeded_ties() -> None:
+    flat = M.rank_histogram(*_ensemble(1.0))
+    assert flat.dims == ("rank",) and flat.sizes["rank"] == 11 and int(flat.sum()) == 6400
+    assert np.abs(flat.values / flat.values.mean() - 1).max() < 0.15
+    u = M.rank_histogram(*_ensemble(0.3)).values
+    assert min(u[0], u[-1]) > 4 * u[3:8].max()
+    # by hand: members (1, 2, 3), truth 2.5 -> rank 2; truth 0 -> rank 0; truth 9 -> rank 3
+    ens = field(np.array([1.0, 2.0, 3.0])[:, None, None, None] * np.ones((3, 3, 1, 1)), lat=(0,), member=True)
+    hand = M.rank_histogram(ens, field(np.array([2.5, 0.0, 9.0])[:, None, None], lat=(0,)))
+    assert hand.values.tolist() == [1, 0, 1, 1]
+    # ties: every member equals the truth -> ranks uniform over 0..M, deterministic per seed
+    tied = field(np.zeros((4, 2000, 1, 1)), lat=(0,), member=True)
+    h1 = M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=1)
+    assert np.abs(h1.values / 400 - 1).max() < 0.2
+    assert h1.values.tolist() == M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=1).values.tolist()
+    assert h1.values.tolist() != M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=2).values.tolist()
+
+
+# -- spectra -------------------------------------------------------------------------------------------
+def _slope(p: xr.DataArray, first_bin: int = 3) -> float:
+    k, v = p["wavenumber"].values[first_bin:], p.values[first_bin:]
+    return float(np.polyfit(np.log(k), np.log(v), 1)[0])
+
+
+def test_power_spectrum_white_noise_flat_and_power_law() -> None:
+    rng = np.random.default_rng(8)
+    noise = rng.normal(scale=2.0, size=(16, 64, 64))
+    white = M.power_spectrum(field(noise, lat=(0, 63)))
+    assert white["wavenumber"].values[0] == pytest.approx(1 / 64) and white["wavenumber"].values[-1] == pytest.approx(0.5)
+    assert np.abs(white.values / 4.0 - 1).max() < 0.25  # P = variance at every k
+    assert abs(_slope(white)) < 0.1
+    ky, kx = np.fft.fftfreq(64), np.fft.fftfreq(64)
+    k = np.hypot(*np.meshgrid(ky, kx, indexing="ij"))
+    amp = np.where(k > 0, k, 1.0) ** -1.5 * (k > 0)  # |k|^-1.5 amplitude -> |k|^-3 power
+    red = np.fft.ifft2(np.fft.fft2(noise) * amp).real
+    assert _slope(M.power_spectrum(field(red, lat=(0, 63)))) == pytest.approx(-3.0, abs=0.15)
+
+
+def test_power_spectrum_sinusoid_and_km_units() -> None:
+    y, x = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    wave = 3.0 * np.cos(2 * np.pi * 4 * x / 32)[None]
+    p = M.power_spectrum(field(wave, lat=(0, 31)))
+    peak = int(np.argmax(p.values))
+    assert p["wavenumber"].values[peak] == pytest.approx(4 / 32)
+    assert np.delete(p.values, peak).max() < 1e-20
+    # Parseval: the annulus holds all the power, sum(P) = n * variance = 1024 * 4.5
+    annulus = np.rint(np.hypot(*np.meshgrid(np.fft.fftfreq(32), np.fft.fftfreq(32), indexing="ij")) * 32) == 4
+    assert float(p.max()) * annulus.sum() == pytest.approx(1024 * 4.5)
+    # km: 0.5 deg at the equator is ~55.6 km; 16 cells -> fundamental 1/(16 * 55.6) cycles per km
+    km = M.power_spectrum(field(np.random.default_rng(0).normal(size=(1, 16, 16)), lat=(-3.75, 3.75),
+                                lon=np.arange(16) * 0.5), units="cycles_per_km")
+    dy = 0.5 * np.pi * 6371 / 180
+    assert km["wavenumber"].values[0] == pytest.approx(1 / (16 * dy), rel=0.01)
+    assert km["wavenumber"].attrs["units"] == "cycles per km"
+
+
+def test_log_spectral_distance_by_hand() -> None:
+    rng = np.random.default_rng(9)
+    t = field(rng.normal(size=(3, 16, 16)), lat=(0, 15))
+    assert float(M.log_spectral_distance(t, t)) == pytest.approx(0.0)
+    assert float(M.log_spectral_distance(np.sqrt(2) * t, t)) == pytest.approx(10 * np.log10(2))
+
+
+# -- all at once ---------------------------------------------------------------------------------------
+def test_evaluate_all_ensemble_and_deterministic() -> None:
+    ens, truth = _ensemble(1.0, members=4)
+    ds_e, ds_t = ens.isel(time=slice(0, 24)).to_dataset(), truth.isel(time=slice(0, 24)).to_dataset()
+    ds_e["pr"], ds_t["pr"] = np.exp(ds_e["tas"] / 5), np.exp(ds_t["tas"] / 5)
+    table = M.evaluate_all(ds_e, ds_t, climatology=M.monthly_climatology(ds_t))
+    assert set(table.data_vars) == {"tas", "pr"}
+    expected = {"mae", "rmse", "bias", "acc", "psnr", "q99_error", "log_spectral_distance", "wasserstein", "crps",
+                "spread_skill_ratio"}
+    assert set(table["metric"].values) == expected  # 8 x 8 maps: no SSIM
+    assert np.isfinite(table.to_dataframe().values).all()
+    assert float(table["tas"].sel(metric="rmse")) == pytest.approx(float(M.rmse(ds_e["tas"].mean("member"), ds_t["tas"])))
+    det = M.evaluate_all(ds_t["tas"].rename("tas"), ds_t["tas"])
+    assert "crps" not in det["metric"].values and "acc" not in det["metric"].values
+    assert float(det["tas"].sel(metric="rmse")) == 0.0 and float(det["tas"].sel(metric="wasserstein")) == pytest.approx(0.0)
