@@ -26,6 +26,7 @@ __all__ = [
     "StorageConfig",
     "CatalogQuery",
     "IngestConfig",
+    "RegridConfig",
     "SyntheticConfig",
     "SampleCatalogConfig",
     "ClimReconConfig",
@@ -98,12 +99,28 @@ class IngestConfig(_Model):
     zarr_format: Literal[2, 3] = 3
 
 
+# Western US (Pacific coast, Cascades, Sierra Nevada, Great Basin, Rockies), inside the UM A1B North
+# America domain; 20 x 20 deg so that coarsening by 4, 8, 16 and 20 (1, 2, 4, 5 deg) tiles it exactly.
+DEFAULT_REGION = Region(lat_min=30.0, lat_max=50.0, lon_min=-125.0, lon_max=-105.0)
+
+
+class RegridConfig(_Model):
+    """Put an ingested store on the unified coarse grid and on the high-resolution target grid."""
+
+    source: str | None = Field(None, description="ingested store URL; default: the ingest output of the same run")
+    region: Region = DEFAULT_REGION
+    resolution: float = Field(0.25, gt=0, description="target (fine) grid spacing, degrees")
+    coarse_resolution: float = Field(5.0, gt=0, description="unified coarse grid spacing, degrees (ZSSD: 5)")
+    fine_method: Literal["bilinear", "conservative"] = "bilinear"
+    static: str | None = Field(None, description="static-fields store (global); default: <sample dir>/static.zarr")
+    time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk and per write block")
+    zarr_format: Literal[2, 3] = 3
+
+
 class SyntheticConfig(_Model):
     """The synthetic reanalysis: a labelled offline stand-in for ERA5 monthly means."""
 
-    # Western US (Pacific coast, Cascades, Sierra Nevada, Great Basin, Rockies), inside the UM A1B North
-    # America domain; 20 x 20 deg so that coarsening by 4, 8, 16 and 20 (1, 2, 4, 5 deg) tiles it exactly.
-    region: Region = Region(lat_min=30.0, lat_max=50.0, lon_min=-125.0, lon_max=-105.0)
+    region: Region = DEFAULT_REGION
     resolution: float = Field(0.25, gt=0)
     start_year: int = 1961
     end_year: int = 2020
@@ -130,6 +147,7 @@ class ClimReconConfig(_Model):
     storage: StorageConfig = StorageConfig()
     sample: SampleCatalogConfig = SampleCatalogConfig()
     ingest: IngestConfig = IngestConfig()
+    regrid: RegridConfig = RegridConfig()
 
     def sample_dir(self) -> Path:
         return Path(self.sample.directory or Path(self.data_home) / "sample")

@@ -5,6 +5,7 @@ Zarr store per variable written from the real MPI-ESM-LR files. Credentials live
 environment; the test checks that the secret appears in no byte of the output store.
 """
 
+import dataclasses
 import json
 import uuid
 
@@ -16,7 +17,6 @@ import xarray as xr
 from climrecon.config import CatalogQuery, IngestConfig, StorageConfig, load_config
 from climrecon.storage import resolve_storage_options
 from climrecon.tasks.ingest import ingest_plan, plan_ingest
-from conftest import S3Server
 
 PANGEO_COLUMNS = ["activity_id", "institution_id", "source_id", "experiment_id", "member_id", "table_id",
                   "variable_id", "grid_label", "zstore", "dcpp_init_year", "version"]
@@ -29,7 +29,7 @@ def standin(moto_s3, raw_files):
 
     Written once per module with explicit throw-away credentials (test setup, not a config).
     """
-    s3 = S3Server(moto_s3.endpoint_url, moto_s3.key, moto_s3.secret, bucket=f"standin-{uuid.uuid4().hex[:8]}")
+    s3 = dataclasses.replace(moto_s3, bucket=f"standin-{uuid.uuid4().hex[:8]}")
     s3.filesystem().mkdir(s3.bucket)
     opts = {**s3.storage_options, "key": s3.key, "secret": s3.secret}
     rows = []
