@@ -216,7 +216,7 @@ def _um_north_america(data_home: Path) -> Iterator[SampleFile]:
             facets={
                 "activity_id": "ENSEMBLES",
                 "institution_id": "MOHC",
-                "source_id": f"UM-{m.group(1)}",
+                "source_id": "UM" + m.group(1).replace(".", ""),  # no dots: intake-esm joins keys with '.'
                 "experiment_id": scenario,
                 "member_id": "r1i1p1",
                 "table_id": "Ayr",

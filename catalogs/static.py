@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.metadata
+import importlib.util
 import re
 import zipfile
 from pathlib import Path
@@ -90,9 +91,11 @@ def etopo5_path(data_home: Path) -> Path:
 
 
 def globe_mask_path() -> Path:
-    import global_land_mask  # the package only; its module-level 1 GB array is never used here
-
-    path = Path(global_land_mask.__file__).parent / "globe_combined_mask_compressed.npz"
+    # located, never imported: importing global_land_mask decompresses its 1 GB mask (~8 s)
+    spec = importlib.util.find_spec("global_land_mask")
+    if spec is None or spec.origin is None:
+        raise MissingSourceDataError("global-land-mask is not installed; run deploy/install.sh (pip install global-land-mask==1.0.0)")
+    path = Path(spec.origin).parent / "globe_combined_mask_compressed.npz"
     if not path.is_file():
         raise MissingSourceDataError(f"GLOBE land mask {path} is missing; reinstall global-land-mask==1.0.0")
     return path
@@ -180,8 +183,11 @@ def land_percentage(npz_path: Path, rows_per_block: int = 54) -> np.ndarray:
         for start in range(0, N_LAT, rows_per_block):
             n = min(rows_per_block, N_LAT - start)
             raw = f.read(n * _GLOBE_PER_CELL * n_cols)
-            ocean = np.frombuffer(raw, dtype=np.bool_).reshape(n, _GLOBE_PER_CELL, N_LON, _GLOBE_PER_CELL)
-            land[start : start + n] = _GLOBE_PER_CELL**2 - ocean.sum(axis=(1, 3), dtype=np.uint8)
+            ocean = np.frombuffer(raw, dtype=np.uint8).reshape(n, _GLOBE_PER_CELL, n_cols)
+            # sum the 10 GLOBE rows of each 5' row (contiguous adds), then each run of 10 columns
+            ocean_rows = np.add.reduce(ocean, axis=1, dtype=np.uint8)
+            ocean_cells = ocean_rows.reshape(n, N_LON, _GLOBE_PER_CELL).sum(axis=2, dtype=np.uint8)
+            land[start : start + n] = _GLOBE_PER_CELL**2 - ocean_cells
     return land[::-1].copy()  # ascending latitude
 
 

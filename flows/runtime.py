@@ -20,13 +20,12 @@ def dask_client(
     address: str | None = None,
     n_workers: int | None = None,
     threads_per_worker: int = 1,
-    dashboard: bool = False,
 ) -> Iterator[Client]:
     """A ``distributed.Client`` for the block: connected to ``address`` if given, else to a new LocalCluster.
 
     The LocalCluster uses worker processes (``n_workers``, default: Dask's choice for this machine) with
-    ``threads_per_worker`` threads each (1 by default: netCDF/HDF5 reads are not thread-safe), no
-    dashboard unless ``dashboard`` (then on a free port), and quiet logs. It is closed on exit; a
+    ``threads_per_worker`` threads each (1 by default: netCDF/HDF5 reads are not thread-safe), its
+    dashboard on a free port (``client.dashboard_link``), and quiet logs. It is closed on exit; a
     cluster reached by address is left running.
     """
     if address:
@@ -37,7 +36,7 @@ def dask_client(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         processes=True,
-        dashboard_address=":0" if dashboard else None,
+        dashboard_address=":0",
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster, set_as_default=True) as client:
         yield client

@@ -104,6 +104,12 @@ def _bilinear(ds: xr.Dataset, target: GridLike) -> xr.Dataset:
     return bilinear(ds, target if isinstance(target, Grid) else _as_grid(target, "target grid"))
 
 
+def _float64(ds: xr.Dataset) -> xr.Dataset:
+    """Gridded variables as float64: float32 rounding would otherwise create tied values, which make an
+    empirical quantile mapping jump by a whole quantile step between tiny input differences."""
+    return ds.assign({v: ds[v].astype(np.float64) for v in _gridded(ds)})
+
+
 def _with_members(ds: xr.Dataset, members: int, method: str) -> xr.Dataset:
     """Identical float32 copies of the gridded variables along a leading ``member`` dim."""
     if members < 1:
@@ -198,11 +204,11 @@ class EmpiricalQuantileMapping:
             out = {}
             for var in names:
                 da = ds[var].transpose("time", ...)
+                values = np.asarray(da.values, dtype=np.float64)  # computes a lazy input once
                 per_month = []
                 for m in months:
-                    values = np.asarray(da.isel(time=np.flatnonzero(month_of == m)).values, dtype=np.float64)
                     with np.errstate(invalid="ignore"), _quiet_all_nan():
-                        per_month.append(np.nanquantile(values, p, axis=0, method="hazen"))
+                        per_month.append(np.nanquantile(values[month_of == m], p, axis=0, method="hazen"))
                 dims = ("month", "quantile", *da.dims[1:])
                 out[var] = xr.DataArray(np.stack(per_month), dims=dims,
                                         coords={"month": months, "quantile": p, **{d: da[d] for d in da.dims[1:]}})
@@ -285,7 +291,7 @@ class QuantileMappingDownscaler:
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> QuantileMappingDownscaler:
         names = _common_variables(coarse_train, fine_train, f"{self.name} fit")
         self.grid = _as_grid(fine_train, f"{self.name} fine_train")
-        interpolated = _bilinear(coarse_train[names], self.grid)
+        interpolated = _bilinear(_float64(coarse_train[names]), self.grid)
         self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(interpolated, fine_train[names])
         return self
 
@@ -297,7 +303,7 @@ class QuantileMappingDownscaler:
         grid = _as_grid(target, f"{self.name} target")
         if not _same_grid(grid, self.grid):
             raise BaselineError(f"{self.name}: target {grid.describe()} is not the grid fitted on ({self.grid.describe()})")
-        return _with_members(self.mapping.adjust(_bilinear(coarse, grid)), members, self.name)
+        return _with_members(self.mapping.adjust(_bilinear(_float64(coarse), grid)), members, self.name)
 
 
 @dataclass
@@ -330,9 +336,9 @@ class BCSDDownscaler:
         self.coarse_grid = _as_grid(coarse_train, f"{self.name} coarse_train")
         self.fine_grid = _as_grid(fine_train, f"{self.name} fine_train")
         reference = self.coarse_reference(fine_train[names])
-        self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(coarse_train[names], reference)
-        self.coarse_climatology = reference.groupby("time.month").mean("time")
-        self.fine_climatology = fine_train[names].groupby("time.month").mean("time")
+        self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(_float64(coarse_train[names]), reference)
+        self.coarse_climatology = reference.groupby("time.month").mean("time").compute()  # small: 12 maps
+        self.fine_climatology = fine_train[names].groupby("time.month").mean("time").compute()
         return self
 
     def coarse_reference(self, fine: xr.Dataset) -> xr.Dataset:
@@ -363,7 +369,7 @@ class BCSDDownscaler:
         if not _same_grid(_as_grid(coarse, f"{self.name} coarse"), self.coarse_grid):
             raise BaselineError(f"{self.name}: coarse input is not on the grid fitted on ({self.coarse_grid.describe()})")
         coarse = coarse.assign_coords(lat=self.coarse_grid.lat, lon=self.coarse_grid.lon)
-        return self.mapping.adjust(coarse[[v for v in _gridded(coarse) if v in self.coarse_climatology] + _others(coarse)])
+        return self.mapping.adjust(_float64(coarse[[v for v in _gridded(coarse) if v in self.coarse_climatology] + _others(coarse)]))
 
     def downscale(
         self, coarse: xr.Dataset, static_fine: xr.Dataset | None, target: GridLike, *, members: int = 1, seed: int = 0

@@ -148,6 +148,13 @@ def _reduce_dims(truth: xr.DataArray, dim: str | Sequence[str] | None) -> list[s
     return [dim] if isinstance(dim, str) else list(dim)
 
 
+def _single_chunk(da: xr.DataArray, dims: Sequence[str]) -> xr.DataArray:
+    """Dask arrays rechunked to one chunk along ``dims`` (xskillscore and quantile reduce them as core dims)."""
+    if da.chunks is None:
+        return da
+    return da.chunk({d: -1 for d in dims if d in da.dims})
+
+
 def _weights(like: xr.DataArray, dims: Sequence[str]) -> xr.DataArray | None:
     """cos-lat weights broadcast to exactly the reduced ``dims`` of ``like`` (None if lat is not reduced)."""
     if "lat" not in dims:
@@ -189,6 +196,7 @@ def mae(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str]
     """Latitude-weighted mean absolute error (xskillscore.mae), units of the variable."""
     _check_pair(forecast, truth, "mae")
     dims = _reduce_dims(truth, dim)
+    forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.mae(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
 
 
@@ -197,6 +205,7 @@ def rmse(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str
     """Latitude-weighted root mean squared error sqrt(mean w (f - t)^2) (xskillscore.rmse)."""
     _check_pair(forecast, truth, "rmse")
     dims = _reduce_dims(truth, dim)
+    forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.rmse(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
 
 
@@ -205,6 +214,7 @@ def bias(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str
     """Latitude-weighted mean error, forecast minus truth (xskillscore.me): positive = forecast too high."""
     _check_pair(forecast, truth, "bias")
     dims = _reduce_dims(truth, dim)
+    forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.me(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
 
 
@@ -288,6 +298,7 @@ def q99_error(
     (no area weighting), then |difference|. Percentiles use NumPy's linear interpolation; NaNs are skipped.
     """
     _check_pair(forecast, truth, "q99_error")
+    forecast, truth = _single_chunk(forecast, forecast.dims), _single_chunk(truth, truth.dims)
     if mode == "per_cell":
         qf = forecast.quantile(q, dim=_sample_dims(forecast), skipna=True).drop_vars("quantile")
         qt = truth.quantile(q, dim="time", skipna=True).drop_vars("quantile")
@@ -339,6 +350,7 @@ def crps(
     _check_pair(forecast, truth, "crps")
     _require_members(forecast, "crps", minimum=2 if fair else 1)
     dims = _reduce_dims(truth, dim)
+    forecast, truth = _single_chunk(forecast, [*dims, MEMBER_DIM]), _single_chunk(truth, dims)
     if not fair:
         return xs.crps_ensemble(truth, forecast, member_dim=MEMBER_DIM, dim=dims, weights=_weights(truth, dims))
     from scores.probability import crps_for_ensemble
@@ -433,9 +445,13 @@ def power_spectrum(
         sums / counts, dims="wavenumber", name=name,
         coords={"wavenumber": ("wavenumber", wavenumber, {"units": label, "long_name": "radial wavenumber"})},
         attrs={"long_name": f"radially averaged power spectrum of {name}",
-               "units": f"({field.attrs.get('units', '1')})^2 per Fourier mode", "wavenumber_units": label,
+               "units": _squared(field.attrs.get("units", "1")) + " per Fourier mode", "wavenumber_units": label,
                "n_maps": maps.shape[0]},
     )
+
+
+def _squared(units: str) -> str:
+    return f"({units})^2" if " " in units else f"{units}^2"
 
 
 @_per_variable

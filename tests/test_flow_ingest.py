@@ -13,7 +13,7 @@ from climrecon.stores import StageStore
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR) as c:
         yield c
 
@@ -32,7 +32,7 @@ def test_ingest_flow_runs_one_named_task_per_group(prefect_harness, cluster, mak
     assert len(urls) == 2 and all("/ingest/" in u for u in urls)
     for url in urls:
         ds = xr.open_zarr(url)
-        assert ds.attrs["climrecon_status"] == "complete" and ds.uas.encoding["chunks"][0] == 24
+        assert ds.attrs["climrecon_status"] == "complete" and ds.uas.encoding["chunks"][0] == min(24, ds.sizes["time"])
         assert StageStore(url, ds.attrs["climrecon_key"]).is_complete()
     from prefect.client.orchestration import get_client
 

@@ -262,3 +262,11 @@ def test_evaluate_all_ensemble_and_deterministic() -> None:
     det = M.evaluate_all(ds_t["tas"].rename("tas"), ds_t["tas"])
     assert "crps" not in det["metric"].values and "acc" not in det["metric"].values
     assert float(det["tas"].sel(metric="rmse")) == 0.0 and float(det["tas"].sel(metric="wasserstein")) == pytest.approx(0.0)
+
+
+def test_evaluate_all_on_dask_equals_eager() -> None:
+    ens, truth = _ensemble(1.0, members=3)
+    ens, truth = ens.isel(time=slice(0, 24)).to_dataset(), truth.isel(time=slice(0, 24)).to_dataset()
+    eager = M.evaluate_all(ens, truth, climatology=M.monthly_climatology(truth))
+    lazy = M.evaluate_all(ens.chunk(time=6, lat=4), truth.chunk(time=6, lat=4), climatology=M.monthly_climatology(truth))
+    xr.testing.assert_allclose(lazy, eager)
