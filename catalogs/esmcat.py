@@ -15,8 +15,9 @@ Contract:
   and opens the matches. Use the latter: several rows may share one multi-variable Zarr store (the
   static fields, the synthetic reanalysis), and a plain ``to_dataset_dict()`` then fails to merge them
   (``MergeError: unable to determine if these variables should be coordinates``) because intake-esm
-  subsets a store to its row's variable only when variables are "requested". It also opens with
-  ``threaded=False`` and never puts an ``engine`` into ``xarray_open_kwargs`` (zarr rows; STACK.md).
+  subsets a store to its row's variable only when variables are "requested". It also opens one group
+  at a time (``to_dataset_dict`` uses a thread pool over groups even with ``threaded=False``, and
+  concurrent netCDF4 opens segfault) and never puts an ``engine`` into ``xarray_open_kwargs`` (STACK.md).
 """
 
 from __future__ import annotations
@@ -264,16 +265,18 @@ def open_datasets(
     sub = cat.search(**query)
     if sub.df.empty:
         raise CatalogError(f"no catalog rows match {query}")
-    # intake-esm subsets an asset to its row's variable only for "requested" variables, which its search
-    # sets only for list-valued variable columns; request the matched variables explicitly.
-    sub._requested_variables = sorted(sub.df["variable_id"].unique())
     open_kwargs = {"decode_times": xr.coders.CFDatetimeCoder(use_cftime=True), **(xarray_open_kwargs or {})}
     if "engine" in open_kwargs:
         raise CatalogError("do not pass an 'engine' in xarray_open_kwargs: it would apply to zarr and netcdf rows alike")
-    return sub.to_dataset_dict(
-        xarray_open_kwargs=open_kwargs,
-        xarray_combine_by_coords_kwargs={"compat": "no_conflicts", "join": "outer", "coords": "different"},
-        storage_options=storage_options,
-        threaded=False,
-        progressbar=False,
-    )
+    source_kwargs = {
+        "xarray_open_kwargs": open_kwargs,
+        "xarray_combine_by_coords_kwargs": {"compat": "no_conflicts", "join": "exact", "coords": "different"},
+        # intake-esm cuts an asset down to its row's variable only for "requested" variables, which its
+        # search fills only for list-valued variable columns: request the matched variables explicitly
+        "requested_variables": sorted(sub.df["variable_id"].unique()),
+        "storage_options": storage_options,
+        "threaded": False,
+    }
+    # one group after another: to_dataset_dict() opens groups in a thread pool even with threaded=False,
+    # and concurrent netCDF4 opens segfault now and then
+    return {key: sub[key](**source_kwargs).to_dask() for key in sorted(sub.keys())}

@@ -207,14 +207,19 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or not a torch file (not a readable zip archive); re-copy or re-train it"
+            ) from None
+        detail = next((ln.split(" was not")[0].strip() for ln in str(exc).splitlines() if "Unsupported global" in ln), "")
         raise CheckpointError(
-            f"{path} is not a climrecon checkpoint: it cannot be read as tensors only (refusing to unpickle "
-            f"arbitrary objects): {str(exc).splitlines()[0]}"
+            f"{path} is not a climrecon checkpoint: it holds objects other than tensors and strings, which are "
+            f"never unpickled (refusing to unpickle arbitrary objects){': ' + detail if detail else ''}"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated (torch.load failed: {str(exc).splitlines()[0]}); "
-            "re-copy or re-train it"
+            f"checkpoint {path} is corrupt or truncated (torch.load failed: {type(exc).__name__}: {first}); re-copy or re-train it"
         ) from None
     raw = blob.get("metadata") if isinstance(blob, dict) else None
     try:

@@ -300,7 +300,7 @@ def train(
             loss.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"non-finite training loss ({loss_value}) at step {step + 1}; check the batch normalisation "

@@ -24,22 +24,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
 import pandas as pd
 import scipy.io
 import xarray as xr
 from intake_esm import esm_datastore
 
 from climrecon.config import CatalogQuery, IngestConfig, StorageConfig
+from climrecon.provenance import code_version
 from climrecon.storage import is_remote, join_url, resolve_storage_options
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.standardize import (
@@ -63,7 +61,6 @@ __all__ = [
     "plan_ingest",
     "open_plan",
     "ingest_plan",
-    "code_version",
 ]
 
 # CMIP table_id -> frequency, for catalogs without a ``frequency`` column (e.g. Pangeo's CMIP6 catalog)
@@ -369,23 +366,6 @@ def open_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None) -
 
 
 # -- writing -------------------------------------------------------------------------------------
-def code_version() -> str:
-    """``climrecon <version>`` plus ``(git <commit>)`` when running from a git checkout."""
-    version = f"climrecon {metadata.version('climrecon')}"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-        return f"{version} (git {commit}{'-dirty' if dirty else ''})"
-    except (OSError, subprocess.SubprocessError):
-        return version
-
-
 def _provenance(plan: IngestPlan, ds: xr.Dataset) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     versions = sorted({str(r["version"]) for r in plan.rows if r.get("version")})

@@ -219,9 +219,7 @@ def _check_source(ds: xr.Dataset, url: str) -> tuple[str, ...]:
         )
     if "time" not in ds.dims:
         raise RegridError(f"source store {url} has no 'time' dimension (dims {dict(ds.sizes)}); expected (time, lat, lon)")
-    variables = tuple(
-        str(v) for v, x in ds.data_vars.items() if {"time", "lat", "lon"} <= set(x.dims)
-    )
+    variables = tuple(sorted(str(v) for v, x in ds.data_vars.items() if {"time", "lat", "lon"} <= set(x.dims)))
     if not variables:
         raise RegridError(f"source store {url} has no (time, lat, lon) variable (has {sorted(map(str, ds.data_vars))})")
     for v in variables:

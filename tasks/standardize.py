@@ -20,8 +20,7 @@ Supported grids: rectilinear lat/lon only. Rotated-pole and curvilinear grids ra
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 

@@ -150,7 +150,7 @@ def test_errors_name_the_problem(data) -> None:
 
 
 def test_dask_inputs_give_the_same_result_lazily(data) -> None:
-    gcm, fine = data["gcm"].chunk(time=24, lat=2), data["fine"].chunk(time=24)
+    gcm, fine = data["gcm"].chunk(time=48), data["fine"].chunk(time=48)
     for method in (B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
         lazy = method.fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN)).downscale(gcm, None, FINE)
         assert lazy["tas"].chunks is not None

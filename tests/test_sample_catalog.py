@@ -179,3 +179,13 @@ def test_progress_bar_runs(built, capsys):
     directory, _ = built
     build_sample_catalog(directory, default_data_home(), progress=True)
     assert re.search(r"sample catalog.*\d+/\d+", capsys.readouterr().out)
+
+
+def test_open_datasets_rejects_bad_queries(built):
+    _, catalog = built
+    with pytest.raises(CatalogError, match="no catalog rows match"):
+        open_datasets(catalog, source_id="NoSuchModel")
+    with pytest.raises(CatalogError, match=r"column\(s\) \['model'\]"):
+        open_datasets(catalog, model="MPI-ESM-LR")
+    with pytest.raises(CatalogError, match="engine"):
+        open_datasets(catalog, source_id="FNOC", xarray_open_kwargs={"engine": "netcdf4"})
