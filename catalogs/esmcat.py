@@ -211,7 +211,8 @@ def write_catalog(
         by_key[(r["path"], r["variable_id"])] = r
     for r in new:
         by_key[(r["path"], r["variable_id"])] = r
-    ordered = sorted(by_key.values(), key=lambda r: [r[c] for c in (*GROUPBY_ATTRS, "variable_id", "time_range", "path")])
+    order = (*GROUPBY_ATTRS, "variable_id", "time_range", "path")
+    ordered = sorted(by_key.values(), key=lambda r: [r[c] for c in order])
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
@@ -219,7 +220,8 @@ def write_catalog(
     writer.writerows(ordered)
     csv_path = _csv_path(json_path)
     _atomic_write(csv_path, buf.getvalue())
-    _atomic_write(json_path, json.dumps(catalog_spec(csv_path.name, catalog_id, description), indent=2) + "\n")
+    spec = catalog_spec(csv_path.name, catalog_id, description)
+    _atomic_write(json_path, json.dumps(spec, indent=2) + "\n")
     return json_path
 
 
@@ -261,13 +263,13 @@ def open_datasets(
     cat = catalog if hasattr(catalog, "search") else open_catalog(catalog, storage_options)
     bad = sorted(set(query) - set(COLUMNS))
     if bad:
-        raise CatalogError(f"query names column(s) {bad} that the catalog does not have; columns: {list(COLUMNS)}")
+        raise CatalogError(f"query names column(s) {bad} that the catalog lacks; columns: {list(COLUMNS)}")
     sub = cat.search(**query)
     if sub.df.empty:
         raise CatalogError(f"no catalog rows match {query}")
     open_kwargs = {"decode_times": xr.coders.CFDatetimeCoder(use_cftime=True), **(xarray_open_kwargs or {})}
     if "engine" in open_kwargs:
-        raise CatalogError("do not pass an 'engine' in xarray_open_kwargs: it would apply to zarr and netcdf rows alike")
+        raise CatalogError("no 'engine' in xarray_open_kwargs: it would apply to zarr and netcdf rows alike")
     source_kwargs = {
         "xarray_open_kwargs": open_kwargs,
         "xarray_combine_by_coords_kwargs": {"compat": "no_conflicts", "join": "exact", "coords": "different"},

@@ -75,7 +75,8 @@ _NUG = "usr/share/ncarg/data/nug"
 _FERRET = "usr/share/ferret-vis/data"
 _LICENSES = {
     "iris-sample-data": "OGL-UK-3.0 (UK Open Government Licence; Met Office data in iris-sample-data)",
-    "libncarg-data": "BSD-4-clause (UCAR, Debian libncarg-data); originating centre's CMIP5/CORDEX terms of use",
+    "libncarg-data": "BSD-4-clause (UCAR, Debian libncarg-data); "
+    "originating centre's CMIP5/CORDEX terms of use",
     "ferret-datasets": "NOAA-PMEL-TMAP Ferret licence (Debian ferret-datasets)",
 }
 _FACETS = (
@@ -108,6 +109,11 @@ class SampleFile:
         return f"{self.package} {self.package_version}: {self.source_file}"
 
     @property
+    def version(self) -> str:
+        """The DRS version: the version of the package that ships the data ("v2.5.2", "v7.6.0.5")."""
+        return "v" + re.sub(r"[^A-Za-z0-9.]+", ".", self.package_version)
+
+    @property
     def calendar(self) -> str:
         return _calendar(self.dataset)
 
@@ -118,12 +124,12 @@ class SampleFile:
     def relative_path(self) -> Path:
         """CMIP6 DRS: activity/institution/source/experiment/member/table/variable/grid/version/file."""
         f = self.facets
-        version = "v" + re.sub(r"[^A-Za-z0-9.]+", ".", self.package_version)
         parts = [f["source_id"], f["experiment_id"], f["member_id"], f["grid_label"]]
-        name = "_".join([self.variable, f["table_id"], *parts] + ([self.time_range] if self.time_range else []))
+        stem = [self.variable, f["table_id"], *parts] + ([self.time_range] if self.time_range else [])
+        name = "_".join(stem)
         return Path(
             f["activity_id"], f["institution_id"], f["source_id"], f["experiment_id"], f["member_id"],
-            f["table_id"], self.variable, f["grid_label"], version, f"{name}.nc",
+            f["table_id"], self.variable, f["grid_label"], self.version, f"{name}.nc",
         )  # fmt: skip
 
 
@@ -164,14 +170,16 @@ def _digest(path: Path) -> str:
 
 
 def _cmip5_member(attrs: dict[str, Any]) -> str:
-    return f"r{int(attrs['realization'])}i{int(attrs['initialization_method'])}p{int(attrs['physics_version'])}"
+    r, i, p = (int(attrs[k]) for k in ("realization", "initialization_method", "physics_version"))
+    return f"r{r}i{i}p{p}"
 
 
 def _gridspec_facets(var: xr.DataArray, where: Path) -> tuple[str, str, str]:
     """(source_id, experiment_id, member) from a CMOR ``associated_files`` gridspec name."""
-    m = re.search(r"gridspec_\w+?_fx_([A-Za-z0-9-]+)_(\w+?)_(r\d+i\d+p\d+)\.nc", var.attrs.get("associated_files", ""))
+    pattern = r"gridspec_\w+?_fx_([A-Za-z0-9-]+)_(\w+?)_(r\d+i\d+p\d+)\.nc"
+    m = re.search(pattern, var.attrs.get("associated_files", ""))
     if not m:
-        raise ValueError(f"{where}: variable {var.name!r} has no CMOR associated_files gridspec naming its model")
+        raise ValueError(f"{where}: variable {var.name!r} has no CMOR associated_files naming a model")
     return m.group(1), m.group(2), m.group(3)
 
 
@@ -209,7 +217,8 @@ def _um_north_america(data_home: Path) -> Iterator[SampleFile]:
         var = ds["air_temperature"]
         m = re.search(r"Unified Model ([\d.]+)", var.attrs.get("source", ""))
         if var.attrs.get("Model scenario") != scenario or not m:
-            raise ValueError(f"{path}: air_temperature does not state 'Model scenario' {scenario} and a UM version")
+            raise ValueError(f"{path}: air_temperature does not state 'Model scenario' {scenario} and a UM "
+                             "version in its 'source' attribute")
         ds = ds.rename({"air_temperature": "tas", "latitude": "lat", "longitude": "lon"})
         yield SampleFile(
             variable="tas",
@@ -265,7 +274,7 @@ def _mpi_esm_lr(data_home: Path) -> Iterator[SampleFile]:
             model, experiment, _ = _gridspec_facets(ds[variable], path)
             if not (_same_axes(ds, tas, ("time", "time_bnds", "lat", "lon")) and (model, experiment) ==
                     (base["source_id"], base["experiment_id"])):  # fmt: skip
-                raise ValueError(f"{path}: grid/time axis or model do not match {tas_path}; cannot identify it")
+                raise ValueError(f"{path}: grid, time axis or model differ from {tas_path}; not identified")
             how = (f"no global attributes; identified from {tas_path.name} (identical grid and time axis, "
                    f"associated_files names {model} {experiment})")  # fmt: skip
         yield SampleFile(variable, dict(base), ds, "libncarg-data", version, f"{_NUG}/{name}", path, how)
@@ -365,7 +374,8 @@ def sample_files(data_home: Path) -> list[SampleFile]:
 
 # -- writing --------------------------------------------------------------------------------------
 def _file_key(item: SampleFile) -> str:
-    return content_key("sample-file", CONVERTER_VERSION, _digest(item.source_path), item.variable, item.facets)
+    source = _digest(item.source_path)
+    return content_key("sample-file", CONVERTER_VERSION, source, item.variable, item.facets)
 
 
 def _stored_key(path: Path) -> str | None:
@@ -401,7 +411,9 @@ def _write_netcdf(ds: xr.Dataset, path: Path, variable: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # no fill value where the source has none (xarray would add NaN to every float coordinate)
-    encoding: dict[str, dict[str, Any]] = {n: {"_FillValue": None} for n in ds.variables if "_FillValue" not in ds[n].attrs}
+    encoding: dict[str, dict[str, Any]] = {
+        str(n): {"_FillValue": None} for n in ds.variables if "_FillValue" not in ds[n].attrs
+    }
     encoding.setdefault(variable, {}).update(zlib=True, complevel=4, shuffle=True)
     try:
         ds.to_netcdf(tmp, format="NETCDF4", engine="netcdf4", encoding=encoding)
@@ -414,7 +426,7 @@ def _row(item: SampleFile, path: Path) -> dict[str, Any]:
     return {
         **{k: item.facets[k] for k in _FACETS},
         "variable_id": item.variable,
-        "version": "v" + re.sub(r"[^A-Za-z0-9.]+", ".", item.package_version),
+        "version": item.version,
         "calendar": item.calendar if item.facets["frequency"] != "fx" else "",
         "time_range": item.time_range,
         "format": "netcdf",
@@ -447,7 +459,7 @@ def _zarr_rows(url: str, facets: dict[str, str], variables: list[str], origin: s
     return rows
 
 
-def _static_rows(data_home: Path, url: str) -> list[dict[str, Any]]:
+def _static_rows(url: str) -> list[dict[str, Any]]:
     ds = open_static_fields(url)
     facets = {
         "activity_id": "ClimRecon",
@@ -459,7 +471,8 @@ def _static_rows(data_home: Path, url: str) -> list[dict[str, Any]]:
         "frequency": "fx",
         "grid_label": "gr",
     }
-    return _zarr_rows(url, facets, ["orog", "sftlf"], ds.attrs["climrecon_origin"], ds.attrs["license"], False)
+    origin, license = ds.attrs["climrecon_origin"], ds.attrs["license"]
+    return _zarr_rows(url, facets, ["orog", "sftlf"], origin, license, synthetic=False)
 
 
 def _synthetic_rows(cfg: SyntheticConfig, static_url: str, url: str) -> list[dict[str, Any]]:
@@ -533,17 +546,20 @@ def build_sample_catalog(
                 _write_netcdf(_with_cmip_attrs(item, key), path, item.variable)
             rows.append(_row(item, path))
             bar.step(path.name)
-        static_url = str((directory / "static" / f"static-5arcmin-{static_fields_key(data_home)}.zarr").resolve())
+        static_store = directory / "static" / f"static-5arcmin-{static_fields_key(data_home)}.zarr"
+        static_url = str(static_store.resolve())
         build_static_fields(data_home, static_url)
-        rows += _static_rows(data_home, static_url)
+        rows += _static_rows(static_url)
         bar.step("static fields (orog, sftlf at 5')")
         if include_synthetic is not None:
             from climrecon.catalogs import synthetic
 
             # the name changes whenever the generator's key would, so a stale store is never in the way
             generator = (synthetic.GENERATOR_VERSION, dataclasses.asdict(synthetic.PHYSICS), static_url)
-            target = directory / "synthetic" / f"synthetic-reanalysis-{content_key(include_synthetic, generator)}.zarr"
-            url = synthetic.write_synthetic_reanalysis(include_synthetic, open_static_fields(static_url), str(target.resolve()))
+            name = f"synthetic-reanalysis-{content_key(include_synthetic, generator)}.zarr"
+            target = str((directory / "synthetic" / name).resolve())
+            static = open_static_fields(static_url)
+            url = synthetic.write_synthetic_reanalysis(include_synthetic, static, target)
             rows += _synthetic_rows(include_synthetic, static_url, url)
             bar.step("synthetic reanalysis")
     return write_catalog(directory / CATALOG_NAME, rows)

@@ -45,6 +45,7 @@ __all__ = [
     "N_LAT",
     "N_LON",
     "CHUNK",
+    "LOWEST_LAND_M",
     "MissingSourceDataError",
     "static_grid",
     "etopo5_path",
@@ -87,14 +88,17 @@ def _require(path: Path, what: str) -> Path:
 
 
 def etopo5_path(data_home: Path) -> Path:
-    return _require(Path(data_home) / "debian" / _FERRET_DATA / "etopo5.cdf", "ETOPO5 relief (ferret-datasets)")
+    path = Path(data_home) / "debian" / _FERRET_DATA / "etopo5.cdf"
+    return _require(path, "ETOPO5 relief (ferret-datasets)")
 
 
 def globe_mask_path() -> Path:
     # located, never imported: importing global_land_mask decompresses its 1 GB mask (~8 s)
     spec = importlib.util.find_spec("global_land_mask")
     if spec is None or spec.origin is None:
-        raise MissingSourceDataError("global-land-mask is not installed; run deploy/install.sh (pip install global-land-mask==1.0.0)")
+        raise MissingSourceDataError(
+            "global-land-mask is not installed; run deploy/install.sh (pip install global-land-mask==1.0.0)"
+        )
     path = Path(spec.origin).parent / "globe_combined_mask_compressed.npz"
     if not path.is_file():
         raise MissingSourceDataError(f"GLOBE land mask {path} is missing; reinstall global-land-mask==1.0.0")
@@ -130,7 +134,7 @@ def _sources(data_home: Path) -> dict[str, Any]:
             "version": debian_package_version(data_home, "ferret-datasets"),
             "file": str(_FERRET_DATA / "etopo5.cdf"),
             "path": etopo,
-            "license": "NOAA/NGDC ETOPO5 (public domain), distributed under the NOAA-PMEL-TMAP Ferret licence",
+            "license": "NOAA/NGDC ETOPO5 (public domain), shipped under the NOAA-PMEL-TMAP Ferret licence",
         },
         "globe": {
             "package": "global-land-mask",
@@ -176,10 +180,11 @@ def land_percentage(npz_path: Path, rows_per_block: int = 54) -> np.ndarray:
     land = np.empty((N_LAT, N_LON), dtype=np.uint8)  # north-to-south for now
     with zipfile.ZipFile(npz_path) as zf, zf.open("mask.npy") as f:
         version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        fmt = np.lib.format
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         shape, fortran_order, dtype = read_header(f)
         if shape != (N_LAT * _GLOBE_PER_CELL, n_cols) or fortran_order or dtype != np.bool_:
-            raise ValueError(f"{npz_path}: mask is {shape} {dtype} (fortran={fortran_order}), expected C-order bool")
+            raise ValueError(f"{npz_path}: mask is {shape} {dtype} (fortran={fortran_order}), not C bool")
         for start in range(0, N_LAT, rows_per_block):
             n = min(rows_per_block, N_LAT - start)
             raw = f.read(n * _GLOBE_PER_CELL * n_cols)
@@ -231,10 +236,11 @@ def _static_dataset(data_home: Path) -> xr.Dataset:
                     "standard_name": "surface_altitude",
                     "long_name": "Surface Altitude",
                     "units": "m",
-                    "source": f"ETOPO5 ({src['etopo5']['package']} {src['etopo5']['version']}, {src['etopo5']['file']})",
+                    "source": "ETOPO5 ({package} {version}, {file})".format(**src["etopo5"]),
                     "comment": "mean of the 4 ETOPO5 grid nodes at the cell corners; max(relief, 0) where "
                     "sftlf < 50 (water surface altitude is 0) or where relief < -430 m (below the lowest "
-                    "land on Earth: bathymetry under a GLOBE land cell); land below sea level keeps its value",
+                    "land on Earth: bathymetry under a GLOBE land cell); land below sea level keeps its "
+                    "value",
                 },
             ),
             "sftlf": (
@@ -245,7 +251,8 @@ def _static_dataset(data_home: Path) -> xr.Dataset:
                     "long_name": "Percentage of the Grid Cell Occupied by Land (Including Lakes)",
                     "units": "%",
                     "source": f"GLOBE 30\" land mask ({src['globe']['package']} {src['globe']['version']})",
-                    "comment": "percentage of the 100 GLOBE 30-arc-second cells inside the cell that are land",
+                    "comment": "percentage of the 100 GLOBE 30-arc-second cells inside the cell that are "
+                    "land",
                 },
             ),
         },
@@ -266,17 +273,20 @@ def _static_dataset(data_home: Path) -> xr.Dataset:
 
 
 def build_static_fields(data_home: Path, url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Build the static Zarr store (``orog``, ``sftlf``) at ``url`` unless it is already complete; returns ``url``.
+    """Build the static Zarr store (``orog``, ``sftlf``) at ``url`` unless it is complete; returns ``url``.
 
     Raises :class:`MissingSourceDataError` when ETOPO5 or the GLOBE mask is not installed, and
     :class:`climrecon.stores.StoreStateError` when ``url`` holds a store built from other inputs.
     """
-    store = StageStore(str(url), key=static_fields_key(Path(data_home)), storage_options=dict(storage_options or {}))
+    key = static_fields_key(Path(data_home))
+    store = StageStore(str(url), key=key, storage_options=dict(storage_options or {}))
     if store.is_complete():
         return str(url)
     found = store.stored_key() if store.exists() else store.key
     if found != store.key:  # fail before the expensive part; initialize() would refuse it too
-        raise StoreStateError(f"{url} already holds a store with key {found!r}, not {store.key!r}; refusing to overwrite it")
+        raise StoreStateError(
+            f"{url} already holds a store with key {found!r}, not {store.key!r}; refusing to overwrite it"
+        )
     ds = _static_dataset(Path(data_home))
     encoding = {v: {"chunks": (CHUNK, CHUNK)} for v in ds.data_vars}
     store.initialize(ds.chunk({"lat": CHUNK, "lon": CHUNK}), encoding=encoding)
@@ -296,7 +306,7 @@ def open_static_fields(url: str, storage_options: dict[str, Any] | None = None) 
             f"no static-fields store at {url}; build it with climrecon.catalogs.static.build_static_fields"
         ) from exc
     if ds.attrs.get("climrecon_status") != "complete":
-        raise StoreStateError(f"static-fields store {url} is incomplete; re-run build_static_fields to finish it")
+        raise StoreStateError(f"static-fields store {url} is incomplete; re-run build_static_fields")
     missing = {"orog", "sftlf"} - set(ds.data_vars)
     if missing:
         raise StoreStateError(f"static-fields store {url} lacks variable(s) {sorted(missing)}")

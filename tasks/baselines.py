@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import xarray as xr
 
+from climrecon.tasks import regrid
 from climrecon.tasks.grids import Grid, GridError
 
 __all__ = [
@@ -57,11 +58,17 @@ class Downscaler(Protocol):
     name: str
 
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> Downscaler:
-        """Learn from training years only; returns self (methods needing no training return self unchanged)."""
+        """Learn from training years only; returns self (unchanged when there is nothing to learn)."""
         ...
 
     def downscale(
-        self, coarse: xr.Dataset, static_fine: xr.Dataset | None, target: GridLike, *, members: int = 1, seed: int = 0
+        self,
+        coarse: xr.Dataset,
+        static_fine: xr.Dataset | None,
+        target: GridLike,
+        *,
+        members: int = 1,
+        seed: int = 0,
     ) -> xr.Dataset:
         """Fields on ``target`` with dims ``(member, time, lat, lon)``, deterministic for a given ``seed``."""
         ...
@@ -99,9 +106,7 @@ def _common_variables(coarse: xr.Dataset, fine: xr.Dataset, where: str) -> list[
 
 
 def _bilinear(ds: xr.Dataset, target: GridLike) -> xr.Dataset:
-    from climrecon.tasks.regrid import bilinear
-
-    return bilinear(ds, target if isinstance(target, Grid) else _as_grid(target, "target grid"))
+    return regrid.bilinear(ds, target if isinstance(target, Grid) else _as_grid(target, "target grid"))
 
 
 def _float64(ds: xr.Dataset) -> xr.Dataset:
@@ -115,7 +120,10 @@ def _with_members(ds: xr.Dataset, members: int, method: str) -> xr.Dataset:
     if members < 1:
         raise BaselineError(f"{method}: members must be >= 1, got {members}")
     out = ds.assign(
-        {v: ds[v].astype("float32").expand_dims(member=np.arange(members)).transpose("member", ...) for v in _gridded(ds)}
+        {
+            v: ds[v].astype("float32").expand_dims(member=np.arange(members)).transpose("member", ...)
+            for v in _gridded(ds)
+        }
     )
     return out.assign_attrs(downscaling_method=method, members_identical=int(members > 1))
 
@@ -131,7 +139,7 @@ def _check_months(ds: xr.Dataset, months: np.ndarray, what: str) -> None:
 
 # -- empirical quantile mapping ------------------------------------------------------------------------------
 def _map_quantiles(v: np.ndarray, qm: np.ndarray, qr: np.ndarray, multiplicative: bool) -> np.ndarray:
-    """Map ``v`` (..., n) through model quantiles ``qm`` to reference quantiles ``qr`` (both (..., nq), sorted).
+    """Map ``v`` (..., n) through model quantiles ``qm`` onto reference quantiles ``qr`` ((..., nq), sorted).
 
     Inside [qm_1, qm_nq]: piecewise-linear interpolation of qr over qm, so a value equal to a model quantile
     maps exactly to the matching reference quantile; a value equal to several tied model quantiles maps to
@@ -160,12 +168,16 @@ def _map_quantiles(v: np.ndarray, qm: np.ndarray, qr: np.ndarray, multiplicative
     return np.maximum(out, 0.0) if multiplicative else out
 
 
-def _adjust_core(v, months, qm, qr, fitted_months, multiplicative):  # apply_ufunc core: time/quantile trailing
+def _adjust_core(
+    v, months, qm, qr, fitted_months, multiplicative
+):  # apply_ufunc core: time/quantile trailing
     out = np.full(v.shape, np.nan)
     for k, month in enumerate(fitted_months):
         sel = months == month
         if sel.any():
-            out[..., sel] = _map_quantiles(v[..., sel].astype(np.float64), qm[..., k, :], qr[..., k, :], multiplicative)
+            out[..., sel] = _map_quantiles(
+                v[..., sel].astype(np.float64), qm[..., k, :], qr[..., k, :], multiplicative
+            )
     return out
 
 
@@ -188,8 +200,12 @@ class EmpiricalQuantileMapping:
 
     def fit(self, model: xr.Dataset, reference: xr.Dataset) -> EmpiricalQuantileMapping:
         names = _common_variables(model, reference, "quantile mapping fit")
-        if not _same_grid(_as_grid(model, "quantile mapping model"), _as_grid(reference, "quantile mapping reference")):
-            raise BaselineError("quantile mapping fit: model and reference must be on the same lat/lon grid; regrid one first")
+        if not _same_grid(
+            _as_grid(model, "quantile mapping model"), _as_grid(reference, "quantile mapping reference")
+        ):
+            raise BaselineError(
+                "quantile mapping fit: model and reference must be on the same lat/lon grid; regrid one first"
+            )
         m_months, r_months = model["time"].dt.month.values, reference["time"].dt.month.values
         months = np.intersect1d(m_months, r_months)
         if months.size == 0:
@@ -197,7 +213,9 @@ class EmpiricalQuantileMapping:
         counts = [min((m_months == m).sum(), (r_months == m).sum()) for m in months]
         nq = self.n_quantiles or int(min(counts))
         if nq < 2:
-            raise BaselineError(f"quantile mapping fit: need >= 2 training values per month, got {min(counts)}")
+            raise BaselineError(
+                f"quantile mapping fit: need >= 2 training values per month, got {min(counts)}"
+            )
         p = (np.arange(nq) + 0.5) / nq
 
         def quantiles(ds: xr.Dataset, month_of: np.ndarray) -> xr.Dataset:
@@ -210,8 +228,11 @@ class EmpiricalQuantileMapping:
                     with np.errstate(invalid="ignore"), _quiet_all_nan():
                         per_month.append(np.nanquantile(values[month_of == m], p, axis=0, method="hazen"))
                 dims = ("month", "quantile", *da.dims[1:])
-                out[var] = xr.DataArray(np.stack(per_month), dims=dims,
-                                        coords={"month": months, "quantile": p, **{d: da[d] for d in da.dims[1:]}})
+                out[var] = xr.DataArray(
+                    np.stack(per_month),
+                    dims=dims,
+                    coords={"month": months, "quantile": p, **{d: da[d] for d in da.dims[1:]}},
+                )
             return xr.Dataset(out)
 
         self.model_quantiles = quantiles(model, m_months)
@@ -226,19 +247,30 @@ class EmpiricalQuantileMapping:
         out = model.copy()
         for var in _gridded(model):
             if var not in self.model_quantiles:
-                raise BaselineError(f"quantile mapping adjust: variable {var!r} was not fitted; fitted {list(self.model_quantiles)}")
+                raise BaselineError(
+                    f"quantile mapping adjust: variable {var!r} was not fitted; "
+                    f"fitted: {list(self.model_quantiles)}"
+                )
             da = model[var]
             qm, qr = self.model_quantiles[var], self.reference_quantiles[var]
-            if da.sizes["lat"] != qm.sizes["lat"] or da.sizes["lon"] != qm.sizes["lon"] or not (
-                np.allclose(da["lat"], qm["lat"]) and np.allclose(da["lon"] % 360, qm["lon"] % 360)
+            if (
+                da.sizes["lat"] != qm.sizes["lat"]
+                or da.sizes["lon"] != qm.sizes["lon"]
+                or not (np.allclose(da["lat"], qm["lat"]) and np.allclose(da["lon"] % 360, qm["lon"] % 360))
             ):
                 raise BaselineError(f"quantile mapping adjust: {var!r} is not on the grid it was fitted on")
             qm, qr = (q.assign_coords(lat=da["lat"], lon=da["lon"]) for q in (qm, qr))
             adjusted = xr.apply_ufunc(
-                _adjust_core, da, da["time"].dt.month, qm, qr,
+                _adjust_core,
+                da,
+                da["time"].dt.month,
+                qm,
+                qr,
                 kwargs={"fitted_months": fitted, "multiplicative": var in MULTIPLICATIVE_VARIABLES},
                 input_core_dims=[["time"], ["time"], ["month", "quantile"], ["month", "quantile"]],
-                output_core_dims=[["time"]], dask="parallelized", output_dtypes=[np.float64],
+                output_core_dims=[["time"]],
+                dask="parallelized",
+                output_dtypes=[np.float64],
                 dask_gufunc_kwargs={"allow_rechunk": True},
             )
             out[var] = adjusted.transpose(*da.dims).astype(da.dtype).assign_attrs(da.attrs)
@@ -262,7 +294,7 @@ class _quiet_all_nan:
 # -- the baselines ---------------------------------------------------------------------------------------
 @dataclass
 class BilinearDownscaler:
-    """Bilinear interpolation of the coarse field to the target cell centres (climrecon.tasks.regrid.bilinear)."""
+    """Bilinear interpolation of the coarse field to the target cell centres (regrid.bilinear)."""
 
     name: str = "bilinear"
 
@@ -270,14 +302,20 @@ class BilinearDownscaler:
         return self  # nothing to learn
 
     def downscale(
-        self, coarse: xr.Dataset, static_fine: xr.Dataset | None, target: GridLike, *, members: int = 1, seed: int = 0
+        self,
+        coarse: xr.Dataset,
+        static_fine: xr.Dataset | None,
+        target: GridLike,
+        *,
+        members: int = 1,
+        seed: int = 0,
     ) -> xr.Dataset:
         return _with_members(_bilinear(coarse, target), members, self.name)
 
 
 @dataclass
 class QuantileMappingDownscaler:
-    """Bilinear interpolation to the fine grid, then empirical quantile mapping per month of year and fine cell.
+    """Bilinear interpolation to the fine grid, then empirical quantile mapping per month and fine cell.
 
     ``fit`` maps the distribution of bilinear(coarse_train) onto that of fine_train at every fine cell (its
     grid becomes the only valid ``target``); ``downscale`` interpolates and applies the mapping.
@@ -296,13 +334,21 @@ class QuantileMappingDownscaler:
         return self
 
     def downscale(
-        self, coarse: xr.Dataset, static_fine: xr.Dataset | None, target: GridLike, *, members: int = 1, seed: int = 0
+        self,
+        coarse: xr.Dataset,
+        static_fine: xr.Dataset | None,
+        target: GridLike,
+        *,
+        members: int = 1,
+        seed: int = 0,
     ) -> xr.Dataset:
         if self.mapping is None or self.grid is None:
             raise BaselineError(f"{self.name}: call fit(coarse_train, fine_train) before downscale")
         grid = _as_grid(target, f"{self.name} target")
         if not _same_grid(grid, self.grid):
-            raise BaselineError(f"{self.name}: target {grid.describe()} is not the grid fitted on ({self.grid.describe()})")
+            raise BaselineError(
+                f"{self.name}: target {grid.describe()} is not the grid fitted on ({self.grid.describe()})"
+            )
         return _with_members(self.mapping.adjust(_bilinear(_float64(coarse), grid)), members, self.name)
 
 
@@ -336,30 +382,22 @@ class BCSDDownscaler:
         self.coarse_grid = _as_grid(coarse_train, f"{self.name} coarse_train")
         self.fine_grid = _as_grid(fine_train, f"{self.name} fine_train")
         reference = self.coarse_reference(fine_train[names])
-        self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(_float64(coarse_train[names]), reference)
+        self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(
+            _float64(coarse_train[names]), reference
+        )
         self.coarse_climatology = reference.groupby("time.month").mean("time").compute()  # small: 12 maps
         self.fine_climatology = fine_train[names].groupby("time.month").mean("time").compute()
         return self
 
     def coarse_reference(self, fine: xr.Dataset) -> xr.Dataset:
         """``fine`` area-averaged onto the fitted coarse grid (coordinates exactly the coarse grid's)."""
-        from climrecon.tasks import regrid
-
         coarse, fine_grid = self.coarse_grid, _as_grid(fine, f"{self.name} fine")
         factor = int(round(coarse.dlat / fine_grid.dlat))
         try:
             nested = factor >= 1 and _same_grid(fine_grid.coarsened(factor), coarse)
         except GridError:
             nested = False
-        if nested:
-            out = regrid.coarsen_blocks(fine, factor)
-        elif hasattr(regrid, "conservative"):
-            out = regrid.conservative(fine, coarse)
-        else:
-            raise BaselineError(
-                f"{self.name}: the coarse grid ({coarse.describe()}) is not a block coarsening of the fine grid "
-                f"({fine_grid.describe()}) and regrid.conservative is not available"
-            )
+        out = regrid.coarsen_blocks(fine, factor) if nested else regrid.conservative(fine, coarse)
         return out.assign_coords(lat=coarse.lat, lon=coarse.lon)
 
     def bias_correct(self, coarse: xr.Dataset) -> xr.Dataset:
@@ -367,32 +405,55 @@ class BCSDDownscaler:
         if self.mapping is None:
             raise BaselineError(f"{self.name}: call fit(coarse_train, fine_train) before downscale")
         if not _same_grid(_as_grid(coarse, f"{self.name} coarse"), self.coarse_grid):
-            raise BaselineError(f"{self.name}: coarse input is not on the grid fitted on ({self.coarse_grid.describe()})")
+            raise BaselineError(
+                f"{self.name}: coarse input is not on the grid fitted on ({self.coarse_grid.describe()})"
+            )
         coarse = coarse.assign_coords(lat=self.coarse_grid.lat, lon=self.coarse_grid.lon)
-        return self.mapping.adjust(_float64(coarse[[v for v in _gridded(coarse) if v in self.coarse_climatology] + _others(coarse)]))
+        return self.mapping.adjust(
+            _float64(coarse[[v for v in _gridded(coarse) if v in self.coarse_climatology] + _others(coarse)])
+        )
 
     def downscale(
-        self, coarse: xr.Dataset, static_fine: xr.Dataset | None, target: GridLike, *, members: int = 1, seed: int = 0
+        self,
+        coarse: xr.Dataset,
+        static_fine: xr.Dataset | None,
+        target: GridLike,
+        *,
+        members: int = 1,
+        seed: int = 0,
     ) -> xr.Dataset:
         corrected = self.bias_correct(coarse)
         grid = _as_grid(target, f"{self.name} target")
         if not _same_grid(grid, self.fine_grid):
-            raise BaselineError(f"{self.name}: target {grid.describe()} is not the grid fitted on ({self.fine_grid.describe()})")
+            raise BaselineError(
+                f"{self.name}: target {grid.describe()} is not the grid fitted on "
+                f"({self.fine_grid.describe()})"
+            )
         names = _gridded(corrected)
         clim_c = self.coarse_climatology[names].sel(month=corrected["time"].dt.month).drop_vars("month")
         clim_f = self.fine_climatology[names].sel(month=corrected["time"].dt.month).drop_vars("month")
         anomaly = corrected.copy()
         for var in names:
             if var in MULTIPLICATIVE_VARIABLES:
-                anomaly[var] = (corrected[var] / clim_c[var].where(clim_c[var] > 0)).fillna(1.0).where(corrected[var].notnull())
+                anomaly[var] = (
+                    (corrected[var] / clim_c[var].where(clim_c[var] > 0))
+                    .fillna(1.0)
+                    .where(corrected[var].notnull())
+                )
             else:
                 anomaly[var] = corrected[var] - clim_c[var]
         fine_anomaly = _bilinear(anomaly, grid)
         clim_f = clim_f.assign_coords(lat=fine_anomaly["lat"], lon=fine_anomaly["lon"])
         out = fine_anomaly.copy()
         for var in names:
-            combined = clim_f[var] * fine_anomaly[var] if var in MULTIPLICATIVE_VARIABLES else clim_f[var] + fine_anomaly[var]
-            out[var] = combined.transpose(*fine_anomaly[var].dims).astype("float32").assign_attrs(coarse[var].attrs)
+            combined = (
+                clim_f[var] * fine_anomaly[var]
+                if var in MULTIPLICATIVE_VARIABLES
+                else clim_f[var] + fine_anomaly[var]
+            )
+            out[var] = (
+                combined.transpose(*fine_anomaly[var].dims).astype("float32").assign_attrs(coarse[var].attrs)
+            )
         return _with_members(out, members, self.name)
 
 

@@ -71,7 +71,7 @@ class MetricError(ValueError):
 
 # -- helpers -----------------------------------------------------------------------------------------
 def latitude_weights(lat: xr.DataArray) -> xr.DataArray:
-    """``cos(lat)`` normalised to mean 1 over the given latitudes (dims ``(lat,)``), clipped at 0 at the poles."""
+    """``cos(lat)`` normalised to mean 1 over the given latitudes (dims ``(lat,)``), >= 0 at the poles."""
     w = np.cos(np.deg2rad(lat.astype(float))).clip(min=0.0)
     return (w / w.mean()).rename("latitude_weights")
 
@@ -87,11 +87,15 @@ def monthly_climatology(ds: Field) -> Field:
 
 
 def anomalies(ds: Field, climatology: Field) -> Field:
-    """``ds`` minus ``climatology``: per month of year when it has a ``month`` dim, else as it is (broadcast)."""
+    """``ds`` minus ``climatology``: per month of year when it has a ``month`` dim, else broadcast."""
     if "month" in climatology.dims:
-        missing = sorted(set(np.unique(ds["time"].dt.month.values).tolist()) - set(climatology["month"].values.tolist()))
+        missing = sorted(
+            set(np.unique(ds["time"].dt.month.values).tolist()) - set(climatology["month"].values.tolist())
+        )
         if missing:
-            raise MetricError(f"climatology has no month(s) {missing}, which the data has; expected months 1..12")
+            raise MetricError(
+                f"climatology has no month(s) {missing}, which the data has; expected months 1..12"
+            )
         return (ds.groupby("time.month") - climatology).drop_vars("month")
     return ds - climatology
 
@@ -107,7 +111,10 @@ def _per_variable(fn: Callable[..., xr.DataArray]) -> Callable[..., Field]:
             out = {}
             for var in _data_vars(forecast):
                 if var not in truth.data_vars:
-                    raise MetricError(f"{fn.__name__}: truth has no variable {var!r}; it has {sorted(map(str, truth.data_vars))}")
+                    raise MetricError(
+                        f"{fn.__name__}: truth has no variable {var!r}; "
+                        f"it has {sorted(map(str, truth.data_vars))}"
+                    )
                 out[var] = fn(forecast[var], truth[var], *args, **kwargs)
             return xr.Dataset(out)
         if isinstance(truth, xr.Dataset):
@@ -125,7 +132,9 @@ def _data_vars(ds: xr.Dataset) -> list[Hashable]:
 def _check_pair(forecast: xr.DataArray, truth: xr.DataArray, metric: str) -> None:
     name = forecast.name or truth.name or "field"
     if MEMBER_DIM in truth.dims:
-        raise MetricError(f"{metric}: truth {name!r} has a {MEMBER_DIM!r} dim; only the forecast may be an ensemble")
+        raise MetricError(
+            f"{metric}: truth {name!r} has a {MEMBER_DIM!r} dim; only the forecast may be an ensemble"
+        )
     for dim in (*_SPATIAL, "time"):
         if dim in truth.dims and dim not in forecast.dims:
             raise MetricError(f"{metric}: forecast {name!r} lacks the {dim!r} dim that the truth has")
@@ -149,7 +158,7 @@ def _reduce_dims(truth: xr.DataArray, dim: str | Sequence[str] | None) -> list[s
 
 
 def _single_chunk(da: xr.DataArray, dims: Sequence[str]) -> xr.DataArray:
-    """Dask arrays rechunked to one chunk along ``dims`` (xskillscore and quantile reduce them as core dims)."""
+    """Dask arrays rechunked to one chunk along ``dims`` (xskillscore and quantile need core dims whole)."""
     if da.chunks is None:
         return da
     return da.chunk({d: -1 for d in dims if d in da.dims})
@@ -177,7 +186,9 @@ def _data_range(truth: xr.DataArray, data_range: float | None) -> float:
         return float(data_range)
     rng = float(truth.max() - truth.min())
     if not np.isfinite(rng) or rng <= 0:
-        raise MetricError(f"truth {truth.name!r} is constant or all-NaN (range {rng}); pass data_range explicitly")
+        raise MetricError(
+            f"truth {truth.name!r} is constant or all-NaN (range {rng}); pass data_range explicitly"
+        )
     return rng
 
 
@@ -186,13 +197,17 @@ def _maps(da: xr.DataArray, name: str, metric: str) -> np.ndarray:
     values = np.asarray(da.transpose(..., *_SPATIAL).values, dtype=np.float64)
     values = values.reshape(-1, da.sizes["lat"], da.sizes["lon"])
     if np.isnan(values).any():
-        raise MetricError(f"{metric}: {name!r} has NaNs; this metric needs complete maps (crop or fill the masked cells)")
+        raise MetricError(
+            f"{metric}: {name!r} has NaNs; this metric needs complete maps (crop or fill the masked cells)"
+        )
     return values
 
 
 # -- deterministic scores (xskillscore) ------------------------------------------------------------------
 @_per_variable
-def mae(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None) -> xr.DataArray:
+def mae(
+    forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None
+) -> xr.DataArray:
     """Latitude-weighted mean absolute error (xskillscore.mae), units of the variable."""
     _check_pair(forecast, truth, "mae")
     dims = _reduce_dims(truth, dim)
@@ -201,7 +216,9 @@ def mae(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str]
 
 
 @_per_variable
-def rmse(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None) -> xr.DataArray:
+def rmse(
+    forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None
+) -> xr.DataArray:
     """Latitude-weighted root mean squared error sqrt(mean w (f - t)^2) (xskillscore.rmse)."""
     _check_pair(forecast, truth, "rmse")
     dims = _reduce_dims(truth, dim)
@@ -210,7 +227,9 @@ def rmse(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str
 
 
 @_per_variable
-def bias(forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None) -> xr.DataArray:
+def bias(
+    forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None
+) -> xr.DataArray:
     """Latitude-weighted mean error, forecast minus truth (xskillscore.me): positive = forecast too high."""
     _check_pair(forecast, truth, "bias")
     dims = _reduce_dims(truth, dim)
@@ -242,7 +261,9 @@ def _ssim_maps(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     c1, c2 = (_SSIM_K1 * data_range) ** 2, (_SSIM_K2 * data_range) ** 2
 
     def blur(a: np.ndarray) -> np.ndarray:  # Gaussian-weighted local mean within each map
-        return scipy.ndimage.gaussian_filter(a, sigma=(0, _SSIM_SIGMA, _SSIM_SIGMA), truncate=_SSIM_TRUNCATE, mode="reflect")
+        return scipy.ndimage.gaussian_filter(
+            a, sigma=(0, _SSIM_SIGMA, _SSIM_SIGMA), truncate=_SSIM_TRUNCATE, mode="reflect"
+        )
 
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
@@ -263,7 +284,10 @@ def ssim(forecast: xr.DataArray, truth: xr.DataArray, *, data_range: float | Non
     """
     _check_pair(forecast, truth, "ssim")
     if min(truth.sizes["lat"], truth.sizes["lon"]) < 2 * _SSIM_RADIUS + 1:
-        raise MetricError(f"ssim: maps of {truth.name!r} are {truth.sizes['lat']} x {truth.sizes['lon']}; SSIM needs >= 11 x 11")
+        raise MetricError(
+            f"ssim: maps of {truth.name!r} are {truth.sizes['lat']} x {truth.sizes['lon']}; "
+            "SSIM needs >= 11 x 11"
+        )
     L = _data_range(truth, data_range)
     t = truth.broadcast_like(forecast).transpose(*forecast.dims)
     per_map = _ssim_maps(_maps(forecast, forecast.name, "ssim"), _maps(t, truth.name, "ssim"), L)
@@ -272,7 +296,7 @@ def ssim(forecast: xr.DataArray, truth: xr.DataArray, *, data_range: float | Non
 
 @_per_variable
 def psnr(forecast: xr.DataArray, truth: xr.DataArray, *, data_range: float | None = None) -> xr.DataArray:
-    """Peak signal-to-noise ratio [dB], 10 log10(L^2 / MSE) per (lat, lon) map (unweighted), averaged over maps.
+    """Peak signal-to-noise ratio [dB], 10 log10(L^2 / MSE) per (lat, lon) map (unweighted), then averaged.
 
     ``data_range`` L as in :func:`ssim` (max - min of the whole truth). A map with zero error gives inf.
     """
@@ -287,7 +311,11 @@ def psnr(forecast: xr.DataArray, truth: xr.DataArray, *, data_range: float | Non
 # -- distributions -------------------------------------------------------------------------------------
 @_per_variable
 def q99_error(
-    forecast: xr.DataArray, truth: xr.DataArray, *, q: float = 0.99, mode: Literal["per_cell", "pooled"] = "per_cell"
+    forecast: xr.DataArray,
+    truth: xr.DataArray,
+    *,
+    q: float = 0.99,
+    mode: Literal["per_cell", "pooled"] = "per_cell",
 ) -> xr.DataArray:
     """Error of the ``q`` (99th) percentile, |q99(forecast) - q99(truth)|, units of the variable.
 
@@ -330,10 +358,14 @@ def wasserstein(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
 # -- ensembles -------------------------------------------------------------------------------------------
 def _require_members(forecast: xr.DataArray, metric: str, minimum: int = 1) -> int:
     if MEMBER_DIM not in forecast.dims:
-        raise MetricError(f"{metric}: forecast {forecast.name!r} has no {MEMBER_DIM!r} dim; it needs an ensemble")
+        raise MetricError(
+            f"{metric}: forecast {forecast.name!r} has no {MEMBER_DIM!r} dim; it needs an ensemble"
+        )
     m = forecast.sizes[MEMBER_DIM]
     if m < minimum:
-        raise MetricError(f"{metric}: forecast {forecast.name!r} has {m} member(s); it needs at least {minimum}")
+        raise MetricError(
+            f"{metric}: forecast {forecast.name!r} has {m} member(s); it needs at least {minimum}"
+        )
     return m
 
 
@@ -352,7 +384,9 @@ def crps(
     dims = _reduce_dims(truth, dim)
     forecast, truth = _single_chunk(forecast, [*dims, MEMBER_DIM]), _single_chunk(truth, dims)
     if not fair:
-        return xs.crps_ensemble(truth, forecast, member_dim=MEMBER_DIM, dim=dims, weights=_weights(truth, dims))
+        return xs.crps_ensemble(
+            truth, forecast, member_dim=MEMBER_DIM, dim=dims, weights=_weights(truth, dims)
+        )
     from scores.probability import crps_for_ensemble
 
     per_point = crps_for_ensemble(forecast, truth, MEMBER_DIM, method="fair", preserve_dims=list(truth.dims))
@@ -388,16 +422,24 @@ def rank_histogram(forecast: xr.DataArray, truth: xr.DataArray, *, seed: int = 0
     _check_pair(forecast, truth, "rank_histogram")
     m = _require_members(forecast, "rank_histogram")
     f = np.asarray(forecast.transpose(..., MEMBER_DIM).values)
-    t = np.asarray(truth.broadcast_like(forecast.isel({MEMBER_DIM: 0}, drop=True))
-                   .transpose(*[d for d in forecast.dims if d != MEMBER_DIM]).values)
+    t = np.asarray(
+        truth.broadcast_like(forecast.isel({MEMBER_DIM: 0}, drop=True))
+        .transpose(*[d for d in forecast.dims if d != MEMBER_DIM])
+        .values
+    )
     ok = np.isfinite(t) & np.isfinite(f).all(axis=-1)
     f, t = f[ok], t[ok]
     below = (f < t[:, None]).sum(axis=-1)
     ties = (f == t[:, None]).sum(axis=-1)
     rank = below + np.floor(np.random.default_rng(seed).random(t.shape) * (ties + 1)).astype(int)
     counts = np.bincount(rank, minlength=m + 1)
-    return xr.DataArray(counts, dims="rank", coords={"rank": np.arange(m + 1)}, name=forecast.name,
-                        attrs={"description": f"rank histogram of the truth among {m} members", "seed": seed})
+    return xr.DataArray(
+        counts,
+        dims="rank",
+        coords={"rank": np.arange(m + 1)},
+        name=forecast.name,
+        attrs={"description": f"rank histogram of the truth among {m} members", "seed": seed},
+    )
 
 
 # -- spectra ---------------------------------------------------------------------------------------------
@@ -411,7 +453,7 @@ def power_spectrum(
     and sum(P) = nlat * nlon * variance (Parseval). P is then averaged (not summed) over annuli of width dk
     centred on k_n = n * dk, n = 1 .. up to the smaller Nyquist wavenumber, with dk the larger of the two
     fundamental wavenumbers: the result is the isotropic 2-D spectral density, so a field whose 2-D power
-    falls as |k|^-3 has slope -3 (the 1-D "energy spectrum" E(k) ~ k P(k) would be one steeper + 1).
+    falls as |k|^-3 has slope -3 (the isotropic 1-D spectrum E(k) = 2 pi k P(k) would have slope -2).
     Wavenumber ``units``: "cycles_per_cell" (grid spacing 1; Nyquist 0.5) or "cycles_per_km" (dy = dlat
     * pi R / 180, dx = dlon * pi R / 180 * cos(mean lat), R = 6371 km: a small-region approximation).
     """
@@ -429,7 +471,9 @@ def power_spectrum(
         dy = float(np.mean(np.diff(lat))) * deg_km
         dx = float(np.mean(np.diff(lon))) * deg_km * float(np.cos(np.deg2rad(lat.mean())))
     else:
-        raise MetricError(f"power_spectrum: units must be 'cycles_per_cell' or 'cycles_per_km', got {units!r}")
+        raise MetricError(
+            f"power_spectrum: units must be 'cycles_per_cell' or 'cycles_per_km', got {units!r}"
+        )
     power = (np.abs(np.fft.fft2(maps)) ** 2).mean(axis=0) / (ny * nx)
     ky, kx = np.fft.fftfreq(ny, d=dy), np.fft.fftfreq(nx, d=dx)
     k = np.hypot(*np.meshgrid(ky, kx, indexing="ij"))
@@ -442,11 +486,16 @@ def power_spectrum(
     wavenumber = dk * np.arange(1, n_bins + 1)
     label = units.replace("_", " ")
     return xr.DataArray(
-        sums / counts, dims="wavenumber", name=name,
+        sums / counts,
+        dims="wavenumber",
+        name=name,
         coords={"wavenumber": ("wavenumber", wavenumber, {"units": label, "long_name": "radial wavenumber"})},
-        attrs={"long_name": f"radially averaged power spectrum of {name}",
-               "units": _squared(field.attrs.get("units", "1")) + " per Fourier mode", "wavenumber_units": label,
-               "n_maps": maps.shape[0]},
+        attrs={
+            "long_name": f"radially averaged power spectrum of {name}",
+            "units": _squared(field.attrs.get("units", "1")) + " per Fourier mode",
+            "wavenumber_units": label,
+            "n_maps": maps.shape[0],
+        },
     )
 
 
@@ -456,7 +505,10 @@ def _squared(units: str) -> str:
 
 @_per_variable
 def log_spectral_distance(
-    forecast: xr.DataArray, truth: xr.DataArray, *, units: Literal["cycles_per_cell", "cycles_per_km"] = "cycles_per_cell"
+    forecast: xr.DataArray,
+    truth: xr.DataArray,
+    *,
+    units: Literal["cycles_per_cell", "cycles_per_km"] = "cycles_per_cell",
 ) -> xr.DataArray:
     """Log-spectral distance [dB]: sqrt(mean_k (10 log10(P_forecast(k) / P_truth(k)))^2) over wavenumbers.
 
@@ -488,7 +540,9 @@ def evaluate_all(forecast: Field, truth: Field, *, climatology: Field | None = N
     results: dict[str, dict[Hashable, float]] = {}
     for var in _data_vars(forecast):
         if var not in truth.data_vars:
-            raise MetricError(f"evaluate_all: truth has no variable {var!r}; it has {sorted(map(str, truth.data_vars))}")
+            raise MetricError(
+                f"evaluate_all: truth has no variable {var!r}; it has {sorted(map(str, truth.data_vars))}"
+            )
         f, fm, t = forecast[var], mean[var], truth[var]
         row = {"mae": mae(fm, t), "rmse": rmse(fm, t), "bias": bias(fm, t)}
         if climatology is not None:
@@ -506,5 +560,8 @@ def evaluate_all(forecast: Field, truth: Field, *, climatology: Field | None = N
         results[var] = {k: float(v) for k, v in row.items()}
     metrics = list(dict.fromkeys(k for row in results.values() for k in row))
     data = {var: ("metric", [row.get(m, np.nan) for m in metrics]) for var, row in results.items()}
-    return xr.Dataset(data, coords={"metric": metrics},
-                      attrs={"description": "climrecon evaluate_all: latitude-weighted scores, forecast vs truth"})
+    return xr.Dataset(
+        data,
+        coords={"metric": metrics},
+        attrs={"description": "climrecon evaluate_all: latitude-weighted scores, forecast vs truth"},
+    )

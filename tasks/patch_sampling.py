@@ -23,8 +23,10 @@ Determinism (the contract the downscale stage relies on for resumable, per-(time
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -35,7 +37,8 @@ from climrecon.tasks.tiling import Tiling, blend_patches, blend_weights, extract
 
 __all__ = ["PatchNet", "sample_domain", "seam_ratio"]
 
-# net(x_noisy [n, C_out, ph, pw], sigma [n], cond [n, C_cond, ph, pw], time_of_year [n] | None) -> D(x) [n, C_out, ph, pw]
+# net(x_noisy [n, C_out, ph, pw], sigma [n], cond [n, C_cond, ph, pw], time_of_year [n] | None)
+#   -> D(x) [n, C_out, ph, pw]
 PatchNet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _STOCHASTIC_STREAM = 1  # seed_for(seed, 1): the sampler's fresh noise, independent of the initial noise
@@ -52,16 +55,31 @@ def _out_channels(net: Any, out_channels: int | None) -> int:
 
 
 def _check_inputs(
-    net: Any, cond: torch.Tensor, time_of_year: torch.Tensor | None, tiling: Tiling, seeds: Sequence[int],
-    sampler: str, blend: str, max_patches_per_batch: int,
+    net: Any,
+    cond: torch.Tensor,
+    time_of_year: torch.Tensor | None,
+    tiling: Tiling,
+    seeds: Sequence[int],
+    sampler: str,
+    blend: str,
+    max_patches_per_batch: int,
 ) -> None:
     if isinstance(net, torch.nn.Module) and net.training:
-        raise ValueError("net is in training mode (dropout would make sampling non-deterministic): call net.eval() first")
+        raise ValueError(
+            "net is in training mode (dropout would make sampling non-deterministic): call net.eval() first"
+        )
     if cond.ndim != 4 or tuple(cond.shape[-2:]) != tiling.domain_shape:
-        raise ValueError(f"cond must be [B, C, H, W] with (H, W) = {tiling.domain_shape} of the tiling, got {tuple(cond.shape)}")
+        raise ValueError(
+            f"cond must be [B, C, H, W] with (H, W) = {tiling.domain_shape} of the tiling, "
+            f"got {tuple(cond.shape)}"
+        )
     b = cond.shape[0]
-    if len(seeds) != b or any(not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be {b} non-negative ints (one per batch item of cond), got {list(seeds)!r}")
+    if len(seeds) != b or any(
+        not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0 for s in seeds
+    ):
+        raise ValueError(
+            f"seeds must be {b} non-negative ints (one per batch item of cond), got {list(seeds)!r}"
+        )
     if time_of_year is not None and tuple(time_of_year.shape) != (b,):
         raise ValueError(f"time_of_year must be [B] = [{b}], got {tuple(time_of_year.shape)}")
     if sampler not in ("heun", "ddim"):
@@ -82,15 +100,30 @@ def _from_tiles(patches: torch.Tensor, tiling: Tiling, weights: torch.Tensor, cr
     return blend_patches(patches.transpose(0, 1), tiling, weights, crop=crop)
 
 
-def _run_net(
-    net: PatchNet, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, toy: torch.Tensor | None, chunk: int
-) -> torch.Tensor:
-    """D(x) for a stack of tiles, in network calls of at most ``chunk`` tiles."""
-    out = []
-    for start in range(0, x.shape[0], chunk):
-        s = slice(start, start + chunk)
-        out.append(net(x[s], sigma[s], cond[s], None if toy is None else toy[s]).to(x.dtype))
-    return torch.cat(out)
+@dataclass(frozen=True)
+class _TiledDenoiser:
+    """D(x; sigma) on the tiles of one batch item, whose conditioning is cut into the same tiles."""
+
+    net: PatchNet
+    tiling: Tiling
+    weights: torch.Tensor  # [n_tiles, ph, pw] blending weights on the sampling device
+    cond_tiles: torch.Tensor  # [n_tiles, C_cond, ph, pw]
+    toy_tiles: torch.Tensor | None  # [n_tiles]
+    chunk: int  # at most this many tiles per network call
+
+    def tiles(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x [n_tiles, C_out, ph, pw], sigma [n_tiles] -> D(x) per tile (blend="once")."""
+        out = []
+        for start in range(0, x.shape[0], self.chunk):
+            s = slice(start, start + self.chunk)
+            toy = None if self.toy_tiles is None else self.toy_tiles[s]
+            out.append(self.net(x[s], sigma[s], self.cond_tiles[s], toy).to(x.dtype))
+        return torch.cat(out)
+
+    def full_domain(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x [1, C_out, *canvas], sigma [1] -> the blended D of all tiles on the canvas ("every_step")."""
+        d_tiles = self.tiles(_to_tiles(x[0], self.tiling), sigma[0].expand(self.tiling.n_tiles))
+        return _from_tiles(d_tiles, self.tiling, self.weights, crop=False)[None]
 
 
 @torch.no_grad()
@@ -133,15 +166,20 @@ def sample_domain(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     c_out = _out_channels(net, out_channels)
-    n_tiles = tiling.n_tiles
     weights = torch.as_tensor(blend_weights(tiling, taper), dtype=dtype, device=device)
-    schedule = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, dtype=dtype)
+    schedule = {
+        "num_steps": num_steps,
+        "sigma_min": sigma_min,
+        "sigma_max": sigma_max,
+        "rho": rho,
+        "dtype": dtype,
+    }
     if sampler == "heun":
-        run_sampler = lambda d, z, g: edm_sampler(  # noqa: E731
-            d, z, **schedule, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, generator=g
+        run_sampler = functools.partial(
+            edm_sampler, **schedule, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise
         )
     else:
-        run_sampler = lambda d, z, g: ddim_sampler(d, z, **schedule, eta=eta, generator=g)  # noqa: E731
+        run_sampler = functools.partial(ddim_sampler, **schedule, eta=eta)
 
     samples = []
     for i, seed in enumerate(seeds):
@@ -149,23 +187,19 @@ def sample_domain(
         latents = torch.randn((c_out, *tiling.canvas_shape), generator=make_generator(int(seed), "cpu"))
         latents = latents.to(device)
         fresh_noise = make_generator(seed_for(int(seed), _STOCHASTIC_STREAM), device)
-        cond_tiles = _to_tiles(pad_to_canvas(cond[i].to(device, torch.float32), tiling), tiling)
-        toy_tiles = None if time_of_year is None else time_of_year[i].to(device).expand(n_tiles)
-
+        denoiser = _TiledDenoiser(
+            net=net,
+            tiling=tiling,
+            weights=weights,
+            cond_tiles=_to_tiles(pad_to_canvas(cond[i].to(device, torch.float32), tiling), tiling),
+            toy_tiles=None if time_of_year is None else time_of_year[i].to(device).expand(tiling.n_tiles),
+            chunk=max_patches_per_batch,
+        )
         if blend == "once":
-            def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                return _run_net(net, x, sigma, cond_tiles, toy_tiles, max_patches_per_batch)
-
-            tiles = run_sampler(denoise, _to_tiles(latents, tiling), fresh_noise)
+            tiles = run_sampler(denoiser.tiles, _to_tiles(latents, tiling), generator=fresh_noise)
             field = _from_tiles(tiles.to(dtype), tiling, weights, crop=True)
         else:
-            def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                # x: [1, C_out, *canvas]; D of every tile, blended into one full-canvas estimate.
-                d_tiles = _run_net(net, _to_tiles(x[0], tiling), sigma[0].expand(n_tiles), cond_tiles,
-                                   toy_tiles, max_patches_per_batch)
-                return _from_tiles(d_tiles, tiling, weights, crop=False)[None]
-
-            canvas = run_sampler(denoise, latents[None], fresh_noise)[0]
+            canvas = run_sampler(denoiser.full_domain, latents[None], generator=fresh_noise)[0]
             field = canvas[..., : tiling.height, : tiling.width]
         samples.append(field.to(torch.float32))
     return torch.stack(samples)
@@ -178,7 +212,7 @@ def _edge_pairs(origins: tuple[int, ...], patch: int, n: int) -> np.ndarray:
 
 
 def seam_ratio(field: np.ndarray | torch.Tensor, tiling: Tiling) -> float:
-    """Mean |difference| between neighbouring cells across interior tile edges / the mean over all other pairs.
+    """Mean |difference| of neighbouring cells across interior tile edges / the mean over all other pairs.
 
     ``field`` [..., H, W] on the tiling's domain (leading dims are pooled). A pair straddles an edge when
     the two cells lie on either side of the first or last row (column) of some tile, inside the domain. A
@@ -186,12 +220,16 @@ def seam_ratio(field: np.ndarray | torch.Tensor, tiling: Tiling) -> float:
     """
     f = field.detach().cpu().numpy() if isinstance(field, torch.Tensor) else np.asarray(field)
     if f.ndim < 2 or tuple(f.shape[-2:]) != tiling.domain_shape:
-        raise ValueError(f"field must be [..., H, W] with (H, W) = {tiling.domain_shape}, got {tuple(f.shape)}")
+        raise ValueError(
+            f"field must be [..., H, W] with (H, W) = {tiling.domain_shape}, got {tuple(f.shape)}"
+        )
     f = f.astype(np.float64)
     seam_rows = _edge_pairs(tiling.row_origins, tiling.patch[0], tiling.height)
     seam_cols = _edge_pairs(tiling.col_origins, tiling.patch[1], tiling.width)
     if seam_rows.size == 0 and seam_cols.size == 0:
-        raise ValueError(f"a tiling of {tiling.n_tiles} tile(s) over {tiling.domain_shape} has no interior tile edges")
+        raise ValueError(
+            f"a tiling of {tiling.n_tiles} tile(s) over {tiling.domain_shape} has no interior tile edges"
+        )
     dy = np.abs(np.diff(f, axis=-2))  # [..., H-1, W]
     dx = np.abs(np.diff(f, axis=-1))  # [..., H, W-1]
     seam_y = np.zeros(dy.shape[-2], dtype=bool)

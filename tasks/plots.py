@@ -41,7 +41,10 @@ def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
 def _map2d(da: xr.DataArray, panel: str) -> xr.DataArray:
     extra = [d for d in da.dims if d not in ("lat", "lon")]
     if extra or set(da.dims) != {"lat", "lon"}:
-        raise PlotError(f"map panel {panel!r} has dims {da.dims}; select one (lat, lon) map first, e.g. .isel(time=0, member=0)")
+        raise PlotError(
+            f"map panel {panel!r} has dims {da.dims}; select one (lat, lon) map first, "
+            "e.g. .isel(time=0, member=0)"
+        )
     return da.transpose("lat", "lon")
 
 
@@ -55,7 +58,7 @@ def plot_maps(
     panel_size: tuple[float, float] = (3.6, 3.0),
     dpi: int = 100,
 ) -> Path:
-    """Side-by-side (lat, lon) maps, e.g. ``{"truth": t, "bilinear": b, "model": m}``, on one shared colour scale.
+    """Side-by-side (lat, lon) maps, e.g. ``{"truth": t, "bilinear": b, "model": m}``, one colour scale.
 
     The shared scale spans the min..max of all panels, with one colour bar labelled "name [units]" (from the
     first panel's attrs). An optional ensemble ``spread`` map is drawn last on its own scale and colour bar.
@@ -75,7 +78,7 @@ def plot_maps(
     axes = fig.subplots(1, n, squeeze=False)[0]
     first = next(iter(maps.values()))
     mesh = None
-    for ax, (name, m) in zip(axes, maps.items()):
+    for ax, (name, m) in zip(axes, maps.items(), strict=False):
         mesh = ax.pcolormesh(m["lon"], m["lat"], m.values, vmin=vmin, vmax=vmax, cmap=cmap, shading="nearest")
         ax.set_title(name)
     fig.colorbar(mesh, ax=list(axes[: len(maps)]), shrink=0.85, label=_label(first, "value"))
@@ -103,15 +106,22 @@ def plot_power_spectra(
     figsize: tuple[float, float] = (6.0, 4.5),
     dpi: int = 100,
 ) -> Path:
-    """Radially averaged power spectra of several methods on log-log axes; a "truth" entry is drawn in black."""
+    """Radially averaged power spectra of several methods, log-log; a "truth" entry is drawn in black."""
     if not spectra:
         raise PlotError("plot_power_spectra: no spectra given; pass e.g. {'truth': power_spectrum(t), ...}")
     fig = Figure(figsize=figsize, layout="constrained")
     ax = fig.subplots()
     for name, p in spectra.items():
         if p.dims != ("wavenumber",):
-            raise PlotError(f"plot_power_spectra: {name!r} has dims {p.dims}; expected ('wavenumber',) from metrics.power_spectrum")
-        style = {"color": "black", "linewidth": 2.2, "zorder": 3} if name.lower() == "truth" else {"linewidth": 1.4}
+            raise PlotError(
+                f"plot_power_spectra: {name!r} has dims {p.dims}; "
+                "expected ('wavenumber',) from metrics.power_spectrum"
+            )
+        style = (
+            {"color": "black", "linewidth": 2.2, "zorder": 3}
+            if name.lower() == "truth"
+            else {"linewidth": 1.4}
+        )
         ax.loglog(p["wavenumber"], p.values, label=name, **style)
     first = next(iter(spectra.values()))
     ax.set_xlabel(f"wavenumber [{first['wavenumber'].attrs.get('units', 'cycles per cell')}]")
@@ -132,7 +142,10 @@ def plot_rank_histogram(
 ) -> Path:
     """Relative frequency of each rank 0..M with the flat 1 / (M + 1) line a calibrated ensemble follows."""
     if counts.dims != ("rank",) or counts.size < 2:
-        raise PlotError(f"plot_rank_histogram: expected counts with dims ('rank',) and >= 2 bins, got {counts.dims} {counts.shape}")
+        raise PlotError(
+            f"plot_rank_histogram: expected counts with dims ('rank',) and >= 2 bins, "
+            f"got {counts.dims} {counts.shape}"
+        )
     total = float(counts.sum())
     if total <= 0:
         raise PlotError("plot_rank_histogram: the histogram is empty (all counts are 0)")

@@ -50,7 +50,7 @@ from climrecon.provenance import stage_attrs
 from climrecon.storage import join_url, resolve_storage_options
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.conditioning import coarse_on_fine
-from climrecon.tasks.grids import Grid, GridError
+from climrecon.tasks.grids import Grid, GridError, lat_edges_from_centres, lon_edges_from_centres
 from climrecon.tasks.regrid import (
     RegridError,
     check_regular_latlon,
@@ -257,11 +257,13 @@ def _check_static(ds: xr.Dataset, url: str) -> float:
 def _check_inside(ds: xr.Dataset, grid: Grid, cfg: RegridConfig, what: str, url: str) -> None:
     try:
         check_target_in_domain(ds, grid.lat, grid.lon, f"{what} {url}")
-    except RegridError as exc:
+    except RegridError:
         r = cfg.region
+        lat_e, lon_e = lat_edges_from_centres(ds["lat"]), lon_edges_from_centres(ds["lon"])
         raise RegridError(
-            f"regrid.region (lat {r.lat_min:g}..{r.lat_max:g}, lon {r.lon_min:g}..{r.lon_max:g}) does not "
-            f"fit inside the {what}: {exc}"
+            f"regrid.region (lat {r.lat_min:g}..{r.lat_max:g}, lon {r.lon_min:g}..{r.lon_max:g}; {grid.describe()}) "
+            f"does not fit inside the {what} {url}, whose domain is lat {lat_e[0]:g}..{lat_e[-1]:g}, lon "
+            f"{lon_e[0]:g}..{lon_e[-1]:g}; choose a region inside it"
         ) from None
 
 

@@ -32,7 +32,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Tiling", "TilingError", "make_tiling", "blend_weights", "pad_to_canvas", "extract_patches", "blend_patches"]
+__all__ = [
+    "Tiling",
+    "TilingError",
+    "make_tiling",
+    "blend_weights",
+    "pad_to_canvas",
+    "extract_patches",
+    "blend_patches",
+]
 
 Array = Any  # numpy.ndarray or torch.Tensor
 
@@ -111,12 +119,20 @@ def make_tiling(
     """
     ph, pw = _pair(patch, "patch")
     oh, ow = _pair(overlap, "overlap")
-    if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer)) and height >= 1 and width >= 1):
+    if not (
+        isinstance(height, (int, np.integer))
+        and isinstance(width, (int, np.integer))
+        and height >= 1
+        and width >= 1
+    ):
         raise TilingError(f"domain must be at least 1 x 1 cells, got height={height!r}, width={width!r}")
     if ph < 1 or pw < 1:
         raise TilingError(f"patch must be >= 1 cell on each axis, got {(ph, pw)}")
     if not (0 <= oh < ph and 0 <= ow < pw):
-        raise TilingError(f"overlap must satisfy 0 <= overlap < patch on each axis, got overlap={(oh, ow)} for patch={(ph, pw)}")
+        raise TilingError(
+            "overlap must satisfy 0 <= overlap < patch on each axis, "
+            f"got overlap={(oh, ow)} for patch={(ph, pw)}"
+        )
     return Tiling(
         height=int(height),
         width=int(width),
@@ -145,7 +161,7 @@ def _axis_tapers(origins: tuple[int, ...], p: int, taper: str) -> np.ndarray:
             continue
         ramp = np.sin(0.5 * np.pi * (np.arange(overlap) + 0.5) / overlap) ** 2
         w[k + 1, :overlap] *= ramp  # rises at the left edge of tile k+1
-        w[k, p - overlap:] *= ramp[::-1]  # falls at the right edge of tile k (= cos^2)
+        w[k, p - overlap :] *= ramp[::-1]  # falls at the right edge of tile k (= cos^2)
     return w
 
 
@@ -233,7 +249,9 @@ def extract_patches(field: Array, tiling: Tiling) -> Array:
     return np.stack(tiles, axis=-3)
 
 
-def blend_patches(patches: Array, tiling: Tiling, weights: Array | None = None, *, crop: bool = True) -> Array:
+def blend_patches(
+    patches: Array, tiling: Tiling, weights: Array | None = None, *, crop: bool = True
+) -> Array:
     """[..., n_tiles, ph, pw] -> [..., H, W]: sum_k w_k patch_k / sum_k w_k on the canvas, then cropped.
 
     ``weights`` [n_tiles, ph, pw] (numpy or torch; default ``blend_weights(tiling, "hann")``) must have a
@@ -242,11 +260,15 @@ def blend_patches(patches: Array, tiling: Tiling, weights: Array | None = None, 
     """
     n, (ph, pw) = tiling.n_tiles, tiling.patch
     if patches.ndim < 3 or tuple(patches.shape[-3:]) != (n, ph, pw):
-        raise TilingError(f"patches must end in (n_tiles, ph, pw) = {(n, ph, pw)}, got shape {tuple(patches.shape)}")
+        raise TilingError(
+            f"patches must end in (n_tiles, ph, pw) = {(n, ph, pw)}, got shape {tuple(patches.shape)}"
+        )
     if weights is None:
         weights = blend_weights(tiling)
     if tuple(weights.shape) != (n, ph, pw):
-        raise TilingError(f"weights must have shape (n_tiles, ph, pw) = {(n, ph, pw)}, got {tuple(weights.shape)}")
+        raise TilingError(
+            f"weights must have shape (n_tiles, ph, pw) = {(n, ph, pw)}, got {tuple(weights.shape)}"
+        )
     lead = tuple(patches.shape[:-3])
     if _is_torch(patches):
         import torch
@@ -265,6 +287,8 @@ def blend_patches(patches: Array, tiling: Tiling, weights: Array | None = None, 
     _accumulate(canvas, tiling, patches * weights)
     _accumulate(total, tiling, weights)
     if not bool((total > 0).all()):
-        raise TilingError("blend weights sum to <= 0 on some canvas cells; use blend_weights(tiling) or positive weights")
+        raise TilingError(
+            "blend weights sum to <= 0 on some canvas cells; use blend_weights(tiling) or positive weights"
+        )
     field = canvas / total
     return field[..., : tiling.height, : tiling.width] if crop else field

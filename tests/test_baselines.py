@@ -1,4 +1,4 @@
-"""Baselines: the shared Downscaler interface, bilinear = regrid.bilinear, QM and BCSD preserve what they must."""
+"""Baselines: the shared Downscaler interface, bilinear = regrid.bilinear, QM/BCSD preserve what they must."""
 
 from __future__ import annotations
 
@@ -25,18 +25,30 @@ def data() -> dict[str, xr.Dataset]:
     season = 10 * np.cos(2 * np.pi * (month - 7) / 12)[:, None, None]
     pattern = 3 * np.sin(np.deg2rad(FINE.lat * 40))[:, None] * np.cos(np.deg2rad(FINE.lon * 30))[None, :]
     tas = 285 + season + pattern + rng.normal(0, 1.5, (times.size, FINE.nlat, FINE.nlon))
-    pr = rng.gamma(2.0, 1e-5, tas.shape) * (1 + 0.5 * np.cos(2 * np.pi * month / 12))[:, None, None] * (1 + pattern / 6)
-    bnds = np.stack([np.asarray(times), np.asarray(list(times[1:]) + [times[-1] + (times[-1] - times[-2])])], -1)
+    pr = (
+        rng.gamma(2.0, 1e-5, tas.shape)
+        * (1 + 0.5 * np.cos(2 * np.pi * month / 12))[:, None, None]
+        * (1 + pattern / 6)
+    )
+    bnds = np.stack(
+        [np.asarray(times), np.asarray(list(times[1:]) + [times[-1] + (times[-1] - times[-2])])], -1
+    )
     fine = xr.Dataset(
         {
-            "tas": (("time", "lat", "lon"), tas.astype("float32"), {"units": "K", "standard_name": "air_temperature"}),
+            "tas": (
+                ("time", "lat", "lon"),
+                tas.astype("float32"),
+                {"units": "K", "standard_name": "air_temperature"},
+            ),
             "pr": (("time", "lat", "lon"), pr.astype("float32"), {"units": "kg m-2 s-1"}),
             "time_bnds": (("time", "bnds"), bnds),
         },
         coords={"time": times, "lat": FINE.lat, "lon": FINE.lon},
     )
     coarse = regrid.coarsen_blocks(fine, FACTOR)
-    gcm = coarse.assign(tas=(1.3 * (coarse.tas - 285) + 287).astype("float32"), pr=(1.6 * coarse.pr).astype("float32"))
+    gcm = coarse.assign(
+        tas=(1.3 * (coarse.tas - 285) + 287).astype("float32"), pr=(1.6 * coarse.pr).astype("float32")
+    )
     return {"fine": fine, "coarse": coarse, "gcm": gcm}
 
 
@@ -66,15 +78,19 @@ def test_bilinear_baseline_equals_regrid_bilinear(data) -> None:
         for m in range(2):
             xr.testing.assert_equal(out[var].isel(member=m, drop=True), expected[var])
     # a dataset with lat/lon is as good a target as a Grid
-    xr.testing.assert_equal(B.BilinearDownscaler().downscale(data["gcm"], None, data["fine"])["tas"], out["tas"].isel(member=[0]))
+    xr.testing.assert_equal(
+        B.BilinearDownscaler().downscale(data["gcm"], None, data["fine"])["tas"], out["tas"].isel(member=[0])
+    )
 
 
 def test_empirical_quantile_mapping_by_hand() -> None:
     def ds(values, name, start="2000-01-01"):  # one value per year, same in each of 2 x 2 cells
         v = np.asarray(values, float)
         times = xr.date_range(start, periods=v.size, freq="12MS", calendar="noleap", use_cftime=True)
-        return xr.Dataset({name: (("time", "lat", "lon"), v[:, None, None] * np.ones((1, 2, 2)))},
-                          coords={"time": times, "lat": [0.0, 1.0], "lon": [0.0, 1.0]})
+        return xr.Dataset(
+            {name: (("time", "lat", "lon"), v[:, None, None] * np.ones((1, 2, 2)))},
+            coords={"time": times, "lat": [0.0, 1.0], "lon": [0.0, 1.0]},
+        )
 
     for name in ("tas", "pr"):  # 4 Januaries: every training value is a quantile node
         qm = B.EmpiricalQuantileMapping().fit(ds([1, 2, 3, 4], name), ds([10, 20, 30, 40], name))
@@ -95,11 +111,22 @@ def test_quantile_mapping_reproduces_fine_quantiles_on_training_years(data) -> N
     raw = regrid.bilinear(gcm[["tas", "pr"]].astype("float64"), FINE)
     for var in ("tas", "pr"):
         got, want = _quantiles_by_month(out[var]), _quantiles_by_month(fine[var])
-        # equal values of the interpolated model cannot be split apart: skip tied cells (none expected in float64)
-        tied = raw[var].groupby("time.month").map(lambda g: xr.apply_ufunc(
-            lambda a: (np.diff(np.sort(a, axis=-1), axis=-1) == 0).any(-1), g, input_core_dims=[["time"]]))
+        # equal values of the interpolated model cannot be split apart: skip tied cells (none in float64)
+        tied = (
+            raw[var]
+            .groupby("time.month")
+            .map(
+                lambda g: xr.apply_ufunc(
+                    lambda a: (np.diff(np.sort(a, axis=-1), axis=-1) == 0).any(-1),
+                    g,
+                    input_core_dims=[["time"]],
+                )
+            )
+        )
         assert float(tied.mean()) < 0.01
-        np.testing.assert_allclose(got.where(~tied), want.where(~tied), rtol=2e-6, atol=1e-6 * float(abs(want).max()))
+        np.testing.assert_allclose(
+            got.where(~tied), want.where(~tied), rtol=2e-6, atol=1e-6 * float(abs(want).max())
+        )
     assert float(abs(_quantiles_by_month(raw["tas"]) - _quantiles_by_month(fine["tas"])).mean()) > 1.0
 
 
@@ -118,6 +145,18 @@ def test_bcsd_bias_correction_matches_coarse_reference_and_fine_climatology(data
         got = out[var].groupby("time.month").mean("time")
         want = fine[var].groupby("time.month").mean("time")
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_bcsd_on_a_coarse_grid_that_is_not_a_block_coarsening(data) -> None:
+    coarse_grid = Grid(30.0, -120.0, 8 / 3, 2.5, 3, 4)  # 0.5-deg cells do not tile 8/3-deg ones
+    gcm = regrid.conservative(data["gcm"], coarse_grid).sel(time=TRAIN)
+    fine = data["fine"].sel(time=TRAIN)
+    bcsd = B.BCSDDownscaler().fit(gcm, fine)
+    reference = bcsd.coarse_reference(fine)
+    xr.testing.assert_allclose(reference[["tas"]], regrid.conservative(fine, coarse_grid)[["tas"]])
+    got, want = _quantiles_by_month(bcsd.bias_correct(gcm)["tas"]), _quantiles_by_month(reference["tas"])
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    assert bcsd.downscale(gcm, None, FINE)["tas"].notnull().all()
 
 
 def test_bias_corrected_baselines_beat_bilinear_on_held_out_years(data) -> None:
@@ -140,7 +179,9 @@ def test_errors_name_the_problem(data) -> None:
     with pytest.raises(B.BaselineError, match="not the grid fitted on"):
         qm.downscale(gcm, None, Grid(30.0, -120.0, 1.0, 1.0, 8, 10))
     summer_only = gcm.sel(time=gcm.time.dt.month.isin([6, 7, 8]))
-    bcsd = B.BCSDDownscaler().fit(summer_only.sel(time=TRAIN), fine.sel(time=fine.time.dt.month.isin([6, 7, 8])).sel(time=TRAIN))
+    bcsd = B.BCSDDownscaler().fit(
+        summer_only.sel(time=TRAIN), fine.sel(time=fine.time.dt.month.isin([6, 7, 8])).sel(time=TRAIN)
+    )
     with pytest.raises(B.BaselineError, match=r"month\(s\) \[1, 2, 3, 4, 5, 9, 10, 11, 12\]"):
         bcsd.downscale(gcm, None, FINE)
     with pytest.raises(B.BaselineError, match="none in common"):
@@ -154,5 +195,9 @@ def test_dask_inputs_give_the_same_result_lazily(data) -> None:
     for method in (B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
         lazy = method.fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN)).downscale(gcm, None, FINE)
         assert lazy["tas"].chunks is not None
-        eager = type(method)().fit(data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN)).downscale(data["gcm"], None, FINE)
+        eager = (
+            type(method)()
+            .fit(data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN))
+            .downscale(data["gcm"], None, FINE)
+        )
         xr.testing.assert_allclose(lazy[["tas", "pr"]].compute(), eager[["tas", "pr"]], rtol=1e-6)

@@ -13,19 +13,25 @@ from climrecon.tasks import metrics as M
 W0, W60 = 1.0, 0.5  # cos(0 deg), cos(60 deg): the two rows of the hand-computed grid
 
 
-def field(values, lat=(0.0, 60.0), lon=None, name="tas", units="K", member=False, start="2000-01-01") -> xr.DataArray:
+def field(
+    values, lat=(0.0, 60.0), lon=None, name="tas", units="K", member=False, start="2000-01-01"
+) -> xr.DataArray:
     """A float64 (time, lat, lon) or (member, time, lat, lon) DataArray on a noleap monthly axis."""
     values = np.asarray(values, dtype=np.float64)
     dims = ("member", "time", "lat", "lon") if member else ("time", "lat", "lon")
-    shape = dict(zip(dims, values.shape))
+    shape = dict(zip(dims, values.shape, strict=True))
     coords = {
         "time": xr.date_range(start, periods=shape["time"], freq="MS", calendar="noleap", use_cftime=True),
-        "lat": np.asarray(lat, float) if len(lat) == shape["lat"] else np.linspace(lat[0], lat[1], shape["lat"]),
+        "lat": np.asarray(lat, float)
+        if len(lat) == shape["lat"]
+        else np.linspace(lat[0], lat[1], shape["lat"]),
         "lon": np.asarray(lon, float) if lon is not None else np.arange(shape["lon"], dtype=float),
     }
     if member:
         coords["member"] = np.arange(shape["member"])
-    return xr.DataArray(values, dims=dims, coords={d: coords[d] for d in dims}, name=name, attrs={"units": units})
+    return xr.DataArray(
+        values, dims=dims, coords={d: coords[d] for d in dims}, name=name, attrs={"units": units}
+    )
 
 
 # -- deterministic scores ------------------------------------------------------------------------------
@@ -78,15 +84,19 @@ def test_acc_by_hand_and_with_monthly_climatology() -> None:
     assert climatology.sizes["month"] == 12
     anom = M.anomalies(truth, climatology)
     assert float(M.acc(truth, truth, climatology)) == pytest.approx(1.0)
-    assert float(M.acc(climatology.sel(month=truth.time.dt.month).drop_vars("month") + 3 * anom, truth, climatology)) == pytest.approx(1.0)
-    assert float(M.acc(climatology.sel(month=truth.time.dt.month).drop_vars("month") - anom, truth, climatology)) == pytest.approx(-1.0)
+    assert float(
+        M.acc(climatology.sel(month=truth.time.dt.month).drop_vars("month") + 3 * anom, truth, climatology)
+    ) == pytest.approx(1.0)
+    assert float(
+        M.acc(climatology.sel(month=truth.time.dt.month).drop_vars("month") - anom, truth, climatology)
+    ) == pytest.approx(-1.0)
     with pytest.raises(M.MetricError, match="no month"):
         M.acc(truth, truth, climatology.sel(month=[1, 2]))
 
 
 # -- image metrics -------------------------------------------------------------------------------------
 def _ssim_brute_force(x: np.ndarray, y: np.ndarray, L: float) -> float:
-    """Mean SSIM over cells whose 11 x 11 Gaussian (sigma 1.5) window fits inside the map, by explicit sums."""
+    """Mean SSIM over cells whose 11 x 11 Gaussian (sigma 1.5) window fits in the map, by explicit sums."""
     k = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
     g = np.outer(k, k) / np.outer(k, k).sum()
     c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
@@ -105,7 +115,9 @@ def test_ssim_by_hand_and_against_explicit_windows() -> None:
     # constant maps a, b: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1)
     a, b, L = 2.0, 3.0, 10.0
     c1 = (0.01 * L) ** 2
-    got = M.ssim(field(np.full((1, 12, 12), b), lat=(0, 11)), field(np.full((1, 12, 12), a), lat=(0, 11)), data_range=L)
+    got = M.ssim(
+        field(np.full((1, 12, 12), b), lat=(0, 11)), field(np.full((1, 12, 12), a), lat=(0, 11)), data_range=L
+    )
     assert float(got) == pytest.approx((2 * a * b + c1) / (a**2 + b**2 + c1))
     rng = np.random.default_rng(3)
     t = scipy.ndimage.gaussian_filter(rng.normal(size=(2, 16, 18)), (0, 2, 2))
@@ -142,7 +154,9 @@ def test_q99_error_per_cell_and_pooled() -> None:
     q_f, q_t = np.quantile(f, 0.99, axis=0), np.quantile(t, 0.99, axis=0)
     w = np.array([W0, W60])[:, None] * np.ones((2, 3))
     assert float(M.q99_error(field(f), truth)) == pytest.approx((w * np.abs(q_f - q_t)).sum() / w.sum())
-    assert float(M.q99_error(field(f), truth, mode="pooled")) == pytest.approx(abs(np.quantile(f, 0.99) - np.quantile(t, 0.99)))
+    assert float(M.q99_error(field(f), truth, mode="pooled")) == pytest.approx(
+        abs(np.quantile(f, 0.99) - np.quantile(t, 0.99))
+    )
 
 
 def test_wasserstein_by_hand() -> None:
@@ -198,8 +212,12 @@ def test_rank_histogram_flat_u_shaped_and_seeded_ties() -> None:
     tied = field(np.zeros((4, 2000, 1, 1)), lat=(0,), member=True)
     h1 = M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=1)
     assert np.abs(h1.values / 400 - 1).max() < 0.2
-    assert h1.values.tolist() == M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=1).values.tolist()
-    assert h1.values.tolist() != M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=2).values.tolist()
+    assert (
+        h1.values.tolist() == M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=1).values.tolist()
+    )
+    assert (
+        h1.values.tolist() != M.rank_histogram(tied, tied.isel(member=0, drop=True), seed=2).values.tolist()
+    )
 
 
 # -- spectra -------------------------------------------------------------------------------------------
@@ -212,7 +230,9 @@ def test_power_spectrum_white_noise_flat_and_power_law() -> None:
     rng = np.random.default_rng(8)
     noise = rng.normal(scale=2.0, size=(16, 64, 64))
     white = M.power_spectrum(field(noise, lat=(0, 63)))
-    assert white["wavenumber"].values[0] == pytest.approx(1 / 64) and white["wavenumber"].values[-1] == pytest.approx(0.5)
+    assert white["wavenumber"].values[0] == pytest.approx(1 / 64) and white["wavenumber"].values[
+        -1
+    ] == pytest.approx(0.5)
     assert np.abs(white.values / 4.0 - 1).max() < 0.25  # P = variance at every k
     assert abs(_slope(white)) < 0.1
     ky, kx = np.fft.fftfreq(64), np.fft.fftfreq(64)
@@ -233,8 +253,10 @@ def test_power_spectrum_sinusoid_and_km_units() -> None:
     annulus = np.rint(np.hypot(*np.meshgrid(np.fft.fftfreq(32), np.fft.fftfreq(32), indexing="ij")) * 32) == 4
     assert float(p.max()) * annulus.sum() == pytest.approx(1024 * 4.5)
     # km: 0.5 deg at the equator is ~55.6 km; 16 cells -> fundamental 1/(16 * 55.6) cycles per km
-    km = M.power_spectrum(field(np.random.default_rng(0).normal(size=(1, 16, 16)), lat=(-3.75, 3.75),
-                                lon=np.arange(16) * 0.5), units="cycles_per_km")
+    km = M.power_spectrum(
+        field(np.random.default_rng(0).normal(size=(1, 16, 16)), lat=(-3.75, 3.75), lon=np.arange(16) * 0.5),
+        units="cycles_per_km",
+    )
     dy = 0.5 * np.pi * 6371 / 180
     assert km["wavenumber"].values[0] == pytest.approx(1 / (16 * dy), rel=0.01)
     assert km["wavenumber"].attrs["units"] == "cycles per km"
@@ -254,19 +276,35 @@ def test_evaluate_all_ensemble_and_deterministic() -> None:
     ds_e["pr"], ds_t["pr"] = np.exp(ds_e["tas"] / 5), np.exp(ds_t["tas"] / 5)
     table = M.evaluate_all(ds_e, ds_t, climatology=M.monthly_climatology(ds_t))
     assert set(table.data_vars) == {"tas", "pr"}
-    expected = {"mae", "rmse", "bias", "acc", "psnr", "q99_error", "log_spectral_distance", "wasserstein", "crps",
-                "spread_skill_ratio"}
+    expected = {
+        "mae",
+        "rmse",
+        "bias",
+        "acc",
+        "psnr",
+        "q99_error",
+        "log_spectral_distance",
+        "wasserstein",
+        "crps",
+        "spread_skill_ratio",
+    }
     assert set(table["metric"].values) == expected  # 8 x 8 maps: no SSIM
     assert np.isfinite(table.to_dataframe().values).all()
-    assert float(table["tas"].sel(metric="rmse")) == pytest.approx(float(M.rmse(ds_e["tas"].mean("member"), ds_t["tas"])))
+    assert float(table["tas"].sel(metric="rmse")) == pytest.approx(
+        float(M.rmse(ds_e["tas"].mean("member"), ds_t["tas"]))
+    )
     det = M.evaluate_all(ds_t["tas"].rename("tas"), ds_t["tas"])
     assert "crps" not in det["metric"].values and "acc" not in det["metric"].values
-    assert float(det["tas"].sel(metric="rmse")) == 0.0 and float(det["tas"].sel(metric="wasserstein")) == pytest.approx(0.0)
+    assert float(det["tas"].sel(metric="rmse")) == 0.0 and float(
+        det["tas"].sel(metric="wasserstein")
+    ) == pytest.approx(0.0)
 
 
 def test_evaluate_all_on_dask_equals_eager() -> None:
     ens, truth = _ensemble(1.0, members=3)
     ens, truth = ens.isel(time=slice(0, 24)).to_dataset(), truth.isel(time=slice(0, 24)).to_dataset()
     eager = M.evaluate_all(ens, truth, climatology=M.monthly_climatology(truth))
-    lazy = M.evaluate_all(ens.chunk(time=6, lat=4), truth.chunk(time=6, lat=4), climatology=M.monthly_climatology(truth))
+    lazy = M.evaluate_all(
+        ens.chunk(time=6, lat=4), truth.chunk(time=6, lat=4), climatology=M.monthly_climatology(truth)
+    )
     xr.testing.assert_allclose(lazy, eager)

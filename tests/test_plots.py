@@ -13,7 +13,9 @@ from climrecon.tasks import plots as P
 
 def _map(values: np.ndarray, name: str = "tas", units: str = "K") -> xr.DataArray:
     lat, lon = np.linspace(30, 50, values.shape[0]), np.linspace(-125, -100, values.shape[1])
-    return xr.DataArray(values, dims=("lat", "lon"), coords={"lat": lat, "lon": lon}, name=name, attrs={"units": units})
+    return xr.DataArray(
+        values, dims=("lat", "lon"), coords={"lat": lat, "lon": lon}, name=name, attrs={"units": units}
+    )
 
 
 def _check_png(path, size: tuple[int, int]) -> None:
@@ -28,8 +30,14 @@ def test_plot_maps(tmp_path) -> None:
     rng = np.random.default_rng(0)
     truth = _map(280 + rng.normal(size=(20, 25)).cumsum(1))
     panels = {"truth": truth, "bilinear": truth + 1, "model": truth - 1}
-    path = P.plot_maps(panels, tmp_path / "maps" / "tas.png", spread=_map(rng.random((20, 25))), title="tas, Jan 2015",
-                       panel_size=(3.0, 2.5), dpi=80)
+    path = P.plot_maps(
+        panels,
+        tmp_path / "maps" / "tas.png",
+        spread=_map(rng.random((20, 25))),
+        title="tas, Jan 2015",
+        panel_size=(3.0, 2.5),
+        dpi=80,
+    )
     _check_png(path, (int(4 * 3.0 * 80), int(2.5 * 80)))
     with pytest.raises(P.PlotError, match="'model' has dims"):
         P.plot_maps({"model": truth.expand_dims(time=2)}, tmp_path / "bad.png")
@@ -37,10 +45,17 @@ def test_plot_maps(tmp_path) -> None:
 
 def test_plot_power_spectra(tmp_path) -> None:
     rng = np.random.default_rng(1)
-    fields = xr.DataArray(rng.normal(size=(3, 32, 32)), dims=("time", "lat", "lon"),
-                          coords={"lat": np.arange(32.0), "lon": np.arange(32.0)}, name="tas", attrs={"units": "K"})
-    spectra = {"truth": M.power_spectrum(fields), "bilinear": M.power_spectrum(fields.rolling(lon=3, center=True).mean()
-                                                                                .fillna(0))}
+    fields = xr.DataArray(
+        rng.normal(size=(3, 32, 32)),
+        dims=("time", "lat", "lon"),
+        coords={"lat": np.arange(32.0), "lon": np.arange(32.0)},
+        name="tas",
+        attrs={"units": "K"},
+    )
+    spectra = {
+        "truth": M.power_spectrum(fields),
+        "bilinear": M.power_spectrum(fields.rolling(lon=3, center=True).mean().fillna(0)),
+    }
     path = P.plot_power_spectra(spectra, tmp_path / "spectra.png", figsize=(5, 4), dpi=90)
     _check_png(path, (450, 360))
     with pytest.raises(P.PlotError, match="expected \\('wavenumber',\\)"):

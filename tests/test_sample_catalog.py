@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from climrecon.catalogs.esmcat import COLUMNS, CatalogError, open_catalog, open_datasets, read_rows, write_catalog
+from climrecon.catalogs.esmcat import (
+    COLUMNS,
+    CatalogError,
+    open_catalog,
+    open_datasets,
+    read_rows,
+    write_catalog,
+)
 from climrecon.catalogs.sample import MissingSourceDataError, build_sample_catalog, sample_files
 from climrecon.config import Region, SyntheticConfig
 from climrecon.storage import default_data_home
@@ -42,7 +49,9 @@ SYNTHETIC = SyntheticConfig(
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     directory = tmp_path_factory.mktemp("sample")
-    catalog = build_sample_catalog(directory, default_data_home(), include_synthetic=SYNTHETIC, progress=False)
+    catalog = build_sample_catalog(
+        directory, default_data_home(), include_synthetic=SYNTHETIC, progress=False
+    )
     return directory, catalog
 
 
@@ -76,7 +85,8 @@ def test_catalog_has_the_columns_and_every_expected_row(built, rows):
 def test_files_follow_the_cmip6_drs(rows):
     for r in (r for r in rows if r["format"] == "netcdf"):
         p = Path(r["path"])
-        name = "_".join(r[c] for c in ("variable_id", "table_id", "source_id", "experiment_id", "member_id", "grid_label"))
+        facets = ("variable_id", "table_id", "source_id", "experiment_id", "member_id", "grid_label")
+        name = "_".join(r[c] for c in facets)
         assert p.name == (f"{name}_{r['time_range']}.nc" if r["time_range"] else f"{name}.nc")
         drs = [r[c] for c in ("activity_id", "institution_id", "source_id", "experiment_id", "member_id",
                               "table_id", "variable_id", "grid_label", "version")]  # fmt: skip
@@ -91,15 +101,21 @@ def test_written_files_keep_the_source_data_and_metadata(built):
     directory, _ = built
     for item in sample_files(default_data_home()):
         out_path = directory / "data" / item.relative_path()
-        with xr.open_dataset(item.source_path, decode_times=CFTIME) as src, xr.open_dataset(out_path, decode_times=CFTIME) as out:
+        with (
+            xr.open_dataset(item.source_path, decode_times=CFTIME) as src,
+            xr.open_dataset(out_path, decode_times=CFTIME) as out,
+        ):
             name = {"UWND": "uas", "VWND": "vas", "air_temperature": "tas"}
             src_var = next(v for v in src.data_vars if name.get(v, v) == item.variable)
             a, b = src[src_var], out[item.variable]
             np.testing.assert_array_equal(a.values, b.values)
             assert b.attrs["units"] == a.attrs["units"]
             for axis in ("lat", "lon", "time"):
-                src_axis = {"lat": ("lat", "latitude", "FNOCY", "rlat"), "lon": ("lon", "longitude", "FNOCX", "rlon"),
-                            "time": ("time", "TIME")}[axis]  # fmt: skip
+                src_axis = {
+                    "lat": ("lat", "latitude", "FNOCY", "rlat"),
+                    "lon": ("lon", "longitude", "FNOCX", "rlon"),
+                    "time": ("time", "TIME"),
+                }[axis]
                 s = next((src[n] for n in src_axis if n in src.coords), None)
                 o = next((out[n] for n in src_axis if n in out.coords), None)
                 assert (s is None) == (o is None)
@@ -121,7 +137,8 @@ def test_intake_esm_opens_every_group(built):
     _, catalog = built
     cat = open_catalog(catalog)
     assert len(cat.df) == len(EXPECTED)
-    datasets = open_datasets(catalog, source_id=["MPI-ESM-LR", "UM605", "FNOC", "ETOPO5-GLOBE", "ClimRecon-SyntheticReanalysis"])
+    sources = ["MPI-ESM-LR", "UM605", "FNOC", "ETOPO5-GLOBE", "ClimRecon-SyntheticReanalysis"]
+    datasets = open_datasets(catalog, source_id=sources)
     by_source = {k.split(".")[2] + "." + k.split(".")[5]: ds for k, ds in datasets.items()}
     assert sorted(by_source["MPI-ESM-LR.Amon"].data_vars) == ["tas", "uas", "vas"]
     assert by_source["MPI-ESM-LR.Amon"].sizes["time"] == 12

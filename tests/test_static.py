@@ -40,7 +40,8 @@ def test_grid_contract_is_exact(static):
         assert static[name].dtype == np.float32
         assert static[name].attrs["standard_name"] == std and static[name].attrs["units"] == units
     assert {"climrecon_origin", "license", "method"} <= set(static.attrs)
-    assert "etopo5.cdf" in static.attrs["climrecon_origin"] and "global-land-mask" in static.attrs["climrecon_origin"]
+    origin = static.attrs["climrecon_origin"]
+    assert "etopo5.cdf" in origin and "global-land-mask" in origin
 
 
 def test_store_is_chunked_and_complete(static_url):
@@ -116,7 +117,8 @@ def test_incomplete_or_absent_store_is_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_static_fields"):
         open_static_fields(str(tmp_path / "absent.zarr"))
     partial = StageStore(str(tmp_path / "partial.zarr"), "k")
-    ds = xr.Dataset({"orog": (("lat", "lon"), np.zeros((2, 2), "f4")), "sftlf": (("lat", "lon"), np.zeros((2, 2), "f4"))})
+    zeros = (("lat", "lon"), np.zeros((2, 2), "f4"))
+    ds = xr.Dataset({"orog": zeros, "sftlf": zeros})
     partial.initialize(ds.chunk())
     with pytest.raises(StoreStateError, match="incomplete"):
         open_static_fields(partial.url)

@@ -130,7 +130,9 @@ def test_smaller_than_patch_domain_is_reflection_padded_and_cropped_back():
     assert blend_patches(extract_patches(field, t), t).shape == (5, 7)
     # pads longer than the axis fold again (numpy "reflect" semantics)
     tiny = np.array([[1.0, 2.0]])
-    np.testing.assert_array_equal(extract_patches(tiny, make_tiling(1, 2, 5))[0], np.pad(tiny, ((0, 4), (0, 3)), mode="reflect"))
+    np.testing.assert_array_equal(
+        extract_patches(tiny, make_tiling(1, 2, 5))[0], np.pad(tiny, ((0, 4), (0, 3)), mode="reflect")
+    )
     # a field already on the padded canvas is accepted as is
     np.testing.assert_array_equal(extract_patches(patch, t)[0], patch)
 
