@@ -1,7 +1,8 @@
 """Provenance facts every stage records: code version, time, a CF ``history`` line, and a W3C PROV document.
 
 Secrets never get here: callers pass configs through :func:`climrecon.storage.redact` (done by
-:func:`stage_attrs` and :func:`stage_record` for everything they record).
+:func:`stage_attrs`; :func:`stage_record`, :func:`prov_document` and :func:`write_prov_document` use
+:func:`redact_provenance`, which keeps store content keys recorded under ``key``).
 
 Lineage records (the ``climrecon_provenance`` attribute of a store) are plain JSON, one per stage, made
 by :func:`stage_record`::
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import climrecon
-from climrecon.storage import redact
+from climrecon.storage import REDACTED, SECRET_OPTION_KEYS, redact
 
 __all__ = [
     "PROV_NAMESPACE",
@@ -45,6 +47,7 @@ __all__ = [
     "hardware",
     "prefect_run_context",
     "config_hash",
+    "redact_provenance",
     "stage_record",
     "prov_document",
     "prov_summary",
@@ -180,6 +183,29 @@ def config_hash(config: Any) -> str:
     return content_key(redact(cfg))
 
 
+_CONTENT_KEY = re.compile(r"^[0-9a-f]{16}$")
+
+
+def redact_provenance(obj: Any) -> Any:
+    """:func:`~climrecon.storage.redact`, except that a ``key`` holding a content key is kept.
+
+    In lineage records ``key`` is a store's identity (:func:`climrecon.stores.content_key`: 16 lowercase
+    hex digits), not a credential; any other value under ``key`` (an access key id) is still redacted.
+    """
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            name = str(k).lower()
+            if name == "key" and isinstance(v, str) and _CONTENT_KEY.match(v):
+                out[k] = v
+            else:
+                out[k] = REDACTED if name in SECRET_OPTION_KEYS else redact_provenance(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_provenance(v) for v in obj)
+    return obj
+
+
 def stage_record(
     stage: str,
     *,
@@ -192,7 +218,7 @@ def stage_record(
     upstream: Any = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One stage's lineage record (see the module docstring), every value passed through ``redact``."""
+    """One stage's lineage record (see the module docstring), secrets redacted (:func:`redact_provenance`)."""
     cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
     record = {
         "stage": stage,
@@ -210,7 +236,7 @@ def stage_record(
     }
     if upstream is not None:
         record["upstream"] = upstream
-    return redact(json.loads(json.dumps(record, default=str)))
+    return redact_provenance(json.loads(json.dumps(record, default=str)))
 
 
 # -- W3C PROV-JSON ----------------------------------------------------------------------------------------
@@ -371,7 +397,7 @@ def prov_document(record: Mapping[str, Any]) -> dict[str, Any]:
     wasAssociatedWith, wasDerivedFrom.
     """
     builder = _ProvBuilder()
-    builder.add_record(redact(json.loads(json.dumps(record, default=str))))
+    builder.add_record(redact_provenance(json.loads(json.dumps(record, default=str))))
     return {k: v for k, v in builder.doc.items() if v or k == "prefix"}
 
 
@@ -398,5 +424,5 @@ def write_prov_document(store_url: str, doc: Mapping[str, Any], storage_options:
 
     fs, path = filesystem(store_url, storage_options)
     fs.makedirs(path, exist_ok=True)
-    fs.pipe(join_url(path, name), (json.dumps(redact(dict(doc)), indent=1, sort_keys=True) + "\n").encode())
+    fs.pipe(join_url(path, name), (json.dumps(redact_provenance(dict(doc)), indent=1, sort_keys=True) + "\n").encode())
     return join_url(store_url, name)

@@ -177,11 +177,13 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], noise: torch.Generator, 
 
 
 @torch.no_grad()
-def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+def _update_ema(ema: list[torch.Tensor], live: list[torch.Tensor], beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * live for the parameters (the UNet's buffers are constants)."""
+    for t_ema, t in zip(ema, live):
+        if t_ema.is_floating_point():
+            t_ema.lerp_(t.detach(), 1 - beta)
+        else:
+            t_ema.copy_(t)
 
 
 def _batch_iterator(batches: Iterable[Batch] | Callable[[int], Iterable[Batch]], start: int) -> Iterator[Batch]:
@@ -221,7 +223,9 @@ def train(
 
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
+    )
     loss_fn = EDMLoss(model.config)
     noise = make_generator(seed_for(cfg.seed, 1), device)
     use_amp = cfg.mixed_precision and device.type == "cuda"
@@ -275,6 +279,7 @@ def train(
 
     it = _batch_iterator(batches, start)
     params = [p for p in model.parameters() if p.requires_grad]
+    ema_params, live_params = list(ema.parameters()), list(model.parameters())
     window: list[float] = []
     t_log = time.perf_counter()
     columns = (
@@ -308,7 +313,7 @@ def train(
                 )
             opt.step()
             done = step + 1
-            _update_ema(ema, model, cfg.ema_beta(done))
+            _update_ema(ema_params, live_params, cfg.ema_beta(done))
             losses.append(loss_value)
             window.append(loss_value)
             bar.update(task, completed=done, loss=f"{loss_value:.4f}")

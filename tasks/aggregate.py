@@ -85,8 +85,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from climrecon.config import ClimReconConfig, ConfigError, apply_overrides, load_config
 
-from climrecon.provenance import prov_document, prov_summary, stage_attrs, stage_record, utc_now, write_prov_document
-from climrecon.storage import join_url, redact
+from climrecon.provenance import (
+    prov_document,
+    prov_summary,
+    redact_provenance,
+    stage_attrs,
+    stage_record,
+    utc_now,
+    write_prov_document,
+)
+from climrecon.storage import join_url
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.grids import lat_edges_from_centres, lon_edges_from_centres
 
@@ -546,7 +554,7 @@ def _upstream_record(plan: AggregatePlan, attrs: Mapping[str, Any]) -> dict[str,
                        ("climrecon_completed", "ended")):
         if attr in attrs and name not in record:
             record[name] = _json_attr(attrs[attr])
-    return redact(record)
+    return redact_provenance(record)
 
 
 def finalize_aggregate(plan: AggregatePlan, storage_options: dict[str, Any] | None = None) -> str:

@@ -487,10 +487,12 @@ def regrid_block(
         return []
     src = open_source(plan.source_url, storage_options, lazy=False)
     keep = [*plan.variables, *(["time_bnds"] if "time_bnds" in src else [])]
-    block = src[keep].isel(time=region["time"]).load()
-    check_time_slices(block, f"source store {plan.source_url}")
-    coarse = conservative(block, plan.coarse_grid, name=f"source store {plan.source_url}")
-    fine = _fine_from_coarse(coarse, plan) if fine_store in todo else None
+    # one block, computed here in this thread: parallelism comes from running blocks side by side
+    with dask.config.set(scheduler="synchronous"):
+        block = src[keep].isel(time=region["time"]).load()
+        check_time_slices(block, f"source store {plan.source_url}")
+        coarse = conservative(block, plan.coarse_grid, name=f"source store {plan.source_url}").load()
+        fine = _fine_from_coarse(coarse, plan).load() if fine_store in todo else None
     written = []
     for store, out in ((coarse_store, coarse), (fine_store, fine)):
         if store in todo:

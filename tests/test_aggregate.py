@@ -133,7 +133,7 @@ def test_ensemble_statistics_match_numpy_and_propagate_nan():
         ensemble_statistics(x[:1], [0.5])
 
 
-def test_aggregate_values_cf_metadata_provenance_catalog_and_rerun(member_store, tmp_path, caplog):
+def test_aggregate_values_cf_metadata_provenance_catalog_and_rerun(member_store, tmp_path):
     url, ds = member_store
     cfg = AggregateConfig(time_chunk=12, quantiles=[0.9, 0.05, 0.5], thresholds={"tas": [303.15, 273.15], "uas": [5.0]})
     root = str(tmp_path / "out")
