@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from climrecon.storage import is_remote, public_url
+
 __all__ = [
     "COLUMNS",
     "GROUPBY_ATTRS",
@@ -225,21 +227,25 @@ def write_catalog(
     return json_path
 
 
-def open_catalog(json_path: str | Path, storage_options: dict[str, Any] | None = None):
-    """Open the catalog as an :class:`intake_esm.esm_datastore` (empty values read as missing).
+def open_catalog(catalog: str | Path, storage_options: dict[str, Any] | None = None):
+    """Open the catalog JSON (local path or fsspec URL) as an :class:`intake_esm.esm_datastore`.
 
-    ``storage_options`` are passed to intake-esm for reading the assets (e.g. an S3 endpoint); open
-    datasets with ``cat.to_dataset_dict(threaded=False)``.
+    ``storage_options`` are passed to intake-esm for reading the catalog and its assets (e.g. an S3
+    endpoint). A missing or unreadable catalog raises :class:`CatalogError` naming it (credentials in
+    the URL are never shown). Open datasets with :func:`open_datasets`.
     """
     import intake_esm
 
-    json_path = Path(json_path)
-    if not json_path.exists():
+    if not is_remote(str(catalog)) and not Path(catalog).is_file():
         raise CatalogError(
-            f"catalog {json_path} does not exist; build the sample catalog first "
-            "(climrecon.catalogs.sample.build_sample_catalog)"
+            f"catalog {catalog} does not exist; build the sample catalog first (`climrecon catalog build-sample`)"
         )
-    return intake_esm.esm_datastore(str(json_path), storage_options=storage_options or {})
+    try:
+        return intake_esm.esm_datastore(
+            str(catalog), storage_options=storage_options or {}, progressbar=False, threaded=False
+        )
+    except Exception as exc:  # noqa: BLE001 - any reading problem becomes an actionable message
+        raise CatalogError(f"catalog {public_url(str(catalog))} cannot be read: {exc}") from None
 
 
 def open_datasets(

@@ -7,6 +7,7 @@ overrides; ``climrecon config show`` prints the effective configuration.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,8 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(config_app, name="config")
 
 console = Console(stderr=True)
+# Our stores consolidate metadata on purpose (fast opens on object storage); zarr 3 notes it on every write.
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (default: embedded defaults).")
@@ -113,8 +116,8 @@ def catalog_show(
     for c in cols:
         table.add_column(c)
     for _, row in df.iterrows():
-        table.add_row(*(str(row[c]) for c in cols))
-    Console().print(table)
+        table.add_row(*("" if str(row[c]) == "nan" else str(row[c]) for c in cols))
+    Console(width=max(Console().width, 160)).print(table)
 
 
 @app.command()

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
@@ -21,6 +22,7 @@ __all__ = [
     "resolve_storage_options",
     "redact",
     "join_url",
+    "public_url",
     "filesystem",
     "is_remote",
 ]
@@ -79,6 +81,14 @@ def redact(obj: Any) -> Any:
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
+
+
+def public_url(url: str) -> str:
+    """``url`` without any ``user:password@`` part (URLs are recorded in attributes and logs)."""
+    parts = urlsplit(str(url))
+    if parts.username or parts.password:
+        return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+    return str(url)
 
 
 def join_url(root: str, *parts: str) -> str:

@@ -28,6 +28,8 @@ def dask_client(
     dashboard on a free port (``client.dashboard_link``), and quiet logs. It is closed on exit; a
     cluster reached by address is left running.
     """
+    # Prefect's logging set-up re-enables INFO on the "distributed" logger; keep the console to warnings.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if address:
         with Client(address, set_as_default=True) as client:
             yield client

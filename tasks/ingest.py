@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 import scipy.io
 import xarray as xr
 from intake_esm import esm_datastore
 
+from climrecon.catalogs.esmcat import CatalogError, open_catalog
 from climrecon.config import CatalogQuery, IngestConfig, StorageConfig
 from climrecon.provenance import code_version
-from climrecon.storage import is_remote, join_url, resolve_storage_options
+from climrecon.storage import is_remote, join_url, public_url, resolve_storage_options
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.standardize import (
     CMIP_VARIABLES,
@@ -56,7 +56,6 @@ __all__ = [
     "IngestError",
     "CatalogQueryError",
     "TABLE_FREQUENCY",
-    "open_catalog",
     "search_catalog",
     "plan_ingest",
     "open_plan",
@@ -101,24 +100,6 @@ class IngestPlan:
 
 
 # -- catalog -------------------------------------------------------------------------------------
-def _public_url(url: str) -> str:
-    """``url`` without user:password@ (catalog URLs are recorded)."""
-    parts = urlsplit(str(url))
-    if parts.username or parts.password:
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-    return str(url)
-
-
-def open_catalog(catalog: str, storage_options: dict[str, Any] | None = None) -> esm_datastore:
-    """The intake-esm datastore described by the JSON at ``catalog`` (path or fsspec URL)."""
-    if not is_remote(str(catalog)) and not Path(catalog).is_file():
-        raise CatalogQueryError(f"catalog {catalog} does not exist (build it with `climrecon catalog build`)")
-    try:
-        return esm_datastore(str(catalog), storage_options=storage_options or {}, progressbar=False, threaded=False)
-    except Exception as exc:  # noqa: BLE001 - any reading problem becomes an actionable message
-        raise CatalogQueryError(f"catalog {_public_url(catalog)} cannot be read: {exc}") from None
-
-
 def _as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
@@ -149,13 +130,16 @@ def search_catalog(catalog: str, query: CatalogQuery, storage_options: dict[str,
     Each requested value must match at least one row (given the terms before it); otherwise
     :class:`CatalogQueryError` names the column, the missing values and the values available.
     """
-    cat = open_catalog(catalog, storage_options)
+    try:
+        cat = open_catalog(catalog, storage_options)
+    except CatalogError as exc:
+        raise CatalogQueryError(str(exc)) from None
     df = cat.df
     terms = query.search_terms()
     for column, value in terms.items():
         if column not in df.columns:
             raise CatalogQueryError(
-                f"catalog {_public_url(catalog)} has no column {column!r}; its columns: {list(df.columns)}"
+                f"catalog {public_url(catalog)} has no column {column!r}; its columns: {list(df.columns)}"
             )
         wanted = _as_list(value)
         available = sorted(map(str, df[column].dropna().unique()))
@@ -164,7 +148,7 @@ def search_catalog(catalog: str, query: CatalogQuery, storage_options: dict[str,
             everywhere = sorted(map(str, cat.df[column].dropna().unique()))
             within = "" if available == everywhere else f" among the rows matching the other terms ({available})"
             raise CatalogQueryError(
-                f"catalog {_public_url(catalog)}: no entry with {column}={missing}{within}; "
+                f"catalog {public_url(catalog)}: no entry with {column}={missing}{within}; "
                 f"available {column} values: {everywhere}"
             )
         df = df[df[column].isin(wanted)]
@@ -173,7 +157,7 @@ def search_catalog(catalog: str, query: CatalogQuery, storage_options: dict[str,
         keep = sub.df["time_range"].map(lambda r: _overlaps(r, query.time))
         if not keep.any():
             raise CatalogQueryError(
-                f"catalog {_public_url(catalog)}: no file of the query overlaps time {query.time}; "
+                f"catalog {public_url(catalog)}: no file of the query overlaps time {query.time}; "
                 f"available time_range values: {sorted(map(str, sub.df['time_range'].unique()))}"
             )
         sub = esm_datastore({"esmcat": sub.esmcat.model_dump(), "df": sub.df[keep].reset_index(drop=True)},
@@ -212,7 +196,7 @@ def plan_ingest(cfg: IngestConfig, catalog: str, storage: StorageConfig) -> list
         have = {str(r[var_col]) for r in rows}
         if wanted and set(wanted) - have:
             raise MissingVariableError(
-                f"catalog {_public_url(catalog)}: group {group} has no file for variable(s) "
+                f"catalog {public_url(catalog)}: group {group} has no file for variable(s) "
                 f"{sorted(set(wanted) - have)} (it has {sorted(have)})"
             )
         first = rows[0]
@@ -224,7 +208,7 @@ def plan_ingest(cfg: IngestConfig, catalog: str, storage: StorageConfig) -> list
         name = ".".join([*(ident[c] or "na" for c in ident), key, "zarr"])
         plans.append(IngestPlan(
             label=" ".join(v for v in ident.values() if v) or group,
-            group=group, catalog=_public_url(catalog), esmcat=esmcat, rows=rows, config=cfg,
+            group=group, catalog=public_url(catalog), esmcat=esmcat, rows=rows, config=cfg,
             frequency=frequency, url=join_url(storage.root, "ingest", name), key=key,
         ))
     return sorted(plans, key=lambda p: (p.label, p.url))

@@ -34,7 +34,7 @@ def fixed_batch(b: int = 4, size: int = 8, seed: int = 0) -> Batch:
     """A target that is a deterministic function of the conditioning, so the loss can approach 0."""
     g = make_generator(seed)
     cond = torch.randn(b, 2, size, size, generator=g)
-    target = 0.8 * cond[:, :1] - 0.5 * cond[:, 1:] * cond[:, :1]
+    target = 0.8 * cond[:, :1] - 0.5 * cond[:, 1:]
     return Batch((target - target.mean()) / target.std(), cond, torch.rand(b, generator=g))
 
 
@@ -58,7 +58,7 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path):
     model, batch = tiny_model(), fixed_batch()
     before = eval_loss(model, batch)
     logs = []
-    cfg = TrainConfig(max_steps=150, lr=5e-3, warmup_steps=10, grad_clip=None, ema_halflife_steps=20,
+    cfg = TrainConfig(max_steps=150, lr=5e-3, warmup_steps=10, lr_schedule="cosine", grad_clip=None, ema_halflife_steps=20,
                       checkpoint_every=1000, log_every=50)
     result = train(model, lambda step: iter(lambda: batch, None), cfg, checkpoint_path=tmp_path / "m.pt",
                    progress=False, on_log=logs.append)
@@ -67,8 +67,9 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path):
     ema, meta = load_checkpoint(result.checkpoint_path)
     assert meta.step == 150 and meta.train["lr"] == 5e-3 and meta.method == "edm"
     after = eval_loss(ema, batch)
+    print(f"fixed-noise loss before {before:.3f}, after {after:.3f} (EMA)")
     assert before == pytest.approx(1.0, abs=0.15)  # unit-variance data, F = 0 at init
-    assert after < before / 4, (before, after)
+    assert after < before / 5, (before, after)
     assert sum(result.losses[-20:]) < sum(result.losses[:20]) / 2
 
 

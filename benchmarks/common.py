@@ -1,0 +1,135 @@
+"""Helpers every benchmark shares: machine and version facts, peak memory, isolated runs, result files.
+
+- :func:`machine` / :func:`versions`: what the figures were measured on and with;
+- :func:`peak_rss_mib`: this process's peak resident set size;
+- :func:`run_isolated`: run a command in a fresh child process and return its JSON result, wall time and
+  the child's own peak RSS (from ``wait4``), so one case's memory never leaks into another's figure;
+- :func:`command_line` and :func:`write_results`: the exact command and a stable JSON file.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["machine", "versions", "peak_rss_mib", "run_isolated", "command_line", "write_results", "IsolatedRun"]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, logical cores (all, and usable by this process), RAM, OS, and the load when measured."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "ram_gib": _ram_gib(),
+        "platform": platform.platform(),
+        "load_average_1_5_15min": [round(x, 2) for x in load] if load else None,
+    }
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Python, the given distributions' versions, and the climrecon code version (git commit)."""
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    from climrecon.provenance import code_version
+
+    out["climrecon"] = code_version()
+    return out
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class IsolatedRun(dict):
+    """The child's JSON result plus ``wall_s`` (whole child) and ``peak_rss_mib`` (the child alone)."""
+
+
+def run_isolated(argv: list[str], timeout_s: float = 600.0, env: dict[str, str] | None = None) -> IsolatedRun:
+    """Run ``argv`` in a fresh process; it must write its JSON result to the path in ``$BENCH_RESULT``.
+
+    Peak RSS comes from ``os.wait4`` on that child, i.e. the kernel's figure for the child process only.
+    A non-zero exit raises RuntimeError with the child's output tail.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+        child_env = {**os.environ, **(env or {}), "BENCH_RESULT": str(result_path)}
+        start = time.perf_counter()
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+            deadline = start + timeout_s
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.perf_counter() > deadline:
+                    proc.kill()
+                    os.wait4(proc.pid, 0)
+                    raise RuntimeError(f"{shlex.join(argv)} ran past {timeout_s:.0f} s")
+                time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{shlex.join(argv)} exited with {proc.returncode}:\n{tail}")
+        result = IsolatedRun(json.loads(result_path.read_text()))
+    scale = 1 if sys.platform == "darwin" else 1024
+    result["wall_s"] = round(wall, 3)
+    result["peak_rss_mib"] = round(usage.ru_maxrss * scale / 2**20, 1)
+    return result
+
+
+def command_line() -> str:
+    """The command that started this process, as it would be typed (interpreter + script + arguments)."""
+    script = sys.argv[0]
+    try:
+        script = os.path.relpath(script)
+    except ValueError:
+        pass
+    return shlex.join(["python", script, *sys.argv[1:]])
+
+
+def write_results(path: str | Path, results: dict[str, Any]) -> Path:
+    """Write ``results`` as indented, key-sorted JSON (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    return path
