@@ -38,6 +38,9 @@ __all__ = [
     "CheckpointError",
     "GridSpec",
     "CheckpointMetadata",
+    "CheckpointContents",
+    "EMA_PREFIX",
+    "TRAIN_PREFIX",
     "save_checkpoint",
     "read_checkpoint",
     "load_checkpoint",
@@ -56,7 +59,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class GridSpec:
-    """The grid a model was trained on: fine resolution (deg), coarse/fine factor, square patch size, region."""
+    """The grid a model was trained on: fine resolution (deg), coarse/fine factor, patch size, region."""
 
     fine_resolution: float | None = None
     coarsening_factor: int | None = None
@@ -103,7 +106,11 @@ class CheckpointMetadata:
                 f"metadata names {len(self.cond_channels)} conditioning channels but the UNet has "
                 f"cond_channels={self.unet.cond_channels}"
             )
-        if self.normalization is not None and self.variables and self.normalization.variables != self.variables:
+        if (
+            self.normalization is not None
+            and self.variables
+            and self.normalization.variables != self.variables
+        ):
             raise ValueError(
                 f"normalisation covers {list(self.normalization.variables)} but the model predicts "
                 f"{list(self.variables)}"
@@ -131,7 +138,9 @@ class CheckpointMetadata:
             edm=EDMConfig.from_dict(d.get("edm", {})),
             variables=tuple(d.get("variables", ())),
             cond_channels=tuple(d.get("cond_channels", ())),
-            normalization=NormalizationStats.from_dict(d["normalization"]) if d.get("normalization") else None,
+            normalization=NormalizationStats.from_dict(d["normalization"])
+            if d.get("normalization")
+            else None,
             grid=GridSpec.from_dict(d.get("grid", {})),
             train=dict(d.get("train", {})),
             data=dict(d.get("data", {})),
@@ -190,16 +199,18 @@ def save_checkpoint(
 
 
 @dataclass(frozen=True)
-class _Contents:
+class CheckpointContents:
+    """A verified checkpoint: its metadata, the raw JSON header and every stored tensor by name."""
+
     metadata: CheckpointMetadata
     header: dict[str, Any]
     tensors: dict[str, torch.Tensor]
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> _Contents:
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CheckpointContents:
     """Read and verify a checkpoint; raises :class:`CheckpointError` for every way it can be unusable."""
     path = Path(path)
     if not path.is_file():
@@ -209,17 +220,22 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as exc:
         if not zipfile.is_zipfile(path):
             raise CheckpointError(
-                f"checkpoint {path} is corrupt or not a torch file (not a readable zip archive); re-copy or re-train it"
+                f"checkpoint {path} is corrupt or not a torch file (not a readable zip archive); "
+                "re-copy or re-train it"
             ) from None
-        detail = next((ln.split(" was not")[0].strip() for ln in str(exc).splitlines() if "Unsupported global" in ln), "")
+        detail = next(
+            (ln.split(" was not")[0].strip() for ln in str(exc).splitlines() if "Unsupported global" in ln),
+            "",
+        )
         raise CheckpointError(
-            f"{path} is not a climrecon checkpoint: it holds objects other than tensors and strings, which are "
-            f"never unpickled (refusing to unpickle arbitrary objects){': ' + detail if detail else ''}"
+            f"{path} is not a climrecon checkpoint: it holds objects other than tensors and strings "
+            f"(refusing to unpickle arbitrary objects){': ' + detail if detail else ''}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated (torch.load failed: {type(exc).__name__}: {first}); re-copy or re-train it"
+            f"checkpoint {path} is corrupt or truncated (torch.load failed: {type(exc).__name__}: {first}); "
+            "re-copy or re-train it"
         ) from None
     raw = blob.get("metadata") if isinstance(blob, dict) else None
     try:
@@ -247,7 +263,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         metadata = CheckpointMetadata.from_dict(header["metadata"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} has invalid metadata: {exc}") from None
-    return _Contents(metadata, header, tensors)
+    return CheckpointContents(metadata, header, tensors)
 
 
 def _lookup(d: Mapping[str, Any], dotted: str, path: Path) -> Any:
@@ -302,6 +318,6 @@ def load_checkpoint(
 
 
 def strip_training_state(src: str | os.PathLike, dst: str | os.PathLike) -> str:
-    """Write ``dst``: the inference-only copy of checkpoint ``src`` (EMA weights + metadata); returns its hash."""
+    """Write ``dst``, the inference-only copy of ``src`` (EMA weights + metadata); returns its hash."""
     contents = read_checkpoint(src)
     return save_checkpoint(dst, contents.with_prefix(EMA_PREFIX), contents.metadata)

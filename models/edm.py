@@ -6,8 +6,10 @@ network F_theta so that F's inputs and training targets have unit variance at ev
 
     D_theta(x; sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x; c_noise(sigma))      (Eq. 7)
 
-    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)     c_out   = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
-    c_in   = 1 / sqrt(sigma^2 + sigma_data^2)            c_noise = ln(sigma) / 4
+    c_skip  = sigma_data^2 / (sigma^2 + sigma_data^2)
+    c_out   = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+    c_in    = 1 / sqrt(sigma^2 + sigma_data^2)
+    c_noise = ln(sigma) / 4
 
 Training minimises the denoising loss (Eq. 2) weighted by lambda(sigma) = 1 / c_out^2 (Eq. 8, Table 1)
 with ln(sigma) ~ N(P_mean, P_std^2). Fields are standardised per variable
@@ -64,7 +66,9 @@ class EDMPrecond(nn.Module):
         self.config = config
         self.sigma_data = config.sigma_data
 
-    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coefficients(
+        self, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_skip, c_out, c_in, c_noise) at ``sigma`` (Table 1)."""
         sd = self.sigma_data
         c_skip = sd**2 / (sigma**2 + sd**2)
@@ -87,7 +91,9 @@ class EDMPrecond(nn.Module):
         if sigma.numel() == 1:
             sigma = sigma.expand(b)
         if sigma.shape[0] != b:
-            raise ValueError(f"sigma must be a scalar or have one value per sample ({b}), got {sigma.shape[0]}")
+            raise ValueError(
+                f"sigma must be a scalar or have one value per sample ({b}), got {sigma.shape[0]}"
+            )
         if cond is not None:
             cond = cond.to(torch.float32)
         c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in self.coefficients(sigma))
@@ -103,7 +109,9 @@ class EDMLoss:
         self.P_std = config.P_std
         self.sigma_data = config.sigma_data
 
-    def sample_sigma(self, batch: int, *, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_sigma(
+        self, batch: int, *, device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """ln(sigma) ~ N(P_mean, P_std^2) (Table 1, "Noise distribution"); [B, 1, 1, 1]."""
         rnd_normal = torch.randn([batch, 1, 1, 1], device=device, generator=generator)
         return (rnd_normal * self.P_std + self.P_mean).exp()

@@ -103,7 +103,9 @@ class NormalizationStats:
                     f"NormalizationStats.{name} has {len(getattr(self, name))} entries but there are "
                     f"{n} variables {list(self.variables)}"
                 )
-        for v, t, m, s, sc in zip(self.variables, self.transforms, self.mean, self.std, self.scales):
+        for v, t, m, s, sc in zip(
+            self.variables, self.transforms, self.mean, self.std, self.scales, strict=True
+        ):
             if t not in ("identity", "log1p"):
                 raise ValueError(f"variable {v!r}: unknown transform {t!r}; expected 'identity' or 'log1p'")
             if not (math.isfinite(m) and math.isfinite(s) and s > 0):

@@ -1,7 +1,8 @@
 """Samplers in EDM's sigma parametrisation (x = y + sigma n): Heun (Karras et al. 2022, Algorithm 2) and DDIM.
 
 Both integrate the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Eq. 1 with sigma(t) = t,
-s(t) = 1, and the score of Eq. 3) from ``sigma_max`` down to 0 over the time steps of Eq. 5. ``denoise`` is any
+s(t) = 1, and the score of Eq. 3) from ``sigma_max`` down to 0 over the time steps of Eq. 5. ``denoise`` is
+any
 callable ``(x, sigma) -> D(x; sigma)`` with ``x`` [B, ...] and ``sigma`` a [B] tensor, so a caller can close
 over conditioning or blend the denoised estimates of overlapping patches (multi-diffusion) at every step.
 
@@ -40,8 +41,13 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 def karras_sigmas(
-    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, *,
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """The ``num_steps + 1`` noise levels of Eq. 5: sigma_max ... sigma_min, then sigma_N = 0."""
     if num_steps < 1:
@@ -87,7 +93,7 @@ def edm_sampler(
     """
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device, dtype=dtype)
     x_next = latents.to(dtype) * t_steps[0]  # line 2: x_0 ~ N(0, t_0^2 I)
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # line 3
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):  # line 3
         x_cur = x_next
         # lines 4-6: temporarily raise the noise level by gamma_i (churn), adding matching fresh noise.
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
@@ -134,7 +140,7 @@ def ddim_sampler(
         raise ValueError(f"eta must be >= 0, got {eta}")
     t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device, dtype=dtype)
     x = latents.to(dtype) * t_steps[0]
-    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:], strict=True):
         denoised = _call(denoise, x, t_cur)
         eps = (x - denoised) / t_cur
         sigma_up = torch.clamp(eta * t_next * (1 - t_next**2 / t_cur**2).clamp(min=0).sqrt(), max=t_next)

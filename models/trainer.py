@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from climrecon.models.checkpoint import (
     EMA_PREFIX,
@@ -41,7 +48,10 @@ __all__ = ["Batch", "TrainConfig", "TrainResult", "train", "resolve_device"]
 
 @dataclass
 class Batch:
-    """One training batch, normalised: target [B, C, H, W], cond [B, Ccond, H, W], time_of_year [B] in [0, 1)."""
+    """One normalised training batch.
+
+    target [B, C, H, W]; cond [B, Ccond, H, W] (None if unconditional); time_of_year [B], fraction in [0, 1).
+    """
 
     target: torch.Tensor
     cond: torch.Tensor | None = None
@@ -75,8 +85,14 @@ class TrainConfig:
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine'"),
-            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}"),
+            (
+                self.lr_schedule in ("constant", "cosine"),
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
+            ),
+            (
+                self.grad_clip is None or self.grad_clip > 0,
+                f"grad_clip must be > 0 or None, got {self.grad_clip}",
+            ),
             (self.ema_halflife_steps > 0, f"ema_halflife_steps must be > 0, got {self.ema_halflife_steps}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
@@ -119,7 +135,9 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     step: int  # completed optimisation steps
-    losses: list[float] = field(repr=False)  # mean training loss of every step 1..step (resumed runs included)
+    losses: list[float] = field(
+        repr=False
+    )  # mean training loss of every step 1..step (resumed runs included)
     checkpoint_path: Path
     content_sha256: str
     resumed_from: int  # step the run started from (0: fresh)
@@ -149,7 +167,9 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
+def _load_optimizer_state(
+    opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -179,14 +199,16 @@ def _set_rng_state(tensors: Mapping[str, torch.Tensor], noise: torch.Generator, 
 @torch.no_grad()
 def _update_ema(ema: list[torch.Tensor], live: list[torch.Tensor], beta: float) -> None:
     """ema <- beta * ema + (1 - beta) * live for the parameters (the UNet's buffers are constants)."""
-    for t_ema, t in zip(ema, live):
+    for t_ema, t in zip(ema, live, strict=True):
         if t_ema.is_floating_point():
             t_ema.lerp_(t.detach(), 1 - beta)
         else:
             t_ema.copy_(t)
 
 
-def _batch_iterator(batches: Iterable[Batch] | Callable[[int], Iterable[Batch]], start: int) -> Iterator[Batch]:
+def _batch_iterator(
+    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]], start: int
+) -> Iterator[Batch]:
     return iter(batches(start)) if callable(batches) and not hasattr(batches, "__next__") else iter(batches)
 
 
@@ -236,8 +258,8 @@ def train(
         info = contents.header.get("training")
         if info is None:
             raise CheckpointError(
-                f"checkpoint {checkpoint_path} holds no training state (inference-only); cannot resume from it. "
-                "Pass resume=False to start over, or another checkpoint_path"
+                f"checkpoint {checkpoint_path} holds no training state (inference-only); cannot resume "
+                "from it. Pass resume=False to start over, or another checkpoint_path"
             )
         if contents.metadata.unet != model.net.config or contents.metadata.edm != model.config:
             raise CheckpointError(
@@ -283,8 +305,12 @@ def train(
     window: list[float] = []
     t_log = time.perf_counter()
     columns = (
-        TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=start, loss="-")
@@ -293,7 +319,8 @@ def train(
                 batch = next(it).to(device)
             except StopIteration:
                 raise ValueError(
-                    f"the batch iterator ran out after {step - start} batch(es), at step {step} of {cfg.max_steps}; "
+                    f"the batch iterator ran out after {step - start} batch(es), at step {step} of "
+                    f"{cfg.max_steps}; "
                     "make it infinite (cycle over random crops) or lower TrainConfig.max_steps"
                 ) from None
             lr = cfg.lr_at(step)
@@ -308,7 +335,8 @@ def train(
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"non-finite training loss ({loss_value}) at step {step + 1}; check the batch normalisation "
+                    f"non-finite training loss ({loss_value}) at step {step + 1}; check the batch "
+                    "normalisation "
                     f"or lower TrainConfig.lr (now {cfg.lr})"
                 )
             opt.step()

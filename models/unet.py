@@ -51,15 +51,22 @@ class UNetConfig:
             (self.out_channels >= 1, f"out_channels must be >= 1, got {self.out_channels}"),
             (self.cond_channels >= 0, f"cond_channels must be >= 0, got {self.cond_channels}"),
             (self.base_channels >= 1, f"base_channels must be >= 1, got {self.base_channels}"),
-            (len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
-             f"channel_mults must be a non-empty list of positive ints, got {list(self.channel_mults)}"),
+            (
+                len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
+                f"channel_mults must be a non-empty list of positive ints, got {list(self.channel_mults)}",
+            ),
             (self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}"),
-            (all(0 <= a < len(self.channel_mults) for a in self.attention_levels),
-             f"attention_levels {list(self.attention_levels)} must index levels 0..{len(self.channel_mults) - 1}"),
+            (
+                all(0 <= a < len(self.channel_mults) for a in self.attention_levels),
+                f"attention_levels {list(self.attention_levels)} must index levels "
+                f"0..{len(self.channel_mults) - 1}",
+            ),
             (self.attention_head_channels >= 1, "attention_head_channels must be >= 1"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.noise_embedding in ("positional", "fourier"),
-             f"noise_embedding must be 'positional' or 'fourier', got {self.noise_embedding!r}"),
+            (
+                self.noise_embedding in ("positional", "fourier"),
+                f"noise_embedding must be 'positional' or 'fourier', got {self.noise_embedding!r}",
+            ),
             (self.time_harmonics >= 0, f"time_harmonics must be >= 0, got {self.time_harmonics}"),
             (self.emb_mult >= 1, f"emb_mult must be >= 1, got {self.emb_mult}"),
         ]
@@ -222,7 +229,9 @@ class UNet(nn.Module):
             else FourierEmbedding(cfg.base_channels)
         )
         emb_in = 2 * (cfg.base_channels // 2) + 2 * cfg.time_harmonics
-        self.map_emb = nn.Sequential(nn.Linear(emb_in, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch), nn.SiLU())
+        self.map_emb = nn.Sequential(
+            nn.Linear(emb_in, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch), nn.SiLU()
+        )
 
         widths = [cfg.base_channels * m for m in cfg.channel_mults]
         self.input = nn.Conv2d(cfg.out_channels + cfg.cond_channels, widths[0], 3, padding=1)
@@ -249,7 +258,9 @@ class UNet(nn.Module):
             width = widths[level]
             blocks = nn.ModuleList()
             for _ in range(cfg.num_blocks + 1):
-                blocks.append(_Stage(ch + skip_widths.pop(), width, emb_ch, cfg, level in cfg.attention_levels))
+                blocks.append(
+                    _Stage(ch + skip_widths.pop(), width, emb_ch, cfg, level in cfg.attention_levels)
+                )
                 ch = width
             up = Upsample(ch) if level > 0 else None
             self.up.append(nn.ModuleDict({"blocks": blocks, **({"up": up} if up else {})}))
@@ -269,12 +280,17 @@ class UNet(nn.Module):
         if h % m or w % m:
             raise ValueError(
                 f"UNet with {cfg.levels} levels needs H and W divisible by 2^{cfg.levels - 1} = {m}, "
-                f"got H={h}, W={w}; pad or crop the patch (e.g. to {math.ceil(h / m) * m}x{math.ceil(w / m) * m})"
+                f"got H={h}, W={w}; pad or crop the patch "
+                f"(e.g. to {math.ceil(h / m) * m}x{math.ceil(w / m) * m})"
             )
         if cfg.cond_channels:
             if cond is None:
                 raise ValueError(f"UNet was built with cond_channels={cfg.cond_channels} but cond is None")
-            if cond.shape[0] != x.shape[0] or cond.shape[1] != cfg.cond_channels or cond.shape[-2:] != x.shape[-2:]:
+            if (
+                cond.shape[0] != x.shape[0]
+                or cond.shape[1] != cfg.cond_channels
+                or cond.shape[-2:] != x.shape[-2:]
+            ):
                 raise ValueError(
                     f"cond must be [B={x.shape[0]}, {cfg.cond_channels}, {h}, {w}], got {tuple(cond.shape)}"
                 )
@@ -287,7 +303,10 @@ class UNet(nn.Module):
                     "pass the fraction of the year in [0, 1) per sample"
                 )
             if time_of_year.reshape(-1).shape[0] != x.shape[0]:
-                raise ValueError(f"time_of_year must have one value per sample ({x.shape[0]}), got {tuple(time_of_year.shape)}")
+                raise ValueError(
+                    f"time_of_year must have one value per sample ({x.shape[0]}), "
+                    f"got {tuple(time_of_year.shape)}"
+                )
 
     def forward(
         self,
@@ -299,7 +318,9 @@ class UNet(nn.Module):
         cfg = self.config
         self._check_inputs(x, cond, time_of_year)
         b = x.shape[0]
-        feats = [self.map_noise(c_noise.reshape(-1).expand(b) if c_noise.numel() == 1 else c_noise.reshape(b))]
+        feats = [
+            self.map_noise(c_noise.reshape(-1).expand(b) if c_noise.numel() == 1 else c_noise.reshape(b))
+        ]
         if cfg.time_harmonics:
             feats.append(time_of_year_features(time_of_year.reshape(b), cfg.time_harmonics))
         emb = self.map_emb(torch.cat(feats, dim=1).to(x.dtype))

@@ -159,6 +159,13 @@ class AggregateConfig(BaseModel):
         return {k: sorted(vals) for k, vals in v.items()}
 
 
+def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_aggregate_config(
     config_path: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> tuple[ClimReconConfig, AggregateConfig]:
@@ -195,7 +202,9 @@ def load_aggregate_config(
     source = str(config_path) if config_path else "embedded defaults"
     if not isinstance(section, dict):
         raise ConfigError(f"invalid configuration in {source}:\n  aggregate: must be a mapping")
-    merged = apply_overrides({"aggregate": section}, mine)["aggregate"]
+    # defaults first, then the file's section, then overrides (as load_config does for its sections)
+    merged = apply_overrides({"aggregate": _merged(AggregateConfig().model_dump(mode="json"), section)}, mine)
+    merged = merged["aggregate"]
     try:
         return cfg, AggregateConfig.model_validate(merged)
     except ValidationError as exc:
@@ -453,7 +462,7 @@ def prepare_aggregate(plan: AggregatePlan, storage_options: dict[str, Any] | Non
     if store.is_complete():
         log.info("aggregate store %s is complete; nothing to do", plan.url)
         return []
-    src = _open(plan.member_url, storage_options, "member store")
+    src = _open(plan.member_url, storage_options, "member store", lazy=False)  # coords read here, not on Dask
     template, encoding = _template(plan, src)
     if store.initialize(template, encoding=encoding, zarr_format=plan.config.zarr_format):
         log.info("aggregate store %s: template written (%d blocks)", plan.url, len(plan.regions()))

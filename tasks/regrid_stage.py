@@ -63,6 +63,7 @@ from climrecon.tasks.standardize import CMIP_VARIABLES
 
 __all__ = [
     "REGRID_VERSION",
+    "GRAPH_BLOCKS",
     "RegridError",
     "RegridPlan",
     "RegridResult",
@@ -73,12 +74,14 @@ __all__ = [
     "write_static_on_grid",
     "prepare_regrid",
     "regrid_block",
+    "regrid_blocks",
     "run_blocks",
     "finalize_regrid",
     "run_regrid",
 ]
 
 REGRID_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
+GRAPH_BLOCKS = 20  # time blocks per lazy regridding graph: amortises building it, bounds its size
 _STATIC_MARGIN = 3  # static cells kept around the fine grid (3x3 sub-grid spread + bilinear stencil)
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
@@ -472,33 +475,56 @@ def _fine_from_coarse(coarse: xr.Dataset, plan: RegridPlan) -> xr.Dataset:
     return conservative(coarse, plan.fine_grid, name=f"coarse store {plan.coarse_url}")
 
 
+def _lazy_outputs(
+    plan: RegridPlan, window: slice, storage_options: dict[str, Any] | None
+) -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
+    """Source, coarse and fine fields over the time steps ``window`` as one lazy dask graph, chunked by
+    ``time_chunk`` (``window`` starts on a block boundary, so dask chunks are the store's blocks)."""
+    src = open_source(plan.source_url, storage_options)
+    keep = [*plan.variables, *(["time_bnds"] if "time_bnds" in src else [])]
+    src = src[keep].isel(time=window).chunk({"time": plan.config.time_chunk, "lat": -1, "lon": -1})
+    coarse = conservative(src, plan.coarse_grid, name=f"source store {plan.source_url}")
+    return src, coarse, _fine_from_coarse(coarse, plan)
+
+
+def regrid_blocks(
+    plan: RegridPlan, regions: Sequence[Mapping[str, slice]], storage_options: dict[str, Any] | None = None
+) -> list[list[str]]:
+    """Regrid time blocks one after the other, writing each into the output stores that lack it.
+
+    The regridding graph (library calls on lazy dask arrays) is built once per :data:`GRAPH_BLOCKS`
+    blocks; per block, its source, coarse and fine fields are then computed together in this thread
+    (dask's synchronous scheduler, one block in memory at a time), a step that is NaN everywhere raises
+    :class:`RegridError` naming the variable and time before anything of that block is written, and one
+    region is written per store. Returns, per block, the URLs written (empty: it was already done).
+    """
+    coarse_store, fine_store = _stores(plan, storage_options)
+    missing = {s.url: {str(r) for r in s.pending(regions)} for s in (coarse_store, fine_store)}
+    todo = {str(dict(r)): [s for s in (coarse_store, fine_store) if str(dict(r)) in missing[s.url]] for r in regions}
+    work = [dict(r) for r in regions if todo[str(dict(r))]]
+    for i in range(0, len(work), GRAPH_BLOCKS):
+        group = work[i : i + GRAPH_BLOCKS]
+        start = group[0]["time"].start
+        graph = _lazy_outputs(plan, slice(start, group[-1]["time"].stop), storage_options)
+        for region in group:
+            local = {"time": slice(region["time"].start - start, region["time"].stop - start)}
+            src, coarse, fine = (ds.isel(local) for ds in graph)
+            valid = src[list(plan.variables)].notnull().any(("lat", "lon"))
+            with dask.config.set(scheduler="synchronous"):
+                valid, coarse, fine = dask.compute(valid, coarse, fine)
+                if not all(bool(valid[v].all()) for v in plan.variables):
+                    check_time_slices(src.load(), f"source store {plan.source_url}")  # raises, naming the step
+            for store, out in ((coarse_store, coarse), (fine_store, fine)):
+                if store in todo[str(region)]:
+                    store.write_block(out.drop_vars(["lat_bnds", "lon_bnds"], errors="ignore"), region)
+    return [[s.url for s in todo[str(dict(r))]] for r in regions]
+
+
 def regrid_block(
     plan: RegridPlan, region: Mapping[str, slice], storage_options: dict[str, Any] | None = None
 ) -> list[str]:
-    """Regrid one time block and write it into each output store that lacks it; the URLs written.
-
-    Reads only ``region`` of the source (no dask: plain numpy, one block in memory). A step that is NaN
-    everywhere raises :class:`RegridError` naming the variable and time, before anything of this block
-    is written.
-    """
-    coarse_store, fine_store = _stores(plan, storage_options)
-    todo = [s for s in (coarse_store, fine_store) if s.pending([region])]
-    if not todo:
-        return []
-    src = open_source(plan.source_url, storage_options, lazy=False)
-    keep = [*plan.variables, *(["time_bnds"] if "time_bnds" in src else [])]
-    # one block, computed here in this thread: parallelism comes from running blocks side by side
-    with dask.config.set(scheduler="synchronous"):
-        block = src[keep].isel(time=region["time"]).load()
-        check_time_slices(block, f"source store {plan.source_url}")
-        coarse = conservative(block, plan.coarse_grid, name=f"source store {plan.source_url}").load()
-        fine = _fine_from_coarse(coarse, plan).load() if fine_store in todo else None
-    written = []
-    for store, out in ((coarse_store, coarse), (fine_store, fine)):
-        if store in todo:
-            store.write_block(out.drop_vars(["lat_bnds", "lon_bnds"], errors="ignore"), region)
-            written.append(store.url)
-    return written
+    """Regrid one time block into each output store that lacks it (:func:`regrid_blocks`); URLs written."""
+    return regrid_blocks(plan, [region], storage_options)[0]
 
 
 def run_blocks(
@@ -506,22 +532,32 @@ def run_blocks(
     regions: Sequence[Mapping[str, slice]],
     storage_options: dict[str, Any] | None = None,
     client: Any = None,
+    blocks_per_future: int | None = None,
 ) -> int:
-    """Run :func:`regrid_block` for ``regions``: in this process, or one Dask future each on ``client``.
+    """Run :func:`regrid_blocks` for ``regions``: in this process, or as Dask futures on ``client``.
 
-    Returns how many blocks wrote something. The first failing block's exception is raised (other
-    blocks may have been written: their markers make a re-run skip them).
+    With a client, consecutive blocks are grouped ``blocks_per_future`` to a future (default: enough
+    groups for two per worker), each group a separate future, so workers fill the stores side by side.
+    Returns how many blocks wrote something. The first failing group's exception is raised (blocks
+    already written keep their markers, so a re-run skips them).
     """
+    regions = [dict(r) for r in regions]
     if client is None:
-        return sum(bool(regrid_block(plan, r, storage_options)) for r in regions)
+        return sum(bool(w) for w in regrid_blocks(plan, regions, storage_options))
+    if not regions:
+        return 0
+    if blocks_per_future is None:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        blocks_per_future = math.ceil(len(regions) / (2 * n_workers))
+    groups = [regions[i : i + blocks_per_future] for i in range(0, len(regions), blocks_per_future)]
     futures = [
         client.submit(
-            regrid_block, plan, dict(r), storage_options, pure=False,
-            key=f"regrid-block-{plan.name}-{plan.label([r])}-{plan.coarse_key}",
+            regrid_blocks, plan, group, storage_options, pure=False,
+            key=f"regrid-blocks-{plan.name}-{plan.label(group)}-{plan.coarse_key}",
         )
-        for r in regions
+        for group in groups
     ]
-    return sum(bool(w) for w in client.gather(futures))
+    return sum(bool(w) for ws in client.gather(futures) for w in ws)
 
 
 def finalize_regrid(plan: RegridPlan, storage_options: dict[str, Any] | None = None) -> RegridResult:

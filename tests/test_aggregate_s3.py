@@ -24,8 +24,9 @@ CFTIME = xr.coders.CFDatetimeCoder(use_cftime=True)
 PLANTED = "planted-upstream-secret-42"
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@pytest.fixture
+def cluster(s3):
+    """Workers started after ``s3`` put the credentials in the environment (as a deployment's workers have them)."""
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR) as c:
         yield c

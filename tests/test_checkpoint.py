@@ -36,8 +36,14 @@ VARIABLES = ("tas", "pr")
 
 def make_model() -> EDMPrecond:
     torch.manual_seed(0)
-    cfg = UNetConfig(out_channels=2, cond_channels=3, base_channels=8, channel_mults=(1, 2), num_blocks=1,
-                     attention_levels=(1,))
+    cfg = UNetConfig(
+        out_channels=2,
+        cond_channels=3,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_blocks=1,
+        attention_levels=(1,),
+    )
     model = EDMPrecond(UNet(cfg), EDMConfig(sigma_data=1.0))
     with torch.no_grad():
         for p in model.parameters():
@@ -55,8 +61,12 @@ def make_metadata(model: EDMPrecond) -> CheckpointMetadata:
         variables=VARIABLES,
         cond_channels=("tas_coarse", "orog", "sftlf"),
         normalization=norm,
-        grid=GridSpec(fine_resolution=0.25, coarsening_factor=8, patch_size=64,
-                      region={"lat_min": 30.0, "lat_max": 50.0, "lon_min": -125.0, "lon_max": -100.0}),
+        grid=GridSpec(
+            fine_resolution=0.25,
+            coarsening_factor=8,
+            patch_size=64,
+            region={"lat_min": 30.0, "lat_max": 50.0, "lon_min": -125.0, "lon_max": -100.0},
+        ),
         train={"lr": 2e-4},
         data={"source": "synthetic reanalysis (labelled stand-in for ERA5)", "years": [1961, 2000]},
         step=123,
@@ -74,11 +84,17 @@ def saved(tmp_path: Path) -> tuple[Path, EDMPrecond, CheckpointMetadata]:
 
 def test_round_trip_gives_same_outputs_and_metadata(saved):
     path, model, meta = saved
-    loaded, meta2 = load_checkpoint(path, expect={"variables": ["tas", "pr"], "method": "dpdm", "grid.patch_size": 64})
+    loaded, meta2 = load_checkpoint(
+        path, expect={"variables": ["tas", "pr"], "method": "dpdm", "grid.patch_size": 64}
+    )
     assert meta2 == meta
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     g = torch.Generator().manual_seed(0)
-    x, cond, toy = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, generator=g)
+    x, cond, toy = (
+        torch.randn(2, 2, 8, 8, generator=g),
+        torch.randn(2, 3, 8, 8, generator=g),
+        torch.rand(2, generator=g),
+    )
     with torch.no_grad():
         assert torch.equal(loaded(x, 0.5, cond, toy), model.eval()(x, 0.5, cond, toy))
     assert list(path.parent.iterdir()) == [path]  # atomic write left no temp file behind
@@ -142,7 +158,9 @@ def test_hash_mismatch_on_modified_weights_or_metadata(saved, tmp_path):
 
 def test_metadata_mismatch_with_expectations(saved):
     path, _, _ = saved
-    with pytest.raises(CheckpointError, match=r"was trained for variables \['tas', 'pr'\] but \['tas'\] were requested"):
+    with pytest.raises(
+        CheckpointError, match=r"was trained for variables \['tas', 'pr'\] but \['tas'\] were requested"
+    ):
         load_checkpoint(path, expect={"variables": ["tas"]})
     with pytest.raises(CheckpointError, match=r"grid patch_size 64 but 128 was requested"):
         load_checkpoint(path, expect={"grid.patch_size": 128})
@@ -153,8 +171,13 @@ def test_metadata_mismatch_with_expectations(saved):
 def test_strip_training_state_keeps_weights_and_metadata(saved, tmp_path):
     path, model, meta = saved
     train_path = tmp_path / "train.pt"
-    save_checkpoint(train_path, model.state_dict(), meta, training_state={"losses": torch.ones(3)},
-                    training_info={"step": 3})
+    save_checkpoint(
+        train_path,
+        model.state_dict(),
+        meta,
+        training_state={"losses": torch.ones(3)},
+        training_info={"step": 3},
+    )
     assert "train.losses" in read_checkpoint(train_path).tensors
     slim = tmp_path / "slim.pt"
     strip_training_state(train_path, slim)

@@ -21,8 +21,14 @@ def _one_thread():
 
 def tiny_precond(sigma_data=0.7) -> EDMPrecond:
     torch.manual_seed(0)
-    cfg = UNetConfig(out_channels=2, cond_channels=1, base_channels=8, channel_mults=(1, 2), num_blocks=1,
-                     attention_levels=())
+    cfg = UNetConfig(
+        out_channels=2,
+        cond_channels=1,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_blocks=1,
+        attention_levels=(),
+    )
     return EDMPrecond(UNet(cfg), EDMConfig(sigma_data=sigma_data))
 
 
@@ -32,8 +38,11 @@ def test_preconditioning_identities_and_limits():
     sigma = torch.logspace(-4, 4, 50, dtype=torch.float64)
     c_skip, c_out, c_in, c_noise = pre.coefficients(sigma)
     torch.testing.assert_close(c_in**2 * (sigma**2 + sd**2), torch.ones_like(sigma))  # unit-variance input
-    # unit-variance training target: Var[(y - c_skip (y + n)) / c_out] = ((1 - c_skip)^2 sd^2 + c_skip^2 sigma^2) / c_out^2 = 1
-    torch.testing.assert_close(((1 - c_skip) ** 2 * sd**2 + c_skip**2 * sigma**2) / c_out**2, torch.ones_like(sigma))
+    # unit-variance training target:
+    # Var[(y - c_skip (y + n)) / c_out] = ((1 - c_skip)^2 sd^2 + c_skip^2 sigma^2) / c_out^2 = 1
+    torch.testing.assert_close(
+        ((1 - c_skip) ** 2 * sd**2 + c_skip**2 * sigma**2) / c_out**2, torch.ones_like(sigma)
+    )
     torch.testing.assert_close(c_noise, sigma.log() / 4)
     loss = EDMLoss(pre.config)
     torch.testing.assert_close(loss.weight(sigma) * c_out**2, torch.ones_like(sigma))  # lambda = 1 / c_out^2
@@ -71,7 +80,9 @@ def test_loss_samples_lognormal_sigma_and_is_one_at_init_on_unit_scale_data():
     loss = EDMLoss(cfg)
     g = torch.Generator().manual_seed(2)
     sig = loss.sample_sigma(20_000, device=torch.device("cpu"), generator=g).flatten().log()
-    assert float(sig.mean()) == pytest.approx(-1.2, abs=0.04) and float(sig.std()) == pytest.approx(1.2, abs=0.04)
+    assert float(sig.mean()) == pytest.approx(-1.2, abs=0.04) and float(sig.std()) == pytest.approx(
+        1.2, abs=0.04
+    )
     # At init F = 0 (zero output layer), so E[loss] = lambda (c_skip - 1)^2 sd^2 + lambda c_skip^2 sigma^2 = 1
     pre = tiny_precond(sigma_data=0.7)
     y = torch.randn(256, 2, 8, 8, generator=g) * 0.7

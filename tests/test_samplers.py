@@ -63,8 +63,13 @@ def test_karras_schedule_matches_eq5():
 def test_heun_is_second_order_and_ddim_first_order_on_exact_flow():
     z = latents(2000)
     exact = exact_flow(z)
-    heun = [float((edm_sampler(gaussian_denoiser, z, num_steps=n).double() - exact).abs().max()) for n in (36, 72)]
-    ddim = [float((ddim_sampler(gaussian_denoiser, z, num_steps=n).double() - exact).abs().max()) for n in (36, 72)]
+    heun = [
+        float((edm_sampler(gaussian_denoiser, z, num_steps=n).double() - exact).abs().max()) for n in (36, 72)
+    ]
+    ddim = [
+        float((ddim_sampler(gaussian_denoiser, z, num_steps=n).double() - exact).abs().max())
+        for n in (36, 72)
+    ]
     assert 3.0 < heun[0] / heun[1] < 5.5, heun  # error / 4 when steps double
     assert 1.7 < ddim[0] / ddim[1] < 2.3, ddim  # error / 2 when steps double
     assert heun[1] < 0.01 and heun[1] < ddim[1] / 5
@@ -82,14 +87,17 @@ def test_stochastic_heun_reproduces_target_moments():
     # churn only within [S_min, S_max]: a window below every step equals the deterministic sampler
     z = latents(500)
     det = edm_sampler(gaussian_denoiser, z, num_steps=18)
-    windowed = edm_sampler(gaussian_denoiser, z, num_steps=18, S_churn=40, S_min=100, S_max=200, generator=make_generator(2))
+    windowed = edm_sampler(
+        gaussian_denoiser, z, num_steps=18, S_churn=40, S_min=100, S_max=200, generator=make_generator(2)
+    )
     assert torch.equal(det, windowed)
 
 
 def test_ddim_reproduces_target_moments_deterministic_and_ancestral():
     assert_moments(ddim_sampler(gaussian_denoiser, latents(), num_steps=512), var_tol=0.03)
     assert_moments(
-        ddim_sampler(gaussian_denoiser, latents(), num_steps=1024, eta=1.0, generator=make_generator(3)), var_tol=0.03
+        ddim_sampler(gaussian_denoiser, latents(), num_steps=1024, eta=1.0, generator=make_generator(3)),
+        var_tol=0.03,
     )
 
 
@@ -114,8 +122,14 @@ def test_seed_for_is_stable_distinct_and_63_bit():
 
 def _tiny_model() -> EDMPrecond:
     torch.manual_seed(0)
-    cfg = UNetConfig(out_channels=2, cond_channels=3, base_channels=8, channel_mults=(1, 2), num_blocks=1,
-                     attention_levels=(1,))
+    cfg = UNetConfig(
+        out_channels=2,
+        cond_channels=3,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_blocks=1,
+        attention_levels=(1,),
+    )
     model = EDMPrecond(UNet(cfg)).eval()
     with torch.no_grad():  # the output convolutions start at zero; give them weights so F matters
         for p in model.parameters():

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from climrecon.models.checkpoint import CheckpointError, CheckpointMetadata, load_checkpoint, read_checkpoint, strip_training_state
+from climrecon.models.checkpoint import (
+    CheckpointError,
+    CheckpointMetadata,
+    load_checkpoint,
+    read_checkpoint,
+    strip_training_state,
+)
 from climrecon.models.edm import EDMLoss, EDMPrecond
 from climrecon.models.samplers import make_generator, seed_for
 from climrecon.models.trainer import Batch, TrainConfig, train
@@ -25,8 +31,15 @@ def _one_thread():
 
 def tiny_model(dropout: float = 0.0) -> EDMPrecond:
     torch.manual_seed(0)
-    cfg = UNetConfig(out_channels=1, cond_channels=2, base_channels=16, channel_mults=(1, 2), num_blocks=1,
-                     attention_levels=(1,), dropout=dropout)
+    cfg = UNetConfig(
+        out_channels=1,
+        cond_channels=2,
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_blocks=1,
+        attention_levels=(1,),
+        dropout=dropout,
+    )
     return EDMPrecond(UNet(cfg))
 
 
@@ -49,8 +62,13 @@ def eval_loss(model: EDMPrecond, batch: Batch) -> float:
     """Loss at a fixed draw of noise levels and noise (64 draws per sample), so before/after compare."""
     rep = lambda t: t.repeat_interleave(64, dim=0)  # noqa: E731
     with torch.no_grad():
-        loss = EDMLoss(model.config)(model.eval(), rep(batch.target), rep(batch.cond), rep(batch.time_of_year),
-                                     generator=make_generator(9))
+        loss = EDMLoss(model.config)(
+            model.eval(),
+            rep(batch.target),
+            rep(batch.cond),
+            rep(batch.time_of_year),
+            generator=make_generator(9),
+        )
     return float(loss.mean())
 
 
@@ -58,12 +76,32 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path):
     model, batch = tiny_model(), fixed_batch()
     before = eval_loss(model, batch)
     logs = []
-    cfg = TrainConfig(max_steps=150, lr=5e-3, warmup_steps=10, lr_schedule="cosine", grad_clip=None, ema_halflife_steps=20,
-                      checkpoint_every=1000, log_every=50)
-    result = train(model, lambda step: iter(lambda: batch, None), cfg, checkpoint_path=tmp_path / "m.pt",
-                   progress=False, on_log=logs.append)
+    cfg = TrainConfig(
+        max_steps=150,
+        lr=5e-3,
+        warmup_steps=10,
+        lr_schedule="cosine",
+        grad_clip=None,
+        ema_halflife_steps=20,
+        checkpoint_every=1000,
+        log_every=50,
+    )
+    result = train(
+        model,
+        lambda step: iter(lambda: batch, None),
+        cfg,
+        checkpoint_path=tmp_path / "m.pt",
+        progress=False,
+        on_log=logs.append,
+    )
     assert result.step == 150 and len(result.losses) == 150 and result.resumed_from == 0
-    assert [r["step"] for r in logs] == [50, 100, 150] and set(logs[0]) == {"step", "loss", "lr", "grad_norm", "steps_per_s"}
+    assert [r["step"] for r in logs] == [50, 100, 150] and set(logs[0]) == {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "steps_per_s",
+    }
     ema, meta = load_checkpoint(result.checkpoint_path)
     assert meta.step == 150 and meta.train["lr"] == 5e-3 and meta.method == "edm"
     after = eval_loss(ema, batch)
@@ -84,7 +122,9 @@ class Interrupt(Exception):
 def test_resume_after_interruption_gives_identical_weights(tmp_path):
     cfg = TrainConfig(max_steps=10, lr=1e-3, warmup_steps=3, checkpoint_every=4, log_every=1, seed=3)
     # uninterrupted reference (dropout exercises the global RNG that resume must restore)
-    ref = train(tiny_model(dropout=0.2), batches_from, cfg, checkpoint_path=tmp_path / "ref.pt", progress=False)
+    ref = train(
+        tiny_model(dropout=0.2), batches_from, cfg, checkpoint_path=tmp_path / "ref.pt", progress=False
+    )
 
     def crash_at_6(record):
         if record["step"] == 6:
@@ -92,7 +132,14 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
 
     path = tmp_path / "run.pt"
     with pytest.raises(Interrupt):
-        train(tiny_model(dropout=0.2), batches_from, cfg, checkpoint_path=path, progress=False, on_log=crash_at_6)
+        train(
+            tiny_model(dropout=0.2),
+            batches_from,
+            cfg,
+            checkpoint_path=path,
+            progress=False,
+            on_log=crash_at_6,
+        )
     assert read_checkpoint(path).metadata.step == 4
     # a fresh process would rebuild the model from scratch; the checkpoint supplies every state
     torch.manual_seed(12345)
@@ -105,15 +152,29 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     # a finished run returns at once with the same result
     again = train(tiny_model(dropout=0.2), batches_from, cfg, checkpoint_path=path, progress=False)
-    assert again.resumed_from == 10 and again.losses == ref.losses and again.content_sha256 == resumed.content_sha256
+    assert (
+        again.resumed_from == 10
+        and again.losses == ref.losses
+        and again.content_sha256 == resumed.content_sha256
+    )
 
 
 def test_resume_refuses_other_models_and_inference_only_files(tmp_path):
     cfg = TrainConfig(max_steps=2, warmup_steps=0, checkpoint_every=1)
     path = tmp_path / "m.pt"
     train(tiny_model(), batches_from, cfg, checkpoint_path=path, progress=False)
-    other = EDMPrecond(UNet(UNetConfig(out_channels=1, cond_channels=2, base_channels=8, channel_mults=(1, 2),
-                                       num_blocks=1, attention_levels=())))
+    other = EDMPrecond(
+        UNet(
+            UNetConfig(
+                out_channels=1,
+                cond_channels=2,
+                base_channels=8,
+                channel_mults=(1, 2),
+                num_blocks=1,
+                attention_levels=(),
+            )
+        )
+    )
     with pytest.raises(CheckpointError, match="written for another model"):
         train(other, batches_from, cfg, checkpoint_path=path, progress=False)
     slim = tmp_path / "slim.pt"
@@ -128,23 +189,52 @@ def test_resume_refuses_other_models_and_inference_only_files(tmp_path):
 
 def test_metadata_is_carried_and_checked(tmp_path):
     model = tiny_model()
-    meta = CheckpointMetadata(method="dpdm", unet=model.net.config, edm=model.config, variables=("tas",),
-                              cond_channels=("tas_coarse", "orog"), data={"source": "synthetic"})
-    train(model, batches_from, TrainConfig(max_steps=1, warmup_steps=0), checkpoint_path=tmp_path / "m.pt",
-          metadata=meta, progress=False)
+    meta = CheckpointMetadata(
+        method="dpdm",
+        unet=model.net.config,
+        edm=model.config,
+        variables=("tas",),
+        cond_channels=("tas_coarse", "orog"),
+        data={"source": "synthetic"},
+    )
+    train(
+        model,
+        batches_from,
+        TrainConfig(max_steps=1, warmup_steps=0),
+        checkpoint_path=tmp_path / "m.pt",
+        metadata=meta,
+        progress=False,
+    )
     _, loaded = load_checkpoint(tmp_path / "m.pt", expect={"variables": ["tas"], "method": "dpdm"})
-    assert loaded.cond_channels == ("tas_coarse", "orog") and loaded.step == 1 and loaded.data == {"source": "synthetic"}
-    wrong = CheckpointMetadata(method="dpdm", unet=UNetConfig(out_channels=1, cond_channels=2), variables=("tas",))
+    assert (
+        loaded.cond_channels == ("tas_coarse", "orog")
+        and loaded.step == 1
+        and loaded.data == {"source": "synthetic"}
+    )
+    wrong = CheckpointMetadata(
+        method="dpdm", unet=UNetConfig(out_channels=1, cond_channels=2), variables=("tas",)
+    )
     with pytest.raises(ValueError, match="do not describe the model"):
-        train(tiny_model(), batches_from, TrainConfig(max_steps=1), checkpoint_path=tmp_path / "x.pt",
-              metadata=wrong, progress=False)
+        train(
+            tiny_model(),
+            batches_from,
+            TrainConfig(max_steps=1),
+            checkpoint_path=tmp_path / "x.pt",
+            metadata=wrong,
+            progress=False,
+        )
 
 
 def test_exhausted_batches_and_config_checks(tmp_path):
     two = [fixed_batch(), fixed_batch(seed=1)]
     with pytest.raises(ValueError, match="ran out after 2 batch"):
-        train(tiny_model(), iter(two), TrainConfig(max_steps=5, warmup_steps=0), checkpoint_path=tmp_path / "m.pt",
-              progress=False)
+        train(
+            tiny_model(),
+            iter(two),
+            TrainConfig(max_steps=5, warmup_steps=0),
+            checkpoint_path=tmp_path / "m.pt",
+            progress=False,
+        )
     cfg = TrainConfig(lr=1e-3, warmup_steps=4, max_steps=14, lr_schedule="cosine")
     assert [cfg.lr_at(s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert cfg.lr_at(9) == pytest.approx(5e-4) and cfg.lr_at(14) == pytest.approx(0, abs=1e-12)

@@ -19,8 +19,14 @@ def _one_thread():
 
 
 def tiny(**kw) -> UNetConfig:
-    base = dict(out_channels=2, cond_channels=3, base_channels=8, channel_mults=(1, 2, 2), num_blocks=1,
-                attention_levels=(2,))
+    base = dict(
+        out_channels=2,
+        cond_channels=3,
+        base_channels=8,
+        channel_mults=(1, 2, 2),
+        num_blocks=1,
+        attention_levels=(2,),
+    )
     return UNetConfig(**{**base, **kw})
 
 
@@ -85,8 +91,14 @@ def test_output_depends_on_every_input():
     net = randomized(UNet(tiny()))
     x, c_noise, cond, toy = inputs()
     ref = net(x, c_noise, cond, toy)
-    for i, changed in enumerate([(x + 0.5, c_noise, cond, toy), (x, c_noise + 1, cond, toy),
-                                 (x, c_noise, cond + 0.5, toy), (x, c_noise, cond, toy + 0.3)]):
+    for i, changed in enumerate(
+        [
+            (x + 0.5, c_noise, cond, toy),
+            (x, c_noise + 1, cond, toy),
+            (x, c_noise, cond + 0.5, toy),
+            (x, c_noise, cond, toy + 0.3),
+        ]
+    ):
         assert (net(*changed) - ref).abs().max() > 1e-4, f"input {i} has no effect"
 
 
