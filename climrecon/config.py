@@ -29,6 +29,8 @@ __all__ = [
     "RegridConfig",
     "SyntheticConfig",
     "SampleCatalogConfig",
+    "TrainSection",
+    "DownscaleConfig",
     "ClimReconConfig",
     "load_config",
     "apply_overrides",
@@ -142,12 +144,105 @@ class SampleCatalogConfig(_Model):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+class TrainSection(_Model):
+    """Training of the DPDM-style conditional patch model on perfect-model pairs from a fine truth store.
+
+    Year ranges are inclusive; ``heldout_years`` are never read for training (nor statistics), only checked
+    to be disjoint from the training and validation years.
+    """
+
+    truth: str | None = Field(
+        None, description="fine truth Zarr (synthetic reanalysis or ERA5 monthly means); default: the sample's"
+    )
+    static: str | None = Field(None, description="global static-fields store; default: the sample's static store")
+    variables: list[Literal["tas", "uas", "vas", "pr", "psl"]] = ["tas", "uas", "vas"]
+    factor: int = Field(8, ge=2, description="perfect-model coarsening factor (fine cells per coarse cell)")
+    patch_size: int = Field(32, ge=8)
+    train_years: tuple[int, int] = (1961, 2005)
+    validation_years: tuple[int, int] = (2006, 2010)
+    heldout_years: tuple[int, int] = (2011, 2020)
+    batch_size: int = Field(16, ge=1)
+    max_steps: int = Field(4000, ge=1)
+    lr: float = Field(6e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    ema_halflife_steps: float = Field(200.0, gt=0)
+    checkpoint_every: int = Field(250, ge=1)
+    base_channels: int = Field(32, ge=1)
+    channel_mults: list[int] = [1, 2, 2]
+    num_blocks: int = Field(1, ge=1)
+    attention_levels: list[int] = [2]
+    mid_attention: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1)
+    time_harmonics: int = Field(2, ge=0)
+    sigma_data: float = Field(1.0, gt=0, description="EDM sigma_data of the normalised targets (std 1)")
+    P_mean: float = -1.2
+    P_std: float = Field(1.2, gt=0)
+    seed: int = Field(0, ge=0)
+    threads: int = Field(1, ge=1, description="torch intra-op threads on CPU")
+    device: str = "auto"
+    checkpoint: str = Field("outputs/train/dpdm-westus-x8.pt", description="training checkpoint path (resumable)")
+
+    @model_validator(mode="after")
+    def _years(self) -> TrainSection:
+        spans = {"train_years": self.train_years, "validation_years": self.validation_years,
+                 "heldout_years": self.heldout_years}
+        for name, (a, b) in spans.items():
+            if b < a:
+                raise ValueError(f"{name} ({a}, {b}) ends before it starts")
+        h0, h1 = self.heldout_years
+        for name in ("train_years", "validation_years"):
+            a, b = spans[name]
+            if a <= h1 and h0 <= b:
+                raise ValueError(f"{name} ({a}, {b}) overlaps heldout_years ({h0}, {h1}): held-out years must never be trained on")
+        if self.patch_size % self.factor:
+            raise ValueError(f"patch_size ({self.patch_size}) must be a multiple of factor ({self.factor})")
+        return self
+
+
+class DownscaleConfig(_Model):
+    """Patch-based diffusion sampling of a regridded store into an N-member ensemble (downscale stage).
+
+    A work unit is ``months_per_unit`` time steps x ``members_per_unit`` members; the member store has
+    chunks of 1 member x ``time_chunk`` steps, so ``months_per_unit`` must be a multiple of ``time_chunk``.
+    Unit sizes, ``max_patches_per_batch`` and ``device`` only change how the work is cut, never the bytes
+    (seeds derive from (seed, absolute month, member)), so they are not part of the store's key.
+    """
+
+    checkpoint: str | None = Field(None, description="model checkpoint; default: the one *.pt in <repo>/checkpoints/")
+    fine: str | None = Field(None, description="regridded fine store (conditioning); default: this config's regrid output")
+    static: str | None = Field(None, description="static store on the fine grid; default: this config's regrid output")
+    coarse: str | None = Field(None, description="regridded coarse store (checked only); default: this config's regrid output")
+    members: int = Field(8, ge=1, description="ensemble members")
+    seed: int = Field(20261121, ge=0, description="base seed; member m of month t uses seed_for(seed, t, m)")
+    num_steps: int = Field(18, ge=2, description="Heun sampler steps (2 network calls each but the last)")
+    blend: Literal["every_step", "once"] = "every_step"
+    overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
+    months_per_unit: int = Field(12, ge=1, description="time steps per work unit (a multiple of time_chunk)")
+    members_per_unit: int = Field(8, ge=1, description="members per work unit")
+    max_patches_per_batch: int = Field(32, ge=1, description="patches per network call (fixed call shape)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk of the member store")
+    zarr_format: Literal[2, 3] = 3
+
+    @model_validator(mode="after")
+    def _units_align(self) -> DownscaleConfig:
+        if self.months_per_unit % self.time_chunk:
+            raise ValueError(
+                f"months_per_unit ({self.months_per_unit}) must be a multiple of time_chunk ({self.time_chunk}): "
+                "a work unit writes whole zarr chunks"
+            )
+        return self
+
+
 class ClimReconConfig(_Model):
     data_home: str = Field(default_factory=lambda: str(default_data_home()))
     storage: StorageConfig = StorageConfig()
     sample: SampleCatalogConfig = SampleCatalogConfig()
     ingest: IngestConfig = IngestConfig()
     regrid: RegridConfig = RegridConfig()
+    train: TrainSection = TrainSection()
+    downscale: DownscaleConfig = DownscaleConfig()
 
     def sample_dir(self) -> Path:
         return Path(self.sample.directory or Path(self.data_home) / "sample")

@@ -2,6 +2,12 @@
 
 Prefect orchestrates (tasks, retries, state); Dask computes (every lazy xarray operation a task runs
 goes to the client opened here, which becomes the default scheduler while the context is open).
+
+GPU pools: :func:`gpu_pool_spec` describes a local cluster with one worker per GPU (``resources={"GPU":
+1}``, ``CUDA_VISIBLE_DEVICES`` set to its device) plus CPU workers that declare no resources; work
+submitted with ``resources={"GPU": 1}`` (see :func:`sampling_resources`) runs only on the GPU workers.
+``fake_gpu=True`` (tests, machines without GPUs) makes the first worker declare ``GPU=1`` without a
+device, so that pinning can be checked anywhere.
 """
 
 from __future__ import annotations
@@ -9,10 +15,45 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
-__all__ = ["dask_client"]
+__all__ = ["dask_client", "gpu_pool_spec", "local_gpu_count", "sampling_resources"]
+
+GPU = "GPU"
+
+
+def local_gpu_count() -> int:
+    """CUDA devices on this machine (0 without torch or CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install counts as no GPU
+        return 0
+
+
+def gpu_pool_spec(
+    n_gpus: int, cpu_workers: int = 0, threads_per_worker: int = 1, fake_gpu: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Worker specs (for ``SpecCluster``): ``gpu-<i>`` per GPU with ``resources={"GPU": 1}`` and
+    ``CUDA_VISIBLE_DEVICES=i``, then ``cpu-<j>`` workers without resources. ``fake_gpu``: the GPU workers
+    declare the resource but see no device (``CUDA_VISIBLE_DEVICES=""``), for tests on CPU-only machines."""
+    spec: dict[str, dict[str, Any]] = {}
+    for i in range(n_gpus):
+        env = {"CUDA_VISIBLE_DEVICES": "" if fake_gpu else str(i)}
+        spec[f"gpu-{i}"] = {"cls": Nanny, "options": {"nthreads": 1, "resources": {GPU: 1}, "env": env,
+                                                      "silence_logs": logging.ERROR}}
+    for j in range(cpu_workers):
+        spec[f"cpu-{j}"] = {"cls": Nanny, "options": {"nthreads": threads_per_worker, "silence_logs": logging.ERROR}}
+    return spec
+
+
+def sampling_resources(client: Client) -> dict[str, float] | None:
+    """``{"GPU": 1}`` when some worker of ``client``'s cluster declares a GPU, else None (run anywhere)."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})  # all workers, not the first 5
+    return {GPU: 1} if any(w.get("resources", {}).get(GPU, 0) > 0 for w in workers.values()) else None
 
 
 @contextmanager
@@ -20,13 +61,21 @@ def dask_client(
     address: str | None = None,
     n_workers: int | None = None,
     threads_per_worker: int = 1,
+    *,
+    gpu_workers: int | None = 0,
+    fake_gpu: bool = False,
 ) -> Iterator[Client]:
-    """A ``distributed.Client`` for the block: connected to ``address`` if given, else to a new LocalCluster.
+    """A ``distributed.Client`` for the block: connected to ``address`` if given, else to a new local cluster.
 
-    The LocalCluster uses worker processes (``n_workers``, default: Dask's choice for this machine) with
+    The local cluster uses worker processes (``n_workers``, default: Dask's choice for this machine) with
     ``threads_per_worker`` threads each (1 by default: netCDF/HDF5 reads are not thread-safe), its
     dashboard on a free port (``client.dashboard_link``), and quiet logs. It is closed on exit; a
     cluster reached by address is left running.
+
+    ``gpu_workers``: 0 (default) a plain LocalCluster; ``None`` one GPU worker per local CUDA device (a
+    plain LocalCluster when there is none); ``k > 0`` a GPU pool (:func:`gpu_pool_spec`) of ``k`` GPU
+    workers plus ``n_workers`` CPU workers (default 1). ``fake_gpu``: a pool whose first of ``n_workers``
+    workers declares ``GPU=1`` without a device (tests on CPU-only machines).
     """
     # Prefect's logging set-up re-enables INFO on the "distributed" logger; keep the console to warnings.
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -34,11 +83,24 @@ def dask_client(
         with Client(address, set_as_default=True) as client:
             yield client
         return
-    with LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster, set_as_default=True) as client:
+    if fake_gpu:
+        n = max(n_workers or 2, 1)
+        spec = gpu_pool_spec(1, n - 1, threads_per_worker, fake_gpu=True)
+    else:
+        gpus = local_gpu_count() if gpu_workers is None else gpu_workers
+        spec = gpu_pool_spec(gpus, 1 if n_workers is None else n_workers, threads_per_worker) if gpus else None
+    if spec is None:
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+    else:
+        scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+        cluster = SpecCluster(workers=spec, scheduler=scheduler, silence_logs=logging.ERROR)
+    with cluster, Client(cluster, set_as_default=True) as client:
+        if spec is not None:
+            client.wait_for_workers(len(spec))
         yield client

@@ -39,24 +39,27 @@ variable instead of a shared ``threshold``. Coordinates carry bounds: ``time_bnd
 store), ``lat_bnds``/``lon_bnds`` (copied, or cell edges from regular centres). A NaN in any member
 makes every statistic NaN at that cell and time.
 
-Chunking (for readers): statistics are chunked ``(time_chunk, lat, lon)`` with whole maps, quantile and
-threshold one per chunk; ``time_chunk`` defaults to 120 months. Measured with
-``benchmarks/aggregate.py`` on S3 (moto on 127.0.0.1), 80 x 80 cells, 40 years (480 months), reading
-``tas_mean`` from a fresh ``xr.open_zarr`` (median of 5; see ``benchmarks/results/aggregate.json``):
+Chunking (for readers): ``time_chunk`` steps (default 120 months) by equal lat/lon tiles of about 1 MB
+(:func:`spatial_chunks`; whole maps when they fit), quantile and threshold one per chunk. Measured with
+``benchmarks/aggregate.py`` on S3 (moto on 127.0.0.1, 2 busy cores): 80 x 80 cells, 40 years (480
+months) of ``tas_mean``, fresh ``xr.open_zarr`` per read, median of 5 (benchmarks/results/aggregate.json):
 
-=================================  ===================  =============================
+=================================  ===================  ==================================
 chunks (time, lat, lon)            one map (a month)    one point over 40 years
-=================================  ===================  =============================
-(12, 80, 80)                       {t12_map}            {t12_point}
-(120, 80, 80)  <- chosen           {t120_map}           {t120_point}
-(120, 40, 40)                      {tile_map}           {tile_point}
-=================================  ===================  =============================
+=================================  ===================  ==================================
+(12, 80, 80)                       0.110 / 0.147 s      0.557 / 0.640 s (40 chunks)
+(120, 80, 80)                      0.115 / 0.139 s      0.162 / 0.184 s (4 chunks of 3 MB)
+(120, 40, 40)  <- chosen           0.105 / 0.208 s      0.108 / 0.239 s (4 chunks of 0.8 MB)
+=================================  ===================  ==================================
 
-Year-long chunks make a point series cost 40 requests; decade chunks cut that to 4 while a map still
-costs one ~3 MB request; spatial tiles help points little more (the series is already 4 requests) and
-make maps cost 4. A write block is one time chunk: memory is bounded by one block whatever the number of
-years, and a block is reduced in latitude bands sized by ``memory_budget`` whatever the number of
-members (every band holds all members of a few rows).
+(two runs, the second on a busier machine). Year-long chunks make a point series 3.5-5x slower (40
+requests) for no gain on maps. Between whole-map and tiled decade chunks the two runs disagree: at 80 x
+80 the difference is within the noise of a shared machine. Tiles win as the grid grows: a whole-map
+decade chunk of a 1000 x 1000 grid is 480 MB, and one point series would read 4 of them; ~1 MB tiles
+keep a point read at 4 small requests and a map at a few concurrent ones on any grid.
+A write block is one time chunk (all tiles): memory is bounded by one block whatever the
+number of years, and a block is reduced in latitude bands sized by ``memory_budget`` whatever the
+number of members (every band holds all members of a few rows).
 
 Contract: :func:`plan_aggregate` checks the member store (complete, dims, thresholds) and writes nothing;
 :func:`prepare_aggregate` writes the template once and returns the missing time blocks;
@@ -106,6 +109,7 @@ __all__ = [
     "AggregatePlan",
     "load_aggregate_config",
     "ensemble_statistics",
+    "spatial_chunks",
     "plan_aggregate",
     "prepare_aggregate",
     "aggregate_block",
@@ -117,6 +121,7 @@ __all__ = [
 AGGREGATE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
 STATISTICS = ("mean", "std", "quantile", "exceedance", "members")
 MEMORY_BUDGET = 256 * 2**20  # bytes of member data one latitude band may hold
+CHUNK_BYTES = 2**20  # target size of one output chunk (float32)
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 _PROV_OBJECT = "provenance.json"
 log = logging.getLogger(__name__)
@@ -396,11 +401,27 @@ def _coords(plan: AggregatePlan, src: xr.Dataset) -> xr.Dataset:
     return out
 
 
+def spatial_chunks(time_chunk: int, n_lat: int, n_lon: int, target_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+    """Rows and columns per chunk: equal tiles of about ``target_bytes`` float32 with ``time_chunk`` steps.
+
+    Whole maps when they fit (80 x 80 at 12 months); otherwise the fewest equal tiles that do (80 x 80 at
+    120 months: 40 x 40), so a point series reads ``n_time / time_chunk`` small chunks on any grid size.
+    """
+    side = max(1, int((target_bytes / (4 * time_chunk)) ** 0.5))
+
+    def tile(n: int) -> int:
+        pieces = -(-n // side)
+        return -(-n // pieces)
+
+    return tile(n_lat), tile(n_lon)
+
+
 def _template(plan: AggregatePlan, src: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
     """A dask-backed template (nothing computed) and its encoding: one chunk per time block and map."""
     cfg, n, tc = plan.config, plan.n_time, plan.config.time_chunk
     ds = _coords(plan, src)
-    ny, nx = ds.sizes["lat"], ds.sizes["lon"]
+    ny, nx = spatial_chunks(tc, ds.sizes["lat"], ds.sizes["lon"])
+    n_lat, n_lon = ds.sizes["lat"], ds.sizes["lon"]
     time_enc = {k: src["time"].encoding[k] for k in ("units", "calendar") if k in src["time"].encoding}
     encoding: dict[str, Any] = {"time": {**time_enc, "dtype": "float64", "chunks": (tc,)}}
     if "time_bnds" in src:
@@ -408,7 +429,7 @@ def _template(plan: AggregatePlan, src: xr.Dataset) -> tuple[xr.Dataset, dict[st
         encoding["time_bnds"] = {**time_enc, "dtype": "float64", "chunks": (tc, ds.sizes["bnds"])}
 
     def empty(*lead: int) -> da.Array:
-        return da.empty((*lead, n, ny, nx), chunks=(*(1 for _ in lead), tc, ny, nx), dtype=np.float32)
+        return da.empty((*lead, n, n_lat, n_lon), chunks=(*(1 for _ in lead), tc, ny, nx), dtype=np.float32)
 
     for v in plan.variables:
         a = src[v].attrs

@@ -510,7 +510,8 @@ def regrid_blocks(
             local = {"time": slice(region["time"].start - start, region["time"].stop - start)}
             src, coarse, fine = (ds.isel(local) for ds in graph)
             valid = src[list(plan.variables)].notnull().any(("lat", "lon"))
-            with dask.config.set(scheduler="synchronous"):
+            # all-NaN target cells (a masked field) are NaN by design: no warning for their 0/0
+            with dask.config.set(scheduler="synchronous"), np.errstate(invalid="ignore", divide="ignore"):
                 valid, coarse, fine = dask.compute(valid, coarse, fine)
                 if not all(bool(valid[v].all()) for v in plan.variables):
                     check_time_slices(src.load(), f"source store {plan.source_url}")  # raises, naming the step

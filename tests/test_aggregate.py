@@ -30,6 +30,7 @@ from climrecon.tasks.aggregate import (
     plan_aggregate,
     prepare_aggregate,
     run_aggregate,
+    spatial_chunks,
 )
 
 CFTIME = xr.coders.CFDatetimeCoder(use_cftime=True)
@@ -225,6 +226,9 @@ def test_incomplete_or_foreign_member_store_is_refused(tmp_path):
 
 def test_config_errors_name_the_field(member_store, tmp_path):
     url, _ = member_store
+    # chunks: whole maps when ~1 MB allows, else equal tiles (the layout benchmarks/aggregate.py chose)
+    assert spatial_chunks(12, 80, 80) == (80, 80) and spatial_chunks(120, 80, 80) == (40, 40)
+    assert spatial_chunks(120, 1000, 1000) == (46, 46)
     with pytest.raises(AggregateError, match=r"aggregate.thresholds names \['pr'\]"):
         plan_aggregate(url, AggregateConfig(thresholds={"pr": [1e-5]}), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="fractions, not percent"):

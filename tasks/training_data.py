@@ -1,0 +1,247 @@
+"""Perfect-model training data for conditional patch diffusion: fine truth -> (target, conditioning) pairs.
+
+Pipeline (one home for it; training, evaluation and the shipped-checkpoint tests all use it):
+
+1. :func:`open_truth` opens a fine truth Zarr (the synthetic reanalysis, or ERA5 monthly means with the same
+   schema: ``(time, lat, lon)`` float32 variables, cftime months) and :func:`select_years` picks whole years,
+   failing when a requested year is not in the store.
+2. :func:`perfect_model_pairs` coarsens the truth by ``factor`` (area means), puts it back on the fine grid
+   (bilinear, edges clamped) and stacks it with the static fields (``static_on_grid`` on the truth's grid)
+   and position: the conditioning of :func:`climrecon.tasks.conditioning.conditioning_stack`.
+3. :func:`fit_target_normalization` computes the target statistics on the TRAINING years only;
+   :func:`normalize_conditioning` maps the conditioning to network space: each ``<var>_coarse`` channel with
+   its variable's target statistics (so coarse and fine share one scale), static channels with the FIXED
+   constants of :data:`STATIC_SCALING` (``(x - offset) / scale``: orog in km, orog_std in 200 m, sftlf to
+   [-1, 1]), position channels (sin/cos, already in [-1, 1]) unchanged.
+4. :class:`PatchBatches` draws random ``patch_size`` crops and months: the batch of step ``k`` depends only
+   on ``seed_for(seed, k)``, so ``batches(first_step)`` resumes exactly (see :mod:`climrecon.models.trainer`).
+
+Memory: everything is held in memory as float32. For the default setup (80 x 80 cells, 45 training years,
+3 variables) that is ~33 MB of targets plus ~33 MB of time-varying conditioning; static and position channels
+are stored once, not per month.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from climrecon.catalogs.static import open_static_fields
+from climrecon.models.normalization import NormalizationStats
+from climrecon.models.samplers import seed_for
+from climrecon.models.trainer import Batch
+from climrecon.tasks.conditioning import (
+    POSITION_CHANNELS,
+    ConditioningSpec,
+    coarse_on_fine,
+    conditioning_stack,
+    perfect_model_coarse,
+    time_of_year,
+)
+from climrecon.tasks.grids import Grid
+from climrecon.tasks.regrid import static_on_grid
+
+__all__ = [
+    "TrainingDataError",
+    "STATIC_SCALING",
+    "open_truth",
+    "select_years",
+    "static_for_truth",
+    "perfect_model_pairs",
+    "fit_target_normalization",
+    "normalize_conditioning",
+    "PatchBatches",
+]
+
+STATIC_SCALING: dict[str, tuple[float, float]] = {
+    "orog": (0.0, 1000.0),  # m -> km
+    "orog_std": (0.0, 200.0),  # sub-grid spread, in units of 200 m
+    "sftlf": (50.0, 50.0),  # % -> [-1, 1]
+}
+"""Fixed ``(offset, scale)`` of each static conditioning channel: network value = (x - offset) / scale."""
+
+
+class TrainingDataError(ValueError):
+    """The truth store cannot provide the requested training data (missing variable or years)."""
+
+
+def open_truth(url: str, variables: Sequence[str], storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """Lazily open a fine truth store with cftime times; raises naming the store if a variable is missing."""
+    try:
+        ds = xr.open_zarr(
+            str(url),
+            storage_options=storage_options or None,
+            decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
+        )
+    except (FileNotFoundError, KeyError) as exc:
+        raise TrainingDataError(f"no truth store at {url} ({type(exc).__name__}: {exc})") from None
+    missing = [v for v in variables if v not in ds.data_vars]
+    if missing:
+        raise TrainingDataError(
+            f"truth store {url} lacks variable(s) {missing}; it has {sorted(map(str, ds.data_vars))}"
+        )
+    return ds[list(variables)]
+
+
+def select_years(ds: xr.Dataset, years: tuple[int, int], name: str = "truth") -> xr.Dataset:
+    """The months of the inclusive year range ``years``; every one of those years must be in ``ds``."""
+    first, last = int(years[0]), int(years[1])
+    have = np.array([t.year for t in ds["time"].values])
+    missing = sorted(set(range(first, last + 1)) - set(have.tolist()))
+    if missing:
+        span = f"{have.min()}-{have.max()}" if have.size else "no times"
+        raise TrainingDataError(
+            f"{name}: years {first}-{last} requested but {len(missing)} of them ({missing[0]}..{missing[-1]}) "
+            f"are not in the store (it covers {span}); change the year range in the train config"
+        )
+    return ds.isel(time=np.flatnonzero((have >= first) & (have <= last)))
+
+
+def static_for_truth(static_url: str, truth: xr.Dataset, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+    """orog, orog_std, sftlf on the truth's grid from a global static store."""
+    static = open_static_fields(static_url, storage_options)
+    grid = Grid.from_dataset(truth, "truth")
+    lat, lon = grid.lat, grid.lon
+    pad = 1.0  # degrees around the domain, enough for interpolation / aggregation stencils
+    sub = static.sel(lat=slice(lat.min() - pad, lat.max() + pad), lon=slice(lon.min() - pad, lon.max() + pad))
+    return static_on_grid(sub.load(), grid, name=f"static store {static_url}")
+
+
+def perfect_model_pairs(
+    truth: xr.Dataset, static_fine: xr.Dataset, spec: ConditioningSpec
+) -> tuple[xr.Dataset, xr.DataArray]:
+    """(target, conditioning) in physical units from fine truth: target = truth[spec.variables] (loaded,
+    float32); conditioning = :func:`conditioning_stack` of the truth coarsened by ``spec.factor`` and
+    bilinearly put back on the fine grid, with ``static_fine`` (time, channel, lat, lon)."""
+    target = truth[list(spec.variables)].astype("float32").load()
+    grid = Grid.from_dataset(target, "truth")
+    if grid.nlat % spec.factor or grid.nlon % spec.factor:
+        raise TrainingDataError(
+            f"truth grid {grid.describe()} is not a whole number of {spec.factor} x {spec.factor} coarse cells"
+        )
+    coarse_fine = coarse_on_fine(perfect_model_coarse(target, spec.factor), grid)
+    return target, conditioning_stack(coarse_fine, static_fine, spec)
+
+
+def fit_target_normalization(train_target: xr.Dataset, variables: Sequence[str]) -> NormalizationStats:
+    """Statistics of the TRAINING-year targets (pass only training years), one entry per variable."""
+    return NormalizationStats.fit({v: train_target[v].values for v in variables})
+
+
+def normalize_conditioning(
+    cond: np.ndarray | torch.Tensor, channel_names: Sequence[str], stats: NormalizationStats
+) -> np.ndarray | torch.Tensor:
+    """Physical conditioning [..., C, H, W] -> network space (module docstring, step 3)."""
+    if cond.shape[-3] != len(channel_names):
+        raise TrainingDataError(
+            f"conditioning has {cond.shape[-3]} channels but {len(channel_names)} names {list(channel_names)}"
+        )
+    planes = []
+    for i, name in enumerate(channel_names):
+        x = cond[..., i, :, :]
+        if name.endswith("_coarse") and name[: -len("_coarse")] in stats.variables:
+            one = stats.subset([name[: -len("_coarse")]])
+            planes.append(one.normalize(x[..., None, :, :])[..., 0, :, :])
+        elif name in STATIC_SCALING:
+            offset, scale = STATIC_SCALING[name]
+            planes.append((x - offset) / scale)
+        elif name in POSITION_CHANNELS:
+            planes.append(x)
+        else:
+            raise TrainingDataError(
+                f"no normalisation rule for conditioning channel {name!r}; known: <variable>_coarse for "
+                f"{list(stats.variables)}, {sorted(STATIC_SCALING)}, {list(POSITION_CHANNELS)}"
+            )
+    if isinstance(cond, torch.Tensor):
+        return torch.stack(planes, dim=-3).to(torch.float32)
+    return np.stack(planes, axis=-3).astype(np.float32)
+
+
+@dataclass
+class PatchBatches:
+    """Random-crop batches of normalised (target, conditioning, time of year), deterministic by step.
+
+    ``target`` [T, V, H, W], ``cond_dynamic`` [T, Cd, H, W] (the coarse channels), ``cond_static``
+    [Cs, H, W] (static + position, identical every month), all in network space; ``time_of_year`` [T];
+    ``years`` [T] the calendar year of each month (kept to prove which years a batch can touch).
+    The conditioning of a batch is ``cat(cond_dynamic, cond_static)``, the channel order of the spec.
+    """
+
+    target: np.ndarray
+    cond_dynamic: np.ndarray
+    cond_static: np.ndarray
+    time_of_year: np.ndarray
+    years: np.ndarray
+    patch_size: int
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        t, _, h, w = self.target.shape
+        if self.patch_size > min(h, w):
+            raise TrainingDataError(f"patch_size {self.patch_size} exceeds the domain ({h} x {w} cells)")
+        if self.cond_dynamic.shape[0] != t or self.time_of_year.shape != (t,) or self.years.shape != (t,):
+            raise TrainingDataError("target, cond_dynamic, time_of_year and years must share the time axis")
+
+    @classmethod
+    def from_pairs(
+        cls,
+        target: xr.Dataset,
+        cond: xr.DataArray,
+        spec: ConditioningSpec,
+        stats: NormalizationStats,
+        *,
+        patch_size: int,
+        batch_size: int,
+        seed: int = 0,
+    ) -> PatchBatches:
+        names = spec.channel_names()
+        z_target = stats.normalize(np.stack([target[v].values for v in spec.variables], axis=1))
+        z_cond = normalize_conditioning(cond.values, names, stats)
+        nd = len(spec.variables)
+        return cls(
+            target=np.ascontiguousarray(z_target, dtype=np.float32),
+            cond_dynamic=np.ascontiguousarray(z_cond[:, :nd]),
+            cond_static=np.ascontiguousarray(z_cond[0, nd:]),
+            time_of_year=time_of_year(target["time"].values),
+            years=np.array([t.year for t in target["time"].values]),
+            patch_size=patch_size,
+            batch_size=batch_size,
+            seed=seed,
+        )
+
+    def draw(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(time indices, crop rows, crop cols) of the batch of ``step``, from ``seed_for(seed, step)``."""
+        rng = np.random.default_rng(seed_for(self.seed, step))
+        t, _, h, w = self.target.shape
+        idx = rng.integers(0, t, self.batch_size)
+        rows = rng.integers(0, h - self.patch_size + 1, self.batch_size)
+        cols = rng.integers(0, w - self.patch_size + 1, self.batch_size)
+        return idx, rows, cols
+
+    def batch(self, step: int) -> Batch:
+        idx, rows, cols = self.draw(step)
+        p = self.patch_size
+        tgt, cnd = [], []
+        for i, r, c in zip(idx, rows, cols, strict=True):
+            tgt.append(self.target[i, :, r : r + p, c : c + p])
+            cnd.append(
+                np.concatenate([self.cond_dynamic[i, :, r : r + p, c : c + p], self.cond_static[:, r : r + p, c : c + p]])
+            )
+        return Batch(
+            target=torch.from_numpy(np.stack(tgt)),
+            cond=torch.from_numpy(np.stack(cnd)),
+            time_of_year=torch.from_numpy(self.time_of_year[idx]),
+        )
+
+    def __call__(self, first_step: int) -> Iterator[Batch]:
+        """The infinite batch stream of a run that has completed ``first_step`` steps."""
+        step = first_step
+        while True:
+            yield self.batch(step)
+            step += 1
