@@ -80,7 +80,8 @@ def write_members(root: str, years: int) -> dict:
 
 
 def aggregate(member_url: str, root: str, time_chunk: int) -> dict:
-    from climrecon.tasks.aggregate import AggregateConfig, plan_aggregate, run_aggregate
+    from climrecon.config import AggregateConfig
+    from climrecon.tasks.aggregate import plan_aggregate, run_aggregate
 
     cfg = AggregateConfig(time_chunk=time_chunk)
     start = time.perf_counter()

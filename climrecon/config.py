@@ -31,6 +31,7 @@ __all__ = [
     "SampleCatalogConfig",
     "TrainSection",
     "DownscaleConfig",
+    "AggregateConfig",
     "ClimReconConfig",
     "load_config",
     "apply_overrides",
@@ -235,6 +236,37 @@ class DownscaleConfig(_Model):
         return self
 
 
+class AggregateConfig(_Model):
+    """What the aggregate stage computes ."""
+
+    quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95], description="in [0, 1]")
+    thresholds: dict[str, list[float]] = Field(
+        default_factory=lambda: {"tas": [273.15, 303.15]},
+        description="per variable, in its units: exceedance probabilities P(x > t)",
+    )
+    include_members: bool = Field(False, description="also copy the members into the output store")
+    time_chunk: int = Field(120, ge=1, description="months per output chunk and per write block")
+    zarr_format: Literal[2, 3] = 3
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, v: list[float]) -> list[float]:
+        bad = [q for q in v if not 0.0 <= q <= 1.0]
+        if bad:
+            raise ValueError(f"quantiles must lie in [0, 1] (fractions, not percent); got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"quantiles must be distinct; got {v}")
+        return sorted(v)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, values in v.items():
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"thresholds.{name} must be a non-empty list of distinct values; got {values}")
+        return {k: sorted(vals) for k, vals in v.items()}
+
+
 class ClimReconConfig(_Model):
     data_home: str = Field(default_factory=lambda: str(default_data_home()))
     storage: StorageConfig = StorageConfig()
@@ -243,6 +275,7 @@ class ClimReconConfig(_Model):
     regrid: RegridConfig = RegridConfig()
     train: TrainSection = TrainSection()
     downscale: DownscaleConfig = DownscaleConfig()
+    aggregate: AggregateConfig = AggregateConfig()
 
     def sample_dir(self) -> Path:
         return Path(self.sample.directory or Path(self.data_home) / "sample")

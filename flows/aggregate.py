@@ -13,14 +13,13 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from climrecon.catalogs.output_catalog import add_to_output_catalog, output_catalog_url
-from climrecon.config import StorageConfig
+from climrecon.config import StorageConfig, load_config
 from climrecon.flows.runtime import dask_client
 from climrecon.storage import resolve_storage_options
 from climrecon.tasks.aggregate import (
     AggregateConfig,
     AggregatePlan,
     finalize_aggregate,
-    load_aggregate_config,
     plan_aggregate,
     prepare_aggregate,
     run_blocks,
@@ -70,8 +69,8 @@ def aggregate_flow(
     A complete output store is skipped (only its catalog rows are refreshed); an incomplete one is
     filled where blocks are missing. The store is listed in ``<storage.root>/catalogs/outputs.json``.
     """
-    cfg, agg = load_aggregate_config(config_path, overrides or [])
-    plan = plan_task(member_store, agg, cfg.storage)
+    cfg = load_config(config_path, overrides or [])
+    plan = plan_task(member_store, cfg.aggregate, cfg.storage)
     with dask_client(scheduler_address):
         pending = prepare_task(plan, cfg.storage)
         groups = [pending[i : i + BLOCKS_PER_TASK] for i in range(0, len(pending), BLOCKS_PER_TASK)]

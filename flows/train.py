@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", nargs="?", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # Prefect set one up
     result = run_training(load_config(args.config, args.overrides), log=logging.getLogger("climrecon.train"))
     print(f"{result.checkpoint_path} {result.content_sha256} steps={result.step} seconds={result.seconds:.0f}")
 

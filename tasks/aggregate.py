@@ -73,20 +73,16 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import xarray as xr
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from climrecon.config import ClimReconConfig, ConfigError, apply_overrides, load_config
+from climrecon.config import AggregateConfig
 
 from climrecon.provenance import (
     prov_document,
@@ -104,10 +100,8 @@ from climrecon.tasks.grids import lat_edges_from_centres, lon_edges_from_centres
 __all__ = [
     "AGGREGATE_VERSION",
     "STATISTICS",
-    "AggregateConfig",
     "AggregateError",
     "AggregatePlan",
-    "load_aggregate_config",
     "ensemble_statistics",
     "spatial_chunks",
     "plan_aggregate",
@@ -131,96 +125,6 @@ class AggregateError(ValueError):
     """A member store or aggregate config is unusable; the message names the store, variable or field."""
 
 
-class AggregateConfig(BaseModel):
-    """What the aggregate stage computes (to become ``ClimReconConfig.aggregate``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95], description="in [0, 1]")
-    thresholds: dict[str, list[float]] = Field(
-        default_factory=lambda: {"tas": [273.15, 303.15]},
-        description="per variable, in its units: exceedance probabilities P(x > t)",
-    )
-    include_members: bool = Field(False, description="also copy the members into the output store")
-    time_chunk: int = Field(120, ge=1, description="months per output chunk and per write block")
-    zarr_format: Literal[2, 3] = 3
-
-    @field_validator("quantiles")
-    @classmethod
-    def _quantiles(cls, v: list[float]) -> list[float]:
-        bad = [q for q in v if not 0.0 <= q <= 1.0]
-        if bad:
-            raise ValueError(f"quantiles must lie in [0, 1] (fractions, not percent); got {bad}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"quantiles must be distinct; got {v}")
-        return sorted(v)
-
-    @field_validator("thresholds")
-    @classmethod
-    def _thresholds(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
-        for name, values in v.items():
-            if not values or len(set(values)) != len(values):
-                raise ValueError(f"thresholds.{name} must be a non-empty list of distinct values; got {values}")
-        return {k: sorted(vals) for k, vals in v.items()}
-
-
-def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_aggregate_config(
-    config_path: str | Path | None = None, overrides: Sequence[str] = ()
-) -> tuple[ClimReconConfig, AggregateConfig]:
-    """The run's config and its ``aggregate`` section (file section, then ``aggregate.*`` overrides).
-
-    Once :class:`~climrecon.config.ClimReconConfig` has an ``aggregate`` field this is just
-    ``load_config``; until then the ``aggregate:`` section and overrides are split off and validated
-    here, so a config file with that section already works. Errors name the file and dotted key.
-    """
-    if "aggregate" in ClimReconConfig.model_fields:
-        cfg = load_config(config_path, list(overrides))
-        return cfg, cfg.aggregate  # type: ignore[attr-defined]
-    mine = [o for o in overrides if o.strip().startswith("aggregate.")]
-    rest = [o for o in overrides if o not in mine]
-    section: dict[str, Any] = {}
-    if config_path and Path(config_path).is_file():
-        try:
-            raw = yaml.safe_load(Path(config_path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from None
-        if isinstance(raw, dict) and "aggregate" in raw:
-            section = raw.pop("aggregate") or {}
-            with tempfile.TemporaryDirectory() as tmp:
-                stripped = Path(tmp) / "config.yaml"
-                stripped.write_text(yaml.safe_dump(raw))
-                try:
-                    cfg = load_config(stripped, rest)
-                except ConfigError as exc:
-                    raise ConfigError(str(exc).replace(str(stripped), str(config_path))) from None
-        else:
-            cfg = load_config(config_path, rest)
-    else:
-        cfg = load_config(config_path, rest)
-    source = str(config_path) if config_path else "embedded defaults"
-    if not isinstance(section, dict):
-        raise ConfigError(f"invalid configuration in {source}:\n  aggregate: must be a mapping")
-    # defaults first, then the file's section, then overrides (as load_config does for its sections)
-    merged = apply_overrides({"aggregate": _merged(AggregateConfig().model_dump(mode="json"), section)}, mine)
-    merged = merged["aggregate"]
-    try:
-        return cfg, AggregateConfig.model_validate(merged)
-    except ValidationError as exc:
-        lines = [f"invalid configuration in {source}:"]
-        for e in exc.errors():
-            loc = ".".join(["aggregate", *(str(p) for p in e["loc"])])
-            lines.append(f"  {loc}: {'unknown key (not allowed here)' if e['type'] == 'extra_forbidden' else e['msg']}")
-        raise ConfigError("\n".join(lines)) from None
-
-
-# -- the statistics ----------------------------------------------------------------------------------------
 def ensemble_statistics(
     x: np.ndarray, quantiles: Sequence[float], thresholds: Sequence[float] = ()
 ) -> dict[str, np.ndarray]:

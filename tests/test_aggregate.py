@@ -19,14 +19,12 @@ from climrecon.catalogs.output_catalog import (
     output_catalog_url,
     read_output_rows,
 )
-from climrecon.config import ConfigError
+from climrecon.config import AggregateConfig, ConfigError, load_config
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.aggregate import (
-    AggregateConfig,
     AggregateError,
     aggregate_block,
     ensemble_statistics,
-    load_aggregate_config,
     plan_aggregate,
     prepare_aggregate,
     run_aggregate,
@@ -235,10 +233,11 @@ def test_config_errors_name_the_field(member_store, tmp_path):
         AggregateConfig(quantiles=[5, 50, 95])
     config = tmp_path / "run.yaml"
     config.write_text(f"storage:\n  root: {tmp_path / 'o'}\naggregate:\n  time_chunk: 6\n  quantiles: [0.25]\n")
-    cfg, agg = load_aggregate_config(config, ["aggregate.include_members=true"])
+    cfg = load_config(config, ["aggregate.include_members=true"])
+    agg = cfg.aggregate
     assert cfg.storage.root == str(tmp_path / "o") and agg.time_chunk == 6 and agg.quantiles == [0.25]
     assert agg.include_members
     with pytest.raises(ConfigError, match=rf"{config}:\n  aggregate.time_chunk: Input should be greater"):
-        load_aggregate_config(config, ["aggregate.time_chunk=0"])
+        load_config(config, ["aggregate.time_chunk=0"])
     with pytest.raises(ConfigError, match="aggregate.colour: unknown key"):
-        load_aggregate_config(config, ["aggregate.colour=red"])
+        load_config(config, ["aggregate.colour=red"])

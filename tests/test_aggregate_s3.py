@@ -18,7 +18,8 @@ from test_aggregate import check_against_members, member_dataset, write_member_s
 
 from climrecon.catalogs.output_catalog import open_output_catalog, open_outputs, output_catalog_url
 from climrecon.flows.aggregate import aggregate_flow
-from climrecon.tasks.aggregate import AggregateConfig, AggregateError, plan_aggregate
+from climrecon.config import AggregateConfig
+from climrecon.tasks.aggregate import AggregateError, plan_aggregate
 
 CFTIME = xr.coders.CFDatetimeCoder(use_cftime=True)
 PLANTED = "planted-upstream-secret-42"
