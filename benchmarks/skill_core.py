@@ -28,12 +28,14 @@ import xarray as xr
 from climrecon.config import load_config
 from climrecon.flows.train import default_static_url, default_truth_url
 from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint
+from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.tasks import metrics
 from climrecon.tasks.conditioning import ConditioningSpec, time_of_year
 from climrecon.tasks.patch_sampling import sample_domain
 from climrecon.tasks.tiling import make_tiling
 from climrecon.tasks.training_data import (
+    fine_from_target,
     normalize_conditioning,
     open_truth,
     perfect_model_pairs,
@@ -81,11 +83,13 @@ def sample_ensemble(
     seed: int = 0,
     max_patches_per_batch: int = 64,
 ) -> xr.Dataset:
-    """Ensemble (member, time, lat, lon) in physical units; member ``m`` of month ``t`` uses
-    ``seed_for(seed, t, m)``."""
+    """Ensemble (member, time, lat, lon) of fine fields in physical units (residual models: plus the coarse
+    input); member ``m`` of month ``t`` uses ``seed_for(seed, t, m)``."""
     h, w = cond.sizes["lat"], cond.sizes["lon"]
     tiling = make_tiling(h, w, int(meta.grid.patch_size), overlap)
-    z_cond = torch.from_numpy(normalize_conditioning(cond.values, list(cond.channel.values), meta.normalization))
+    cond_stats = meta.data.get("conditioning_normalization")
+    cond_stats = NormalizationStats.from_dict(cond_stats) if cond_stats else meta.normalization
+    z_cond = torch.from_numpy(normalize_conditioning(cond.values, list(cond.channel.values), cond_stats))
     toy = torch.from_numpy(time_of_year(cond["time"].values))
     out = np.empty((members, cond.sizes["time"], len(meta.variables), h, w), np.float32)
     for t in range(cond.sizes["time"]):
@@ -102,9 +106,10 @@ def sample_ensemble(
         )
         out[:, t] = meta.normalization.denormalize(z).numpy()
     coords = {"time": cond["time"], "lat": cond["lat"], "lon": cond["lon"]}
-    return xr.Dataset(
+    values = xr.Dataset(
         {v: (("member", "time", "lat", "lon"), out[:, :, i]) for i, v in enumerate(meta.variables)}, coords=coords
     )
+    return fine_from_target(values, cond, meta.variables, meta.data.get("target", "full"))
 
 
 def skill(ensemble: xr.Dataset, truth: xr.Dataset, bilinear: xr.Dataset) -> dict[str, Any]:
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "patch_size": meta.grid.patch_size},
         "checkpoint": {"path": str(Path(args.checkpoint).resolve().relative_to(REPO))
                        if Path(args.checkpoint).resolve().is_relative_to(REPO) else args.checkpoint,
-                       "step": meta.step, "train_years": list(trained), "method": meta.method},
+                       "step": meta.step, "train_years": list(trained), "method": meta.method,
+                       "target": meta.data.get("target", "full")},
         "goals": {"mae_ratio_vs_bilinear_x8": "<= 0.35", "crps": "< ensemble_mean_mae (each variable)"},
         "seconds": {"inputs": round(t1 - t0, 2), "sampling": round(t2 - t1, 2)},
         "torch_threads": args.threads,

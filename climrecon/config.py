@@ -158,6 +158,9 @@ class TrainSection(_Model):
     static: str | None = Field(None, description="global static-fields store; default: the sample's static store")
     variables: list[Literal["tas", "uas", "vas", "pr", "psl"]] = ["tas", "uas", "vas"]
     factor: int = Field(8, ge=2, description="perfect-model coarsening factor (fine cells per coarse cell)")
+    target: Literal["residual", "full"] = Field(
+        "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
+    )
     patch_size: int = Field(32, ge=8)
     train_years: tuple[int, int] = (1961, 2005)
     validation_years: tuple[int, int] = (2006, 2010)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, Worker
 
 __all__ = ["dask_client", "gpu_pool_spec", "local_gpu_count", "sampling_resources"]
 
@@ -35,18 +35,23 @@ def local_gpu_count() -> int:
 
 
 def gpu_pool_spec(
-    n_gpus: int, cpu_workers: int = 0, threads_per_worker: int = 1, fake_gpu: bool = False
+    n_gpus: int, cpu_workers: int = 0, threads_per_worker: int = 1, fake_gpu: bool = False, processes: bool = True
 ) -> dict[str, dict[str, Any]]:
     """Worker specs (for ``SpecCluster``): ``gpu-<i>`` per GPU with ``resources={"GPU": 1}`` and
     ``CUDA_VISIBLE_DEVICES=i``, then ``cpu-<j>`` workers without resources. ``fake_gpu``: the GPU workers
-    declare the resource but see no device (``CUDA_VISIBLE_DEVICES=""``), for tests on CPU-only machines."""
+    declare the resource but see no device (``CUDA_VISIBLE_DEVICES=""``), for tests on CPU-only machines.
+    ``processes=False``: workers are threads of this process (fast to start; tests), without the env."""
+    if not processes and n_gpus and not fake_gpu:
+        raise ValueError("a GPU pool needs worker processes (each sees its own CUDA_VISIBLE_DEVICES)")
     spec: dict[str, dict[str, Any]] = {}
     for i in range(n_gpus):
-        env = {"CUDA_VISIBLE_DEVICES": "" if fake_gpu else str(i)}
-        spec[f"gpu-{i}"] = {"cls": Nanny, "options": {"nthreads": 1, "resources": {GPU: 1}, "env": env,
-                                                      "silence_logs": logging.ERROR}}
+        options: dict[str, Any] = {"nthreads": 1, "resources": {GPU: 1}}
+        if processes:
+            options.update(env={"CUDA_VISIBLE_DEVICES": "" if fake_gpu else str(i)}, silence_logs=logging.ERROR)
+        spec[f"gpu-{i}"] = {"cls": Nanny if processes else Worker, "options": options}
     for j in range(cpu_workers):
-        spec[f"cpu-{j}"] = {"cls": Nanny, "options": {"nthreads": threads_per_worker, "silence_logs": logging.ERROR}}
+        options = {"nthreads": threads_per_worker, **({"silence_logs": logging.ERROR} if processes else {})}
+        spec[f"cpu-{j}"] = {"cls": Nanny if processes else Worker, "options": options}
     return spec
 
 
@@ -64,6 +69,7 @@ def dask_client(
     *,
     gpu_workers: int | None = 0,
     fake_gpu: bool = False,
+    processes: bool = True,
 ) -> Iterator[Client]:
     """A ``distributed.Client`` for the block: connected to ``address`` if given, else to a new local cluster.
 
@@ -75,7 +81,8 @@ def dask_client(
     ``gpu_workers``: 0 (default) a plain LocalCluster; ``None`` one GPU worker per local CUDA device (a
     plain LocalCluster when there is none); ``k > 0`` a GPU pool (:func:`gpu_pool_spec`) of ``k`` GPU
     workers plus ``n_workers`` CPU workers (default 1). ``fake_gpu``: a pool whose first of ``n_workers``
-    workers declares ``GPU=1`` without a device (tests on CPU-only machines).
+    workers declares ``GPU=1`` without a device (tests on CPU-only machines). ``processes=False``: the
+    workers are threads of this process (quick to start; for tests).
     """
     # Prefect's logging set-up re-enables INFO on the "distributed" logger; keep the console to warnings.
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -85,7 +92,7 @@ def dask_client(
         return
     if fake_gpu:
         n = max(n_workers or 2, 1)
-        spec = gpu_pool_spec(1, n - 1, threads_per_worker, fake_gpu=True)
+        spec = gpu_pool_spec(1, n - 1, threads_per_worker, fake_gpu=True, processes=processes)
     else:
         gpus = local_gpu_count() if gpu_workers is None else gpu_workers
         spec = gpu_pool_spec(gpus, 1 if n_workers is None else n_workers, threads_per_worker) if gpus else None
@@ -93,7 +100,7 @@ def dask_client(
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
-            processes=True,
+            processes=processes,
             dashboard_address=":0",
             silence_logs=logging.ERROR,
         )

@@ -33,6 +33,7 @@ from climrecon.tasks.training_data import (
     PatchBatches,
     fit_target_normalization,
     open_truth,
+    residual_target,
     perfect_model_pairs,
     select_years,
     static_for_truth,
@@ -73,7 +74,8 @@ def default_static_url(cfg: ClimReconConfig) -> str:
 @dataclass
 class TrainingSetup:
     batches: PatchBatches
-    stats: NormalizationStats
+    stats: NormalizationStats  # of what the network generates (residuals or full fields)
+    cond_stats: NormalizationStats  # full-field statistics, for the coarse conditioning channels
     spec: ConditioningSpec
     grid: Grid
     data: dict[str, Any]  # labelled description of the training data (goes into the checkpoint)
@@ -85,9 +87,13 @@ def prepare_training(section: TrainSection, truth_url: str, static_url: str) -> 
     truth = select_years(open_truth(truth_url, spec.variables), section.train_years, f"truth store {truth_url}")
     static = static_for_truth(static_url, truth)
     target, cond = perfect_model_pairs(truth, static, spec)
+    cond_stats = fit_target_normalization(target, spec.variables)
+    if section.target == "residual":
+        target = residual_target(target, cond, spec.variables)
     stats = fit_target_normalization(target, spec.variables)
     batches = PatchBatches.from_pairs(
-        target, cond, spec, stats, patch_size=section.patch_size, batch_size=section.batch_size, seed=section.seed
+        target, cond, spec, stats, patch_size=section.patch_size, batch_size=section.batch_size,
+        seed=section.seed, cond_stats=cond_stats,
     )
     attrs = open_truth(truth_url, spec.variables).attrs
     data = {
@@ -100,9 +106,11 @@ def prepare_training(section: TrainSection, truth_url: str, static_url: str) -> 
         "heldout_years": list(section.heldout_years),
         "months": int(target.sizes["time"]),
         "conditioning": "perfect model: truth coarsened by area means, bilinear back to the fine grid",
+        "target": section.target,
+        "conditioning_normalization": cond_stats.to_dict(),
         "static_scaling": {k: list(v) for k, v in STATIC_SCALING.items()},
     }
-    return TrainingSetup(batches, stats, spec, Grid.from_dataset(truth, "truth"), data)
+    return TrainingSetup(batches, stats, cond_stats, spec, Grid.from_dataset(truth, "truth"), data)
 
 
 def build_model(section: TrainSection, n_cond: int) -> EDMPrecond:
@@ -151,7 +159,7 @@ def run_training(cfg: ClimReconConfig, *, progress: bool = False, log: logging.L
     if log:
         log.info("UNet: %d parameters; %d training months", count_parameters(model), setup.data["months"])
     metadata = CheckpointMetadata(
-        method="dpdm",
+        method="dpdm-residual" if section.target == "residual" else "dpdm",
         unet=model.net.config,
         edm=model.config,
         variables=setup.spec.variables,

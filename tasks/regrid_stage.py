@@ -480,7 +480,8 @@ def _lazy_outputs(
 ) -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
     """Source, coarse and fine fields over the time steps ``window`` as one lazy dask graph, chunked by
     ``time_chunk`` (``window`` starts on a block boundary, so dask chunks are the store's blocks)."""
-    src = open_source(plan.source_url, storage_options)
+    # lazily indexed (not dask) until chunked here: the blocks need not match the source's own chunks
+    src = open_source(plan.source_url, storage_options, lazy=False)
     keep = [*plan.variables, *(["time_bnds"] if "time_bnds" in src else [])]
     src = src[keep].isel(time=window).chunk({"time": plan.config.time_chunk, "lat": -1, "lon": -1})
     coarse = conservative(src, plan.coarse_grid, name=f"source store {plan.source_url}")

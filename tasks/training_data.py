@@ -8,7 +8,12 @@ Pipeline (one home for it; training, evaluation and the shipped-checkpoint tests
 2. :func:`perfect_model_pairs` coarsens the truth by ``factor`` (area means), puts it back on the fine grid
    (bilinear, edges clamped) and stacks it with the static fields (``static_on_grid`` on the truth's grid)
    and position: the conditioning of :func:`climrecon.tasks.conditioning.conditioning_stack`.
-3. :func:`fit_target_normalization` computes the target statistics on the TRAINING years only;
+3. The network target is either the fine field itself (``target="full"``) or, by default, its RESIDUAL over
+   the bilinear coarse input, ``truth - <var>_coarse`` (``target="residual"``, :func:`residual_target`):
+   the model then only generates the fine-scale detail the coarse field lacks, and large-scale errors
+   cannot creep in; physical fields come back with :func:`fine_from_target`.
+   :func:`fit_target_normalization` computes the target statistics on the TRAINING years only, and so do
+   the conditioning statistics (the full fields' statistics, whatever the target);
    :func:`normalize_conditioning` maps the conditioning to network space: each ``<var>_coarse`` channel with
    its variable's target statistics (so coarse and fine share one scale), static channels with the FIXED
    constants of :data:`STATIC_SCALING` (``(x - offset) / scale``: orog in km, orog_std in 200 m, sftlf to
@@ -54,6 +59,9 @@ __all__ = [
     "static_for_truth",
     "perfect_model_pairs",
     "fit_target_normalization",
+    "TARGET_KINDS",
+    "residual_target",
+    "fine_from_target",
     "normalize_conditioning",
     "PatchBatches",
 ]
@@ -128,6 +136,27 @@ def perfect_model_pairs(
     return target, conditioning_stack(coarse_fine, static_fine, spec)
 
 
+TARGET_KINDS = ("residual", "full")
+
+
+def _coarse(cond: xr.DataArray, variable: str) -> xr.DataArray:
+    return cond.sel(channel=f"{variable}_coarse", drop=True)
+
+
+def residual_target(target: xr.Dataset, cond: xr.DataArray, variables: Sequence[str]) -> xr.Dataset:
+    """``truth - <var>_coarse`` per variable (physical units): what a ``target="residual"`` model generates."""
+    return xr.Dataset({v: (target[v] - _coarse(cond, v)).astype("float32") for v in variables})
+
+
+def fine_from_target(values: xr.Dataset, cond: xr.DataArray, variables: Sequence[str], kind: str) -> xr.Dataset:
+    """Physical fine fields from denormalised model output: ``values`` (+ ``<var>_coarse`` for residuals)."""
+    if kind not in TARGET_KINDS:
+        raise TrainingDataError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
+    if kind == "full":
+        return values
+    return xr.Dataset({v: (values[v] + _coarse(cond, v)).astype("float32") for v in variables})
+
+
 def fit_target_normalization(train_target: xr.Dataset, variables: Sequence[str]) -> NormalizationStats:
     """Statistics of the TRAINING-year targets (pass only training years), one entry per variable."""
     return NormalizationStats.fit({v: train_target[v].values for v in variables})
@@ -199,10 +228,13 @@ class PatchBatches:
         patch_size: int,
         batch_size: int,
         seed: int = 0,
+        cond_stats: NormalizationStats | None = None,
     ) -> PatchBatches:
+        """``target`` holds what the network generates (full fields or residuals) and ``stats`` its
+        statistics; ``cond_stats`` (default ``stats``) normalise the coarse channels (full-field stats)."""
         names = spec.channel_names()
         z_target = stats.normalize(np.stack([target[v].values for v in spec.variables], axis=1))
-        z_cond = normalize_conditioning(cond.values, names, stats)
+        z_cond = normalize_conditioning(cond.values, names, cond_stats or stats)
         nd = len(spec.variables)
         return cls(
             target=np.ascontiguousarray(z_target, dtype=np.float32),

@@ -16,10 +16,12 @@ from climrecon.tasks.training_data import (
     STATIC_SCALING,
     PatchBatches,
     TrainingDataError,
+    fine_from_target,
     fit_target_normalization,
     normalize_conditioning,
     open_truth,
     perfect_model_pairs,
+    residual_target,
     select_years,
     static_for_truth,
 )
@@ -137,3 +139,20 @@ def test_missing_years_or_variables_fail_clearly(stores):
         open_truth(stores[0], ["tas", "pr"])
     with pytest.raises(TrainingDataError, match="no truth store"):
         open_truth(str(Path(stores[0]).parent / "nope.zarr"), ["tas"])
+
+
+def test_residual_target_round_trips_and_feeds_batches(train_pairs):
+    target, cond = train_pairs
+    residual = residual_target(target, cond, SPEC.variables)
+    np.testing.assert_allclose(residual["tas"], target["tas"] - cond.sel(channel="tas_coarse"), atol=1e-4)
+    back = fine_from_target(residual, cond, SPEC.variables, "residual")
+    np.testing.assert_allclose(back["uas"], target["uas"], atol=1e-5)
+    assert fine_from_target(target, cond, SPEC.variables, "full") is target
+    with pytest.raises(TrainingDataError, match="unknown target kind 'delta'"):
+        fine_from_target(target, cond, SPEC.variables, "delta")
+    full_stats = fit_target_normalization(target, SPEC.variables)
+    stats = fit_target_normalization(residual, SPEC.variables)
+    batches = PatchBatches.from_pairs(residual, cond, SPEC, stats, patch_size=16, batch_size=2, cond_stats=full_stats)
+    z = normalize_conditioning(cond.values, SPEC.channel_names(), full_stats)
+    np.testing.assert_allclose(batches.cond_dynamic, z[:, :3])
+    assert abs(float(batches.target.mean())) < 1e-3 and abs(float(batches.target.std()) - 1) < 1e-3
