@@ -137,5 +137,72 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOp
         typer.echo(url)
 
 
+@app.command()
+def regrid(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    source: Annotated[str | None, typer.Option(help="Ingested store URL (default: this config's ingest output).")] = None,
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Put an ingested store on the unified coarse grid and the high-resolution target grid.
+
+    Writes three hash-keyed Zarr stores: coarse (conservative), fine (the coarse field on the target grid:
+    the model's conditioning) and static fields on the target grid (elevation, its sub-grid spread, land
+    fraction). Runs the Prefect flow `regrid`; complete stores are skipped, partial ones filled.
+    """
+    from climrecon.flows.regrid import regrid_flow
+
+    _load(config, set_)
+    try:
+        urls = regrid_flow(config_path=str(config) if config else None, overrides=set_ or [], source_url=source,
+                           scheduler_address=scheduler)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    for name, url in urls.items():
+        typer.echo(f"{name}\t{url}")
+
+
+@app.command()
+def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train a conditional patch-diffusion downscaler on fine truth (default: the synthetic reanalysis).
+
+    Perfect-model pairs (truth area-averaged by train.factor), random patch crops, normalisation on the
+    training years only, EMA weights, resumable checkpoints and a loss-curve PNG beside the checkpoint.
+    Runs the Prefect flow `train`. The shipped checkpoint was made with
+    `climrecon train --config configs/train-dpdm-westus-x8.yaml` (see checkpoints/README.md).
+    """
+    from climrecon.flows.train import train_flow
+
+    _load(config, set_)
+    try:
+        path = train_flow(config_path=str(config) if config else None, overrides=set_ or [])
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    typer.echo(path)
+
+
+@app.command()
+def aggregate(
+    member_store: Annotated[str, typer.Argument(help="A complete member store written by `climrecon downscale`.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Ensemble mean, spread, quantiles and exceedance probabilities of a member store, with provenance.
+
+    Writes a CF-compliant Zarr store (local or s3://) with a W3C PROV-JSON document beside the data and
+    lists it in the output catalog (<storage.root>/catalogs/outputs.json). Runs the Prefect flow `aggregate`.
+    """
+    from climrecon.flows.aggregate import aggregate_flow
+
+    _load(config, set_)
+    try:
+        url = aggregate_flow(member_store, config_path=str(config) if config else None, overrides=set_ or [],
+                             scheduler_address=scheduler)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    typer.echo(url)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -115,7 +115,7 @@ class RegridConfig(_Model):
     resolution: float = Field(0.25, gt=0, description="target (fine) grid spacing, degrees")
     coarse_resolution: float = Field(5.0, gt=0, description="unified coarse grid spacing, degrees (ZSSD: 5)")
     fine_method: Literal["bilinear", "conservative"] = "bilinear"
-    static: str | None = Field(None, description="static-fields store (global); default: <sample dir>/static.zarr")
+    static: str | None = Field(None, description="static-fields store (global); default: the one the sample catalog built")
     time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk and per write block")
     zarr_format: Literal[2, 3] = 3
 
