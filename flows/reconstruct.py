@@ -1,0 +1,145 @@
+"""The whole reconstruction as one Prefect flow: ingest -> regrid -> downscale -> aggregate.
+
+Each stage runs as a subflow (its own flow run in the UI) and hands the next one store URLs, never
+datasets. Completed stages are skipped by their content keys (each stage checks its output store's
+complete marker), so re-running a reconstruction only does what is missing. One Dask cluster serves
+every stage; sampling tasks are pinned to its GPU workers, whose number bounds the GPU concurrency.
+
+Artifacts for the run: a table of every input and output store, a markdown summary with how to open
+the results, and PNG maps of the ensemble mean and spread of the first month.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from climrecon.config import ClimReconConfig, load_config
+from climrecon.flows.aggregate import aggregate_flow
+from climrecon.flows.downscale import downscale_flow
+from climrecon.flows.ingest import ingest_flow
+from climrecon.flows.regrid import regrid_flow
+from climrecon.flows.runtime import dask_client
+
+__all__ = ["reconstruct_flow", "model_grid_overrides", "STAGE_OPTIONS"]
+
+# Retries and time-outs per stage: I/O-bound stages retry quickly; sampling retries per work unit
+# inside the downscale flow, so the stage itself is not re-run whole.
+STAGE_OPTIONS: dict[str, dict[str, Any]] = {
+    "ingest": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 3600},
+    "regrid": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 3 * 3600},
+    "downscale": {"retries": 0, "timeout_seconds": 48 * 3600},
+    "aggregate": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 6 * 3600},
+}
+
+
+def model_grid_overrides(cfg: ClimReconConfig) -> list[str]:
+    """Overrides that put the regrid stage on the checkpoint's grids (fine resolution, coarse = factor x fine).
+
+    The downscale stage refuses conditioning that was not made on the model's coarse grid; a
+    reconstruction derives it from the checkpoint instead of asking the user to keep them in step.
+    """
+    from climrecon.models.checkpoint import read_checkpoint
+    from climrecon.tasks.downscale import default_checkpoint
+
+    meta = read_checkpoint(default_checkpoint(cfg.downscale.checkpoint)).metadata
+    fine = meta.grid.fine_resolution
+    return [f"regrid.resolution={fine}", f"regrid.coarse_resolution={fine * meta.grid.coarsening_factor}"]
+
+
+@task(name="sample-catalog", task_run_name="sample catalog (build if missing)", cache_policy=NO_CACHE)
+def ensure_sample_catalog(cfg: ClimReconConfig) -> str:
+    """Build the offline sample catalog when the run uses it (a re-run only checks it, in well under a second)."""
+    from climrecon.catalogs.sample import build_sample_catalog
+
+    return str(build_sample_catalog(cfg.sample_dir(), Path(cfg.data_home), include_synthetic=cfg.sample.synthetic,
+                                    progress=False))
+
+
+@task(name="report", task_run_name="report artifacts", cache_policy=NO_CACHE)
+def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
+    """Artifacts: the run's stores, a summary with how to open them, maps of ensemble mean and spread."""
+    rows = [{"stage": stage, "store": url} for stage in ("ingest", "regrid", "downscale", "aggregate")
+            for url in outputs.get(stage, [])]
+    create_table_artifact(rows, key="reconstruct-stores", description="Stores written or reused by this run")
+    lines = [
+        "# ClimRecon reconstruction",
+        "",
+        f"Output catalog: `{outputs['catalog']}`",
+        "",
+        "Open a result with plain xarray (add `storage_options=` for s3:// stores):",
+        "",
+        "```python",
+        "import xarray as xr",
+        *[f'ds = xr.open_zarr("{url}")' for url in outputs.get("aggregate", [])],
+        "```",
+    ]
+    for url in outputs.get("aggregate", []):
+        png = ensemble_maps_png(url, cfg)
+        if png is not None:
+            encoded = base64.b64encode(png.read_bytes()).decode()
+            lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
+    create_markdown_artifact("\n".join(lines), key="reconstruct-summary", description="Where the outputs are")
+
+
+def ensemble_maps_png(aggregate_url: str, cfg: ClimReconConfig) -> Path | None:
+    """PNG of the first variable's ensemble mean and spread in the first month of an aggregate store."""
+    import xarray as xr
+
+    from climrecon.storage import resolve_storage_options
+    from climrecon.tasks.plots import plot_maps
+
+    ds = xr.open_zarr(aggregate_url, storage_options=resolve_storage_options(cfg.storage.options) or None)
+    means = [str(v) for v in ds.data_vars if str(v).endswith("_mean")]
+    if not means:
+        return None
+    name = means[0][: -len("_mean")]
+    first = {"dim": 0} if "time" not in ds.dims else {"time": 0}
+    mean, spread = ds[f"{name}_mean"].isel(**first), ds[f"{name}_std"].isel(**first)
+    out = Path(tempfile.mkdtemp(prefix="climrecon-maps-")) / f"{name}_mean_spread.png"
+    return plot_maps({f"{name} ensemble mean": mean}, out, spread=spread,
+                     title=f"{name}, {str(ds.time.values[0])[:7]}" if "time" in ds.dims else name)
+
+
+@flow(name="reconstruct")
+def reconstruct_flow(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    scheduler_address: str | None = None,
+) -> dict[str, Any]:
+    """Run every stage on the config; returns ``{"ingest": [...], "regrid": [...], "downscale": [...],
+    "aggregate": [...], "catalog": url}`` (store URLs)."""
+    logger = get_run_logger()
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)
+    if cfg.ingest.catalog is None:
+        ensure_sample_catalog(cfg)
+    overrides += model_grid_overrides(cfg)
+    cfg = load_config(config_path, overrides)
+    outputs: dict[str, Any] = {"ingest": [], "regrid": [], "downscale": [], "aggregate": []}
+    with dask_client(scheduler_address, gpu_workers=None) as client:
+        address = client.scheduler.address
+        logger.info("Dask scheduler %s (dashboard %s)", address, client.dashboard_link)
+        ingested = ingest_flow.with_options(**STAGE_OPTIONS["ingest"])(config_path, overrides, address)
+        outputs["ingest"] = ingested
+        for source in ingested:
+            stores = regrid_flow.with_options(**STAGE_OPTIONS["regrid"])(config_path, overrides, source, address)
+            outputs["regrid"] += [stores["coarse"], stores["fine"], stores["static"]]
+            members = downscale_flow.with_options(**STAGE_OPTIONS["downscale"])(
+                config_path, overrides, stores["fine"], stores["static"], stores["coarse"], address
+            )
+            outputs["downscale"].append(members)
+            outputs["aggregate"].append(
+                aggregate_flow.with_options(**STAGE_OPTIONS["aggregate"])(members, config_path, overrides, address)
+            )
+    from climrecon.catalogs.output_catalog import output_catalog_url
+
+    outputs["catalog"] = output_catalog_url(cfg.storage.root)
+    report(outputs, cfg)
+    return outputs
