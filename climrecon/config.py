@@ -32,6 +32,7 @@ __all__ = [
     "TrainSection",
     "DownscaleConfig",
     "AggregateConfig",
+    "EvaluateConfig",
     "ClimReconConfig",
     "load_config",
     "apply_overrides",
@@ -270,6 +271,59 @@ class AggregateConfig(_Model):
         return {k: sorted(vals) for k, vals in v.items()}
 
 
+class EvaluateConfig(_Model):
+    """Perfect-model evaluation: fine truth -> area means by each factor -> every method -> skill on held-out years.
+
+    The truth is ``truth`` (a Zarr store or netCDF file of fine monthly fields, e.g. ERA5 monthly means),
+    else the catalog search ``truth_query`` (in ``catalog``, default the sample catalog), else the sample
+    catalog's synthetic reanalysis. Baselines are fitted on ``train_years`` only; scores use ``heldout_years``
+    only (every ``month_stride``-th month of them, to keep a CPU run affordable). ``diffusion`` runs only at
+    the factor its checkpoint was trained for; its ensembles have the sizes ``ensemble_sizes`` (the first k
+    members of one max(ensemble_sizes)-member ensemble, seeded per (month, member) as in the downscale stage).
+    """
+
+    truth: str | None = Field(None, description="fine truth Zarr/netCDF path or URL; default: see truth_query")
+    truth_query: CatalogQuery | None = Field(None, description="catalog search for the truth (one dataset)")
+    catalog: str | None = Field(None, description="intake-esm JSON for truth_query / defaults; default: the sample catalog")
+    static: str | None = Field(None, description="global static-fields store; default: the sample catalog's")
+    variables: list[Literal["tas", "uas", "vas", "pr", "psl"]] = ["tas", "uas", "vas", "pr"]
+    factors: list[int] = Field(default_factory=lambda: [4, 8, 16, 20], description="coarsening factors (>= 2)")
+    methods: list[Literal["bilinear", "bcsd", "qm", "diffusion"]] = ["bilinear", "bcsd", "qm", "diffusion"]
+    checkpoint: str | None = Field(None, description="diffusion checkpoint; default: the one *.pt in <repo>/checkpoints/")
+    ensemble_sizes: list[int] = Field(default_factory=lambda: [1, 16], description="diffusion ensemble sizes")
+    train_years: tuple[int, int] = (1961, 2005)
+    heldout_years: tuple[int, int] = (2011, 2020)
+    month_stride: int = Field(1, ge=1, description="score every n-th held-out month (5: 24 of 120, all 12 calendar months)")
+    seed: int = Field(20261121, ge=0, description="base seed of the diffusion ensembles")
+    num_steps: int = Field(18, ge=2, description="Heun sampler steps of the diffusion method")
+    blend: Literal["every_step", "once"] = "every_step"
+    overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
+    max_patches_per_batch: int = Field(32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: str | None = Field(None, description="directory for tables and figures; default: <storage.root>/evaluate")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateConfig:
+        for name in ("train_years", "heldout_years"):
+            a, b = getattr(self, name)
+            if b < a:
+                raise ValueError(f"{name} ({a}, {b}) ends before it starts")
+        (t0, t1), (h0, h1) = self.train_years, self.heldout_years
+        if t0 <= h1 and h0 <= t1:
+            raise ValueError(
+                f"train_years ({t0}, {t1}) overlap heldout_years ({h0}, {h1}): baselines must never see held-out years"
+            )
+        if any(f < 2 for f in self.factors) or len(set(self.factors)) != len(self.factors) or not self.factors:
+            raise ValueError(f"factors must be distinct integers >= 2, got {self.factors}")
+        if any(n < 1 for n in self.ensemble_sizes) or len(set(self.ensemble_sizes)) != len(self.ensemble_sizes) or not self.ensemble_sizes:
+            raise ValueError(f"ensemble_sizes must be distinct integers >= 1, got {self.ensemble_sizes}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be a non-empty list without repeats, got {self.methods}")
+        if self.truth and self.truth_query:
+            raise ValueError("give either truth (a path) or truth_query (a catalog search), not both")
+        return self
+
+
 class ClimReconConfig(_Model):
     data_home: str = Field(default_factory=lambda: str(default_data_home()))
     storage: StorageConfig = StorageConfig()
@@ -279,6 +333,7 @@ class ClimReconConfig(_Model):
     train: TrainSection = TrainSection()
     downscale: DownscaleConfig = DownscaleConfig()
     aggregate: AggregateConfig = AggregateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def sample_dir(self) -> Path:
         return Path(self.sample.directory or Path(self.data_home) / "sample")

@@ -12,14 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-
-from climrecon.config import ClimReconConfig, DownscaleConfig, StorageConfig, load_config
 from climrecon.flows.runtime import dask_client, sampling_resources
-from climrecon.storage import resolve_storage_options
 from climrecon.tasks.downscale import (
     DownscalePlan,
     UnitReport,
@@ -29,8 +22,15 @@ from climrecon.tasks.downscale import (
     prepare_downscale,
     submit_unit,
 )
+from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
-__all__ = ["downscale_flow", "default_inputs", "UNIT_RETRIES"]
+from climrecon.config import ClimReconConfig, DownscaleConfig, StorageConfig, load_config
+from climrecon.storage import resolve_storage_options
+
+__all__ = ["UNIT_RETRIES", "default_inputs", "downscale_flow"]
 
 UNIT_RETRIES = 2
 

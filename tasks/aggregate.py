@@ -57,12 +57,12 @@ requests) for no gain on maps. Between whole-map and tiled decade chunks the two
 80 the difference is within the noise of a shared machine. Tiles win as the grid grows: a whole-map
 decade chunk of a 1000 x 1000 grid is 480 MB, and one point series would read 4 of them; ~1 MB tiles
 keep a point read at 4 small requests and a map at a few concurrent ones on any grid.
-A write block is one time chunk (all tiles): memory is bounded by one block whatever the
-number of years, and a block is reduced in latitude bands sized by ``memory_budget`` whatever the
-number of members (every band holds all members of a few rows).
+A write block is one output chunk (a time block x one spatial tile): memory is bounded by one chunk's
+members whatever the number of years or the grid size, and a block is reduced in latitude bands sized
+by ``memory_budget`` whatever the number of members (every band holds all members of a few rows).
 
 Contract: :func:`plan_aggregate` checks the member store (complete, dims, thresholds) and writes nothing;
-:func:`prepare_aggregate` writes the template once and returns the missing time blocks;
+:func:`prepare_aggregate` writes the template once and returns the missing blocks;
 :func:`aggregate_block` reduces one block and writes it as a chunk-aligned region (Dask futures via
 :func:`run_blocks`); :func:`finalize_aggregate` writes ``<store>/provenance.json`` (W3C PROV-JSON),
 provenance attributes and the complete marker; :func:`run_aggregate` chains them and, given a catalog
@@ -114,7 +114,7 @@ __all__ = [
 
 AGGREGATE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
 STATISTICS = ("mean", "std", "quantile", "exceedance", "members")
-MEMORY_BUDGET = 256 * 2**20  # bytes of member data one latitude band may hold
+MEMORY_BUDGET = 32 * 2**20  # bytes of member data one latitude band may hold (measured: benchmarks/aggregate.py)
 CHUNK_BYTES = 2**20  # target size of one output chunk (float32)
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 _PROV_OBJECT = "provenance.json"
@@ -164,6 +164,7 @@ class AggregatePlan:
     variables: tuple[str, ...]
     n_member: int
     time_labels: tuple[str, ...]  # "YYYY-MM" per step
+    grid_shape: tuple[int, int]  # (n_lat, n_lon)
     started: str = field(default_factory=utc_now)
 
     @property
@@ -181,7 +182,11 @@ class AggregatePlan:
         return f"{self.time_labels[0].replace('-', '')}-{self.time_labels[-1].replace('-', '')}"
 
     def regions(self) -> list[dict[str, slice]]:
-        return [{"time": s} for s in time_blocks(self.n_time, self.config.time_chunk)]
+        """Write blocks: one output chunk each (time block x spatial tile), so memory is bounded by a chunk."""
+        ny, nx = self.grid_shape
+        ty, tx = spatial_chunks(self.config.time_chunk, ny, nx)
+        return [{"time": t, "lat": y, "lon": x} for t in time_blocks(self.n_time, self.config.time_chunk)
+                for y in time_blocks(ny, ty) for x in time_blocks(nx, tx)]
 
     def label(self, regions: Sequence[Mapping[str, slice]]) -> str:
         start, stop = regions[0]["time"].start, regions[-1]["time"].stop
@@ -259,6 +264,7 @@ def plan_aggregate(
         variables=variables,
         n_member=int(ds.sizes["member"]),
         time_labels=tuple(f"{t.year:04d}-{t.month:02d}" for t in ds["time"].values),
+        grid_shape=(int(ds.sizes["lat"]), int(ds.sizes["lon"])),
     )
 
 
@@ -407,7 +413,7 @@ def aggregate_block(
     storage_options: dict[str, Any] | None = None,
     memory_budget: int = MEMORY_BUDGET,
 ) -> bool:
-    """Reduce one time block over members and write it (a chunk-aligned region); False if already done.
+    """Reduce one block (time block x spatial tile) over members and write it (one output chunk); False if done.
 
     Reads the block in latitude bands of all members (each band at most ~``memory_budget`` bytes);
     the statistics of the whole block (no member axis) are assembled in memory and written at once.
@@ -418,7 +424,7 @@ def aggregate_block(
     if not store.pending([region]):
         return False
     cfg, t = plan.config, region["time"]
-    src = _open(plan.member_url, storage_options, "member store", lazy=False)
+    src = _open(plan.member_url, storage_options, "member store", lazy=False).isel(lat=region["lat"], lon=region["lon"])
     ny, nx, nt = src.sizes["lat"], src.sizes["lon"], t.stop - t.start
     band = _lat_band(plan, nt, ny, nx, memory_budget)
     out = xr.Dataset(coords={"time": src["time"].isel(time=t).variable.to_base_variable()})
@@ -443,7 +449,7 @@ def aggregate_block(
         if cfg.include_members:
             for m in range(plan.n_member):
                 one = xr.Dataset({v: (("member", "time", "lat", "lon"), var.isel(member=slice(m, m + 1)).values)})
-                one.to_zarr(plan.url, region={"member": slice(m, m + 1), "time": t}, mode="r+",
+                one.to_zarr(plan.url, region={"member": slice(m, m + 1), **region}, mode="r+",
                             storage_options=storage_options or None)
     store.write_block(out, dict(region))
     log.info("aggregate %s %s written", plan.name, plan.label([region]))

@@ -45,14 +45,9 @@ import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
-
-from climrecon.config import DownscaleConfig
 from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint, read_checkpoint
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import edm_sampler, make_generator, seed_for
-from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
-from climrecon.storage import join_url, public_url
-from climrecon.stores import StageStore, content_key
 from climrecon.tasks.conditioning import (
     POSITION_CHANNELS,
     ConditioningError,
@@ -60,27 +55,39 @@ from climrecon.tasks.conditioning import (
     conditioning_stack,
     time_of_year,
 )
-from climrecon.tasks.tiling import Tiling, TilingError, blend_patches, blend_weights, extract_patches, make_tiling
+from climrecon.tasks.tiling import (
+    Tiling,
+    TilingError,
+    blend_patches,
+    blend_weights,
+    extract_patches,
+    make_tiling,
+)
+
+from climrecon.config import DownscaleConfig
+from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
+from climrecon.storage import join_url, public_url
+from climrecon.stores import StageStore, content_key
 
 __all__ = [
     "DOWNSCALE_VERSION",
     "STATIC_SCALING",
     "DownscaleError",
-    "WorkUnit",
     "DownscalePlan",
     "UnitReport",
+    "WorkUnit",
     "default_checkpoint",
-    "month_index",
+    "finalize_downscale",
     "item_seeds",
+    "month_index",
     "normalize_conditioning",
-    "sample_items",
     "plan_downscale",
     "prepare_downscale",
+    "run_downscale",
+    "run_units",
+    "sample_items",
     "sample_unit",
     "write_unit",
-    "run_units",
-    "finalize_downscale",
-    "run_downscale",
 ]
 
 DOWNSCALE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused

@@ -15,14 +15,13 @@ domain); :func:`check_time_slices` is separate because it has to compute the dat
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import functools
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import xarray as xr
-from xarray_regrid.methods.conservative import apply_weights, format_weights
-from xarray_regrid.methods.interp import interp_regrid
-from xarray_regrid.utils import create_dot_dataarray
 
 from climrecon.tasks.grids import Grid, lat_edges_from_centres, lon_edges_from_centres
 
@@ -33,7 +32,10 @@ __all__ = [
     "check_target_in_domain",
     "area_weights",
     "coarsen_blocks",
+    "SeparableWeights",
+    "apply_separable",
     "bilinear",
+    "bilinear_weights",
     "conservative",
     "conservative_weights",
     "static_on_grid",
@@ -198,51 +200,231 @@ def _spatial_single_chunk(da: xr.DataArray, factor: int) -> xr.DataArray:
     return da.chunk(bad) if bad else da
 
 
+# -- separable application --------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SeparableWeights:
+    """A regridding between regular grids as 1-D operators: ``out[t] = lat @ x[t][rows][:, cols] @ lon.T``.
+
+    ``rows``/``cols`` index the source cells the target needs (a region of a global source reads only its
+    own part); ``lat`` is ``(n_target_lat, len(rows))``, ``lon`` ``(n_target_lon, len(cols))``. ``pole``
+    (bilinear from a global source only) adds ``pole @ zonal_mean(x[t][rows])`` to every target longitude:
+    the ghost rows at the poles. Built once per (source grid, target grid); applied by
+    :func:`apply_separable`, one NumPy call per dask chunk.
+    """
+
+    lat: np.ndarray
+    lon: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    pole: np.ndarray | None = None
+    # bilinear only: which source values a NaN propagates from (1.0 = in the stencil, even at weight 0)
+    nan_lat: np.ndarray | None = None
+    nan_lon: np.ndarray | None = None
+    nan_pole: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.lat.shape[0], self.lon.shape[0]
+
+
+def _matmul_2sided(w_lat: np.ndarray, x: np.ndarray, w_lon: np.ndarray) -> np.ndarray:
+    """``w_lat @ x @ w_lon.T`` over the last two axes of ``x``, in the cheaper association order."""
+    (tl, r), (tn, c) = w_lat.shape, w_lon.shape
+    if tl * r * c + tl * c * tn <= r * c * tn + tl * r * tn:
+        return np.matmul(np.matmul(w_lat, x), w_lon.T)
+    return np.matmul(w_lat, np.matmul(x, w_lon.T))
+
+
+def _bilinear_kernel(x: np.ndarray, w: SeparableWeights, dtype: np.dtype) -> np.ndarray:
+    """Bilinear on the last two axes; NaN wherever a source value in the target's stencil is NaN."""
+    rows = x[..., w.rows, :].astype(np.float64)
+    sub = rows[..., w.cols]
+    nan = np.isnan(sub)
+    any_nan = bool(nan.any())
+    out = _matmul_2sided(w.lat, np.where(nan, 0.0, sub) if any_nan else sub, w.lon)
+    if any_nan:  # NaN reaches every target whose 2 x 2 stencil holds it (as in scipy's interp1d)
+        out[_matmul_2sided(w.nan_lat, nan.astype(float), w.nan_lon) > 0] = np.nan
+    if w.pole is not None:  # pole value: the zonal mean of the outermost row (NaN cells skipped)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.nansum(rows, axis=-1) / np.sum(~np.isnan(rows), axis=-1)
+        out += np.matmul(w.pole, np.where(np.isnan(mean), 0.0, mean)[..., None])
+        empty = np.matmul(w.nan_pole, np.isnan(mean).astype(float)[..., None]) > 0
+        out = np.where(empty, np.nan, out)
+    return out.astype(dtype, copy=False)
+
+
+def _conservative_kernel(x: np.ndarray, w: SeparableWeights, threshold: float, dtype: np.dtype) -> np.ndarray:
+    """Area-weighted means on the last two axes, renormalised over the valid (non-NaN) overlap."""
+    sub = x[..., w.rows[:, None], w.cols[None, :]].astype(np.float64)
+    nan = np.isnan(sub)
+    if nan.any():
+        total = _matmul_2sided(w.lat, np.where(nan, 0.0, sub), w.lon)
+        valid = _matmul_2sided(w.lat, (~nan).astype(float), w.lon)
+    else:
+        total = _matmul_2sided(w.lat, sub, w.lon)
+        valid = np.broadcast_to(np.outer(w.lat.sum(1), w.lon.sum(1)), total.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = total / valid
+    out[valid < threshold] = np.nan
+    return out.astype(dtype, copy=False)
+
+
+def apply_separable(
+    da: xr.DataArray,
+    weights: SeparableWeights,
+    kernel: Callable[..., np.ndarray],
+    tlat: np.ndarray,
+    tlon: np.ndarray,
+    **kwargs: float,
+) -> xr.DataArray:
+    """``kernel(x, weights, dtype=..., **kwargs)`` over ``(lat, lon)`` of ``da``: one task per dask chunk.
+
+    Spatial dims are put in one chunk each (time/member chunks kept); the output has ``da``'s dims, attrs
+    and (floating) dtype, float64 for integer input, and the target ``lat``/``lon``.
+    """
+    dtype = da.dtype if np.issubdtype(da.dtype, np.floating) else np.dtype("float64")
+    if da.chunks is not None and any(len(da.chunksizes[d]) > 1 for d in _SPATIAL):
+        da = da.chunk({"lat": -1, "lon": -1})
+    out = xr.apply_ufunc(
+        kernel,
+        da,
+        input_core_dims=[list(_SPATIAL)],
+        output_core_dims=[list(_SPATIAL)],
+        exclude_dims=set(_SPATIAL),
+        kwargs={"w": weights, "dtype": dtype, **kwargs},
+        dask="parallelized",
+        output_dtypes=[dtype],
+        dask_gufunc_kwargs={"output_sizes": dict(zip(_SPATIAL, weights.shape))},
+        keep_attrs=True,
+    )
+    return out.assign_coords(lat=tlat, lon=tlon).transpose(*da.dims)
+
+
 # -- bilinear -------------------------------------------------------------------------------------------
-def _edge_ghost(da: xr.DataArray, dim: str, edge: float, side: int) -> xr.DataArray:
-    """A ghost row/column at ``edge``, linearly extrapolated from the two outermost cells on ``side``."""
-    i0, i1 = (0, 1) if side == 0 else (-1, -2)
-    c0, c1 = float(da[dim][i0]), float(da[dim][i1])
-    v0 = da.isel({dim: [i0]})
-    v1 = da.isel({dim: [i1]}).assign_coords({dim: v0[dim].values})
-    ghost = v0 + (v0 - v1) * ((edge - c0) / (c0 - c1))
-    return ghost.assign_coords({dim: [edge]})
+def _interp_matrix(axis: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-D linear interpolation on the increasing ``axis``: ``(weights, stencil)``, ``(len(query), len(axis))``.
+
+    Queries are clamped to the axis ends. The stencil marks the two bracketing nodes ``axis[k - 1] < q
+    <= axis[k]`` (scipy's interp1d), so a query on node ``k`` also lists ``k - 1``, at weight 0.
+    """
+    q = np.clip(query, axis[0], axis[-1])
+    hi = np.clip(np.searchsorted(axis, q, side="left"), 1, axis.size - 1)
+    lo, at = hi - 1, np.arange(q.size)
+    frac = (q - axis[lo]) / (axis[hi] - axis[lo])
+    weights, stencil = np.zeros((q.size, axis.size)), np.zeros((q.size, axis.size))
+    weights[at, lo], weights[at, hi] = 1.0 - frac, frac
+    stencil[at, lo] = stencil[at, hi] = 1.0
+    return weights, stencil
 
 
-def _wrap_lon(ds: xr.Dataset, target_lon: np.ndarray) -> xr.Dataset:
-    """Relabel a globe-wrapping source into the target's frame; pad it with wrapped columns on both sides."""
-    lon = np.asarray(ds["lon"], float)
+def _edge_ghost(centres: np.ndarray, edge: float, side: int) -> np.ndarray:
+    """Weights on ``centres`` of a ghost value at ``edge``, linearly extrapolated from the two outermost."""
+    i0, i1 = (0, 1) if side == 0 else (centres.size - 1, centres.size - 2)
+    r = (edge - centres[i0]) / (centres[i0] - centres[i1])
+    ghost = np.zeros(centres.size)
+    ghost[i0], ghost[i1] = 1.0 + r, -r
+    return ghost
+
+
+def _padded_axis(
+    centres: np.ndarray, edges: np.ndarray, poles: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres with ghost points on the domain edges: ``(coords, weights on centres, weights on row means)``.
+
+    A ghost at a pole of a global source (``poles``) is the zonal mean of the outermost row (one value at
+    the pole, like ESMF); any other ghost is linearly extrapolated from the two outermost centres.
+    """
+    coords, direct, mean = [centres], [np.eye(centres.size)], [np.zeros((centres.size, centres.size))]
+    for side, edge in ((0, float(edges[0])), (-1, float(edges[-1]))):
+        if abs(edge - float(centres[side])) <= _TOL:
+            continue
+        ghost, zonal = _edge_ghost(centres, edge, side)[None], np.zeros((1, centres.size))
+        if poles and abs(edge) == 90.0:
+            ghost, zonal[0, side] = np.zeros((1, centres.size)), 1.0
+        at = 0 if side == 0 else len(coords)
+        coords.insert(at, np.array([edge]))
+        direct.insert(at, ghost)
+        mean.insert(at, zonal)
+    return np.concatenate(coords), np.concatenate(direct), np.concatenate(mean)
+
+
+def _wrapped_axis(lon: np.ndarray, target_lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A globe-wrapping source's lon relabelled into the target's frame and padded with wrapped columns
+    on both sides: ``(coords, weights on the source columns)``."""
     step = float(np.median(np.diff(lon)))
     lo = target_lon.min() - 1.5 * step
     shifted = (lon - lo) % 360.0 + lo
     order = np.argsort(shifted, kind="stable")
-    ds = ds.isel(lon=order).assign_coords(lon=shifted[order])
     n_right = int(np.sum(shifted[order] + 360.0 <= target_lon.max() + 1.5 * step))
-    right = ds.isel(lon=slice(0, n_right)).assign_coords(lon=shifted[order][:n_right] + 360.0)
-    return xr.concat(
-        [ds, right], dim="lon", data_vars="all", coords="minimal", compat="override", join="override"
+    index = np.concatenate([order, order[:n_right]])
+    coords = np.concatenate([shifted[order], shifted[order][:n_right] + 360.0])
+    return coords, np.eye(lon.size)[index]
+
+
+def _used(*weights: np.ndarray | None) -> np.ndarray:
+    """Indices of the source cells (columns) that any of ``weights`` uses."""
+    return np.flatnonzero(np.any([w != 0 for w in weights if w is not None], axis=(0, 1)))
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_weights_cached(
+    lat_bytes: bytes, lon_bytes: bytes, tlat_bytes: bytes, tlon_bytes: bytes
+) -> SeparableWeights:
+    lat, lon, tlat, tlon = (np.frombuffer(b) for b in (lat_bytes, lon_bytes, tlat_bytes, tlon_bytes))
+    lat_e, lon_e = lat_edges_from_centres(lat), lon_edges_from_centres(lon)
+    step = float(np.median(np.diff(lon)))
+    global_lon = abs((lon_e[-1] - lon_e[0]) - 360.0) < 0.01 * step
+    lat_axis, lat_direct, lat_mean = _padded_axis(lat, lat_e, poles=global_lon)
+    if global_lon:
+        lon_axis, lon_direct = _wrapped_axis(lon, tlon)
+        frame_lon = tlon
+    else:
+        lon_axis, lon_direct, _ = _padded_axis(lon, lon_e, poles=False)
+        frame_lon = tlon - _lon_shift(tlon, lon_e)
+    (lat_w, lat_s), (lon_w, lon_s) = _interp_matrix(lat_axis, tlat), _interp_matrix(lon_axis, frame_lon)
+    w_lat, w_pole, w_lon = lat_w @ lat_direct, lat_w @ lat_mean, lon_w @ lon_direct
+    # NaN propagation: a ghost value is NaN if a source value it is made of is (all of a row for a pole)
+    s_lat, s_pole, s_lon = (s @ (p != 0) for s, p in ((lat_s, lat_direct), (lat_s, lat_mean), (lon_s, lon_direct)))
+    rows, cols = _used(w_lat, w_pole, s_lat, s_pole), _used(w_lon, s_lon)
+    pole = bool(np.any(s_pole))  # the zonal mean reads whole rows; ``cols`` serves the rest
+    return _frozen(
+        SeparableWeights(
+            lat=w_lat[:, rows],
+            lon=w_lon[:, cols],
+            rows=rows,
+            cols=cols,
+            pole=w_pole[:, rows] if pole else None,
+            nan_lat=(s_lat[:, rows] > 0).astype(float),
+            nan_lon=(s_lon[:, cols] > 0).astype(float),
+            nan_pole=(s_pole[:, rows] > 0).astype(float) if pole else None,
+        )
     )
 
 
-def _pole_ghost(da: xr.DataArray, pole: float, side: int) -> xr.DataArray:
-    """A ghost row at the pole: the zonal mean of the outermost row (one value at the pole, like ESMF)."""
-    row = da.isel(lat=[side])
-    return (xr.zeros_like(row) + row.mean("lon")).assign_coords(lat=[pole])  # broadcast back over lon
+def _frozen(w: SeparableWeights) -> SeparableWeights:
+    """``w`` with read-only arrays (cached weights are shared between calls)."""
+    for a in (w.lat, w.lon, w.rows, w.cols, w.pole, w.nan_lat, w.nan_lon, w.nan_pole):
+        if a is not None:
+            a.flags.writeable = False
+    return w
 
 
-def _pad_to_edges(da: xr.DataArray, lat_e: np.ndarray, lon_e: np.ndarray, global_lon: bool) -> xr.DataArray:
-    """Ghost rows/columns on the domain edges: pole rows for a global source, else linear extrapolation."""
-    dims = [("lat", lat_e)] + ([] if global_lon else [("lon", lon_e)])
-    for dim, edges in dims:
-        pieces = [da]
-        for side, edge in ((0, float(edges[0])), (-1, float(edges[-1]))):
-            if abs(edge - float(da[dim][side])) <= _TOL:
-                continue
-            at_pole = dim == "lat" and global_lon and abs(edge) == 90.0
-            ghost = _pole_ghost(da, edge, side) if at_pole else _edge_ghost(da, dim, edge, side)
-            pieces.insert(0 if side == 0 else len(pieces), ghost)
-        da = xr.concat(pieces, dim=dim, join="override") if len(pieces) > 1 else da
-    return da
+def _key(values: np.ndarray | xr.DataArray) -> bytes:
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float64)).tobytes()
+
+
+def bilinear_weights(
+    src_lat: np.ndarray, src_lon: np.ndarray, target_lat: np.ndarray, target_lon: np.ndarray
+) -> SeparableWeights:
+    """Separable bilinear weights from source to target cell centres (cached per pair of grids).
+
+    Source values sit at the centres ``src_lat``/``src_lon`` (ascending/increasing); longitudes are
+    periodic for a globe-wrapping source, otherwise target longitudes are moved by a multiple of 360 into
+    the source's frame. Between the outermost centres and the domain edge: towards a pole of a global
+    source the ghost row is the pole value (zonal mean of the outermost row), elsewhere a ghost row/column
+    linearly extrapolated from the two outermost. Targets beyond the edges take the edge value.
+    """
+    return _bilinear_weights_cached(_key(src_lat), _key(src_lon), _key(target_lat), _key(target_lon))
 
 
 def bilinear(
@@ -261,27 +443,33 @@ def bilinear(
     two outermost cells (so a field linear in lat/lon is reproduced exactly everywhere inside a regional
     domain, but a non-negative field may dip below zero there: clip pr if that matters). Target centres
     outside the domain raise RegridError unless ``allow_extrapolation`` (then they take the nearest edge
-    value). Output lon is the target's.
+    value). Output lon is the target's. A target is NaN where any source value it draws on (non-zero
+    weight) is NaN; a pole value is the mean of the row's valid cells.
+
+    Bilinear on regular lat/lon grids is separable: per time step ``out = W_lat @ x @ W_lon.T`` with 1-D
+    weights (:func:`bilinear_weights`, built once per pair of grids), one NumPy call per dask chunk.
     """
     check_regular_latlon(ds, name)
     tlat, tlon = _target_latlon(target)
     if not allow_extrapolation:
         check_target_in_domain(ds, tlat, tlon, name)
-    lat_e, lon_e, global_lon = _source_domain(ds)
     ds = _drop_bounds(ds)
-    if global_lon:
-        ds, frame_lon = _wrap_lon(ds, tlon), tlon
-    else:
-        frame_lon = tlon - _lon_shift(tlon, lon_e)
-    fields = {v: _pad_to_edges(ds[v], lat_e, lon_e, global_lon) for v in _spatial_vars(ds)}
-    out = ds.drop_vars(list(fields)).drop_dims(_SPATIAL, errors="ignore")
-    for var, da in fields.items():
-        lat_q = np.clip(tlat, float(da["lat"][0]), float(da["lat"][-1]))
-        lon_q = np.clip(frame_lon, float(da["lon"][0]), float(da["lon"][-1]))
-        query = xr.Dataset(coords={"lat": lat_q, "lon": lon_q})
-        interp = interp_regrid(da.to_dataset(name="v"), query, "linear")["v"]
-        out[var] = _keep_dtype(interp.assign_coords(lat=tlat, lon=tlon), ds[var])
-    return out.assign_coords(
+    weights = bilinear_weights(ds["lat"].values, ds["lon"].values, tlat, tlon)
+    return _regridded(ds, weights, _bilinear_kernel, tlat, tlon)
+
+
+def _regridded(
+    ds: xr.Dataset,
+    weights: SeparableWeights,
+    kernel: Callable[..., np.ndarray],
+    tlat: np.ndarray,
+    tlon: np.ndarray,
+    **kwargs: float,
+) -> xr.Dataset:
+    """``ds`` with every spatial variable regridded by ``kernel`` and the target coordinates."""
+    out = ds.drop_vars(_spatial_vars(ds)).drop_dims(_SPATIAL, errors="ignore")
+    fields = {v: apply_separable(ds[v], weights, kernel, tlat, tlon, **kwargs) for v in _spatial_vars(ds)}
+    return out.assign(fields).assign_coords(
         lat=("lat", tlat, {"units": "degrees_north", "standard_name": "latitude"}),
         lon=("lon", tlon, {"units": "degrees_east", "standard_name": "longitude"}),
     )
@@ -344,33 +532,13 @@ def conservative(
     src_lat_e, src_lon_e, _ = _source_domain(ds)
     dst_lat_e, dst_lon_e = _target_edges(target)
     w_lat, w_lon = conservative_weights(src_lat_e, src_lon_e, dst_lat_e, dst_lon_e)
-    # only source rows/columns that touch a target cell enter the dot product (a region of a global source)
+    # only source rows/columns that touch a target cell are read (a region of a global source)
     rows, cols = np.flatnonzero(w_lat.sum(1) > 0), np.flatnonzero(w_lon.sum(1) > 0)
-    ds, w_lat, w_lon = _drop_bounds(ds).isel(lat=rows, lon=cols), w_lat[rows], w_lon[cols]
-    out = ds.drop_vars(_spatial_vars(ds)).drop_dims(_SPATIAL, errors="ignore")
-    regridded = {}
-    for var in _spatial_vars(ds):
-        da = ds[var].astype("float64")
-        weights = {
-            "lat": _weight_array(w_lat, "lat", ds["lat"].values, tlat, da),
-            "lon": _weight_array(w_lon, "lon", ds["lon"].values, tlon, da),
-        }
-        # xarray-regrid's dot-product application: NaN-aware renormalisation, weights chunked like the data.
-        # nan_threshold 1.0 keeps targets with any valid input; 0.0 keeps only targets with no NaN input.
-        res = apply_weights(da, weights, skipna=True, nan_threshold=1.0 if skipna else 0.0)
-        regridded[var] = _keep_dtype(res.assign_coords(lat=tlat, lon=tlon), ds[var])
-    return out.assign(regridded).assign_coords(
-        lat=("lat", tlat, {"units": "degrees_north", "standard_name": "latitude"}),
-        lon=("lon", tlon, {"units": "degrees_east", "standard_name": "longitude"}),
-    )
-
-
-def _weight_array(
-    w: np.ndarray, dim: str, src: np.ndarray, dst: np.ndarray, like: xr.DataArray
-) -> xr.DataArray:
-    da = create_dot_dataarray(w, dim, dst, src)
-    # one output chunk per spatial dim (xarray-regrid reuses the input chunk size, splitting fine targets)
-    return format_weights(da, dim, like.dtype, like.chunksizes.get(dim), dst.size)
+    weights = SeparableWeights(w_lat[rows].T.copy(), w_lon[cols].T.copy(), rows, cols)
+    # skipna: keep targets with any valid overlap; otherwise only those whose whole overlap is valid
+    # (the weighted valid fraction, up to float rounding: xesmf's and xarray-regrid's nan thresholds)
+    threshold = 1e-6 if skipna else 1.0 - 1e-6
+    return _regridded(_drop_bounds(ds), weights, _conservative_kernel, tlat, tlon, threshold=threshold)
 
 
 # -- static fields --------------------------------------------------------------------------------------

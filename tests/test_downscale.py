@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-
-from climrecon.config import ConfigError, DownscaleConfig, load_config
 from climrecon.models.checkpoint import CheckpointError, CheckpointMetadata, GridSpec, save_checkpoint
 from climrecon.models.edm import EDMPrecond
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.models.unet import UNet, UNetConfig
-from climrecon.stores import StageStore, content_key
 from climrecon.tasks.conditioning import ConditioningSpec
 from climrecon.tasks.downscale import (
     DownscaleError,
@@ -28,6 +25,9 @@ from climrecon.tasks.downscale import (
 )
 from climrecon.tasks.patch_sampling import sample_domain
 from climrecon.tasks.tiling import make_tiling
+
+from climrecon.config import ConfigError, DownscaleConfig, load_config
+from climrecon.stores import StageStore, content_key
 
 VARIABLES = ("tas", "uas")
 N_TIME, NLAT, NLON, FACTOR, PATCH = 24, 12, 20, 4, 8
@@ -219,7 +219,7 @@ def test_bytes_do_not_depend_on_unit_sizes(reference, inputs, tmp_path):
 
 
 def test_failure_mid_run_leaves_no_partial_unit_and_a_rerun_matches(reference, inputs, tmp_path):
-    plan, ref_url = reference
+    _, ref_url = reference
     cfg = DownscaleConfig(**{**FAST, "months_per_unit": 6, "members_per_unit": 2})
     run = plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], inputs["coarse"], inputs["checkpoint"])
     chunk = Path(inputs["fine"]) / "tas" / "c" / "2" / "0" / "0"  # months 12..17 of tas
@@ -268,7 +268,7 @@ def test_inputs_are_checked_against_the_checkpoint(inputs, tmp_path):
 def test_gpu_pool_pins_sampling_and_worker_count_does_not_change_bytes(reference, inputs, tmp_path):
     from climrecon.flows.runtime import dask_client, sampling_resources
 
-    plan, ref_url = reference
+    _, ref_url = reference
     cfg = DownscaleConfig(**{**FAST, "months_per_unit": 6, "members_per_unit": 2})
     # worker threads of this process (a pool of processes works the same, but takes ~20 s to start here)
     with dask_client(n_workers=2, fake_gpu=True, processes=False) as client:

@@ -7,11 +7,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from climrecon.tasks.downscale import plan_downscale, run_downscale
 from test_downscale import FAST, assert_same_bytes, write_checkpoint, write_inputs
 
 from climrecon.config import DownscaleConfig
 from climrecon.stores import StageStore
-from climrecon.tasks.downscale import plan_downscale, run_downscale
 
 UNIT = {**FAST, "months_per_unit": 6, "members_per_unit": 2}
 

@@ -55,10 +55,11 @@ def test_ui_shows_the_deployment_run_completed(deployed_run, tmp_path):
     screenshot.unlink(missing_ok=True)
     text = visible_text(render(run.server.flow_run_url(run.flow_run.id), screenshot, tmp_path / "profile"))
     (ARTIFACTS / "ui_flow_run.txt").write_text(text)
-    # the run's own page: its name in the breadcrumb, its state badge, its flow, its task run
-    assert f"Runs {run.flow_run.name} Completed" in text, text[:1500]
-    flow_name = run.deployment_name.split("/")[0]
-    assert f"Flow {flow_name}" in text, text[:1500]
+    # the run's own page: breadcrumb "Runs <name>", (its tags), its state badge, then flow, deployment, pool
+    header = re.search(rf"Runs {re.escape(run.flow_run.name)} (?P<tags>.{{0,120}}?)\bCompleted\b", text)
+    assert header, text[:1500]
+    flow_name, deployment = run.deployment_name.split("/")
+    assert f"Flow {flow_name} Deployment {deployment} Work Pool {run.flow_run.work_pool_name}" in text, text[:1500]
     assert any(r.name in text for r in run.task_runs) or f"{len(run.task_runs)} Task run" in text, text[:1500]
     assert screenshot.is_file() and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank image

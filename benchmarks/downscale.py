@@ -1,0 +1,204 @@
+"""Downscale stage benchmark: seams of both blendings, 1 vs 2 CPU workers, flow overhead vs pure sampling.
+
+Run: ``.venv/bin/python benchmarks/downscale.py`` (a few minutes on 2 cores) -> benchmarks/results/downscale.json
+
+- ``seam_ratio``: :func:`climrecon.tasks.patch_sampling.seam_ratio` of the sampled members (each variable
+  standardised, then pooled) with the default blending; ``seam_ratio_other_blending`` for the other one.
+- ``speedup_2_workers``: months x members per hour of :func:`run_downscale` on a local Dask cluster of 2
+  worker processes (1 thread each) over 1 worker, same work, workers warmed up first (model loaded).
+- ``overhead_ratio``: wall time of the whole ``downscale`` Prefect flow (plan, template, unit tasks, Dask
+  futures, region writes, finalize; on the running 2-worker cluster) / the pure sampling time of the same
+  units (:func:`sample_items` on in-memory conditioning) spread over the same 2 workers, measured in the
+  same run (= sum of pure sampling times / 2).
+- the model: the shipped checkpoint (``checkpoints/*.pt``) when there is one, else a random-init model of
+  the training section's architecture (said so under ``model``).
+Inputs are synthetic regridded stores (smooth seasonal fields on a 0.25-deg grid, real-looking static
+fields); they exercise the same code and cost as real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cftime
+import numpy as np
+import torch
+import xarray as xr
+from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, save_checkpoint
+from climrecon.models.edm import EDMConfig, EDMPrecond
+from climrecon.models.normalization import NormalizationStats
+from climrecon.models.unet import UNet, UNetConfig
+from climrecon.tasks.conditioning import ConditioningSpec
+from climrecon.tasks.downscale import (
+    REPO_ROOT,
+    _conditioning,
+    _model,
+    item_seeds,
+    normalize_conditioning,
+    plan_downscale,
+    run_downscale,
+    sample_items,
+)
+from climrecon.tasks.patch_sampling import seam_ratio
+from common import command_line, machine, versions, write_results
+
+from climrecon.config import DownscaleConfig, TrainSection
+from climrecon.stores import StageStore, content_key
+
+RESULTS = Path(__file__).resolve().parent / "results" / "downscale.json"
+NLAT, NLON, N_TIME, MEMBERS = 48, 64, 6, 2
+
+
+def model_checkpoint(folder: Path) -> tuple[str, str]:
+    shipped = sorted((REPO_ROOT / "checkpoints").glob("*.pt"))
+    if shipped:
+        return str(shipped[0]), f"shipped checkpoint {shipped[0].name}"
+    t = TrainSection()
+    spec = ConditioningSpec(tuple(t.variables), t.factor)
+    config = UNetConfig(out_channels=len(t.variables), cond_channels=len(spec.channel_names()),
+                        base_channels=t.base_channels, channel_mults=tuple(t.channel_mults), num_blocks=t.num_blocks,
+                        attention_levels=tuple(t.attention_levels), mid_attention=t.mid_attention,
+                        time_harmonics=t.time_harmonics)
+    torch.manual_seed(0)
+    net = EDMPrecond(UNet(config), EDMConfig(sigma_data=t.sigma_data))
+    with torch.no_grad():  # random init has zero-initialised output layers: perturb so the net is not trivial
+        gen = torch.Generator().manual_seed(1)
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    stats = {"tas": (285.0, 12.0), "uas": (0.0, 3.0), "vas": (0.0, 3.0), "pr": (0.7, 0.6), "psl": (101000.0, 800.0)}
+    meta = CheckpointMetadata(
+        method="dpdm", unet=config, edm=EDMConfig(sigma_data=t.sigma_data), variables=tuple(t.variables),
+        cond_channels=tuple(spec.channel_names()),
+        normalization=NormalizationStats(tuple(t.variables), tuple(stats[v][0] for v in t.variables),
+                                         tuple(stats[v][1] for v in t.variables)),
+        grid=GridSpec(fine_resolution=0.25, coarsening_factor=t.factor, patch_size=t.patch_size),
+        train={"note": "random init (benchmark stand-in; no shipped checkpoint found)"},
+    )
+    path = folder / "random-init.pt"
+    save_checkpoint(path, net.state_dict(), meta)
+    return str(path), f"random-init model of the train section's architecture (no checkpoints/*.pt found): {config}"
+
+
+def write_inputs(folder: Path, variables: list[str], coarse_resolution: float) -> dict[str, str]:
+    lat = 30.0 + 0.25 * (np.arange(NLAT) + 0.5)
+    lon = -120.0 + 0.25 * (np.arange(NLON) + 0.5)
+    starts = [cftime.DatetimeNoLeap(2000 + i // 12, i % 12 + 1, 1) for i in range(N_TIME + 1)]
+    yy, xx = np.meshgrid(np.linspace(0, 1, NLAT), np.linspace(0, 1, NLON), indexing="ij")
+    season = np.cos(2 * np.pi * np.arange(N_TIME) / 12)[:, None, None]
+    base = {"tas": 285 + 8 * season - 10 * yy, "uas": 3 * xx + season, "vas": 2 * yy - season}
+    fine = xr.Dataset({v: (("time", "lat", "lon"), base[v].astype("float32"), {"units": "K" if v == "tas" else "m s-1"})
+                       for v in variables}, coords={"time": starts[:-1], "lat": lat, "lon": lon})
+    fine["time_bnds"] = (("time", "bnds"), np.stack([starts[:-1], starts[1:]], axis=1))
+    fine["time"].encoding.update(units="days since 1850-01-01", calendar="noleap")
+    orog = 2500 * np.exp(-((xx - 0.6) ** 2 + (yy - 0.5) ** 2) / 0.05)
+    static = xr.Dataset({"orog": (("lat", "lon"), orog.astype("float32")),
+                         "orog_std": (("lat", "lon"), (0.1 * orog).astype("float32")),
+                         "sftlf": (("lat", "lon"), (100.0 * (xx > 0.2)).astype("float32"))},
+                        coords={"lat": lat, "lon": lon})
+    urls = {}
+    attrs = {"source_id": "BENCH-GCM", "experiment_id": "historical", "member_id": "r1i1p1",
+             "climrecon_regrid_config": json.dumps({"coarse_resolution": coarse_resolution})}
+    for name, ds, a in (("fine", fine, attrs), ("static", static, {})):
+        url = str(folder / f"{name}.zarr")
+        store = StageStore(url, content_key("bench", name))
+        store.initialize(ds)
+        region = {d: slice(0, ds.sizes[d]) for d in ("time", "lat") if d in ds.dims}
+        store.write_block(ds, region)
+        store.finalize([region], attrs=a)
+        urls[name] = url
+    return urls
+
+
+def pure_sampling_seconds(plan) -> tuple[float, dict[str, np.ndarray]]:
+    """Sum over units of the sample_items time alone (conditioning read and normalised beforehand)."""
+    cfg = plan.config
+    model, meta = _model(plan.checkpoint, plan.checkpoint_sha256, "cpu")
+    total, fields = 0.0, []
+    for unit in plan.units():
+        cond, toy = _conditioning(plan, unit, None)
+        cond = normalize_conditioning(cond, plan.channels, meta)
+        members = range(unit.member.start, unit.member.stop)
+        seeds = item_seeds(cfg.seed, plan.months[unit.time], members)
+        c = torch.from_numpy(np.tile(cond, (len(members), 1, 1, 1)))
+        t = torch.from_numpy(np.tile(toy, len(members)))
+        start = time.perf_counter()
+        z = sample_items(model, c, t, plan.tiling, seeds=seeds, out_channels=len(plan.variables),
+                         num_steps=cfg.num_steps, blend=cfg.blend, max_patches_per_batch=cfg.max_patches_per_batch)
+        total += time.perf_counter() - start
+        fields.append(z.numpy())
+    return total, np.concatenate(fields)
+
+
+def standardized_seams(z: np.ndarray, tiling) -> float:
+    """Seam ratio of [items, C, H, W] samples, each channel standardised (pooled over channels)."""
+    z = (z - z.mean(axis=(0, 2, 3), keepdims=True)) / z.std(axis=(0, 2, 3), keepdims=True)
+    return seam_ratio(z, tiling)
+
+
+def main() -> None:
+    from climrecon.flows.downscale import downscale_flow
+    from climrecon.flows.runtime import dask_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix="bench-downscale-"))
+    checkpoint, model_note = model_checkpoint(folder)
+    t = TrainSection()
+    inputs = write_inputs(folder, list(t.variables), 0.25 * t.factor)
+    base = {"members": MEMBERS, "num_steps": 8, "time_chunk": 3, "months_per_unit": 3, "members_per_unit": 1,
+            "max_patches_per_batch": 16, "device": "cpu", "checkpoint": checkpoint}
+    cfg = DownscaleConfig(**base)
+    results: dict = {"model": model_note, "command": command_line(), "machine": machine(),
+                     "versions": versions("torch", "dask", "distributed", "prefect", "xarray", "zarr"),
+                     "domain": {"lat": NLAT, "lon": NLON, "months": N_TIME, "members": MEMBERS},
+                     "config": cfg.model_dump(mode="json")}
+
+    # 1. seams of both blendings, and the pure sampling time (one thread, this process)
+    plans = {b: plan_downscale(DownscaleConfig(**{**base, "blend": b}), str(folder / b), inputs["fine"],
+                               inputs["static"], None) for b in ("every_step", "once")}
+    pure_s, z = pure_sampling_seconds(plans["every_step"])
+    _, z_once = pure_sampling_seconds(plans["once"])
+    plan = plans["every_step"]
+    results["tiling"] = {"patch": plan.tiling.patch, "overlap": plan.tiling.overlap, "tiles": plan.tiling.n_tiles}
+    results["default_blending"] = cfg.blend
+    results["seam_ratio"] = round(standardized_seams(z, plan.tiling), 4)
+    results["seam_ratio_other_blending"] = {"once": round(standardized_seams(z_once, plan.tiling), 4)}
+    items = N_TIME * MEMBERS
+    results["pure_sampling_s"] = round(pure_s, 2)
+
+    # 2. 1 vs 2 CPU workers (processes, 1 thread each), warmed up on a throw-away run first
+    rates = {}
+    for n in (1, 2):
+        with dask_client(n_workers=n, threads_per_worker=1) as client:
+            warm = plan_downscale(cfg, str(folder / f"warm{n}"), inputs["fine"], inputs["static"], None)
+            client.run(lambda p=warm: _model(p.checkpoint, p.checkpoint_sha256, "cpu") and None)
+            run = plan_downscale(cfg, str(folder / f"workers{n}"), inputs["fine"], inputs["static"], None)
+            start = time.perf_counter()
+            run_downscale(run, client=client)
+            rates[n] = items / (time.perf_counter() - start) * 3600
+            if n == 2:  # 3. the whole Prefect flow on the same (warm) 2-worker cluster
+                with prefect_test_harness():
+                    overrides = [f"storage.root={folder / 'flow'}", *(f"downscale.{k}={v}" for k, v in base.items())]
+                    start = time.perf_counter()
+                    downscale_flow(overrides=overrides, fine_url=inputs["fine"], static_url=inputs["static"],
+                                   scheduler_address=client.scheduler.address)
+                    flow_s = time.perf_counter() - start
+    results["months_members_per_hour"] = {f"{n}_workers": round(r, 1) for n, r in rates.items()}
+    results["speedup_2_workers"] = round(rates[2] / rates[1], 3)
+    results["flow_s_2_workers"] = round(flow_s, 2)
+    results["overhead_ratio"] = round(flow_s / (pure_s / 2), 3)
+    results["goals"] = {"seam_ratio": "<= 1.1", "speedup_2_workers": ">= 1.7", "overhead_ratio": "<= 1.15"}
+    write_results(RESULTS, results)
+    print(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

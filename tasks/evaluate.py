@@ -1,0 +1,670 @@
+"""Evaluate stage: the perfect-model protocol, scored with every metric, for every method and factor.
+
+Protocol (Vandal et al. / ZSSD / DPDM "perfect model"): take a fine truth, area-average it by each
+``factor`` (:func:`climrecon.tasks.regrid.coarsen_blocks`), downscale the coarse field back to the fine grid
+with every method through the one :class:`~climrecon.tasks.baselines.Downscaler` interface, and compare with
+the truth on HELD-OUT years only. Baselines are fitted on the training years (truth coarsened by the same
+factor and the truth itself); the diffusion model was trained elsewhere on perfect-model pairs, and the
+evaluation refuses a checkpoint whose recorded training or validation years overlap the held-out years.
+
+Contract:
+- :func:`run_evaluation` ``(ClimReconConfig) -> EvaluationResult``: tidy ``records``, one per
+  method x factor x variable x ensemble size, each with every scalar of
+  :func:`climrecon.tasks.metrics.evaluate_all` (mae, rmse, bias, acc, ssim, psnr, q99_error, crps,
+  spread_skill_ratio, log_spectral_distance, wasserstein; NaN where a metric does not apply, e.g. the
+  spread-skill ratio of one member); plus what the figures need (maps of the first scored month, power
+  spectra, rank histograms) at the "figure factor" (the diffusion checkpoint's, else the first factor).
+- ACC anomalies are taken against the truth's monthly climatology of the TRAINING years.
+- :class:`DiffusionDownscaler` wraps a checkpoint as a Downscaler. It builds exactly what training fed the
+  network (:mod:`climrecon.tasks.training_data`): the coarse field bilinearly back on the fine grid, static
+  fields and position (:func:`~climrecon.tasks.conditioning.conditioning_stack`), the coarse channels
+  normalised with the checkpoint's ``conditioning_normalization`` (full-field, training-year statistics),
+  static channels with :data:`~climrecon.tasks.training_data.STATIC_SCALING`; it samples the domain tile by
+  tile with :func:`climrecon.tasks.downscale.sample_items` (the downscale stage's sampler, seeds
+  ``seed_for(seed, year * 12 + month - 1, member)``), denormalises, and adds the coarse field back for a
+  residual model (:func:`~climrecon.tasks.training_data.fine_from_target`). Member ``m`` of month ``t`` is
+  the same field whatever the ensemble size, so the k-member ensemble is the first k of the largest.
+- Writers: :func:`records_frame` (pandas), :func:`write_records_csv`, :func:`evaluation_document` /
+  :func:`write_json`, :func:`markdown_report` (tables shaped like the papers: ZSSD's MAE/RMSE per factor
+  per method; DPDM Table 1's RMSE/ACC/SSIM/PSNR per variable per method and ensemble size; the
+  probabilistic and distributional scores), :func:`write_figures` (PNGs via :mod:`climrecon.tasks.plots`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time as _time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from climrecon.config import ClimReconConfig, EvaluateConfig
+from climrecon.models.checkpoint import load_checkpoint
+from climrecon.models.normalization import NormalizationStats
+from climrecon.storage import is_remote, public_url
+from climrecon.tasks import metrics, plots
+from climrecon.tasks.baselines import (
+    BCSDDownscaler,
+    BilinearDownscaler,
+    Downscaler,
+    GridLike,
+    QuantileMappingDownscaler,
+)
+from climrecon.tasks.conditioning import (
+    POSITION_CHANNELS,
+    ConditioningSpec,
+    coarse_on_fine,
+    conditioning_stack,
+    time_of_year,
+)
+from climrecon.tasks.downscale import default_checkpoint, item_seeds, month_index, sample_items
+from climrecon.tasks.grids import Grid
+from climrecon.tasks.regrid import coarsen_blocks
+from climrecon.tasks.tiling import TilingError, make_tiling
+from climrecon.tasks.training_data import (
+    STATIC_SCALING,
+    TARGET_KINDS,
+    fine_from_target,
+    normalize_conditioning,
+    open_truth,
+    select_years,
+    static_for_truth,
+)
+
+__all__ = [
+    "EvaluationError",
+    "METRICS",
+    "METRIC_LABELS",
+    "SYNTHETIC_SOURCE_ID",
+    "STATIC_SOURCE_ID",
+    "DiffusionDownscaler",
+    "EvaluationResult",
+    "DownscalerFactory",
+    "open_evaluation_truth",
+    "evaluation_static_url",
+    "heldout_months",
+    "make_downscaler",
+    "run_evaluation",
+    "records_frame",
+    "write_records_csv",
+    "evaluation_document",
+    "write_json",
+    "markdown_report",
+    "write_figures",
+    "output_directory",
+]
+
+SYNTHETIC_SOURCE_ID = "ClimRecon-SyntheticReanalysis"
+STATIC_SOURCE_ID = "ETOPO5-GLOBE"
+METRICS = (
+    "mae", "rmse", "bias", "acc", "ssim", "psnr", "q99_error", "crps", "spread_skill_ratio",
+    "log_spectral_distance", "wasserstein",
+)
+METRIC_LABELS = {
+    "mae": "MAE", "rmse": "RMSE", "bias": "bias", "acc": "ACC", "ssim": "SSIM", "psnr": "PSNR [dB]",
+    "q99_error": "q99 error", "crps": "CRPS", "spread_skill_ratio": "spread/skill",
+    "log_spectral_distance": "LSD [dB]", "wasserstein": "W1",
+}
+_UNITLESS = {"acc", "ssim", "psnr", "spread_skill_ratio", "log_spectral_distance"}
+_TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run as configured; the message names the store, field or checkpoint at fault."""
+
+
+# -- the diffusion method behind the Downscaler interface -------------------------------------------------------
+@dataclass
+class DiffusionDownscaler:
+    """A trained conditional patch-diffusion checkpoint as a :class:`~climrecon.tasks.baselines.Downscaler`.
+
+    ``fit`` learns nothing (the model was trained by the train stage); ``downscale(coarse, static_fine,
+    target, members=M, seed=s)`` samples M members per month (module docstring). ``coarse`` must be on the
+    grid of ``target`` coarsened by the checkpoint's factor; ``static_fine`` must hold the checkpoint's static
+    channels on ``target``. Samples ``items_per_call`` (month, member) items per sampler call (memory bound;
+    results do not depend on it).
+    """
+
+    checkpoint: str
+    num_steps: int = 18
+    blend: Literal["every_step", "once"] = "every_step"
+    overlap: int | None = None
+    max_patches_per_batch: int = 32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    items_per_call: int = 64
+    name: str = "diffusion"
+    stochastic: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        dev = self.device
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise EvaluationError("evaluate.device is 'cuda' but torch sees no CUDA device here")
+        self._device = torch.device("cuda" if dev == "cuda" or (dev == "auto" and torch.cuda.is_available()) else "cpu")
+        self.model, self.metadata = load_checkpoint(self.checkpoint, map_location=self._device)
+        meta, path = self.metadata, self.checkpoint
+        if meta.normalization is None:
+            raise EvaluationError(f"checkpoint {path} has no normalization statistics; it cannot be sampled")
+        if not meta.grid.coarsening_factor or not meta.grid.patch_size:
+            raise EvaluationError(f"checkpoint {path} records no grid.coarsening_factor / grid.patch_size")
+        channels = list(meta.cond_channels)
+        self.spec = ConditioningSpec(
+            variables=tuple(meta.variables),
+            factor=int(meta.grid.coarsening_factor),
+            static=tuple(c for c in channels if c in STATIC_SCALING),
+            position=all(c in channels for c in POSITION_CHANNELS),
+        )
+        if self.spec.channel_names() != channels:
+            raise EvaluationError(
+                f"checkpoint {path} expects conditioning channels {channels}; training builds "
+                f"{self.spec.channel_names()} (coarse variables, static fields, position)"
+            )
+        self.target_kind = str(meta.data.get("target") or ("residual" if meta.method.endswith("residual") else "full"))
+        if self.target_kind not in TARGET_KINDS:
+            raise EvaluationError(f"checkpoint {path}: unknown data.target {self.target_kind!r}; expected {TARGET_KINDS}")
+        recorded = meta.data.get("static_scaling")
+        if recorded is not None and {k: tuple(v) for k, v in recorded.items()} != {
+            k: tuple(v) for k, v in STATIC_SCALING.items() if k in recorded
+        }:
+            raise EvaluationError(
+                f"checkpoint {path} was trained with static scaling {recorded}, this code uses {STATIC_SCALING}"
+            )
+        cond = meta.data.get("conditioning_normalization")
+        if cond is None and self.target_kind == "residual":
+            raise EvaluationError(
+                f"checkpoint {path} predicts residuals but records no data.conditioning_normalization "
+                "(the full-field statistics of the coarse channels)"
+            )
+        self.cond_stats = NormalizationStats.from_dict(cond) if cond else meta.normalization
+
+    # -- what the checkpoint supports --
+    @property
+    def factor(self) -> int:
+        return self.spec.factor
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return self.spec.variables
+
+    def years_seen(self) -> list[tuple[int, int]]:
+        """Inclusive year ranges the model was trained or validated on (from its metadata)."""
+        return [tuple(self.metadata.data[k]) for k in ("train_years", "validation_years") if self.metadata.data.get(k)]
+
+    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DiffusionDownscaler:
+        missing = [v for v in self.variables if v not in fine_train.data_vars]
+        if missing:
+            raise EvaluationError(f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}")
+        return self  # trained by the train stage
+
+    def downscale(
+        self,
+        coarse: xr.Dataset,
+        static_fine: xr.Dataset | None,
+        target: GridLike,
+        *,
+        members: int = 1,
+        seed: int = 0,
+    ) -> xr.Dataset:
+        grid = target if isinstance(target, Grid) else Grid.from_dataset(target, "target grid")
+        self._check_inputs(coarse, static_fine, grid, members)
+        variables = list(self.variables)
+        coarse_fine = coarse_on_fine(coarse[variables].astype("float32"), grid)
+        cond = conditioning_stack(coarse_fine, static_fine, self.spec).load()
+        z_cond = normalize_conditioning(cond.values, self.spec.channel_names(), self.cond_stats)
+        patch = int(self.metadata.grid.patch_size)
+        overlap = self.overlap if self.overlap is not None else patch // 4
+        try:
+            tiling = make_tiling(grid.nlat, grid.nlon, patch, overlap)
+        except TilingError as exc:
+            raise EvaluationError(f"evaluate.overlap / checkpoint patch size {patch}: {exc}") from None
+        times = cond["time"].values
+        toy = time_of_year(times)
+        n_t = len(times)
+        seeds = item_seeds(seed, month_index(times), range(members))  # member-major
+        items = [(m, t) for m in range(members) for t in range(n_t)]
+        out = np.empty((members, n_t, len(variables), grid.nlat, grid.nlon), np.float32)
+        for start in range(0, len(items), self.items_per_call):
+            chunk = items[start : start + self.items_per_call]
+            t_idx = np.array([t for _, t in chunk])
+            z = sample_items(
+                self.model, torch.from_numpy(z_cond[t_idx]), torch.from_numpy(toy[t_idx]), tiling,
+                seeds=seeds[start : start + len(chunk)], out_channels=len(variables), num_steps=self.num_steps,
+                blend=self.blend, max_patches_per_batch=self.max_patches_per_batch, device=self._device,
+            )
+            x = self.metadata.normalization.denormalize(z.cpu(), channel_dim=1).numpy()
+            for (m, t), field_ in zip(chunk, x, strict=True):
+                out[m, t] = field_
+        coords = {"member": np.arange(members), "time": coarse["time"], "lat": grid.lat, "lon": grid.lon}
+        values = xr.Dataset(
+            {v: (("member", "time", "lat", "lon"), out[:, :, i]) for i, v in enumerate(variables)}, coords=coords
+        )
+        fine = fine_from_target(values, cond.assign_coords(lat=grid.lat, lon=grid.lon), variables, self.target_kind)
+        result = xr.Dataset(
+            {v: fine[v].transpose("member", "time", "lat", "lon").astype("float32").assign_attrs(coarse[v].attrs)
+             for v in variables},
+            coords=coords,
+        )
+        if "time_bnds" in coarse:
+            result["time_bnds"] = coarse["time_bnds"]
+        return result.assign_attrs(downscaling_method=self.name, checkpoint=public_url(self.checkpoint),
+                                   num_steps=self.num_steps, blend=self.blend, base_seed=seed)
+
+    def _check_inputs(self, coarse: xr.Dataset, static_fine: xr.Dataset | None, grid: Grid, members: int) -> None:
+        path = self.checkpoint
+        if members < 1:
+            raise EvaluationError(f"diffusion: members must be >= 1, got {members}")
+        missing = [v for v in self.variables if v not in coarse.data_vars]
+        if missing:
+            raise EvaluationError(f"checkpoint {path} downscales {list(self.variables)}; the coarse input lacks {missing}")
+        coarse_grid = Grid.from_dataset(coarse, "coarse input")
+        factor = coarse_grid.dlat / grid.dlat
+        if not math.isclose(factor, self.factor, rel_tol=1e-6):
+            raise EvaluationError(
+                f"checkpoint {path} was trained to downscale by x{self.factor}; the coarse input is x{factor:g} "
+                f"coarser than the target ({coarse_grid.dlat:g} vs {grid.dlat:g} deg)"
+            )
+        trained = self.metadata.grid.fine_resolution
+        if trained and not math.isclose(trained, grid.dlat, rel_tol=1e-6):
+            raise EvaluationError(
+                f"checkpoint {path} was trained on a {trained:g}-deg fine grid; the target is {grid.dlat:g} deg"
+            )
+        if static_fine is None:
+            raise EvaluationError(f"checkpoint {path} is conditioned on static fields {list(self.spec.static)}; pass static_fine")
+
+
+# -- inputs ----------------------------------------------------------------------------------------------------
+def _catalog(cfg: ClimReconConfig) -> str:
+    return cfg.evaluate.catalog or str(cfg.sample_catalog())
+
+
+def _catalog_store(catalog: str, source_id: str, what: str) -> str:
+    from climrecon.catalogs.esmcat import CatalogError, read_rows
+
+    try:
+        rows = read_rows(catalog)
+    except (CatalogError, FileNotFoundError, OSError) as exc:
+        raise EvaluationError(
+            f"cannot read catalog {catalog} for the default {what} ({exc}); build it with "
+            f"`climrecon catalog build-sample` or set evaluate.{what}"
+        ) from None
+    paths = sorted({r["path"] for r in rows if r.get("source_id") == source_id})
+    if len(paths) != 1:
+        raise EvaluationError(
+            f"catalog {catalog} lists {len(paths)} store(s) for source_id {source_id!r}; set evaluate.{what}"
+        )
+    return paths[0].removeprefix("file://")
+
+
+def open_evaluation_truth(cfg: ClimReconConfig, storage_options: dict[str, Any] | None = None) -> tuple[xr.Dataset, dict[str, Any]]:
+    """The fine truth (lazy; ``evaluate.variables`` only) and a description of where it came from.
+
+    ``evaluate.truth``: a Zarr store (any URL) or a netCDF file (``.nc``); else ``evaluate.truth_query`` run on
+    ``evaluate.catalog`` (exactly one dataset must match); else the sample catalog's synthetic reanalysis.
+    """
+    ev = cfg.evaluate
+    variables = list(ev.variables)
+    if ev.truth and str(ev.truth).endswith((".nc", ".nc4", ".netcdf")):
+        try:
+            ds = xr.open_dataset(ev.truth, decode_times=_TIME_CODER, chunks={})
+        except FileNotFoundError:
+            raise EvaluationError(f"evaluate.truth: no netCDF file at {ev.truth}") from None
+        source = {"truth": public_url(ev.truth), "how": "netCDF file"}
+    elif ev.truth or not ev.truth_query:
+        url = ev.truth or _catalog_store(_catalog(cfg), SYNTHETIC_SOURCE_ID, "truth")
+        try:
+            ds = open_truth(url, variables, storage_options)
+        except ValueError as exc:
+            raise EvaluationError(f"evaluate.truth: {exc}") from None
+        source = {"truth": public_url(url), "how": "zarr store" if ev.truth else "sample catalog (synthetic reanalysis)"}
+    else:
+        from climrecon.catalogs.esmcat import CatalogError, open_datasets
+
+        try:
+            found = open_datasets(_catalog(cfg), storage_options=storage_options, **ev.truth_query.search_terms())
+        except CatalogError as exc:
+            raise EvaluationError(f"evaluate.truth_query: {exc}") from None
+        if len(found) != 1:
+            raise EvaluationError(
+                f"evaluate.truth_query matches {len(found)} datasets {sorted(found)} in {_catalog(cfg)}; narrow it to one"
+            )
+        (key, ds), = found.items()
+        source = {"truth": key, "how": f"catalog query {ev.truth_query.search_terms()} in {public_url(_catalog(cfg))}"}
+    missing = [v for v in variables if v not in ds.data_vars]
+    if missing:
+        raise EvaluationError(
+            f"truth {source['truth']} lacks evaluate.variables {missing}; it has {sorted(map(str, ds.data_vars))}"
+        )
+    source["synthetic"] = str(ds.attrs.get("synthetic", "false")).lower() == "true"
+    source["title"] = str(ds.attrs.get("title", ""))
+    return ds[variables], source
+
+
+def evaluation_static_url(cfg: ClimReconConfig) -> str:
+    """``evaluate.static``, or the global static store of the (sample) catalog."""
+    return cfg.evaluate.static or _catalog_store(_catalog(cfg), STATIC_SOURCE_ID, "static")
+
+
+def heldout_months(truth: xr.Dataset, ev: EvaluateConfig) -> xr.Dataset:
+    """Every ``month_stride``-th month of the held-out years (all of them must be in the truth)."""
+    held = select_years(truth, ev.heldout_years, "truth (evaluate.heldout_years)")
+    return held.isel(time=slice(None, None, ev.month_stride))
+
+
+DownscalerFactory = Callable[[int], Downscaler | None]
+"""``factory(factor)`` -> a fresh Downscaler for that factor, or None where the method does not apply."""
+
+
+def make_downscaler(method: str, ev: EvaluateConfig, checkpoint: str | None = None) -> DownscalerFactory:
+    """The factory of a configured method: bilinear, bcsd, qm, or diffusion (only at its checkpoint's factor)."""
+    if method == "bilinear":
+        return lambda factor: BilinearDownscaler()
+    if method == "bcsd":
+        return lambda factor: BCSDDownscaler()
+    if method == "qm":
+        return lambda factor: QuantileMappingDownscaler()
+    if method == "diffusion":
+        model = DiffusionDownscaler(
+            checkpoint or default_checkpoint(ev.checkpoint), num_steps=ev.num_steps, blend=ev.blend,
+            overlap=ev.overlap, max_patches_per_batch=ev.max_patches_per_batch, device=ev.device,
+        )
+        return lambda factor: model if factor == model.factor else None
+    raise EvaluationError(f"unknown evaluation method {method!r}; expected bilinear, bcsd, qm or diffusion")
+
+
+# -- the protocol -------------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationResult:
+    """Records and figure data of one evaluation (see the module docstring)."""
+
+    records: list[dict[str, Any]]
+    config: dict[str, Any]
+    source: dict[str, Any]
+    fine_resolution: float
+    units: dict[str, str]
+    figure_factor: int
+    months: list[str]
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checkpoint: dict[str, Any] | None = None
+    maps: dict[str, dict[str, xr.DataArray]] = field(default_factory=dict, repr=False)
+    spreads: dict[str, xr.DataArray] = field(default_factory=dict, repr=False)
+    spectra: dict[str, dict[str, xr.DataArray]] = field(default_factory=dict, repr=False)
+    rank_histograms: dict[str, xr.DataArray] = field(default_factory=dict, repr=False)
+
+
+def _label(method: str, members: int, stochastic: bool) -> str:
+    return f"{method} (N={members})" if stochastic else method
+
+
+def _check_years_unseen(model: DiffusionDownscaler, ev: EvaluateConfig) -> None:
+    h0, h1 = ev.heldout_years
+    for a, b in model.years_seen():
+        if a <= h1 and h0 <= b:
+            raise EvaluationError(
+                f"checkpoint {model.checkpoint} was trained/validated on years {a}-{b}, which overlap "
+                f"evaluate.heldout_years {h0}-{h1}: its scores would not be out-of-sample"
+            )
+
+
+def run_evaluation(
+    cfg: ClimReconConfig,
+    *,
+    downscalers: Mapping[str, DownscalerFactory] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EvaluationResult:
+    """The perfect-model protocol of ``cfg.evaluate`` (module docstring); ``downscalers`` replaces the
+    configured methods by name -> factory (any :class:`Downscaler`), e.g. to evaluate a new method."""
+    ev = cfg.evaluate
+    say = log or (lambda _msg: None)
+    truth, source = open_evaluation_truth(cfg, storage_options)
+    variables = list(ev.variables)
+    grid = Grid.from_dataset(truth, "truth")
+    bad = [f for f in ev.factors if grid.nlat % f or grid.nlon % f]
+    if bad:
+        raise EvaluationError(
+            f"evaluate.factors {bad} do not tile the truth grid ({grid.nlat} x {grid.nlon} cells of {grid.dlat:g} deg); "
+            "use factors dividing both"
+        )
+    factories = dict(downscalers) if downscalers is not None else {m: make_downscaler(m, ev) for m in ev.methods}
+    cases = {(m, f): factory(f) for m, factory in factories.items() for f in ev.factors}
+    diffusion = {id(d): d for d in cases.values() if isinstance(d, DiffusionDownscaler)}
+    checkpoint_info = None
+    for model in diffusion.values():
+        _check_years_unseen(model, ev)
+        checkpoint_info = {"path": public_url(model.checkpoint), "method": model.metadata.method,
+                           "factor": model.factor, "variables": list(model.variables), "step": model.metadata.step,
+                           "target": model.target_kind, "data": model.metadata.data}
+
+    t0 = _time.perf_counter()
+    train = select_years(truth, ev.train_years, "truth (evaluate.train_years)").astype("float32").load()
+    held = heldout_months(truth, ev).astype("float32").load()
+    say(f"truth {source['truth']}: {train.sizes['time']} training months, {held.sizes['time']} held-out months scored")
+    climatology = metrics.monthly_climatology(train)
+    needs_static = any(d is not None and not isinstance(d, BilinearDownscaler | BCSDDownscaler | QuantileMappingDownscaler)
+                       for d in cases.values())
+    static_fine = static_for_truth(evaluation_static_url(cfg), held, storage_options) if needs_static else None
+    timings: list[dict[str, Any]] = [{"step": "load truth, climatology, static", "seconds": round(_time.perf_counter() - t0, 2)}]
+
+    stochastic_factors = [f for (_, f), d in cases.items() if getattr(d, "stochastic", False)]
+    figure_factor = min(stochastic_factors) if stochastic_factors else ev.factors[0]
+    result = EvaluationResult(
+        records=[], config=ev.model_dump(mode="json"), source=source, fine_resolution=grid.dlat,
+        units={v: str(truth[v].attrs.get("units", "")) for v in variables}, figure_factor=figure_factor,
+        months=[f"{t.year:04d}-{t.month:02d}" for t in held["time"].values], timings=timings,
+        checkpoint=checkpoint_info,
+    )
+    for factor in ev.factors:
+        coarse_train, coarse_held = coarsen_blocks(train, factor), coarsen_blocks(held, factor)
+        for method in factories:
+            downscaler = cases[method, factor]
+            if downscaler is None:
+                result.notes.append(f"{method}: not applicable at x{factor} (skipped)")
+                continue
+            stochastic = bool(getattr(downscaler, "stochastic", False))
+            sizes = sorted(ev.ensemble_sizes) if stochastic else [1]
+            t_fit = _time.perf_counter()
+            downscaler.fit(coarse_train, train)
+            t_run = _time.perf_counter()
+            fields = downscaler.downscale(coarse_held, static_fine, grid, members=sizes[-1], seed=ev.seed).load()
+            t_done = _time.perf_counter()
+            names = [v for v in variables if v in fields.data_vars]
+            for k in sizes:
+                forecast = fields[names].isel(member=slice(0, k))
+                scores = metrics.evaluate_all(forecast, held[names], climatology=climatology[names])
+                for v in names:
+                    row = {m: float(scores[v].sel(metric=m)) if m in scores["metric"] else math.nan for m in METRICS}
+                    result.records.append({"method": method, "factor": factor, "coarse_resolution": grid.dlat * factor,
+                                           "variable": v, "members": k, "stochastic": stochastic, **row})
+            result.timings.append({"step": f"{method} x{factor}", "fit_seconds": round(t_run - t_fit, 2),
+                                   "downscale_seconds": round(t_done - t_run, 2), "members": sizes[-1],
+                                   "months": held.sizes["time"]})
+            say(f"{method} x{factor}: fit {t_run - t_fit:.1f} s, downscale {t_done - t_run:.1f} s ({sizes[-1]} member(s))")
+            if factor == figure_factor:
+                _keep_figure_data(result, method, fields, held, names, stochastic)
+    return result
+
+
+def _keep_figure_data(result: EvaluationResult, method: str, fields: xr.Dataset, held: xr.Dataset,
+                      names: Sequence[str], stochastic: bool) -> None:
+    label = _label(method, fields.sizes["member"], stochastic)
+    for v in names:
+        truth_v = held[v]
+        maps = result.maps.setdefault(v, {"truth": truth_v.isel(time=0)})
+        maps[f"{method} (member 0)" if stochastic else method] = fields[v].isel(member=0, time=0).assign_attrs(truth_v.attrs)
+        spectra = result.spectra.setdefault(v, {"truth": metrics.power_spectrum(truth_v)})
+        spectra[label] = metrics.power_spectrum(fields[v].assign_attrs(truth_v.attrs))
+        if stochastic and fields.sizes["member"] >= 2:
+            result.spreads[v] = fields[v].isel(time=0).std("member", ddof=1).assign_attrs(units=truth_v.attrs.get("units", ""))
+            result.rank_histograms[v] = metrics.rank_histogram(fields[v], truth_v, seed=0)
+
+
+# -- tables --------------------------------------------------------------------------------------------------------
+def records_frame(result: EvaluationResult) -> pd.DataFrame:
+    """One row per method x factor x variable x members, every metric a column."""
+    cols = ["method", "factor", "coarse_resolution", "variable", "members", "stochastic", *METRICS]
+    return pd.DataFrame(result.records, columns=cols)
+
+
+def write_records_csv(result: EvaluationResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records_frame(result).to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def evaluation_document(result: EvaluationResult) -> dict[str, Any]:
+    """The JSON-able record of an evaluation: config, data source, checkpoint, months, records (NaN -> null)."""
+    return _finite({
+        "protocol": "perfect model: fine truth area-averaged by each factor, downscaled back, scored on held-out years",
+        "config": result.config, "source": result.source, "fine_resolution_deg": result.fine_resolution,
+        "units": result.units, "checkpoint": result.checkpoint, "months_scored": result.months,
+        "figure_factor": result.figure_factor, "timings": result.timings, "notes": result.notes,
+        "records": result.records,
+    })
+
+
+def write_json(result: EvaluationResult, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**evaluation_document(result), **_finite(dict(extra or {}))}
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def _fmt(x: Any) -> str:
+    """4 significant digits; an em dash for a missing or non-finite value."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.4g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _rows_order(df: pd.DataFrame) -> list[tuple[str, int]]:
+    """(method, members) in config order: baselines, then each stochastic method by ensemble size."""
+    seen = df[["method", "members"]].drop_duplicates()
+    order = {m: i for i, m in enumerate(dict.fromkeys(df["method"]))}
+    return sorted(((m, int(k)) for m, k in seen.itertuples(index=False)), key=lambda mk: (order[mk[0]], mk[1]))
+
+
+def markdown_report(result: EvaluationResult, title: str = "Perfect-model evaluation") -> str:
+    """Markdown tables (module docstring); every number is a record value formatted by 4 significant digits."""
+    df = records_frame(result)
+    stochastic = dict(zip(df["method"], df["stochastic"], strict=False))
+    res = result.fine_resolution
+    lines = [f"# {title}", ""]
+    src = result.source
+    kind = "SYNTHETIC reanalysis (not observations)" if src.get("synthetic") else "fine truth"
+    lines += [
+        f"Truth: {kind} `{src.get('truth')}` ({src.get('how')}), {res:g}° grid; variables {', '.join(result.units)}.",
+        f"Baselines fitted on {result.config['train_years'][0]}-{result.config['train_years'][1]}; scored on "
+        f"{len(result.months)} held-out months ({result.months[0]} .. {result.months[-1]}, every "
+        f"{result.config['month_stride']}th month of {result.config['heldout_years'][0]}-{result.config['heldout_years'][1]}).",
+        "Deterministic scores of an ensemble are those of its mean; SSIM/PSNR/q99/LSD/W1 use every member.",
+        "",
+    ]
+    if result.checkpoint:
+        c = result.checkpoint
+        lines += [f"Diffusion: checkpoint `{c['path']}` ({c['method']}, x{c['factor']}, step {c['step']}, target "
+                  f"{c['target']}), {result.config['num_steps']} Heun steps, blend {result.config['blend']}.", ""]
+    factors = sorted(df["factor"].unique())
+    # (a) ZSSD-style: MAE / RMSE per factor per method
+    lines += ["## (a) MAE / RMSE by coarsening factor (ZSSD-style)", ""]
+    for v in dict.fromkeys(df["variable"]):
+        sub = df[df["variable"] == v]
+        header = ["method"] + [f"x{f} ({f * res:g}°) {m}" for f in factors for m in ("MAE", "RMSE")]
+        rows = []
+        for method, k in _rows_order(sub):
+            row = [_label(method, k, stochastic[method])]
+            for f in factors:
+                hit = sub[(sub["method"] == method) & (sub["members"] == k) & (sub["factor"] == f)]
+                row += [_fmt(float(hit[m].iloc[0])) if len(hit) else "—" for m in ("mae", "rmse")]
+            rows.append(row)
+        lines += [f"**{v}** [{result.units.get(v, '')}]", "", *_table(header, rows), ""]
+    # (b) DPDM Table-1 style and (c) probabilistic / distributional, per factor
+    groups = {
+        "(b) RMSE / ACC / SSIM / PSNR per variable and method (DPDM Table-1 style)": ("rmse", "acc", "ssim", "psnr"),
+        "(c) Probabilistic and distributional scores": ("crps", "spread_skill_ratio", "q99_error",
+                                                          "log_spectral_distance", "wasserstein", "bias"),
+    }
+    for heading, cols in groups.items():
+        lines += [f"## {heading}", ""]
+        for f in factors:
+            sub = df[df["factor"] == f]
+            header = ["variable", "method", "N"] + [_metric_header(m) for m in cols]
+            rows = []
+            for v in dict.fromkeys(sub["variable"]):
+                for method, k in _rows_order(sub[sub["variable"] == v]):
+                    hit = sub[(sub["variable"] == v) & (sub["method"] == method) & (sub["members"] == k)].iloc[0]
+                    rows.append([v, method, str(k)] + [_fmt(float(hit[m])) for m in cols])
+            lines += [f"**x{f}** ({res:g}° from {f * res:g}°)", "", *_table(header, rows), ""]
+    units = ", ".join(f"{v} [{u}]" for v, u in result.units.items())
+    lines += [f"Units: MAE, RMSE, bias, CRPS, q99 error and W1 in the variable's units ({units}); ACC, SSIM, "
+              "spread/skill unitless; PSNR and LSD in dB.", ""]
+    if result.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in result.notes], ""]
+    return "\n".join(lines)
+
+
+def _metric_header(metric: str) -> str:
+    return METRIC_LABELS[metric]
+
+
+# -- figures --------------------------------------------------------------------------------------------------------
+def write_figures(result: EvaluationResult, directory: str | Path) -> list[Path]:
+    """PNGs at the figure factor: per variable, maps (truth / methods / spread), power spectra and, for an
+    ensemble, the rank histogram. Returns the paths written."""
+    directory = Path(directory)
+    f = result.figure_factor
+    written = []
+    for v, panels in result.maps.items():
+        units = result.units.get(v, "")
+        shown = {name: da.assign_attrs(units=units, long_name=v) for name, da in panels.items()}
+        written.append(plots.plot_maps(
+            shown, directory / f"maps_{v}_x{f}.png", spread=result.spreads.get(v),
+            title=f"{v}, {result.months[0]}: truth and x{f} downscaled from {f * result.fine_resolution:g}°",
+        ))
+    for v, spectra in result.spectra.items():
+        shown = {name: p.assign_attrs(units=f"({result.units.get(v, '1')})^2 per Fourier mode") for name, p in spectra.items()}
+        written.append(plots.plot_power_spectra(
+            shown, directory / f"spectra_{v}_x{f}.png",
+            title=f"{v} power spectra, x{f}, {len(result.months)} held-out months",
+        ))
+    for v, counts in result.rank_histograms.items():
+        written.append(plots.plot_rank_histogram(
+            counts, directory / f"rank_histogram_{v}_x{f}.png",
+            title=f"{v}: rank of truth in the {counts.size - 1}-member diffusion ensemble (x{f})",
+        ))
+    return written
+
+
+def output_directory(cfg: ClimReconConfig) -> Path:
+    """``evaluate.output``, or ``<storage.root>/evaluate`` (tables and PNGs are written to a local directory)."""
+    if cfg.evaluate.output:
+        return Path(cfg.evaluate.output)
+    if is_remote(cfg.storage.root):
+        raise EvaluationError(
+            f"storage.root {public_url(cfg.storage.root)} is remote; set evaluate.output to a local directory for the tables and figures"
+        )
+    return Path(cfg.storage.root.removeprefix("file://")) / "evaluate"
