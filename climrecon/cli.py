@@ -265,6 +265,34 @@ def reconstruct(config: ConfigOpt = None, set_: SetOpt = None, scheduler: Schedu
 
 
 @app.command()
+def server(
+    home: Annotated[Path, typer.Option(help="Server state (SQLite database, logs).")] = Path("~/.cache/climrecon/prefect"),
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200,
+) -> None:
+    """Start a local Prefect server with its UI on 127.0.0.1 and keep it running (Ctrl-C stops it).
+
+    Then, in another shell, `export PREFECT_API_URL=http://127.0.0.1:<port>/api` and every climrecon
+    command's flow runs appear in the UI (deployments and workers: deploy/README.md).
+    """
+    import time
+
+    from climrecon.flows.server import PrefectServerError, start_server
+
+    try:
+        srv = start_server(home, port=port)
+    except PrefectServerError as exc:
+        _fail(exc)
+    with srv:
+        console.print(f"[green]Prefect UI:[/green] {srv.ui_url}   (started in {srv.startup_seconds:.1f} s)")
+        console.print(f"export PREFECT_API_URL={srv.api_url}")
+        try:
+            while srv.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping the Prefect server")
+
+
+@app.command()
 def demo(set_: SetOpt = None) -> None:
     """The README's main job: a whole reconstruction on the embedded defaults, in a few minutes.
 
