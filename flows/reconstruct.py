@@ -80,31 +80,16 @@ def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
         *[f'ds = xr.open_zarr("{url}")' for url in outputs.get("aggregate", [])],
         "```",
     ]
+    from climrecon.storage import resolve_storage_options
+    from climrecon.tasks.plots import ensemble_maps
+
     for url in outputs.get("aggregate", []):
-        png = ensemble_maps_png(url, cfg)
+        png = ensemble_maps(url, Path(tempfile.mkdtemp(prefix="climrecon-maps-")),
+                            storage_options=resolve_storage_options(cfg.storage.options))
         if png is not None:
             encoded = base64.b64encode(png.read_bytes()).decode()
             lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
     create_markdown_artifact("\n".join(lines), key="reconstruct-summary", description="Where the outputs are")
-
-
-def ensemble_maps_png(aggregate_url: str, cfg: ClimReconConfig) -> Path | None:
-    """PNG of the first variable's ensemble mean and spread in the first month of an aggregate store."""
-    import xarray as xr
-
-    from climrecon.storage import resolve_storage_options
-    from climrecon.tasks.plots import plot_maps
-
-    ds = xr.open_zarr(aggregate_url, storage_options=resolve_storage_options(cfg.storage.options) or None)
-    means = [str(v) for v in ds.data_vars if str(v).endswith("_mean")]
-    if not means:
-        return None
-    name = means[0][: -len("_mean")]
-    first = {"dim": 0} if "time" not in ds.dims else {"time": 0}
-    mean, spread = ds[f"{name}_mean"].isel(**first), ds[f"{name}_std"].isel(**first)
-    out = Path(tempfile.mkdtemp(prefix="climrecon-maps-")) / f"{name}_mean_spread.png"
-    return plot_maps({f"{name} ensemble mean": mean}, out, spread=spread,
-                     title=f"{name}, {str(ds.time.values[0])[:7]}" if "time" in ds.dims else name)
 
 
 @flow(name="reconstruct")

@@ -17,7 +17,7 @@ import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["PlotError", "plot_maps", "plot_power_spectra", "plot_rank_histogram"]
+__all__ = ["PlotError", "ensemble_maps", "plot_maps", "plot_power_spectra", "plot_rank_histogram"]
 
 
 class PlotError(ValueError):
@@ -159,3 +159,21 @@ def plot_rank_histogram(
     ax.legend(loc="upper center")
     ax.set_title(title or f"rank histogram{f' of {counts.name}' if counts.name else ''}")
     return _save(fig, path, dpi)
+
+
+def ensemble_maps(aggregate_url: str, directory: str | Path, *, storage_options: dict | None = None,
+                  time_index: int = 0) -> Path | None:
+    """PNG of the first variable's ensemble mean and spread at ``time_index`` of an aggregate store.
+
+    Reads only that month (``<var>_mean`` and ``<var>_std``); returns None when the store has no
+    ``*_mean`` variable. The file is ``<directory>/<var>_mean_spread.png``.
+    """
+    ds = xr.open_zarr(aggregate_url, storage_options=storage_options or None)
+    means = sorted(str(v) for v in ds.data_vars if str(v).endswith("_mean"))
+    if not means:
+        return None
+    name = means[0][: -len("_mean")]
+    month = ds.isel(time=time_index)
+    stamp = str(month.time.values)[:7]
+    return plot_maps({f"{name} ensemble mean": month[f"{name}_mean"]}, Path(directory) / f"{name}_mean_spread.png",
+                     spread=month[f"{name}_std"], title=f"{name}, {stamp}, {ds.attrs.get('ensemble_size', '?')} members")
