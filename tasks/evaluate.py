@@ -555,8 +555,10 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> list[str]:
+    """A Markdown table: the first ``text_columns`` left-aligned, the numbers right-aligned."""
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return out
 
@@ -618,7 +620,7 @@ def markdown_report(result: EvaluationResult, title: str = "Perfect-model evalua
                 for method, k in _rows_order(sub[sub["variable"] == v]):
                     hit = sub[(sub["variable"] == v) & (sub["method"] == method) & (sub["members"] == k)].iloc[0]
                     rows.append([v, method, str(k)] + [_fmt(float(hit[m])) for m in cols])
-            lines += [f"**x{f}** ({res:g}° from {f * res:g}°)", "", *_table(header, rows), ""]
+            lines += [f"**x{f}** ({res:g}° from {f * res:g}°)", "", *_table(header, rows, text_columns=3), ""]
     units = ", ".join(f"{v} [{u}]" for v, u in result.units.items())
     lines += [f"Units: MAE, RMSE, bias, CRPS, q99 error and W1 in the variable's units ({units}); ACC, SSIM, "
               "spread/skill unitless; PSNR and LSD in dB.", ""]

@@ -209,7 +209,8 @@ class SeparableWeights:
     own part); ``lat`` is ``(n_target_lat, len(rows))``, ``lon`` ``(n_target_lon, len(cols))``. ``pole``
     (bilinear from a global source only) adds ``pole @ zonal_mean(x[t][rows])`` to every target longitude:
     the ghost rows at the poles. Built once per (source grid, target grid); applied by
-    :func:`apply_separable`, one NumPy call per dask chunk.
+    :func:`apply_separable`, one NumPy call per dask chunk, as sparse row gathers (each row has a few
+    non-zero weights: 2 for bilinear, about the resolution ratio for conservative).
     """
 
     lat: np.ndarray
@@ -226,13 +227,51 @@ class SeparableWeights:
     def shape(self) -> tuple[int, int]:
         return self.lat.shape[0], self.lon.shape[0]
 
+    @functools.cached_property
+    def _rows_of(self) -> dict[str, _RowEntries]:
+        names = ("lat", "lon", "pole", "nan_lat", "nan_lon", "nan_pole")
+        return {n: _RowEntries.of(getattr(self, n)) for n in names if getattr(self, n) is not None}
 
-def _matmul_2sided(w_lat: np.ndarray, x: np.ndarray, w_lon: np.ndarray) -> np.ndarray:
-    """``w_lat @ x @ w_lon.T`` over the last two axes of ``x``, in the cheaper association order."""
-    (tl, r), (tn, c) = w_lat.shape, w_lon.shape
-    if tl * r * c + tl * c * tn <= r * c * tn + tl * r * tn:
-        return np.matmul(np.matmul(w_lat, x), w_lon.T)
-    return np.matmul(w_lat, np.matmul(x, w_lon.T))
+    def sparse(self, name: str) -> _RowEntries:
+        """The operator ``name`` ("lat", "lon", "pole", "nan_lat", ...) as its non-zero entries per row."""
+        return self._rows_of[name]
+
+
+@dataclass(frozen=True)
+class _RowEntries:
+    """A matrix ``(n_out, n_in)`` as the ``k`` non-zero entries of each row: ``index``/``value`` ``(k, n_out)``
+    (rows with fewer are padded with weight 0). Applying it gathers and adds ``k`` slices of the input:
+    O(non-zeros), no BLAS (whose threads only contend with dask's on such thin matrices)."""
+
+    index: np.ndarray
+    value: np.ndarray
+
+    @classmethod
+    def of(cls, w: np.ndarray) -> _RowEntries:
+        nonzero = w != 0
+        k = max(int(nonzero.sum(1).max(initial=0)), 1)
+        order = np.argsort(~nonzero, axis=1, kind="stable")[:, :k]  # non-zero columns first
+        return cls(order.T.copy(), np.take_along_axis(w, order, axis=1).T.copy())
+
+    @property
+    def k(self) -> int:
+        return self.index.shape[0]
+
+    def apply(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """``w @ x`` along ``axis`` (-1 or -2) of ``x``; ``x`` must be finite (0 weights pad the rows)."""
+        shape = (-1,) if axis == -1 else (-1, 1)
+        out = np.take(x, self.index[0], axis=axis) * self.value[0].reshape(shape)
+        for index, value in zip(self.index[1:], self.value[1:]):
+            out += np.take(x, index, axis=axis) * value.reshape(shape)
+        return out
+
+
+def _apply_2sided(lat: _RowEntries, x: np.ndarray, lon: _RowEntries) -> np.ndarray:
+    """``W_lat @ x @ W_lon.T`` over the last two axes of ``x``, in the cheaper order."""
+    (r, c), tl, tn = x.shape[-2:], lat.index.shape[1], lon.index.shape[1]
+    if lat.k * tl * c + lon.k * tl * tn <= lon.k * r * tn + lat.k * tl * tn:
+        return lon.apply(lat.apply(x, -2), -1)
+    return lat.apply(lon.apply(x, -1), -2)
 
 
 def _bilinear_kernel(x: np.ndarray, w: SeparableWeights, dtype: np.dtype) -> np.ndarray:
@@ -241,14 +280,14 @@ def _bilinear_kernel(x: np.ndarray, w: SeparableWeights, dtype: np.dtype) -> np.
     sub = rows[..., w.cols]
     nan = np.isnan(sub)
     any_nan = bool(nan.any())
-    out = _matmul_2sided(w.lat, np.where(nan, 0.0, sub) if any_nan else sub, w.lon)
+    out = _apply_2sided(w.sparse("lat"), np.where(nan, 0.0, sub) if any_nan else sub, w.sparse("lon"))
     if any_nan:  # NaN reaches every target whose 2 x 2 stencil holds it (as in scipy's interp1d)
-        out[_matmul_2sided(w.nan_lat, nan.astype(float), w.nan_lon) > 0] = np.nan
+        out[_apply_2sided(w.sparse("nan_lat"), nan.astype(float), w.sparse("nan_lon")) > 0] = np.nan
     if w.pole is not None:  # pole value: the zonal mean of the outermost row (NaN cells skipped)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.nansum(rows, axis=-1) / np.sum(~np.isnan(rows), axis=-1)
-        out += np.matmul(w.pole, np.where(np.isnan(mean), 0.0, mean)[..., None])
-        empty = np.matmul(w.nan_pole, np.isnan(mean).astype(float)[..., None]) > 0
+        out += w.sparse("pole").apply(np.where(np.isnan(mean), 0.0, mean), -1)[..., None]
+        empty = w.sparse("nan_pole").apply(np.isnan(mean).astype(float), -1)[..., None] > 0
         out = np.where(empty, np.nan, out)
     return out.astype(dtype, copy=False)
 
@@ -257,11 +296,12 @@ def _conservative_kernel(x: np.ndarray, w: SeparableWeights, threshold: float, d
     """Area-weighted means on the last two axes, renormalised over the valid (non-NaN) overlap."""
     sub = x[..., w.rows[:, None], w.cols[None, :]].astype(np.float64)
     nan = np.isnan(sub)
+    lat, lon = w.sparse("lat"), w.sparse("lon")
     if nan.any():
-        total = _matmul_2sided(w.lat, np.where(nan, 0.0, sub), w.lon)
-        valid = _matmul_2sided(w.lat, (~nan).astype(float), w.lon)
+        total = _apply_2sided(lat, np.where(nan, 0.0, sub), lon)
+        valid = _apply_2sided(lat, (~nan).astype(float), lon)
     else:
-        total = _matmul_2sided(w.lat, sub, w.lon)
+        total = _apply_2sided(lat, sub, lon)
         valid = np.broadcast_to(np.outer(w.lat.sum(1), w.lon.sum(1)), total.shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = total / valid

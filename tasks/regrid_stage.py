@@ -19,8 +19,8 @@ Contract:
   and static domains, CF units); it writes nothing, so a bad input leaves every store as it was.
 - :func:`prepare_regrid` writes the static store (if not complete) and the coarse/fine templates once,
   and returns the time blocks still missing in either store.
-- :func:`regrid_block` reads one block of ``time_chunk`` steps from the source (only that block is ever
-  in memory), checks no step is NaN everywhere (:class:`RegridError` naming the variable and time;
+- :func:`regrid_block` reads one block of ``time_chunk`` steps from the source, in pieces of at most the
+  source's own time chunk (so memory is bounded by one source chunk, whatever ``time_chunk`` is), checks no step is NaN everywhere (:class:`RegridError` naming the variable and time;
   the stores stay incomplete), and writes one chunk-aligned region into each store that lacks it, so
   several Dask workers can fill the same stores and a re-run writes only what is missing.
 - :func:`finalize_regrid` marks both stores complete (provenance: source store, its key and history,
@@ -76,6 +76,8 @@ __all__ = [
     "regrid_block",
     "regrid_blocks",
     "run_blocks",
+    "read_steps",
+    "time_chunk_for",
     "finalize_regrid",
     "run_regrid",
 ]
@@ -475,15 +477,52 @@ def _fine_from_coarse(coarse: xr.Dataset, plan: RegridPlan) -> xr.Dataset:
     return conservative(coarse, plan.fine_grid, name=f"coarse store {plan.coarse_url}")
 
 
+def _step_bytes(src: xr.Dataset, variables: Sequence[str]) -> int:
+    """Bytes of one time step of ``variables`` (lat x lon each) as stored in ``src``."""
+    return sum(src.sizes["lat"] * src.sizes["lon"] * src[v].dtype.itemsize for v in variables)
+
+
+def time_chunk_for(
+    src: xr.Dataset, variables: Sequence[str], block_mb: float = 32.0, multiple: int = 12
+) -> int:
+    """The ``time_chunk`` whose blocks hold about ``block_mb`` MB of source data (``variables``), in whole
+    ``multiple``s of steps (years of monthly data), at least ``multiple`` and at most the record's length
+    rounded up to a ``multiple``.
+
+    Per-block costs (two region writes, done markers, a graph per block) are fixed, so small blocks of a
+    coarse source (12 months of 1-deg global data: 3 MB) are dominated by them; memory does not grow with
+    the block, since :func:`regrid_blocks` reads it in pieces of the source's own chunks.
+    """
+    if block_mb <= 0 or multiple < 1:
+        raise RegridError(f"time_chunk_for: need block_mb > 0 and multiple >= 1, got {block_mb}, {multiple}")
+    steps = block_mb * 1e6 / max(_step_bytes(src, variables), 1)
+    whole = max(1, int(steps // multiple))
+    return multiple * min(whole, max(1, math.ceil(src.sizes["time"] / multiple)))
+
+
+def read_steps(src: xr.Dataset, variables: Sequence[str], time_chunk: int) -> int:
+    """Time steps read per piece of a block: the source's own time chunk (the smallest over
+    ``variables``), at most ``time_chunk``; ``time_chunk`` for a source without chunk encoding."""
+    chunks = []
+    for v in variables:
+        enc = src[v].encoding.get("preferred_chunks", {}).get("time") or (src[v].encoding.get("chunks") or [None])[0]
+        if enc:
+            chunks.append(int(enc))
+    return max(1, min([time_chunk, *chunks]))
+
+
 def _lazy_outputs(
     plan: RegridPlan, window: slice, storage_options: dict[str, Any] | None
 ) -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
-    """Source, coarse and fine fields over the time steps ``window`` as one lazy dask graph, chunked by
-    ``time_chunk`` (``window`` starts on a block boundary, so dask chunks are the store's blocks)."""
-    # lazily indexed (not dask) until chunked here: the blocks need not match the source's own chunks
+    """Source, coarse and fine fields over the time steps ``window`` as one lazy dask graph.
+
+    ``window`` starts on a block boundary; dask chunks are pieces of :func:`read_steps` steps, so a block
+    of ``time_chunk`` steps is read (and regridded) one source chunk at a time."""
+    # lazily indexed (not dask) until chunked here: the pieces need not match the source's own chunks
     src = open_source(plan.source_url, storage_options, lazy=False)
     keep = [*plan.variables, *(["time_bnds"] if "time_bnds" in src else [])]
-    src = src[keep].isel(time=window).chunk({"time": plan.config.time_chunk, "lat": -1, "lon": -1})
+    read = read_steps(src, plan.variables, plan.config.time_chunk)
+    src = src[keep].isel(time=window).chunk({"time": read, "lat": -1, "lon": -1})
     coarse = conservative(src, plan.coarse_grid, name=f"source store {plan.source_url}")
     return src, coarse, _fine_from_coarse(coarse, plan)
 
@@ -495,7 +534,8 @@ def regrid_blocks(
 
     The regridding graph (library calls on lazy dask arrays) is built once per :data:`GRAPH_BLOCKS`
     blocks; per block, its source, coarse and fine fields are then computed together in this thread
-    (dask's synchronous scheduler, one block in memory at a time), a step that is NaN everywhere raises
+    (dask's synchronous scheduler; the source is read in pieces of :func:`read_steps`, so one source
+    chunk and the block's regridded fields are in memory at a time), a step that is NaN everywhere raises
     :class:`RegridError` naming the variable and time before anything of that block is written, and one
     region is written per store. Returns, per block, the URLs written (empty: it was already done).
     """

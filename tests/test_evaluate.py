@@ -1,0 +1,226 @@
+"""Perfect-model evaluation on a tiny synthetic truth: records, tables equal to direct metrics, held-out years
+never fitted on, the diffusion adapter (a random-init checkpoint built like the train stage's), writers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from PIL import Image
+
+from climrecon.config import ClimReconConfig, ConfigError, EvaluateConfig, TrainSection, load_config
+from climrecon.flows.train import build_model, prepare_training
+from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, save_checkpoint
+from climrecon.tasks import metrics
+from climrecon.tasks.baselines import BCSDDownscaler, BilinearDownscaler
+from climrecon.tasks.evaluate import (
+    METRICS,
+    DiffusionDownscaler,
+    EvaluationError,
+    evaluation_document,
+    markdown_report,
+    records_frame,
+    run_evaluation,
+    write_figures,
+    write_json,
+    write_records_csv,
+)
+from climrecon.tasks.grids import Grid
+from climrecon.tasks.regrid import coarsen_blocks
+from climrecon.tasks.training_data import open_truth, select_years, static_for_truth
+from test_training_data import write_tiny_stores
+
+VARIABLES = ["tas", "uas", "vas"]
+# the tiny truth covers 2000-2002 on a 40 x 40 grid of 0.5 deg: baselines fit 2000-2001, 2002 is held out
+EVALUATE = {"variables": VARIABLES, "factors": [4, 8], "train_years": [2000, 2001], "heldout_years": [2002, 2002],
+            "month_stride": 2, "ensemble_sizes": [1, 3], "num_steps": 2, "overlap": 4, "device": "cpu",
+            "max_patches_per_batch": 16, "seed": 7}
+
+
+def write_tiny_checkpoint(path: Path, truth: str, static: str, train_years=(2000, 2000),
+                          validation_years=(2001, 2001)) -> str:
+    """A random-init x4 residual model whose metadata is exactly what the train stage records."""
+    section = TrainSection(truth=truth, static=static, variables=VARIABLES, factor=4, patch_size=16,
+                           train_years=train_years, validation_years=validation_years, heldout_years=(2002, 2002),
+                           base_channels=8, channel_mults=[1, 2], attention_levels=[1], num_blocks=1)
+    setup = prepare_training(section, truth, static)
+    model = build_model(section, len(setup.spec.channel_names()))
+    meta = CheckpointMetadata(
+        method="dpdm-residual", unet=model.net.config, edm=model.config, variables=setup.spec.variables,
+        cond_channels=tuple(setup.spec.channel_names()), normalization=setup.stats,
+        grid=GridSpec(fine_resolution=setup.grid.dlat, coarsening_factor=4, patch_size=16), data=setup.data,
+    )
+    save_checkpoint(path, model.state_dict(), meta)
+    return str(path)
+
+
+def evaluate_config(truth: str, static: str, checkpoint: str, **changes) -> ClimReconConfig:
+    return ClimReconConfig(evaluate=EvaluateConfig(**{**EVALUATE, "truth": truth, "static": static,
+                                                      "checkpoint": checkpoint, **changes}))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    truth, static = write_tiny_stores(root)
+    checkpoint = write_tiny_checkpoint(root / "tiny.pt", truth, static)
+    cfg = evaluate_config(truth, static, checkpoint)
+    return {"root": root, "truth": truth, "static": static, "checkpoint": checkpoint, "cfg": cfg,
+            "result": run_evaluation(cfg)}
+
+
+@pytest.fixture(scope="module")
+def held(setup) -> xr.Dataset:
+    truth = open_truth(setup["truth"], VARIABLES)
+    return select_years(truth, (2002, 2002)).isel(time=slice(None, None, 2)).astype("float32").load()
+
+
+@pytest.fixture(scope="module")
+def train(setup) -> xr.Dataset:
+    return select_years(open_truth(setup["truth"], VARIABLES), (2000, 2001)).astype("float32").load()
+
+
+def _record(result, **where) -> dict:
+    hits = [r for r in result.records if all(r[k] == v for k, v in where.items())]
+    assert len(hits) == 1, (where, len(hits))
+    return hits[0]
+
+
+def test_records_cover_every_method_factor_variable_and_ensemble_size(setup):
+    result = setup["result"]
+    # 3 baselines x 2 factors x 3 variables (one member) + diffusion at its x4 only, N = 1 and 3
+    assert len(result.records) == 3 * 2 * 3 + 3 * 2
+    assert {(r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "diffusion"} == {
+        ("diffusion", 4, 1), ("diffusion", 4, 3)}
+    assert "diffusion: not applicable at x8 (skipped)" in result.notes
+    for r in result.records:
+        assert set(METRICS) <= set(r)
+        finite = {m for m in METRICS if math.isfinite(r[m])}
+        expected = set(METRICS) - ({"spread_skill_ratio"} if r["members"] == 1 else set())
+        assert finite == expected, (r["method"], r["factor"], r["variable"], r["members"])
+        assert r["rmse"] >= r["mae"] > 0 and -1 <= r["acc"] <= 1 and r["ssim"] <= 1
+    assert result.months == ["2002-01", "2002-03", "2002-05", "2002-07", "2002-09", "2002-11"]
+    assert result.figure_factor == 4 and result.checkpoint["factor"] == 4
+    # area means of the truth lose detail: the coarser the input, the larger the bilinear error
+    for v in VARIABLES:
+        assert _record(result, method="bilinear", factor=8, variable=v)["rmse"] > _record(
+            result, method="bilinear", factor=4, variable=v)["rmse"]
+
+
+def test_records_equal_metrics_computed_directly(setup, held, train):
+    result, cfg = setup["result"], setup["cfg"]
+    grid = Grid.from_dataset(held)
+    climatology = metrics.monthly_climatology(train)
+    coarse8 = coarsen_blocks(held, 8)
+    bilinear = BilinearDownscaler().downscale(coarse8, None, grid)
+    bcsd = BCSDDownscaler().fit(coarsen_blocks(train, 8), train).downscale(coarse8, None, grid)
+    for v in VARIABLES:
+        rec = _record(result, method="bilinear", factor=8, variable=v)
+        assert rec["rmse"] == pytest.approx(float(metrics.rmse(bilinear[v].isel(member=0), held[v])), rel=1e-6)
+        assert rec["ssim"] == pytest.approx(float(metrics.ssim(bilinear[v], held[v])), rel=1e-6)
+        rec = _record(result, method="bcsd", factor=8, variable=v)
+        assert rec["acc"] == pytest.approx(float(metrics.acc(bcsd[v].isel(member=0), held[v], climatology[v])), rel=1e-6)
+    model = DiffusionDownscaler(setup["checkpoint"], num_steps=2, overlap=4, max_patches_per_batch=16, device="cpu")
+    static = static_for_truth(setup["static"], held)
+    three = model.downscale(coarsen_blocks(held, 4), static, grid, members=3, seed=cfg.evaluate.seed)
+    one = model.downscale(coarsen_blocks(held, 4), static, grid, members=1, seed=cfg.evaluate.seed)
+    np.testing.assert_array_equal(one["tas"].values[0], three["tas"].values[0])  # member m is m, whatever N
+    assert float(three["tas"].std("member").mean()) > 0  # members differ
+    for v in VARIABLES:
+        rec = _record(result, method="diffusion", factor=4, variable=v, members=3)
+        assert rec["crps"] == pytest.approx(float(metrics.crps(three[v], held[v])), rel=1e-5)
+        assert rec["spread_skill_ratio"] == pytest.approx(float(metrics.spread_skill_ratio(three[v], held[v])), rel=1e-5)
+        assert rec["rmse"] == pytest.approx(float(metrics.rmse(three[v].mean("member"), held[v])), rel=1e-5)
+
+
+def _table_after(markdown: str, marker: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = lines.index(marker) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_markdown_tables_have_the_papers_shape_and_the_record_values(setup):
+    result = setup["result"]
+    md = markdown_report(result)
+    zssd = _table_after(md, "**tas** [K]")
+    assert zssd[0] == ["method", "x4 (2°) MAE", "x4 (2°) RMSE", "x8 (4°) MAE", "x8 (4°) RMSE"]
+    assert [r[0] for r in zssd[2:]] == ["bilinear", "bcsd", "qm", "diffusion (N=1)", "diffusion (N=3)"]
+    bcsd = zssd[3]
+    assert bcsd[3] == f"{_record(result, method='bcsd', factor=8, variable='tas')['mae']:.4g}"
+    assert zssd[5][2] == f"{_record(result, method='diffusion', factor=4, variable='tas', members=3)['rmse']:.4g}"
+    assert zssd[5][3:] == ["—", "—"]  # the x4 model is not run at x8
+    dpdm = _table_after(md, "**x4** (0.5° from 2°)")
+    assert dpdm[0] == ["variable", "method", "N", "RMSE", "ACC", "SSIM", "PSNR [dB]"]
+    assert len(dpdm) == 2 + 3 * 5
+    row = next(r for r in dpdm if r[:3] == ["uas", "diffusion", "3"])
+    rec = _record(result, method="diffusion", factor=4, variable="uas", members=3)
+    assert row[3:] == [f"{rec[m]:.4g}" for m in ("rmse", "acc", "ssim", "psnr")]
+    assert "SYNTHETIC" in md or "fine truth" in md
+
+
+def test_heldout_years_are_never_fitted_on(setup):
+    seen: dict[str, list[set[int]]] = {"fit": [], "downscale": []}
+
+    class RecordingBCSD(BCSDDownscaler):
+        def fit(self, coarse_train, fine_train):
+            seen["fit"] += [{t.year for t in coarse_train.time.values}, {t.year for t in fine_train.time.values}]
+            return super().fit(coarse_train, fine_train)
+
+        def downscale(self, coarse, static_fine, target, **kw):
+            seen["downscale"].append({t.year for t in coarse.time.values})
+            return super().downscale(coarse, static_fine, target, **kw)
+
+    cfg = evaluate_config(setup["truth"], setup["static"], setup["checkpoint"], factors=[8])
+    result = run_evaluation(cfg, downscalers={"bcsd": lambda factor: RecordingBCSD()})
+    assert seen["fit"] == [{2000, 2001}, {2000, 2001}] and seen["downscale"] == [{2002}]
+    assert {r["method"] for r in result.records} == {"bcsd"}
+    with pytest.raises(ConfigError, match="overlap heldout_years"):
+        load_config(None, ["evaluate.train_years=[1961, 2011]"])
+
+
+def test_a_checkpoint_trained_on_heldout_years_is_refused(setup, tmp_path):
+    leaky = write_tiny_checkpoint(tmp_path / "leaky.pt", setup["truth"], setup["static"],
+                                  train_years=(2000, 2000), validation_years=(2002, 2002))
+    cfg = evaluate_config(setup["truth"], setup["static"], leaky, methods=["diffusion"], factors=[4])
+    with pytest.raises(EvaluationError, match="2002-2002, which overlap evaluate.heldout_years"):
+        run_evaluation(cfg)
+
+
+def test_diffusion_adapter_checks_factor_and_static(setup, held):
+    model = DiffusionDownscaler(setup["checkpoint"], num_steps=2, device="cpu")
+    assert model.factor == 4 and model.variables == tuple(VARIABLES) and model.target_kind == "residual"
+    grid = Grid.from_dataset(held)
+    with pytest.raises(EvaluationError, match="x4; the coarse input is x8"):
+        model.downscale(coarsen_blocks(held, 8), static_for_truth(setup["static"], held), grid)
+    with pytest.raises(EvaluationError, match="pass static_fine"):
+        model.downscale(coarsen_blocks(held, 4), None, grid)
+
+
+def test_writers_round_trip(setup, tmp_path):
+    result = setup["result"]
+    csv = pd.read_csv(write_records_csv(result, tmp_path / "e.csv"))
+    frame = records_frame(result)
+    assert list(csv.columns) == list(frame.columns) and len(csv) == len(frame)
+    np.testing.assert_allclose(csv["rmse"], frame["rmse"], rtol=1e-5)
+    doc = json.loads(write_json(result, tmp_path / "e.json", {"command": "pytest"}).read_text())
+    assert doc["command"] == "pytest" and len(doc["records"]) == len(result.records)
+    one = next(r for r in doc["records"] if r["members"] == 1)
+    assert one["spread_skill_ratio"] is None  # NaN -> null: valid JSON
+    assert doc == json.loads(json.dumps({**evaluation_document(result), "command": "pytest"}, default=str))
+    paths = write_figures(result, tmp_path / "fig")
+    names = sorted(p.name for p in paths)
+    assert names == sorted([f"{k}_{v}_x4.png" for k in ("maps", "spectra", "rank_histogram") for v in VARIABLES])
+    with Image.open(tmp_path / "fig" / "rank_histogram_tas_x4.png") as png:
+        assert png.size == (500, 350)
+    counts = result.rank_histograms["tas"]
+    assert counts.size == 4 and int(counts.sum()) == 6 * 40 * 40  # 3 members -> 4 ranks, every held-out cell
