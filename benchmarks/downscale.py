@@ -42,7 +42,7 @@ from climrecon.tasks.downscale import (
     _conditioning,
     _model,
     item_seeds,
-    normalize_conditioning,
+    network_conditioning,
     plan_downscale,
     run_downscale,
     sample_items,
@@ -124,7 +124,7 @@ def pure_sampling_seconds(plan) -> tuple[float, dict[str, np.ndarray]]:
     total, fields = 0.0, []
     for unit in plan.units():
         cond, toy = _conditioning(plan, unit, None)
-        cond = normalize_conditioning(cond, plan.channels, meta)
+        cond = network_conditioning(cond, plan.channels, meta)
         members = range(unit.member.start, unit.member.stop)
         seeds = item_seeds(cfg.seed, plan.months[unit.time], members)
         c = torch.from_numpy(np.tile(cond, (len(members), 1, 1, 1)))

@@ -22,11 +22,11 @@ Determinism: item (t, m) starts from the unit-normal noise of ``seed_for(seed, m
 written do not depend on unit sizes, the number of workers or which worker ran a unit (bitwise on CPU;
 on CUDA up to the determinism of the GPU kernels).
 
-Conditioning normalisation (what training must do too): ``<v>_coarse`` is normalised with the target
-statistics of ``v`` (``metadata.normalization``: the same physical field), static channels with
-:data:`STATIC_SCALING` (fixed physical scales), position channels are used as they are; a checkpoint
-may override any channel with ``metadata.data["conditioning_normalization"]`` (a NormalizationStats
-dict over conditioning channel names).
+Model inputs and outputs are exactly training's (:mod:`climrecon.tasks.training_data`): the conditioning
+is normalised by ``normalize_conditioning`` with the full-field statistics the checkpoint recorded
+(``metadata.data["conditioning_normalization"]``, else its target statistics), and the network output is
+denormalised with the target statistics and, for a residual model (``metadata.data["target"] ==
+"residual"``), added to the coarse field on the fine grid (``fine_from_target``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
+
+from climrecon.config import DownscaleConfig
+from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
+from climrecon.storage import join_url, public_url
+from climrecon.stores import StageStore, content_key
 from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint, read_checkpoint
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import edm_sampler, make_generator, seed_for
@@ -63,15 +68,10 @@ from climrecon.tasks.tiling import (
     extract_patches,
     make_tiling,
 )
-
-from climrecon.config import DownscaleConfig
-from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
-from climrecon.storage import join_url, public_url
-from climrecon.stores import StageStore, content_key
+from climrecon.tasks.training_data import STATIC_SCALING, TARGET_KINDS, normalize_conditioning
 
 __all__ = [
     "DOWNSCALE_VERSION",
-    "STATIC_SCALING",
     "DownscaleError",
     "DownscalePlan",
     "UnitReport",
@@ -80,7 +80,8 @@ __all__ = [
     "finalize_downscale",
     "item_seeds",
     "month_index",
-    "normalize_conditioning",
+    "network_conditioning",
+    "physical_fields",
     "plan_downscale",
     "prepare_downscale",
     "run_downscale",
@@ -92,11 +93,6 @@ __all__ = [
 
 DOWNSCALE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STATIC_SCALING: dict[str, tuple[float, float]] = {  # channel -> (offset, scale): z = (x - offset) / scale
-    "orog": (0.0, 1000.0),  # m -> km
-    "orog_std": (0.0, 100.0),  # m -> hm
-    "sftlf": (50.0, 50.0),  # % -> -1 (sea) .. 1 (land)
-}
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
@@ -158,28 +154,26 @@ def _spec_for(metadata: CheckpointMetadata, path: str) -> ConditioningSpec:
     return spec
 
 
-def normalize_conditioning(stack: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
-    """[T, C, H, W] conditioning in physical units -> network space, channel by channel (module docstring)."""
+def network_conditioning(stack: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
+    """[T, C, H, W] conditioning in physical units -> network space, exactly as in training."""
     if metadata.normalization is None:
         raise DownscaleError("checkpoint has no normalization statistics; it cannot be used for sampling")
-    override = metadata.data.get("conditioning_normalization")
-    custom = NormalizationStats.from_dict(override) if override else None
-    out = np.empty_like(stack, dtype=np.float32)
-    for i, name in enumerate(channels):
-        x = stack[:, i : i + 1]
-        if custom is not None and name in custom.variables:
-            z = custom.subset([name]).normalize(x, channel_dim=1)
-        elif name.endswith("_coarse") and name[: -len("_coarse")] in metadata.normalization.variables:
-            z = metadata.normalization.subset([name[: -len("_coarse")]]).normalize(x, channel_dim=1)
-        elif name in STATIC_SCALING:
-            offset, scale = STATIC_SCALING[name]
-            z = (x - offset) / scale
-        elif name in POSITION_CHANNELS:
-            z = x
-        else:
-            raise DownscaleError(f"no normalisation known for conditioning channel {name!r}")
-        out[:, i : i + 1] = z
-    return out
+    recorded = metadata.data.get("conditioning_normalization")
+    stats = NormalizationStats.from_dict(recorded) if recorded else metadata.normalization
+    return normalize_conditioning(stack, channels, stats).astype(np.float32)
+
+
+def physical_fields(z: torch.Tensor, cond: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
+    """Network output [N, V, H, W] -> physical fields [N, V, H, W], given the items' physical conditioning
+    [N, C, H, W]: denormalised with the target statistics, plus ``<v>_coarse`` for a residual model."""
+    x = metadata.normalization.denormalize(z.cpu(), channel_dim=1).numpy().astype(np.float32)
+    kind = metadata.data.get("target", "full")
+    if kind not in TARGET_KINDS:
+        raise DownscaleError(f"checkpoint records target kind {kind!r}; this code knows {TARGET_KINDS}")
+    if kind == "residual":
+        coarse = np.stack([cond[:, list(channels).index(f"{v}_coarse")] for v in metadata.variables], axis=1)
+        x = x + coarse
+    return x
 
 
 # -- sampling ------------------------------------------------------------------------------------------------
@@ -600,17 +594,17 @@ def sample_unit(
     t0 = _time.perf_counter()
     model, meta = _model(plan.checkpoint, plan.checkpoint_sha256, str(device))
     cond, toy = _conditioning(plan, unit, storage_options)
-    cond = normalize_conditioning(cond, plan.channels, meta)
+    cond_net = network_conditioning(cond, plan.channels, meta)
     members = range(unit.member.start, unit.member.stop)
     n_t = unit.time.stop - unit.time.start
     seeds = item_seeds(cfg.seed, plan.months[unit.time], members)
-    cond_items = torch.from_numpy(np.tile(cond, (len(members), 1, 1, 1)))  # member-major, like the seeds
+    cond_items = torch.from_numpy(np.tile(cond_net, (len(members), 1, 1, 1)))  # member-major, like the seeds
     toy_items = torch.from_numpy(np.tile(toy, len(members)))
     z = sample_items(
         model, cond_items, toy_items, plan.tiling, seeds=seeds, out_channels=len(plan.variables),
         num_steps=cfg.num_steps, blend=cfg.blend, max_patches_per_batch=cfg.max_patches_per_batch, device=device,
     )
-    x = meta.normalization.denormalize(z.cpu(), channel_dim=1).numpy().astype(np.float32)
+    x = physical_fields(z, np.tile(cond, (len(members), 1, 1, 1)), plan.channels, meta)
     x = x.reshape(len(members), n_t, len(plan.variables), *x.shape[-2:])
     fields = {v: np.ascontiguousarray(x[:, :, i]) for i, v in enumerate(plan.variables)}
     report = UnitReport(unit.label, unit.size, _worker_address(), str(device), _time.perf_counter() - t0,

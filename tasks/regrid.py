@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import dask.array
 import numpy as np
 import xarray as xr
 
@@ -317,7 +318,7 @@ def apply_separable(
     tlon: np.ndarray,
     **kwargs: float,
 ) -> xr.DataArray:
-    """``kernel(x, weights, dtype=..., **kwargs)`` over ``(lat, lon)`` of ``da``: one task per dask chunk.
+    """``kernel(x, w=weights, dtype=..., **kwargs)`` over ``(lat, lon)`` of ``da``: one task per dask chunk.
 
     Spatial dims are put in one chunk each (time/member chunks kept); the output has ``da``'s dims, attrs
     and (floating) dtype, float64 for integer input, and the target ``lat``/``lon``.
@@ -326,18 +327,27 @@ def apply_separable(
     if da.chunks is not None and any(len(da.chunksizes[d]) > 1 for d in _SPATIAL):
         da = da.chunk({"lat": -1, "lon": -1})
     out = xr.apply_ufunc(
-        kernel,
+        _per_block,
         da,
         input_core_dims=[list(_SPATIAL)],
         output_core_dims=[list(_SPATIAL)],
         exclude_dims=set(_SPATIAL),
-        kwargs={"w": weights, "dtype": dtype, **kwargs},
-        dask="parallelized",
-        output_dtypes=[dtype],
-        dask_gufunc_kwargs={"output_sizes": dict(zip(_SPATIAL, weights.shape))},
+        kwargs={"kernel": kernel, "w": weights, "dtype": dtype, **kwargs},
+        dask="allowed",
         keep_attrs=True,
     )
-    return out.assign_coords(lat=tlat, lon=tlon).transpose(*da.dims)
+    out = out.assign_coords(lat=tlat, lon=tlon)
+    return out if out.dims == da.dims else out.transpose(*da.dims)
+
+
+def _per_block(x: Any, kernel: Callable[..., np.ndarray], w: SeparableWeights, **kwargs: Any) -> Any:
+    """``kernel`` on a NumPy array, or block by block on a dask array (one layer, one task per chunk)."""
+    apply = functools.partial(kernel, w=w, **kwargs)
+    if not isinstance(x, dask.array.Array):
+        return apply(x)
+    chunks = (*x.chunks[:-2], (w.shape[0],), (w.shape[1],))
+    meta = np.empty((0,) * x.ndim, dtype=kwargs["dtype"])
+    return x.map_blocks(apply, chunks=chunks, dtype=kwargs["dtype"], meta=meta, token=kernel.__name__.strip("_"))
 
 
 # -- bilinear -------------------------------------------------------------------------------------------

@@ -43,10 +43,10 @@ EVALUATE = {"variables": VARIABLES, "factors": [4, 8], "train_years": [2000, 200
 
 
 def write_tiny_checkpoint(path: Path, truth: str, static: str, train_years=(2000, 2000),
-                          validation_years=(2001, 2001)) -> str:
+                          validation_years=(2001, 2001), heldout_years=(2002, 2002)) -> str:
     """A random-init x4 residual model whose metadata is exactly what the train stage records."""
     section = TrainSection(truth=truth, static=static, variables=VARIABLES, factor=4, patch_size=16,
-                           train_years=train_years, validation_years=validation_years, heldout_years=(2002, 2002),
+                           train_years=train_years, validation_years=validation_years, heldout_years=heldout_years,
                            base_channels=8, channel_mults=[1, 2], attention_levels=[1], num_blocks=1)
     setup = prepare_training(section, truth, static)
     model = build_model(section, len(setup.spec.channel_names()))
@@ -157,8 +157,8 @@ def test_markdown_tables_have_the_papers_shape_and_the_record_values(setup):
     assert [r[0] for r in zssd[2:]] == ["bilinear", "bcsd", "qm", "diffusion (N=1)", "diffusion (N=3)"]
     bcsd = zssd[3]
     assert bcsd[3] == f"{_record(result, method='bcsd', factor=8, variable='tas')['mae']:.4g}"
-    assert zssd[5][2] == f"{_record(result, method='diffusion', factor=4, variable='tas', members=3)['rmse']:.4g}"
-    assert zssd[5][3:] == ["—", "—"]  # the x4 model is not run at x8
+    assert zssd[6][2] == f"{_record(result, method='diffusion', factor=4, variable='tas', members=3)['rmse']:.4g}"
+    assert zssd[6][3:] == ["—", "—"]  # the x4 model is not run at x8
     dpdm = _table_after(md, "**x4** (0.5° from 2°)")
     assert dpdm[0] == ["variable", "method", "N", "RMSE", "ACC", "SSIM", "PSNR [dB]"]
     assert len(dpdm) == 2 + 3 * 5
@@ -190,7 +190,8 @@ def test_heldout_years_are_never_fitted_on(setup):
 
 def test_a_checkpoint_trained_on_heldout_years_is_refused(setup, tmp_path):
     leaky = write_tiny_checkpoint(tmp_path / "leaky.pt", setup["truth"], setup["static"],
-                                  train_years=(2000, 2000), validation_years=(2002, 2002))
+                                  train_years=(2000, 2000), validation_years=(2002, 2002),
+                                  heldout_years=(2001, 2001))
     cfg = evaluate_config(setup["truth"], setup["static"], leaky, methods=["diffusion"], factors=[4])
     with pytest.raises(EvaluationError, match="2002-2002, which overlap evaluate.heldout_years"):
         run_evaluation(cfg)

@@ -16,6 +16,7 @@ from climrecon.tasks.regrid import (
     RegridError,
     area_weights,
     bilinear,
+    bilinear_weights,
     check_regular_latlon,
     check_target_in_domain,
     check_time_slices,
@@ -332,3 +333,48 @@ def test_bilinear_from_a_global_gaussian_grid_reaches_the_poles() -> None:
     # row 89.5N lies 2/3 of the way from the 88.5N row to the pole, whose value is that row's zonal mean
     along_row = np.interp(target.lon, lon, x[-1], period=360)
     np.testing.assert_allclose(out[-1], along_row / 3 + 2 * x[-1].mean() / 3, rtol=1e-12)
+
+
+def test_a_pole_value_is_the_zonal_mean_of_the_row_whatever_the_target_extent() -> None:
+    lat = np.array([-75.0, -45.0, -15.0, 15.0, 45.0, 75.0])  # 30-deg cells reaching the poles
+    lon = np.arange(15.0, 360.0, 30.0)
+    row = np.random.default_rng(4).normal(250, 10, size=lon.size)  # no symmetry to hide double counting
+    ds = xr.Dataset({"tas": (("lat", "lon"), np.tile(row, (lat.size, 1)))}, coords={"lat": lat, "lon": lon})
+    for target in (Grid.global_(1.0), Grid.from_region(Region(lat_min=80, lat_max=90, lon_min=-20, lon_max=20), 1.0)):
+        out = bilinear(ds, target)["tas"].values
+        # 89.5N lies 29/30 of the way from the 75N row to the pole, whose value is the row's zonal mean
+        along_row = np.interp(target.lon, lon, row, period=360)
+        np.testing.assert_allclose(out[-1], along_row / 30 + 29 * row.mean() / 30, rtol=1e-12)
+
+
+def test_bilinear_nan_stencil_is_that_of_xarray_interp() -> None:
+    """A NaN reaches every target whose 2 x 2 stencil holds it (scipy's interp1d, as in xarray's interp),
+    a target on a source centre included (its stencil also lists the centre below, at weight 0)."""
+    source = Grid.from_region(WEST_US, 1.0)
+    rng = np.random.default_rng(7)
+    x = rng.normal(280, 5, size=(2, source.nlat, source.nlon))
+    x[rng.random(x.shape) < 0.05] = np.nan
+    ds = field_on(source, x).chunk(time=1)
+    tlat = np.arange(source.lat[0], source.lat[-1] + 1e-9, 0.5)  # every other target on a source centre
+    tlon = np.arange(source.lon[0], source.lon[-1] + 1e-9, 0.5)
+    out = bilinear(ds, xr.Dataset(coords={"lat": tlat, "lon": tlon}))["tas"].values
+    ref = ds["tas"].interp(lat=tlat, lon=tlon, method="linear").values
+    assert np.isnan(out).any() and np.isfinite(out).any()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(out, ref, rtol=1e-12)
+
+
+def test_separable_regridding_is_one_task_per_chunk_in_the_input_dtype() -> None:
+    source = Grid.global_(2.0)
+    ds = field_on(source, smooth_global(source, n_time=6).astype("float32")).chunk(time=2)
+    n_in = len(ds["tas"].data.__dask_graph__())
+    region = Grid.from_region(WEST_US, 0.25)
+    for out in (bilinear(ds, region), conservative(ds, Grid.global_(5.0))):
+        assert len(out["tas"].data.__dask_graph__()) == n_in + 3  # one kernel task per input chunk
+        values = out["tas"].values
+        assert out["tas"].chunks[0] == (2, 2, 2) and values.dtype == np.float32  # computed, not only declared
+    # weights are built once per pair of grids and read only the source rows/columns the region needs
+    w = bilinear_weights(source.lat, source.lon, region.lat, region.lon)
+    assert w is bilinear_weights(source.lat.copy(), source.lon.copy(), region.lat, region.lon)
+    assert (w.rows.size, w.cols.size) == (12, 14) and w.pole is None
+    np.testing.assert_allclose(w.lat.sum(1), 1.0) and np.testing.assert_allclose(w.lon.sum(1), 1.0)

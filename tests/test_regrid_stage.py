@@ -22,10 +22,13 @@ from climrecon.tasks.regrid import RegridError, area_weights, coarsen_blocks
 from climrecon.tasks.regrid_stage import (
     finalize_regrid,
     plan_regrid,
+    open_source,
     prepare_regrid,
+    read_steps,
     regrid_block,
     run_regrid,
     target_grids,
+    time_chunk_for,
     write_static_on_grid,
 )
 from climrecon.tasks.standardize import standardize
@@ -252,6 +255,32 @@ def test_a_rerun_fills_only_the_missing_blocks(root, single, mpi_url, static_url
     np.testing.assert_array_equal(_open(result.fine_url).tas.values, _open(result_single.fine_url).tas.values)
     state = tree_digest(root / "resume")
     assert run_regrid(plan).blocks_written == 0 and tree_digest(root / "resume") == state  # complete: untouched
+
+
+# -- block size --------------------------------------------------------------------------------------------
+def test_time_chunk_by_bytes_in_whole_years():
+    month = xr.DataArray(np.zeros((1, 180, 360), np.float32), dims=("time", "lat", "lon"))  # 1-deg global: 259 kB
+    ds = xr.Dataset({"tas": month.chunk().pad(time=(0, 479))})  # 40 years, lazy (nothing allocated)
+    assert time_chunk_for(ds, ["tas"], block_mb=32) == 120  # 123 months of data -> 10 whole years
+    assert time_chunk_for(ds, ["tas"], block_mb=16) == 60 and time_chunk_for(ds, ["tas"], block_mb=0.1) == 12
+    assert time_chunk_for(ds, ["tas"], block_mb=1e4) == 480  # at most the record
+    assert time_chunk_for(ds.isel(time=slice(0, 30)), ["tas"], block_mb=1e4) == 36  # 2.5 years -> 3 whole years
+    with pytest.raises(RegridError, match="block_mb > 0"):
+        time_chunk_for(ds, ["tas"], block_mb=0)
+
+
+def test_a_block_of_several_source_chunks_is_read_piecewise_with_the_same_result(root, single, mpi_tas, static_url):
+    _, reference = single  # time_chunk 3 from a source in 12-month chunks
+    url = write_stage_store(mpi_tas, str(root / "ingest" / "mpi-3month-chunks.zarr"), time_chunk=3)
+    src = open_source(url, lazy=False)
+    assert read_steps(src, ["tas"], 12) == 3 and read_steps(src, ["tas"], 2) == 2
+    plan = plan_regrid(CFG.model_copy(update={"time_chunk": 12}), url, StorageConfig(root=str(root / "big")), static_url)
+    result = run_regrid(plan)
+    assert result.blocks_written == result.blocks_total == 1
+    for got, ref in ((result.coarse_url, reference.coarse_url), (result.fine_url, reference.fine_url)):
+        got, ref = _open(got), _open(ref)
+        assert got.tas.encoding["chunks"][0] == 12
+        np.testing.assert_array_equal(got.tas.values, ref.tas.values)
 
 
 # -- bad inputs ----------------------------------------------------------------------------------------------
