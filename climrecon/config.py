@@ -300,6 +300,7 @@ class EvaluateConfig(_Model):
     overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
     max_patches_per_batch: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default: torch's own choice")
     output: str | None = Field(None, description="directory for tables and figures; default: <storage.root>/evaluate")
 
     @model_validator(mode="after")

@@ -456,6 +456,10 @@ def aggregate_block(
     return True
 
 
+def _block_key(region: Mapping[str, slice]) -> str:
+    return "_".join(f"{d}{s.start}-{s.stop}" for d, s in sorted(region.items()))
+
+
 def run_blocks(
     plan: AggregatePlan,
     regions: Sequence[Mapping[str, slice]],
@@ -467,7 +471,7 @@ def run_blocks(
         return sum(aggregate_block(plan, r, storage_options) for r in regions)
     futures = [
         client.submit(aggregate_block, plan, dict(r), storage_options, pure=False,
-                      key=f"aggregate-block-{plan.name}-{plan.label([r])}-{plan.key}")
+                      key=f"aggregate-block-{plan.key}-{_block_key(r)}")
         for r in regions
     ]
     return sum(bool(w) for w in client.gather(futures))

@@ -423,6 +423,8 @@ def run_evaluation(
     configured methods by name -> factory (any :class:`Downscaler`), e.g. to evaluate a new method."""
     ev = cfg.evaluate
     say = log or (lambda _msg: None)
+    if ev.threads:
+        torch.set_num_threads(ev.threads)  # oversubscribed CPUs make multi-threaded small convolutions crawl
     truth, source = open_evaluation_truth(cfg, storage_options)
     variables = list(ev.variables)
     grid = Grid.from_dataset(truth, "truth")
