@@ -2,20 +2,20 @@
 
 Secrets never get here: callers pass configs through :func:`climrecon.storage.redact` (done by
 :func:`stage_attrs`; :func:`stage_record`, :func:`prov_document` and :func:`write_prov_document` use
-:func:`redact_provenance`, which keeps store content keys recorded under ``key``).
+:func:`climrecon.storage.redact`; store identities are recorded under ``content_key``).
 
 Lineage records (the ``climrecon_provenance`` attribute of a store) are plain JSON, one per stage, made
 by :func:`stage_record`::
 
-    {"stage": "aggregate", "store": url, "key": key, "config": {...}, "config_hash": ...,
+    {"stage": "aggregate", "store": url, "content_key": key, "config": {...}, "config_hash": ...,
      "started": iso, "ended": iso, "code_version": ..., "hardware": {...}, "prefect": {...} | null,
-     "inputs": [{"store": url, "key": key}, ...], "upstream": <the input store's own record>, ...extra}
+     "inputs": [{"store": url, "content_key": key}, ...], "upstream": <the input store's own record>, ...extra}
 
 A stage carries its input's record forward under ``upstream`` (records nest back to the catalog).
 :func:`prov_document` turns such a chain into a W3C PROV-JSON document (https://www.w3.org/Submission/
 prov-json/). It reads records leniently, because stages written by others may name things differently:
 any mapping with a ``stage`` is an activity; any mapping with a store URL (``store``/``url``/``zstore``)
-is an entity (a stage store when it also has a ``key``); catalog ``rows`` and ``source_files`` become
+is an entity (a stage store when it also has a ``content_key``); catalog ``rows`` and ``source_files`` become
 source-file entities; any ``flow_run_id`` becomes a Prefect agent; nested records under any other key
 are followed, so whatever an upstream stage recorded reaches the document.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import climrecon
-from climrecon.storage import REDACTED, SECRET_OPTION_KEYS, redact
+from climrecon.storage import redact
 
 __all__ = [
     "PROV_NAMESPACE",
@@ -47,7 +46,6 @@ __all__ = [
     "hardware",
     "prefect_run_context",
     "config_hash",
-    "redact_provenance",
     "stage_record",
     "prov_document",
     "prov_summary",
@@ -183,29 +181,6 @@ def config_hash(config: Any) -> str:
     return content_key(redact(cfg))
 
 
-_CONTENT_KEY = re.compile(r"^[0-9a-f]{16}$")
-
-
-def redact_provenance(obj: Any) -> Any:
-    """:func:`~climrecon.storage.redact`, except that a ``key`` holding a content key is kept.
-
-    In lineage records ``key`` is a store's identity (:func:`climrecon.stores.content_key`: 16 lowercase
-    hex digits), not a credential; any other value under ``key`` (an access key id) is still redacted.
-    """
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            name = str(k).lower()
-            if name == "key" and isinstance(v, str) and _CONTENT_KEY.match(v):
-                out[k] = v
-            else:
-                out[k] = REDACTED if name in SECRET_OPTION_KEYS else redact_provenance(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact_provenance(v) for v in obj)
-    return obj
-
-
 def stage_record(
     stage: str,
     *,
@@ -218,12 +193,12 @@ def stage_record(
     upstream: Any = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One stage's lineage record (see the module docstring), secrets redacted (:func:`redact_provenance`)."""
+    """One stage's lineage record (see the module docstring), secrets redacted."""
     cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
     record = {
         "stage": stage,
         "store": store,
-        "key": key,
+        "content_key": key,
         "config": cfg,
         "config_hash": config_hash(cfg),
         "started": started,
@@ -236,7 +211,7 @@ def stage_record(
     }
     if upstream is not None:
         record["upstream"] = upstream
-    return redact_provenance(json.loads(json.dumps(record, default=str)))
+    return redact(json.loads(json.dumps(record, default=str)))
 
 
 # -- W3C PROV-JSON ----------------------------------------------------------------------------------------
@@ -282,7 +257,7 @@ class _ProvBuilder:
 
     def store_entity(self, node: Mapping[str, Any]) -> str:
         url = next(str(node[k]) for k in _STORE_KEYS if node.get(k))
-        key = node.get("key")
+        key = node.get("content_key")
         ident = f"climrecon:store/{key}" if key else f"climrecon:file/{_short(url)}"
         return self.entity(ident, {
             "prov:type": "climrecon:ZarrStore" if key or url.rstrip("/").endswith(".zarr") else "climrecon:SourceFile",
@@ -304,7 +279,7 @@ class _ProvBuilder:
         """Add one stage record (and, recursively, everything it names); the id of its output entity."""
         stage = str(rec.get("stage", "stage"))
         output = self.store_entity(rec) if any(rec.get(k) for k in _STORE_KEYS) else None
-        act_id = f"climrecon:{stage}/{rec.get('key') or _short(json.dumps(rec, sort_keys=True, default=str))}"
+        act_id = f"climrecon:{stage}/{rec.get('content_key') or _short(json.dumps(rec, sort_keys=True, default=str))}"
         cfg = rec.get("config")
         act = {
             "prov:type": f"climrecon:{stage}",
@@ -357,7 +332,7 @@ class _ProvBuilder:
         if any(value.get(k) for k in _STORE_KEYS):  # a store, checkpoint or file reference
             ent = self.store_entity(value)
             extra = {f"climrecon:{k}": v for k, v in value.items()
-                     if k not in (*_STORE_KEYS, "key") and isinstance(v, (str, int, float, bool))}
+                     if k not in (*_STORE_KEYS, "content_key") and isinstance(v, (str, int, float, bool))}
             self.entity(ent, extra)
             return [ent, *self._inputs({k: v for k, v in value.items() if not isinstance(v, (str, int, float, bool))})]
         if value.get("hash") or value.get("sha256"):  # e.g. a checkpoint given by its hash
@@ -397,7 +372,7 @@ def prov_document(record: Mapping[str, Any]) -> dict[str, Any]:
     wasAssociatedWith, wasDerivedFrom.
     """
     builder = _ProvBuilder()
-    builder.add_record(redact_provenance(json.loads(json.dumps(record, default=str))))
+    builder.add_record(redact(json.loads(json.dumps(record, default=str))))
     return {k: v for k, v in builder.doc.items() if v or k == "prefix"}
 
 
@@ -424,5 +399,5 @@ def write_prov_document(store_url: str, doc: Mapping[str, Any], storage_options:
 
     fs, path = filesystem(store_url, storage_options)
     fs.makedirs(path, exist_ok=True)
-    fs.pipe(join_url(path, name), (json.dumps(redact_provenance(dict(doc)), indent=1, sort_keys=True) + "\n").encode())
+    fs.pipe(join_url(path, name), (json.dumps(redact(dict(doc)), indent=1, sort_keys=True) + "\n").encode())
     return join_url(store_url, name)

@@ -44,8 +44,14 @@ def evaluate_task(cfg: ClimReconConfig, scheduler_address: str | None) -> Evalua
     from climrecon.flows.runtime import dask_client, sampling_resources
 
     with dask_client(scheduler_address) as client:
-        future = client.submit(run_evaluation, cfg, storage_options=options, resources=sampling_resources(client),
-                               pure=False, key=f"evaluate-{uuid.uuid4().hex[:12]}")
+        future = client.submit(
+            run_evaluation,
+            cfg,
+            storage_options=options,
+            resources=sampling_resources(client),
+            pure=False,
+            key=f"evaluate-{uuid.uuid4().hex[:12]}",
+        )
         return future.result()
 
 
@@ -67,13 +73,26 @@ def report_task(result: EvaluationResult, directory: Path) -> dict[str, Any]:
     doc = write_json(result, directory / "evaluation.json")
     figures = write_figures(result, directory / "figures")
     create_markdown_artifact(markdown, key="evaluation-tables", description="Perfect-model skill tables")
-    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-            for r in result.records]
-    create_table_artifact(rows, key="evaluation-records", description="Every method x factor x variable x members")
-    create_markdown_artifact(figures_markdown(figures), key="evaluation-figures",
-                             description=f"Maps, power spectra and rank histograms at x{result.figure_factor}")
-    return {"output": str(directory), "markdown": str(directory / "evaluation.md"), "csv": str(csv),
-            "json": str(doc), "figures": [str(p) for p in figures], "records": len(result.records)}
+    rows = [
+        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+        for r in result.records
+    ]
+    create_table_artifact(
+        rows, key="evaluation-records", description="Every method x factor x variable x members"
+    )
+    create_markdown_artifact(
+        figures_markdown(figures),
+        key="evaluation-figures",
+        description=f"Maps, power spectra and rank histograms at x{result.figure_factor}",
+    )
+    return {
+        "output": str(directory),
+        "markdown": str(directory / "evaluation.md"),
+        "csv": str(csv),
+        "json": str(doc),
+        "figures": [str(p) for p in figures],
+        "records": len(result.records),
+    }
 
 
 @flow(name="evaluate")

@@ -87,13 +87,12 @@ from climrecon.config import AggregateConfig
 from climrecon.provenance import (
     prov_document,
     prov_summary,
-    redact_provenance,
     stage_attrs,
     stage_record,
     utc_now,
     write_prov_document,
 )
-from climrecon.storage import join_url
+from climrecon.storage import join_url, redact
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.grids import lat_edges_from_centres, lon_edges_from_centres
 
@@ -493,12 +492,12 @@ def _upstream_record(plan: AggregatePlan, attrs: Mapping[str, Any]) -> dict[str,
     record = dict(prov) if isinstance(prov, Mapping) else ({"recorded": prov} if prov else {})
     record.setdefault("stage", "downscale")
     record.setdefault("store", plan.member_url)
-    record.setdefault("key", plan.member_key)
+    record.setdefault("content_key", plan.member_key)
     for attr, name in (("climrecon_downscale_config", "config"), ("climrecon_code_version", "code_version"),
                        ("climrecon_completed", "ended")):
         if attr in attrs and name not in record:
             record[name] = _json_attr(attrs[attr])
-    return redact_provenance(record)
+    return redact(record)
 
 
 def finalize_aggregate(plan: AggregatePlan, storage_options: dict[str, Any] | None = None) -> str:
@@ -519,7 +518,7 @@ def finalize_aggregate(plan: AggregatePlan, storage_options: dict[str, Any] | No
         key=plan.key,
         config=plan.config,
         started=plan.started,
-        inputs=[{"store": plan.member_url, "key": plan.member_key}],
+        inputs=[{"store": plan.member_url, "content_key": plan.member_key}],
         upstream=_upstream_record(plan, src_attrs),
         ensemble_size=plan.n_member,
         statistics=[s for s in STATISTICS if s != "members" or plan.config.include_members],

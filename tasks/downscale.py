@@ -463,7 +463,7 @@ def plan_downscale(
         upstream = json.loads(upstream_record) if upstream_record else None
     except ValueError:
         upstream = None
-    upstream = upstream or {"stage": "regrid", "store": public_url(fine_url), "key": fine_key,
+    upstream = upstream or {"stage": "regrid", "store": public_url(fine_url), "content_key": fine_key,
                             "history": str(fine.attrs.get("history", ""))}
     return DownscalePlan(
         name=name,
@@ -677,10 +677,10 @@ def finalize_downscale(
     for r in reports:
         workers.setdefault(f"{r.worker or 'local'} {r.device}", {"worker": r.worker, "device": r.device,
                                                                    "hardware": r.hardware})
-    inputs = [{"store": public_url(plan.fine_url), "key": plan.fine_key, "role": "conditioning"},
-              {"store": public_url(plan.static_url), "key": plan.static_key, "role": "static"}]
+    inputs = [{"store": public_url(plan.fine_url), "content_key": plan.fine_key, "role": "conditioning"},
+              {"store": public_url(plan.static_url), "content_key": plan.static_key, "role": "static"}]
     if plan.coarse_url:
-        inputs.append({"store": public_url(plan.coarse_url), "key": plan.coarse_key, "role": "coarse"})
+        inputs.append({"store": public_url(plan.coarse_url), "content_key": plan.coarse_key, "role": "coarse"})
     record = stage_record(
         "downscale", store=public_url(plan.out_url), key=plan.out_key, config=plan.config, started=plan.started,
         inputs=inputs, upstream=plan.upstream, checkpoint=plan.checkpoint_info, base_seed=plan.config.seed,

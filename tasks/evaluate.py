@@ -104,15 +104,31 @@ __all__ = [
 SYNTHETIC_SOURCE_ID = "ClimRecon-SyntheticReanalysis"
 STATIC_SOURCE_ID = "ETOPO5-GLOBE"
 METRICS = (
-    "mae", "rmse", "bias", "acc", "ssim", "psnr", "q99_error", "crps", "spread_skill_ratio",
-    "log_spectral_distance", "wasserstein",
+    "mae",
+    "rmse",
+    "bias",
+    "acc",
+    "ssim",
+    "psnr",
+    "q99_error",
+    "crps",
+    "spread_skill_ratio",
+    "log_spectral_distance",
+    "wasserstein",
 )
 METRIC_LABELS = {
-    "mae": "MAE", "rmse": "RMSE", "bias": "bias", "acc": "ACC", "ssim": "SSIM", "psnr": "PSNR [dB]",
-    "q99_error": "q99 error", "crps": "CRPS", "spread_skill_ratio": "spread/skill",
-    "log_spectral_distance": "LSD [dB]", "wasserstein": "W1",
+    "mae": "MAE",
+    "rmse": "RMSE",
+    "bias": "bias",
+    "acc": "ACC",
+    "ssim": "SSIM",
+    "psnr": "PSNR [dB]",
+    "q99_error": "q99 error",
+    "crps": "CRPS",
+    "spread_skill_ratio": "spread/skill",
+    "log_spectral_distance": "LSD [dB]",
+    "wasserstein": "W1",
 }
-_UNITLESS = {"acc", "ssim", "psnr", "spread_skill_ratio", "log_spectral_distance"}
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
@@ -120,7 +136,7 @@ class EvaluationError(ValueError):
     """The evaluation cannot run as configured; the message names the store, field or checkpoint at fault."""
 
 
-# -- the diffusion method behind the Downscaler interface -------------------------------------------------------
+# -- the diffusion method behind the Downscaler interface ----------------------------------------------------
 @dataclass
 class DiffusionDownscaler:
     """A trained conditional patch-diffusion checkpoint as a :class:`~climrecon.tasks.baselines.Downscaler`.
@@ -146,7 +162,9 @@ class DiffusionDownscaler:
         dev = self.device
         if dev == "cuda" and not torch.cuda.is_available():
             raise EvaluationError("evaluate.device is 'cuda' but torch sees no CUDA device here")
-        self._device = torch.device("cuda" if dev == "cuda" or (dev == "auto" and torch.cuda.is_available()) else "cpu")
+        self._device = torch.device(
+            "cuda" if dev == "cuda" or (dev == "auto" and torch.cuda.is_available()) else "cpu"
+        )
         self.model, self.metadata = load_checkpoint(self.checkpoint, map_location=self._device)
         meta, path = self.metadata, self.checkpoint
         if meta.normalization is None:
@@ -165,15 +183,20 @@ class DiffusionDownscaler:
                 f"checkpoint {path} expects conditioning channels {channels}; training builds "
                 f"{self.spec.channel_names()} (coarse variables, static fields, position)"
             )
-        self.target_kind = str(meta.data.get("target") or ("residual" if meta.method.endswith("residual") else "full"))
+        self.target_kind = str(
+            meta.data.get("target") or ("residual" if meta.method.endswith("residual") else "full")
+        )
         if self.target_kind not in TARGET_KINDS:
-            raise EvaluationError(f"checkpoint {path}: unknown data.target {self.target_kind!r}; expected {TARGET_KINDS}")
+            raise EvaluationError(
+                f"checkpoint {path}: unknown data.target {self.target_kind!r}; expected {TARGET_KINDS}"
+            )
         recorded = meta.data.get("static_scaling")
         if recorded is not None and {k: tuple(v) for k, v in recorded.items()} != {
             k: tuple(v) for k, v in STATIC_SCALING.items() if k in recorded
         }:
             raise EvaluationError(
-                f"checkpoint {path} was trained with static scaling {recorded}, this code uses {STATIC_SCALING}"
+                f"checkpoint {path} was trained with static scaling {recorded}, "
+                f"this code uses {STATIC_SCALING}"
             )
         cond = meta.data.get("conditioning_normalization")
         if cond is None and self.target_kind == "residual":
@@ -194,12 +217,18 @@ class DiffusionDownscaler:
 
     def years_seen(self) -> list[tuple[int, int]]:
         """Inclusive year ranges the model was trained or validated on (from its metadata)."""
-        return [tuple(self.metadata.data[k]) for k in ("train_years", "validation_years") if self.metadata.data.get(k)]
+        return [
+            tuple(self.metadata.data[k])
+            for k in ("train_years", "validation_years")
+            if self.metadata.data.get(k)
+        ]
 
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DiffusionDownscaler:
         missing = [v for v in self.variables if v not in fine_train.data_vars]
         if missing:
-            raise EvaluationError(f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}")
+            raise EvaluationError(
+                f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}"
+            )
         return self  # trained by the train stage
 
     def downscale(
@@ -233,52 +262,81 @@ class DiffusionDownscaler:
             chunk = items[start : start + self.items_per_call]
             t_idx = np.array([t for _, t in chunk])
             z = sample_items(
-                self.model, torch.from_numpy(z_cond[t_idx]), torch.from_numpy(toy[t_idx]), tiling,
-                seeds=seeds[start : start + len(chunk)], out_channels=len(variables), num_steps=self.num_steps,
-                blend=self.blend, max_patches_per_batch=self.max_patches_per_batch, device=self._device,
+                self.model,
+                torch.from_numpy(z_cond[t_idx]),
+                torch.from_numpy(toy[t_idx]),
+                tiling,
+                seeds=seeds[start : start + len(chunk)],
+                out_channels=len(variables),
+                num_steps=self.num_steps,
+                blend=self.blend,
+                max_patches_per_batch=self.max_patches_per_batch,
+                device=self._device,
             )
             x = self.metadata.normalization.denormalize(z.cpu(), channel_dim=1).numpy()
             for (m, t), field_ in zip(chunk, x, strict=True):
                 out[m, t] = field_
         coords = {"member": np.arange(members), "time": coarse["time"], "lat": grid.lat, "lon": grid.lon}
         values = xr.Dataset(
-            {v: (("member", "time", "lat", "lon"), out[:, :, i]) for i, v in enumerate(variables)}, coords=coords
+            {v: (("member", "time", "lat", "lon"), out[:, :, i]) for i, v in enumerate(variables)},
+            coords=coords,
         )
-        fine = fine_from_target(values, cond.assign_coords(lat=grid.lat, lon=grid.lon), variables, self.target_kind)
+        fine = fine_from_target(
+            values, cond.assign_coords(lat=grid.lat, lon=grid.lon), variables, self.target_kind
+        )
         result = xr.Dataset(
-            {v: fine[v].transpose("member", "time", "lat", "lon").astype("float32").assign_attrs(coarse[v].attrs)
-             for v in variables},
+            {
+                v: fine[v]
+                .transpose("member", "time", "lat", "lon")
+                .astype("float32")
+                .assign_attrs(coarse[v].attrs)
+                for v in variables
+            },
             coords=coords,
         )
         if "time_bnds" in coarse:
             result["time_bnds"] = coarse["time_bnds"]
-        return result.assign_attrs(downscaling_method=self.name, checkpoint=public_url(self.checkpoint),
-                                   num_steps=self.num_steps, blend=self.blend, base_seed=seed)
+        return result.assign_attrs(
+            downscaling_method=self.name,
+            checkpoint=public_url(self.checkpoint),
+            num_steps=self.num_steps,
+            blend=self.blend,
+            base_seed=seed,
+        )
 
-    def _check_inputs(self, coarse: xr.Dataset, static_fine: xr.Dataset | None, grid: Grid, members: int) -> None:
+    def _check_inputs(
+        self, coarse: xr.Dataset, static_fine: xr.Dataset | None, grid: Grid, members: int
+    ) -> None:
         path = self.checkpoint
         if members < 1:
             raise EvaluationError(f"diffusion: members must be >= 1, got {members}")
         missing = [v for v in self.variables if v not in coarse.data_vars]
         if missing:
-            raise EvaluationError(f"checkpoint {path} downscales {list(self.variables)}; the coarse input lacks {missing}")
+            raise EvaluationError(
+                f"checkpoint {path} downscales {list(self.variables)}; the coarse input lacks {missing}"
+            )
         coarse_grid = Grid.from_dataset(coarse, "coarse input")
         factor = coarse_grid.dlat / grid.dlat
         if not math.isclose(factor, self.factor, rel_tol=1e-6):
             raise EvaluationError(
-                f"checkpoint {path} was trained to downscale by x{self.factor}; the coarse input is x{factor:g} "
+                f"checkpoint {path} was trained to downscale by x{self.factor}; "
+                f"the coarse input is x{factor:g} "
                 f"coarser than the target ({coarse_grid.dlat:g} vs {grid.dlat:g} deg)"
             )
         trained = self.metadata.grid.fine_resolution
         if trained and not math.isclose(trained, grid.dlat, rel_tol=1e-6):
             raise EvaluationError(
-                f"checkpoint {path} was trained on a {trained:g}-deg fine grid; the target is {grid.dlat:g} deg"
+                f"checkpoint {path} was trained on a {trained:g}-deg fine grid; "
+                f"the target is {grid.dlat:g} deg"
             )
         if static_fine is None:
-            raise EvaluationError(f"checkpoint {path} is conditioned on static fields {list(self.spec.static)}; pass static_fine")
+            raise EvaluationError(
+                f"checkpoint {path} is conditioned on static fields {list(self.spec.static)}; "
+                "pass static_fine"
+            )
 
 
-# -- inputs ----------------------------------------------------------------------------------------------------
+# -- inputs --------------------------------------------------------------------------------------------------
 def _catalog(cfg: ClimReconConfig) -> str:
     return cfg.evaluate.catalog or str(cfg.sample_catalog())
 
@@ -301,11 +359,14 @@ def _catalog_store(catalog: str, source_id: str, what: str) -> str:
     return paths[0].removeprefix("file://")
 
 
-def open_evaluation_truth(cfg: ClimReconConfig, storage_options: dict[str, Any] | None = None) -> tuple[xr.Dataset, dict[str, Any]]:
+def open_evaluation_truth(
+    cfg: ClimReconConfig, storage_options: dict[str, Any] | None = None
+) -> tuple[xr.Dataset, dict[str, Any]]:
     """The fine truth (lazy; ``evaluate.variables`` only) and a description of where it came from.
 
-    ``evaluate.truth``: a Zarr store (any URL) or a netCDF file (``.nc``); else ``evaluate.truth_query`` run on
-    ``evaluate.catalog`` (exactly one dataset must match); else the sample catalog's synthetic reanalysis.
+    ``evaluate.truth``: a Zarr store (any URL) or a netCDF file (``.nc``); else ``evaluate.truth_query``
+    run on ``evaluate.catalog`` (exactly one dataset must match); else the sample catalog's synthetic
+    reanalysis.
     """
     ev = cfg.evaluate
     variables = list(ev.variables)
@@ -321,24 +382,34 @@ def open_evaluation_truth(cfg: ClimReconConfig, storage_options: dict[str, Any] 
             ds = open_truth(url, variables, storage_options)
         except ValueError as exc:
             raise EvaluationError(f"evaluate.truth: {exc}") from None
-        source = {"truth": public_url(url), "how": "zarr store" if ev.truth else "sample catalog (synthetic reanalysis)"}
+        source = {
+            "truth": public_url(url),
+            "how": "zarr store" if ev.truth else "sample catalog (synthetic reanalysis)",
+        }
     else:
         from climrecon.catalogs.esmcat import CatalogError, open_datasets
 
         try:
-            found = open_datasets(_catalog(cfg), storage_options=storage_options, **ev.truth_query.search_terms())
+            found = open_datasets(
+                _catalog(cfg), storage_options=storage_options, **ev.truth_query.search_terms()
+            )
         except CatalogError as exc:
             raise EvaluationError(f"evaluate.truth_query: {exc}") from None
         if len(found) != 1:
             raise EvaluationError(
-                f"evaluate.truth_query matches {len(found)} datasets {sorted(found)} in {_catalog(cfg)}; narrow it to one"
+                f"evaluate.truth_query matches {len(found)} datasets {sorted(found)} in {_catalog(cfg)}; "
+                "narrow it to one"
             )
-        (key, ds), = found.items()
-        source = {"truth": key, "how": f"catalog query {ev.truth_query.search_terms()} in {public_url(_catalog(cfg))}"}
+        ((key, ds),) = found.items()
+        source = {
+            "truth": key,
+            "how": f"catalog query {ev.truth_query.search_terms()} in {public_url(_catalog(cfg))}",
+        }
     missing = [v for v in variables if v not in ds.data_vars]
     if missing:
         raise EvaluationError(
-            f"truth {source['truth']} lacks evaluate.variables {missing}; it has {sorted(map(str, ds.data_vars))}"
+            f"truth {source['truth']} lacks evaluate.variables {missing}; "
+            f"it has {sorted(map(str, ds.data_vars))}"
         )
     source["synthetic"] = str(ds.attrs.get("synthetic", "false")).lower() == "true"
     source["title"] = str(ds.attrs.get("title", ""))
@@ -361,7 +432,7 @@ DownscalerFactory = Callable[[int], Downscaler | None]
 
 
 def make_downscaler(method: str, ev: EvaluateConfig, checkpoint: str | None = None) -> DownscalerFactory:
-    """The factory of a configured method: bilinear, bcsd, qm, or diffusion (only at its checkpoint's factor)."""
+    """The factory of a configured method: bilinear, bcsd, qm, or diffusion (its checkpoint's factor only)."""
     if method == "bilinear":
         return lambda factor: BilinearDownscaler()
     if method == "bcsd":
@@ -370,14 +441,18 @@ def make_downscaler(method: str, ev: EvaluateConfig, checkpoint: str | None = No
         return lambda factor: QuantileMappingDownscaler()
     if method == "diffusion":
         model = DiffusionDownscaler(
-            checkpoint or default_checkpoint(ev.checkpoint), num_steps=ev.num_steps, blend=ev.blend,
-            overlap=ev.overlap, max_patches_per_batch=ev.max_patches_per_batch, device=ev.device,
+            checkpoint or default_checkpoint(ev.checkpoint),
+            num_steps=ev.num_steps,
+            blend=ev.blend,
+            overlap=ev.overlap,
+            max_patches_per_batch=ev.max_patches_per_batch,
+            device=ev.device,
         )
         return lambda factor: model if factor == model.factor else None
     raise EvaluationError(f"unknown evaluation method {method!r}; expected bilinear, bcsd, qm or diffusion")
 
 
-# -- the protocol -------------------------------------------------------------------------------------------------
+# -- the protocol --------------------------------------------------------------------------------------------
 @dataclass
 class EvaluationResult:
     """Records and figure data of one evaluation (see the module docstring)."""
@@ -431,35 +506,58 @@ def run_evaluation(
     bad = [f for f in ev.factors if grid.nlat % f or grid.nlon % f]
     if bad:
         raise EvaluationError(
-            f"evaluate.factors {bad} do not tile the truth grid ({grid.nlat} x {grid.nlon} cells of {grid.dlat:g} deg); "
+            f"evaluate.factors {bad} do not tile the truth grid "
+            f"({grid.nlat} x {grid.nlon} cells of {grid.dlat:g} deg); "
             "use factors dividing both"
         )
-    factories = dict(downscalers) if downscalers is not None else {m: make_downscaler(m, ev) for m in ev.methods}
+    factories = (
+        dict(downscalers) if downscalers is not None else {m: make_downscaler(m, ev) for m in ev.methods}
+    )
     cases = {(m, f): factory(f) for m, factory in factories.items() for f in ev.factors}
     diffusion = {id(d): d for d in cases.values() if isinstance(d, DiffusionDownscaler)}
     checkpoint_info = None
     for model in diffusion.values():
         _check_years_unseen(model, ev)
-        checkpoint_info = {"path": public_url(model.checkpoint), "method": model.metadata.method,
-                           "factor": model.factor, "variables": list(model.variables), "step": model.metadata.step,
-                           "target": model.target_kind, "data": model.metadata.data}
+        checkpoint_info = {
+            "path": public_url(model.checkpoint),
+            "method": model.metadata.method,
+            "factor": model.factor,
+            "variables": list(model.variables),
+            "step": model.metadata.step,
+            "target": model.target_kind,
+            "data": model.metadata.data,
+        }
 
     t0 = _time.perf_counter()
     train = select_years(truth, ev.train_years, "truth (evaluate.train_years)").astype("float32").load()
     held = heldout_months(truth, ev).astype("float32").load()
-    say(f"truth {source['truth']}: {train.sizes['time']} training months, {held.sizes['time']} held-out months scored")
+    say(
+        f"truth {source['truth']}: {train.sizes['time']} training months, "
+        f"{held.sizes['time']} held-out months scored"
+    )
     climatology = metrics.monthly_climatology(train)
-    needs_static = any(d is not None and not isinstance(d, BilinearDownscaler | BCSDDownscaler | QuantileMappingDownscaler)
-                       for d in cases.values())
-    static_fine = static_for_truth(evaluation_static_url(cfg), held, storage_options) if needs_static else None
-    timings: list[dict[str, Any]] = [{"step": "load truth, climatology, static", "seconds": round(_time.perf_counter() - t0, 2)}]
+    needs_static = any(
+        d is not None and not isinstance(d, BilinearDownscaler | BCSDDownscaler | QuantileMappingDownscaler)
+        for d in cases.values()
+    )
+    static_fine = (
+        static_for_truth(evaluation_static_url(cfg), held, storage_options) if needs_static else None
+    )
+    timings: list[dict[str, Any]] = [
+        {"step": "load truth, climatology, static", "seconds": round(_time.perf_counter() - t0, 2)}
+    ]
 
     stochastic_factors = [f for (_, f), d in cases.items() if getattr(d, "stochastic", False)]
     figure_factor = min(stochastic_factors) if stochastic_factors else ev.factors[0]
     result = EvaluationResult(
-        records=[], config=ev.model_dump(mode="json"), source=source, fine_resolution=grid.dlat,
-        units={v: str(truth[v].attrs.get("units", "")) for v in variables}, figure_factor=figure_factor,
-        months=[f"{t.year:04d}-{t.month:02d}" for t in held["time"].values], timings=timings,
+        records=[],
+        config=ev.model_dump(mode="json"),
+        source=source,
+        fine_resolution=grid.dlat,
+        units={v: str(truth[v].attrs.get("units", "")) for v in variables},
+        figure_factor=figure_factor,
+        months=[f"{t.year:04d}-{t.month:02d}" for t in held["time"].values],
+        timings=timings,
         checkpoint=checkpoint_info,
     )
     for factor in ev.factors:
@@ -474,40 +572,76 @@ def run_evaluation(
             t_fit = _time.perf_counter()
             downscaler.fit(coarse_train, train)
             t_run = _time.perf_counter()
-            fields = downscaler.downscale(coarse_held, static_fine, grid, members=sizes[-1], seed=ev.seed).load()
+            fields = downscaler.downscale(
+                coarse_held, static_fine, grid, members=sizes[-1], seed=ev.seed
+            ).load()
             t_done = _time.perf_counter()
             names = [v for v in variables if v in fields.data_vars]
             for k in sizes:
                 forecast = fields[names].isel(member=slice(0, k))
                 scores = metrics.evaluate_all(forecast, held[names], climatology=climatology[names])
                 for v in names:
-                    row = {m: float(scores[v].sel(metric=m)) if m in scores["metric"] else math.nan for m in METRICS}
-                    result.records.append({"method": method, "factor": factor, "coarse_resolution": grid.dlat * factor,
-                                           "variable": v, "members": k, "stochastic": stochastic, **row})
-            result.timings.append({"step": f"{method} x{factor}", "fit_seconds": round(t_run - t_fit, 2),
-                                   "downscale_seconds": round(t_done - t_run, 2), "members": sizes[-1],
-                                   "months": held.sizes["time"]})
-            say(f"{method} x{factor}: fit {t_run - t_fit:.1f} s, downscale {t_done - t_run:.1f} s ({sizes[-1]} member(s))")
+                    row = {
+                        m: float(scores[v].sel(metric=m)) if m in scores["metric"] else math.nan
+                        for m in METRICS
+                    }
+                    result.records.append(
+                        {
+                            "method": method,
+                            "factor": factor,
+                            "coarse_resolution": grid.dlat * factor,
+                            "variable": v,
+                            "members": k,
+                            "stochastic": stochastic,
+                            **row,
+                        }
+                    )
+            result.timings.append(
+                {
+                    "step": f"{method} x{factor}",
+                    "fit_seconds": round(t_run - t_fit, 2),
+                    "downscale_seconds": round(t_done - t_run, 2),
+                    "members": sizes[-1],
+                    "months": held.sizes["time"],
+                }
+            )
+            say(
+                f"{method} x{factor}: fit {t_run - t_fit:.1f} s, "
+                f"downscale {t_done - t_run:.1f} s ({sizes[-1]} member(s))"
+            )
             if factor == figure_factor:
                 _keep_figure_data(result, method, fields, held, names, stochastic)
     return result
 
 
-def _keep_figure_data(result: EvaluationResult, method: str, fields: xr.Dataset, held: xr.Dataset,
-                      names: Sequence[str], stochastic: bool) -> None:
+def _keep_figure_data(
+    result: EvaluationResult,
+    method: str,
+    fields: xr.Dataset,
+    held: xr.Dataset,
+    names: Sequence[str],
+    stochastic: bool,
+) -> None:
     label = _label(method, fields.sizes["member"], stochastic)
     for v in names:
         truth_v = held[v]
         maps = result.maps.setdefault(v, {"truth": truth_v.isel(time=0)})
-        maps[f"{method} (member 0)" if stochastic else method] = fields[v].isel(member=0, time=0).assign_attrs(truth_v.attrs)
+        maps[f"{method} (member 0)" if stochastic else method] = (
+            fields[v].isel(member=0, time=0).assign_attrs(truth_v.attrs)
+        )
         spectra = result.spectra.setdefault(v, {"truth": metrics.power_spectrum(truth_v)})
         spectra[label] = metrics.power_spectrum(fields[v].assign_attrs(truth_v.attrs))
         if stochastic and fields.sizes["member"] >= 2:
-            result.spreads[v] = fields[v].isel(time=0).std("member", ddof=1).assign_attrs(units=truth_v.attrs.get("units", ""))
+            result.spreads[v] = (
+                fields[v]
+                .isel(time=0)
+                .std("member", ddof=1)
+                .assign_attrs(units=truth_v.attrs.get("units", ""))
+            )
             result.rank_histograms[v] = metrics.rank_histogram(fields[v], truth_v, seed=0)
 
 
-# -- tables --------------------------------------------------------------------------------------------------------
+# -- tables --------------------------------------------------------------------------------------------------
 def records_frame(result: EvaluationResult) -> pd.DataFrame:
     """One row per method x factor x variable x members, every metric a column."""
     cols = ["method", "factor", "coarse_resolution", "variable", "members", "stochastic", *METRICS]
@@ -532,14 +666,25 @@ def _finite(x: Any) -> Any:
 
 
 def evaluation_document(result: EvaluationResult) -> dict[str, Any]:
-    """The JSON-able record of an evaluation: config, data source, checkpoint, months, records (NaN -> null)."""
-    return _finite({
-        "protocol": "perfect model: fine truth area-averaged by each factor, downscaled back, scored on held-out years",
-        "config": result.config, "source": result.source, "fine_resolution_deg": result.fine_resolution,
-        "units": result.units, "checkpoint": result.checkpoint, "months_scored": result.months,
-        "figure_factor": result.figure_factor, "timings": result.timings, "notes": result.notes,
-        "records": result.records,
-    })
+    """The JSON-able record of an evaluation: config, source, checkpoint, months, records (NaN -> null)."""
+    return _finite(
+        {
+            "protocol": (
+                "perfect model: fine truth area-averaged by each factor, downscaled back, "
+                "scored on held-out years"
+            ),
+            "config": result.config,
+            "source": result.source,
+            "fine_resolution_deg": result.fine_resolution,
+            "units": result.units,
+            "checkpoint": result.checkpoint,
+            "months_scored": result.months,
+            "figure_factor": result.figure_factor,
+            "timings": result.timings,
+            "notes": result.notes,
+            "records": result.records,
+        }
+    )
 
 
 def write_json(result: EvaluationResult, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
@@ -569,29 +714,33 @@ def _rows_order(df: pd.DataFrame) -> list[tuple[str, int]]:
     """(method, members) in config order: baselines, then each stochastic method by ensemble size."""
     seen = df[["method", "members"]].drop_duplicates()
     order = {m: i for i, m in enumerate(dict.fromkeys(df["method"]))}
-    return sorted(((m, int(k)) for m, k in seen.itertuples(index=False)), key=lambda mk: (order[mk[0]], mk[1]))
+    return sorted(
+        ((m, int(k)) for m, k in seen.itertuples(index=False)), key=lambda mk: (order[mk[0]], mk[1])
+    )
 
 
 def markdown_report(result: EvaluationResult, title: str = "Perfect-model evaluation") -> str:
-    """Markdown tables (module docstring); every number is a record value formatted by 4 significant digits."""
+    """Markdown tables (module docstring); every number is a record value to 4 significant digits."""
     df = records_frame(result)
     stochastic = dict(zip(df["method"], df["stochastic"], strict=False))
     res = result.fine_resolution
     lines = [f"# {title}", ""]
     src = result.source
     kind = "SYNTHETIC reanalysis (not observations)" if src.get("synthetic") else "fine truth"
+    cfg = result.config
+    (t0, t1), (h0, h1) = cfg["train_years"], cfg["heldout_years"]
+    truth = f"Truth: {kind} `{src.get('truth')}` ({src.get('how')}), {res:g}° grid"
+    scored = f"{len(result.months)} held-out months ({result.months[0]} .. {result.months[-1]}"
     lines += [
-        f"Truth: {kind} `{src.get('truth')}` ({src.get('how')}), {res:g}° grid; variables {', '.join(result.units)}.",
-        f"Baselines fitted on {result.config['train_years'][0]}-{result.config['train_years'][1]}; scored on "
-        f"{len(result.months)} held-out months ({result.months[0]} .. {result.months[-1]}, every "
-        f"{result.config['month_stride']}th month of {result.config['heldout_years'][0]}-{result.config['heldout_years'][1]}).",
+        f"{truth}; variables {', '.join(result.units)}.",
+        f"Baselines fitted on {t0}-{t1}; scored on {scored}, every {cfg['month_stride']}th of {h0}-{h1}).",
         "Deterministic scores of an ensemble are those of its mean; SSIM/PSNR/q99/LSD/W1 use every member.",
         "",
     ]
     if result.checkpoint:
         c = result.checkpoint
-        lines += [f"Diffusion: checkpoint `{c['path']}` ({c['method']}, x{c['factor']}, step {c['step']}, target "
-                  f"{c['target']}), {result.config['num_steps']} Heun steps, blend {result.config['blend']}.", ""]
+        model = f"`{c['path']}` ({c['method']}, x{c['factor']}, step {c['step']}, target {c['target']})"
+        lines += [f"Diffusion: checkpoint {model}, {cfg['num_steps']} Heun steps, blend {cfg['blend']}.", ""]
     factors = sorted(df["factor"].unique())
     # (a) ZSSD-style: MAE / RMSE per factor per method
     lines += ["## (a) MAE / RMSE by coarsening factor (ZSSD-style)", ""]
@@ -608,34 +757,48 @@ def markdown_report(result: EvaluationResult, title: str = "Perfect-model evalua
         lines += [f"**{v}** [{result.units.get(v, '')}]", "", *_table(header, rows), ""]
     # (b) DPDM Table-1 style and (c) probabilistic / distributional, per factor
     groups = {
-        "(b) RMSE / ACC / SSIM / PSNR per variable and method (DPDM Table-1 style)": ("rmse", "acc", "ssim", "psnr"),
-        "(c) Probabilistic and distributional scores": ("crps", "spread_skill_ratio", "q99_error",
-                                                          "log_spectral_distance", "wasserstein", "bias"),
+        "(b) RMSE / ACC / SSIM / PSNR per variable and method (DPDM Table-1 style)": (
+            "rmse",
+            "acc",
+            "ssim",
+            "psnr",
+        ),
+        "(c) Probabilistic and distributional scores": (
+            "crps",
+            "spread_skill_ratio",
+            "q99_error",
+            "log_spectral_distance",
+            "wasserstein",
+            "bias",
+        ),
     }
     for heading, cols in groups.items():
         lines += [f"## {heading}", ""]
         for f in factors:
             sub = df[df["factor"] == f]
-            header = ["variable", "method", "N"] + [_metric_header(m) for m in cols]
+            header = ["variable", "method", "N"] + [METRIC_LABELS[m] for m in cols]
             rows = []
             for v in dict.fromkeys(sub["variable"]):
                 for method, k in _rows_order(sub[sub["variable"] == v]):
-                    hit = sub[(sub["variable"] == v) & (sub["method"] == method) & (sub["members"] == k)].iloc[0]
+                    hit = sub[
+                        (sub["variable"] == v) & (sub["method"] == method) & (sub["members"] == k)
+                    ].iloc[0]
                     rows.append([v, method, str(k)] + [_fmt(float(hit[m])) for m in cols])
             lines += [f"**x{f}** ({res:g}° from {f * res:g}°)", "", *_table(header, rows, text_columns=3), ""]
     units = ", ".join(f"{v} [{u}]" for v, u in result.units.items())
-    lines += [f"Units: MAE, RMSE, bias, CRPS, q99 error and W1 in the variable's units ({units}); ACC, SSIM, "
-              "spread/skill unitless; PSNR and LSD in dB.", ""]
+    lines += [
+        (
+            f"Units: MAE, RMSE, bias, CRPS, q99 error and W1 in the variable's units ({units}); "
+            "ACC, SSIM, spread/skill unitless; PSNR and LSD in dB."
+        ),
+        "",
+    ]
     if result.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in result.notes], ""]
     return "\n".join(lines)
 
 
-def _metric_header(metric: str) -> str:
-    return METRIC_LABELS[metric]
-
-
-# -- figures --------------------------------------------------------------------------------------------------------
+# -- figures -------------------------------------------------------------------------------------------------
 def write_figures(result: EvaluationResult, directory: str | Path) -> list[Path]:
     """PNGs at the figure factor: per variable, maps (truth / methods / spread), power spectra and, for an
     ensemble, the rank histogram. Returns the paths written."""
@@ -645,30 +808,45 @@ def write_figures(result: EvaluationResult, directory: str | Path) -> list[Path]
     for v, panels in result.maps.items():
         units = result.units.get(v, "")
         shown = {name: da.assign_attrs(units=units, long_name=v) for name, da in panels.items()}
-        written.append(plots.plot_maps(
-            shown, directory / f"maps_{v}_x{f}.png", spread=result.spreads.get(v),
-            title=f"{v}, {result.months[0]}: truth and x{f} downscaled from {f * result.fine_resolution:g}°",
-        ))
+        written.append(
+            plots.plot_maps(
+                shown,
+                directory / f"maps_{v}_x{f}.png",
+                spread=result.spreads.get(v),
+                title=f"{v}, {result.months[0]}: truth and x{f} downscaled from "
+                f"{f * result.fine_resolution:g}°",
+            )
+        )
     for v, spectra in result.spectra.items():
-        shown = {name: p.assign_attrs(units=f"({result.units.get(v, '1')})^2 per Fourier mode") for name, p in spectra.items()}
-        written.append(plots.plot_power_spectra(
-            shown, directory / f"spectra_{v}_x{f}.png",
-            title=f"{v} power spectra, x{f}, {len(result.months)} held-out months",
-        ))
+        shown = {
+            name: p.assign_attrs(units=f"({result.units.get(v, '1')})^2 per Fourier mode")
+            for name, p in spectra.items()
+        }
+        written.append(
+            plots.plot_power_spectra(
+                shown,
+                directory / f"spectra_{v}_x{f}.png",
+                title=f"{v} power spectra, x{f}, {len(result.months)} held-out months",
+            )
+        )
     for v, counts in result.rank_histograms.items():
-        written.append(plots.plot_rank_histogram(
-            counts, directory / f"rank_histogram_{v}_x{f}.png",
-            title=f"{v}: rank of truth in the {counts.size - 1}-member diffusion ensemble (x{f})",
-        ))
+        written.append(
+            plots.plot_rank_histogram(
+                counts,
+                directory / f"rank_histogram_{v}_x{f}.png",
+                title=f"{v}: rank of truth in the {counts.size - 1}-member diffusion ensemble (x{f})",
+            )
+        )
     return written
 
 
 def output_directory(cfg: ClimReconConfig) -> Path:
-    """``evaluate.output``, or ``<storage.root>/evaluate`` (tables and PNGs are written to a local directory)."""
+    """``evaluate.output``, or ``<storage.root>/evaluate`` (tables and PNGs go to a local directory)."""
     if cfg.evaluate.output:
         return Path(cfg.evaluate.output)
     if is_remote(cfg.storage.root):
         raise EvaluationError(
-            f"storage.root {public_url(cfg.storage.root)} is remote; set evaluate.output to a local directory for the tables and figures"
+            f"storage.root {public_url(cfg.storage.root)} is remote; "
+            "set evaluate.output to a local directory for the tables and figures"
         )
     return Path(cfg.storage.root.removeprefix("file://")) / "evaluate"

@@ -63,7 +63,7 @@ def test_aggregate_flow_on_s3_read_back_by_users(s3, prefect_harness, cluster, t
 
     # provenance.json beside the zarr metadata: the whole chain, this flow run as an agent
     doc = json.loads(s3.filesystem().cat(f"{url[5:]}/provenance.json"))
-    key, member_key = out.attrs["climrecon_key"], json.loads(out.attrs["climrecon_provenance"])["inputs"][0]["key"]
+    key, member_key = out.attrs["climrecon_key"], json.loads(out.attrs["climrecon_provenance"])["inputs"][0]["content_key"]
     assert f"climrecon:aggregate/{key}" in doc["activity"] and f"climrecon:downscale/{member_key}" in doc["activity"]
     flow_run = str(state.state_details.flow_run_id)
     assert f"climrecon:prefect-flow-run/{flow_run}" in doc["agent"]

@@ -194,7 +194,7 @@ def test_member_store_layout_attributes_and_provenance(reference, inputs):
     assert config["members"] == 4 and config["blend"] == "every_step"
     assert "test regrid" in ds.attrs["history"] and "downscale" in ds.attrs["history"]
     prov = json.loads(ds.attrs["climrecon_provenance"])
-    assert prov["stage"] == "downscale" and prov["key"] == plan.out_key and prov["base_seed"] == FAST_SEED()
+    assert prov["stage"] == "downscale" and prov["content_key"] == plan.out_key and prov["base_seed"] == FAST_SEED()
     assert prov["checkpoint"]["sha256"] == plan.checkpoint_sha256 and prov["checkpoint"]["train"]
     assert {i["store"] for i in prov["inputs"]} == {inputs["fine"], inputs["static"], inputs["coarse"]}
     assert prov["upstream"]["store"] == inputs["fine"] and prov["workers"][0]["hardware"]["cpu_count"] >= 1

@@ -37,33 +37,70 @@ from test_training_data import write_tiny_stores
 
 VARIABLES = ["tas", "uas", "vas"]
 # the tiny truth covers 2000-2002 on a 40 x 40 grid of 0.5 deg: baselines fit 2000-2001, 2002 is held out
-EVALUATE = {"variables": VARIABLES, "factors": [4, 8], "train_years": [2000, 2001], "heldout_years": [2002, 2002],
-            "month_stride": 2, "ensemble_sizes": [1, 3], "num_steps": 2, "overlap": 4, "device": "cpu",
-            "max_patches_per_batch": 16, "seed": 7, "threads": 1, "methods": ["bilinear", "bcsd", "diffusion"]}
-# qm is left out here only for time: its per-cell quantile fit is slow (np.nanquantile); tests/test_baselines.py
-# covers it, and it goes through the same Downscaler interface as bcsd
+EVALUATE = {
+    "variables": VARIABLES,
+    "factors": [4, 8],
+    "train_years": [2000, 2001],
+    "heldout_years": [2002, 2002],
+    "month_stride": 2,
+    "ensemble_sizes": [1, 3],
+    "num_steps": 2,
+    "overlap": 4,
+    "device": "cpu",
+    "max_patches_per_batch": 16,
+    "seed": 7,
+    "threads": 1,
+    "methods": ["bilinear", "bcsd", "diffusion"],
+}
+# qm is left out here only for time: its per-cell quantile fit is slow (np.nanquantile);
+# tests/test_baselines.py covers it, and it goes through the same Downscaler interface as bcsd
 
 
-def write_tiny_checkpoint(path: Path, truth: str, static: str, train_years=(2000, 2000),
-                          validation_years=(2001, 2001), heldout_years=(2002, 2002)) -> str:
+def write_tiny_checkpoint(
+    path: Path,
+    truth: str,
+    static: str,
+    train_years=(2000, 2000),
+    validation_years=(2001, 2001),
+    heldout_years=(2002, 2002),
+) -> str:
     """A random-init x4 residual model whose metadata is exactly what the train stage records."""
-    section = TrainSection(truth=truth, static=static, variables=VARIABLES, factor=4, patch_size=16,
-                           train_years=train_years, validation_years=validation_years, heldout_years=heldout_years,
-                           base_channels=8, channel_mults=[1, 2], attention_levels=[1], num_blocks=1)
+    section = TrainSection(
+        truth=truth,
+        static=static,
+        variables=VARIABLES,
+        factor=4,
+        patch_size=16,
+        train_years=train_years,
+        validation_years=validation_years,
+        heldout_years=heldout_years,
+        base_channels=8,
+        channel_mults=[1, 2],
+        attention_levels=[1],
+        num_blocks=1,
+    )
     setup = prepare_training(section, truth, static)
     model = build_model(section, len(setup.spec.channel_names()))
     meta = CheckpointMetadata(
-        method="dpdm-residual", unet=model.net.config, edm=model.config, variables=setup.spec.variables,
-        cond_channels=tuple(setup.spec.channel_names()), normalization=setup.stats,
-        grid=GridSpec(fine_resolution=setup.grid.dlat, coarsening_factor=4, patch_size=16), data=setup.data,
+        method="dpdm-residual",
+        unet=model.net.config,
+        edm=model.config,
+        variables=setup.spec.variables,
+        cond_channels=tuple(setup.spec.channel_names()),
+        normalization=setup.stats,
+        grid=GridSpec(fine_resolution=setup.grid.dlat, coarsening_factor=4, patch_size=16),
+        data=setup.data,
     )
     save_checkpoint(path, model.state_dict(), meta)
     return str(path)
 
 
 def evaluate_config(truth: str, static: str, checkpoint: str, **changes) -> ClimReconConfig:
-    return ClimReconConfig(evaluate=EvaluateConfig(**{**EVALUATE, "truth": truth, "static": static,
-                                                      "checkpoint": checkpoint, **changes}))
+    return ClimReconConfig(
+        evaluate=EvaluateConfig(
+            **{**EVALUATE, "truth": truth, "static": static, "checkpoint": checkpoint, **changes}
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +109,14 @@ def setup(tmp_path_factory):
     truth, static = write_tiny_stores(root)
     checkpoint = write_tiny_checkpoint(root / "tiny.pt", truth, static)
     cfg = evaluate_config(truth, static, checkpoint)
-    return {"root": root, "truth": truth, "static": static, "checkpoint": checkpoint, "cfg": cfg,
-            "result": run_evaluation(cfg)}
+    return {
+        "root": root,
+        "truth": truth,
+        "static": static,
+        "checkpoint": checkpoint,
+        "cfg": cfg,
+        "result": run_evaluation(cfg),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +140,9 @@ def test_records_cover_every_method_factor_variable_and_ensemble_size(setup):
     result = setup["result"]
     # 2 baselines x 2 factors x 3 variables (one member) + diffusion at its x4 only, N = 1 and 3
     assert len(result.records) == 2 * 2 * 3 + 3 * 2
-    assert {(r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "diffusion"} == {
-        ("diffusion", 4, 1), ("diffusion", 4, 3)}
+    assert {
+        (r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "diffusion"
+    } == {("diffusion", 4, 1), ("diffusion", 4, 3)}
     assert "diffusion: not applicable at x8 (skipped)" in result.notes
     for r in result.records:
         assert set(METRICS) <= set(r)
@@ -110,8 +154,10 @@ def test_records_cover_every_method_factor_variable_and_ensemble_size(setup):
     assert result.figure_factor == 4 and result.checkpoint["factor"] == 4
     # area means of the truth lose detail: the coarser the input, the larger the bilinear error
     for v in VARIABLES:
-        assert _record(result, method="bilinear", factor=8, variable=v)["rmse"] > _record(
-            result, method="bilinear", factor=4, variable=v)["rmse"]
+        assert (
+            _record(result, method="bilinear", factor=8, variable=v)["rmse"]
+            > _record(result, method="bilinear", factor=4, variable=v)["rmse"]
+        )
 
 
 def test_records_equal_metrics_computed_directly(setup, held, train):
@@ -123,11 +169,17 @@ def test_records_equal_metrics_computed_directly(setup, held, train):
     bcsd = BCSDDownscaler().fit(coarsen_blocks(train, 8), train).downscale(coarse8, None, grid)
     for v in VARIABLES:
         rec = _record(result, method="bilinear", factor=8, variable=v)
-        assert rec["rmse"] == pytest.approx(float(metrics.rmse(bilinear[v].isel(member=0), held[v])), rel=1e-6)
+        assert rec["rmse"] == pytest.approx(
+            float(metrics.rmse(bilinear[v].isel(member=0), held[v])), rel=1e-6
+        )
         assert rec["ssim"] == pytest.approx(float(metrics.ssim(bilinear[v], held[v])), rel=1e-6)
         rec = _record(result, method="bcsd", factor=8, variable=v)
-        assert rec["acc"] == pytest.approx(float(metrics.acc(bcsd[v].isel(member=0), held[v], climatology[v])), rel=1e-6)
-    model = DiffusionDownscaler(setup["checkpoint"], num_steps=2, overlap=4, max_patches_per_batch=16, device="cpu")
+        assert rec["acc"] == pytest.approx(
+            float(metrics.acc(bcsd[v].isel(member=0), held[v], climatology[v])), rel=1e-6
+        )
+    model = DiffusionDownscaler(
+        setup["checkpoint"], num_steps=2, overlap=4, max_patches_per_batch=16, device="cpu"
+    )
     static = static_for_truth(setup["static"], held)
     three = model.downscale(coarsen_blocks(held, 4), static, grid, members=3, seed=cfg.evaluate.seed)
     one = model.downscale(coarsen_blocks(held, 4), static, grid, members=1, seed=cfg.evaluate.seed)
@@ -136,7 +188,9 @@ def test_records_equal_metrics_computed_directly(setup, held, train):
     for v in VARIABLES:
         rec = _record(result, method="diffusion", factor=4, variable=v, members=3)
         assert rec["crps"] == pytest.approx(float(metrics.crps(three[v], held[v])), rel=1e-5)
-        assert rec["spread_skill_ratio"] == pytest.approx(float(metrics.spread_skill_ratio(three[v], held[v])), rel=1e-5)
+        assert rec["spread_skill_ratio"] == pytest.approx(
+            float(metrics.spread_skill_ratio(three[v], held[v])), rel=1e-5
+        )
         assert rec["rmse"] == pytest.approx(float(metrics.rmse(three[v].mean("member"), held[v])), rel=1e-5)
 
 
@@ -159,7 +213,10 @@ def test_markdown_tables_have_the_papers_shape_and_the_record_values(setup):
     assert [r[0] for r in zssd[2:]] == ["bilinear", "bcsd", "diffusion (N=1)", "diffusion (N=3)"]
     bcsd = zssd[3]
     assert bcsd[3] == f"{_record(result, method='bcsd', factor=8, variable='tas')['mae']:.4g}"
-    assert zssd[5][2] == f"{_record(result, method='diffusion', factor=4, variable='tas', members=3)['rmse']:.4g}"
+    assert (
+        zssd[5][2]
+        == f"{_record(result, method='diffusion', factor=4, variable='tas', members=3)['rmse']:.4g}"
+    )
     assert zssd[5][3:] == ["—", "—"]  # the x4 model is not run at x8
     dpdm = _table_after(md, "**x4** (0.5° from 2°)")
     assert dpdm[0] == ["variable", "method", "N", "RMSE", "ACC", "SSIM", "PSNR [dB]"]
@@ -175,7 +232,10 @@ def test_heldout_years_are_never_fitted_on(setup):
 
     class RecordingBCSD(BCSDDownscaler):
         def fit(self, coarse_train, fine_train):
-            seen["fit"] += [{t.year for t in coarse_train.time.values}, {t.year for t in fine_train.time.values}]
+            seen["fit"] += [
+                {t.year for t in coarse_train.time.values},
+                {t.year for t in fine_train.time.values},
+            ]
             return super().fit(coarse_train, fine_train)
 
         def downscale(self, coarse, static_fine, target, **kw):
@@ -191,9 +251,14 @@ def test_heldout_years_are_never_fitted_on(setup):
 
 
 def test_a_checkpoint_trained_on_heldout_years_is_refused(setup, tmp_path):
-    leaky = write_tiny_checkpoint(tmp_path / "leaky.pt", setup["truth"], setup["static"],
-                                  train_years=(2000, 2000), validation_years=(2002, 2002),
-                                  heldout_years=(2001, 2001))
+    leaky = write_tiny_checkpoint(
+        tmp_path / "leaky.pt",
+        setup["truth"],
+        setup["static"],
+        train_years=(2000, 2000),
+        validation_years=(2002, 2002),
+        heldout_years=(2001, 2001),
+    )
     cfg = evaluate_config(setup["truth"], setup["static"], leaky, methods=["diffusion"], factors=[4])
     with pytest.raises(EvaluationError, match="2002-2002, which overlap evaluate.heldout_years"):
         run_evaluation(cfg)
@@ -222,8 +287,37 @@ def test_writers_round_trip(setup, tmp_path):
     assert doc == json.loads(json.dumps({**evaluation_document(result), "command": "pytest"}, default=str))
     paths = write_figures(result, tmp_path / "fig")
     names = sorted(p.name for p in paths)
-    assert names == sorted([f"{k}_{v}_x4.png" for k in ("maps", "spectra", "rank_histogram") for v in VARIABLES])
+    assert names == sorted(
+        [f"{k}_{v}_x4.png" for k in ("maps", "spectra", "rank_histogram") for v in VARIABLES]
+    )
     with Image.open(tmp_path / "fig" / "rank_histogram_tas_x4.png") as png:
         assert png.size == (500, 350)
     counts = result.rank_histograms["tas"]
     assert counts.size == 4 and int(counts.sum()) == 6 * 40 * 40  # 3 members -> 4 ranks, every held-out cell
+
+
+def test_truth_from_netcdf_or_catalog_query_gives_the_same_scores(setup, tmp_path, make_catalog, catalog_row):
+    base = {"methods": ["bilinear"], "factors": [8]}
+    zarr = run_evaluation(evaluate_config(setup["truth"], setup["static"], setup["checkpoint"], **base))
+    netcdf = tmp_path / "truth.nc"
+    xr.open_zarr(setup["truth"]).to_netcdf(netcdf)
+    from_nc = run_evaluation(evaluate_config(str(netcdf), setup["static"], setup["checkpoint"], **base))
+    rows = [
+        catalog_row(f"file://{setup['truth']}", v, source_id="TinyTruth", format="zarr", synthetic=True)
+        for v in VARIABLES
+    ]
+    query = {"catalog": make_catalog(rows), "truth_query": {"source_id": "TinyTruth"}}
+    from_catalog = run_evaluation(
+        evaluate_config(None, setup["static"], setup["checkpoint"], **base, **query)
+    )
+    assert from_nc.source["how"] == "netCDF file" and from_catalog.source["how"].startswith("catalog query")
+    for other in (from_nc, from_catalog):
+        assert [r["rmse"] for r in other.records] == pytest.approx(
+            [r["rmse"] for r in zarr.records], rel=1e-6
+        )
+    with pytest.raises(EvaluationError, match="lacks evaluate.variables"):
+        run_evaluation(
+            evaluate_config(
+                setup["truth"], setup["static"], setup["checkpoint"], **base, variables=["tas", "pr"]
+            )
+        )

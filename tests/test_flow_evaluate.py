@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import yaml
 
@@ -17,7 +18,8 @@ async def _artifacts(flow_run_id):
 
     async with get_client() as client:
         return await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
 def test_evaluate_flow_writes_files_and_publishes_artifacts(prefect_harness, tmp_path):
@@ -26,24 +28,34 @@ def test_evaluate_flow_writes_files_and_publishes_artifacts(prefect_harness, tmp
     truth, static = write_tiny_stores(tmp_path)
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", truth, static)
     config = tmp_path / "evaluate.yaml"
-    section = {**EVALUATE, "truth": truth, "static": static, "checkpoint": checkpoint,
-               "methods": ["bilinear", "diffusion"], "factors": [4]}
+    section = {
+        **EVALUATE,
+        "truth": truth,
+        "static": static,
+        "checkpoint": checkpoint,
+        "methods": ["bilinear", "diffusion"],
+        "factors": [4],
+    }
     config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "out")}, "evaluate": section}))
 
-    state = evaluate_flow(config_path=str(config), overrides=["evaluate.ensemble_sizes=[2]"], return_state=True)
+    state = evaluate_flow(
+        config_path=str(config), overrides=["evaluate.ensemble_sizes=[2]"], return_state=True
+    )
     assert state.is_completed()
     out = state.result()
     assert out["output"] == str(tmp_path / "out" / "evaluate") and out["records"] == 3 + 3
-    doc = json.loads(open(out["json"]).read())
+    doc = json.loads(Path(out["json"]).read_text())
     assert {(r["method"], r["members"]) for r in doc["records"]} == {("bilinear", 1), ("diffusion", 2)}
     assert doc["config"]["ensemble_sizes"] == [2] and doc["source"]["synthetic"] is True
     assert len(out["figures"]) == 9 and all(p.endswith(".png") for p in out["figures"])
-    markdown = open(out["markdown"]).read()
+    markdown = Path(out["markdown"]).read_text()
     assert "## (a) MAE / RMSE by coarsening factor" in markdown and "| diffusion (N=2) |" in markdown
 
     artifacts = {a.key: a for a in asyncio.run(_artifacts(state.state_details.flow_run_id))}
     assert {"evaluation-tables", "evaluation-records", "evaluation-figures"} <= set(artifacts)
-    assert artifacts["evaluation-tables"].type == "markdown" and artifacts["evaluation-tables"].data == markdown
+    assert (
+        artifacts["evaluation-tables"].type == "markdown" and artifacts["evaluation-tables"].data == markdown
+    )
     table = artifacts["evaluation-records"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert len(rows) == 6 and {r["variable"] for r in rows} == {"tas", "uas", "vas"}

@@ -22,17 +22,17 @@ KEYS = {"ingest": "1111aaaa2222bbbb", "regrid": "3333cccc4444dddd", "downscale":
 
 def _chain() -> dict:
     """A lineage as different stages might record it: catalog rows, stores, a checkpoint, flow runs."""
-    ingest = {"stage": "ingest", "store": "s3://b/ingest/x.zarr", "key": KEYS["ingest"],
+    ingest = {"stage": "ingest", "store": "s3://b/ingest/x.zarr", "content_key": KEYS["ingest"],
               "catalog": "s3://b/catalogs/pangeo-cmip6.json",
               "rows": [{"source_id": "MPI-ESM-LR", "variable_id": "tas", "zstore": "s3://cmip6/tas/"},
                        {"source_id": "MPI-ESM-LR", "variable_id": "uas", "path": "/data/uas.nc"}],
               "config": {"storage": {"options": {"endpoint_url": "http://x", "secret": SECRET}}},
               "started": "2026-11-20T10:00:00+00:00", "ended": "2026-11-20T10:01:00+00:00"}
-    regrid = {"stage": "regrid", "store": "s3://b/regrid/x.zarr", "key": KEYS["regrid"], "upstream": ingest,
+    regrid = {"stage": "regrid", "store": "s3://b/regrid/x.zarr", "content_key": KEYS["regrid"], "upstream": ingest,
               "prefect": {"flow_run_id": "run-regrid", "flow_run_name": "quiet-owl"},
               "started": "2026-11-20T10:02:00+00:00"}
-    return {"stage": "downscale", "key": KEYS["downscale"], "url": "s3://b/downscale/x.zarr",
-            "upstream_stores": [{"url": "s3://b/regrid/x.zarr", "key": KEYS["regrid"], "record": regrid}],
+    return {"stage": "downscale", "content_key": KEYS["downscale"], "url": "s3://b/downscale/x.zarr",
+            "upstream_stores": [{"url": "s3://b/regrid/x.zarr", "content_key": KEYS["regrid"], "record": regrid}],
             "checkpoint": {"hash": "abcdef0123456789abcdef", "training_config": {"lr": 1e-4}},
             "seeds": {"base": 7}, "storage_options": {"key": "AKIAEXAMPLE", "token": SECRET},
             "flow_run_id": "run-downscale", "worker": {"gpu": "H100"}, "start_time": "2026-11-20T11:00:00+00:00"}
@@ -73,7 +73,7 @@ def test_prov_document_covers_the_whole_chain_and_leaks_no_secret(tmp_path):
     record = stage_record("aggregate", store="s3://b/aggregate/x.zarr", key="7777aaaa8888bbbb",
                           config={"quantiles": [0.5], "options": {"password": SECRET}},
                           started="2026-11-20T12:00:00+00:00",
-                          inputs=[{"store": "s3://b/downscale/x.zarr", "key": KEYS["downscale"]}], upstream=_chain())
+                          inputs=[{"store": "s3://b/downscale/x.zarr", "content_key": KEYS["downscale"]}], upstream=_chain())
     assert record["hardware"] == hardware() and record["code_version"] == code_version()
     assert record["upstream"]["storage_options"] == {"key": "***", "token": "***"}
     doc = prov_document(record)
