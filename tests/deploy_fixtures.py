@@ -46,8 +46,13 @@ class E2ERun:
 
 
 # The run under test. When flows/reconstruct.py exists, switch this one line to e.g.
-# E2ERun("reconstruct-local", ("ingest.query.variable_id=[tas]", ...small-run keys...), frozenset({...}))
-E2E = E2ERun("ingest-local", ("ingest.query.variable_id=[tas]",))
+# The whole reconstruction (ingest -> regrid -> downscale -> aggregate) with the shipped checkpoint, kept
+# small: 2 members, 4 sampler steps.
+E2E = E2ERun(
+    "reconstruct-local",
+    ("downscale.members=2", "downscale.members_per_unit=2", "downscale.num_steps=4"),
+    frozenset({"reconstruct-stores", "reconstruct-summary"}),
+)
 
 
 def prefect_bin() -> str:

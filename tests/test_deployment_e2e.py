@@ -62,6 +62,8 @@ def test_task_runs_and_artifacts_are_recorded(deployed_run):
     assert not not_completed, not_completed
     if E2E.deployment.startswith("ingest"):
         assert sorted(r.name for r in run.task_runs) == ["ingest MPI-ESM-LR historical r1i1p1 Amon"]
+    else:  # reconstruct: its own tasks in the parent run; each stage is a subflow run with its own tasks
+        assert {r.name for r in run.task_runs} >= {"report artifacts"}
     assert {a.key for a in run.artifacts if a.key} == set(E2E.artifact_keys)
     assert all(a.flow_run_id == run.flow_run.id for a in run.artifacts)
 
@@ -84,6 +86,12 @@ def test_flow_result_names_the_complete_stores_it_wrote(deployed_run):
         ds = xr.open_zarr(url)
         assert set(ds.data_vars) == {"tas", "time_bnds"} and ds.tas.dims == ("time", "lat", "lon")
         assert ds.sizes["time"] == 12 and ds.tas.attrs["units"] == "K"
+    else:
+        (agg,) = result["aggregate"]
+        ds = xr.open_zarr(agg)
+        assert {"tas_mean", "tas_std", "uas_mean", "vas_quantile"} <= set(ds.data_vars)
+        assert ds.sizes["time"] == 12 and ds.attrs["ensemble_size"] == 2
+        assert Path(result["catalog"]).is_file()
 
 
 def test_api_lists_the_run_under_its_deployment(deployed_run):
