@@ -7,7 +7,7 @@ factors 4, 8, 16, 20; bilinear, BCSD, QM fitted on 1961-2005; the shipped x8 dif
 ``benchmarks/results/evaluation.json`` (config, records, timings, machine, versions, command),
 ``evaluation.md`` (the tables) and ``figures/*.png``.
 
-    python benchmarks/evaluate.py [--month-stride 19] [--num-steps 8] [--set evaluate.key=value ...]
+    python benchmarks/evaluate.py [--month-stride 11] [--num-steps 8] [--set evaluate.key=value ...]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--month-stride",
         type=int,
-        default=19,
-        help="score every n-th held-out month (19: 7 months, 7 calendar months, 2011-2020)",
+        default=11,
+        help="score every n-th held-out month (11: 11 months, 11 calendar months, 2011-2020)",
     )
     parser.add_argument("--num-steps", type=int, default=8, help="Heun steps of the diffusion sampler")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")

@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             with torch.no_grad():
                 flops = forward_flops(model, inputs)  # same graph for every variant: count on eager
-                sec = best_seconds(lambda net=net, inputs=inputs: net(*inputs), args.repeat)
+                try:
+                    sec = best_seconds(lambda net=net, inputs=inputs: net(*inputs), args.repeat)
+                except Exception as exc:  # noqa: BLE001 - e.g. an inductor recompile failing offline
+                    notes[f"{name}/{n}"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    continue
             ceiling = max(ceiling, matmul_gflops(args.matmul_n, args.repeat))  # re-measured between cases
             gflops = flops / sec / 1e9
             rows.append({"variant": name, "patches_per_call": n, "forward_gflop": flops / 1e9,

@@ -15,15 +15,14 @@ Contract:
   spread-skill ratio of one member); plus what the figures need (maps of the first scored month, power
   spectra, rank histograms) at the "figure factor" (the diffusion checkpoint's, else the first factor).
 - ACC anomalies are taken against the truth's monthly climatology of the TRAINING years.
-- :class:`DiffusionDownscaler` wraps a checkpoint as a Downscaler. It builds exactly what training fed the
-  network (:mod:`climrecon.tasks.training_data`): the coarse field bilinearly back on the fine grid, static
-  fields and position (:func:`~climrecon.tasks.conditioning.conditioning_stack`), the coarse channels
-  normalised with the checkpoint's ``conditioning_normalization`` (full-field, training-year statistics),
-  static channels with :data:`~climrecon.tasks.training_data.STATIC_SCALING`; it samples the domain tile by
-  tile with :func:`climrecon.tasks.downscale.sample_items` (the downscale stage's sampler, seeds
-  ``seed_for(seed, year * 12 + month - 1, member)``), denormalises, and adds the coarse field back for a
-  residual model (:func:`~climrecon.tasks.training_data.fine_from_target`). Member ``m`` of month ``t`` is
-  the same field whatever the ensemble size, so the k-member ensemble is the first k of the largest.
+- :class:`DiffusionDownscaler` wraps a checkpoint as a Downscaler, reading it exactly as the downscale stage
+  does (one implementation of what training fed the network): the coarse field bilinearly back on the fine
+  grid, static fields and position (:func:`~climrecon.tasks.conditioning.conditioning_stack`), normalised by
+  :func:`climrecon.tasks.downscale.network_conditioning`; the domain sampled tile by tile with
+  :func:`climrecon.tasks.downscale.sample_items` (seeds ``seed_for(seed, year * 12 + month - 1, member)``);
+  physical fields from :func:`climrecon.tasks.downscale.physical_fields` (plus the coarse field for a
+  residual model). Member ``m`` of month ``t`` is the same field whatever the ensemble size, so the
+  k-member ensemble is the first k of the largest.
 - Writers: :func:`records_frame` (pandas), :func:`write_records_csv`, :func:`evaluation_document` /
   :func:`write_json`, :func:`markdown_report` (tables shaped like the papers: ZSSD's MAE/RMSE per factor
   per method; DPDM Table 1's RMSE/ACC/SSIM/PSNR per variable per method and ensemble size; the
@@ -47,7 +46,6 @@ import xarray as xr
 
 from climrecon.config import ClimReconConfig, EvaluateConfig
 from climrecon.models.checkpoint import load_checkpoint
-from climrecon.models.normalization import NormalizationStats
 from climrecon.storage import is_remote, public_url
 from climrecon.tasks import metrics, plots
 from climrecon.tasks.baselines import (
@@ -57,31 +55,27 @@ from climrecon.tasks.baselines import (
     GridLike,
     QuantileMappingDownscaler,
 )
-from climrecon.tasks.conditioning import (
-    POSITION_CHANNELS,
-    ConditioningSpec,
-    coarse_on_fine,
-    conditioning_stack,
-    time_of_year,
+from climrecon.tasks.conditioning import coarse_on_fine, conditioning_stack, time_of_year
+from climrecon.tasks.downscale import (
+    DownscaleError,
+    default_checkpoint,
+    item_seeds,
+    month_index,
+    network_conditioning,
+    physical_fields,
+    sample_items,
 )
-from climrecon.tasks.downscale import default_checkpoint, item_seeds, month_index, sample_items
+from climrecon.tasks.downscale import _spec_for as checkpoint_spec
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import coarsen_blocks
 from climrecon.tasks.tiling import TilingError, make_tiling
-from climrecon.tasks.training_data import (
-    STATIC_SCALING,
-    TARGET_KINDS,
-    fine_from_target,
-    normalize_conditioning,
-    open_truth,
-    select_years,
-    static_for_truth,
-)
+from climrecon.tasks.training_data import open_truth, select_years, static_for_truth
 
 __all__ = [
     "EvaluationError",
     "METRICS",
     "METRIC_LABELS",
+    "MAP_REFERENCE",
     "SYNTHETIC_SOURCE_ID",
     "STATIC_SOURCE_ID",
     "DiffusionDownscaler",
@@ -129,6 +123,7 @@ METRIC_LABELS = {
     "log_spectral_distance": "LSD [dB]",
     "wasserstein": "W1",
 }
+MAP_REFERENCE = "bilinear"  # the one deterministic method drawn beside the truth and the ensembles' members
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
@@ -166,45 +161,14 @@ class DiffusionDownscaler:
             "cuda" if dev == "cuda" or (dev == "auto" and torch.cuda.is_available()) else "cpu"
         )
         self.model, self.metadata = load_checkpoint(self.checkpoint, map_location=self._device)
-        meta, path = self.metadata, self.checkpoint
-        if meta.normalization is None:
-            raise EvaluationError(f"checkpoint {path} has no normalization statistics; it cannot be sampled")
-        if not meta.grid.coarsening_factor or not meta.grid.patch_size:
-            raise EvaluationError(f"checkpoint {path} records no grid.coarsening_factor / grid.patch_size")
-        channels = list(meta.cond_channels)
-        self.spec = ConditioningSpec(
-            variables=tuple(meta.variables),
-            factor=int(meta.grid.coarsening_factor),
-            static=tuple(c for c in channels if c in STATIC_SCALING),
-            position=all(c in channels for c in POSITION_CHANNELS),
-        )
-        if self.spec.channel_names() != channels:
+        if not self.metadata.grid.coarsening_factor or not self.metadata.grid.patch_size:
             raise EvaluationError(
-                f"checkpoint {path} expects conditioning channels {channels}; training builds "
-                f"{self.spec.channel_names()} (coarse variables, static fields, position)"
+                f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size"
             )
-        self.target_kind = str(
-            meta.data.get("target") or ("residual" if meta.method.endswith("residual") else "full")
-        )
-        if self.target_kind not in TARGET_KINDS:
-            raise EvaluationError(
-                f"checkpoint {path}: unknown data.target {self.target_kind!r}; expected {TARGET_KINDS}"
-            )
-        recorded = meta.data.get("static_scaling")
-        if recorded is not None and {k: tuple(v) for k, v in recorded.items()} != {
-            k: tuple(v) for k, v in STATIC_SCALING.items() if k in recorded
-        }:
-            raise EvaluationError(
-                f"checkpoint {path} was trained with static scaling {recorded}, "
-                f"this code uses {STATIC_SCALING}"
-            )
-        cond = meta.data.get("conditioning_normalization")
-        if cond is None and self.target_kind == "residual":
-            raise EvaluationError(
-                f"checkpoint {path} predicts residuals but records no data.conditioning_normalization "
-                "(the full-field statistics of the coarse channels)"
-            )
-        self.cond_stats = NormalizationStats.from_dict(cond) if cond else meta.normalization
+        try:  # the downscale stage's reading of a checkpoint: one implementation of what training fed it
+            self.spec = checkpoint_spec(self.metadata, self.checkpoint)
+        except DownscaleError as exc:
+            raise EvaluationError(str(exc)) from None
 
     # -- what the checkpoint supports --
     @property
@@ -214,6 +178,11 @@ class DiffusionDownscaler:
     @property
     def variables(self) -> tuple[str, ...]:
         return self.spec.variables
+
+    @property
+    def target_kind(self) -> str:
+        """What the network generates: "residual" (over the coarse input) or "full" fields."""
+        return str(self.metadata.data.get("target", "full"))
 
     def years_seen(self) -> list[tuple[int, int]]:
         """Inclusive year ranges the model was trained or validated on (from its metadata)."""
@@ -245,7 +214,11 @@ class DiffusionDownscaler:
         variables = list(self.variables)
         coarse_fine = coarse_on_fine(coarse[variables].astype("float32"), grid)
         cond = conditioning_stack(coarse_fine, static_fine, self.spec).load()
-        z_cond = normalize_conditioning(cond.values, self.spec.channel_names(), self.cond_stats)
+        channels = self.spec.channel_names()
+        try:
+            z_cond = network_conditioning(cond.values, channels, self.metadata)
+        except DownscaleError as exc:
+            raise EvaluationError(f"checkpoint {self.checkpoint}: {exc}") from None
         patch = int(self.metadata.grid.patch_size)
         overlap = self.overlap if self.overlap is not None else patch // 4
         try:
@@ -273,24 +246,14 @@ class DiffusionDownscaler:
                 max_patches_per_batch=self.max_patches_per_batch,
                 device=self._device,
             )
-            x = self.metadata.normalization.denormalize(z.cpu(), channel_dim=1).numpy()
+            x = physical_fields(z, cond.values[t_idx], channels, self.metadata)
             for (m, t), field_ in zip(chunk, x, strict=True):
                 out[m, t] = field_
         coords = {"member": np.arange(members), "time": coarse["time"], "lat": grid.lat, "lon": grid.lon}
-        values = xr.Dataset(
-            {v: (("member", "time", "lat", "lon"), out[:, :, i]) for i, v in enumerate(variables)},
-            coords=coords,
-        )
-        fine = fine_from_target(
-            values, cond.assign_coords(lat=grid.lat, lon=grid.lon), variables, self.target_kind
-        )
         result = xr.Dataset(
             {
-                v: fine[v]
-                .transpose("member", "time", "lat", "lon")
-                .astype("float32")
-                .assign_attrs(coarse[v].attrs)
-                for v in variables
+                v: (("member", "time", "lat", "lon"), out[:, :, i], coarse[v].attrs)
+                for i, v in enumerate(variables)
             },
             coords=coords,
         )
@@ -560,12 +523,21 @@ def run_evaluation(
         timings=timings,
         checkpoint=checkpoint_info,
     )
+    for method in factories:
+        skipped = [f"x{f}" for f in ev.factors if cases[method, f] is None]
+        used = {type(d) for (m, _), d in cases.items() if m == method and d is not None}
+        if skipped:
+            why = (
+                f"its checkpoint was trained for x{next(iter(diffusion.values())).factor} only"
+                if used == {DiffusionDownscaler}
+                else "not applicable"
+            )
+            result.notes.append(f"{method}: not run at {', '.join(skipped)} ({why})")
     for factor in ev.factors:
         coarse_train, coarse_held = coarsen_blocks(train, factor), coarsen_blocks(held, factor)
         for method in factories:
             downscaler = cases[method, factor]
             if downscaler is None:
-                result.notes.append(f"{method}: not applicable at x{factor} (skipped)")
                 continue
             stochastic = bool(getattr(downscaler, "stochastic", False))
             sizes = sorted(ev.ensemble_sizes) if stochastic else [1]
@@ -622,13 +594,16 @@ def _keep_figure_data(
     names: Sequence[str],
     stochastic: bool,
 ) -> None:
+    """Maps of the first scored month (truth, the bilinear reference, member 0 of each ensemble method and
+    the ensemble spread), power spectra of every method, rank histograms of each ensemble."""
     label = _label(method, fields.sizes["member"], stochastic)
     for v in names:
         truth_v = held[v]
         maps = result.maps.setdefault(v, {"truth": truth_v.isel(time=0)})
-        maps[f"{method} (member 0)" if stochastic else method] = (
-            fields[v].isel(member=0, time=0).assign_attrs(truth_v.attrs)
-        )
+        if stochastic or method == MAP_REFERENCE:
+            maps[f"{method} (member 0)" if stochastic else method] = (
+                fields[v].isel(member=0, time=0).assign_attrs(truth_v.attrs)
+            )
         spectra = result.spectra.setdefault(v, {"truth": metrics.power_spectrum(truth_v)})
         spectra[label] = metrics.power_spectrum(fields[v].assign_attrs(truth_v.attrs))
         if stochastic and fields.sizes["member"] >= 2:

@@ -143,7 +143,7 @@ def test_records_cover_every_method_factor_variable_and_ensemble_size(setup):
     assert {
         (r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "diffusion"
     } == {("diffusion", 4, 1), ("diffusion", 4, 3)}
-    assert "diffusion: not applicable at x8 (skipped)" in result.notes
+    assert "diffusion: not run at x8 (its checkpoint was trained for x4 only)" in result.notes
     for r in result.records:
         assert set(METRICS) <= set(r)
         finite = {m for m in METRICS if math.isfinite(r[m])}
@@ -318,7 +318,5 @@ def test_truth_from_netcdf_or_catalog_query_gives_the_same_scores(setup, tmp_pat
     for truth in (setup["truth"], str(netcdf)):  # a missing variable is named, whichever the store
         with pytest.raises(EvaluationError, match=r"lacks .*\['pr'\]"):
             run_evaluation(
-                evaluate_config(
-                    setup["truth"], setup["static"], setup["checkpoint"], **base, variables=["tas", "pr"]
-                )
+                evaluate_config(truth, setup["static"], setup["checkpoint"], **base, variables=["tas", "pr"])
             )
