@@ -80,6 +80,7 @@ __all__ = [
     "finalize_downscale",
     "item_seeds",
     "month_index",
+    "checkpoint_spec",
     "network_conditioning",
     "physical_fields",
     "plan_downscale",
@@ -138,7 +139,7 @@ def item_seeds(base_seed: int, months: Sequence[int], members: Sequence[int]) ->
 
 
 # -- conditioning -----------------------------------------------------------------------------------------
-def _spec_for(metadata: CheckpointMetadata, path: str) -> ConditioningSpec:
+def checkpoint_spec(metadata: CheckpointMetadata, path: str) -> ConditioningSpec:
     """The ConditioningSpec whose channel names are the checkpoint's ``cond_channels``."""
     channels = list(metadata.cond_channels)
     position = all(c in channels for c in POSITION_CHANNELS)
@@ -435,7 +436,7 @@ def plan_downscale(
                 f"the static store {static_url} is not on the grid of the fine store {fine_url} ({c}: "
                 f"{static.sizes.get(c)} vs {fine.sizes[c]} cells); use the static store the same regrid run wrote"
             )
-    spec = _spec_for(meta, path)
+    spec = checkpoint_spec(meta, path)
     lacking = [s for s in spec.static if s not in static.data_vars]
     if lacking:
         raise DownscaleError(f"static store {static_url} lacks {lacking} that checkpoint {path} is conditioned on")

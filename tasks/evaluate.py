@@ -65,7 +65,7 @@ from climrecon.tasks.downscale import (
     physical_fields,
     sample_items,
 )
-from climrecon.tasks.downscale import _spec_for as checkpoint_spec
+from climrecon.tasks.downscale import checkpoint_spec
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import coarsen_blocks
 from climrecon.tasks.tiling import TilingError, make_tiling

@@ -11,10 +11,10 @@ runner = CliRunner()
 def test_every_command_explains_itself():
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0
-    commands = ["ingest", "regrid", "train", "downscale", "aggregate", "reconstruct", "demo", "server", "catalog", "config"]
+    commands = ["ingest", "regrid", "train", "downscale", "aggregate", "evaluate", "reconstruct", "demo", "server", "catalog", "config"]
     for name in commands:
         assert name in top.output
-    for args in ([c] for c in ("ingest", "regrid", "train", "downscale", "aggregate", "reconstruct")):
+    for args in ([c] for c in ("ingest", "regrid", "train", "downscale", "aggregate", "evaluate", "reconstruct")):
         res = runner.invoke(app, [*args, "--help"])
         assert res.exit_code == 0, res.output
         assert "--config" in res.output and "--set" in res.output
