@@ -79,7 +79,8 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[1]
 VARIABLES = ("tas", "uas", "vas")
 FACTOR = 8
-CUTOFFS = (16, 8)  # wavelengths in fine cells: 4 deg (coarse-grid Nyquist) and 2 deg (one coarse cell)
+CUTOFFS = (16, 8)
+ATTRIBUTION_STREAMS = ("tas_fine", "tas_large", "streamfunction")  # wavelengths in fine cells: 4 deg (coarse-grid Nyquist) and 2 deg (one coarse cell)
 
 
 def spread_months(n_available: int, n: int) -> np.ndarray:
@@ -103,15 +104,18 @@ def lowpass_mask(grid: synthetic.SyntheticGrid, cutoff_cells: float | None) -> n
     return ((fy < 1.0 / cutoff_cells) & (fx < 1.0 / cutoff_cells)).astype(float)
 
 
-def _filtered_random_field(cutoff_cells: float | None, scale: float) -> Callable[..., np.ndarray]:
+def _filtered_random_field(
+    cutoff_cells: float | None, scale: float, off: frozenset[str] = frozenset()
+) -> Callable[..., np.ndarray]:
     """A drop-in for :func:`synthetic.persistent_random_field`: the same noise and spectral amplitude,
-    times :func:`lowpass_mask` and ``scale`` (``scale=0``: the field switched off)."""
+    times :func:`lowpass_mask` and ``scale`` (``scale=0``: the field switched off); streams in ``off``
+    (``tas_large``, ``tas_fine``, ``streamfunction``) are switched off alone."""
 
     def field(seed: int, stream: str, months: Sequence[int], grid: synthetic.SyntheticGrid, phi: float,
               rolloff_km: float, slope: float, halo: int = 0) -> np.ndarray:  # fmt: skip
         noise = synthetic._persistent_noise(seed, stream, months, grid.padded_shape, phi)
         amp = synthetic._spectral_amplitude(grid, rolloff_km, slope)[:, : grid.padded_shape[1] // 2 + 1]
-        amp = scale * amp * lowpass_mask(grid, cutoff_cells)
+        amp = (0.0 if stream in off else scale) * amp * lowpass_mask(grid, cutoff_cells)
         crop = grid.crop(halo)
         return np.stack([np.fft.irfft2(np.fft.rfft2(n) * amp, s=n.shape)[crop] for n in noise])
 
@@ -119,13 +123,14 @@ def _filtered_random_field(cutoff_cells: float | None, scale: float) -> Callable
 
 
 @contextlib.contextmanager
-def random_fields_filtered(cutoff_cells: float | None, scale: float = 1.0) -> Iterator[None]:
-    """Within the block, the generator's random fields are low-passed (``cutoff_cells``) and scaled.
-
-    Only this process's view of the module changes (the file is untouched); restored on exit.
-    """
+def random_fields_filtered(
+    cutoff_cells: float | None, scale: float = 1.0, off: Sequence[str] = ()
+) -> Iterator[None]:
+    """Within the block, the generator's random fields are low-passed (``cutoff_cells``) and scaled, and the
+    streams ``off`` switched off. Only this process's view of the module changes (the file is untouched);
+    restored on exit."""
     original = synthetic.persistent_random_field
-    synthetic.persistent_random_field = _filtered_random_field(cutoff_cells, scale)
+    synthetic.persistent_random_field = _filtered_random_field(cutoff_cells, scale, frozenset(off))
     try:
         yield
     finally:
@@ -307,11 +312,15 @@ def floor_figures(truth: xr.Dataset, known: dict[str, xr.Dataset], flat: xr.Data
         error = r_truth - r_known  # = R(truth - field), the oracle's error
         mae = {v: float(metrics.mae(error[v], zero[v])) for v in VARIABLES}
         ratio = {v: mae[v] / bilinear_mae[v] for v in VARIABLES}
+        monthly = np.mean([metrics.mae(error[v], zero[v], dim=("lat", "lon")).values
+                           / metrics.mae(r_truth[v], zero[v], dim=("lat", "lon")).values for v in VARIABLES], axis=0)
         ms_known, ms_error = mean_square(r_known), mean_square(error)
         out["oracles"][name] = {
             "mae": mae,
             "mae_ratio_vs_bilinear": ratio,
             "mae_ratio_vs_bilinear_overall": float(np.mean(list(ratio.values()))),
+            "monthly_overall_ratio": {"min": float(monthly.min()), "max": float(monthly.max()),
+                                      "standard_error_of_mean": float(monthly.std(ddof=1) / np.sqrt(monthly.size))},
             "rmse_ratio_vs_bilinear": {v: (ms_error[v] / ms_total[v]) ** 0.5 for v in VARIABLES},
             "share_of_subgrid_mean_square": {
                 v: {
@@ -343,10 +352,12 @@ def _check_reproduces(truth: xr.Dataset, regenerated: xr.Dataset) -> float:
     return worst
 
 
-def bayes_oracle(truth: xr.Dataset, calm: xr.Dataset, drivers: Any, months: np.ndarray) -> tuple[xr.Dataset, dict[str, float]]:
+def bayes_oracle(
+    truth: xr.Dataset, calm: xr.Dataset, drivers: Any, months: np.ndarray, off: Sequence[str] = ()
+) -> tuple[xr.Dataset, dict[str, float]]:
     """``calm + E[S | C(S)]`` per month (the Bayes-optimal prediction from the coarse truth, static fields and
     month), and the checks that make it trustworthy: ``A(noise)`` reproduces ``truth - calm`` and ``A^T`` passes
-    the dot-product test."""
+    the dot-product test. ``off``: random streams absent from ``truth`` (and so from the prior)."""
     p, grid = drivers.physics, drivers.grid
     w = block_mean_matrix(truth["lat"].values, truth["lon"].values)
     random = np.stack([(truth[v] - calm[v]).values for v in VARIABLES], axis=1)  # (time, 3, ny, nx)
@@ -355,6 +366,7 @@ def bayes_oracle(truth: xr.Dataset, calm: xr.Dataset, drivers: Any, months: np.n
     phis = {"tas_large": p.tas_large_phi, "tas_fine": p.tas_fine_phi, "streamfunction": p.wind_phi}
     for i, m in enumerate(months):
         op = RandomTermOperator.build(drivers, int(m))
+        op = dataclasses.replace(op, amp={k: a * (k not in off) for k, a in op.amp.items()})
         noise = [synthetic._persistent_noise(drivers.seed, stream, [int(m)], grid.padded_shape, phi)[0]
                  for stream, phi in phis.items()]
         forward_err = max(forward_err, float(np.abs(op.forward(*noise) - random[i]).max()))
@@ -378,6 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--months", type=int, default=24)
     parser.add_argument("--skill-core-months", type=int, default=12,
                         help="also report the figures on the months skill_core.py used (its --months); 0: skip")
+    parser.add_argument("--no-attribution", dest="attribution", action="store_false",
+                        help="skip the Bayes floor recomputed with each random stream switched off")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "skill_floor.json"))
     args = parser.parse_args(argv)
 
@@ -418,6 +432,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = on(main_idx)
     core = on(np.asarray(core_idx)) if len(core_idx) else None
 
+    # which random term sets the floor: the Bayes floor of the same months with one stream switched off
+    attribution: dict[str, Any] = {}
+    sel = {"time": np.searchsorted(union, main_idx)}
+    bilinear_mae = figures["bilinear_mae"]
+    for stream in ATTRIBUTION_STREAMS if args.attribution else ():
+        with random_fields_filtered(None, off=[stream]):
+            truth_without = generate(months[sel["time"]], drivers, truth.isel(sel))
+        pred, _ = bayes_oracle(truth_without, known["calm"].isel(sel), drivers, months[sel["time"]], off=[stream])
+        err = truth_without - pred
+        mae = {v: float(metrics.mae(err[v], xr.zeros_like(err[v]))) for v in VARIABLES}
+        attribution[f"without_{stream}"] = {
+            "floor_mae": mae,
+            "floor_mae_over_actual_bilinear_mae": {v: mae[v] / bilinear_mae[v] for v in VARIABLES},
+            "overall": float(np.mean([mae[v] / bilinear_mae[v] for v in VARIABLES])),
+        }
+
     skill_core_path = REPO / "benchmarks" / "results" / "skill_core.json"
     model = json.loads(skill_core_path.read_text()) if skill_core_path.exists() else None
     result = {
@@ -430,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "bilinear_mae": core["bilinear_mae"],
         },
         "bayes_checks": checks,
+        "floor_attribution": attribution or None,
         "model_skill_core": None if model is None else {
             "mae_ratio_vs_bilinear_x8": model["mae_ratio_vs_bilinear_x8"],
             "per_variable": {v: model["per_variable"][v]["mae_ratio_vs_bilinear"] for v in VARIABLES},
