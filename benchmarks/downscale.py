@@ -54,7 +54,7 @@ from climrecon.config import DownscaleConfig, TrainSection
 from climrecon.stores import StageStore, content_key
 
 RESULTS = Path(__file__).resolve().parent / "results" / "downscale.json"
-NLAT, NLON, N_TIME, MEMBERS = 48, 64, 6, 2
+NLAT, NLON, N_TIME, MEMBERS = 48, 64, 12, 4
 
 
 def model_checkpoint(folder: Path) -> tuple[str, str]:
