@@ -69,32 +69,27 @@ from climrecon.tasks.training_data import open_truth, select_years
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402
+from skill_core import spread_months  # noqa: E402  (the same held-out month selection)
 
 __all__ = [
     "VARIABLES",
-    "lowpass_mask",
-    "random_fields_filtered",
-    "generate",
-    "subgrid_residual",
-    "mean_square",
-    "floor_figures",
     "RandomTermOperator",
-    "block_mean_matrix",
+    "bayes_oracle",
     "bayes_prediction",
+    "block_mean_matrix",
+    "floor_figures",
+    "generate",
+    "lowpass_mask",
+    "mean_square",
+    "random_fields_filtered",
+    "subgrid_residual",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 VARIABLES = ("tas", "uas", "vas")
 FACTOR = 8
-CUTOFFS = (16, 8)
-ATTRIBUTION_STREAMS = ("tas_fine", "tas_large", "streamfunction")  # wavelengths in fine cells: 4 deg (coarse-grid Nyquist) and 2 deg (one coarse cell)
-
-
-def spread_months(n_available: int, n: int) -> np.ndarray:
-    """``n`` month indices spread evenly over ``n_available`` (the selection of :mod:`skill_core`)."""
-    if n >= n_available:
-        return np.arange(n_available)
-    return np.unique(np.round(np.linspace(0, n_available - 1, n)).astype(int))
+CUTOFFS = (16, 8)  # wavelengths in fine cells: 4 deg (coarse-grid Nyquist) and 2 deg (one coarse cell)
+ATTRIBUTION_STREAMS = ("tas_fine", "tas_large", "streamfunction")
 
 
 # -- generator variants -----------------------------------------------------------------------------------
@@ -201,7 +196,8 @@ class RandomTermOperator:
                 p.tas_large_sd_inland_summer_k
                 + (p.tas_large_sd_inland_winter_k - p.tas_large_sd_inland_summer_k) * winter),
             fine_amp=p.tas_fine_sd_k * (1.0 + drivers.orog_std.astype("float64") / p.tas_fine_rough_m),
-            spread=p.wind_anomaly_ms + p.wind_anomaly_seasonal_ms * synthetic._seasonal(tau, synthetic.JANUARY),
+            spread=p.wind_anomaly_ms
+            + p.wind_anomaly_seasonal_ms * synthetic._seasonal(tau, synthetic.JANUARY),
             slope=synthetic._gradient(synthetic._smooth(height, grid, 0.5 * grid.dy / 1e3), grid),
             relief=height - synthetic._smooth(height, grid, p.relief_km),
             orog_std=drivers.orog_std.astype("float64"),
@@ -216,7 +212,7 @@ class RandomTermOperator:
         return np.fft.irfft2(np.fft.rfft2(x) * self.amp[stream], s=x.shape[-2:])
 
     def _terrain(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        slope = tuple(np.broadcast_to(h, u.shape) for h in self.slope)  # batched: the generator's out= needs it
+        slope = tuple(np.broadcast_to(h, u.shape) for h in self.slope)  # batched (the generator's out=)
         return synthetic.terrain_adjusted_wind(u, v, slope, self.relief, self.orog_std, self.land)
 
     def forward(self, n_large: np.ndarray, n_fine: np.ndarray, n_psi: np.ndarray) -> np.ndarray:
@@ -267,7 +263,9 @@ def block_mean_matrix(lat: np.ndarray, lon: np.ndarray, factor: int = FACTOR) ->
     return w / w.sum(axis=1, keepdims=True)
 
 
-def bayes_prediction(op: RandomTermOperator, w: np.ndarray, coarse_random: np.ndarray, chunk: int = 50) -> np.ndarray:
+def bayes_prediction(
+    op: RandomTermOperator, w: np.ndarray, coarse_random: np.ndarray, chunk: int = 50
+) -> np.ndarray:
     """``E[S | W S = c]`` = ``Sigma W^T (W Sigma W^T)^-1 c`` with ``Sigma = A A^T``, for all three variables
     jointly: ``coarse_random`` (3, n_coarse) block means of the random part -> (3, ny, nx).
 
@@ -282,7 +280,8 @@ def bayes_prediction(op: RandomTermOperator, w: np.ndarray, coarse_random: np.nd
         for i in range(0, nv * nc, chunk)
     ]).reshape(nv * nc, nv, ny * nx)  # row j = Sigma W^T e_j
     gram = np.einsum("jvp,kvp->jk", sigma_wt, columns)  # W Sigma W^T
-    coef = np.linalg.lstsq(gram, coarse_random.ravel(), rcond=1e-12)[0]  # singular when a variable has no random part
+    # lstsq: the gram is singular when a variable has no random part (floor attribution)
+    coef = np.linalg.lstsq(gram, coarse_random.ravel(), rcond=1e-12)[0]
     return np.einsum("j,jvp->vp", coef, sigma_wt).reshape(nv, ny, nx)
 
 
@@ -312,22 +311,28 @@ def floor_figures(truth: xr.Dataset, known: dict[str, xr.Dataset], flat: xr.Data
     r_truth = subgrid_residual(truth)
     bilinear_mae = {v: float(metrics.mae(r_truth[v], zero[v])) for v in VARIABLES}
     ms_total = mean_square(r_truth)
-    out: dict[str, Any] = {"bilinear_mae": bilinear_mae, "subgrid_rms": {v: ms_total[v] ** 0.5 for v in VARIABLES},
-                           "oracles": {}}
+    out: dict[str, Any] = {
+        "bilinear_mae": bilinear_mae,
+        "subgrid_rms": {v: ms_total[v] ** 0.5 for v in VARIABLES},
+        "oracles": {},
+    }
     for name, field in known.items():
         r_known = subgrid_residual(field)
         error = r_truth - r_known  # = R(truth - field), the oracle's error
         mae = {v: float(metrics.mae(error[v], zero[v])) for v in VARIABLES}
         ratio = {v: mae[v] / bilinear_mae[v] for v in VARIABLES}
-        monthly = np.mean([metrics.mae(error[v], zero[v], dim=("lat", "lon")).values
-                           / metrics.mae(r_truth[v], zero[v], dim=("lat", "lon")).values for v in VARIABLES], axis=0)
+        per_month = lambda x, v: metrics.mae(x[v], zero[v], dim=("lat", "lon")).values
+        monthly = np.mean([per_month(error, v) / per_month(r_truth, v) for v in VARIABLES], axis=0)
         ms_known, ms_error = mean_square(r_known), mean_square(error)
         out["oracles"][name] = {
             "mae": mae,
             "mae_ratio_vs_bilinear": ratio,
             "mae_ratio_vs_bilinear_overall": float(np.mean(list(ratio.values()))),
-            "monthly_overall_ratio": {"min": float(monthly.min()), "max": float(monthly.max()),
-                                      "standard_error_of_mean": float(monthly.std(ddof=1) / np.sqrt(monthly.size))},
+            "monthly_overall_ratio": {
+                "min": float(monthly.min()),
+                "max": float(monthly.max()),
+                "standard_error_of_mean": float(monthly.std(ddof=1) / np.sqrt(monthly.size)),
+            },
             "rmse_ratio_vs_bilinear": {v: (ms_error[v] / ms_total[v]) ** 0.5 for v in VARIABLES},
             "share_of_subgrid_mean_square": {
                 v: {
@@ -344,8 +349,9 @@ def floor_figures(truth: xr.Dataset, known: dict[str, xr.Dataset], flat: xr.Data
     out["orographic_term"] = {
         "std": _std(orographic),
         "subgrid_rms": {v: x**0.5 for v, x in mean_square(subgrid_residual(orographic)).items()},
-        "meaning": "truth - (same month with orog = orog_std = 0): tas lapse rate + inversions + rough-terrain "
-                   "amplification of the fine anomaly; winds blocking + crest speed-up + roughness",
+        "meaning": "truth - (same month with orog = orog_std = 0): tas lapse rate + inversions + "
+                   "rough-terrain amplification of the fine anomaly; winds blocking + crest speed-up + "
+                   "roughness",
     }
     return out
 
@@ -363,8 +369,8 @@ def bayes_oracle(
     truth: xr.Dataset, calm: xr.Dataset, drivers: Any, months: np.ndarray, off: Sequence[str] = ()
 ) -> tuple[xr.Dataset, dict[str, float]]:
     """``calm + E[S | C(S)]`` per month (the Bayes-optimal prediction from the coarse truth, static fields and
-    month), and the checks that make it trustworthy: ``A(noise)`` reproduces ``truth - calm`` and ``A^T`` passes
-    the dot-product test. ``off``: random streams absent from ``truth`` (and so from the prior)."""
+    month), and the checks that make it trustworthy: ``A(noise)`` reproduces ``truth - calm`` and ``A^T``
+    passes the dot-product test. ``off``: random streams absent from ``truth`` (and so from the prior)."""
     p, grid = drivers.physics, drivers.grid
     w = block_mean_matrix(truth["lat"].values, truth["lon"].values)
     random = np.stack([(truth[v] - calm[v]).values for v in VARIABLES], axis=1)  # (time, 3, ny, nx)
@@ -378,25 +384,34 @@ def bayes_oracle(
                  for stream, phi in phis.items()]
         forward_err = max(forward_err, float(np.abs(op.forward(*noise) - random[i]).max()))
         x, y = [rng.standard_normal(grid.padded_shape) for _ in phis], rng.standard_normal((3, *grid.shape))
-        lhs, rhs = np.sum(op.forward(*x) * y), sum(np.sum(a * b) for a, b in zip(x, op.adjoint(y), strict=True))
+        lhs = np.sum(op.forward(*x) * y)
+        rhs = sum(np.sum(a * b) for a, b in zip(x, op.adjoint(y), strict=True))
         adjoint_err = max(adjoint_err, float(abs(lhs - rhs) / abs(lhs)))
         coarse = random[i].reshape(3, -1) @ w.T
         prediction[i] = bayes_prediction(op, w, coarse)
     if forward_err > 1e-3 or adjoint_err > 1e-9:
-        raise SystemExit(f"the linear model of the random terms does not match the generator (forward {forward_err:g}"
-                         f", adjoint {adjoint_err:g}): update RandomTermOperator to the generator's code")
-    known = calm + xr.Dataset({v: (("time", "lat", "lon"), prediction[:, k]) for k, v in enumerate(VARIABLES)},
-                              coords=calm.coords)
-    return known, {"forward_max_abs_diff_vs_truth_minus_calm": forward_err, "adjoint_dot_test_rel_err": adjoint_err}
+        raise SystemExit(f"the linear model of the random terms does not match the generator (forward "
+                         f"{forward_err:g}, adjoint {adjoint_err:g}): update RandomTermOperator")
+    dims = ("time", "lat", "lon")
+    known = calm + xr.Dataset(
+        {v: (dims, prediction[:, k]) for k, v in enumerate(VARIABLES)}, coords=calm.coords
+    )
+    checks = {
+        "forward_max_abs_diff_vs_truth_minus_calm": forward_err,
+        "adjoint_dot_test_rel_err": adjoint_err,
+    }
+    return known, checks
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="climrecon config (truth/static stores); default: built-in")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=None, help="climrecon config (truth/static stores)")
     parser.add_argument("--years", type=int, nargs=2, default=None, help="default: train.heldout_years")
     parser.add_argument("--months", type=int, default=24)
     parser.add_argument("--skill-core-months", type=int, default=12,
-                        help="also report the figures on the months skill_core.py used (its --months); 0: skip")
+                        help="also report the months skill_core.py used (its --months); 0: skip")
     parser.add_argument("--no-attribution", dest="attribution", action="store_false",
                         help="skip the Bayes floor recomputed with each random stream switched off")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "skill_floor.json"))
@@ -446,7 +461,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for stream in ATTRIBUTION_STREAMS if args.attribution else ():
         with random_fields_filtered(None, off=[stream]):
             truth_without = generate(months[sel["time"]], drivers, truth.isel(sel))
-        pred, _ = bayes_oracle(truth_without, known["calm"].isel(sel), drivers, months[sel["time"]], off=[stream])
+        calm = known["calm"].isel(sel)
+        pred, _ = bayes_oracle(truth_without, calm, drivers, months[sel["time"]], off=[stream])
         err = truth_without - pred
         mae = {v: float(metrics.mae(err[v], xr.zeros_like(err[v]))) for v in VARIABLES}
         attribution[f"without_{stream}"] = {
@@ -479,10 +495,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "cells = 4 deg (what a 2-deg grid resolves)",
             "lowpass_8": "knows all random-field modes of wavelength > 8 fine cells = 2 deg (optimistic: "
                          "2-4 deg waves are not fully determined by 2-deg block means)",
-            "bayes": "the Bayes-optimal prediction from the inputs a model has: calm + E[random part | its 2-deg "
-                     "block means of tas, uas, vas jointly], exact Gaussian conditioning with the generator's "
-                     "covariance for that month (posterior mean = median: MAE-optimal); the irreducible floor",
-            "calm": "knows only static fields, the month and the month's inversion strength (random fields 0)",
+            "bayes": "the Bayes-optimal prediction from the inputs a model has: calm + E[random part | "
+                     "its 2-deg block means of tas, uas, vas jointly], exact Gaussian conditioning with the "
+                     "generator's covariance for that month (posterior mean = median: MAE-optimal); the "
+                     "irreducible floor",
+            "calm": "knows only static fields, the month and the month's inversion strength (random "
+                    "fields 0)",
             "error": "oracle = B(C(truth)) + R(known); error = R(truth - known)",
         },
         "config": {"factor": FACTOR, "variables": list(VARIABLES), "cutoffs_fine_cells": list(CUTOFFS),
@@ -490,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "seed": syn_cfg.seed, "years": list(years), "truth_store": truth_url,
                    "static_store": static_url, "generator": synthetic.GENERATOR_VERSION},
         "months": [str(t)[:7] for t in heldout["time"].values[main_idx]],
-        "n_months": int(len(main_idx)),
+        "n_months": len(main_idx),
         "regenerated_vs_store_max_abs_diff": max_diff,
         "seconds": round(time.perf_counter() - t0, 2),
         "peak_rss_mib": peak_rss_mib(),
@@ -504,7 +522,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name:11s} MAE ratio {o['mae_ratio_vs_bilinear_overall']:.3f}: "
               + ", ".join(f"{v} {r:.3f}" for v, r in o["mae_ratio_vs_bilinear"].items())
               + " | unknown share of sub-grid MS: "
-              + ", ".join(f"{v} {s['unknown_random']:.2f}" for v, s in o["share_of_subgrid_mean_square"].items()))
+              + ", ".join(f"{v} {s['unknown_random']:.2f}"
+                          for v, s in o["share_of_subgrid_mean_square"].items()))
     return result
 
 
