@@ -7,9 +7,9 @@ Run: ``.venv/bin/python benchmarks/downscale.py`` (a few minutes on 2 cores) -> 
 - ``speedup_2_workers``: months x members per hour of :func:`run_downscale` on a local Dask cluster of 2
   worker processes (1 thread each) over 1 worker, same work, workers warmed up first (model loaded).
 - ``overhead_ratio``: wall time of the whole ``downscale`` Prefect flow (plan, template, unit tasks, Dask
-  futures, region writes, finalize; on the running 2-worker cluster) / the pure sampling time of the same
-  units (:func:`sample_items` on in-memory conditioning) spread over the same 2 workers, measured in the
-  same run (= sum of pure sampling times / 2).
+  futures, conditioning reads, region writes, finalize; on the running, warm 1-worker cluster) / the pure
+  sampling time of the same units (:func:`sample_items` on in-memory conditioning, one process, one
+  thread), measured in the same run: what orchestration and I/O add to the same work.
 - the model: the shipped checkpoint (``checkpoints/*.pt``) when there is one, else a random-init model of
   the training section's architecture (said so under ``model``).
 Inputs are synthetic regridded stores (smooth seasonal fields on a 0.25-deg grid, real-looking static
@@ -184,7 +184,7 @@ def main() -> None:
             start = time.perf_counter()
             run_downscale(run, client=client)
             rates[n] = items / (time.perf_counter() - start) * 3600
-            if n == 2:  # 3. the whole Prefect flow on the same (warm) 2-worker cluster
+            if n == 1:  # 3. the whole Prefect flow on the same (warm) 1-worker cluster: same work as pure sampling
                 with prefect_test_harness():
                     overrides = [f"storage.root={folder / 'flow'}", *(f"downscale.{k}={v}" for k, v in base.items())]
                     start = time.perf_counter()
@@ -193,8 +193,11 @@ def main() -> None:
                     flow_s = time.perf_counter() - start
     results["months_members_per_hour"] = {f"{n}_workers": round(r, 1) for n, r in rates.items()}
     results["speedup_2_workers"] = round(rates[2] / rates[1], 3)
-    results["flow_s_2_workers"] = round(flow_s, 2)
-    results["overhead_ratio"] = round(flow_s / (pure_s / 2), 3)
+    results["flow_s_1_worker"] = round(flow_s, 2)
+    # the same work on one worker vs. the same sampling calls in one process: what orchestration and I/O
+    # (Prefect task runs, Dask scheduling, conditioning reads, zarr region writes) add, without mixing in
+    # the parallel efficiency of 2 workers (which speedup_2_workers reports)
+    results["overhead_ratio"] = round(flow_s / pure_s, 3)
     results["goals"] = {"seam_ratio": "<= 1.1", "speedup_2_workers": ">= 1.7", "overhead_ratio": "<= 1.15"}
     load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
     if load > cores:
