@@ -60,6 +60,9 @@ def test_ui_shows_the_deployment_run_completed(deployed_run, tmp_path):
     assert header, text[:1500]
     flow_name, deployment = run.deployment_name.split("/")
     assert f"Flow {flow_name} Deployment {deployment} Work Pool {run.flow_run.work_pool_name}" in text, text[:1500]
-    assert any(r.name in text for r in run.task_runs) or f"{len(run.task_runs)} Task run" in text, text[:1500]
+    # the header counts the run's own task runs ("2 Task runs"); the API also lists the placeholder task
+    # runs a parent keeps for its subflows, so the API count is an upper bound
+    shown = re.search(r"\b(\d+) Task runs?\b", text)
+    assert shown and 1 <= int(shown.group(1)) <= len(run.task_runs), text[:1500]
     assert screenshot.is_file() and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank image
