@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     import climrecon.flows  # noqa: F401 - offline Prefect defaults before Prefect is imported
     from climrecon.flows.reconstruct import reconstruct_flow
 
+    from climrecon.cli import DEMO_OVERRIDES
+
     root = tempfile.mkdtemp(prefix="climrecon-demo-bench-")
-    overrides = [f"storage.root={root}", *args.overrides]
+    overrides = [f"storage.root={root}", *DEMO_OVERRIDES, *args.overrides]
     started_at = datetime.now().astimezone()
     t0 = time.perf_counter()
     state = reconstruct_flow(overrides=overrides, return_state=True)

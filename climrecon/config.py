@@ -224,7 +224,7 @@ class DownscaleConfig(_Model):
     blend: Literal["every_step", "once"] = "every_step"
     overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
     months_per_unit: int = Field(12, ge=1, description="time steps per work unit (a multiple of time_chunk)")
-    members_per_unit: int = Field(8, ge=1, description="members per work unit")
+    members_per_unit: int = Field(2, ge=1, description="members per work unit (units run in parallel on workers)")
     max_patches_per_batch: int = Field(32, ge=1, description="patches per network call (fixed call shape)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk of the member store")
