@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from climrecon.config import SyntheticConfig
 
 __all__ = [
+    "STATIC_SOURCE_ID",
+    "SYNTHETIC_SOURCE_ID",
     "CATALOG_NAME",
     "CONVERTER_VERSION",
     "MissingSourceDataError",
@@ -68,6 +70,9 @@ __all__ = [
     "sample_files",
     "build_sample_catalog",
 ]
+
+SYNTHETIC_SOURCE_ID = "ClimRecon-SyntheticReanalysis"  # catalog source_id of the synthetic reanalysis
+STATIC_SOURCE_ID = "ETOPO5-GLOBE"  # catalog source_id of the static fields
 
 CATALOG_NAME = "catalog.json"
 CONVERTER_VERSION = 1  # bump when the conversion below changes, so existing files are rewritten
@@ -464,7 +469,7 @@ def _static_rows(url: str) -> list[dict[str, Any]]:
     facets = {
         "activity_id": "ClimRecon",
         "institution_id": "ClimRecon",
-        "source_id": "ETOPO5-GLOBE",
+        "source_id": STATIC_SOURCE_ID,
         "experiment_id": "static",
         "member_id": "r0i0p0",
         "table_id": "fx",
@@ -479,7 +484,7 @@ def _synthetic_rows(cfg: SyntheticConfig, static_url: str, url: str) -> list[dic
     facets = {
         "activity_id": "ClimRecon",
         "institution_id": "ClimRecon",
-        "source_id": "ClimRecon-SyntheticReanalysis",
+        "source_id": SYNTHETIC_SOURCE_ID,
         "experiment_id": "synthetic",
         "member_id": "r1i1p1f1",
         "table_id": "Amon",

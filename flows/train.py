@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from prefect import flow, get_run_logger
 
+from climrecon.catalogs.sample import STATIC_SOURCE_ID, SYNTHETIC_SOURCE_ID
 from climrecon.config import ClimReconConfig, TrainSection, load_config
 from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, strip_training_state
 from climrecon.models.edm import EDMConfig, EDMPrecond
@@ -42,8 +43,6 @@ from climrecon.tasks.training_data import (
 __all__ = ["TrainingSetup", "default_truth_url", "default_static_url", "prepare_training", "build_model",
            "plot_loss_curve", "run_training", "train_flow"]
 
-SYNTHETIC_SOURCE_ID = "ClimRecon-SyntheticReanalysis"
-STATIC_SOURCE_ID = "ETOPO5-GLOBE"
 
 
 def _catalog_path(cfg: ClimReconConfig, source_id: str) -> str:

@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from climrecon.catalogs.sample import STATIC_SOURCE_ID, SYNTHETIC_SOURCE_ID
 from climrecon.config import ClimReconConfig, EvaluateConfig
 from climrecon.models.checkpoint import load_checkpoint
 from climrecon.storage import is_remote, public_url
@@ -76,8 +77,6 @@ __all__ = [
     "METRICS",
     "METRIC_LABELS",
     "MAP_REFERENCE",
-    "SYNTHETIC_SOURCE_ID",
-    "STATIC_SOURCE_ID",
     "DiffusionDownscaler",
     "EvaluationResult",
     "DownscalerFactory",
@@ -95,8 +94,6 @@ __all__ = [
     "output_directory",
 ]
 
-SYNTHETIC_SOURCE_ID = "ClimRecon-SyntheticReanalysis"
-STATIC_SOURCE_ID = "ETOPO5-GLOBE"
 METRICS = (
     "mae",
     "rmse",
