@@ -28,15 +28,13 @@ import xarray as xr
 from climrecon.config import load_config
 from climrecon.flows.train import default_static_url, default_truth_url
 from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint
-from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.tasks import metrics
 from climrecon.tasks.conditioning import ConditioningSpec, time_of_year
 from climrecon.tasks.patch_sampling import sample_domain
 from climrecon.tasks.tiling import make_tiling
+from climrecon.tasks.downscale import network_conditioning, physical_fields
 from climrecon.tasks.training_data import (
-    fine_from_target,
-    normalize_conditioning,
     open_truth,
     perfect_model_pairs,
     select_years,
@@ -87,9 +85,8 @@ def sample_ensemble(
     input); member ``m`` of month ``t`` uses ``seed_for(seed, t, m)``."""
     h, w = cond.sizes["lat"], cond.sizes["lon"]
     tiling = make_tiling(h, w, int(meta.grid.patch_size), overlap)
-    cond_stats = meta.data.get("conditioning_normalization")
-    cond_stats = NormalizationStats.from_dict(cond_stats) if cond_stats else meta.normalization
-    z_cond = torch.from_numpy(normalize_conditioning(cond.values, list(cond.channel.values), cond_stats))
+    channels = list(cond.channel.values)
+    z_cond = torch.from_numpy(network_conditioning(cond.values, channels, meta))  # exactly as the stage does
     toy = torch.from_numpy(time_of_year(cond["time"].values))
     out = np.empty((members, cond.sizes["time"], len(meta.variables), h, w), np.float32)
     for t in range(cond.sizes["time"]):
@@ -104,12 +101,11 @@ def sample_ensemble(
             blend="every_step",
             max_patches_per_batch=max_patches_per_batch,
         )
-        out[:, t] = meta.normalization.denormalize(z).numpy()
+        out[:, t] = physical_fields(z, np.repeat(cond.values[t : t + 1], members, axis=0), channels, meta)
     coords = {"time": cond["time"], "lat": cond["lat"], "lon": cond["lon"]}
-    values = xr.Dataset(
+    return xr.Dataset(
         {v: (("member", "time", "lat", "lon"), out[:, :, i]) for i, v in enumerate(meta.variables)}, coords=coords
     )
-    return fine_from_target(values, cond, meta.variables, meta.data.get("target", "full"))
 
 
 def skill(ensemble: xr.Dataset, truth: xr.Dataset, bilinear: xr.Dataset) -> dict[str, Any]:
