@@ -201,19 +201,24 @@ def write_catalog(
 ) -> Path:
     """Write (or merge ``rows`` into) the catalog at ``json_path``; returns ``json_path``.
 
-    A new row replaces an existing one with the same (``path``, ``variable_id``). Rows are sorted by
+    A new row replaces an existing one with the same (``path``, ``variable_id``) or the same dataset
+    identity (group attributes, variable and time range): a store rebuilt under a new name (e.g. a new
+    generator version) takes its predecessor's place instead of being listed twice. Rows are sorted by
     the group attributes, variable and time range so the CSV is stable across runs. Both files are
     replaced atomically.
     """
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     new = [_normalise_row(r, f"new row {i + 1} for {json_path}") for i, r in enumerate(rows)]
+    identity = (*GROUPBY_ATTRS, "variable_id", "time_range")
+    replaced = {(r["path"], r["variable_id"]) for r in new} | {tuple(r[c] for c in identity) for r in new}
     by_key: dict[tuple[str, str], dict[str, str]] = {}
     for r in read_rows(json_path) if merge else []:
-        by_key[(r["path"], r["variable_id"])] = r
+        if (r["path"], r["variable_id"]) not in replaced and tuple(r[c] for c in identity) not in replaced:
+            by_key[(r["path"], r["variable_id"])] = r
     for r in new:
         by_key[(r["path"], r["variable_id"])] = r
-    order = (*GROUPBY_ATTRS, "variable_id", "time_range", "path")
+    order = (*identity, "path")
     ordered = sorted(by_key.values(), key=lambda r: [r[c] for c in order])
 
     buf = io.StringIO()

@@ -20,6 +20,9 @@ if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q -e ".[test]"
   touch "$stamp"
 fi
+# Dask configuration for every Dask process of this environment (worker start-up environment)
+mkdir -p "$VENV/etc/dask"
+cp deploy/dask/config/climrecon.yaml "$VENV/etc/dask/climrecon.yaml"
 
 mkdir -p "$DATA_HOME/debian"
 for pkg in libncarg-data ferret-datasets; do

@@ -176,6 +176,16 @@ def test_merging_keeps_other_rows_and_replaces_same_path(tmp_path, rows):
     assert len(read_rows(write_catalog(catalog, [extra], merge=False))) == 1
 
 
+def test_a_store_rebuilt_under_a_new_path_replaces_its_predecessor(tmp_path, rows):
+    """E.g. the synthetic reanalysis after a generator change: same dataset identity, new store name."""
+    catalog = write_catalog(tmp_path / "c.json", rows[:3])
+    moved = {**rows[0], "path": str(tmp_path / "rebuilt.nc")}
+    merged = read_rows(write_catalog(catalog, [moved]))
+    assert len(merged) == 3
+    assert [r["path"] for r in merged if r["variable_id"] == rows[0]["variable_id"]
+            and r["source_id"] == rows[0]["source_id"]] == [moved["path"]]
+
+
 def test_invalid_rows_are_rejected_by_name(tmp_path, rows):
     with pytest.raises(CatalogError, match="'format' must be one of"):
         write_catalog(tmp_path / "c.json", [{**rows[0], "format": "grib"}])
