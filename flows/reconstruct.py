@@ -1,4 +1,4 @@
-"""The whole reconstruction as one Prefect flow: ingest -> regrid -> downscale -> aggregate.
+"""The whole reconstruction as one Prefect flow: ingest -> regrid -> downscale -> aggregate (-> evaluate).
 
 Each stage runs as a subflow (its own flow run in the UI) and hands the next one store URLs, never
 datasets. Completed stages are skipped by their content keys (each stage checks its output store's
@@ -6,12 +6,18 @@ complete marker), so re-running a reconstruction only does what is missing. One 
 every stage; sampling tasks are pinned to its GPU workers, whose number bounds the GPU concurrency.
 
 Artifacts for the run: a table of every input and output store, a markdown summary with how to open
-the results, and PNG maps of the ensemble mean and spread of the first month.
+the results, and PNG maps of the ensemble mean and spread of the first month. When fine truth is
+available (``evaluate.truth`` / ``evaluate.truth_query``, or the sample catalog's synthetic reanalysis
+for a run on the sample catalog) and shares months with the run, each result is scored against it
+(:mod:`climrecon.tasks.added_value`: climatology of the ensemble mean vs the interpolated input, large
+and fine scales) and the skill tables become artifacts (``reconstruct-skill``) and files under
+``<storage.root>/evaluate/``.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ STAGE_OPTIONS: dict[str, dict[str, Any]] = {
     "regrid": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 3 * 3600},
     "downscale": {"retries": 0, "timeout_seconds": 48 * 3600},
     "aggregate": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 6 * 3600},
+    "evaluate": {"retries": 0, "timeout_seconds": 3600},
 }
 
 
@@ -60,6 +67,67 @@ def ensure_sample_catalog(cfg: ClimReconConfig) -> str:
 
     return str(build_sample_catalog(cfg.sample_dir(), Path(cfg.data_home), include_synthetic=cfg.sample.synthetic,
                                     progress=False))
+
+
+def _truth(cfg: ClimReconConfig) -> tuple[Any, str, bool] | None:
+    """(lazy truth, its name, configured explicitly?) or None when the run has no truth to compare with."""
+    from climrecon.storage import resolve_storage_options
+    from climrecon.tasks.evaluate import EvaluationError, open_evaluation_truth
+
+    explicit = bool(cfg.evaluate.truth or cfg.evaluate.truth_query)
+    if not explicit and cfg.ingest.catalog is not None:
+        return None  # the sample catalog's truth only judges runs made on the sample catalog
+    variables = [v for v in cfg.ingest.query.variable_id or cfg.evaluate.variables if v in cfg.evaluate.variables]
+    ev = cfg.evaluate.model_copy(update={"variables": variables})
+    try:
+        truth, source = open_evaluation_truth(cfg.model_copy(update={"evaluate": ev}),
+                                              resolve_storage_options(cfg.storage.options))
+    except EvaluationError:
+        if explicit:
+            raise
+        return None
+    return truth, source["truth"], explicit
+
+
+@task(name="evaluate-reconstruction", task_run_name="skill vs truth: {aggregate_url}", cache_policy=NO_CACHE,
+      **STAGE_OPTIONS["evaluate"])
+def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconConfig) -> dict[str, Any] | None:
+    """Score one result against the truth (:func:`reconstruction_added_value`); tables as artifacts and files.
+    None (logged) when there is no truth or it shares no month or cell with the run, unless it was
+    configured explicitly, in which case that is an error."""
+    from climrecon.storage import is_remote, public_url, resolve_storage_options
+    from climrecon.tasks.added_value import AddedValueError, added_value_markdown, reconstruction_added_value
+
+    logger = get_run_logger()
+    found = _truth(cfg)
+    if found is None:
+        logger.info("no fine truth for this run (set evaluate.truth to score it)")
+        return None
+    truth, name, explicit = found
+    factor = round(cfg.regrid.coarse_resolution / cfg.regrid.resolution)
+    try:
+        records = reconstruction_added_value(aggregate_url, fine_url, truth, name, factor,
+                                             resolve_storage_options(cfg.storage.options))
+    except AddedValueError as exc:
+        if explicit:
+            raise
+        logger.warning("not scored: %s", exc)
+        return None
+    markdown = added_value_markdown(records, name, factor)
+    create_markdown_artifact(markdown, key="reconstruct-skill", description="Reconstruction vs fine truth")
+    create_table_artifact(records, key="reconstruct-skill-records", description="Every variable x method x scale")
+    files = {}
+    if not is_remote(cfg.storage.root):
+        from climrecon.tasks.evaluate import output_directory
+
+        directory = output_directory(cfg)
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = Path(aggregate_url.rstrip("/")).name.removesuffix(".zarr")
+        files = {"markdown": directory / f"{stem}.skill.md", "json": directory / f"{stem}.skill.json"}
+        files["markdown"].write_text(markdown)
+        files["json"].write_text(json.dumps({"aggregate": public_url(aggregate_url), "truth": name,
+                                             "factor": factor, "records": records}, indent=1) + "\n")
+    return {"records": records, "markdown": markdown, **{k: str(v) for k, v in files.items()}}
 
 
 @task(name="report", task_run_name="report artifacts", cache_policy=NO_CACHE)
@@ -89,6 +157,8 @@ def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
         if png is not None:
             encoded = base64.b64encode(png.read_bytes()).decode()
             lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
+    for table in outputs.get("evaluate", []):
+        lines += ["", table.replace("# Reconstruction vs truth", "## Skill against fine truth", 1)]
     create_markdown_artifact("\n".join(lines), key="reconstruct-summary", description="Where the outputs are")
 
 
@@ -97,9 +167,11 @@ def reconstruct_flow(
     config_path: str | None = None,
     overrides: list[str] | None = None,
     scheduler_address: str | None = None,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Run every stage on the config; returns ``{"ingest": [...], "regrid": [...], "downscale": [...],
-    "aggregate": [...], "catalog": url}`` (store URLs)."""
+    "aggregate": [...], "evaluate": [...], "catalog": url}`` (store URLs; skill tables as Markdown).
+    ``evaluate=False`` skips scoring against truth."""
     logger = get_run_logger()
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
@@ -107,7 +179,7 @@ def reconstruct_flow(
         ensure_sample_catalog(cfg)
     overrides += model_grid_overrides(cfg)
     cfg = load_config(config_path, overrides)
-    outputs: dict[str, Any] = {"ingest": [], "regrid": [], "downscale": [], "aggregate": []}
+    outputs: dict[str, Any] = {"ingest": [], "regrid": [], "downscale": [], "aggregate": [], "evaluate": []}
     with dask_client(scheduler_address, gpu_workers=None) as client:
         address = client.scheduler.address
         logger.info("Dask scheduler %s (dashboard %s)", address, client.dashboard_link)
@@ -123,6 +195,10 @@ def reconstruct_flow(
             outputs["aggregate"].append(
                 aggregate_flow.with_options(**STAGE_OPTIONS["aggregate"])(members, config_path, overrides, address)
             )
+            if evaluate:
+                scored = evaluate_reconstruction(outputs["aggregate"][-1], stores["fine"], cfg)
+                if scored is not None:
+                    outputs["evaluate"].append(scored.get("markdown", ""))
     from climrecon.catalogs.output_catalog import output_catalog_url
 
     outputs["catalog"] = output_catalog_url(cfg.storage.root)

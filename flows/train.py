@@ -27,10 +27,9 @@ from climrecon.models.normalization import NormalizationStats
 from climrecon.models.trainer import TrainConfig, TrainResult, train
 from climrecon.models.unet import UNet, UNetConfig, count_parameters
 from climrecon.storage import public_url
-from climrecon.tasks.conditioning import ConditioningSpec
+from climrecon.tasks.conditioning import STATIC_SCALING, ConditioningSpec
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.training_data import (
-    STATIC_SCALING,
     PatchBatches,
     fit_target_normalization,
     open_truth,

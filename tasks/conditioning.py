@@ -6,9 +6,12 @@ and inference (a regridded GCM) build them identically:
 - ``<var>_coarse``: the coarse field (fine truth area-averaged by ``factor`` in training, or a GCM
   conservatively regridded onto the same coarse grid at inference) bilinearly interpolated to the fine
   grid, edges clamped (the outermost half coarse cell lies outside the coarse centres);
-- static fields on the fine grid: ``orog`` (m), ``orog_std`` (m), ``sftlf`` (%);
+- static fields on the fine grid: ``orog`` (m), ``orog_std`` (m), ``sftlf`` (%), scaled for the network by
+  the fixed constants of :data:`STATIC_SCALING`;
 - position: sin/cos of latitude and longitude;
 - time of year: the cyclic fraction of the year at mid-month, passed to the network as an embedding.
+
+:func:`normalize_conditioning` maps a stack to network space (the same for training and inference).
 
 Contract: :func:`conditioning_stack` returns a DataArray (time, channel, lat, lon) float32 whose
 ``channel`` coordinate equals :meth:`ConditioningSpec.channel_names`, in that order.
@@ -16,11 +19,14 @@ Contract: :func:`conditioning_stack` returns a DataArray (time, channel, lat, lo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import xarray as xr
 
+from climrecon.models.normalization import NormalizationStats
 from climrecon.tasks.grids import Grid
 
 __all__ = [
@@ -30,9 +36,17 @@ __all__ = [
     "coarse_on_fine",
     "conditioning_stack",
     "time_of_year",
+    "STATIC_SCALING",
+    "normalize_conditioning",
 ]
 
 POSITION_CHANNELS = ("sin_lat", "cos_lat", "sin_lon", "cos_lon")
+STATIC_SCALING: dict[str, tuple[float, float]] = {
+    "orog": (0.0, 1000.0),  # m -> km
+    "orog_std": (0.0, 200.0),  # sub-grid spread, in units of 200 m
+    "sftlf": (50.0, 50.0),  # % -> [-1, 1]
+}
+"""Fixed ``(offset, scale)`` of each static conditioning channel: network value = (x - offset) / scale."""
 
 
 class ConditioningError(ValueError):
@@ -106,3 +120,35 @@ def conditioning_stack(coarse_fine: xr.Dataset, static_fine: xr.Dataset, spec: C
     stack = xr.concat([p.drop_vars([c for c in p.coords if c not in ("time", "lat", "lon")]) for p in planes], dim="channel")
     stack = stack.assign_coords(channel=spec.channel_names()).transpose("time", "channel", "lat", "lon")
     return stack.rename("conditioning")
+
+
+def normalize_conditioning(
+    cond: np.ndarray | torch.Tensor, channel_names: Sequence[str], stats: NormalizationStats
+) -> np.ndarray | torch.Tensor:
+    """Physical conditioning [..., C, H, W] -> network space: each ``<var>_coarse`` channel with its
+    variable's statistics in ``stats`` (so coarse and fine share one scale), static channels with the FIXED
+    constants of :data:`STATIC_SCALING`, position channels (sin/cos, already in [-1, 1]) unchanged. Same
+    array type out as in (numpy or torch), float32."""
+    if cond.shape[-3] != len(channel_names):
+        raise ConditioningError(
+            f"conditioning has {cond.shape[-3]} channels but {len(channel_names)} names {list(channel_names)}"
+        )
+    planes = []
+    for i, name in enumerate(channel_names):
+        x = cond[..., i, :, :]
+        if name.endswith("_coarse") and name[: -len("_coarse")] in stats.variables:
+            one = stats.subset([name[: -len("_coarse")]])
+            planes.append(one.normalize(x[..., None, :, :])[..., 0, :, :])
+        elif name in STATIC_SCALING:
+            offset, scale = STATIC_SCALING[name]
+            planes.append((x - offset) / scale)
+        elif name in POSITION_CHANNELS:
+            planes.append(x)
+        else:
+            raise ConditioningError(
+                f"no normalisation rule for conditioning channel {name!r}; known: <variable>_coarse for "
+                f"{list(stats.variables)}, {sorted(STATIC_SCALING)}, {list(POSITION_CHANNELS)}"
+            )
+    if isinstance(cond, torch.Tensor):
+        return torch.stack(planes, dim=-3).to(torch.float32)
+    return np.stack(planes, axis=-3).astype(np.float32)

@@ -23,10 +23,10 @@ written do not depend on unit sizes, the number of workers or which worker ran a
 on CUDA up to the determinism of the GPU kernels).
 
 Model inputs and outputs are exactly training's (:mod:`climrecon.tasks.training_data`): the conditioning
-is normalised by ``normalize_conditioning`` with the full-field statistics the checkpoint recorded
+is normalised by :func:`~climrecon.tasks.conditioning.normalize_conditioning` with the full-field statistics the checkpoint recorded
 (``metadata.data["conditioning_normalization"]``, else its target statistics), and the network output is
 denormalised with the target statistics and, for a residual model (``metadata.data["target"] ==
-"residual"``), added to the coarse field on the fine grid (``fine_from_target``).
+"residual"``), added to the coarse field on the fine grid (:func:`physical_fields`).
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import edm_sampler, make_generator, seed_for
 from climrecon.tasks.conditioning import (
     POSITION_CHANNELS,
+    STATIC_SCALING,
     ConditioningError,
     ConditioningSpec,
     conditioning_stack,
+    normalize_conditioning,
     time_of_year,
 )
 from climrecon.tasks.tiling import (
@@ -68,7 +70,7 @@ from climrecon.tasks.tiling import (
     extract_patches,
     make_tiling,
 )
-from climrecon.tasks.training_data import STATIC_SCALING, TARGET_KINDS, normalize_conditioning
+from climrecon.tasks.training_data import TARGET_KINDS
 
 __all__ = [
     "DOWNSCALE_VERSION",

@@ -42,6 +42,7 @@ __all__ = [
     "mae",
     "rmse",
     "bias",
+    "pattern_correlation",
     "acc",
     "ssim",
     "psnr",
@@ -235,6 +236,18 @@ def bias(
     dims = _reduce_dims(truth, dim)
     forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.me(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
+
+
+@_per_variable
+def pattern_correlation(
+    forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] = _SPATIAL
+) -> xr.DataArray:
+    """Latitude-weighted Pearson correlation over ``dim`` (default the map; xskillscore.pearson_r),
+    centred on each map's own mean: how well the forecast's spatial pattern matches, whatever its bias."""
+    _check_pair(forecast, truth, "pattern_correlation")
+    dims = _reduce_dims(truth, dim)
+    forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
+    return xs.pearson_r(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
 
 
 @_per_variable

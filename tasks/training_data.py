@@ -11,13 +11,12 @@ Pipeline (one home for it; training, evaluation and the shipped-checkpoint tests
 3. The network target is either the fine field itself (``target="full"``) or, by default, its RESIDUAL over
    the bilinear coarse input, ``truth - <var>_coarse`` (``target="residual"``, :func:`residual_target`):
    the model then only generates the fine-scale detail the coarse field lacks, and large-scale errors
-   cannot creep in; physical fields come back with :func:`fine_from_target`.
+   cannot creep in; physical fields come back with
+   :func:`climrecon.tasks.downscale.physical_fields` (output + ``<var>_coarse``).
    :func:`fit_target_normalization` computes the target statistics on the TRAINING years only, and so do
    the conditioning statistics (the full fields' statistics, whatever the target);
-   :func:`normalize_conditioning` maps the conditioning to network space: each ``<var>_coarse`` channel with
-   its variable's target statistics (so coarse and fine share one scale), static channels with the FIXED
-   constants of :data:`STATIC_SCALING` (``(x - offset) / scale``: orog in km, orog_std in 200 m, sftlf to
-   [-1, 1]), position channels (sin/cos, already in [-1, 1]) unchanged.
+   :func:`climrecon.tasks.conditioning.normalize_conditioning` maps the conditioning to network space with
+   the conditioning statistics.
 4. :class:`PatchBatches` draws random ``patch_size`` crops and months: the batch of step ``k`` depends only
    on ``seed_for(seed, k)``, so ``batches(first_step)`` resumes exactly (see :mod:`climrecon.models.trainer`).
 
@@ -41,10 +40,10 @@ from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.models.trainer import Batch
 from climrecon.tasks.conditioning import (
-    POSITION_CHANNELS,
     ConditioningSpec,
     coarse_on_fine,
     conditioning_stack,
+    normalize_conditioning,
     perfect_model_coarse,
     time_of_year,
 )
@@ -53,7 +52,6 @@ from climrecon.tasks.regrid import static_on_grid
 
 __all__ = [
     "TrainingDataError",
-    "STATIC_SCALING",
     "open_truth",
     "select_years",
     "static_for_truth",
@@ -61,18 +59,8 @@ __all__ = [
     "fit_target_normalization",
     "TARGET_KINDS",
     "residual_target",
-    "fine_from_target",
-    "normalize_conditioning",
     "PatchBatches",
 ]
-
-STATIC_SCALING: dict[str, tuple[float, float]] = {
-    "orog": (0.0, 1000.0),  # m -> km
-    "orog_std": (0.0, 200.0),  # sub-grid spread, in units of 200 m
-    "sftlf": (50.0, 50.0),  # % -> [-1, 1]
-}
-"""Fixed ``(offset, scale)`` of each static conditioning channel: network value = (x - offset) / scale."""
-
 
 class TrainingDataError(ValueError):
     """The truth store cannot provide the requested training data (missing variable or years)."""
@@ -148,47 +136,9 @@ def residual_target(target: xr.Dataset, cond: xr.DataArray, variables: Sequence[
     return xr.Dataset({v: (target[v] - _coarse(cond, v)).astype("float32") for v in variables})
 
 
-def fine_from_target(values: xr.Dataset, cond: xr.DataArray, variables: Sequence[str], kind: str) -> xr.Dataset:
-    """Physical fine fields from denormalised model output: ``values`` (+ ``<var>_coarse`` for residuals)."""
-    if kind not in TARGET_KINDS:
-        raise TrainingDataError(f"unknown target kind {kind!r}; expected one of {TARGET_KINDS}")
-    if kind == "full":
-        return values
-    return xr.Dataset({v: (values[v] + _coarse(cond, v)).astype("float32") for v in variables})
-
-
 def fit_target_normalization(train_target: xr.Dataset, variables: Sequence[str]) -> NormalizationStats:
     """Statistics of the TRAINING-year targets (pass only training years), one entry per variable."""
     return NormalizationStats.fit({v: train_target[v].values for v in variables})
-
-
-def normalize_conditioning(
-    cond: np.ndarray | torch.Tensor, channel_names: Sequence[str], stats: NormalizationStats
-) -> np.ndarray | torch.Tensor:
-    """Physical conditioning [..., C, H, W] -> network space (module docstring, step 3)."""
-    if cond.shape[-3] != len(channel_names):
-        raise TrainingDataError(
-            f"conditioning has {cond.shape[-3]} channels but {len(channel_names)} names {list(channel_names)}"
-        )
-    planes = []
-    for i, name in enumerate(channel_names):
-        x = cond[..., i, :, :]
-        if name.endswith("_coarse") and name[: -len("_coarse")] in stats.variables:
-            one = stats.subset([name[: -len("_coarse")]])
-            planes.append(one.normalize(x[..., None, :, :])[..., 0, :, :])
-        elif name in STATIC_SCALING:
-            offset, scale = STATIC_SCALING[name]
-            planes.append((x - offset) / scale)
-        elif name in POSITION_CHANNELS:
-            planes.append(x)
-        else:
-            raise TrainingDataError(
-                f"no normalisation rule for conditioning channel {name!r}; known: <variable>_coarse for "
-                f"{list(stats.variables)}, {sorted(STATIC_SCALING)}, {list(POSITION_CHANNELS)}"
-            )
-    if isinstance(cond, torch.Tensor):
-        return torch.stack(planes, dim=-3).to(torch.float32)
-    return np.stack(planes, axis=-3).astype(np.float32)
 
 
 @dataclass

@@ -45,13 +45,12 @@ class E2ERun:
     artifact_keys: frozenset[str] = frozenset()
 
 
-# The run under test. When flows/reconstruct.py exists, switch this one line to e.g.
-# The whole reconstruction (ingest -> regrid -> downscale -> aggregate) with the shipped checkpoint, kept
-# small: 2 members, 4 sampler steps.
+# The run under test: the whole reconstruction (ingest -> regrid -> downscale -> aggregate -> skill against
+# the sample catalog's synthetic truth) with the shipped checkpoint, kept small: 2 members, 4 sampler steps.
 E2E = E2ERun(
     "reconstruct-local",
     ("downscale.members=2", "downscale.members_per_unit=2", "downscale.num_steps=4"),
-    frozenset({"reconstruct-stores", "reconstruct-summary"}),
+    frozenset({"reconstruct-stores", "reconstruct-summary", "reconstruct-skill", "reconstruct-skill-records"}),
 )
 
 

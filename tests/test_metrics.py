@@ -46,6 +46,21 @@ def test_mae_rmse_bias_by_hand() -> None:
     assert per_time.dims == ("time",)
 
 
+def test_pattern_correlation_by_hand_per_map() -> None:
+    rng = np.random.default_rng(0)
+    truth = field(rng.standard_normal((2, 2, 3)))
+    forecast = field(rng.standard_normal((2, 2, 3)))
+    r = M.pattern_correlation(forecast, truth)
+    assert r.dims == ("time",)
+    w = np.repeat([[W0], [W60]], 3, axis=1).ravel()
+    for t in range(2):
+        f, o = forecast.values[t].ravel(), truth.values[t].ravel()
+        fa, oa = f - np.average(f, weights=w), o - np.average(o, weights=w)
+        expected = np.sum(w * fa * oa) / np.sqrt(np.sum(w * fa**2) * np.sum(w * oa**2))
+        assert float(r[t]) == pytest.approx(expected)
+    assert np.allclose(M.pattern_correlation(2 * truth + 5, truth), 1.0)  # blind to bias and amplitude
+
+
 def test_scores_per_variable_and_per_member() -> None:
     rng = np.random.default_rng(1)
     truth = field(rng.normal(size=(3, 4, 5)))

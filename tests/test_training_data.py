@@ -11,14 +11,11 @@ import xarray as xr
 
 from climrecon.catalogs import synthetic as S
 from climrecon.config import SyntheticConfig
-from climrecon.tasks.conditioning import ConditioningSpec
+from climrecon.tasks.conditioning import STATIC_SCALING, ConditioningError, ConditioningSpec, normalize_conditioning
 from climrecon.tasks.training_data import (
-    STATIC_SCALING,
     PatchBatches,
     TrainingDataError,
-    fine_from_target,
     fit_target_normalization,
-    normalize_conditioning,
     open_truth,
     perfect_model_pairs,
     residual_target,
@@ -106,7 +103,7 @@ def test_conditioning_normalisation_rules(train_pairs):
     k = names.index("cos_lat")
     np.testing.assert_array_equal(z[:, k], cond.values[:, k])
     assert torch.allclose(normalize_conditioning(torch.from_numpy(cond.values), names, stats), torch.from_numpy(z))
-    with pytest.raises(TrainingDataError, match="no normalisation rule for conditioning channel 'psl_coarse'"):
+    with pytest.raises(ConditioningError, match="no normalisation rule for conditioning channel 'psl_coarse'"):
         normalize_conditioning(cond.values[:, :1], ["psl_coarse"], stats)
 
 
@@ -145,11 +142,6 @@ def test_residual_target_round_trips_and_feeds_batches(train_pairs):
     target, cond = train_pairs
     residual = residual_target(target, cond, SPEC.variables)
     np.testing.assert_allclose(residual["tas"], target["tas"] - cond.sel(channel="tas_coarse"), atol=1e-4)
-    back = fine_from_target(residual, cond, SPEC.variables, "residual")
-    np.testing.assert_allclose(back["uas"], target["uas"], atol=1e-5)
-    assert fine_from_target(target, cond, SPEC.variables, "full") is target
-    with pytest.raises(TrainingDataError, match="unknown target kind 'delta'"):
-        fine_from_target(target, cond, SPEC.variables, "delta")
     full_stats = fit_target_normalization(target, SPEC.variables)
     stats = fit_target_normalization(residual, SPEC.variables)
     batches = PatchBatches.from_pairs(residual, cond, SPEC, stats, patch_size=16, batch_size=2, cond_stats=full_stats)
