@@ -264,11 +264,24 @@ def _print_outputs(outputs: dict) -> None:
     out.print("open a result:  import xarray as xr; ds = xr.open_zarr(\"<aggregate store>\")  "
               "(for s3:// add storage_options={...})")
     out.print("or through the catalog:  import intake_esm; intake_esm.esm_datastore(\"<output catalog>\")")
+    if outputs.get("evaluate"):
+        from rich.markdown import Markdown
+
+        for scored in outputs["evaluate"]:
+            out.print(Markdown(scored["markdown"]))
+            if scored.get("markdown_file"):
+                out.print(f"skill tables: {scored['markdown_file']} (records: {scored['json_file']})")
+
+
+EvaluateOpt = Annotated[bool, typer.Option("--evaluate/--no-evaluate",
+                                           help="Score each result against fine truth when there is one.")]
 
 
 @app.command()
-def reconstruct(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOpt = None) -> None:
-    """Run the whole reconstruction: ingest -> regrid -> downscale -> aggregate (Prefect flow `reconstruct`).
+def reconstruct(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOpt = None,
+                evaluate: EvaluateOpt = True) -> None:
+    """Run the whole reconstruction: ingest -> regrid -> downscale -> aggregate (Prefect flow `reconstruct`),
+    then score each result against fine truth when there is one (evaluate.truth, or the sample catalog's).
 
     Finished stages are skipped by their content keys; one Dask cluster serves every stage.
     """
@@ -277,7 +290,7 @@ def reconstruct(config: ConfigOpt = None, set_: SetOpt = None, scheduler: Schedu
     _load(config, set_)
     try:
         outputs = reconstruct_flow(config_path=str(config) if config else None, overrides=set_ or [],
-                                   scheduler_address=scheduler)
+                                   scheduler_address=scheduler, evaluate=evaluate)
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     _print_outputs(outputs)
@@ -323,7 +336,7 @@ def demo(set_: SetOpt = None) -> None:
     shipped checkpoint: Prefect's local API, a Dask LocalCluster, stores under ./outputs. A light ensemble
     (4 members, 12 Heun steps) keeps it to minutes on a laptop CPU; --set overrides anything.
     """
-    reconstruct(config=None, set_=[*DEMO_OVERRIDES, *(set_ or [])], scheduler=None)
+    reconstruct(config=None, set_=[*DEMO_OVERRIDES, *(set_ or [])], scheduler=None, evaluate=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -92,11 +92,17 @@ def _truth(cfg: ClimReconConfig) -> tuple[Any, str, bool] | None:
 @task(name="evaluate-reconstruction", task_run_name="skill vs truth: {aggregate_url}", cache_policy=NO_CACHE,
       **STAGE_OPTIONS["evaluate"])
 def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconConfig) -> dict[str, Any] | None:
-    """Score one result against the truth (:func:`reconstruction_added_value`); tables as artifacts and files.
+    """Score one result against the truth (:mod:`climrecon.tasks.added_value`); tables, a map as artifacts and files.
     None (logged) when there is no truth or it shares no month or cell with the run, unless it was
     configured explicitly, in which case that is an error."""
     from climrecon.storage import is_remote, public_url, resolve_storage_options
-    from climrecon.tasks.added_value import AddedValueError, added_value_markdown, reconstruction_added_value
+    from climrecon.tasks.added_value import (
+        AddedValueError,
+        added_value_markdown,
+        added_value_records,
+        reconstruction_fields,
+    )
+    from climrecon.tasks.plots import fine_scale_maps
 
     logger = get_run_logger()
     found = _truth(cfg)
@@ -106,15 +112,20 @@ def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconCon
     truth, name, explicit = found
     factor = round(cfg.regrid.coarse_resolution / cfg.regrid.resolution)
     try:
-        records = reconstruction_added_value(aggregate_url, fine_url, truth, name, factor,
-                                             resolve_storage_options(cfg.storage.options))
+        fields = reconstruction_fields(aggregate_url, fine_url, truth, name, resolve_storage_options(cfg.storage.options))
+        records = added_value_records(*fields, factor)
     except AddedValueError as exc:
         if explicit:
             raise
         logger.warning("not scored: %s", exc)
         return None
     markdown = added_value_markdown(records, name, factor)
-    create_markdown_artifact(markdown, key="reconstruct-skill", description="Reconstruction vs fine truth")
+    variable = next(iter(fields[0].data_vars))
+    png = fine_scale_maps(*fields, factor, variable, Path(tempfile.mkdtemp(prefix="climrecon-skill-")) / "fine.png")
+    caption = "fine scale of the time mean: truth, downscaled, interpolated"
+    encoded = base64.b64encode(png.read_bytes()).decode()
+    create_markdown_artifact(f"{markdown}\n![{caption}](data:image/png;base64,{encoded})\n", key="reconstruct-skill",
+                             description="Reconstruction vs fine truth")
     create_table_artifact(records, key="reconstruct-skill-records", description="Every variable x method x scale")
     files = {}
     if not is_remote(cfg.storage.root):
@@ -123,9 +134,11 @@ def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconCon
         directory = output_directory(cfg)
         directory.mkdir(parents=True, exist_ok=True)
         stem = Path(aggregate_url.rstrip("/")).name.removesuffix(".zarr")
-        files = {"markdown": directory / f"{stem}.skill.md", "json": directory / f"{stem}.skill.json"}
-        files["markdown"].write_text(markdown)
-        files["json"].write_text(json.dumps({"aggregate": public_url(aggregate_url), "truth": name,
+        files = {"markdown_file": directory / f"{stem}.skill.md", "json_file": directory / f"{stem}.skill.json",
+                 "png_file": directory / f"{stem}.skill.png"}
+        files["png_file"].write_bytes(png.read_bytes())
+        files["markdown_file"].write_text(f"{markdown}\n![{caption}]({files['png_file'].name})\n")
+        files["json_file"].write_text(json.dumps({"aggregate": public_url(aggregate_url), "truth": name,
                                              "factor": factor, "records": records}, indent=1) + "\n")
     return {"records": records, "markdown": markdown, **{k: str(v) for k, v in files.items()}}
 
@@ -157,8 +170,8 @@ def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
         if png is not None:
             encoded = base64.b64encode(png.read_bytes()).decode()
             lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
-    for table in outputs.get("evaluate", []):
-        lines += ["", table.replace("# Reconstruction vs truth", "## Skill against fine truth", 1)]
+    for scored in outputs.get("evaluate", []):
+        lines += ["", scored["markdown"].replace("# Reconstruction vs truth", "## Skill against fine truth", 1)]
     create_markdown_artifact("\n".join(lines), key="reconstruct-summary", description="Where the outputs are")
 
 
@@ -170,7 +183,8 @@ def reconstruct_flow(
     evaluate: bool = True,
 ) -> dict[str, Any]:
     """Run every stage on the config; returns ``{"ingest": [...], "regrid": [...], "downscale": [...],
-    "aggregate": [...], "evaluate": [...], "catalog": url}`` (store URLs; skill tables as Markdown).
+    "aggregate": [...], "evaluate": [...], "catalog": url}`` (store URLs; per scored result its records,
+    Markdown table and files, see :func:`evaluate_reconstruction`).
     ``evaluate=False`` skips scoring against truth."""
     logger = get_run_logger()
     overrides = list(overrides or [])
@@ -198,7 +212,7 @@ def reconstruct_flow(
             if evaluate:
                 scored = evaluate_reconstruction(outputs["aggregate"][-1], stores["fine"], cfg)
                 if scored is not None:
-                    outputs["evaluate"].append(scored.get("markdown", ""))
+                    outputs["evaluate"].append(scored)
     from climrecon.catalogs.output_catalog import output_catalog_url
 
     outputs["catalog"] = output_catalog_url(cfg.storage.root)

@@ -17,7 +17,7 @@ only when the run's source is the truth itself (a perfect-model or reanalysis-dr
 
 Public API: :func:`matching_truth` (truth on the reconstruction's months and grid),
 :func:`split_scales`, :func:`added_value_records`, :func:`added_value_markdown`, and
-:func:`reconstruction_added_value` (all of it from the store URLs of a run).
+:func:`reconstruction_fields` (the three inputs from the store URLs of a run).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = [
     "split_scales",
     "added_value_records",
     "added_value_markdown",
-    "reconstruction_added_value",
+    "reconstruction_fields",
 ]
 
 _SPATIAL = ("lat", "lon")
@@ -180,17 +180,17 @@ def _open(url: str, storage_options: dict[str, Any] | None, what: str) -> xr.Dat
         raise AddedValueError(f"no {what} at {url} ({type(exc).__name__})") from None
 
 
-def reconstruction_added_value(
+def reconstruction_fields(
     aggregate_url: str,
     fine_url: str,
     truth: xr.Dataset,
     truth_name: str,
-    factor: int,
     storage_options: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """:func:`added_value_records` of a run: the ensemble means ``<v>_mean`` of its aggregate store and the
-    interpolated input of its regridded fine store, against ``truth`` on their shared months and grid.
-    Variables: those of the aggregate store that the truth has (:class:`AddedValueError` if none)."""
+) -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
+    """``(ensemble_mean, interpolated, truth)`` of a run on the months it shares with ``truth`` (lazy):
+    the ensemble means ``<v>_mean`` of its aggregate store, the interpolated input of its regridded fine
+    store, and the truth on their grid, for the variables of the aggregate store that the truth has
+    (:class:`AddedValueError` if none). Feed them to :func:`added_value_records`."""
     aggregate = _open(aggregate_url, storage_options, "aggregate store")
     fine = _open(fine_url, storage_options, "regridded fine store")
     variables = [v for v in fine.data_vars if f"{v}_mean" in aggregate.data_vars and v in truth.data_vars]
@@ -201,7 +201,6 @@ def reconstruction_added_value(
         )
     ensemble_mean = xr.Dataset({v: aggregate[f"{v}_mean"] for v in variables})
     reference = matching_truth(truth, ensemble_mean, variables, truth_name)
-    shared = {"time": reference["time"].values}
-    ensemble_mean = ensemble_mean.sel(shared)
+    ensemble_mean = ensemble_mean.sel(time=reference["time"].values)
     interpolated = matching_truth(fine, ensemble_mean, variables, fine_url)
-    return added_value_records(ensemble_mean, interpolated, reference, factor)
+    return ensemble_mean, interpolated, reference

@@ -55,12 +55,14 @@ def plot_maps(
     spread: xr.DataArray | None = None,
     title: str | None = None,
     cmap: str = "viridis",
+    symmetric: bool = False,
     panel_size: tuple[float, float] = (3.6, 3.0),
     dpi: int = 100,
 ) -> Path:
     """Side-by-side (lat, lon) maps, e.g. ``{"truth": t, "bilinear": b, "model": m}``, one colour scale.
 
-    The shared scale spans the min..max of all panels, with one colour bar labelled "name [units]" (from the
+    The shared scale spans the min..max of all panels (``symmetric``: -m..m with m the largest absolute
+    value, for anomalies on a diverging ``cmap``), with one colour bar labelled "name [units]" (from the
     first panel's attrs). An optional ensemble ``spread`` map is drawn last on its own scale and colour bar.
     Figure size: (number of panels) * ``panel_size`` inches at ``dpi``.
     """
@@ -73,6 +75,9 @@ def plot_maps(
     if not np.isfinite(values).any():
         raise PlotError("plot_maps: every panel is all-NaN")
     vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
+    if symmetric:
+        vmax = max(abs(vmin), abs(vmax))
+        vmin = -vmax
     n = len(maps) + (spread is not None)
     fig = Figure(figsize=(panel_size[0] * n, panel_size[1]), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -177,3 +182,18 @@ def ensemble_maps(aggregate_url: str, directory: str | Path, *, storage_options:
     stamp = str(month.time.values)[:7]
     return plot_maps({f"{name} ensemble mean": month[f"{name}_mean"]}, Path(directory) / f"{name}_mean_spread.png",
                      spread=month[f"{name}_std"], title=f"{name}, {stamp}, {ds.attrs.get('ensemble_size', '?')} members")
+
+
+def fine_scale_maps(ensemble_mean: xr.Dataset, interpolated: xr.Dataset, truth: xr.Dataset, factor: int,
+                    variable: str, path: str | Path) -> Path:
+    """PNG of the fine scale of the time mean of ``variable`` (time mean minus its ``factor x factor``
+    block means, :func:`climrecon.tasks.added_value.split_scales`): truth, downscaled, interpolated."""
+    from climrecon.tasks.added_value import split_scales
+
+    panels = {}
+    for name, ds in (("truth", truth), ("downscaled", ensemble_mean), ("interpolated", interpolated)):
+        fine = split_scales(ds[[variable]].mean("time").compute(), factor)[1][variable]
+        panels[name] = fine.assign_attrs(long_name=f"{variable} fine scale", units=truth[variable].attrs.get("units", ""))
+    months = truth.sizes["time"]
+    return plot_maps(panels, path, cmap="RdBu_r", symmetric=True,
+                     title=f"{variable}: time mean over {months} month(s) minus its {factor} x {factor}-cell block means")

@@ -14,7 +14,7 @@ from climrecon.tasks.added_value import (
     added_value_markdown,
     added_value_records,
     matching_truth,
-    reconstruction_added_value,
+    reconstruction_fields,
     split_scales,
 )
 from climrecon.tasks.regrid import coarsen_blocks
@@ -86,19 +86,22 @@ def test_downscaling_that_recovers_the_fine_scale_beats_interpolation_there():
     json.dumps(records, allow_nan=False)  # no NaN reaches the JSON file or the table artifact
 
 
-def test_reconstruction_added_value_reads_the_run_stores(tmp_path):
+def test_reconstruction_fields_read_the_run_stores(tmp_path):
     truth = grid_field(24, "standard", 6, start_year=2004)
     run = grid_field(12, "noleap", 7, start_year=2005)
     aggregate = xr.Dataset({"tas_mean": run["tas"] + 0.5, "tas_std": run["tas"] * 0 + 1.0})
     aggregate.to_zarr(tmp_path / "aggregate.zarr")
     run.to_zarr(tmp_path / "fine.zarr")
-    records = reconstruction_added_value(str(tmp_path / "aggregate.zarr"), str(tmp_path / "fine.zarr"), truth,
-                                         "truth.zarr", FACTOR)
+    urls = str(tmp_path / "aggregate.zarr"), str(tmp_path / "fine.zarr")
+    ensemble_mean, interpolated, reference = reconstruction_fields(*urls, truth, "truth.zarr")
+    assert list(ensemble_mean.data_vars) == ["tas"] and ensemble_mean.sizes["time"] == 12
+    np.testing.assert_allclose(ensemble_mean["tas"], interpolated["tas"] + 0.5, atol=1e-6)
+    np.testing.assert_array_equal(reference["tas"], truth["tas"].isel(time=slice(12, 24)))
+    records = added_value_records(ensemble_mean, interpolated, reference, FACTOR)
     by = {(r["method"], r["scale"]): r for r in records}
     assert by["downscaled", "whole"]["bias"] == pytest.approx(by["interpolated", "whole"]["bias"] + 0.5, abs=1e-4)
     assert by["downscaled", "fine"]["rmse"] == pytest.approx(by["interpolated", "fine"]["rmse"], abs=1e-4)
     with pytest.raises(AddedValueError, match="none of the reconstructed variables"):
-        reconstruction_added_value(str(tmp_path / "aggregate.zarr"), str(tmp_path / "fine.zarr"),
-                                   truth.rename({"tas": "pr"}), "truth.zarr", FACTOR)
+        reconstruction_fields(*urls, truth.rename({"tas": "pr"}), "truth.zarr")
     with pytest.raises(AddedValueError, match="no aggregate store at"):
-        reconstruction_added_value(str(tmp_path / "missing.zarr"), str(tmp_path / "fine.zarr"), truth, "t", FACTOR)
+        reconstruction_fields(str(tmp_path / "missing.zarr"), urls[1], truth, "t")

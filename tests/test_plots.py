@@ -68,3 +68,11 @@ def test_plot_rank_histogram(tmp_path) -> None:
     _check_png(path, (500, 350))
     with pytest.raises(P.PlotError, match="empty"):
         P.plot_rank_histogram(counts * 0, tmp_path / "bad.png")
+
+
+def test_fine_scale_maps(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    months = [_map(280 + rng.normal(size=(16, 24))).expand_dims(time=[t]) for t in range(3)]
+    truth = xr.concat(months, "time").to_dataset()
+    path = P.fine_scale_maps(truth + 0.1, truth.mean("time") + 0 * truth, truth, 4, "tas", tmp_path / "fine.png")
+    _check_png(path, (int(3 * 3.6 * 100), int(3.0 * 100)))
