@@ -75,10 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     import climrecon.flows  # noqa: F401 - offline Prefect defaults before Prefect is imported
     from climrecon.flows.reconstruct import reconstruct_flow
 
-    from climrecon.cli import DEMO_OVERRIDES
-
     root = tempfile.mkdtemp(prefix="climrecon-demo-bench-")
-    overrides = [f"storage.root={root}", *DEMO_OVERRIDES, *args.overrides]
+    overrides = [f"storage.root={root}", *args.overrides]  # the demo runs the embedded defaults
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
@@ -92,14 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     server = SubprocessASGIServer()
     server.start(timeout=180)
     server_s = time.perf_counter() - t0
-    try:
-        state = reconstruct_flow(overrides=overrides, return_state=True)
-        total = time.perf_counter() - t0
-        if not state.is_completed():
-            raise SystemExit(f"the demo flow did not complete: {state}")
-        subflows, tasks = asyncio.run(_runs(state.state_details.flow_run_id))
-    finally:
-        server.stop()
+    state = reconstruct_flow(overrides=overrides, return_state=True)
+    total = time.perf_counter() - t0
+    if not state.is_completed():
+        raise SystemExit(f"the demo flow did not complete: {state}")
+    subflows, tasks = asyncio.run(_runs(state.state_details.flow_run_id))
+    # the server stops at exit, as the demo's does: after Prefect's log and event workers have flushed to it
 
     stage_s: dict[str, float] = {}
     first_start = None
