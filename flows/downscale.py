@@ -6,6 +6,11 @@ failure); inside it the unit's sampling is a Dask future pinned to GPU workers w
 (``resources={"GPU": 1}``, :func:`climrecon.flows.runtime.sampling_resources`) and its region write a
 future that may run on any worker. A progress artifact follows the units as they finish. Parameters
 carry no secrets; storage options are resolved inside each task from the config and the environment.
+
+GPU concurrency: within one cluster, the GPU workers (one per GPU, one thread each) bound it. Across
+runs sharing a pool (several reconstructions, one GPU cluster), every unit task carries the tag
+:data:`SAMPLING_TAG`, so a Prefect tag concurrency limit caps the units sampling at once, server-wide:
+``prefect concurrency-limit create climrecon-sampling 4`` (no code change; units wait for a slot).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from prefect.futures import as_completed
 from climrecon.config import ClimReconConfig, DownscaleConfig, StorageConfig, load_config
 from climrecon.storage import resolve_storage_options
 
-__all__ = ["UNIT_RETRIES", "default_inputs", "downscale_flow"]
+__all__ = ["SAMPLING_TAG", "UNIT_RETRIES", "default_inputs", "downscale_flow"]
 
 UNIT_RETRIES = 2
+SAMPLING_TAG = "climrecon-sampling"  # every unit task: the handle for a server-wide concurrency limit
 
 
 def default_inputs(cfg: ClimReconConfig) -> dict[str, str | None]:
@@ -61,7 +67,8 @@ def prepare_task(plan: DownscalePlan, storage: StorageConfig) -> list[WorkUnit]:
     return prepare_downscale(plan, resolve_storage_options(storage.options))
 
 
-@task(name="downscale-unit", task_run_name="sample {unit.label}", retries=UNIT_RETRIES, cache_policy=NO_CACHE)
+@task(name="downscale-unit", task_run_name="sample {unit.label}", retries=UNIT_RETRIES, cache_policy=NO_CACHE,
+      tags=[SAMPLING_TAG])
 def unit_task(plan: DownscalePlan, unit: WorkUnit, storage: StorageConfig,
               resources: dict[str, float] | None) -> UnitReport:
     """Sample one unit (pinned by ``resources``) and write its region; a retry starts the unit afresh."""

@@ -72,3 +72,35 @@ def test_flow_retries_failed_units_reports_progress_and_resumes(prefect_harness,
         assert progress and float(progress[0].data) == pytest.approx(100.0)
     assert store.is_complete()
     assert_same_bytes(ref_url, out_url)
+
+
+async def _set_tag_limit(tag: str, limit: int | None) -> None:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        if limit is None:
+            await client.delete_concurrency_limit_by_tag(tag)
+        else:
+            await client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+
+
+def test_a_tag_concurrency_limit_caps_units_sampling_at_once(prefect_harness, tmp_path):
+    """Two GPU workers, but a server-wide limit of 1 on the sampling tag: the units run one at a time."""
+    from climrecon.flows.downscale import SAMPLING_TAG, downscale_flow
+    from climrecon.flows.runtime import dask_client
+
+    inputs = {**write_inputs(tmp_path / "in"), "checkpoint": write_checkpoint(tmp_path / "tiny.pt")}
+    args = {"overrides": [*_overrides(tmp_path / "out", inputs["checkpoint"]), "downscale.months_per_unit=12"],
+            "fine_url": inputs["fine"], "static_url": inputs["static"], "coarse_url": inputs["coarse"]}
+    asyncio.run(_set_tag_limit(SAMPLING_TAG, 1))
+    try:
+        with dask_client(n_workers=2, processes=False) as client:
+            state = downscale_flow(**args, scheduler_address=client.scheduler.address, return_state=True)
+    finally:
+        asyncio.run(_set_tag_limit(SAMPLING_TAG, None))
+    assert state.is_completed()
+    runs, _ = asyncio.run(_task_runs(state.state_details.flow_run_id))
+    units = sorted((r for r in runs if r.name.startswith("sample")), key=lambda r: r.start_time)
+    assert len(units) == 4 and all(SAMPLING_TAG in r.tags for r in units)
+    for before, after in zip(units, units[1:], strict=False):
+        assert after.start_time >= before.end_time  # never two units sampling at once
