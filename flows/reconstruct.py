@@ -77,7 +77,9 @@ def _truth(cfg: ClimReconConfig) -> tuple[Any, str, bool] | None:
     explicit = bool(cfg.evaluate.truth or cfg.evaluate.truth_query)
     if not explicit and cfg.ingest.catalog is not None:
         return None  # the sample catalog's truth only judges runs made on the sample catalog
-    variables = [v for v in cfg.ingest.query.variable_id or cfg.evaluate.variables if v in cfg.evaluate.variables]
+    wanted = cfg.ingest.query.variable_id or cfg.evaluate.variables
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    variables = [v for v in wanted if v in cfg.evaluate.variables]
     ev = cfg.evaluate.model_copy(update={"variables": variables})
     try:
         truth, source = open_evaluation_truth(cfg.model_copy(update={"evaluate": ev}),
