@@ -4,6 +4,7 @@ artifact, failure then resume to the same bytes as an uninterrupted in-process r
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,9 @@ def test_a_tag_concurrency_limit_caps_units_sampling_at_once(prefect_harness, tm
     args = {"overrides": [*_overrides(tmp_path / "out", inputs["checkpoint"]), "downscale.months_per_unit=12"],
             "fine_url": inputs["fine"], "static_url": inputs["static"], "coarse_url": inputs["coarse"]}
     asyncio.run(_set_tag_limit(SAMPLING_TAG, 1))
+    # Prefect's client remembers "no limit on these tags" for 5 s (prefect.concurrency.services): a limit
+    # created right after units ran in this process applies once that has expired
+    time.sleep(5.5)
     try:
         with dask_client(n_workers=2, processes=False) as client:
             state = downscale_flow(**args, scheduler_address=client.scheduler.address, return_state=True)
