@@ -61,9 +61,7 @@ def heldout_inputs(
     meta: CheckpointMetadata, truth_url: str, static_url: str, years: tuple[int, int], n_months: int
 ) -> tuple[xr.Dataset, xr.DataArray, ConditioningSpec]:
     """(truth, physical conditioning, spec) for ``n_months`` months spread over ``years``."""
-    spec = ConditioningSpec(meta.variables, int(meta.grid.coarsening_factor))
-    if tuple(spec.channel_names()) != meta.cond_channels:
-        raise ValueError(f"checkpoint conditioning {meta.cond_channels} differs from {spec.channel_names()}")
+    spec = ConditioningSpec.from_channel_names(meta.variables, int(meta.grid.coarsening_factor), meta.cond_channels)
     truth = select_years(open_truth(truth_url, spec.variables), years, f"truth store {truth_url}")
     truth = truth.isel(time=spread_months(truth.sizes["time"], n_months))
     target, cond = perfect_model_pairs(truth, static_for_truth(static_url, truth), spec)

@@ -162,6 +162,9 @@ class TrainSection(_Model):
     target: Literal["residual", "full"] = Field(
         "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
     )
+    static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
+        [], description="static fields also given as the coarse grid sees them (<name>_coarse channels)"
+    )
     patch_size: int = Field(32, ge=8)
     train_years: tuple[int, int] = (1961, 2005)
     validation_years: tuple[int, int] = (2006, 2010)

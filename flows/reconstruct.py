@@ -102,6 +102,7 @@ def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconCon
         AddedValueError,
         added_value_markdown,
         added_value_records,
+        climatologies,
         reconstruction_fields,
     )
     from climrecon.tasks.plots import fine_scale_maps
@@ -114,16 +115,18 @@ def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconCon
     truth, name, explicit = found
     factor = round(cfg.regrid.coarse_resolution / cfg.regrid.resolution)
     try:
-        fields = reconstruction_fields(aggregate_url, fine_url, truth, name, resolve_storage_options(cfg.storage.options))
-        records = added_value_records(*fields, factor)
+        options = resolve_storage_options(cfg.storage.options)
+        clim = climatologies(*reconstruction_fields(aggregate_url, fine_url, truth, name, options))
+        records = added_value_records(clim, factor)
     except AddedValueError as exc:
         if explicit:
             raise
         logger.warning("not scored: %s", exc)
         return None
     markdown = added_value_markdown(records, name, factor)
-    variable = next(iter(fields[0].data_vars))
-    png = fine_scale_maps(*fields, factor, variable, Path(tempfile.mkdtemp(prefix="climrecon-skill-")) / "fine.png")
+    variable = next(iter(clim.time_means["truth"].data_vars))
+    png = fine_scale_maps(clim.time_means, factor, variable, Path(tempfile.mkdtemp(prefix="climrecon-skill-")) / "fine.png",
+                          months=clim.months, units=clim.units[str(variable)])
     caption = "fine scale of the time mean: truth, downscaled, interpolated"
     encoded = base64.b64encode(png.read_bytes()).decode()
     create_markdown_artifact(f"{markdown}\n![{caption}](data:image/png;base64,{encoded})\n", key="reconstruct-skill",

@@ -81,7 +81,7 @@ class TrainingSetup:
 
 def prepare_training(section: TrainSection, truth_url: str, static_url: str) -> TrainingSetup:
     """Training-year pairs, their statistics and the crop sampler; held-out years are never opened."""
-    spec = ConditioningSpec(tuple(section.variables), section.factor)
+    spec = ConditioningSpec(tuple(section.variables), section.factor, static_coarse=tuple(section.static_coarse))
     truth = select_years(open_truth(truth_url, spec.variables), section.train_years, f"truth store {truth_url}")
     static = static_for_truth(static_url, truth)
     target, cond = perfect_model_pairs(truth, static, spec)

@@ -16,15 +16,18 @@ correlation (:mod:`climrecon.tasks.metrics`). Month-matched MAE is reported too,
 only when the run's source is the truth itself (a perfect-model or reanalysis-driven run).
 
 Public API: :func:`matching_truth` (truth on the reconstruction's months and grid),
-:func:`split_scales`, :func:`added_value_records`, :func:`added_value_markdown`, and
+:func:`split_scales`, :func:`climatologies` (every input read once), :func:`added_value_records`,
+:func:`added_value_markdown`, and
 :func:`reconstruction_fields` (the three inputs from the store URLs of a run).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -35,6 +38,8 @@ __all__ = [
     "AddedValueError",
     "matching_truth",
     "split_scales",
+    "Climatologies",
+    "climatologies",
     "added_value_records",
     "added_value_markdown",
     "reconstruction_fields",
@@ -102,41 +107,64 @@ def _finite(x: Any) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def added_value_records(
-    ensemble_mean: xr.Dataset,
-    interpolated: xr.Dataset,
-    truth: xr.Dataset,
-    factor: int,
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Climatologies:
+    """What the scores need, computed in one pass: the time mean of each input (keys ``truth``,
+    ``downscaled``, ``interpolated``; no time dimension) and the month-matched MAE of the two methods."""
+
+    time_means: dict[str, xr.Dataset]
+    monthly_mae: dict[str, xr.Dataset]
+    months: int
+    units: dict[str, str]
+
+
+METHODS = ("downscaled", "interpolated")
+
+
+def climatologies(ensemble_mean: xr.Dataset, interpolated: xr.Dataset, truth: xr.Dataset) -> Climatologies:
+    """Time means and monthly MAE of the three inputs (sharing ``time``, ``lat``, ``lon``; use
+    :func:`matching_truth` for the truth) in a single ``dask.compute``, so each store is read once."""
+    variables = list(truth.data_vars)
+    inputs = {"downscaled": ensemble_mean[variables], "interpolated": interpolated[variables]}
+    lazy_means = {"truth": truth.mean("time"), **{m: ds.mean("time") for m, ds in inputs.items()}}
+    lazy_mae = {m: metrics.mae(ds, truth) for m, ds in inputs.items()}
+    means, mae = dask.compute(lazy_means, lazy_mae)
+    return Climatologies(
+        time_means=means,
+        monthly_mae=mae,
+        months=int(truth.sizes["time"]),
+        units={str(v): str(truth[v].attrs.get("units", "")) for v in variables},
+    )
+
+
+def added_value_records(clim: Climatologies, factor: int) -> list[dict[str, Any]]:
     """One record per (variable, method, scale) with ``bias``, ``rmse`` and ``pattern_correlation`` of the
     time means, and ``monthly_mae`` (month-matched, whole field; meaningful for perfect-model runs only).
 
-    The three inputs share ``time``, ``lat`` and ``lon`` (use :func:`matching_truth` for the truth);
-    methods are ``downscaled`` (the ensemble mean) and ``interpolated``.
+    Methods are ``downscaled`` (the ensemble mean) and ``interpolated``; scales ``whole``, ``large`` and
+    ``fine`` (:func:`split_scales` with ``factor``).
     """
-    truth_mean = truth.mean("time").compute()
+    truth_mean = clim.time_means["truth"]
     truth_scales = dict(zip(("large", "fine"), split_scales(truth_mean, factor), strict=True))
     records = []
-    for method, ds in (("downscaled", ensemble_mean), ("interpolated", interpolated)):
-        ds = ds[list(truth.data_vars)]
-        mean = ds.mean("time").compute()
+    for method in METHODS:
+        mean = clim.time_means[method]
         scales = {"whole": (mean, truth_mean),
                   **{s: (f, truth_scales[s]) for s, f in zip(("large", "fine"), split_scales(mean, factor), strict=True)}}
-        monthly = metrics.mae(ds, truth).compute()
-        for variable in truth.data_vars:
+        for variable in truth_mean.data_vars:
             for scale, (forecast, reference) in scales.items():
                 f, r = forecast[variable], reference[variable]
                 records.append({
                     "variable": str(variable),
                     "method": method,
                     "scale": scale,
-                    "months": int(truth.sizes["time"]),
+                    "months": clim.months,
                     "bias": _finite(metrics.bias(f, r)),
                     "rmse": _finite(metrics.rmse(f, r)),
                     # None where a map is constant (e.g. the fine scale of a block-constant field)
                     "pattern_correlation": _finite(metrics.pattern_correlation(f, r)),
-                    "monthly_mae": _finite(monthly[variable]) if scale == "whole" else None,
-                    "units": str(truth[variable].attrs.get("units", "")),
+                    "monthly_mae": _finite(clim.monthly_mae[method][variable]) if scale == "whole" else None,
+                    "units": clim.units[str(variable)],
                 })
     return records
 
@@ -190,7 +218,7 @@ def reconstruction_fields(
     """``(ensemble_mean, interpolated, truth)`` of a run on the months it shares with ``truth`` (lazy):
     the ensemble means ``<v>_mean`` of its aggregate store, the interpolated input of its regridded fine
     store, and the truth on their grid, for the variables of the aggregate store that the truth has
-    (:class:`AddedValueError` if none). Feed them to :func:`added_value_records`."""
+    (:class:`AddedValueError` if none). Feed them to :func:`climatologies`."""
     aggregate = _open(aggregate_url, storage_options, "aggregate store")
     fine = _open(fine_url, storage_options, "regridded fine store")
     variables = [v for v in fine.data_vars if f"{v}_mean" in aggregate.data_vars and v in truth.data_vars]

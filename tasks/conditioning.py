@@ -8,6 +8,11 @@ and inference (a regridded GCM) build them identically:
   grid, edges clamped (the outermost half coarse cell lies outside the coarse centres);
 - static fields on the fine grid: ``orog`` (m), ``orog_std`` (m), ``sftlf`` (%), scaled for the network by
   the fixed constants of :data:`STATIC_SCALING`;
+- the coarse grid's view of static fields, ``<static>_coarse`` (e.g. ``orog_coarse``): the static field
+  area-averaged onto the coarse grid and put back on the fine grid exactly like the coarse input
+  (:func:`coarse_static_on_fine`). ``orog - orog_coarse`` is the terrain the coarse model does not resolve,
+  the predictor of every elevation (lapse-rate) correction, and it tells a network where the coarse cells
+  lie, which a random patch crop otherwise hides;
 - position: sin/cos of latitude and longitude;
 - time of year: the cyclic fraction of the year at mid-month, passed to the network as an embedding.
 
@@ -34,6 +39,7 @@ __all__ = [
     "ConditioningError",
     "perfect_model_coarse",
     "coarse_on_fine",
+    "coarse_static_on_fine",
     "conditioning_stack",
     "time_of_year",
     "STATIC_SCALING",
@@ -55,17 +61,50 @@ class ConditioningError(ValueError):
 
 @dataclass(frozen=True)
 class ConditioningSpec:
-    """Which variables the model downscales, the coarsening factor, and the extra conditioning channels."""
+    """Which variables the model downscales, the coarsening factor, and the extra conditioning channels.
+
+    Channel order: ``<variable>_coarse`` for each variable, the ``static`` fields, ``<name>_coarse`` for each
+    of ``static_coarse`` (the coarse grid's view of a static field), then the position channels.
+    """
 
     variables: tuple[str, ...]
     factor: int
     static: tuple[str, ...] = ("orog", "orog_std", "sftlf")
+    static_coarse: tuple[str, ...] = ()
     position: bool = True
     coarse_suffix: str = field(default="_coarse", repr=False)
 
+    def __post_init__(self) -> None:
+        unknown = [s for s in (*self.static, *self.static_coarse) if s not in STATIC_SCALING]
+        if unknown:
+            raise ConditioningError(f"unknown static field(s) {unknown}; known: {sorted(STATIC_SCALING)}")
+
+    def static_names(self) -> list[str]:
+        """Names of the static planes a caller supplies on the fine grid (``static``, then coarse views)."""
+        return list(self.static) + [f"{s}{self.coarse_suffix}" for s in self.static_coarse]
+
     def channel_names(self) -> list[str]:
-        names = [f"{v}{self.coarse_suffix}" for v in self.variables] + list(self.static)
+        names = [f"{v}{self.coarse_suffix}" for v in self.variables] + self.static_names()
         return names + (list(POSITION_CHANNELS) if self.position else [])
+
+    @classmethod
+    def from_channel_names(cls, variables: Sequence[str], factor: int, channels: Sequence[str]) -> ConditioningSpec:
+        """The spec whose :meth:`channel_names` are ``channels`` (e.g. a checkpoint's); ConditioningError if
+        no spec produces exactly that list."""
+        channels = list(channels)
+        static = tuple(c for c in channels if c in STATIC_SCALING)
+        static_coarse = tuple(
+            c[: -len("_coarse")] for c in channels if c.endswith("_coarse") and c[: -len("_coarse")] in STATIC_SCALING
+        )
+        position = all(c in channels for c in POSITION_CHANNELS)
+        spec = cls(tuple(variables), int(factor), static=static, static_coarse=static_coarse, position=position)
+        if spec.channel_names() != channels:
+            raise ConditioningError(
+                f"conditioning channels {channels} are not [<variable>_coarse for {list(variables)}, static fields "
+                f"from {sorted(STATIC_SCALING)}, their <name>_coarse views, {list(POSITION_CHANNELS)}]; the closest "
+                f"layout is {spec.channel_names()}"
+            )
+        return spec
 
 
 def perfect_model_coarse(truth: xr.Dataset, factor: int) -> xr.Dataset:
@@ -80,6 +119,20 @@ def coarse_on_fine(coarse: xr.Dataset, fine: Grid) -> xr.Dataset:
     from climrecon.tasks.regrid import bilinear
 
     return bilinear(coarse, fine, allow_extrapolation=True)
+
+
+def coarse_static_on_fine(static_source: xr.Dataset, coarse: Grid, fine: Grid, names: Sequence[str]) -> xr.Dataset:
+    """``<name>_coarse`` on ``fine`` for each of ``names``: the static source area-averaged onto ``coarse``
+    (``regrid.static_on_grid``, conservative) and put back with :func:`coarse_on_fine`, the operators the
+    coarse input goes through. ``static_source`` must cover ``coarse`` (a global store, or fine static
+    fields when ``coarse`` holds whole blocks of ``fine``, as in perfect-model pairs)."""
+    from climrecon.tasks.regrid import static_on_grid
+
+    if not names:
+        return xr.Dataset(coords=fine.to_dataset().drop_vars(["lat_bnds", "lon_bnds"]).coords)
+    on_coarse = static_on_grid(static_source, coarse, name="static fields for the coarse grid")[list(names)]
+    out = coarse_on_fine(on_coarse.astype("float64"), fine).astype("float32")
+    return out.rename({n: f"{n}_coarse" for n in names})
 
 
 def time_of_year(time: xr.DataArray | np.ndarray) -> np.ndarray:
@@ -102,16 +155,20 @@ def conditioning_stack(coarse_fine: xr.Dataset, static_fine: xr.Dataset, spec: C
     missing = [v for v in spec.variables if v not in coarse_fine]
     if missing:
         raise ConditioningError(f"coarse input lacks variable(s) {missing}; it has {sorted(map(str, coarse_fine.data_vars))}")
-    missing = [v for v in spec.static if v not in static_fine]
+    missing = [v for v in spec.static_names() if v not in static_fine]
     if missing:
-        raise ConditioningError(f"static fields lack {missing}; they have {sorted(map(str, static_fine.data_vars))}")
+        raise ConditioningError(
+            f"static fields lack {missing}; they have {sorted(map(str, static_fine.data_vars))}"
+            + (" (<name>_coarse fields come from coarse_static_on_fine; a regrid stage of this version writes "
+               "them into its static store)" if any(m.endswith("_coarse") for m in missing) else "")
+        )
     grid = Grid.from_dataset(coarse_fine, "coarse input on the fine grid")
     if Grid.from_dataset(static_fine, "static fields") != grid:
         raise ConditioningError(
             f"static fields are on {Grid.from_dataset(static_fine).describe()} but the coarse input on {grid.describe()}"
         )
     planes = [coarse_fine[v].transpose("time", "lat", "lon").astype("float32") for v in spec.variables]
-    for name in spec.static:
+    for name in spec.static_names():
         planes.append(static_fine[name].transpose("lat", "lon").astype("float32").expand_dims(time=coarse_fine.time))
     if spec.position:
         for name, arr in _position(grid).items():
@@ -126,8 +183,8 @@ def normalize_conditioning(
     cond: np.ndarray | torch.Tensor, channel_names: Sequence[str], stats: NormalizationStats
 ) -> np.ndarray | torch.Tensor:
     """Physical conditioning [..., C, H, W] -> network space: each ``<var>_coarse`` channel with its
-    variable's statistics in ``stats`` (so coarse and fine share one scale), static channels with the FIXED
-    constants of :data:`STATIC_SCALING`, position channels (sin/cos, already in [-1, 1]) unchanged. Same
+    variable's statistics in ``stats`` (so coarse and fine share one scale), static channels (and their ``_coarse``
+    views) with the FIXED constants of :data:`STATIC_SCALING`, position channels (sin/cos, already in [-1, 1]) unchanged. Same
     array type out as in (numpy or torch), float32."""
     if cond.shape[-3] != len(channel_names):
         raise ConditioningError(
@@ -139,8 +196,8 @@ def normalize_conditioning(
         if name.endswith("_coarse") and name[: -len("_coarse")] in stats.variables:
             one = stats.subset([name[: -len("_coarse")]])
             planes.append(one.normalize(x[..., None, :, :])[..., 0, :, :])
-        elif name in STATIC_SCALING:
-            offset, scale = STATIC_SCALING[name]
+        elif name in STATIC_SCALING or (name.endswith("_coarse") and name[: -len("_coarse")] in STATIC_SCALING):
+            offset, scale = STATIC_SCALING[name.removesuffix("_coarse")]
             planes.append((x - offset) / scale)
         elif name in POSITION_CHANNELS:
             planes.append(x)

@@ -54,8 +54,6 @@ from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint, rea
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import edm_sampler, make_generator, seed_for
 from climrecon.tasks.conditioning import (
-    POSITION_CHANNELS,
-    STATIC_SCALING,
     ConditioningError,
     ConditioningSpec,
     conditioning_stack,
@@ -143,17 +141,11 @@ def item_seeds(base_seed: int, months: Sequence[int], members: Sequence[int]) ->
 # -- conditioning -----------------------------------------------------------------------------------------
 def checkpoint_spec(metadata: CheckpointMetadata, path: str) -> ConditioningSpec:
     """The ConditioningSpec whose channel names are the checkpoint's ``cond_channels``."""
-    channels = list(metadata.cond_channels)
-    position = all(c in channels for c in POSITION_CHANNELS)
-    static = tuple(c for c in channels if c in STATIC_SCALING)
     factor = int(metadata.grid.coarsening_factor or 1)
-    spec = ConditioningSpec(variables=tuple(metadata.variables), factor=factor, static=static, position=position)
-    if spec.channel_names() != channels:
-        raise DownscaleError(
-            f"checkpoint {path} expects conditioning channels {channels}; the downscale stage builds "
-            f"[<variable>_coarse for each target variable, then static fields from {sorted(STATIC_SCALING)}, then "
-            f"{list(POSITION_CHANNELS)}], here {spec.channel_names()}"
-        )
+    try:
+        spec = ConditioningSpec.from_channel_names(metadata.variables, factor, metadata.cond_channels)
+    except ConditioningError as exc:
+        raise DownscaleError(f"checkpoint {path}: {exc}; this downscale stage cannot build that conditioning") from None
     return spec
 
 
@@ -439,9 +431,12 @@ def plan_downscale(
                 f"{static.sizes.get(c)} vs {fine.sizes[c]} cells); use the static store the same regrid run wrote"
             )
     spec = checkpoint_spec(meta, path)
-    lacking = [s for s in spec.static if s not in static.data_vars]
+    lacking = [s for s in spec.static_names() if s not in static.data_vars]
     if lacking:
-        raise DownscaleError(f"static store {static_url} lacks {lacking} that checkpoint {path} is conditioned on")
+        raise DownscaleError(
+            f"static store {static_url} lacks {lacking} that checkpoint {path} is conditioned on; re-run the "
+            "regrid stage of this version (it writes the <name>_coarse views too)"
+        )
     if not g.patch_size:
         raise DownscaleError(f"checkpoint {path} records no grid.patch_size; cannot tile the domain for it")
     patch = int(g.patch_size)
@@ -573,7 +568,7 @@ def _worker_address() -> str | None:
 def _conditioning(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
     """The unit's conditioning [T, C, H, W] in physical units and its time of year [T]."""
     fine = _open(plan.fine_url, storage_options, "regridded fine store")[list(plan.variables)].isel(time=unit.time)
-    static = _open(plan.static_url, storage_options, "static store")[list(plan.spec.static)]
+    static = _open(plan.static_url, storage_options, "static store")[plan.spec.static_names()]
     try:
         stack = conditioning_stack(fine.load(), static.load(), plan.spec)
     except ConditioningError as exc:

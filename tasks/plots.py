@@ -184,16 +184,16 @@ def ensemble_maps(aggregate_url: str, directory: str | Path, *, storage_options:
                      spread=month[f"{name}_std"], title=f"{name}, {stamp}, {ds.attrs.get('ensemble_size', '?')} members")
 
 
-def fine_scale_maps(ensemble_mean: xr.Dataset, interpolated: xr.Dataset, truth: xr.Dataset, factor: int,
-                    variable: str, path: str | Path) -> Path:
-    """PNG of the fine scale of the time mean of ``variable`` (time mean minus its ``factor x factor``
-    block means, :func:`climrecon.tasks.added_value.split_scales`): truth, downscaled, interpolated."""
+def fine_scale_maps(time_means: Mapping[str, xr.Dataset], factor: int, variable: str, path: str | Path,
+                    *, months: int, units: str = "") -> Path:
+    """PNG of the fine scale of time means of ``variable`` (a time mean minus its ``factor x factor`` block
+    means, :func:`climrecon.tasks.added_value.split_scales`), one panel per entry of ``time_means`` (e.g.
+    ``climatologies(...).time_means``: truth, downscaled, interpolated); ``months`` for the title."""
     from climrecon.tasks.added_value import split_scales
 
     panels = {}
-    for name, ds in (("truth", truth), ("downscaled", ensemble_mean), ("interpolated", interpolated)):
-        fine = split_scales(ds[[variable]].mean("time").compute(), factor)[1][variable]
-        panels[name] = fine.assign_attrs(long_name=f"{variable} fine scale", units=truth[variable].attrs.get("units", ""))
-    months = truth.sizes["time"]
+    for name, mean in time_means.items():
+        fine = split_scales(mean[[variable]], factor)[1][variable]
+        panels[name] = fine.assign_attrs(long_name=f"{variable} fine scale", units=units)
     return plot_maps(panels, path, cmap="RdBu_r", symmetric=True,
                      title=f"{variable}: time mean over {months} month(s) minus its {factor} x {factor}-cell block means")

@@ -9,7 +9,9 @@ Three output stores, each a :class:`~climrecon.stores.StageStore` under ``<stora
   ``resolution`` cells) with ``fine_method`` (bilinear: exactly
   :func:`climrecon.tasks.conditioning.coarse_on_fine`, the conditioning the diffusion models train on);
 - ``static/static.<grid>.<key>.zarr``: :func:`~climrecon.tasks.regrid.static_on_grid` of the static
-  store on the fine grid (``orog``, ``orog_std`` [m], ``sftlf`` [%]), keyed by the static store and the
+  store on the fine grid (``orog``, ``orog_std`` [m], ``sftlf`` [%]), plus ``orog_coarse`` and
+  ``sftlf_coarse``, the coarse grid's view of them put back on the fine grid
+  (:func:`~climrecon.tasks.conditioning.coarse_static_on_fine`), keyed by the static store and the
   grid only, so every run and source on the same grid reuses it.
 
 Contract:
@@ -49,7 +51,7 @@ from climrecon.config import ClimReconConfig, RegridConfig, StorageConfig
 from climrecon.provenance import stage_attrs
 from climrecon.storage import join_url, resolve_storage_options
 from climrecon.stores import StageStore, content_key, time_blocks
-from climrecon.tasks.conditioning import coarse_on_fine
+from climrecon.tasks.conditioning import coarse_on_fine, coarse_static_on_fine
 from climrecon.tasks.grids import Grid, GridError, lat_edges_from_centres, lon_edges_from_centres
 from climrecon.tasks.regrid import (
     RegridError,
@@ -83,6 +85,7 @@ __all__ = [
 ]
 
 REGRID_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
+STATIC_COARSE_VIEWS = ("orog", "sftlf")  # static fields also written as the coarse grid sees them
 GRAPH_BLOCKS = 20  # time blocks per lazy regridding graph: amortises building it, bounds its size
 _STATIC_MARGIN = 3  # static cells kept around the fine grid (3x3 sub-grid spread + bilinear stencil)
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
@@ -304,6 +307,7 @@ def plan_regrid(
     static = open_source(static_url, options)
     scale = _check_static(static, static_url)
     _check_inside(static, fine_grid, cfg, "static store", static_url)
+    _check_inside(static, coarse_grid, cfg, "static store (its coarse-grid view)", static_url)
 
     source_key = _source_identity(src, source_url)
     static_key_in = str(
@@ -316,7 +320,10 @@ def plan_regrid(
         "regrid-coarse", REGRID_VERSION, source_key, variables, asdict(coarse_grid), cfg.time_chunk, cfg.zarr_format
     )
     fine_key = content_key("regrid-fine", REGRID_VERSION, coarse_key, asdict(fine_grid), cfg.fine_method)
-    static_key = content_key("regrid-static", REGRID_VERSION, static_key_in, asdict(fine_grid), scale, cfg.zarr_format)
+    static_key = content_key(
+        "regrid-static", REGRID_VERSION, static_key_in, asdict(fine_grid), scale, cfg.zarr_format,
+        STATIC_COARSE_VIEWS, asdict(coarse_grid),
+    )
     time = src["time"]
     return RegridPlan(
         name=name,
@@ -400,8 +407,18 @@ def write_static_on_grid(plan: RegridPlan, storage_options: dict[str, Any] | Non
     static = open_source(plan.static_source_url, storage_options)
     window = _static_window(static[["orog", "sftlf"]], plan.fine_grid)
     window = window.assign(sftlf=window["sftlf"] * plan.sftlf_scale)
+    name = f"static store {plan.static_source_url}"
+    coarse_window = _static_window(static[["orog", "sftlf"]], plan.coarse_grid)
+    coarse_window = coarse_window.assign(sftlf=coarse_window["sftlf"] * plan.sftlf_scale)
     with dask.config.set(scheduler="synchronous"):
-        out = static_on_grid(window.load(), plan.fine_grid, name=f"static store {plan.static_source_url}")
+        out = static_on_grid(window.load(), plan.fine_grid, name=name)
+        views = coarse_static_on_fine(coarse_window.load(), plan.coarse_grid, plan.fine_grid, STATIC_COARSE_VIEWS)
+    for var in views.data_vars:
+        out[var] = views[var].assign_coords(lat=out.lat, lon=out.lon).assign_attrs(
+            long_name=f"{out[str(var).removesuffix('_coarse')].attrs.get('long_name', var)} as the coarse grid sees it",
+            units=out[str(var).removesuffix("_coarse")].attrs.get("units", ""),
+            comment=f"area mean on the {plan.coarse_grid.dlat:g}-deg coarse grid, bilinear back to this grid",
+        )
     out.attrs.update(
         title="ClimRecon static fields on the fine target grid",
         grid=plan.fine_grid.describe(),

@@ -42,6 +42,7 @@ from climrecon.models.trainer import Batch
 from climrecon.tasks.conditioning import (
     ConditioningSpec,
     coarse_on_fine,
+    coarse_static_on_fine,
     conditioning_stack,
     normalize_conditioning,
     perfect_model_coarse,
@@ -113,7 +114,8 @@ def perfect_model_pairs(
 ) -> tuple[xr.Dataset, xr.DataArray]:
     """(target, conditioning) in physical units from fine truth: target = truth[spec.variables] (loaded,
     float32); conditioning = :func:`conditioning_stack` of the truth coarsened by ``spec.factor`` and
-    bilinearly put back on the fine grid, with ``static_fine`` (time, channel, lat, lon)."""
+    bilinearly put back on the fine grid, with ``static_fine`` (time, channel, lat, lon) and, for
+    ``spec.static_coarse``, the static fields' views through the same coarse blocks."""
     target = truth[list(spec.variables)].astype("float32").load()
     grid = Grid.from_dataset(target, "truth")
     if grid.nlat % spec.factor or grid.nlon % spec.factor:
@@ -121,6 +123,9 @@ def perfect_model_pairs(
             f"truth grid {grid.describe()} is not a whole number of {spec.factor} x {spec.factor} coarse cells"
         )
     coarse_fine = coarse_on_fine(perfect_model_coarse(target, spec.factor), grid)
+    if spec.static_coarse:  # the coarse grid's view of the static fields: the same blocks as the truth's
+        views = coarse_static_on_fine(static_fine, grid.coarsened(spec.factor), grid, spec.static_coarse)
+        static_fine = static_fine.assign({k: v.assign_coords(lat=static_fine.lat, lon=static_fine.lon) for k, v in views.items()})
     return target, conditioning_stack(coarse_fine, static_fine, spec)
 
 

@@ -8,15 +8,18 @@ import cftime
 import numpy as np
 import pytest
 import xarray as xr
+from dask.callbacks import Callback
 
 from climrecon.tasks.added_value import (
     AddedValueError,
     added_value_markdown,
     added_value_records,
+    climatologies,
     matching_truth,
     reconstruction_fields,
     split_scales,
 )
+from climrecon.tasks.plots import fine_scale_maps
 from climrecon.tasks.regrid import coarsen_blocks
 
 FACTOR = 4
@@ -73,7 +76,7 @@ def test_downscaling_that_recovers_the_fine_scale_beats_interpolation_there():
     large, _ = split_scales(truth.mean("time"), FACTOR)
     interpolated = truth.copy(data={"tas": np.broadcast_to(large["tas"].values, truth["tas"].shape) + 0.0})
     downscaled = truth + 0.1 * grid_field(12, "standard", 5)["tas"].values
-    records = added_value_records(downscaled, interpolated, truth, FACTOR)
+    records = added_value_records(climatologies(downscaled, interpolated, truth), FACTOR)
     by = {(r["method"], r["scale"]): r for r in records}
     assert len(records) == 6 and {r["months"] for r in records} == {12}
     assert by["downscaled", "fine"]["pattern_correlation"] > 0.9
@@ -97,7 +100,17 @@ def test_reconstruction_fields_read_the_run_stores(tmp_path):
     assert list(ensemble_mean.data_vars) == ["tas"] and ensemble_mean.sizes["time"] == 12
     np.testing.assert_allclose(ensemble_mean["tas"], interpolated["tas"] + 0.5, atol=1e-6)
     np.testing.assert_array_equal(reference["tas"], truth["tas"].isel(time=slice(12, 24)))
-    records = added_value_records(ensemble_mean, interpolated, reference, FACTOR)
+    computes = []
+
+    class CountComputes(Callback):
+        def _start(self, dsk):
+            computes.append(len(dsk))
+
+    with CountComputes():  # the stores are read in one pass, and scoring/plotting reads nothing more
+        clim = climatologies(ensemble_mean, interpolated, reference)
+        records = added_value_records(clim, FACTOR)
+        fine_scale_maps(clim.time_means, FACTOR, "tas", tmp_path / "fine.png", months=clim.months, units="K")
+    assert len(computes) == 1 and (tmp_path / "fine.png").stat().st_size > 0
     by = {(r["method"], r["scale"]): r for r in records}
     assert by["downscaled", "whole"]["bias"] == pytest.approx(by["interpolated", "whole"]["bias"] + 0.5, abs=1e-4)
     assert by["downscaled", "fine"]["rmse"] == pytest.approx(by["interpolated", "fine"]["rmse"], abs=1e-4)

@@ -74,5 +74,6 @@ def test_fine_scale_maps(tmp_path) -> None:
     rng = np.random.default_rng(1)
     months = [_map(280 + rng.normal(size=(16, 24))).expand_dims(time=[t]) for t in range(3)]
     truth = xr.concat(months, "time").to_dataset()
-    path = P.fine_scale_maps(truth + 0.1, truth.mean("time") + 0 * truth, truth, 4, "tas", tmp_path / "fine.png")
+    means = {"truth": truth.mean("time"), "downscaled": truth.mean("time") + 0.1, "interpolated": truth.isel(time=0)}
+    path = P.fine_scale_maps(means, 4, "tas", tmp_path / "fine.png", months=3, units="K")
     _check_png(path, (int(3 * 3.6 * 100), int(3.0 * 100)))

@@ -18,7 +18,7 @@ from climrecon.storage import default_data_home
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.conditioning import coarse_on_fine
 from climrecon.tasks.grids import Grid
-from climrecon.tasks.regrid import RegridError, area_weights, coarsen_blocks
+from climrecon.tasks.regrid import RegridError, area_weights, coarsen_blocks, static_on_grid
 from climrecon.tasks.regrid_stage import (
     finalize_regrid,
     plan_regrid,
@@ -190,8 +190,17 @@ def test_real_mpi_tas_conserves_the_regional_mean(single, mpi_tas):
     assert 240 < got.min() and got.max() < 300  # western US, K
     # the fine field is the coarse one interpolated (the models' conditioning), not a re-read of the source
     xr.testing.assert_allclose(fine.tas.load(), coarse_on_fine(coarse.load(), plan.fine_grid).tas, rtol=1e-6)
-    assert set(static.data_vars) == {"orog", "orog_std", "sftlf"} and static.orog.shape == (80, 80)
+    assert set(static.data_vars) == {"orog", "orog_std", "sftlf", "orog_coarse", "sftlf_coarse"}
+    assert static.orog.shape == static.orog_coarse.shape == (80, 80)
     assert 0 <= float(static.sftlf.min()) and float(static.sftlf.max()) == 100
+    # the coarse grid's view of the terrain went through the coarse input's operators: area means on the
+    # coarse grid (which reaches past the region, read from the global store), bilinear back
+    on_coarse = static_on_grid(analytic_static(), plan.coarse_grid)
+    expected_view = coarse_on_fine(on_coarse[["orog", "sftlf"]].astype("float64"), plan.fine_grid)
+    np.testing.assert_allclose(static.orog_coarse.values, expected_view.orog.values, rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(static.sftlf_coarse.values, expected_view.sftlf.values, rtol=1e-5, atol=1e-3)
+    assert float((static.orog - static.orog_coarse).std()) > 50.0  # the terrain the coarse grid misses
+    assert static.orog_coarse.attrs["units"] == "m" and "coarse grid" in static.orog_coarse.attrs["long_name"]
     # provenance: the source's key and history, the config, the code version
     attrs = coarse.attrs
     assert attrs["climrecon_status"] == "complete" and attrs["climrecon_source_key"] == plan.source_key

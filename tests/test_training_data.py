@@ -11,7 +11,15 @@ import xarray as xr
 
 from climrecon.catalogs import synthetic as S
 from climrecon.config import SyntheticConfig
-from climrecon.tasks.conditioning import STATIC_SCALING, ConditioningError, ConditioningSpec, normalize_conditioning
+from climrecon.tasks.conditioning import (
+    STATIC_SCALING,
+    ConditioningError,
+    ConditioningSpec,
+    coarse_on_fine,
+    normalize_conditioning,
+)
+from climrecon.tasks.grids import Grid
+from climrecon.tasks.regrid import coarsen_blocks
 from climrecon.tasks.training_data import (
     PatchBatches,
     TrainingDataError,
@@ -105,6 +113,35 @@ def test_conditioning_normalisation_rules(train_pairs):
     assert torch.allclose(normalize_conditioning(torch.from_numpy(cond.values), names, stats), torch.from_numpy(z))
     with pytest.raises(ConditioningError, match="no normalisation rule for conditioning channel 'psl_coarse'"):
         normalize_conditioning(cond.values[:, :1], ["psl_coarse"], stats)
+
+
+def test_coarse_views_of_static_fields_go_through_the_truths_blocks(stores):
+    truth_url, static_url = stores
+    spec = ConditioningSpec(SPEC.variables, 4, static_coarse=("orog", "sftlf"))
+    assert spec.channel_names()[3:8] == ["orog", "orog_std", "sftlf", "orog_coarse", "sftlf_coarse"]
+    truth = select_years(open_truth(truth_url, spec.variables), (2000, 2000))
+    static = static_for_truth(static_url, truth)
+    target, cond = perfect_model_pairs(truth, static, spec)
+    assert list(cond.channel.values) == spec.channel_names()
+    # orog_coarse is the orography through the same 4 x 4 blocks and bilinear step as tas_coarse
+    expected = coarse_on_fine(coarsen_blocks(static[["orog"]].astype("float64"), 4), Grid.from_dataset(truth))
+    np.testing.assert_allclose(cond.sel(channel="orog_coarse").values[0], expected.orog.values, rtol=1e-5, atol=1e-2)
+    relief = cond.sel(channel="orog") - cond.sel(channel="orog_coarse")
+    assert float(relief.std()) > 10.0 and float(cond.sel(channel="orog_coarse").std()) > 100.0
+    stats = fit_target_normalization(target, spec.variables)
+    z = normalize_conditioning(cond.values, spec.channel_names(), stats)
+    i = spec.channel_names().index("orog_coarse")
+    np.testing.assert_allclose(z[:, i], cond.values[:, i] / STATIC_SCALING["orog"][1], rtol=1e-6)
+
+
+def test_spec_from_channel_names_round_trips_and_rejects_other_layouts():
+    for spec in (SPEC, ConditioningSpec(("tas",), 8, static_coarse=("orog",), position=False)):
+        assert ConditioningSpec.from_channel_names(spec.variables, spec.factor, spec.channel_names()) == spec
+    names = SPEC.channel_names()
+    with pytest.raises(ConditioningError, match="are not"):
+        ConditioningSpec.from_channel_names(SPEC.variables, 4, [names[1], names[0], *names[2:]])
+    with pytest.raises(ConditioningError, match="unknown static field"):
+        ConditioningSpec(("tas",), 4, static_coarse=("elevation",))
 
 
 def test_batches_are_deterministic_by_step_and_never_touch_other_years(train_pairs):
