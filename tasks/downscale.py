@@ -145,7 +145,10 @@ def checkpoint_spec(metadata: CheckpointMetadata, path: str) -> ConditioningSpec
     try:
         spec = ConditioningSpec.from_channel_names(metadata.variables, factor, metadata.cond_channels)
     except ConditioningError as exc:
-        raise DownscaleError(f"checkpoint {path}: {exc}; this downscale stage cannot build that conditioning") from None
+        raise DownscaleError(
+            f"checkpoint {path} expects conditioning channels {list(metadata.cond_channels)}, which this downscale "
+            f"stage cannot build: {exc}"
+        ) from None
     return spec
 
 

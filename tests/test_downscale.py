@@ -260,6 +260,16 @@ def test_inputs_are_checked_against_the_checkpoint(inputs, tmp_path):
         plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], None, odd)
     with pytest.raises(CheckpointError, match="does not exist"):
         plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], None, str(tmp_path / "none.pt"))
+    # a checkpoint that also sees the coarse grid's view of the terrain needs a static store that has it
+    views = ConditioningSpec(VARIABLES, FACTOR, static_coarse=("orog", "sftlf")).channel_names()
+    with_views = write_checkpoint(tmp_path / "views.pt", cond_channels=views)
+    with pytest.raises(DownscaleError, match=r"lacks \['orog_coarse', 'sftlf_coarse'\] .* re-run the regrid stage"):
+        plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], None, with_views)
+    static = xr.open_zarr(inputs["static"]).load()
+    static = static.assign(orog_coarse=static.orog.mean() + 0 * static.orog, sftlf_coarse=static.sftlf.mean() + 0 * static.sftlf)
+    url = _stage_store(str(tmp_path / "static-views.zarr"), static, content_key("static", "views"), {})
+    plan = plan_downscale(cfg, str(tmp_path), inputs["fine"], url, None, with_views)
+    assert plan.spec.static_coarse == ("orog", "sftlf") and plan.channels == tuple(views)
     with pytest.raises(ConfigError, match=r"months_per_unit \(5\) must be a multiple of time_chunk \(6\)"):
         load_config(overrides=["downscale.months_per_unit=5", "downscale.time_chunk=6"])
 
