@@ -32,7 +32,7 @@ from climrecon.tasks.evaluate import (
 )
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import coarsen_blocks
-from climrecon.tasks.training_data import open_truth, select_years, static_for_truth
+from climrecon.tasks.training_data import open_truth, perfect_model_pairs, select_years, static_for_truth
 from test_training_data import write_tiny_stores
 
 VARIABLES = ["tas", "uas", "vas"]
@@ -63,6 +63,7 @@ def write_tiny_checkpoint(
     train_years=(2000, 2000),
     validation_years=(2001, 2001),
     heldout_years=(2002, 2002),
+    static_coarse=(),
 ) -> str:
     """A random-init x4 residual model whose metadata is exactly what the train stage records."""
     section = TrainSection(
@@ -74,6 +75,7 @@ def write_tiny_checkpoint(
         train_years=train_years,
         validation_years=validation_years,
         heldout_years=heldout_years,
+        static_coarse=list(static_coarse),
         base_channels=8,
         channel_mults=[1, 2],
         attention_levels=[1],
@@ -272,6 +274,20 @@ def test_diffusion_adapter_checks_factor_and_static(setup, held):
         model.downscale(coarsen_blocks(held, 8), static_for_truth(setup["static"], held), grid)
     with pytest.raises(EvaluationError, match="pass static_fine"):
         model.downscale(coarsen_blocks(held, 4), None, grid)
+
+
+def test_diffusion_adapter_builds_the_coarse_views_as_training_does(setup, held, tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "views.pt", setup["truth"], setup["static"], static_coarse=("orog", "sftlf"))
+    model = DiffusionDownscaler(path, num_steps=2, overlap=4, max_patches_per_batch=16, device="cpu")
+    assert model.spec.static_coarse == ("orog", "sftlf")
+    grid, coarse = Grid.from_dataset(held), coarsen_blocks(held, 4)
+    static = static_for_truth(setup["static"], held)
+    own = model.downscale(coarse, static, grid, members=2, seed=3)  # the adapter makes the views itself
+    _, cond = perfect_model_pairs(held, static, model.spec)  # the training path's views
+    views = {f"{n}_coarse": cond.sel(channel=f"{n}_coarse", drop=True).isel(time=0, drop=True) for n in ("orog", "sftlf")}
+    given = model.downscale(coarse, static.assign(views), grid, members=2, seed=3)
+    for v in VARIABLES:
+        np.testing.assert_allclose(own[v].values, given[v].values, rtol=1e-5, atol=1e-4)
 
 
 def test_writers_round_trip(setup, tmp_path):
