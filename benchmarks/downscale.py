@@ -39,7 +39,8 @@ from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, save_check
 from climrecon.models.edm import EDMConfig, EDMPrecond
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.unet import UNet, UNetConfig
-from climrecon.tasks.conditioning import ConditioningSpec
+from climrecon.tasks.conditioning import ConditioningSpec, coarse_static_on_fine
+from climrecon.tasks.grids import Grid
 from climrecon.tasks.downscale import (
     REPO_ROOT,
     _conditioning,
@@ -65,7 +66,7 @@ def model_checkpoint(folder: Path) -> tuple[str, str]:
     if shipped:
         return str(shipped[0]), f"shipped checkpoint {shipped[0].name}"
     t = TrainSection()
-    spec = ConditioningSpec(tuple(t.variables), t.factor)
+    spec = ConditioningSpec(tuple(t.variables), t.factor, static_coarse=tuple(t.static_coarse))
     config = UNetConfig(out_channels=len(t.variables), cond_channels=len(spec.channel_names()),
                         base_channels=t.base_channels, channel_mults=tuple(t.channel_mults), num_blocks=t.num_blocks,
                         attention_levels=tuple(t.attention_levels), mid_attention=t.mid_attention,
@@ -106,6 +107,9 @@ def write_inputs(folder: Path, variables: list[str], coarse_resolution: float) -
                          "orog_std": (("lat", "lon"), (0.1 * orog).astype("float32")),
                          "sftlf": (("lat", "lon"), (100.0 * (xx > 0.2)).astype("float32"))},
                         coords={"lat": lat, "lon": lon})
+    fine_grid = Grid.from_dataset(static)  # the coarse grid's view of the terrain, as the regrid stage writes it
+    views = coarse_static_on_fine(static, fine_grid.coarsened(round(coarse_resolution / 0.25)), fine_grid, ("orog", "sftlf"))
+    static = static.assign({k: v.assign_coords(lat=lat, lon=lon) for k, v in views.items()})
     urls = {}
     attrs = {"source_id": "BENCH-GCM", "experiment_id": "historical", "member_id": "r1i1p1",
              "climrecon_regrid_config": json.dumps({"coarse_resolution": coarse_resolution})}

@@ -163,7 +163,7 @@ class TrainSection(_Model):
         "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
     )
     static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
-        [], description="static fields also given as the coarse grid sees them (<name>_coarse channels)"
+        ["orog", "sftlf"], description="static fields also given as the coarse grid sees them (<name>_coarse channels)"
     )
     patch_size: int = Field(32, ge=8)
     train_years: tuple[int, int] = (1961, 2005)
@@ -184,7 +184,7 @@ class TrainSection(_Model):
     dropout: float = Field(0.0, ge=0, lt=1)
     time_harmonics: int = Field(2, ge=0)
     sigma_data: float = Field(1.0, gt=0, description="EDM sigma_data of the normalised targets (std 1)")
-    P_mean: float = -1.2
+    P_mean: float = Field(0.6, description="training ln(sigma) mean; EDM's -1.2 undertrains the ensemble mean here")
     P_std: float = Field(1.2, gt=0)
     seed: int = Field(0, ge=0)
     threads: int = Field(1, ge=1, description="torch intra-op threads on CPU")

@@ -27,6 +27,7 @@ def test_shipped_checkpoint_loads_verifies_and_is_inference_only():
     assert SHIPPED.stat().st_size < 8 * 2**20
     assert meta.grid.patch_size == 32 and meta.grid.fine_resolution == 0.25 and meta.step > 0
     assert meta.data["train_years"] == [1961, 2005] and meta.data["heldout_years"] == [2011, 2020]
+    assert meta.cond_channels[6:8] == ("orog_coarse", "sftlf_coarse")  # the coarse grid's view of the terrain
     assert not model.training and sum(p.numel() for p in model.parameters()) < 2_000_000
     with pytest.raises(CheckpointError, match="grid coarsening_factor 8 but 4 was requested"):
         load_checkpoint(SHIPPED, expect={"grid.coarsening_factor": 4})
