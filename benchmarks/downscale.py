@@ -39,7 +39,7 @@ from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, save_check
 from climrecon.models.edm import EDMConfig, EDMPrecond
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.unet import UNet, UNetConfig
-from climrecon.tasks.conditioning import ConditioningSpec, coarse_static_on_fine
+from climrecon.tasks.conditioning import ConditioningSpec, with_coarse_static
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.downscale import (
     REPO_ROOT,
@@ -52,6 +52,7 @@ from climrecon.tasks.downscale import (
     sample_items,
 )
 from climrecon.tasks.patch_sampling import seam_ratio
+from climrecon.tasks.regrid_stage import STATIC_COARSE_VIEWS
 from common import command_line, machine, versions, write_results
 
 from climrecon.config import DownscaleConfig, TrainSection
@@ -107,9 +108,8 @@ def write_inputs(folder: Path, variables: list[str], coarse_resolution: float) -
                          "orog_std": (("lat", "lon"), (0.1 * orog).astype("float32")),
                          "sftlf": (("lat", "lon"), (100.0 * (xx > 0.2)).astype("float32"))},
                         coords={"lat": lat, "lon": lon})
-    fine_grid = Grid.from_dataset(static)  # the coarse grid's view of the terrain, as the regrid stage writes it
-    views = coarse_static_on_fine(static, fine_grid.coarsened(round(coarse_resolution / 0.25)), fine_grid, ("orog", "sftlf"))
-    static = static.assign({k: v.assign_coords(lat=lat, lon=lon) for k, v in views.items()})
+    coarse = Grid.from_dataset(static).coarsened(round(coarse_resolution / 0.25))
+    static = with_coarse_static(static, coarse, STATIC_COARSE_VIEWS)  # the views the regrid stage writes
     urls = {}
     attrs = {"source_id": "BENCH-GCM", "experiment_id": "historical", "member_id": "r1i1p1",
              "climrecon_regrid_config": json.dumps({"coarse_resolution": coarse_resolution})}

@@ -40,6 +40,7 @@ __all__ = [
     "perfect_model_coarse",
     "coarse_on_fine",
     "coarse_static_on_fine",
+    "with_coarse_static",
     "conditioning_stack",
     "time_of_year",
     "STATIC_SCALING",
@@ -128,11 +129,19 @@ def coarse_static_on_fine(static_source: xr.Dataset, coarse: Grid, fine: Grid, n
     fields when ``coarse`` holds whole blocks of ``fine``, as in perfect-model pairs)."""
     from climrecon.tasks.regrid import static_on_grid
 
-    if not names:
-        return xr.Dataset(coords=fine.to_dataset().drop_vars(["lat_bnds", "lon_bnds"]).coords)
     on_coarse = static_on_grid(static_source, coarse, name="static fields for the coarse grid")[list(names)]
     out = coarse_on_fine(on_coarse.astype("float64"), fine).astype("float32")
     return out.rename({n: f"{n}_coarse" for n in names})
+
+
+def with_coarse_static(static_fine: xr.Dataset, coarse: Grid, names: Sequence[str]) -> xr.Dataset:
+    """``static_fine`` plus its ``<name>_coarse`` views through ``coarse`` (:func:`coarse_static_on_fine`
+    with the fine static fields as source), on ``static_fine``'s own coordinates; unchanged if ``names`` is
+    empty. ``coarse`` must hold whole blocks of the fine grid (perfect-model pairs, evaluation)."""
+    if not names:
+        return static_fine
+    views = coarse_static_on_fine(static_fine, coarse, Grid.from_dataset(static_fine, "static fields"), names)
+    return static_fine.assign({k: v.assign_coords(lat=static_fine.lat, lon=static_fine.lon) for k, v in views.items()})
 
 
 def time_of_year(time: xr.DataArray | np.ndarray) -> np.ndarray:

@@ -56,7 +56,7 @@ from climrecon.tasks.baselines import (
     GridLike,
     QuantileMappingDownscaler,
 )
-from climrecon.tasks.conditioning import coarse_on_fine, coarse_static_on_fine, conditioning_stack, time_of_year
+from climrecon.tasks.conditioning import coarse_on_fine, conditioning_stack, time_of_year, with_coarse_static
 from climrecon.tasks.downscale import (
     DownscaleError,
     default_checkpoint,
@@ -210,11 +210,8 @@ class DiffusionDownscaler:
         self._check_inputs(coarse, static_fine, grid, members)
         variables = list(self.variables)
         coarse_fine = coarse_on_fine(coarse[variables].astype("float32"), grid)
-        if self.spec.static_coarse and not all(n in static_fine for n in self.spec.static_names()):
-            views = coarse_static_on_fine(
-                static_fine, Grid.from_dataset(coarse, "coarse input"), grid, self.spec.static_coarse
-            )
-            static_fine = static_fine.assign({k: v.assign_coords(lat=static_fine.lat, lon=static_fine.lon) for k, v in views.items()})
+        if not all(n in static_fine for n in self.spec.static_names()):
+            static_fine = with_coarse_static(static_fine, Grid.from_dataset(coarse, "coarse input"), self.spec.static_coarse)
         cond = conditioning_stack(coarse_fine, static_fine, self.spec).load()
         channels = self.spec.channel_names()
         try:

@@ -400,19 +400,20 @@ def _static_window(static: xr.Dataset, grid: Grid) -> xr.Dataset:
 
 
 def write_static_on_grid(plan: RegridPlan, storage_options: dict[str, Any] | None = None) -> str:
-    """Write ``orog``, ``orog_std``, ``sftlf`` on the fine grid unless that store is complete; its URL."""
+    """Write ``orog``, ``orog_std``, ``sftlf`` and the ``<name>_coarse`` views on the fine grid unless that
+    store is complete; its URL."""
     store = StageStore(plan.static_url, plan.static_key, dict(storage_options or {}))
     if store.is_complete():
         return plan.static_url
-    static = open_source(plan.static_source_url, storage_options)
-    window = _static_window(static[["orog", "sftlf"]], plan.fine_grid)
-    window = window.assign(sftlf=window["sftlf"] * plan.sftlf_scale)
-    name = f"static store {plan.static_source_url}"
-    coarse_window = _static_window(static[["orog", "sftlf"]], plan.coarse_grid)
-    coarse_window = coarse_window.assign(sftlf=coarse_window["sftlf"] * plan.sftlf_scale)
+    static = open_source(plan.static_source_url, storage_options)[["orog", "sftlf"]]
+
+    def window(grid: Grid) -> xr.Dataset:  # the source cells around ``grid``, sftlf in %
+        cells = _static_window(static, grid)
+        return cells.assign(sftlf=cells["sftlf"] * plan.sftlf_scale).load()
+
     with dask.config.set(scheduler="synchronous"):
-        out = static_on_grid(window.load(), plan.fine_grid, name=name)
-        views = coarse_static_on_fine(coarse_window.load(), plan.coarse_grid, plan.fine_grid, STATIC_COARSE_VIEWS)
+        out = static_on_grid(window(plan.fine_grid), plan.fine_grid, name=f"static store {plan.static_source_url}")
+        views = coarse_static_on_fine(window(plan.coarse_grid), plan.coarse_grid, plan.fine_grid, STATIC_COARSE_VIEWS)
     for var in views.data_vars:
         out[var] = views[var].assign_coords(lat=out.lat, lon=out.lon).assign_attrs(
             long_name=f"{out[str(var).removesuffix('_coarse')].attrs.get('long_name', var)} as the coarse grid sees it",

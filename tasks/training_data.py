@@ -42,11 +42,11 @@ from climrecon.models.trainer import Batch
 from climrecon.tasks.conditioning import (
     ConditioningSpec,
     coarse_on_fine,
-    coarse_static_on_fine,
     conditioning_stack,
     normalize_conditioning,
     perfect_model_coarse,
     time_of_year,
+    with_coarse_static,
 )
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import static_on_grid
@@ -123,9 +123,8 @@ def perfect_model_pairs(
             f"truth grid {grid.describe()} is not a whole number of {spec.factor} x {spec.factor} coarse cells"
         )
     coarse_fine = coarse_on_fine(perfect_model_coarse(target, spec.factor), grid)
-    if spec.static_coarse:  # the coarse grid's view of the static fields: the same blocks as the truth's
-        views = coarse_static_on_fine(static_fine, grid.coarsened(spec.factor), grid, spec.static_coarse)
-        static_fine = static_fine.assign({k: v.assign_coords(lat=static_fine.lat, lon=static_fine.lon) for k, v in views.items()})
+    # the coarse grid's view of the static fields: through the same blocks as the truth
+    static_fine = with_coarse_static(static_fine, grid.coarsened(spec.factor), spec.static_coarse)
     return target, conditioning_stack(coarse_fine, static_fine, spec)
 
 
