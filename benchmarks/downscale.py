@@ -39,7 +39,7 @@ from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, save_check
 from climrecon.models.edm import EDMConfig, EDMPrecond
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.unet import UNet, UNetConfig
-from climrecon.tasks.conditioning import ConditioningSpec, with_coarse_static
+from climrecon.methods.features import ConditioningSpec, with_coarse_static
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.downscale import (
     REPO_ROOT,

@@ -174,7 +174,7 @@ def _regrid_to_store(source: str, url: str, regrid, time_chunk: int) -> int:
 def run_case(case: str, source: str, static: str, out_root: str, time_chunk: int) -> dict:
     from climrecon.config import RegridConfig, StorageConfig
     from climrecon.tasks import regrid
-    from climrecon.tasks.conditioning import coarse_on_fine
+    from climrecon.methods.features import coarse_on_fine
     from climrecon.tasks.grids import Grid
     from climrecon.tasks.regrid_stage import plan_regrid, run_regrid
 

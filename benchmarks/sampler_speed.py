@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from climrecon.models.checkpoint import load_checkpoint
 from climrecon.tasks.patch_sampling import sample_domain
-from climrecon.tasks.tiling import make_tiling
+from climrecon.models.tiling import make_tiling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402

@@ -30,9 +30,9 @@ from climrecon.flows.train import default_static_url, default_truth_url
 from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint
 from climrecon.models.samplers import seed_for
 from climrecon.tasks import metrics
-from climrecon.tasks.conditioning import ConditioningSpec, time_of_year
+from climrecon.methods.features import ConditioningSpec, time_of_year
 from climrecon.tasks.patch_sampling import sample_domain
-from climrecon.tasks.tiling import make_tiling
+from climrecon.models.tiling import make_tiling
 from climrecon.tasks.downscale import network_conditioning, physical_fields
 from climrecon.tasks.training_data import (
     open_truth,

@@ -5,8 +5,8 @@ Question: the shipped DPDM checkpoint reaches an ensemble-mean MAE of ~0.66x bil
 (:mod:`skill_core`); the goal is <= 0.35x. What part of the fine truth can NO method predict from the coarse
 field (truth area-averaged by 8: 2 deg), the static fields and the month?
 
-Method. ``B(C(x))`` is the bilinear baseline (:func:`~climrecon.tasks.conditioning.perfect_model_coarse`
-then :func:`~climrecon.tasks.conditioning.coarse_on_fine`) and ``R(x) = x - B(C(x))`` the sub-grid residual
+Method. ``B(C(x))`` is the bilinear baseline (:func:`~climrecon.methods.features.perfect_model_coarse`
+then :func:`~climrecon.methods.features.coarse_on_fine`) and ``R(x) = x - B(C(x))`` the sub-grid residual
 (both linear in ``x``). The months are regenerated with the generator's own code
 (:func:`climrecon.catalogs.synthetic._generate_block`, checked bit-identical to the truth store) in variants
 that differ only in their random fields (:func:`climrecon.catalogs.synthetic.persistent_random_field`,
@@ -62,7 +62,7 @@ from climrecon.catalogs.static import open_static_fields
 from climrecon.config import SyntheticConfig, load_config
 from climrecon.flows.train import default_static_url, default_truth_url
 from climrecon.tasks import metrics
-from climrecon.tasks.conditioning import coarse_on_fine, perfect_model_coarse
+from climrecon.methods.features import coarse_on_fine, perfect_model_coarse
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import area_weights
 from climrecon.tasks.training_data import open_truth, select_years

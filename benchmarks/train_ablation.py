@@ -32,7 +32,7 @@ from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, load_check
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import edm_sampler, make_generator, seed_for
 from climrecon.models.trainer import TrainConfig, train
-from climrecon.tasks.conditioning import ConditioningSpec, normalize_conditioning, time_of_year
+from climrecon.methods.features import ConditioningSpec, normalize_conditioning, time_of_year
 from climrecon.tasks.training_data import open_truth, perfect_model_pairs, residual_target, select_years, static_for_truth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

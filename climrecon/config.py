@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from climrecon.storage import SECRET_OPTION_KEYS, default_data_home
 
@@ -30,6 +38,8 @@ __all__ = [
     "SyntheticConfig",
     "SampleCatalogConfig",
     "TrainSection",
+    "MethodConfig",
+    "SamplerConfig",
     "DownscaleConfig",
     "AggregateConfig",
     "EvaluateConfig",
@@ -45,6 +55,48 @@ class ConfigError(ValueError):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: ``name`` is the registry key; each method adds and validates its keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+
+
+class SamplerConfig(BaseModel):
+    """How diffusion methods sample (shared by the downscale stage and the evaluation).
+
+    ``overlap``, ``max_patches_per_batch`` and ``device`` change how work is cut, never what a member is
+    (fixed-shape network calls, per-item seeds): bitwise on CPU.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_steps: int = Field(18, ge=2, description="sampler steps (Heun: 2 network calls each but the last)")
+    solver: Literal["heun", "ddim"] = "heun"
+    blend: Literal["every_step", "once"] = "every_step"
+    overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
+    max_patches_per_batch: int = Field(32, ge=1, description="patches per network call (fixed call shape)")
+    S_churn: float = Field(0.0, ge=0, description="EDM stochastic churn (0: deterministic Heun)")
+    eta: float = Field(0.0, ge=0, description="DDIM stochasticity (0: deterministic)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`climrecon.models.tiled.sample_tiled`."""
+        return {"num_steps": self.num_steps, "solver": self.solver, "blend": self.blend,
+                "max_patches_per_batch": self.max_patches_per_batch, "S_churn": self.S_churn, "eta": self.eta}
+
+    def describe(self) -> str:
+        churn = f", churn {self.S_churn:g}" if self.S_churn else (f", eta {self.eta:g}" if self.eta else "")
+        return f"{self.num_steps} {self.solver} steps, blend {self.blend}{churn}"
+
+
+def _method(raw: Any) -> MethodConfig:
+    """A method's config validated by the registry (a pydantic union discriminated by ``name``, built from the
+    registered methods, so a method registered anywhere validates its own keys here)."""
+    from climrecon.methods import parse_config
+
+    return parse_config(raw)
 
 
 class Region(_Model):
@@ -147,25 +199,18 @@ class SampleCatalogConfig(_Model):
 
 
 class TrainSection(_Model):
-    """Training of the DPDM-style conditional patch model on perfect-model pairs from a fine truth store.
+    """The data and the optimisation loop of ``climrecon train`` (the model itself is the ``method:`` section).
 
-    Year ranges are inclusive; ``heldout_years`` are never read for training (nor statistics), only checked
-    to be disjoint from the training and validation years.
+    Perfect-model pairs from a fine truth store. Year ranges are inclusive; ``heldout_years`` are never read
+    for training (nor statistics), only checked to be disjoint from the training and validation years.
     """
 
     truth: str | None = Field(
         None, description="fine truth Zarr (synthetic reanalysis or ERA5 monthly means); default: the sample's"
     )
     static: str | None = Field(None, description="global static-fields store; default: the sample's static store")
-    variables: list[Literal["tas", "uas", "vas", "pr", "psl"]] = ["tas", "uas", "vas"]
+    variables: list[str] = Field(["tas", "uas", "vas"], min_length=1, description="variables of the truth to learn")
     factor: int = Field(8, ge=2, description="perfect-model coarsening factor (fine cells per coarse cell)")
-    target: Literal["residual", "full"] = Field(
-        "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
-    )
-    static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
-        ["orog", "sftlf"], description="static fields also given as the coarse grid sees them (<name>_coarse channels)"
-    )
-    patch_size: int = Field(32, ge=8)
     train_years: tuple[int, int] = (1961, 2005)
     validation_years: tuple[int, int] = (2006, 2010)
     heldout_years: tuple[int, int] = (2011, 2020)
@@ -176,16 +221,6 @@ class TrainSection(_Model):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     ema_halflife_steps: float = Field(200.0, gt=0)
     checkpoint_every: int = Field(250, ge=1)
-    base_channels: int = Field(32, ge=1)
-    channel_mults: list[int] = [1, 2, 2]
-    num_blocks: int = Field(1, ge=1)
-    attention_levels: list[int] = [2]
-    mid_attention: bool = True
-    dropout: float = Field(0.0, ge=0, lt=1)
-    time_harmonics: int = Field(2, ge=0)
-    sigma_data: float = Field(1.0, gt=0, description="EDM sigma_data of the normalised targets (std 1)")
-    P_mean: float = Field(0.6, description="training ln(sigma) mean; EDM's -1.2 undertrains the ensemble mean here")
-    P_std: float = Field(1.2, gt=0)
     seed: int = Field(0, ge=0)
     threads: int = Field(1, ge=1, description="torch intra-op threads on CPU")
     device: str = "auto"
@@ -203,33 +238,26 @@ class TrainSection(_Model):
             a, b = spans[name]
             if a <= h1 and h0 <= b:
                 raise ValueError(f"{name} ({a}, {b}) overlaps heldout_years ({h0}, {h1}): held-out years must never be trained on")
-        if self.patch_size % self.factor:
-            raise ValueError(f"patch_size ({self.patch_size}) must be a multiple of factor ({self.factor})")
         return self
 
 
 class DownscaleConfig(_Model):
     """Patch-based diffusion sampling of a regridded store into an N-member ensemble (downscale stage).
 
-    A work unit is ``months_per_unit`` time steps x ``members_per_unit`` members; the member store has
-    chunks of 1 member x ``time_chunk`` steps, so ``months_per_unit`` must be a multiple of ``time_chunk``.
-    Unit sizes, ``max_patches_per_batch`` and ``device`` only change how the work is cut, never the bytes
-    (seeds derive from (seed, absolute month, member)), so they are not part of the store's key.
+    The method is the ``method:`` section and its sampling the ``sampler:`` section. A work unit is
+    ``months_per_unit`` time steps x ``members_per_unit`` members; the member store has chunks of 1 member x
+    ``time_chunk`` steps, so ``months_per_unit`` must be a multiple of ``time_chunk``. Unit sizes only change
+    how the work is cut, never the bytes (seeds derive from (seed, absolute month, member)), so they are not
+    part of the store's key.
     """
 
-    checkpoint: str | None = Field(None, description="model checkpoint; default: the one *.pt in <repo>/checkpoints/")
     fine: str | None = Field(None, description="regridded fine store (conditioning); default: this config's regrid output")
     static: str | None = Field(None, description="static store on the fine grid; default: this config's regrid output")
     coarse: str | None = Field(None, description="regridded coarse store (checked only); default: this config's regrid output")
     members: int = Field(8, ge=1, description="ensemble members")
     seed: int = Field(20261121, ge=0, description="base seed; member m of month t uses seed_for(seed, t, m)")
-    num_steps: int = Field(18, ge=2, description="Heun sampler steps (2 network calls each but the last)")
-    blend: Literal["every_step", "once"] = "every_step"
-    overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
     months_per_unit: int = Field(12, ge=1, description="time steps per work unit (a multiple of time_chunk)")
     members_per_unit: int = Field(2, ge=1, description="members per work unit (units run in parallel on workers)")
-    max_patches_per_batch: int = Field(32, ge=1, description="patches per network call (fixed call shape)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk of the member store")
     zarr_format: Literal[2, 3] = 3
 
@@ -280,31 +308,35 @@ class EvaluateConfig(_Model):
     The truth is ``truth`` (a Zarr store or netCDF file of fine monthly fields, e.g. ERA5 monthly means),
     else the catalog search ``truth_query`` (in ``catalog``, default the sample catalog), else the sample
     catalog's synthetic reanalysis. Baselines are fitted on ``train_years`` only; scores use ``heldout_years``
-    only (every ``month_stride``-th month of them, to keep a CPU run affordable). ``diffusion`` runs only at
-    the factor its checkpoint was trained for; its ensembles have the sizes ``ensemble_sizes`` (the first k
-    members of one max(ensemble_sizes)-member ensemble, seeded per (month, member) as in the downscale stage).
+    only (every ``month_stride``-th month of them, to keep a CPU run affordable). ``methods`` are registry
+    names or method configs (``{name: dpdm, checkpoint: ...}``); a method that serves only some factors (a
+    trained checkpoint) runs only at those. Ensemble methods have the sizes ``ensemble_sizes`` (the first k
+    members of one max(ensemble_sizes)-member ensemble, seeded per (month, member) as in the downscale stage),
+    sampled with the ``sampler:`` section.
     """
 
     truth: str | None = Field(None, description="fine truth Zarr/netCDF path or URL; default: see truth_query")
     truth_query: CatalogQuery | None = Field(None, description="catalog search for the truth (one dataset)")
     catalog: str | None = Field(None, description="intake-esm JSON for truth_query / defaults; default: the sample catalog")
     static: str | None = Field(None, description="global static-fields store; default: the sample catalog's")
-    variables: list[Literal["tas", "uas", "vas", "pr", "psl"]] = ["tas", "uas", "vas", "pr"]
+    variables: list[str] = Field(["tas", "uas", "vas", "pr"], min_length=1, description="variables of the truth to score")
     factors: list[int] = Field(default_factory=lambda: [4, 8, 16, 20], description="coarsening factors (>= 2)")
-    methods: list[Literal["bilinear", "bcsd", "qm", "diffusion"]] = ["bilinear", "bcsd", "qm", "diffusion"]
-    checkpoint: str | None = Field(None, description="diffusion checkpoint; default: the one *.pt in <repo>/checkpoints/")
+    methods: list[SerializeAsAny[MethodConfig]] = Field(
+        default_factory=lambda: [_method(m) for m in ("bilinear", "bcsd", "qm", "dpdm")],
+        description="registered method names or method configs",
+    )
     ensemble_sizes: list[int] = Field(default_factory=lambda: [1, 16], description="diffusion ensemble sizes")
     train_years: tuple[int, int] = (1961, 2005)
     heldout_years: tuple[int, int] = (2011, 2020)
     month_stride: int = Field(1, ge=1, description="score every n-th held-out month (5: 24 of 120, all 12 calendar months)")
-    seed: int = Field(20261121, ge=0, description="base seed of the diffusion ensembles")
-    num_steps: int = Field(18, ge=2, description="Heun sampler steps of the diffusion method")
-    blend: Literal["every_step", "once"] = "every_step"
-    overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
-    max_patches_per_batch: int = Field(32, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(20261121, ge=0, description="base seed of the ensembles")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default: torch's own choice")
     output: str | None = Field(None, description="directory for tables and figures; default: <storage.root>/evaluate")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v: Any) -> Any:
+        return [_method(m) for m in v] if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateConfig:
@@ -321,8 +353,9 @@ class EvaluateConfig(_Model):
             raise ValueError(f"factors must be distinct integers >= 2, got {self.factors}")
         if any(n < 1 for n in self.ensemble_sizes) or len(set(self.ensemble_sizes)) != len(self.ensemble_sizes) or not self.ensemble_sizes:
             raise ValueError(f"ensemble_sizes must be distinct integers >= 1, got {self.ensemble_sizes}")
-        if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must be a non-empty list without repeats, got {self.methods}")
+        names = [m.name for m in self.methods]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"methods must be a non-empty list without repeats, got {names}")
         if self.truth and self.truth_query:
             raise ValueError("give either truth (a path) or truth_query (a catalog search), not both")
         return self
@@ -334,10 +367,19 @@ class ClimReconConfig(_Model):
     sample: SampleCatalogConfig = SampleCatalogConfig()
     ingest: IngestConfig = IngestConfig()
     regrid: RegridConfig = RegridConfig()
+    method: SerializeAsAny[MethodConfig] = Field(
+        default_factory=lambda: _method("dpdm"), description="the method train, downscale and reconstruct use"
+    )
+    sampler: SamplerConfig = SamplerConfig()
     train: TrainSection = TrainSection()
     downscale: DownscaleConfig = DownscaleConfig()
     aggregate: AggregateConfig = AggregateConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _the_method(cls, v: Any) -> Any:
+        return _method(v)
 
     def sample_dir(self) -> Path:
         return Path(self.sample.directory or Path(self.data_home) / "sample")
@@ -378,11 +420,27 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MOVED_KEYS = {
+    **{f"{section}.{key}": f"sampler.{key}" for section in ("downscale", "evaluate")
+       for key in ("num_steps", "blend", "overlap", "max_patches_per_batch", "device")},
+    "downscale.checkpoint": "method.checkpoint",
+    "evaluate.checkpoint": "method.checkpoint (or a method entry {name: dpdm, checkpoint: ...} in evaluate.methods)",
+    **{f"train.{key}": f"method.{key}" for key in ("target", "static_coarse", "patch_size")},
+    **{f"train.{key}": f"method.network.{key}" for key in ("base_channels", "channel_mults", "num_blocks",
+                                                           "attention_levels", "mid_attention", "dropout",
+                                                           "time_harmonics")},
+    **{f"train.{key}": f"method.edm.{key}" for key in ("sigma_data", "P_mean", "P_std")},
+}
+"""Keys of earlier releases -> where they live now (named in the error a stale config gets)."""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key (not allowed here)" if e["type"] == "extra_forbidden" else e["msg"]
+        if loc in MOVED_KEYS:
+            msg = f"moved to {MOVED_KEYS[loc]}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
@@ -402,7 +460,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level, not {type(raw).__name__}")
     # Defaults first, then the file, then overrides: setting one key of a section keeps the others.
-    raw = apply_overrides(_deep_merge(ClimReconConfig().model_dump(mode="json"), raw), overrides)
+    defaults = ClimReconConfig().model_dump(mode="json")
+    defaults["method"] = {"name": defaults["method"]["name"]}  # a method's own defaults come with its name
+    raw = apply_overrides(_deep_merge(defaults, raw), overrides)
     try:
         return ClimReconConfig.model_validate(raw)
     except ValidationError as exc:

@@ -1,6 +1,7 @@
 """Prefect flow of the downscale stage: plan, template, one task per work unit on a Dask GPU pool, finalize.
 
-Thin by design: every decision lives in :mod:`climrecon.tasks.downscale`. Each work unit (a block of
+Thin by design: every decision lives in :mod:`climrecon.tasks.downscale`, which runs the method the
+``method:`` section names (any registered method). Each work unit (a block of
 months x members) is one Prefect task named after it ("sample 1990-01..1990-12 m0-7", retried on
 failure); inside it the unit's sampling is a Dask future pinned to GPU workers when the cluster has any
 (``resources={"GPU": 1}``, :func:`climrecon.flows.runtime.sampling_resources`) and its region write a
@@ -32,7 +33,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from climrecon.config import ClimReconConfig, DownscaleConfig, StorageConfig, load_config
+from climrecon.config import ClimReconConfig, StorageConfig, load_config
 from climrecon.storage import resolve_storage_options
 
 __all__ = ["SAMPLING_TAG", "UNIT_RETRIES", "default_inputs", "downscale_flow"]
@@ -56,10 +57,9 @@ def default_inputs(cfg: ClimReconConfig) -> dict[str, str | None]:
 
 
 @task(name="downscale-plan", task_run_name="plan downscale of {fine_url}", cache_policy=NO_CACHE)
-def plan_task(cfg: DownscaleConfig, storage: StorageConfig, fine_url: str, static_url: str,
-              coarse_url: str | None) -> DownscalePlan:
-    return plan_downscale(cfg, storage.root, fine_url, static_url, coarse_url,
-                          storage_options=resolve_storage_options(storage.options))
+def plan_task(cfg: ClimReconConfig, fine_url: str, static_url: str, coarse_url: str | None) -> DownscalePlan:
+    return plan_downscale(cfg, fine_url, static_url, coarse_url,
+                          storage_options=resolve_storage_options(cfg.storage.options))
 
 
 @task(name="downscale-prepare", task_run_name="template for {plan.name}", retries=1, cache_policy=NO_CACHE)
@@ -104,7 +104,7 @@ def downscale_flow(
     urls: dict[str, Any] = {"fine": fine_url, "static": static_url, "coarse": coarse_url}
     if not (fine_url and static_url):
         urls = {k: urls[k] or v for k, v in default_inputs(cfg).items()}
-    plan = plan_task(cfg.downscale, cfg.storage, urls["fine"], urls["static"], urls["coarse"])
+    plan = plan_task(cfg, urls["fine"], urls["static"], urls["coarse"])
     with dask_client(scheduler_address, n_workers, gpu_workers=gpu_workers) as client:
         resources = sampling_resources(client)
         pending = prepare_task(plan, cfg.storage)

@@ -17,7 +17,6 @@ and fine scales) and the skill tables become artifacts (``reconstruct-skill``) a
 from __future__ import annotations
 
 import base64
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,17 +46,19 @@ STAGE_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def model_grid_overrides(cfg: ClimReconConfig) -> list[str]:
-    """Overrides that put the regrid stage on the checkpoint's grids (fine resolution, coarse = factor x fine).
+    """Overrides that put the regrid stage on the grids the method was trained for (fine resolution, coarse
+    = factor x fine), when it records them (a trained checkpoint); none for a method that serves any grid.
 
     The downscale stage refuses conditioning that was not made on the model's coarse grid; a
-    reconstruction derives it from the checkpoint instead of asking the user to keep them in step.
+    reconstruction derives it from the method instead of asking the user to keep them in step.
     """
-    from climrecon.models.checkpoint import read_checkpoint
-    from climrecon.tasks.downscale import default_checkpoint
+    from climrecon.methods import build
 
-    meta = read_checkpoint(default_checkpoint(cfg.downscale.checkpoint)).metadata
-    fine = meta.grid.fine_resolution
-    return [f"regrid.resolution={fine}", f"regrid.coarse_resolution={fine * meta.grid.coarsening_factor}"]
+    grid = build(cfg.method, cfg.sampler).describe().get("grid") or {}
+    fine, factor = grid.get("fine_resolution"), grid.get("coarsening_factor")
+    if not (fine and factor):
+        return []
+    return [f"regrid.resolution={fine}", f"regrid.coarse_resolution={fine * factor}"]
 
 
 @task(name="sample-catalog", task_run_name="sample catalog (build if missing)", cache_policy=NO_CACHE)
@@ -69,83 +70,25 @@ def ensure_sample_catalog(cfg: ClimReconConfig) -> str:
                                     progress=False))
 
 
-def _truth(cfg: ClimReconConfig) -> tuple[Any, str, bool] | None:
-    """(lazy truth, its name, configured explicitly?) or None when the run has no truth to compare with."""
-    from climrecon.storage import resolve_storage_options
-    from climrecon.tasks.evaluate import EvaluationError, open_evaluation_truth
-
-    explicit = bool(cfg.evaluate.truth or cfg.evaluate.truth_query)
-    if not explicit and cfg.ingest.catalog is not None:
-        return None  # the sample catalog's truth only judges runs made on the sample catalog
-    wanted = cfg.ingest.query.variable_id or cfg.evaluate.variables
-    wanted = [wanted] if isinstance(wanted, str) else wanted
-    variables = [v for v in wanted if v in cfg.evaluate.variables]
-    ev = cfg.evaluate.model_copy(update={"variables": variables})
-    try:
-        truth, source = open_evaluation_truth(cfg.model_copy(update={"evaluate": ev}),
-                                              resolve_storage_options(cfg.storage.options))
-    except EvaluationError:
-        if explicit:
-            raise
-        return None
-    return truth, source["truth"], explicit
-
-
 @task(name="evaluate-reconstruction", task_run_name="skill vs truth: {aggregate_url}", cache_policy=NO_CACHE,
       **STAGE_OPTIONS["evaluate"])
 def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconConfig) -> dict[str, Any] | None:
-    """Score one result against the truth (:mod:`climrecon.tasks.added_value`); tables, a map as artifacts and files.
-    None (logged) when there is no truth or it shares no month or cell with the run, unless it was
-    configured explicitly, in which case that is an error."""
-    from climrecon.storage import is_remote, public_url, resolve_storage_options
-    from climrecon.tasks.added_value import (
-        AddedValueError,
-        added_value_markdown,
-        added_value_records,
-        climatologies,
-        reconstruction_fields,
-    )
-    from climrecon.tasks.plots import fine_scale_maps
+    """Score one result against the truth (:func:`climrecon.tasks.added_value.score_reconstruction`); its
+    tables and map become artifacts. None when there is nothing to score it against (logged)."""
+    from climrecon.storage import resolve_storage_options
+    from climrecon.tasks.added_value import score_reconstruction
 
     logger = get_run_logger()
-    found = _truth(cfg)
-    if found is None:
-        logger.info("no fine truth for this run (set evaluate.truth to score it)")
+    scored = score_reconstruction(aggregate_url, fine_url, cfg, resolve_storage_options(cfg.storage.options),
+                                  log=logger.info)
+    if scored is None:
         return None
-    truth, name, explicit = found
-    factor = round(cfg.regrid.coarse_resolution / cfg.regrid.resolution)
-    try:
-        options = resolve_storage_options(cfg.storage.options)
-        clim = climatologies(*reconstruction_fields(aggregate_url, fine_url, truth, name, options))
-        records = added_value_records(clim, factor)
-    except AddedValueError as exc:
-        if explicit:
-            raise
-        logger.warning("not scored: %s", exc)
-        return None
-    markdown = added_value_markdown(records, name, factor)
-    variable = next(iter(clim.time_means["truth"].data_vars))
-    png = fine_scale_maps(clim.time_means, factor, variable, Path(tempfile.mkdtemp(prefix="climrecon-skill-")) / "fine.png",
-                          months=clim.months, units=clim.units[str(variable)])
     caption = "fine scale of the time mean: truth, downscaled, interpolated"
-    encoded = base64.b64encode(png.read_bytes()).decode()
-    create_markdown_artifact(f"{markdown}\n![{caption}](data:image/png;base64,{encoded})\n", key="reconstruct-skill",
-                             description="Reconstruction vs fine truth")
-    create_table_artifact(records, key="reconstruct-skill-records", description="Every variable x method x scale")
-    files = {}
-    if not is_remote(cfg.storage.root):
-        from climrecon.tasks.evaluate import output_directory
-
-        directory = output_directory(cfg)
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = Path(aggregate_url.rstrip("/")).name.removesuffix(".zarr")
-        files = {"markdown_file": directory / f"{stem}.skill.md", "json_file": directory / f"{stem}.skill.json",
-                 "png_file": directory / f"{stem}.skill.png"}
-        files["png_file"].write_bytes(png.read_bytes())
-        files["markdown_file"].write_text(f"{markdown}\n![{caption}]({files['png_file'].name})\n")
-        files["json_file"].write_text(json.dumps({"aggregate": public_url(aggregate_url), "truth": name,
-                                             "factor": factor, "records": records}, indent=1) + "\n")
-    return {"records": records, "markdown": markdown, **{k: str(v) for k, v in files.items()}}
+    create_markdown_artifact(f"{scored['markdown']}\n![{caption}](data:image/png;base64,{scored.pop('png_base64')})\n",
+                             key="reconstruct-skill", description="Reconstruction vs fine truth")
+    create_table_artifact(scored["records"], key="reconstruct-skill-records",
+                          description="Every variable x method x scale")
+    return scored
 
 
 @task(name="report", task_run_name="report artifacts", cache_policy=NO_CACHE)
@@ -170,11 +113,11 @@ def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
     from climrecon.tasks.plots import ensemble_maps
 
     for url in outputs.get("aggregate", []):
-        png = ensemble_maps(url, Path(tempfile.mkdtemp(prefix="climrecon-maps-")),
-                            storage_options=resolve_storage_options(cfg.storage.options))
-        if png is not None:
-            encoded = base64.b64encode(png.read_bytes()).decode()
-            lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
+        with tempfile.TemporaryDirectory(prefix="climrecon-maps-") as tmp:
+            png = ensemble_maps(url, Path(tmp), storage_options=resolve_storage_options(cfg.storage.options))
+            if png is not None:
+                encoded = base64.b64encode(png.read_bytes()).decode()
+                lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
     for scored in outputs.get("evaluate", []):
         lines += ["", scored["markdown"].replace("# Reconstruction vs truth", "## Skill against fine truth", 1)]
     create_markdown_artifact("\n".join(lines), key="reconstruct-summary", description="Where the outputs are")

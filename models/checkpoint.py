@@ -1,17 +1,24 @@
-"""Self-describing, hash-verified model checkpoints that never unpickle arbitrary objects.
+"""Self-describing, hash-verified model checkpoints with NAMED networks that never unpickle arbitrary objects.
 
-File format (one file, written by ``torch.save``, read by ``torch.load(weights_only=True)``): a flat dict
+File format 2 (one file, written by ``torch.save``, read by ``torch.load(weights_only=True)``): a flat dict
 whose values are tensors, except ``"metadata"``, a JSON string::
 
-    {"metadata": '{"format": "climrecon-checkpoint", "format_version": 1, "content_sha256": ..., ...}',
-     "ema.<param>": Tensor, ...                       # EMA weights: what inference uses
+    {"metadata": '{"format": "climrecon-checkpoint", "format_version": 2, "content_sha256": ..., "metadata": {
+                    "method": ..., "method_config": {...}, "networks": {"denoiser": {"kind": "edm-unet",
+                    "unet": {...}, "edm": {...}}, ...}, "variables": [...], ...}, "training": {...} | null}',
+     "ema.<role>.<param>": Tensor, ...                 # EMA weights of each named network: what inference uses
      "train.model.<param>": Tensor, "train.optim.<i>.<key>": Tensor, "train.rng.<name>": Tensor, ...}
 
-``train.*`` entries (the raw weights, optimizer moments, RNG states, loss history) exist only in training
-checkpoints, so a run can resume exactly; ``strip_training_state`` writes the inference-only file.
+A method keeps each of its networks under a role (``denoiser``; CorrDiff adds ``regression``), and its typed
+configuration under ``method_config``. ``train.*`` entries (raw weights, optimizer moments, RNG states, loss
+history of the network being trained, ``training.role``) exist only in training checkpoints, so a run can
+resume exactly; :func:`strip_training_state` writes the inference-only file.
 
-``content_sha256`` is the SHA-256 of the canonical metadata JSON (without the hash itself) and of every
-tensor's name, dtype, shape and bytes in sorted order; :func:`load_checkpoint` verifies it.
+``content_sha256`` is the SHA-256 of the canonical header JSON (without the hash itself) and of every
+tensor's name, dtype, shape and bytes in sorted order; :func:`read_checkpoint` verifies it.
+
+Format 1 (one network, ``ema.<param>``; the first shipped checkpoint) is still read: it is verified with its
+own hash, then presented as format 2 with its network under the role ``denoiser``.
 """
 
 from __future__ import annotations
@@ -37,18 +44,20 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "GridSpec",
+    "NetworkSpec",
     "CheckpointMetadata",
     "CheckpointContents",
     "EMA_PREFIX",
     "TRAIN_PREFIX",
     "save_checkpoint",
     "read_checkpoint",
-    "load_checkpoint",
+    "load_networks",
     "strip_training_state",
 ]
 
 FORMAT = "climrecon-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 EMA_PREFIX = "ema."
 TRAIN_PREFIX = "train."
 
@@ -79,16 +88,47 @@ class GridSpec:
 
 
 @dataclass(frozen=True)
-class CheckpointMetadata:
-    """Everything needed to rebuild, verify and correctly feed a trained model."""
+class NetworkSpec:
+    """How to rebuild one named network: ``kind`` (a key of :data:`NETWORK_KINDS`) and its configs."""
 
-    method: str  # e.g. "dpdm", "corrdiff-residual", "zssd-prior"
     unet: UNetConfig
     edm: EDMConfig = EDMConfig()
+    kind: str = "edm-unet"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "unet": self.unet.to_dict(), "edm": self.edm.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NetworkSpec:
+        return cls(UNetConfig.from_dict(d["unet"]), EDMConfig.from_dict(d.get("edm", {})), str(d.get("kind", "edm-unet")))
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> NetworkSpec:
+        """The spec of a built network (an :class:`EDMPrecond` around a :class:`UNet`)."""
+        return cls(model.net.config, model.config)
+
+    def build(self) -> torch.nn.Module:
+        try:
+            return NETWORK_KINDS[self.kind](self)
+        except KeyError:
+            raise CheckpointError(f"unknown network kind {self.kind!r}; this code builds {sorted(NETWORK_KINDS)}") from None
+
+
+NETWORK_KINDS = {"edm-unet": lambda spec: EDMPrecond(UNet(spec.unet), spec.edm)}
+"""Network kind -> builder. ``edm-unet``: EDM preconditioning (Karras et al. Eq. 7) around the project's UNet."""
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """Everything needed to rebuild, verify and correctly feed a trained method's networks."""
+
+    method: str  # the method's label, e.g. "dpdm-residual", "corrdiff", "zssd-prior"
+    networks: Mapping[str, NetworkSpec]  # role -> spec, e.g. {"denoiser": ...}
     variables: tuple[str, ...] = ()  # target variables, one per output channel, in order
     cond_channels: tuple[str, ...] = ()  # names of the conditioning channels, in order
     normalization: NormalizationStats | None = None
     grid: GridSpec = GridSpec()
+    method_config: dict[str, Any] = field(default_factory=dict)  # the method's typed config (JSON)
     train: dict[str, Any] = field(default_factory=dict)  # training configuration
     data: dict[str, Any] = field(default_factory=dict)  # description of the training data (labelled!)
     step: int = 0
@@ -96,16 +136,12 @@ class CheckpointMetadata:
     def __post_init__(self) -> None:
         object.__setattr__(self, "variables", tuple(self.variables))
         object.__setattr__(self, "cond_channels", tuple(self.cond_channels))
-        if self.variables and len(self.variables) != self.unet.out_channels:
-            raise ValueError(
-                f"metadata lists {len(self.variables)} variables {list(self.variables)} but the UNet has "
-                f"out_channels={self.unet.out_channels}"
-            )
-        if self.cond_channels and len(self.cond_channels) != self.unet.cond_channels:
-            raise ValueError(
-                f"metadata names {len(self.cond_channels)} conditioning channels but the UNet has "
-                f"cond_channels={self.unet.cond_channels}"
-            )
+        object.__setattr__(self, "networks", dict(self.networks))
+        if not self.networks:
+            raise ValueError("a checkpoint needs at least one named network")
+        for role, spec in self.networks.items():
+            if not isinstance(spec, NetworkSpec):
+                raise TypeError(f"networks[{role!r}] must be a NetworkSpec, got {type(spec).__name__}")
         if (
             self.normalization is not None
             and self.variables
@@ -116,11 +152,15 @@ class CheckpointMetadata:
                 f"{list(self.variables)}"
             )
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.networks)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
-            "unet": self.unet.to_dict(),
-            "edm": self.edm.to_dict(),
+            "method_config": self.method_config,
+            "networks": {role: spec.to_dict() for role, spec in self.networks.items()},
             "variables": list(self.variables),
             "cond_channels": list(self.cond_channels),
             "normalization": self.normalization.to_dict() if self.normalization else None,
@@ -134,18 +174,32 @@ class CheckpointMetadata:
     def from_dict(cls, d: Mapping[str, Any]) -> CheckpointMetadata:
         return cls(
             method=d["method"],
-            unet=UNetConfig.from_dict(d["unet"]),
-            edm=EDMConfig.from_dict(d.get("edm", {})),
+            networks={role: NetworkSpec.from_dict(n) for role, n in d["networks"].items()},
             variables=tuple(d.get("variables", ())),
             cond_channels=tuple(d.get("cond_channels", ())),
             normalization=NormalizationStats.from_dict(d["normalization"])
             if d.get("normalization")
             else None,
             grid=GridSpec.from_dict(d.get("grid", {})),
+            method_config=dict(d.get("method_config") or {}),
             train=dict(d.get("train", {})),
             data=dict(d.get("data", {})),
             step=int(d.get("step", 0)),
         )
+
+
+def _upgrade_v1(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A verified format-1 header and tensors as format 2: its one network becomes the ``denoiser`` role."""
+    meta = dict(header["metadata"])
+    meta["networks"] = {"denoiser": {"kind": "edm-unet", "unet": meta.pop("unet"), "edm": meta.pop("edm", {})}}
+    training = header.get("training")
+    if training is not None:
+        training = {**training, "role": "denoiser"}
+    upgraded = {**header, "format_version": FORMAT_VERSION, "metadata": meta, "training": training,
+                "upgraded_from_format": 1}
+    renamed = {(EMA_PREFIX + "denoiser." + k[len(EMA_PREFIX):] if k.startswith(EMA_PREFIX) else k): v
+               for k, v in tensors.items()}
+    return upgraded, renamed
 
 
 def _canonical_json(obj: Any) -> str:
@@ -164,7 +218,7 @@ def _content_hash(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
 
 def save_checkpoint(
     path: str | os.PathLike,
-    ema_state: Mapping[str, torch.Tensor],
+    ema_states: Mapping[str, Mapping[str, torch.Tensor]],
     metadata: CheckpointMetadata,
     *,
     training_state: Mapping[str, torch.Tensor] | None = None,
@@ -172,11 +226,18 @@ def save_checkpoint(
 ) -> str:
     """Write a checkpoint atomically (temp file + ``os.replace``); returns its content hash.
 
-    ``ema_state`` is the state dict of the :class:`EDMPrecond` used for inference. ``training_state``
-    (tensors) and ``training_info`` (JSON-able) are only needed to resume training.
+    ``ema_states`` maps each role of ``metadata.networks`` to the state dict used for inference (every role,
+    no other). ``training_state`` (tensors) and ``training_info`` (JSON-able, with the ``role`` in
+    training) are only needed to resume training.
     """
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {EMA_PREFIX + k: v.detach().to("cpu") for k, v in ema_state.items()}
+    if set(ema_states) != set(metadata.networks):
+        raise CheckpointError(
+            f"weights given for roles {sorted(ema_states)} but the metadata describes {sorted(metadata.networks)}"
+        )
+    tensors: dict[str, torch.Tensor] = {
+        f"{EMA_PREFIX}{role}.{k}": v.detach().to("cpu") for role, state in ema_states.items() for k, v in state.items()
+    }
     for k, v in (training_state or {}).items():
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"training_state[{k!r}] is a {type(v).__name__}; only tensors may be stored")
@@ -208,6 +269,10 @@ class CheckpointContents:
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def ema_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """role -> the EMA state dict of that network."""
+        return {role: self.with_prefix(f"{EMA_PREFIX}{role}.") for role in self.metadata.networks}
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CheckpointContents:
@@ -244,10 +309,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         header = None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a climrecon checkpoint (no '{FORMAT}' metadata record)")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"checkpoint {path} has format version {header.get('format_version')}, this code reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {list(READABLE_VERSIONS)}"
         )
     tensors = {k: v for k, v in blob.items() if k != "metadata"}
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
@@ -259,6 +324,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint {path} failed its integrity check: content hash {digest[:16]}... does not match the "
             f"recorded {str(header.get('content_sha256'))[:16]}... (the file was modified or damaged)"
         )
+    if header["format_version"] == 1:
+        header, tensors = _upgrade_v1(header, tensors)
     try:
         metadata = CheckpointMetadata.from_dict(header["metadata"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -291,33 +358,48 @@ def _check_expectations(metadata: CheckpointMetadata, expect: Mapping[str, Any],
             )
 
 
-def load_checkpoint(
+def load_networks(
     path: str | os.PathLike,
     expect: Mapping[str, Any] | None = None,
     map_location: str | torch.device = "cpu",
-) -> tuple[EDMPrecond, CheckpointMetadata]:
-    """The model (EMA weights, eval mode, on ``map_location``) and its metadata.
+    roles: tuple[str, ...] | None = None,
+) -> tuple[dict[str, torch.nn.Module], CheckpointMetadata]:
+    """The named networks (EMA weights, eval mode, on ``map_location``) and the metadata.
 
-    ``expect`` maps metadata fields (dotted for nested ones: ``"grid.patch_size"``) to required values,
-    e.g. ``{"variables": ["tas", "pr"], "method": "dpdm"}``; any difference raises :class:`CheckpointError`.
+    ``roles`` (default: every network of the checkpoint) must all be present, else :class:`CheckpointError`
+    names the missing role. ``expect`` maps metadata fields (dotted for nested ones: ``"grid.patch_size"``)
+    to required values, e.g. ``{"variables": ["tas", "pr"]}``; any difference raises :class:`CheckpointError`.
     """
     path = Path(path)
     contents = read_checkpoint(path, map_location=map_location)
     metadata = contents.metadata
     if expect:
         _check_expectations(metadata, expect, path)
-    model = EDMPrecond(UNet(metadata.unet), metadata.edm)
-    state = contents.with_prefix(EMA_PREFIX)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    wanted = tuple(roles) if roles is not None else metadata.roles
+    missing = [r for r in wanted if r not in metadata.networks]
+    if missing:
         raise CheckpointError(
-            f"checkpoint {path}: weights do not fit the recorded UNetConfig: {str(exc).splitlines()[0]}"
-        ) from None
-    return model.to(map_location).eval().requires_grad_(False), metadata
+            f"checkpoint {path} ({metadata.method}) lacks the network role(s) {missing} this method needs; "
+            f"it holds {list(metadata.roles)}"
+        )
+    out = {}
+    for role in wanted:
+        net = metadata.networks[role].build()
+        state = contents.with_prefix(f"{EMA_PREFIX}{role}.")
+        if not state:
+            raise CheckpointError(f"checkpoint {path} has no weights for its network role {role!r}")
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: weights of role {role!r} do not fit its recorded config: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        out[role] = net.to(map_location).eval().requires_grad_(False)
+    return out, metadata
 
 
 def strip_training_state(src: str | os.PathLike, dst: str | os.PathLike) -> str:
-    """Write ``dst``, the inference-only copy of ``src`` (EMA weights + metadata); returns its hash."""
+    """Write ``dst``, the inference-only copy of ``src`` (EMA weights + metadata) in format 2; its hash."""
     contents = read_checkpoint(src)
-    return save_checkpoint(dst, contents.with_prefix(EMA_PREFIX), contents.metadata)
+    return save_checkpoint(dst, contents.ema_states(), contents.metadata)

@@ -14,7 +14,7 @@ per (base seed, time index, member, patch, ...) with numpy's SeedSequence, never
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,10 +60,22 @@ def karras_sigmas(
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None, what: str) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def _randn_like(x: torch.Tensor, generator: Generators | None, what: str) -> torch.Tensor:
+    """Unit normal noise shaped like ``x`` from ``generator``; a sequence of (CPU) generators draws one equal
+    block of ``x``'s leading dim each (per-item noise, independent of the other items in the batch)."""
     if generator is None:
         raise ValueError(f"{what} draws fresh noise: pass an explicit torch.Generator (see make_generator)")
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    k = len(generator)
+    if k == 0 or x.shape[0] % k:
+        raise ValueError(f"{what}: {k} generators cannot split a batch of {x.shape[0]} into equal blocks")
+    block = (x.shape[0] // k, *x.shape[1:])
+    noise = [torch.randn(block, generator=g, dtype=x.dtype, device=g.device) for g in generator]
+    return torch.cat(noise).to(x.device)
 
 
 def _call(denoise: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -83,7 +95,7 @@ def edm_sampler(
     S_min: float = 0.0,
     S_max: float = math.inf,
     S_noise: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Algorithm 2 (stochastic sampler with Heun's 2nd-order correction); S_churn = 0 gives Algorithm 1.
@@ -122,7 +134,7 @@ def ddim_sampler(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) in the variance-exploding sigma parametrisation, first order.

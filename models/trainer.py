@@ -1,5 +1,10 @@
-"""A plain-torch training loop for :class:`EDMPrecond` models: AdamW with warmup, EMA weights, gradient
+"""A plain-torch training loop for one named network of a method: AdamW with warmup, EMA weights, gradient
 clipping, bf16 autocast on CUDA (fp32 on CPU), atomic periodic checkpoints and exact resume.
+
+The loss is passed in (``loss(net, target, cond, time_of_year, generator=...) -> per-element loss``, e.g.
+:class:`~climrecon.models.edm.EDMLoss`); the network is trained under a ``role`` of the checkpoint
+(``denoiser``, ``regression``, ...), and networks trained before it (``frozen``: role -> EMA state) are
+written into every checkpoint beside it, so a two-stage method keeps one file.
 
 The data pipeline supplies :class:`Batch` objects (tensors already normalised, see
 :mod:`climrecon.models.normalization`). Pass ``batches`` as a *factory* ``first_step -> iterator`` so that a
@@ -37,13 +42,13 @@ from climrecon.models.checkpoint import (
     TRAIN_PREFIX,
     CheckpointError,
     CheckpointMetadata,
+    NetworkSpec,
     read_checkpoint,
     save_checkpoint,
 )
-from climrecon.models.edm import EDMLoss, EDMPrecond
 from climrecon.models.samplers import make_generator, seed_for
 
-__all__ = ["Batch", "TrainConfig", "TrainResult", "train", "resolve_device"]
+__all__ = ["Batch", "Loss", "TrainConfig", "TrainResult", "train", "resolve_device"]
 
 
 @dataclass
@@ -144,6 +149,10 @@ class TrainResult:
     seconds: float  # wall time of this call
 
 
+Loss = Callable[..., torch.Tensor]
+"""``loss(net, target, cond, time_of_year, *, generator) -> [B, C, H, W]`` per-element loss (averaged here)."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,33 +222,44 @@ def _batch_iterator(
 
 
 def train(
-    model: EDMPrecond,
+    model: torch.nn.Module,
     batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
     cfg: TrainConfig,
     *,
+    loss: Loss,
     checkpoint_path: str | Path,
     metadata: CheckpointMetadata | None = None,
+    role: str = "denoiser",
+    frozen: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     resume: bool = True,
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.max_steps`` steps in total, checkpointing to ``checkpoint_path``.
+    """Train ``model`` (the network of ``role``) with ``loss`` for ``cfg.max_steps`` steps in total,
+    checkpointing to ``checkpoint_path``.
 
-    ``metadata`` describes the model for its checkpoint (method, variables, normalisation, grid, data);
-    its ``unet``/``edm`` must match the model; ``train`` and ``step`` are filled in here. Default: a bare
-    ``CheckpointMetadata(method="edm", ...)``. With ``resume`` and an existing checkpoint, training
-    continues from it (a finished run returns at once); ``resume=False`` starts over and overwrites it.
-    ``on_log`` receives ``{"step", "loss", "lr", "grad_norm", "steps_per_s"}`` every ``cfg.log_every``
-    steps, after any checkpoint due at that step. The model is moved to the training device in place.
+    ``metadata`` describes the method for its checkpoint (networks by role, variables, normalisation, grid,
+    data); ``metadata.networks[role]`` must describe ``model`` and its other roles must be exactly those of
+    ``frozen`` (their EMA states, trained before and written unchanged). ``train`` and ``step`` are filled in
+    here. Default: ``CheckpointMetadata(method="edm", networks={role: ...})``. With ``resume`` and an
+    existing checkpoint of the same role, training continues from it (a finished run returns at once);
+    ``resume=False`` starts over and overwrites it. ``on_log`` receives ``{"step", "loss", "lr",
+    "grad_norm", "steps_per_s"}`` every ``cfg.log_every`` steps, after any checkpoint due at that step.
+    The model is moved to the training device in place.
     """
     t0 = time.perf_counter()
     checkpoint_path = Path(checkpoint_path)
     device = resolve_device(cfg.device)
-    metadata = metadata or CheckpointMetadata(method="edm", unet=model.net.config, edm=model.config)
-    if metadata.unet != model.net.config or metadata.edm != model.config:
+    frozen = {r: dict(state) for r, state in (frozen or {}).items()}
+    metadata = metadata or CheckpointMetadata(method="edm", networks={role: NetworkSpec.of(model)})
+    if metadata.networks.get(role) != NetworkSpec.of(model):
         raise ValueError(
-            "metadata.unet/edm do not describe the model being trained: "
-            f"{metadata.unet} / {metadata.edm} vs {model.net.config} / {model.config}"
+            f"metadata.networks[{role!r}] does not describe the model being trained: "
+            f"{metadata.networks.get(role)} vs {NetworkSpec.of(model)}"
+        )
+    if set(metadata.networks) != {role, *frozen}:
+        raise ValueError(
+            f"metadata names networks {sorted(metadata.networks)}; training {role!r} with frozen {sorted(frozen)}"
         )
     metadata = replace(metadata, train=cfg.to_dict())
 
@@ -248,7 +268,7 @@ def train(
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
     )
-    loss_fn = EDMLoss(model.config)
+    loss_fn = loss
     noise = make_generator(seed_for(cfg.seed, 1), device)
     use_amp = cfg.mixed_precision and device.type == "cuda"
 
@@ -261,14 +281,19 @@ def train(
                 f"checkpoint {checkpoint_path} holds no training state (inference-only); cannot resume "
                 "from it. Pass resume=False to start over, or another checkpoint_path"
             )
-        if contents.metadata.unet != model.net.config or contents.metadata.edm != model.config:
+        if info.get("role", "denoiser") != role:
             raise CheckpointError(
-                f"checkpoint {checkpoint_path} was written for another model ({contents.metadata.unet}, "
-                f"{contents.metadata.edm}); refusing to resume. Use resume=False or another checkpoint_path"
+                f"checkpoint {checkpoint_path} is training the network {info.get('role')!r}, not {role!r}; "
+                "refusing to resume. Use resume=False or another checkpoint_path"
+            )
+        if contents.metadata.networks.get(role) != NetworkSpec.of(model):
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path} was written for another model ({contents.metadata.networks.get(role)}); "
+                "refusing to resume. Use resume=False or another checkpoint_path"
             )
         train_tensors = contents.with_prefix(TRAIN_PREFIX)
         model.load_state_dict({k[6:]: v for k, v in train_tensors.items() if k.startswith("model.")})
-        ema.load_state_dict(contents.with_prefix(EMA_PREFIX))
+        ema.load_state_dict(contents.with_prefix(f"{EMA_PREFIX}{role}."))
         _load_optimizer_state(opt, train_tensors, info["optimizer"])
         _set_rng_state(train_tensors, noise, device)
         losses = train_tensors["losses"].tolist()
@@ -288,10 +313,10 @@ def train(
         }
         return save_checkpoint(
             checkpoint_path,
-            ema.state_dict(),
+            {**frozen, role: ema.state_dict()},
             replace(metadata, step=step),
             training_state=training_state,
-            training_info={"step": step, "optimizer": opt_info},
+            training_info={"step": step, "role": role, "optimizer": opt_info},
         )
 
     resumed_from = start

@@ -15,7 +15,8 @@ store: the GCM's coarse field, bilinearly interpolated) with latitude-weighted b
 correlation (:mod:`climrecon.tasks.metrics`). Month-matched MAE is reported too, labelled as meaningful
 only when the run's source is the truth itself (a perfect-model or reanalysis-driven run).
 
-Public API: :func:`matching_truth` (truth on the reconstruction's months and grid),
+Public API: :func:`score_reconstruction` (everything the reconstruct flow scores, as plain data and
+files), :func:`reconstruction_truth`, :func:`matching_truth` (truth on the reconstruction's months and grid),
 :func:`split_scales`, :func:`climatologies` (every input read once), :func:`added_value_records`,
 :func:`added_value_markdown`, and
 :func:`reconstruction_fields` (the three inputs from the store URLs of a run).
@@ -36,6 +37,8 @@ from climrecon.tasks.regrid import coarsen_blocks
 
 __all__ = [
     "AddedValueError",
+    "reconstruction_truth",
+    "score_reconstruction",
     "matching_truth",
     "split_scales",
     "Climatologies",
@@ -232,3 +235,76 @@ def reconstruction_fields(
     ensemble_mean = ensemble_mean.sel(time=reference["time"].values)
     interpolated = matching_truth(fine, ensemble_mean, variables, fine_url)
     return ensemble_mean, interpolated, reference
+
+
+def reconstruction_truth(cfg: Any, storage_options: dict[str, Any] | None = None) -> tuple[Any, str, bool] | None:
+    """(lazy truth, its name, configured explicitly?) or None when the run has no truth to compare with."""
+    from climrecon.tasks.evaluate import EvaluationError, open_evaluation_truth
+
+    explicit = bool(cfg.evaluate.truth or cfg.evaluate.truth_query)
+    if not explicit and cfg.ingest.catalog is not None:
+        return None  # the sample catalog's truth only judges runs made on the sample catalog
+    wanted = cfg.ingest.query.variable_id or cfg.evaluate.variables
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    variables = [v for v in wanted if v in cfg.evaluate.variables]
+    ev = cfg.evaluate.model_copy(update={"variables": variables})
+    try:
+        truth, source = open_evaluation_truth(cfg.model_copy(update={"evaluate": ev}),
+                                              storage_options)
+    except EvaluationError:
+        if explicit:
+            raise
+        return None
+    return truth, source["truth"], explicit
+
+
+def score_reconstruction(aggregate_url: str, fine_url: str, cfg: Any, storage_options: dict[str, Any] | None = None,
+                         log: Any = None) -> dict[str, Any] | None:
+    """Score one reconstruction (``cfg``: its ClimReconConfig) against fine truth: ``{"records", "markdown",
+    "png_base64", <files>}`` with the tables also written under ``<storage.root>/evaluate/`` for a local root;
+    None (logged) when there is no truth or it shares no month or cell with the run, unless the truth was
+    configured explicitly, in which case that is an error. Leaves no temporary file behind."""
+    import base64
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from climrecon.storage import is_remote, public_url
+    from climrecon.tasks.plots import fine_scale_maps
+
+    say = log or (lambda _msg: None)
+    found = reconstruction_truth(cfg, storage_options)
+    if found is None:
+        say("no fine truth for this run (set evaluate.truth to score it)")
+        return None
+    truth, name, explicit = found
+    factor = round(cfg.regrid.coarse_resolution / cfg.regrid.resolution)
+    try:
+        clim = climatologies(*reconstruction_fields(aggregate_url, fine_url, truth, name, storage_options))
+        records = added_value_records(clim, factor)
+    except AddedValueError as exc:
+        if explicit:
+            raise
+        say(f"not scored: {exc}")
+        return None
+    markdown = added_value_markdown(records, name, factor)
+    variable = next(iter(clim.time_means["truth"].data_vars))
+    with tempfile.TemporaryDirectory(prefix="climrecon-skill-") as tmp:
+        png = fine_scale_maps(clim.time_means, factor, variable, Path(tmp) / "fine.png", months=clim.months,
+                              units=clim.units[str(variable)]).read_bytes()
+    out: dict[str, Any] = {"records": records, "markdown": markdown, "png_base64": base64.b64encode(png).decode()}
+    if not is_remote(cfg.storage.root):
+        from climrecon.tasks.evaluate import output_directory
+
+        directory = output_directory(cfg)
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = Path(aggregate_url.rstrip("/")).name.removesuffix(".zarr")
+        files = {"markdown_file": directory / f"{stem}.skill.md", "json_file": directory / f"{stem}.skill.json",
+                 "png_file": directory / f"{stem}.skill.png"}
+        files["png_file"].write_bytes(png)
+        caption = "fine scale of the time mean: truth, downscaled, interpolated"
+        files["markdown_file"].write_text(f"{markdown}\n![{caption}]({files['png_file'].name})\n")
+        files["json_file"].write_text(json.dumps({"aggregate": public_url(aggregate_url), "truth": name,
+                                                  "factor": factor, "records": records}, indent=1) + "\n")
+        out.update({k: str(v) for k, v in files.items()})
+    return out

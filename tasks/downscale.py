@@ -1,74 +1,49 @@
-"""Downscale stage: a regridded GCM store -> an N-member high-resolution ensemble, by patch diffusion.
+"""Downscale stage: a regridded GCM store -> an N-member high-resolution ensemble, by the configured method.
 
-Input: the regrid stage's *fine* store (the coarse field bilinearly put on the fine grid: the model's
-``<var>_coarse`` conditioning), its *static* store on the same grid (``orog``, ``orog_std``, ``sftlf``)
-and, for checking only, its *coarse* store. Output: one :class:`~climrecon.stores.StageStore` at
-``<root>/downscale/<source>.<experiment>.<member_id>.<method>.<key>.zarr`` holding the checkpoint's
-variables as float32 ``(member, time, lat, lon)``, chunks ``member=1, time=time_chunk``, lat/lon whole;
-coords ``member`` (0..N-1), ``time`` (cftime month starts in the source's calendar) + ``time_bnds``,
-``lat``, ``lon``; attributes ``climrecon_key``, ``history``, ``climrecon_downscale_config`` (JSON) and,
-once complete, ``climrecon_provenance`` (JSON, :func:`climrecon.provenance.stage_record`).
+Input: the regrid stage's *fine* store (the coarse field bilinearly put on the fine grid), its *static* store
+on the same grid (``orog``, ``orog_std``, ``sftlf`` and their ``<name>_coarse`` views) and its *coarse*
+store. Output: one :class:`~climrecon.stores.StageStore` at
+``<root>/downscale/<source>.<experiment>.<member_id>.<label>.<key>.zarr`` holding the method's variables as
+float32 ``(member, time, lat, lon)``, chunks ``member=1, time=time_chunk``, lat/lon whole; coords ``member``
+(0..N-1), ``time`` (cftime month starts in the source's calendar) + ``time_bnds``, ``lat``, ``lon``;
+attributes ``climrecon_key``, ``history``, ``climrecon_downscale_config`` (JSON) and, once complete,
+``climrecon_provenance`` (JSON, :func:`climrecon.provenance.stage_record`).
 
+The stage knows no method: it builds :class:`~climrecon.methods.Inputs` from the stores and calls the
+method the ``method:`` section names (:func:`climrecon.methods.build`), exactly as the evaluation does.
 Work is cut into :class:`WorkUnit` s of ``months_per_unit`` steps x ``members_per_unit`` members, each one
 chunk-aligned region with its own done marker. :func:`sample_unit` (pinned to GPU workers when there are
-any) reads the unit's conditioning and samples every (time, member) item of the unit together:
-:func:`sample_items` runs all their patches through the network in calls of exactly
-``max_patches_per_batch`` patches (the last call padded), so a patch's result never depends on which other
-patches share its call. :func:`write_unit` (any worker) writes the region, then its marker.
+any) reads the unit's inputs and calls ``method.downscale(inputs, members, seed)``; :func:`write_unit` (any
+worker) writes the region, then its marker. A method that is fitted (QM, BCSD: ``needs.fit``) is fitted
+once per worker process on the training years of ``train.truth`` (default: the sample catalog's
+reanalysis), coarsened onto the input's coarse grid.
 
-Determinism: item (t, m) starts from the unit-normal noise of ``seed_for(seed, month_index(t), m)`` with
-``month_index = year * 12 + month - 1`` (absolute, so a store covering 1990-2000 and one covering
-1995-2000 agree on 1995-2000), drawn on the CPU; the Heun sampler is deterministic (no churn). The bytes
-written do not depend on unit sizes, the number of workers or which worker ran a unit (bitwise on CPU;
-on CUDA up to the determinism of the GPU kernels).
-
-Model inputs and outputs are exactly training's (:mod:`climrecon.tasks.training_data`): the conditioning
-is normalised by :func:`~climrecon.tasks.conditioning.normalize_conditioning` with the full-field statistics the checkpoint recorded
-(``metadata.data["conditioning_normalization"]``, else its target statistics), and the network output is
-denormalised with the target statistics and, for a residual model (``metadata.data["target"] ==
-"residual"``), added to the coarse field on the fine grid (:func:`physical_fields`).
+Determinism: the method's own contract (diffusion methods: member m of month t from
+``seed_for(seed, year * 12 + month - 1, m)``, fixed-shape network calls), so the bytes written do not
+depend on unit sizes, the number of workers or which worker ran a unit (bitwise on CPU; on CUDA up to the
+determinism of the GPU kernels). The store key is ``content_key("downscale", DOWNSCALE_VERSION, fine key,
+static key, *method.identity(members, seed), time_chunk, zarr_format)`` (+ the fit data's key).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import time as _time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dask.array as da
 import numpy as np
-import torch
 import xarray as xr
 
-from climrecon.config import DownscaleConfig
+from climrecon.config import ClimReconConfig, DownscaleConfig, MethodConfig, SamplerConfig
+from climrecon.methods import Inputs, Method, MethodError, build, month_index
 from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
 from climrecon.storage import join_url, public_url
 from climrecon.stores import StageStore, content_key
-from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint, read_checkpoint
-from climrecon.models.normalization import NormalizationStats
-from climrecon.models.samplers import edm_sampler, make_generator, seed_for
-from climrecon.tasks.conditioning import (
-    ConditioningError,
-    ConditioningSpec,
-    conditioning_stack,
-    normalize_conditioning,
-    time_of_year,
-)
-from climrecon.tasks.tiling import (
-    Tiling,
-    TilingError,
-    blend_patches,
-    blend_weights,
-    extract_patches,
-    make_tiling,
-)
-from climrecon.tasks.training_data import TARGET_KINDS
+from climrecon.tasks.grids import Grid, GridError
 
 __all__ = [
     "DOWNSCALE_VERSION",
@@ -76,32 +51,26 @@ __all__ = [
     "DownscalePlan",
     "UnitReport",
     "WorkUnit",
-    "default_checkpoint",
     "finalize_downscale",
-    "item_seeds",
     "month_index",
-    "checkpoint_spec",
-    "network_conditioning",
-    "physical_fields",
     "plan_downscale",
     "prepare_downscale",
     "run_downscale",
     "run_units",
-    "sample_items",
     "sample_unit",
+    "unit_inputs",
     "write_unit",
 ]
 
 DOWNSCALE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
 class DownscaleError(ValueError):
-    """Inputs, checkpoint or config cannot be downscaled together; the message names the one at fault."""
+    """Inputs, method or config cannot be downscaled together; the message names the one at fault."""
 
 
-# -- units and seeds ------------------------------------------------------------------------------------
+# -- units ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkUnit:
     """A block of time steps x members: one chunk-aligned region of the member store."""
@@ -125,139 +94,6 @@ class WorkUnit:
         return (self.time.stop - self.time.start) * (self.member.stop - self.member.start)
 
 
-def month_index(times: Sequence[Any]) -> list[int]:
-    """Absolute month of each cftime label: ``year * 12 + month - 1`` (the time part of every seed)."""
-    out = [int(t.year) * 12 + int(t.month) - 1 for t in times]
-    if any(i < 0 for i in out):
-        raise DownscaleError(f"time labels before year 0 cannot be seeded (first: {times[0]})")
-    return out
-
-
-def item_seeds(base_seed: int, months: Sequence[int], members: Sequence[int]) -> list[int]:
-    """Seeds of the items of a unit in its order (member-major, then time): ``seed_for(base, month, m)``."""
-    return [seed_for(base_seed, int(t), int(m)) for m in members for t in months]
-
-
-# -- conditioning -----------------------------------------------------------------------------------------
-def checkpoint_spec(metadata: CheckpointMetadata, path: str) -> ConditioningSpec:
-    """The ConditioningSpec whose channel names are the checkpoint's ``cond_channels``."""
-    factor = int(metadata.grid.coarsening_factor or 1)
-    try:
-        spec = ConditioningSpec.from_channel_names(metadata.variables, factor, metadata.cond_channels)
-    except ConditioningError as exc:
-        raise DownscaleError(
-            f"checkpoint {path} expects conditioning channels {list(metadata.cond_channels)}, which this downscale "
-            f"stage cannot build: {exc}"
-        ) from None
-    return spec
-
-
-def network_conditioning(stack: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
-    """[T, C, H, W] conditioning in physical units -> network space, exactly as in training."""
-    if metadata.normalization is None:
-        raise DownscaleError("checkpoint has no normalization statistics; it cannot be used for sampling")
-    recorded = metadata.data.get("conditioning_normalization")
-    stats = NormalizationStats.from_dict(recorded) if recorded else metadata.normalization
-    return normalize_conditioning(stack, channels, stats).astype(np.float32)
-
-
-def physical_fields(z: torch.Tensor, cond: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
-    """Network output [N, V, H, W] -> physical fields [N, V, H, W], given the items' physical conditioning
-    [N, C, H, W]: denormalised with the target statistics, plus ``<v>_coarse`` for a residual model."""
-    x = metadata.normalization.denormalize(z.cpu(), channel_dim=1).numpy().astype(np.float32)
-    kind = metadata.data.get("target", "full")
-    if kind not in TARGET_KINDS:
-        raise DownscaleError(f"checkpoint records target kind {kind!r}; this code knows {TARGET_KINDS}")
-    if kind == "residual":
-        coarse = np.stack([cond[:, list(channels).index(f"{v}_coarse")] for v in metadata.variables], axis=1)
-        x = x + coarse
-    return x
-
-
-# -- sampling ------------------------------------------------------------------------------------------------
-def _net_on_patches(net: Callable, chunk: int) -> Callable:
-    """D over a stack of patches in calls of exactly ``chunk`` patches (the last padded with zeros).
-
-    A fixed call shape makes a patch's result independent of how many items a unit holds: backends may
-    pick other kernels (other float rounding) for other batch sizes, never for other companions.
-    """
-
-    def run(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, toy: torch.Tensor | None) -> torch.Tensor:
-        out = []
-        for start in range(0, x.shape[0], chunk):
-            n = min(chunk, x.shape[0] - start)
-            s = slice(start, start + n)
-            xs, cs = x[s], cond[s]
-            ts = None if toy is None else toy[s]
-            if n < chunk:
-                pad = chunk - n
-                xs = torch.cat([xs, xs.new_zeros((pad, *xs.shape[1:]))])
-                cs = torch.cat([cs, cs.new_zeros((pad, *cs.shape[1:]))])
-                ts = None if ts is None else torch.cat([ts, ts.new_zeros(pad)])
-            sig = sigma.reshape(-1)[:1].expand(chunk)
-            out.append(net(xs, sig, cs, ts)[:n].to(x.dtype))
-        return torch.cat(out)
-
-    return run
-
-
-@torch.no_grad()
-def sample_items(
-    net: Callable,
-    cond: torch.Tensor,
-    toy: torch.Tensor | None,
-    tiling: Tiling,
-    *,
-    seeds: Sequence[int],
-    out_channels: int,
-    num_steps: int = 18,
-    blend: Literal["every_step", "once"] = "every_step",
-    max_patches_per_batch: int = 32,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """[B, out_channels, H, W] float32 samples of all ``B`` items at once (deterministic Heun, EDM Alg. 1).
-
-    The same chains as :func:`climrecon.tasks.patch_sampling.sample_domain` (item ``i`` starts from the
-    canvas noise of ``seeds[i]`` drawn on the CPU; ``blend`` "every_step" blends the denoised tiles into
-    one full-domain D at every step, "once" blends independent tile chains at the end), but the patches
-    of every item share the network calls (:func:`_net_on_patches`) to fill the device.
-    """
-    b, n = cond.shape[0], tiling.n_tiles
-    if len(seeds) != b:
-        raise ValueError(f"need one seed per item: {b} items, {len(seeds)} seeds")
-    if blend not in ("every_step", "once"):
-        raise ValueError(f"blend must be 'every_step' or 'once', got {blend!r}")
-    device = torch.device(device)
-    ph, pw = tiling.patch
-    weights = torch.as_tensor(blend_weights(tiling), dtype=dtype, device=device)
-    latents = torch.stack(
-        [torch.randn((out_channels, *tiling.canvas_shape), generator=make_generator(int(s), "cpu")) for s in seeds]
-    ).to(device)
-
-    def to_tiles(field: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B * n, C, ph, pw], item-major
-        tiles = extract_patches(field, tiling)  # [B, C, n, ph, pw]
-        return tiles.transpose(1, 2).reshape(b * n, field.shape[1], ph, pw)
-
-    def from_tiles(tiles: torch.Tensor, crop: bool) -> torch.Tensor:  # inverse of to_tiles, blended
-        stack = tiles.reshape(b, n, tiles.shape[1], ph, pw).transpose(1, 2)
-        return blend_patches(stack, tiling, weights, crop=crop)
-
-    cond_tiles = to_tiles(cond.to(device, torch.float32))
-    toy_tiles = None if toy is None else toy.to(device, torch.float32).repeat_interleave(n)
-    net_tiles = _net_on_patches(net, max_patches_per_batch)
-    schedule = {"num_steps": num_steps, "dtype": dtype}
-    if blend == "every_step":
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return from_tiles(net_tiles(to_tiles(x), sigma, cond_tiles, toy_tiles), crop=False)
-
-        field = edm_sampler(denoise, latents, **schedule)[..., : tiling.height, : tiling.width]
-    else:
-        tiles = edm_sampler(lambda x, s: net_tiles(x, s, cond_tiles, toy_tiles), to_tiles(latents), **schedule)
-        field = from_tiles(tiles.to(dtype), crop=True)
-    return field.to(torch.float32)
-
-
 # -- the plan ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class UnitReport:
@@ -273,18 +109,25 @@ class UnitReport:
 
 
 @dataclass(frozen=True)
+class FitData:
+    """Where a fitted method's training pairs come from (fine truth, training years)."""
+
+    truth_url: str
+    years: tuple[int, int]
+    key: str
+
+
+@dataclass(frozen=True)
 class DownscalePlan:
     """Everything a worker needs for one member store (picklable, no secrets)."""
 
-    name: str  # "<source>.<experiment>.<member_id>.<method>"
+    name: str  # "<source>.<experiment>.<member_id>.<label>"
     config: DownscaleConfig
-    checkpoint: str
-    checkpoint_sha256: str
-    method: str
+    method: MethodConfig
+    sampler: SamplerConfig
+    description: dict[str, Any]  # method.describe()
+    fit: FitData | None
     variables: tuple[str, ...]
-    channels: tuple[str, ...]
-    spec: ConditioningSpec
-    tiling: Tiling
     fine_url: str
     fine_key: str
     static_url: str
@@ -292,12 +135,10 @@ class DownscalePlan:
     coarse_url: str | None
     coarse_key: str | None
     time_labels: tuple[str, ...]
-    months: tuple[int, ...]  # month_index of every time step
     out_url: str
     out_key: str
     identity: dict[str, str]
     upstream: dict[str, Any]
-    checkpoint_info: dict[str, Any]
     started: str
 
     @property
@@ -316,23 +157,6 @@ class DownscalePlan:
         return out
 
 
-def default_checkpoint(configured: str | None) -> str:
-    """The configured checkpoint (relative paths: to the working directory, else the repo root), or the one
-    ``*.pt`` file shipped in ``<repo>/checkpoints/``."""
-    if configured:
-        path = Path(configured)
-        if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-            path = REPO_ROOT / path
-        return str(path)
-    found = sorted((REPO_ROOT / "checkpoints").glob("*.pt"))
-    if len(found) != 1:
-        raise DownscaleError(
-            f"downscale.checkpoint is not set and {REPO_ROOT / 'checkpoints'} holds {len(found)} *.pt file(s) "
-            f"{[p.name for p in found]}; set downscale.checkpoint to the model to sample with"
-        )
-    return str(found[0])
-
-
 def _open(url: str, storage_options: dict[str, Any] | None, what: str) -> xr.Dataset:
     try:
         ds = xr.open_zarr(url, storage_options=storage_options or None, decode_times=_TIME_CODER, chunks=None)
@@ -342,29 +166,6 @@ def _open(url: str, storage_options: dict[str, Any] | None, what: str) -> xr.Dat
     if status != "complete":
         raise DownscaleError(f"the {what} {url} is {status!r}, not complete: finish the regrid stage first")
     return ds
-
-
-def _step(values: Any, what: str) -> float:
-    v = np.asarray(values, dtype=float)
-    if v.size < 2:
-        raise DownscaleError(f"{what} has fewer than 2 cells; cannot tell its resolution")
-    steps = np.diff(v)
-    if not np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9) or steps[0] <= 0:
-        raise DownscaleError(f"{what} is not a regular ascending grid")
-    return float(steps[0])
-
-
-def _coarse_resolution(fine: xr.Dataset, coarse: xr.Dataset | None, fine_url: str, coarse_url: str | None) -> float:
-    if coarse is not None:
-        return _step(coarse["lat"], f"coarse store {coarse_url}: lat")
-    raw = fine.attrs.get("climrecon_regrid_config")
-    try:
-        return float(json.loads(raw)["coarse_resolution"])
-    except (TypeError, ValueError, KeyError):
-        raise DownscaleError(
-            f"cannot tell the coarse resolution behind the fine store {fine_url} (no climrecon_regrid_config "
-            "attribute): pass the regrid stage's coarse store (downscale.coarse)"
-        ) from None
 
 
 def _identity(fine: xr.Dataset, fine_url: str, fine_key: str, method: str) -> dict[str, str]:
@@ -381,83 +182,70 @@ def _identity(fine: xr.Dataset, fine_url: str, fine_key: str, method: str) -> di
     return {**ident, "method": method}
 
 
+def _method_inputs(fine: xr.Dataset, static: xr.Dataset, coarse: xr.Dataset | None, fine_url: str) -> Inputs:
+    gridded = [v for v in fine.data_vars if {"lat", "lon"} <= set(fine[v].dims) and "time" in fine[v].dims]
+    try:
+        grid = Grid.from_dataset(fine, f"fine store {fine_url}")
+    except GridError as exc:
+        raise DownscaleError(str(exc)) from None
+    if coarse is not None:
+        coarse = coarse[[v for v in coarse.data_vars if {"lat", "lon"} <= set(coarse[v].dims)]]
+    return Inputs(coarse_on_fine=fine[gridded], grid=grid, coarse=coarse, static=static)
+
+
+def _fit_data(cfg: ClimReconConfig, storage_options: dict[str, Any] | None) -> FitData:
+    from climrecon.tasks.training_data import default_truth_url, open_truth
+
+    try:
+        url = default_truth_url(cfg)
+        truth = open_truth(url, [], storage_options)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DownscaleError(f"method {cfg.method.name!r} is fitted on fine truth (train.truth): {exc}") from None
+    key = str(truth.attrs.get("climrecon_key") or content_key("foreign-truth", url, dict(truth.sizes)))
+    return FitData(url, tuple(cfg.train.train_years), key)
+
+
 def plan_downscale(
-    cfg: DownscaleConfig,
-    root: str,
+    cfg: ClimReconConfig,
     fine_url: str,
     static_url: str,
     coarse_url: str | None = None,
-    checkpoint: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> DownscalePlan:
-    """Check the inputs against the checkpoint and name the member store; writes nothing.
-
-    Raises :class:`DownscaleError` when the coarse resolution behind the fine store differs from the
-    checkpoint's ``fine_resolution x coarsening_factor`` (naming the ``regrid.coarse_resolution`` to use),
-    the fine grid's spacing differs from the checkpoint's, a variable the model predicts is missing, the
-    static store is on another grid or lacks a static channel, or the tiling cannot be built.
-    """
-    path = default_checkpoint(checkpoint or cfg.checkpoint)
-    contents = read_checkpoint(path)  # verified: raises CheckpointError naming the file
-    meta = contents.metadata
-    sha = str(contents.header["content_sha256"])
+    """Check the inputs against the method (``method.validate`` on the lazy stores) and name the member
+    store; writes nothing. Raises :class:`DownscaleError` naming the store, or the method's message."""
+    ds_cfg = cfg.downscale
     fine = _open(fine_url, storage_options, "regridded fine store")
     static = _open(static_url, storage_options, "static store")
     coarse = _open(coarse_url, storage_options, "regridded coarse store") if coarse_url else None
-
-    missing = [v for v in meta.variables if v not in fine.data_vars]
-    if missing:
-        raise DownscaleError(
-            f"checkpoint {path} downscales {list(meta.variables)} but the regridded store {fine_url} lacks "
-            f"{missing} (it has {sorted(map(str, fine.data_vars))}); ingest and regrid those variables"
-        )
-    g = meta.grid
-    dlat, dlon = _step(fine["lat"], f"fine store {fine_url}: lat"), _step(fine["lon"], f"fine store {fine_url}: lon")
-    if g.fine_resolution and not (math.isclose(dlat, g.fine_resolution) and math.isclose(dlon, g.fine_resolution)):
-        raise DownscaleError(
-            f"the regridded fine store {fine_url} is on a {dlat:g} x {dlon:g} deg grid but checkpoint {path} was "
-            f"trained at {g.fine_resolution:g} deg: re-run regrid with regrid.resolution={g.fine_resolution:g}"
-        )
-    if g.fine_resolution and g.coarsening_factor:
-        wanted = g.fine_resolution * g.coarsening_factor
-        have = _coarse_resolution(fine, coarse, fine_url, coarse_url)
-        if not math.isclose(have, wanted, rel_tol=1e-6):
-            raise DownscaleError(
-                f"the regridded store {fine_url} was made from a {have:g}-deg coarse grid but checkpoint {path} was "
-                f"trained to downscale {g.fine_resolution:g} deg x {g.coarsening_factor} = {wanted:g} deg: re-run "
-                f"regrid with regrid.coarse_resolution={wanted:g} (or use a checkpoint trained for {have:g} deg)"
-            )
     for c in ("lat", "lon"):
         if static.sizes.get(c) != fine.sizes[c] or not np.allclose(static[c].values, fine[c].values, atol=1e-6):
             raise DownscaleError(
                 f"the static store {static_url} is not on the grid of the fine store {fine_url} ({c}: "
                 f"{static.sizes.get(c)} vs {fine.sizes[c]} cells); use the static store the same regrid run wrote"
             )
-    spec = checkpoint_spec(meta, path)
-    lacking = [s for s in spec.static_names() if s not in static.data_vars]
-    if lacking:
-        raise DownscaleError(
-            f"static store {static_url} lacks {lacking} that checkpoint {path} is conditioned on; re-run the "
-            "regrid stage of this version (it writes the <name>_coarse views too)"
-        )
-    if not g.patch_size:
-        raise DownscaleError(f"checkpoint {path} records no grid.patch_size; cannot tile the domain for it")
-    patch = int(g.patch_size)
-    overlap = cfg.overlap if cfg.overlap is not None else patch // 4
     try:
-        tiling = make_tiling(fine.sizes["lat"], fine.sizes["lon"], patch, overlap)
-    except TilingError as exc:
-        raise DownscaleError(f"downscale.overlap / checkpoint patch size {patch}: {exc}") from None
+        method = build(cfg.method, cfg.sampler)
+        method.validate(_method_inputs(fine, static, coarse, fine_url))
+    except MethodError as exc:
+        raise DownscaleError(f"{fine_url}: {exc}") from None
+    description = method.describe()
+    fit = _fit_data(cfg, storage_options) if method.needs.fit else None
+    variables = tuple(description.get("variables") or _method_inputs(fine, static, coarse, fine_url).variables)
 
     fine_key = str(fine.attrs.get("climrecon_key") or content_key("foreign-fine", fine_url, dict(fine.sizes)))
     static_key = str(static.attrs.get("climrecon_key") or content_key("foreign-static", static_url, dict(static.sizes)))
     coarse_key = None if coarse is None else str(coarse.attrs.get("climrecon_key", ""))
     times = fine["time"].values
-    identity = _identity(fine, fine_url, fine_key, meta.method)
-    key = content_key(
-        "downscale", DOWNSCALE_VERSION, fine_key, static_key, sha, cfg.members, cfg.seed, cfg.num_steps,
-        cfg.blend, patch, overlap, cfg.time_chunk, cfg.zarr_format,
-    )
+    try:
+        month_index(times)
+    except MethodError as exc:
+        raise DownscaleError(f"{fine_url}: {exc}") from None
+    identity = _identity(fine, fine_url, fine_key, str(description.get("label", cfg.method.name)))
+    parts = [*method.identity(ds_cfg.members, ds_cfg.seed), ds_cfg.time_chunk, ds_cfg.zarr_format]
+    if fit is not None:
+        parts += [fit.key, list(fit.years)]
+    key = content_key("downscale", DOWNSCALE_VERSION, fine_key, static_key, *parts)
     name = ".".join(identity[f] for f in ("source_id", "experiment_id", "member_id", "method"))
     upstream_record = fine.attrs.get("climrecon_provenance")
     try:
@@ -467,30 +255,12 @@ def plan_downscale(
     upstream = upstream or {"stage": "regrid", "store": public_url(fine_url), "content_key": fine_key,
                             "history": str(fine.attrs.get("history", ""))}
     return DownscalePlan(
-        name=name,
-        config=cfg,
-        checkpoint=path,
-        checkpoint_sha256=sha,
-        method=meta.method,
-        variables=tuple(meta.variables),
-        channels=tuple(meta.cond_channels),
-        spec=spec,
-        tiling=tiling,
-        fine_url=fine_url,
-        fine_key=fine_key,
-        static_url=static_url,
-        static_key=static_key,
-        coarse_url=coarse_url,
-        coarse_key=coarse_key,
+        name=name, config=ds_cfg, method=cfg.method, sampler=cfg.sampler, description=description, fit=fit,
+        variables=variables, fine_url=fine_url, fine_key=fine_key, static_url=static_url, static_key=static_key,
+        coarse_url=coarse_url, coarse_key=coarse_key,
         time_labels=tuple(f"{t.year:04d}-{t.month:02d}" for t in times),
-        months=tuple(month_index(times)),
-        out_url=join_url(root, "downscale", f"{name}.{key}.zarr"),
-        out_key=key,
-        identity=identity,
-        upstream=upstream,
-        checkpoint_info={"path": path, "sha256": sha, "method": meta.method, "step": meta.step,
-                         "train": meta.train, "data": meta.data, "grid": meta.grid.to_dict()},
-        started=utc_now(),
+        out_url=join_url(cfg.storage.root, "downscale", f"{name}.{key}.zarr"), out_key=key,
+        identity=identity, upstream=upstream, started=utc_now(),
     )
 
 
@@ -526,7 +296,7 @@ def _template(plan: DownscalePlan, fine: xr.Dataset) -> tuple[xr.Dataset, dict[s
         "title": f"ClimRecon downscaled ensemble of {plan.name} ({n_m} members)",
         "Conventions": "CF-1.8",
         **stage_attrs("downscale", cfg, plan.out_key, str(fine.attrs.get("history", "")),
-                      checkpoint=plan.checkpoint, checkpoint_sha256=plan.checkpoint_sha256),
+                      method=plan.method.model_dump(mode="json"), sampler=plan.sampler.model_dump(mode="json")),
     }
     return ds, encoding
 
@@ -544,19 +314,46 @@ def prepare_downscale(plan: DownscalePlan, storage_options: dict[str, Any] | Non
 
 
 # -- units ----------------------------------------------------------------------------------------------------
-def _device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DownscaleError("downscale.device is 'cuda' but this worker has no CUDA device")
-        return torch.device("cuda")
-    return torch.device("cpu")
+_METHODS: dict[str, Method] = {}  # per worker process: plan key -> built (and fitted) method
 
 
-@functools.lru_cache(maxsize=2)
-def _model(path: str, sha: str, device: str) -> tuple[Any, CheckpointMetadata]:
-    """The checkpoint's model on ``device``, loaded once per worker process (keyed by its content hash)."""
-    model, meta = load_checkpoint(path, map_location=device)
-    return model, meta
+def _method(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> Method:
+    """The plan's method, built (and fitted, for a fitted method) once per worker process."""
+    method = _METHODS.get(plan.out_key)
+    if method is None:
+        method = build(plan.method, plan.sampler)
+        if plan.fit is not None:
+            method.fit(*_fit_pairs(plan, storage_options))
+        while len(_METHODS) >= 2:  # a worker serves one store at a time; keep the last two
+            _METHODS.pop(next(iter(_METHODS)))
+        _METHODS[plan.out_key] = method
+    return method
+
+
+def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> tuple[xr.Dataset, xr.Dataset]:
+    """(coarse_train, fine_train): the truth's training years on the target grid and on the input's coarse grid."""
+    from climrecon.methods.features import coarse_view
+    from climrecon.tasks.training_data import open_truth, select_years
+
+    fit = plan.fit
+    fine = _open(plan.fine_url, storage_options, "regridded fine store")
+    variables = [v for v in plan.variables]
+    try:
+        truth = select_years(open_truth(fit.truth_url, variables, storage_options), fit.years,
+                             f"truth store {fit.truth_url} (train.train_years)").astype("float32").load()
+        target = Grid.from_dataset(fine, "fine store")
+        if not Grid.from_dataset(truth, "truth").same_cells(target):
+            raise DownscaleError(
+                f"the fitting truth {fit.truth_url} is not on the target grid {target.describe()}: give train.truth "
+                "on the grid the regrid stage writes"
+            )
+        truth = truth.assign_coords(lat=fine["lat"].values, lon=fine["lon"].values)
+        coarse_grid = Grid.from_dataset(_open(plan.coarse_url, storage_options, "regridded coarse store"), "coarse store")
+        return coarse_view(truth, coarse_grid), truth
+    except (ValueError, GridError) as exc:
+        if isinstance(exc, DownscaleError):
+            raise
+        raise DownscaleError(f"fitting {plan.method.name} for {plan.name}: {exc}") from None
 
 
 def _worker_address() -> str | None:
@@ -568,47 +365,33 @@ def _worker_address() -> str | None:
         return None
 
 
-def _conditioning(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
-    """The unit's conditioning [T, C, H, W] in physical units and its time of year [T]."""
-    fine = _open(plan.fine_url, storage_options, "regridded fine store")[list(plan.variables)].isel(time=unit.time)
-    static = _open(plan.static_url, storage_options, "static store")[plan.spec.static_names()]
-    try:
-        stack = conditioning_stack(fine.load(), static.load(), plan.spec)
-    except ConditioningError as exc:
-        raise DownscaleError(f"{plan.fine_url}: {exc}") from None
-    values = stack.values
-    bad = ~np.isfinite(values).all(axis=(1, 2, 3))
-    if bad.any():
-        raise DownscaleError(
-            f"conditioning of {plan.name} has NaN/inf at {[plan.time_labels[unit.time.start + i] for i in np.flatnonzero(bad)]} "
-            f"(channels {plan.channels}); check the regridded stores {plan.fine_url} and {plan.static_url}"
-        )
-    return values, time_of_year(fine["time"].values)
+def unit_inputs(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None = None) -> Inputs:
+    """The unit's :class:`~climrecon.methods.Inputs`, loaded: its time steps of the fine (and coarse) store
+    and the static fields."""
+    fine = _open(plan.fine_url, storage_options, "regridded fine store").isel(time=unit.time)
+    static = _open(plan.static_url, storage_options, "static store")
+    coarse = None
+    if plan.coarse_url:
+        coarse = _open(plan.coarse_url, storage_options, "regridded coarse store").isel(time=unit.time).load()
+    inputs = _method_inputs(fine.load(), static.load(), coarse, plan.fine_url)
+    return inputs
 
 
 def sample_unit(
     plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None = None
 ) -> tuple[dict[str, np.ndarray], UnitReport]:
-    """Sample every (member, time) item of ``unit``: ``{variable: (member, time, lat, lon) float32}`` + report."""
-    cfg = plan.config
-    device = _device(cfg.device)
+    """Downscale every (member, time) item of ``unit``: ``{variable: (member, time, lat, lon) float32}`` + report."""
     t0 = _time.perf_counter()
-    model, meta = _model(plan.checkpoint, plan.checkpoint_sha256, str(device))
-    cond, toy = _conditioning(plan, unit, storage_options)
-    cond_net = network_conditioning(cond, plan.channels, meta)
-    members = range(unit.member.start, unit.member.stop)
-    n_t = unit.time.stop - unit.time.start
-    seeds = item_seeds(cfg.seed, plan.months[unit.time], members)
-    cond_items = torch.from_numpy(np.tile(cond_net, (len(members), 1, 1, 1)))  # member-major, like the seeds
-    toy_items = torch.from_numpy(np.tile(toy, len(members)))
-    z = sample_items(
-        model, cond_items, toy_items, plan.tiling, seeds=seeds, out_channels=len(plan.variables),
-        num_steps=cfg.num_steps, blend=cfg.blend, max_patches_per_batch=cfg.max_patches_per_batch, device=device,
-    )
-    x = physical_fields(z, np.tile(cond, (len(members), 1, 1, 1)), plan.channels, meta)
-    x = x.reshape(len(members), n_t, len(plan.variables), *x.shape[-2:])
-    fields = {v: np.ascontiguousarray(x[:, :, i]) for i, v in enumerate(plan.variables)}
-    report = UnitReport(unit.label, unit.size, _worker_address(), str(device), _time.perf_counter() - t0,
+    try:
+        method = _method(plan, storage_options)
+        result = method.downscale(unit_inputs(plan, unit, storage_options),
+                                  members=range(unit.member.start, unit.member.stop), seed=plan.config.seed)
+    except MethodError as exc:
+        raise DownscaleError(f"{plan.name} {unit.label}: {exc} (stores {plan.fine_url}, {plan.static_url})") from None
+    fields = {v: np.ascontiguousarray(result[v].transpose("member", "time", "lat", "lon").values, dtype=np.float32)
+              for v in plan.variables}
+    device = str(getattr(method, "device", "cpu"))
+    report = UnitReport(unit.label, unit.size, _worker_address(), device, _time.perf_counter() - t0,
                         hardware=hardware())
     return fields, report
 
@@ -678,14 +461,15 @@ def finalize_downscale(
     for r in reports:
         workers.setdefault(f"{r.worker or 'local'} {r.device}", {"worker": r.worker, "device": r.device,
                                                                    "hardware": r.hardware})
-    inputs = [{"store": public_url(plan.fine_url), "content_key": plan.fine_key, "role": "conditioning"},
+    inputs = [{"store": public_url(plan.fine_url), "content_key": plan.fine_key, "role": "coarse on fine grid"},
               {"store": public_url(plan.static_url), "content_key": plan.static_key, "role": "static"}]
     if plan.coarse_url:
         inputs.append({"store": public_url(plan.coarse_url), "content_key": plan.coarse_key, "role": "coarse"})
     record = stage_record(
         "downscale", store=public_url(plan.out_url), key=plan.out_key, config=plan.config, started=plan.started,
-        inputs=inputs, upstream=plan.upstream, checkpoint=plan.checkpoint_info, base_seed=plan.config.seed,
-        seeds="seed_for(base_seed, year * 12 + month - 1, member)", workers=list(workers.values()),
+        inputs=inputs, upstream=plan.upstream, checkpoint=plan.description.get("checkpoint"),
+        method={k: v for k, v in plan.description.items() if k != "checkpoint"}, base_seed=plan.config.seed,
+        seeds=plan.description.get("seeds", "deterministic"), workers=list(workers.values()),
         units_this_run=len(reports), sample_seconds_this_run=round(sum(r.sample_seconds for r in reports), 3),
     )
     store.finalize([u.region for u in plan.units()], attrs={"climrecon_provenance": json.dumps(record, sort_keys=True)})

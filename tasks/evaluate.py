@@ -2,7 +2,7 @@
 
 Protocol (Vandal et al. / ZSSD / DPDM "perfect model"): take a fine truth, area-average it by each
 ``factor`` (:func:`climrecon.tasks.regrid.coarsen_blocks`), downscale the coarse field back to the fine grid
-with every method through the one :class:`~climrecon.tasks.baselines.Downscaler` interface, and compare with
+with every method through the one :class:`~climrecon.methods.baselines.Downscaler` interface, and compare with
 the truth on HELD-OUT years only. Baselines are fitted on the training years (truth coarsened by the same
 factor and the truth itself); the diffusion model was trained elsewhere on perfect-model pairs, and the
 evaluation refuses a checkpoint whose recorded training or validation years overlap the held-out years.
@@ -13,16 +13,13 @@ Contract:
   :func:`climrecon.tasks.metrics.evaluate_all` (mae, rmse, bias, acc, ssim, psnr, q99_error, crps,
   spread_skill_ratio, log_spectral_distance, wasserstein; NaN where a metric does not apply, e.g. the
   spread-skill ratio of one member); plus what the figures need (maps of the first scored month, power
-  spectra, rank histograms) at the "figure factor" (the diffusion checkpoint's, else the first factor).
+  spectra, rank histograms) at the "figure factor" (the smallest factor an ensemble method serves, else
+  the first factor).
 - ACC anomalies are taken against the truth's monthly climatology of the TRAINING years.
-- :class:`DiffusionDownscaler` wraps a checkpoint as a Downscaler, reading it exactly as the downscale stage
-  does (one implementation of what training fed the network): the coarse field bilinearly back on the fine
-  grid, static fields and position (:func:`~climrecon.tasks.conditioning.conditioning_stack`), normalised by
-  :func:`climrecon.tasks.downscale.network_conditioning`; the domain sampled tile by tile with
-  :func:`climrecon.tasks.downscale.sample_items` (seeds ``seed_for(seed, year * 12 + month - 1, member)``);
-  physical fields from :func:`climrecon.tasks.downscale.physical_fields` (plus the coarse field for a
-  residual model). Member ``m`` of month ``t`` is the same field whatever the ensemble size, so the
-  k-member ensemble is the first k of the largest.
+- Inputs at each factor: the coarsened held-out truth, its bilinear view on the fine grid, and the static
+  fields with the ``<name>_coarse`` views the methods need (``needs.static``), made through the same
+  coarse grid. Member ``m`` of month ``t`` is the same field whatever the ensemble size, so the k-member
+  ensemble is the first k of the largest.
 - Writers: :func:`records_frame` (pandas), :func:`write_records_csv`, :func:`evaluation_document` /
   :func:`write_json`, :func:`markdown_report` (tables shaped like the papers: ZSSD's MAE/RMSE per factor
   per method; DPDM Table 1's RMSE/ACC/SSIM/PSNR per variable per method and ensemble size; the
@@ -37,39 +34,20 @@ import time as _time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
 
 from climrecon.catalogs.sample import STATIC_SOURCE_ID, SYNTHETIC_SOURCE_ID
-from climrecon.config import ClimReconConfig, EvaluateConfig
-from climrecon.models.checkpoint import load_checkpoint
+from climrecon.config import ClimReconConfig, EvaluateConfig, MethodConfig, SamplerConfig
+from climrecon.methods import Inputs, Method, MethodError, build
+from climrecon.methods.features import with_coarse_static
 from climrecon.storage import is_remote, public_url
 from climrecon.tasks import metrics, plots
-from climrecon.tasks.baselines import (
-    BCSDDownscaler,
-    BilinearDownscaler,
-    Downscaler,
-    GridLike,
-    QuantileMappingDownscaler,
-)
-from climrecon.tasks.conditioning import coarse_on_fine, conditioning_stack, time_of_year, with_coarse_static
-from climrecon.tasks.downscale import (
-    DownscaleError,
-    default_checkpoint,
-    item_seeds,
-    month_index,
-    network_conditioning,
-    physical_fields,
-    sample_items,
-)
-from climrecon.tasks.downscale import checkpoint_spec
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import coarsen_blocks
-from climrecon.tasks.tiling import TilingError, make_tiling
 from climrecon.tasks.training_data import open_truth, select_years, static_for_truth
 
 __all__ = [
@@ -77,13 +55,12 @@ __all__ = [
     "METRICS",
     "METRIC_LABELS",
     "MAP_REFERENCE",
-    "DiffusionDownscaler",
     "EvaluationResult",
-    "DownscalerFactory",
+    "MethodFactory",
     "open_evaluation_truth",
     "evaluation_static_url",
     "heldout_months",
-    "make_downscaler",
+    "method_factory",
     "run_evaluation",
     "records_frame",
     "write_records_csv",
@@ -94,19 +71,6 @@ __all__ = [
     "output_directory",
 ]
 
-METRICS = (
-    "mae",
-    "rmse",
-    "bias",
-    "acc",
-    "ssim",
-    "psnr",
-    "q99_error",
-    "crps",
-    "spread_skill_ratio",
-    "log_spectral_distance",
-    "wasserstein",
-)
 METRIC_LABELS = {
     "mae": "MAE",
     "rmse": "RMSE",
@@ -120,182 +84,13 @@ METRIC_LABELS = {
     "log_spectral_distance": "LSD [dB]",
     "wasserstein": "W1",
 }
+METRICS = tuple(METRIC_LABELS)
 MAP_REFERENCE = "bilinear"  # the one deterministic method drawn beside the truth and the ensembles' members
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
 class EvaluationError(ValueError):
     """The evaluation cannot run as configured; the message names the store, field or checkpoint at fault."""
-
-
-# -- the diffusion method behind the Downscaler interface ----------------------------------------------------
-@dataclass
-class DiffusionDownscaler:
-    """A trained conditional patch-diffusion checkpoint as a :class:`~climrecon.tasks.baselines.Downscaler`.
-
-    ``fit`` learns nothing (the model was trained by the train stage); ``downscale(coarse, static_fine,
-    target, members=M, seed=s)`` samples M members per month (module docstring). ``coarse`` must be on the
-    grid of ``target`` coarsened by the checkpoint's factor; ``static_fine`` must hold the checkpoint's static
-    channels on ``target``. Samples ``items_per_call`` (month, member) items per sampler call (memory bound;
-    results do not depend on it).
-    """
-
-    checkpoint: str
-    num_steps: int = 18
-    blend: Literal["every_step", "once"] = "every_step"
-    overlap: int | None = None
-    max_patches_per_batch: int = 32
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    items_per_call: int = 64
-    name: str = "diffusion"
-    stochastic: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        dev = self.device
-        if dev == "cuda" and not torch.cuda.is_available():
-            raise EvaluationError("evaluate.device is 'cuda' but torch sees no CUDA device here")
-        self._device = torch.device(
-            "cuda" if dev == "cuda" or (dev == "auto" and torch.cuda.is_available()) else "cpu"
-        )
-        self.model, self.metadata = load_checkpoint(self.checkpoint, map_location=self._device)
-        if not self.metadata.grid.coarsening_factor or not self.metadata.grid.patch_size:
-            raise EvaluationError(
-                f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size"
-            )
-        try:  # the downscale stage's reading of a checkpoint: one implementation of what training fed it
-            self.spec = checkpoint_spec(self.metadata, self.checkpoint)
-        except DownscaleError as exc:
-            raise EvaluationError(str(exc)) from None
-
-    # -- what the checkpoint supports --
-    @property
-    def factor(self) -> int:
-        return self.spec.factor
-
-    @property
-    def variables(self) -> tuple[str, ...]:
-        return self.spec.variables
-
-    @property
-    def target_kind(self) -> str:
-        """What the network generates: "residual" (over the coarse input) or "full" fields."""
-        return str(self.metadata.data.get("target", "full"))
-
-    def years_seen(self) -> list[tuple[int, int]]:
-        """Inclusive year ranges the model was trained or validated on (from its metadata)."""
-        return [
-            tuple(self.metadata.data[k])
-            for k in ("train_years", "validation_years")
-            if self.metadata.data.get(k)
-        ]
-
-    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DiffusionDownscaler:
-        missing = [v for v in self.variables if v not in fine_train.data_vars]
-        if missing:
-            raise EvaluationError(
-                f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}"
-            )
-        return self  # trained by the train stage
-
-    def downscale(
-        self,
-        coarse: xr.Dataset,
-        static_fine: xr.Dataset | None,
-        target: GridLike,
-        *,
-        members: int = 1,
-        seed: int = 0,
-    ) -> xr.Dataset:
-        grid = target if isinstance(target, Grid) else Grid.from_dataset(target, "target grid")
-        self._check_inputs(coarse, static_fine, grid, members)
-        variables = list(self.variables)
-        coarse_fine = coarse_on_fine(coarse[variables].astype("float32"), grid)
-        if not all(n in static_fine for n in self.spec.static_names()):
-            static_fine = with_coarse_static(static_fine, Grid.from_dataset(coarse, "coarse input"), self.spec.static_coarse)
-        cond = conditioning_stack(coarse_fine, static_fine, self.spec).load()
-        channels = self.spec.channel_names()
-        try:
-            z_cond = network_conditioning(cond.values, channels, self.metadata)
-        except DownscaleError as exc:
-            raise EvaluationError(f"checkpoint {self.checkpoint}: {exc}") from None
-        patch = int(self.metadata.grid.patch_size)
-        overlap = self.overlap if self.overlap is not None else patch // 4
-        try:
-            tiling = make_tiling(grid.nlat, grid.nlon, patch, overlap)
-        except TilingError as exc:
-            raise EvaluationError(f"evaluate.overlap / checkpoint patch size {patch}: {exc}") from None
-        times = cond["time"].values
-        toy = time_of_year(times)
-        n_t = len(times)
-        seeds = item_seeds(seed, month_index(times), range(members))  # member-major
-        items = [(m, t) for m in range(members) for t in range(n_t)]
-        out = np.empty((members, n_t, len(variables), grid.nlat, grid.nlon), np.float32)
-        for start in range(0, len(items), self.items_per_call):
-            chunk = items[start : start + self.items_per_call]
-            t_idx = np.array([t for _, t in chunk])
-            z = sample_items(
-                self.model,
-                torch.from_numpy(z_cond[t_idx]),
-                torch.from_numpy(toy[t_idx]),
-                tiling,
-                seeds=seeds[start : start + len(chunk)],
-                out_channels=len(variables),
-                num_steps=self.num_steps,
-                blend=self.blend,
-                max_patches_per_batch=self.max_patches_per_batch,
-                device=self._device,
-            )
-            x = physical_fields(z, cond.values[t_idx], channels, self.metadata)
-            for (m, t), field_ in zip(chunk, x, strict=True):
-                out[m, t] = field_
-        coords = {"member": np.arange(members), "time": coarse["time"], "lat": grid.lat, "lon": grid.lon}
-        result = xr.Dataset(
-            {
-                v: (("member", "time", "lat", "lon"), out[:, :, i], coarse[v].attrs)
-                for i, v in enumerate(variables)
-            },
-            coords=coords,
-        )
-        if "time_bnds" in coarse:
-            result["time_bnds"] = coarse["time_bnds"]
-        return result.assign_attrs(
-            downscaling_method=self.name,
-            checkpoint=public_url(self.checkpoint),
-            num_steps=self.num_steps,
-            blend=self.blend,
-            base_seed=seed,
-        )
-
-    def _check_inputs(
-        self, coarse: xr.Dataset, static_fine: xr.Dataset | None, grid: Grid, members: int
-    ) -> None:
-        path = self.checkpoint
-        if members < 1:
-            raise EvaluationError(f"diffusion: members must be >= 1, got {members}")
-        missing = [v for v in self.variables if v not in coarse.data_vars]
-        if missing:
-            raise EvaluationError(
-                f"checkpoint {path} downscales {list(self.variables)}; the coarse input lacks {missing}"
-            )
-        coarse_grid = Grid.from_dataset(coarse, "coarse input")
-        factor = coarse_grid.dlat / grid.dlat
-        if not math.isclose(factor, self.factor, rel_tol=1e-6):
-            raise EvaluationError(
-                f"checkpoint {path} was trained to downscale by x{self.factor}; "
-                f"the coarse input is x{factor:g} "
-                f"coarser than the target ({coarse_grid.dlat:g} vs {grid.dlat:g} deg)"
-            )
-        trained = self.metadata.grid.fine_resolution
-        if trained and not math.isclose(trained, grid.dlat, rel_tol=1e-6):
-            raise EvaluationError(
-                f"checkpoint {path} was trained on a {trained:g}-deg fine grid; "
-                f"the target is {grid.dlat:g} deg"
-            )
-        if static_fine is None:
-            raise EvaluationError(
-                f"checkpoint {path} is conditioned on static fields {list(self.spec.static)}; "
-                "pass static_fine"
-            )
 
 
 # -- inputs --------------------------------------------------------------------------------------------------
@@ -389,29 +184,24 @@ def heldout_months(truth: xr.Dataset, ev: EvaluateConfig) -> xr.Dataset:
     return held.isel(time=slice(None, None, ev.month_stride))
 
 
-DownscalerFactory = Callable[[int], Downscaler | None]
-"""``factory(factor)`` -> a fresh Downscaler for that factor, or None where the method does not apply."""
+MethodFactory = Callable[[int], Method | None]
+"""``factory(factor)`` -> the Method to score at that factor (fitted there), or None where it does not apply."""
 
 
-def make_downscaler(method: str, ev: EvaluateConfig, checkpoint: str | None = None) -> DownscalerFactory:
-    """The factory of a configured method: bilinear, bcsd, qm, or diffusion (its checkpoint's factor only)."""
-    if method == "bilinear":
-        return lambda factor: BilinearDownscaler()
-    if method == "bcsd":
-        return lambda factor: BCSDDownscaler()
-    if method == "qm":
-        return lambda factor: QuantileMappingDownscaler()
-    if method == "diffusion":
-        model = DiffusionDownscaler(
-            checkpoint or default_checkpoint(ev.checkpoint),
-            num_steps=ev.num_steps,
-            blend=ev.blend,
-            overlap=ev.overlap,
-            max_patches_per_batch=ev.max_patches_per_batch,
-            device=ev.device,
-        )
-        return lambda factor: model if factor == model.factor else None
-    raise EvaluationError(f"unknown evaluation method {method!r}; expected bilinear, bcsd, qm or diffusion")
+def method_factory(config: MethodConfig, sampler: SamplerConfig) -> MethodFactory:
+    """The factory of a configured method: one instance for a pretrained method (only at the factors it
+    serves), a fresh instance per factor for a fitted one."""
+    try:
+        shared = build(config, sampler)
+    except MethodError as exc:
+        raise EvaluationError(f"evaluate.methods {config.name!r}: {exc}") from None
+
+    def factory(factor: int) -> Method | None:
+        if shared.needs.factors and factor not in shared.needs.factors:
+            return None
+        return build(config, sampler) if shared.needs.fit else shared
+
+    return factory
 
 
 # -- the protocol --------------------------------------------------------------------------------------------
@@ -428,7 +218,7 @@ class EvaluationResult:
     months: list[str]
     timings: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    checkpoint: dict[str, Any] | None = None
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> describe()
     maps: dict[str, dict[str, xr.DataArray]] = field(default_factory=dict, repr=False)
     spreads: dict[str, xr.DataArray] = field(default_factory=dict, repr=False)
     spectra: dict[str, dict[str, xr.DataArray]] = field(default_factory=dict, repr=False)
@@ -439,25 +229,32 @@ def _label(method: str, members: int, stochastic: bool) -> str:
     return f"{method} (N={members})" if stochastic else method
 
 
-def _check_years_unseen(model: DiffusionDownscaler, ev: EvaluateConfig) -> None:
+def _check_years_unseen(name: str, description: Mapping[str, Any], ev: EvaluateConfig) -> None:
     h0, h1 = ev.heldout_years
-    for a, b in model.years_seen():
+    for a, b in description.get("years_seen", ()):
         if a <= h1 and h0 <= b:
             raise EvaluationError(
-                f"checkpoint {model.checkpoint} was trained/validated on years {a}-{b}, which overlap "
-                f"evaluate.heldout_years {h0}-{h1}: its scores would not be out-of-sample"
+                f"method {name} ({description.get('report', '')}) was trained/validated on years {a}-{b}, which "
+                f"overlap evaluate.heldout_years {h0}-{h1}: its scores would not be out-of-sample"
             )
+
+
+def _inputs(coarse: xr.Dataset, grid: Grid, static_fine: xr.Dataset | None, views: Sequence[str]) -> Inputs:
+    """Inputs of one factor: the coarse fields, their bilinear view, static fields + coarse views."""
+    if static_fine is not None and views:
+        static_fine = with_coarse_static(static_fine, Grid.from_dataset(coarse, "coarse input"), views)
+    return Inputs.from_coarse(coarse, grid, static_fine)
 
 
 def run_evaluation(
     cfg: ClimReconConfig,
     *,
-    downscalers: Mapping[str, DownscalerFactory] | None = None,
+    methods: Mapping[str, MethodFactory] | None = None,
     storage_options: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationResult:
-    """The perfect-model protocol of ``cfg.evaluate`` (module docstring); ``downscalers`` replaces the
-    configured methods by name -> factory (any :class:`Downscaler`), e.g. to evaluate a new method."""
+    """The perfect-model protocol of ``cfg.evaluate`` (module docstring); ``methods`` replaces the
+    configured methods by name -> factory (any :class:`~climrecon.methods.Method`), e.g. to score a new one."""
     ev = cfg.evaluate
     say = log or (lambda _msg: None)
     if ev.threads:
@@ -473,22 +270,15 @@ def run_evaluation(
             "use factors dividing both"
         )
     factories = (
-        dict(downscalers) if downscalers is not None else {m: make_downscaler(m, ev) for m in ev.methods}
+        dict(methods) if methods is not None
+        else {m.name: method_factory(m, cfg.sampler) for m in ev.methods}
     )
     cases = {(m, f): factory(f) for m, factory in factories.items() for f in ev.factors}
-    diffusion = {id(d): d for d in cases.values() if isinstance(d, DiffusionDownscaler)}
-    checkpoint_info = None
-    for model in diffusion.values():
-        _check_years_unseen(model, ev)
-        checkpoint_info = {
-            "path": public_url(model.checkpoint),
-            "method": model.metadata.method,
-            "factor": model.factor,
-            "variables": list(model.variables),
-            "step": model.metadata.step,
-            "target": model.target_kind,
-            "data": model.metadata.data,
-        }
+    descriptions: dict[str, dict[str, Any]] = {}
+    for (name, _), method in cases.items():
+        if method is not None and name not in descriptions:
+            descriptions[name] = method.describe()
+            _check_years_unseen(name, descriptions[name], ev)
 
     t0 = _time.perf_counter()
     train = select_years(truth, ev.train_years, "truth (evaluate.train_years)").astype("float32").load()
@@ -498,10 +288,7 @@ def run_evaluation(
         f"{held.sizes['time']} held-out months scored"
     )
     climatology = metrics.monthly_climatology(train)
-    needs_static = any(
-        d is not None and not isinstance(d, BilinearDownscaler | BCSDDownscaler | QuantileMappingDownscaler)
-        for d in cases.values()
-    )
+    needs_static = any(d is not None and d.needs.static for d in cases.values())
     static_fine = (
         static_for_truth(evaluation_static_url(cfg), held, storage_options) if needs_static else None
     )
@@ -509,7 +296,7 @@ def run_evaluation(
         {"step": "load truth, climatology, static", "seconds": round(_time.perf_counter() - t0, 2)}
     ]
 
-    stochastic_factors = [f for (_, f), d in cases.items() if getattr(d, "stochastic", False)]
+    stochastic_factors = [f for (_, f), d in cases.items() if d is not None and d.needs.stochastic]
     figure_factor = min(stochastic_factors) if stochastic_factors else ev.factors[0]
     result = EvaluationResult(
         records=[],
@@ -520,32 +307,30 @@ def run_evaluation(
         figure_factor=figure_factor,
         months=[f"{t.year:04d}-{t.month:02d}" for t in held["time"].values],
         timings=timings,
-        checkpoint=checkpoint_info,
+        methods=descriptions,
     )
     for method in factories:
         skipped = [f"x{f}" for f in ev.factors if cases[method, f] is None]
-        used = {type(d) for (m, _), d in cases.items() if m == method and d is not None}
+        served = [f"x{f}" for f in ev.factors if cases[method, f] is not None]
         if skipped:
-            why = (
-                f"its checkpoint was trained for x{next(iter(diffusion.values())).factor} only"
-                if used == {DiffusionDownscaler}
-                else "not applicable"
-            )
+            why = f"it serves {', '.join(served)} only" if served else "it serves none of evaluate.factors"
             result.notes.append(f"{method}: not run at {', '.join(skipped)} ({why})")
     for factor in ev.factors:
         coarse_train, coarse_held = coarsen_blocks(train, factor), coarsen_blocks(held, factor)
-        for method in factories:
-            downscaler = cases[method, factor]
-            if downscaler is None:
-                continue
-            stochastic = bool(getattr(downscaler, "stochastic", False))
+        active = {m: cases[m, factor] for m in factories if cases[m, factor] is not None}
+        views = sorted({n.removesuffix("_coarse") for d in active.values() for n in d.needs.static
+                        if n.endswith("_coarse")})
+        inputs = _inputs(coarse_held, grid, static_fine, views)
+        for method, downscaler in active.items():
+            stochastic = downscaler.needs.stochastic
             sizes = sorted(ev.ensemble_sizes) if stochastic else [1]
             t_fit = _time.perf_counter()
-            downscaler.fit(coarse_train, train)
-            t_run = _time.perf_counter()
-            fields = downscaler.downscale(
-                coarse_held, static_fine, grid, members=sizes[-1], seed=ev.seed
-            ).load()
+            try:
+                downscaler.fit(coarse_train, train)
+                t_run = _time.perf_counter()
+                fields = downscaler.downscale(inputs, members=sizes[-1], seed=ev.seed).load()
+            except MethodError as exc:
+                raise EvaluationError(f"{method} at x{factor}: {exc}") from None
             t_done = _time.perf_counter()
             names = [v for v in variables if v in fields.data_vars]
             for k in sizes:
@@ -651,11 +436,11 @@ def evaluation_document(result: EvaluationResult) -> dict[str, Any]:
             "source": result.source,
             "fine_resolution_deg": result.fine_resolution,
             "units": result.units,
-            "checkpoint": result.checkpoint,
             "months_scored": result.months,
             "figure_factor": result.figure_factor,
             "timings": result.timings,
             "notes": result.notes,
+            "methods": result.methods,
             "records": result.records,
         }
     )
@@ -711,10 +496,8 @@ def markdown_report(result: EvaluationResult, title: str = "Perfect-model evalua
         "Deterministic scores of an ensemble are those of its mean; SSIM/PSNR/q99/LSD/W1 use every member.",
         "",
     ]
-    if result.checkpoint:
-        c = result.checkpoint
-        model = f"`{c['path']}` ({c['method']}, x{c['factor']}, step {c['step']}, target {c['target']})"
-        lines += [f"Diffusion: checkpoint {model}, {cfg['num_steps']} Heun steps, blend {cfg['blend']}.", ""]
+    if result.methods:
+        lines += ["Methods:", "", *[f"- {d.get('report', name)}" for name, d in result.methods.items()], ""]
     factors = sorted(df["factor"].unique())
     # (a) ZSSD-style: MAE / RMSE per factor per method
     lines += ["## (a) MAE / RMSE by coarsening factor (ZSSD-style)", ""]
@@ -808,7 +591,7 @@ def write_figures(result: EvaluationResult, directory: str | Path) -> list[Path]
             plots.plot_rank_histogram(
                 counts,
                 directory / f"rank_histogram_{v}_x{f}.png",
-                title=f"{v}: rank of truth in the {counts.size - 1}-member diffusion ensemble (x{f})",
+                title=f"{v}: rank of truth in the {counts.size - 1}-member ensemble (x{f})",
             )
         )
     return written

@@ -196,6 +196,14 @@ class Grid:
             attrs={"lon_convention": self.lon_convention},
         )
 
+    def same_cells(self, other: Grid, rtol: float = 1e-6) -> bool:
+        """The same cells as ``other`` (within ``rtol`` of a cell; longitudes compared modulo 360)."""
+        tol = rtol * min(self.dlat, other.dlat)
+        west = (self.west - other.west + 180.0) % 360.0 - 180.0
+        return (self.nlat, self.nlon) == (other.nlat, other.nlon) and all(
+            abs(x) < tol for x in (self.south - other.south, west, self.dlat - other.dlat, self.dlon - other.dlon)
+        )
+
     def describe(self) -> str:
         return (
             f"{self.nlat}x{self.nlon} grid of {self.dlat:g}x{self.dlon:g} deg, "

@@ -17,7 +17,8 @@ import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["PlotError", "ensemble_maps", "plot_maps", "plot_power_spectra", "plot_rank_histogram"]
+__all__ = [
+    "plot_loss_curve","PlotError", "ensemble_maps", "plot_maps", "plot_power_spectra", "plot_rank_histogram"]
 
 
 class PlotError(ValueError):
@@ -197,3 +198,24 @@ def fine_scale_maps(time_means: Mapping[str, xr.Dataset], factor: int, variable:
         panels[name] = fine.assign_attrs(long_name=f"{variable} fine scale", units=units)
     return plot_maps(panels, path, cmap="RdBu_r", symmetric=True,
                      title=f"{variable}: time mean over {months} month(s) minus its {factor} x {factor}-cell block means")
+
+
+def plot_loss_curve(losses: list[float], path: str | Path, title: str = "training loss") -> Path:
+    """Per-step loss (faint) and its 50-step running mean, log scale, as a PNG (Agg canvas, no pyplot)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    y = np.asarray(losses, dtype=float)
+    steps = np.arange(1, y.size + 1)
+    ax.plot(steps, y, color="0.75", lw=0.6, label="per step")
+    if y.size >= 50:
+        ax.plot(steps[49:], np.convolve(y, np.ones(50) / 50, mode="valid"), color="C0", label="50-step mean")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("EDM loss")
+    ax.set_title(title)
+    ax.legend()
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, format="png")
+    return path

@@ -7,11 +7,11 @@ Three output stores, each a :class:`~climrecon.stores.StageStore` under ``<stora
   anchored at (-90, -180), covering ``region`` extended outwards to whole coarse cells;
 - ``regrid/<name>.fine-<res>.<key>.zarr``: that coarse field put on the fine target grid (``region`` in
   ``resolution`` cells) with ``fine_method`` (bilinear: exactly
-  :func:`climrecon.tasks.conditioning.coarse_on_fine`, the conditioning the diffusion models train on);
+  :func:`climrecon.methods.features.coarse_on_fine`, the conditioning the diffusion models train on);
 - ``static/static.<grid>.<key>.zarr``: :func:`~climrecon.tasks.regrid.static_on_grid` of the static
   store on the fine grid (``orog``, ``orog_std`` [m], ``sftlf`` [%]), plus ``orog_coarse`` and
   ``sftlf_coarse``, the coarse grid's view of them put back on the fine grid
-  (:func:`~climrecon.tasks.conditioning.coarse_static_on_fine`), keyed by the static store and the
+  (:func:`~climrecon.methods.features.coarse_static_on_fine`), keyed by the static store and the
   grid only, so every run and source on the same grid reuses it.
 
 Contract:
@@ -51,7 +51,7 @@ from climrecon.config import ClimReconConfig, RegridConfig, StorageConfig
 from climrecon.provenance import stage_attrs
 from climrecon.storage import join_url, resolve_storage_options
 from climrecon.stores import StageStore, content_key, time_blocks
-from climrecon.tasks.conditioning import coarse_on_fine, coarse_static_on_fine
+from climrecon.methods.features import coarse_on_fine, coarse_static_on_fine
 from climrecon.tasks.grids import Grid, GridError, lat_edges_from_centres, lon_edges_from_centres
 from climrecon.tasks.regrid import (
     RegridError,

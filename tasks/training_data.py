@@ -7,7 +7,7 @@ Pipeline (one home for it; training, evaluation and the shipped-checkpoint tests
    failing when a requested year is not in the store.
 2. :func:`perfect_model_pairs` coarsens the truth by ``factor`` (area means), puts it back on the fine grid
    (bilinear, edges clamped) and stacks it with the static fields (``static_on_grid`` on the truth's grid)
-   and position: the conditioning of :func:`climrecon.tasks.conditioning.conditioning_stack`.
+   and position: the conditioning of :func:`climrecon.methods.features.conditioning_stack`.
 3. The network target is either the fine field itself (``target="full"``) or, by default, its RESIDUAL over
    the bilinear coarse input, ``truth - <var>_coarse`` (``target="residual"``, :func:`residual_target`):
    the model then only generates the fine-scale detail the coarse field lacks, and large-scale errors
@@ -15,7 +15,7 @@ Pipeline (one home for it; training, evaluation and the shipped-checkpoint tests
    :func:`climrecon.tasks.downscale.physical_fields` (output + ``<var>_coarse``).
    :func:`fit_target_normalization` computes the target statistics on the TRAINING years only, and so do
    the conditioning statistics (the full fields' statistics, whatever the target);
-   :func:`climrecon.tasks.conditioning.normalize_conditioning` maps the conditioning to network space with
+   :func:`climrecon.methods.features.normalize_conditioning` maps the conditioning to network space with
    the conditioning statistics.
 4. :class:`PatchBatches` draws random ``patch_size`` crops and months: the batch of step ``k`` depends only
    on ``seed_for(seed, k)``, so ``batches(first_step)`` resumes exactly (see :mod:`climrecon.models.trainer`).
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from climrecon.catalogs.static import open_static_fields
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.models.trainer import Batch
-from climrecon.tasks.conditioning import (
+from climrecon.methods.features import (
     ConditioningSpec,
     coarse_on_fine,
     conditioning_stack,
@@ -53,6 +54,11 @@ from climrecon.tasks.regrid import static_on_grid
 
 __all__ = [
     "TrainingDataError",
+    "TrainingSetup",
+    "default_truth_url",
+    "default_static_url",
+    "training_setup",
+    "finish_training",
     "open_truth",
     "select_years",
     "static_for_truth",
@@ -231,3 +237,90 @@ class PatchBatches:
         while True:
             yield self.batch(step)
             step += 1
+
+
+# -- where the training data live, and one training run's data -----------------------------------------------
+def _catalog_path(cfg: Any, source_id: str) -> str:
+    import pandas as pd
+
+    csv = cfg.sample_dir() / "catalog.csv"
+    if not csv.is_file():
+        raise FileNotFoundError(
+            f"no sample catalog at {csv}; run `climrecon catalog build-sample` or set train.truth/train.static"
+        )
+    rows = pd.read_csv(csv)
+    paths = rows.loc[rows["source_id"] == source_id, "path"].unique()
+    if len(paths) != 1:
+        raise FileNotFoundError(f"sample catalog {csv} lists {len(paths)} store(s) for source_id {source_id!r}")
+    return str(paths[0]).removeprefix("file://")
+
+
+def default_truth_url(cfg: Any) -> str:
+    """``train.truth``, or the synthetic reanalysis of the sample catalog (``cfg``: a ClimReconConfig)."""
+    from climrecon.catalogs.sample import SYNTHETIC_SOURCE_ID
+
+    return cfg.train.truth or _catalog_path(cfg, SYNTHETIC_SOURCE_ID)
+
+
+def default_static_url(cfg: Any) -> str:
+    """``train.static``, or the global static store of the sample catalog."""
+    from climrecon.catalogs.sample import STATIC_SOURCE_ID
+
+    return cfg.train.static or _catalog_path(cfg, STATIC_SOURCE_ID)
+
+
+@dataclass
+class TrainingSetup:
+    """One training run's data: the crop sampler, statistics, conditioning layout, grid, labelled description."""
+
+    batches: PatchBatches
+    stats: NormalizationStats  # of what the network generates (residuals or full fields)
+    cond_stats: NormalizationStats  # full-field statistics, for the coarse conditioning channels
+    spec: ConditioningSpec
+    grid: Grid
+    data: dict[str, Any]  # labelled description of the training data (goes into the checkpoint)
+
+
+def training_setup(section: Any, spec: ConditioningSpec, truth_url: str, static_url: str, *,
+                   target: str = "residual", patch_size: int = 32) -> TrainingSetup:
+    """Training-year pairs (``section``: a TrainSection), their statistics and the crop sampler; held-out
+    years are never opened."""
+    from climrecon.storage import public_url
+
+    if target not in TARGET_KINDS:
+        raise TrainingDataError(f"target must be one of {TARGET_KINDS}, got {target!r}")
+    truth = select_years(open_truth(truth_url, spec.variables), section.train_years, f"truth store {truth_url}")
+    static = static_for_truth(static_url, truth)
+    pairs, cond = perfect_model_pairs(truth, static, spec)
+    cond_stats = fit_target_normalization(pairs, spec.variables)
+    if target == "residual":
+        pairs = residual_target(pairs, cond, spec.variables)
+    stats = fit_target_normalization(pairs, spec.variables)
+    batches = PatchBatches.from_pairs(pairs, cond, spec, stats, patch_size=patch_size, batch_size=section.batch_size,
+                                      seed=section.seed, cond_stats=cond_stats)
+    attrs = open_truth(truth_url, spec.variables).attrs
+    data = {
+        "truth": public_url(truth_url),
+        "truth_title": attrs.get("title", ""),
+        "synthetic": str(attrs.get("synthetic", "false")).lower() == "true",
+        "static": public_url(static_url),
+        "train_years": list(section.train_years),
+        "validation_years": list(section.validation_years),
+        "heldout_years": list(section.heldout_years),
+        "months": int(pairs.sizes["time"]),
+        "conditioning": "perfect model: truth coarsened by area means, bilinear back to the fine grid",
+        "target": target,
+        "conditioning_normalization": cond_stats.to_dict(),
+    }
+    return TrainingSetup(batches, stats, cond_stats, spec, Grid.from_dataset(truth, "truth"), data)
+
+
+def finish_training(result: Any, title: str) -> None:
+    """After a training run (``result``: a TrainResult): the inference-only copy ``<stem>.ema.pt`` and the loss
+    curve ``<stem>.loss.png`` beside the training checkpoint."""
+    from climrecon.models.checkpoint import strip_training_state
+    from climrecon.tasks.plots import plot_loss_curve
+
+    ckpt = Path(result.checkpoint_path)
+    strip_training_state(ckpt, ckpt.with_suffix(".ema.pt"))
+    plot_loss_curve(result.losses, ckpt.with_suffix(".loss.png"), title)

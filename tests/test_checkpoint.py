@@ -13,7 +13,9 @@ from climrecon.models.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
     GridSpec,
-    load_checkpoint,
+    NetworkSpec,
+    _content_hash,
+    load_networks,
     read_checkpoint,
     save_checkpoint,
     strip_training_state,
@@ -56,8 +58,7 @@ def make_metadata(model: EDMPrecond) -> CheckpointMetadata:
     norm = NormalizationStats(VARIABLES, mean=(285.0, 0.8), std=(9.0, 0.6))
     return CheckpointMetadata(
         method="dpdm",
-        unet=model.net.config,
-        edm=model.config,
+        networks={"denoiser": NetworkSpec.of(model)},
         variables=VARIABLES,
         cond_channels=("tas_coarse", "orog", "sftlf"),
         normalization=norm,
@@ -78,15 +79,16 @@ def saved(tmp_path: Path) -> tuple[Path, EDMPrecond, CheckpointMetadata]:
     model = make_model()
     meta = make_metadata(model)
     path = tmp_path / "model.pt"
-    save_checkpoint(path, model.state_dict(), meta)
+    save_checkpoint(path, {"denoiser": model.state_dict()}, meta)
     return path, model, meta
 
 
 def test_round_trip_gives_same_outputs_and_metadata(saved):
     path, model, meta = saved
-    loaded, meta2 = load_checkpoint(
+    networks, meta2 = load_networks(
         path, expect={"variables": ["tas", "pr"], "method": "dpdm", "grid.patch_size": 64}
     )
+    loaded = networks["denoiser"]
     assert meta2 == meta
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     g = torch.Generator().manual_seed(0)
@@ -111,18 +113,18 @@ def test_file_holds_only_tensors_and_one_json_string(saved):
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint .*nope\.pt does not exist"):
-        load_checkpoint(tmp_path / "nope.pt")
+        load_networks(tmp_path / "nope.pt")
 
 
 def test_not_a_climrecon_checkpoint(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(make_model().state_dict(), plain)
     with pytest.raises(CheckpointError, match="is not a climrecon checkpoint"):
-        load_checkpoint(plain)
+        load_networks(plain)
     pickled = tmp_path / "pickled.pt"
     torch.save({"metadata": "{}", "obj": Path("/etc")}, pickled)  # an arbitrary object: never unpickled
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
-        load_checkpoint(pickled)
+        load_networks(pickled)
 
 
 def test_corrupt_and_truncated_files(saved, tmp_path):
@@ -131,11 +133,11 @@ def test_corrupt_and_truncated_files(saved, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_checkpoint(truncated)
+        load_networks(truncated)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(bytes(range(256)) * 10)
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(garbage)
+        load_networks(garbage)
 
 
 def test_hash_mismatch_on_modified_weights_or_metadata(saved, tmp_path):
@@ -146,14 +148,14 @@ def test_hash_mismatch_on_modified_weights_or_metadata(saved, tmp_path):
     tampered = tmp_path / "tampered.pt"
     torch.save(blob, tampered)
     with pytest.raises(CheckpointError, match="failed its integrity check"):
-        load_checkpoint(tampered)
+        load_networks(tampered)
     blob = torch.load(path, weights_only=True)
     header = json.loads(blob["metadata"])
     header["metadata"]["variables"] = ["pr", "tas"]
     blob["metadata"] = json.dumps(header)
     torch.save(blob, tampered)
     with pytest.raises(CheckpointError, match="failed its integrity check"):
-        load_checkpoint(tampered)
+        load_networks(tampered)
 
 
 def test_metadata_mismatch_with_expectations(saved):
@@ -161,11 +163,11 @@ def test_metadata_mismatch_with_expectations(saved):
     with pytest.raises(
         CheckpointError, match=r"was trained for variables \['tas', 'pr'\] but \['tas'\] were requested"
     ):
-        load_checkpoint(path, expect={"variables": ["tas"]})
+        load_networks(path, expect={"variables": ["tas"]})
     with pytest.raises(CheckpointError, match=r"grid patch_size 64 but 128 was requested"):
-        load_checkpoint(path, expect={"grid.patch_size": 128})
+        load_networks(path, expect={"grid.patch_size": 128})
     with pytest.raises(CheckpointError, match=r"no such metadata field"):
-        load_checkpoint(path, expect={"resolution": 0.25})
+        load_networks(path, expect={"resolution": 0.25})
 
 
 def test_strip_training_state_keeps_weights_and_metadata(saved, tmp_path):
@@ -173,7 +175,7 @@ def test_strip_training_state_keeps_weights_and_metadata(saved, tmp_path):
     train_path = tmp_path / "train.pt"
     save_checkpoint(
         train_path,
-        model.state_dict(),
+        {"denoiser": model.state_dict()},
         meta,
         training_state={"losses": torch.ones(3)},
         training_info={"step": 3},
@@ -187,10 +189,66 @@ def test_strip_training_state_keeps_weights_and_metadata(saved, tmp_path):
     assert contents.header["content_sha256"] == read_checkpoint(path).header["content_sha256"]
 
 
-def test_metadata_must_agree_with_the_architecture():
+def test_metadata_needs_named_networks_and_weights_for_each():
     model = make_model()
-    with pytest.raises(ValueError, match="lists 1 variables"):
-        CheckpointMetadata(method="dpdm", unet=model.net.config, variables=("tas",))
+    with pytest.raises(ValueError, match="at least one named network"):
+        CheckpointMetadata(method="dpdm", networks={}, variables=("tas",))
+    with pytest.raises(CheckpointError, match=r"weights given for roles \['denoiser'\] but the metadata describes"):
+        save_checkpoint(
+            "unused.pt", {"denoiser": model.state_dict()},
+            CheckpointMetadata("corrdiff", {"denoiser": NetworkSpec.of(model), "regression": NetworkSpec.of(model)}),
+        )
+
+
+def test_two_named_networks_round_trip_and_a_missing_role_is_named(tmp_path):
+    first, second = make_model(), make_model()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.01)
+    meta = CheckpointMetadata("two-stage", {"regression": NetworkSpec.of(first), "denoiser": NetworkSpec.of(second)},
+                              method_config={"name": "two-stage", "lr": 1})
+    path = tmp_path / "two.pt"
+    save_checkpoint(path, {"regression": first.state_dict(), "denoiser": second.state_dict()}, meta)
+    nets, meta2 = load_networks(path)
+    assert set(nets) == {"regression", "denoiser"} and meta2.method_config == {"name": "two-stage", "lr": 1}
+    x, cond, toy = torch.randn(1, 2, 8, 8), torch.randn(1, 3, 8, 8), torch.rand(1)
+    with torch.no_grad():
+        assert torch.equal(nets["regression"](x, 0.5, cond, toy), first.eval()(x, 0.5, cond, toy))
+        assert torch.equal(nets["denoiser"](x, 0.5, cond, toy), second.eval()(x, 0.5, cond, toy))
+    only = tmp_path / "only.pt"
+    save_checkpoint(only, {"denoiser": second.state_dict()},
+                    CheckpointMetadata("two-stage", {"denoiser": NetworkSpec.of(second)}))
+    with pytest.raises(CheckpointError, match=r"lacks the network role\(s\) \['regression'\].*holds \['denoiser'\]"):
+        load_networks(only, roles=("regression", "denoiser"))
+
+
+def test_format_1_files_are_read_as_format_2(saved, tmp_path):
+    """A format-1 file (one network under ``ema.``, as the first shipped checkpoint) is verified with its own
+    hash and loads as the ``denoiser`` role with identical outputs."""
+    path, model, meta = saved
+    v2 = read_checkpoint(path)
+    header = json.loads(torch.load(path, weights_only=True)["metadata"])
+    v1_meta = dict(header["metadata"])
+    network = v1_meta.pop("networks")["denoiser"]
+    v1_meta.pop("method_config")
+    v1_meta.update(unet=network["unet"], edm=network["edm"])
+    v1_header = {"format": "climrecon-checkpoint", "format_version": 1, "metadata": v1_meta, "training": None}
+    tensors = {"ema." + k: v for k, v in v2.with_prefix("ema.denoiser.").items()}
+    v1_header["content_sha256"] = _content_hash(v1_header, tensors)
+    old = tmp_path / "v1.pt"
+    torch.save({"metadata": json.dumps(v1_header), **tensors}, old)
+    contents = read_checkpoint(old)
+    assert contents.header["format_version"] == 2 and contents.header["upgraded_from_format"] == 1
+    assert contents.header["content_sha256"] == v1_header["content_sha256"]  # the file's own identity
+    assert contents.metadata == meta
+    nets, _ = load_networks(old)
+    x, cond, toy = torch.randn(1, 2, 8, 8), torch.randn(1, 3, 8, 8), torch.rand(1)
+    with torch.no_grad():
+        assert torch.equal(nets["denoiser"](x, 0.5, cond, toy), model.eval()(x, 0.5, cond, toy))
+    tensors["ema.net.extra"] = torch.zeros(1)  # tampering is still caught under format 1
+    torch.save({"metadata": json.dumps(v1_header), **tensors}, old)
+    with pytest.raises(CheckpointError, match="failed its integrity check"):
+        read_checkpoint(old)
 
 
 # -- normalisation ---------------------------------------------------------------------------------

@@ -10,29 +10,34 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from climrecon.models.checkpoint import CheckpointError, CheckpointMetadata, GridSpec, save_checkpoint
+from climrecon.models.checkpoint import CheckpointError, CheckpointMetadata, GridSpec, NetworkSpec, save_checkpoint
 from climrecon.models.edm import EDMPrecond
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.models.unet import UNet, UNetConfig
-from climrecon.tasks.conditioning import ConditioningSpec
+from climrecon.methods.features import ConditioningSpec
 from climrecon.tasks.downscale import (
     DownscaleError,
     plan_downscale,
     prepare_downscale,
     run_downscale,
-    sample_items,
 )
-from climrecon.tasks.patch_sampling import sample_domain
-from climrecon.tasks.tiling import make_tiling
 
-from climrecon.config import ConfigError, DownscaleConfig, load_config
+from climrecon.config import ClimReconConfig, ConfigError, load_config
 from climrecon.stores import StageStore, content_key
 
 VARIABLES = ("tas", "uas")
 N_TIME, NLAT, NLON, FACTOR, PATCH = 24, 12, 20, 4, 8
-FAST = {"members": 4, "num_steps": 3, "time_chunk": 6, "months_per_unit": 12, "members_per_unit": 4,
-        "max_patches_per_batch": 16, "overlap": 2, "device": "cpu"}
+FAST = {"members": 4, "time_chunk": 6, "months_per_unit": 12, "members_per_unit": 4}
+SAMPLER = {"num_steps": 3, "max_patches_per_batch": 16, "overlap": 2, "device": "cpu"}
+
+
+def config(root, checkpoint, sampler=None, **downscale) -> ClimReconConfig:
+    """The config of a downscale run: ``storage.root``, the DPDM checkpoint, the test's fast sampler."""
+    overrides = [f"storage.root={root}", f"method.checkpoint={checkpoint}"]
+    overrides += [f"sampler.{k}={v}" for k, v in {**SAMPLER, **(sampler or {})}.items()]
+    overrides += [f"downscale.{k}={v}" for k, v in {**FAST, **downscale}.items()]
+    return load_config(overrides=overrides)
 
 
 @pytest.fixture(autouse=True)
@@ -65,13 +70,14 @@ def write_checkpoint(path: Path, variables=VARIABLES, factor=FACTOR, cond_channe
     net = tiny_net(variables, channels)
     stats = {"tas": (280.0, 10.0), "uas": (0.0, 3.0), "vas": (0.0, 3.0)}
     meta = CheckpointMetadata(
-        method="dpdm", unet=net.net.config, variables=tuple(variables), cond_channels=tuple(channels),
+        method="dpdm", networks={"denoiser": NetworkSpec.of(net)}, variables=tuple(variables),
+        cond_channels=tuple(channels),
         normalization=NormalizationStats(tuple(variables), tuple(stats[v][0] for v in variables),
                                          tuple(stats[v][1] for v in variables)),
         grid=GridSpec(fine_resolution=0.25, coarsening_factor=factor, patch_size=PATCH),
         train={"note": "random init for tests"}, data={"synthetic": True},
     )
-    save_checkpoint(path, net.state_dict(), meta)
+    save_checkpoint(path, {"denoiser": net.state_dict()}, meta)
     return str(path)
 
 
@@ -148,29 +154,10 @@ def inputs(tmp_path_factory):
 def reference(inputs, tmp_path_factory):
     """One uninterrupted in-process run: 12 months x 4 members per unit."""
     root = str(tmp_path_factory.mktemp("reference"))
-    plan = plan_downscale(DownscaleConfig(**FAST), root, inputs["fine"], inputs["static"], inputs["coarse"],
-                          inputs["checkpoint"])
+    plan = plan_downscale(config(root, inputs["checkpoint"]), inputs["fine"], inputs["static"], inputs["coarse"])
     url, reports = run_downscale(plan)
     assert len(reports) == 2 and all(r.worker is None and r.device == "cpu" for r in reports)
     return plan, url
-
-
-# -- sampling ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("blend", ["every_step", "once"])
-def test_batched_sampling_equals_per_item_sampling_and_ignores_grouping(blend):
-    net = tiny_net()
-    gen = torch.Generator().manual_seed(3)
-    cond, toy = torch.randn(3, 9, 12, 20, generator=gen), torch.tensor([0.1, 0.5, 0.9])
-    tiling = make_tiling(12, 20, PATCH, 2)
-    kw = {"out_channels": 2, "num_steps": 3, "blend": blend, "max_patches_per_batch": 5}
-    together = sample_items(net, cond, toy, tiling, seeds=[11, 22, 33], **kw)
-    apart = torch.cat([sample_items(net, cond[:1], toy[:1], tiling, seeds=[11], **kw),
-                       sample_items(net, cond[1:], toy[1:], tiling, seeds=[22, 33], **kw)])
-    assert together.shape == (3, 2, 12, 20) and torch.equal(together, apart)  # identical bytes
-    for i, seed in enumerate([11, 22, 33]):  # the same chains as part 1's per-item sampler
-        alone = sample_domain(net, cond[i : i + 1], toy[i : i + 1], tiling, seeds=[seed], num_steps=3, blend=blend)
-        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-4, atol=1e-4)
-    assert not torch.equal(together[0], together[1])
 
 
 # -- the store ---------------------------------------------------------------------------------------------
@@ -190,26 +177,28 @@ def test_member_store_layout_attributes_and_provenance(reference, inputs):
     # members are distinct samples; physical units come back (tas near the conditioning's ~280 K scale)
     assert not np.array_equal(ds["tas"].values[0], ds["tas"].values[1])
     assert 150 < float(ds["tas"].mean()) < 400
-    config = json.loads(ds.attrs["climrecon_downscale_config"])
-    assert config["members"] == 4 and config["blend"] == "every_step"
+    assert json.loads(ds.attrs["climrecon_downscale_config"])["members"] == 4
+    assert json.loads(ds.attrs["climrecon_sampler"])["blend"] == "every_step"
+    assert json.loads(ds.attrs["climrecon_method"])["checkpoint"] == inputs["checkpoint"]
     assert "test regrid" in ds.attrs["history"] and "downscale" in ds.attrs["history"]
     prov = json.loads(ds.attrs["climrecon_provenance"])
     assert prov["stage"] == "downscale" and prov["content_key"] == plan.out_key and prov["base_seed"] == FAST_SEED()
-    assert prov["checkpoint"]["sha256"] == plan.checkpoint_sha256 and prov["checkpoint"]["train"]
+    assert prov["checkpoint"]["sha256"] == plan.description["checkpoint"]["sha256"] and prov["checkpoint"]["train"]
+    assert prov["method"]["method"] == "dpdm" and "seed_for" in prov["seeds"]
     assert {i["store"] for i in prov["inputs"]} == {inputs["fine"], inputs["static"], inputs["coarse"]}
     assert prov["upstream"]["store"] == inputs["fine"] and prov["workers"][0]["hardware"]["cpu_count"] >= 1
     assert prov["started"] <= prov["ended"] and "code_version" in prov
 
 
 def FAST_SEED() -> int:
-    return DownscaleConfig(**FAST).seed
+    return ClimReconConfig().downscale.seed
 
 
 def test_bytes_do_not_depend_on_unit_sizes(reference, inputs, tmp_path):
     plan, url = reference
-    small = DownscaleConfig(**{**FAST, "months_per_unit": 6, "members_per_unit": 1, "max_patches_per_batch": 16})
-    other = plan_downscale(small, str(tmp_path), inputs["fine"], inputs["static"], inputs["coarse"],
-                           inputs["checkpoint"])
+    small = config(tmp_path, inputs["checkpoint"], sampler={"max_patches_per_batch": 7}, months_per_unit=6,
+                   members_per_unit=1)
+    other = plan_downscale(small, inputs["fine"], inputs["static"], inputs["coarse"])
     assert other.out_key == plan.out_key  # unit sizes are not part of the content
     out, reports = run_downscale(other)
     assert len(reports) == 16 and reports[0].items == 6
@@ -220,8 +209,8 @@ def test_bytes_do_not_depend_on_unit_sizes(reference, inputs, tmp_path):
 
 def test_failure_mid_run_leaves_no_partial_unit_and_a_rerun_matches(reference, inputs, tmp_path):
     _, ref_url = reference
-    cfg = DownscaleConfig(**{**FAST, "months_per_unit": 6, "members_per_unit": 2})
-    run = plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], inputs["coarse"], inputs["checkpoint"])
+    cfg = config(tmp_path, inputs["checkpoint"], months_per_unit=6, members_per_unit=2)
+    run = plan_downscale(cfg, inputs["fine"], inputs["static"], inputs["coarse"])
     chunk = Path(inputs["fine"]) / "tas" / "c" / "2" / "0" / "0"  # months 12..17 of tas
     good = chunk.read_bytes()
     chunk.write_bytes(b"not a zstd frame")
@@ -243,33 +232,34 @@ def test_failure_mid_run_leaves_no_partial_unit_and_a_rerun_matches(reference, i
 
 
 def test_inputs_are_checked_against_the_checkpoint(inputs, tmp_path):
-    cfg = DownscaleConfig(**FAST)
+    def plan(fine, static, coarse, checkpoint):
+        return plan_downscale(config(tmp_path, checkpoint), fine, static, coarse)
+
     wrong_coarse = write_inputs(tmp_path / "c2", coarse_resolution=2.0)
-    with pytest.raises(DownscaleError, match=r"2-deg coarse grid .* 0.25 deg x 4 = 1 deg: re-run regrid with "
-                                             r"regrid.coarse_resolution=1"):
-        plan_downscale(cfg, str(tmp_path), wrong_coarse["fine"], wrong_coarse["static"], wrong_coarse["coarse"],
-                       inputs["checkpoint"])
+    with pytest.raises(DownscaleError, match=r"trained to downscale by x4 \(1 deg -> 0.25 deg\); the coarse input is "
+                                             r"x8 coarser .* re-run regrid with regrid.coarse_resolution=1"):
+        plan(wrong_coarse["fine"], wrong_coarse["static"], wrong_coarse["coarse"], inputs["checkpoint"])
     three = write_checkpoint(tmp_path / "three.pt", variables=("tas", "uas", "vas"))
     with pytest.raises(DownscaleError, match=r"lacks \['vas'\]"):
-        plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], None, three)
+        plan(inputs["fine"], inputs["static"], None, three)
     shifted = write_inputs(tmp_path / "shift", static_shift=0.25)
     with pytest.raises(DownscaleError, match="static store .* is not on the grid of the fine store"):
-        plan_downscale(cfg, str(tmp_path), inputs["fine"], shifted["static"], None, inputs["checkpoint"])
+        plan(inputs["fine"], shifted["static"], None, inputs["checkpoint"])
     odd = write_checkpoint(tmp_path / "odd.pt", cond_channels=["tas_coarse", "uas_coarse", "elevation"])
     with pytest.raises(DownscaleError, match=r"expects conditioning channels \['tas_coarse', 'uas_coarse', 'elevation'\]"):
-        plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], None, odd)
+        plan(inputs["fine"], inputs["static"], None, odd)
     with pytest.raises(CheckpointError, match="does not exist"):
-        plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], None, str(tmp_path / "none.pt"))
+        plan(inputs["fine"], inputs["static"], None, str(tmp_path / "none.pt"))
     # a checkpoint that also sees the coarse grid's view of the terrain needs a static store that has it
     views = ConditioningSpec(VARIABLES, FACTOR, static_coarse=("orog", "sftlf")).channel_names()
     with_views = write_checkpoint(tmp_path / "views.pt", cond_channels=views)
-    with pytest.raises(DownscaleError, match=r"lacks \['orog_coarse', 'sftlf_coarse'\] .* re-run the regrid stage"):
-        plan_downscale(cfg, str(tmp_path), inputs["fine"], inputs["static"], None, with_views)
+    with pytest.raises(DownscaleError, match=r"lack \['orog_coarse', 'sftlf_coarse'\] .* re-run the regrid stage"):
+        plan(inputs["fine"], inputs["static"], None, with_views)
     static = xr.open_zarr(inputs["static"]).load()
     static = static.assign(orog_coarse=static.orog.mean() + 0 * static.orog, sftlf_coarse=static.sftlf.mean() + 0 * static.sftlf)
     url = _stage_store(str(tmp_path / "static-views.zarr"), static, content_key("static", "views"), {})
-    plan = plan_downscale(cfg, str(tmp_path), inputs["fine"], url, None, with_views)
-    assert plan.spec.static_coarse == ("orog", "sftlf") and plan.channels == tuple(views)
+    done = plan(inputs["fine"], url, None, with_views)
+    assert done.description["variables"] == list(VARIABLES)
     with pytest.raises(ConfigError, match=r"months_per_unit \(5\) must be a multiple of time_chunk \(6\)"):
         load_config(overrides=["downscale.months_per_unit=5", "downscale.time_chunk=6"])
 
@@ -279,7 +269,6 @@ def test_gpu_pool_pins_sampling_and_worker_count_does_not_change_bytes(reference
     from climrecon.flows.runtime import dask_client, sampling_resources
 
     _, ref_url = reference
-    cfg = DownscaleConfig(**{**FAST, "months_per_unit": 6, "members_per_unit": 2})
     # worker threads of this process (a pool of processes works the same, but takes ~20 s to start here)
     with dask_client(n_workers=2, fake_gpu=True, processes=False) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"]
@@ -287,12 +276,12 @@ def test_gpu_pool_pins_sampling_and_worker_count_does_not_change_bytes(reference
         assert len(workers) == 2 and len(gpu) == 1
         resources = sampling_resources(client)
         assert resources == {"GPU": 1}
-        pinned = plan_downscale(cfg, str(tmp_path / "pinned"), inputs["fine"], inputs["static"], None,
-                                inputs["checkpoint"])
+        cfg = config(tmp_path / "pinned", inputs["checkpoint"], months_per_unit=6, members_per_unit=2)
+        pinned = plan_downscale(cfg, inputs["fine"], inputs["static"], None)
         _, reports = run_downscale(pinned, client=client, resources=resources)
         assert len(reports) == 8 and {r.worker for r in reports} == set(gpu)  # 1 sampling worker
-        free = plan_downscale(cfg, str(tmp_path / "free"), inputs["fine"], inputs["static"], None,
-                              inputs["checkpoint"])
+        cfg = config(tmp_path / "free", inputs["checkpoint"], months_per_unit=6, members_per_unit=2)
+        free = plan_downscale(cfg, inputs["fine"], inputs["static"], None)
         _, spread = run_downscale(free, client=client)  # no resources: both workers sample
         assert {r.worker for r in spread} <= set(workers)
     assert_same_bytes(ref_url, pinned.out_url)

@@ -13,15 +13,16 @@ import pytest
 import xarray as xr
 from PIL import Image
 
-from climrecon.config import ClimReconConfig, ConfigError, EvaluateConfig, TrainSection, load_config
-from climrecon.flows.train import build_model, prepare_training
-from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, save_checkpoint
+from climrecon.config import ClimReconConfig, ConfigError, EvaluateConfig, SamplerConfig, TrainSection, load_config
+from climrecon.methods import Inputs, MethodError, build
+from climrecon.methods.baselines import BCSDDownscaler, BilinearDownscaler
+from climrecon.methods.dpdm import DPDMConfig, build_model, prepare_training
+from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, NetworkSpec, save_checkpoint
 from climrecon.tasks import metrics
-from climrecon.tasks.baselines import BCSDDownscaler, BilinearDownscaler
 from climrecon.tasks.evaluate import (
     METRICS,
-    DiffusionDownscaler,
     EvaluationError,
+    _inputs,
     evaluation_document,
     markdown_report,
     records_frame,
@@ -44,16 +45,12 @@ EVALUATE = {
     "heldout_years": [2002, 2002],
     "month_stride": 2,
     "ensemble_sizes": [1, 3],
-    "num_steps": 2,
-    "overlap": 4,
-    "device": "cpu",
-    "max_patches_per_batch": 16,
     "seed": 7,
     "threads": 1,
-    "methods": ["bilinear", "bcsd", "diffusion"],
 }
+SAMPLER = SamplerConfig(num_steps=2, overlap=4, device="cpu", max_patches_per_batch=16)
 # qm is left out here only for time: its per-cell quantile fit is slow (np.nanquantile);
-# tests/test_baselines.py covers it, and it goes through the same Downscaler interface as bcsd
+# tests/test_baselines.py covers it, and it goes through the same Method interface as bcsd
 
 
 def write_tiny_checkpoint(
@@ -71,38 +68,38 @@ def write_tiny_checkpoint(
         static=static,
         variables=VARIABLES,
         factor=4,
-        patch_size=16,
         train_years=train_years,
         validation_years=validation_years,
         heldout_years=heldout_years,
-        static_coarse=list(static_coarse),
-        base_channels=8,
-        channel_mults=[1, 2],
-        attention_levels=[1],
-        num_blocks=1,
     )
-    setup = prepare_training(section, truth, static)
-    model = build_model(section, len(setup.spec.channel_names()))
+    config = DPDMConfig(patch_size=16, static_coarse=list(static_coarse),
+                        network={"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "num_blocks": 1})
+    setup = prepare_training(section, config, truth, static)
+    model = build_model(config, len(VARIABLES), len(setup.spec.channel_names()), seed=0)
     meta = CheckpointMetadata(
         method="dpdm-residual",
-        unet=model.net.config,
-        edm=model.config,
+        networks={"denoiser": NetworkSpec.of(model)},
         variables=setup.spec.variables,
         cond_channels=tuple(setup.spec.channel_names()),
         normalization=setup.stats,
         grid=GridSpec(fine_resolution=setup.grid.dlat, coarsening_factor=4, patch_size=16),
         data=setup.data,
     )
-    save_checkpoint(path, model.state_dict(), meta)
+    save_checkpoint(path, {"denoiser": model.state_dict()}, meta)
     return str(path)
 
 
 def evaluate_config(truth: str, static: str, checkpoint: str, **changes) -> ClimReconConfig:
+    methods = ["bilinear", "bcsd", {"name": "dpdm", "checkpoint": checkpoint}]
+    methods = [{"name": "dpdm", "checkpoint": checkpoint} if m == "dpdm" else m for m in changes.pop("methods", methods)]
     return ClimReconConfig(
-        evaluate=EvaluateConfig(
-            **{**EVALUATE, "truth": truth, "static": static, "checkpoint": checkpoint, **changes}
-        )
+        evaluate=EvaluateConfig(**{**EVALUATE, "truth": truth, "static": static, "methods": methods, **changes}),
+        sampler=SAMPLER,
     )
+
+
+def dpdm(checkpoint: str):
+    return build({"name": "dpdm", "checkpoint": checkpoint}, SAMPLER)
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +137,12 @@ def _record(result, **where) -> dict:
 
 def test_records_cover_every_method_factor_variable_and_ensemble_size(setup):
     result = setup["result"]
-    # 2 baselines x 2 factors x 3 variables (one member) + diffusion at its x4 only, N = 1 and 3
+    # 2 baselines x 2 factors x 3 variables (one member) + dpdm at its x4 only, N = 1 and 3
     assert len(result.records) == 2 * 2 * 3 + 3 * 2
     assert {
-        (r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "diffusion"
-    } == {("diffusion", 4, 1), ("diffusion", 4, 3)}
-    assert "diffusion: not run at x8 (its checkpoint was trained for x4 only)" in result.notes
+        (r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "dpdm"
+    } == {("dpdm", 4, 1), ("dpdm", 4, 3)}
+    assert "dpdm: not run at x8 (it serves x4 only)" in result.notes
     for r in result.records:
         assert set(METRICS) <= set(r)
         finite = {m for m in METRICS if math.isfinite(r[m])}
@@ -153,7 +150,7 @@ def test_records_cover_every_method_factor_variable_and_ensemble_size(setup):
         assert finite == expected, (r["method"], r["factor"], r["variable"], r["members"])
         assert r["rmse"] >= r["mae"] > 0 and -1 <= r["acc"] <= 1 and r["ssim"] <= 1
     assert result.months == ["2002-01", "2002-03", "2002-05", "2002-07", "2002-09", "2002-11"]
-    assert result.figure_factor == 4 and result.checkpoint["factor"] == 4
+    assert result.figure_factor == 4 and result.methods["dpdm"]["checkpoint"]["factor"] == 4
     # area means of the truth lose detail: the coarser the input, the larger the bilinear error
     for v in VARIABLES:
         assert (
@@ -167,8 +164,8 @@ def test_records_equal_metrics_computed_directly(setup, held, train):
     grid = Grid.from_dataset(held)
     climatology = metrics.monthly_climatology(train)
     coarse8 = coarsen_blocks(held, 8)
-    bilinear = BilinearDownscaler().downscale(coarse8, None, grid)
-    bcsd = BCSDDownscaler().fit(coarsen_blocks(train, 8), train).downscale(coarse8, None, grid)
+    bilinear = BilinearDownscaler().downscale(Inputs.from_coarse(coarse8, grid))
+    bcsd = BCSDDownscaler().fit(coarsen_blocks(train, 8), train).downscale(Inputs.from_coarse(coarse8, grid))
     for v in VARIABLES:
         rec = _record(result, method="bilinear", factor=8, variable=v)
         assert rec["rmse"] == pytest.approx(
@@ -179,16 +176,14 @@ def test_records_equal_metrics_computed_directly(setup, held, train):
         assert rec["acc"] == pytest.approx(
             float(metrics.acc(bcsd[v].isel(member=0), held[v], climatology[v])), rel=1e-6
         )
-    model = DiffusionDownscaler(
-        setup["checkpoint"], num_steps=2, overlap=4, max_patches_per_batch=16, device="cpu"
-    )
-    static = static_for_truth(setup["static"], held)
-    three = model.downscale(coarsen_blocks(held, 4), static, grid, members=3, seed=cfg.evaluate.seed)
-    one = model.downscale(coarsen_blocks(held, 4), static, grid, members=1, seed=cfg.evaluate.seed)
+    model = dpdm(setup["checkpoint"])
+    inputs = _inputs(coarsen_blocks(held, 4), grid, static_for_truth(setup["static"], held), [])
+    three = model.downscale(inputs, members=3, seed=cfg.evaluate.seed)
+    one = model.downscale(inputs, members=1, seed=cfg.evaluate.seed)
     np.testing.assert_array_equal(one["tas"].values[0], three["tas"].values[0])  # member m is m, whatever N
     assert float(three["tas"].std("member").mean()) > 0  # members differ
     for v in VARIABLES:
-        rec = _record(result, method="diffusion", factor=4, variable=v, members=3)
+        rec = _record(result, method="dpdm", factor=4, variable=v, members=3)
         assert rec["crps"] == pytest.approx(float(metrics.crps(three[v], held[v])), rel=1e-5)
         assert rec["spread_skill_ratio"] == pytest.approx(
             float(metrics.spread_skill_ratio(three[v], held[v])), rel=1e-5
@@ -212,21 +207,22 @@ def test_markdown_tables_have_the_papers_shape_and_the_record_values(setup):
     md = markdown_report(result)
     zssd = _table_after(md, "**tas** [K]")
     assert zssd[0] == ["method", "x4 (2°) MAE", "x4 (2°) RMSE", "x8 (4°) MAE", "x8 (4°) RMSE"]
-    assert [r[0] for r in zssd[2:]] == ["bilinear", "bcsd", "diffusion (N=1)", "diffusion (N=3)"]
+    assert [r[0] for r in zssd[2:]] == ["bilinear", "bcsd", "dpdm (N=1)", "dpdm (N=3)"]
     bcsd = zssd[3]
     assert bcsd[3] == f"{_record(result, method='bcsd', factor=8, variable='tas')['mae']:.4g}"
     assert (
         zssd[5][2]
-        == f"{_record(result, method='diffusion', factor=4, variable='tas', members=3)['rmse']:.4g}"
+        == f"{_record(result, method='dpdm', factor=4, variable='tas', members=3)['rmse']:.4g}"
     )
     assert zssd[5][3:] == ["—", "—"]  # the x4 model is not run at x8
     dpdm = _table_after(md, "**x4** (0.5° from 2°)")
     assert dpdm[0] == ["variable", "method", "N", "RMSE", "ACC", "SSIM", "PSNR [dB]"]
     assert len(dpdm) == 2 + 3 * 4
-    row = next(r for r in dpdm if r[:3] == ["uas", "diffusion", "3"])
-    rec = _record(result, method="diffusion", factor=4, variable="uas", members=3)
+    row = next(r for r in dpdm if r[:3] == ["uas", "dpdm", "3"])
+    rec = _record(result, method="dpdm", factor=4, variable="uas", members=3)
     assert row[3:] == [f"{rec[m]:.4g}" for m in ("rmse", "acc", "ssim", "psnr")]
     assert "SYNTHETIC" in md or "fine truth" in md
+    assert "- dpdm: checkpoint `tiny.pt` (dpdm-residual, x4, step 0, target residual), 2 heun steps" in md
 
 
 def test_heldout_years_are_never_fitted_on(setup):
@@ -240,12 +236,12 @@ def test_heldout_years_are_never_fitted_on(setup):
             ]
             return super().fit(coarse_train, fine_train)
 
-        def downscale(self, coarse, static_fine, target, **kw):
-            seen["downscale"].append({t.year for t in coarse.time.values})
-            return super().downscale(coarse, static_fine, target, **kw)
+        def downscale(self, inputs, **kw):
+            seen["downscale"].append({t.year for t in inputs.coarse.time.values})
+            return super().downscale(inputs, **kw)
 
     cfg = evaluate_config(setup["truth"], setup["static"], setup["checkpoint"], factors=[8])
-    result = run_evaluation(cfg, downscalers={"bcsd": lambda factor: RecordingBCSD()})
+    result = run_evaluation(cfg, methods={"bcsd": lambda factor: RecordingBCSD()})
     assert seen["fit"] == [{2000, 2001}, {2000, 2001}] and seen["downscale"] == [{2002}]
     assert {r["method"] for r in result.records} == {"bcsd"}
     with pytest.raises(ConfigError, match="overlap heldout_years"):
@@ -261,31 +257,32 @@ def test_a_checkpoint_trained_on_heldout_years_is_refused(setup, tmp_path):
         validation_years=(2002, 2002),
         heldout_years=(2001, 2001),
     )
-    cfg = evaluate_config(setup["truth"], setup["static"], leaky, methods=["diffusion"], factors=[4])
+    cfg = evaluate_config(setup["truth"], setup["static"], leaky, methods=["dpdm"], factors=[4])
     with pytest.raises(EvaluationError, match="2002-2002, which overlap evaluate.heldout_years"):
         run_evaluation(cfg)
 
 
-def test_diffusion_adapter_checks_factor_and_static(setup, held):
-    model = DiffusionDownscaler(setup["checkpoint"], num_steps=2, device="cpu")
-    assert model.factor == 4 and model.variables == tuple(VARIABLES) and model.target_kind == "residual"
+def test_dpdm_checks_factor_and_static(setup, held):
+    model = dpdm(setup["checkpoint"])
+    assert model.factor == 4 and model.variables == tuple(VARIABLES) and model.describe()["checkpoint"]["target"] == "residual"
     grid = Grid.from_dataset(held)
-    with pytest.raises(EvaluationError, match="x4; the coarse input is x8"):
-        model.downscale(coarsen_blocks(held, 8), static_for_truth(setup["static"], held), grid)
-    with pytest.raises(EvaluationError, match="pass static_fine"):
-        model.downscale(coarsen_blocks(held, 4), None, grid)
+    with pytest.raises(MethodError, match="x4 .*the coarse input is x8"):
+        model.downscale(Inputs.from_coarse(coarsen_blocks(held, 8), grid, static_for_truth(setup["static"], held)))
+    with pytest.raises(MethodError, match="is conditioned on static fields"):
+        model.downscale(Inputs.from_coarse(coarsen_blocks(held, 4), grid))
 
 
-def test_diffusion_adapter_builds_the_coarse_views_as_training_does(setup, held, tmp_path):
+def test_evaluation_builds_the_coarse_views_as_training_does(setup, held, tmp_path):
     path = write_tiny_checkpoint(tmp_path / "views.pt", setup["truth"], setup["static"], static_coarse=("orog", "sftlf"))
-    model = DiffusionDownscaler(path, num_steps=2, overlap=4, max_patches_per_batch=16, device="cpu")
+    model = dpdm(path)
     assert model.spec.static_coarse == ("orog", "sftlf")
+    assert {"orog_coarse", "sftlf_coarse"} <= set(model.needs.static)
     grid, coarse = Grid.from_dataset(held), coarsen_blocks(held, 4)
     static = static_for_truth(setup["static"], held)
-    own = model.downscale(coarse, static, grid, members=2, seed=3)  # the adapter makes the views itself
+    own = model.downscale(_inputs(coarse, grid, static, ["orog", "sftlf"]), members=2, seed=3)  # evaluation's views
     _, cond = perfect_model_pairs(held, static, model.spec)  # the training path's views
     views = {f"{n}_coarse": cond.sel(channel=f"{n}_coarse", drop=True).isel(time=0, drop=True) for n in ("orog", "sftlf")}
-    given = model.downscale(coarse, static.assign(views), grid, members=2, seed=3)
+    given = model.downscale(Inputs.from_coarse(coarse, grid, static.assign(views)), members=2, seed=3)
     for v in VARIABLES:
         np.testing.assert_allclose(own[v].values, given[v].values, rtol=1e-5, atol=1e-4)
 

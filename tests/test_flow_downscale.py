@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 from climrecon.tasks.downscale import plan_downscale, run_downscale
-from test_downscale import FAST, assert_same_bytes, write_checkpoint, write_inputs
+from test_downscale import FAST, SAMPLER, assert_same_bytes, config, write_checkpoint, write_inputs
 
-from climrecon.config import DownscaleConfig
 from climrecon.stores import StageStore
 
 UNIT = {**FAST, "months_per_unit": 6, "members_per_unit": 2}
 
 
 def _overrides(root: Path, checkpoint: str) -> list[str]:
-    return [f"storage.root={root}", f"downscale.checkpoint={checkpoint}",
-            *(f"downscale.{k}={v}" for k, v in UNIT.items())]
+    return [f"storage.root={root}", f"method.checkpoint={checkpoint}",
+            *(f"downscale.{k}={v}" for k, v in UNIT.items()), *(f"sampler.{k}={v}" for k, v in SAMPLER.items())]
 
 
 async def _task_runs(flow_run_id):
@@ -38,8 +37,7 @@ def test_flow_retries_failed_units_reports_progress_and_resumes(prefect_harness,
     from climrecon.flows.runtime import dask_client
 
     inputs = {**write_inputs(tmp_path / "in"), "checkpoint": write_checkpoint(tmp_path / "tiny.pt")}
-    ref = plan_downscale(DownscaleConfig(**UNIT), str(tmp_path / "ref"), inputs["fine"], inputs["static"], None,
-                         inputs["checkpoint"])
+    ref = plan_downscale(config(tmp_path / "ref", inputs["checkpoint"], **UNIT), inputs["fine"], inputs["static"], None)
     ref_url, _ = run_downscale(ref)
     args = {"overrides": _overrides(tmp_path / "out", inputs["checkpoint"]), "fine_url": inputs["fine"],
             "static_url": inputs["static"], "coarse_url": inputs["coarse"]}

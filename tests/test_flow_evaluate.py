@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from test_evaluate import EVALUATE, write_tiny_checkpoint
+from test_evaluate import EVALUATE, SAMPLER, write_tiny_checkpoint
 from test_training_data import write_tiny_stores
 
 
@@ -32,11 +32,12 @@ def test_evaluate_flow_writes_files_and_publishes_artifacts(prefect_harness, tmp
         **EVALUATE,
         "truth": truth,
         "static": static,
-        "checkpoint": checkpoint,
-        "methods": ["bilinear", "diffusion"],
+        "methods": ["bilinear", {"name": "dpdm", "checkpoint": checkpoint}],
         "factors": [4],
     }
-    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "out")}, "evaluate": section}))
+    sampler = SAMPLER.model_dump(mode="json")
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "out")}, "evaluate": section,
+                                      "sampler": sampler}))
 
     state = evaluate_flow(
         config_path=str(config), overrides=["evaluate.ensemble_sizes=[2]"], return_state=True
@@ -45,11 +46,11 @@ def test_evaluate_flow_writes_files_and_publishes_artifacts(prefect_harness, tmp
     out = state.result()
     assert out["output"] == str(tmp_path / "out" / "evaluate") and out["records"] == 3 + 3
     doc = json.loads(Path(out["json"]).read_text())
-    assert {(r["method"], r["members"]) for r in doc["records"]} == {("bilinear", 1), ("diffusion", 2)}
+    assert {(r["method"], r["members"]) for r in doc["records"]} == {("bilinear", 1), ("dpdm", 2)}
     assert doc["config"]["ensemble_sizes"] == [2] and doc["source"]["synthetic"] is True
     assert len(out["figures"]) == 9 and all(p.endswith(".png") for p in out["figures"])
     markdown = Path(out["markdown"]).read_text()
-    assert "## (a) MAE / RMSE by coarsening factor" in markdown and "| diffusion (N=2) |" in markdown
+    assert "## (a) MAE / RMSE by coarsening factor" in markdown and "| dpdm (N=2) |" in markdown
 
     artifacts = {a.key: a for a in asyncio.run(_artifacts(state.state_details.flow_run_id))}
     assert {"evaluation-tables", "evaluation-records", "evaluation-figures"} <= set(artifacts)

@@ -16,7 +16,7 @@ from climrecon.catalogs.synthetic import synthetic_reanalysis
 from climrecon.config import Region, RegridConfig, StorageConfig, SyntheticConfig
 from climrecon.storage import default_data_home
 from climrecon.stores import StageStore, content_key, time_blocks
-from climrecon.tasks.conditioning import coarse_on_fine
+from climrecon.methods.features import coarse_on_fine
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import RegridError, area_weights, coarsen_blocks, static_on_grid
 from climrecon.tasks.regrid_stage import (

@@ -1,4 +1,4 @@
-"""Tiling a domain into overlapping patches and blending them back (climrecon.tasks.tiling)."""
+"""Tiling a domain into overlapping patches and blending them back (climrecon.models.tiling)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from climrecon.tasks.tiling import (
+from climrecon.models.tiling import (
     TilingError,
     blend_patches,
     blend_weights,

@@ -11,7 +11,8 @@ import torch
 from climrecon.models.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
-    load_checkpoint,
+    NetworkSpec,
+    load_networks,
     read_checkpoint,
     strip_training_state,
 )
@@ -19,6 +20,9 @@ from climrecon.models.edm import EDMLoss, EDMPrecond
 from climrecon.models.samplers import make_generator, seed_for
 from climrecon.models.trainer import Batch, TrainConfig, train
 from climrecon.models.unet import UNet, UNetConfig
+
+
+LOSS = EDMLoss()  # the tiny models use the default EDMConfig
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +94,7 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path):
         model,
         lambda step: iter(lambda: batch, None),
         cfg,
-        checkpoint_path=tmp_path / "m.pt",
+        loss=LOSS, checkpoint_path=tmp_path / "m.pt",
         progress=False,
         on_log=logs.append,
     )
@@ -102,7 +106,8 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path):
         "grad_norm",
         "steps_per_s",
     }
-    ema, meta = load_checkpoint(result.checkpoint_path)
+    nets, meta = load_networks(result.checkpoint_path)
+    ema = nets["denoiser"]
     assert meta.step == 150 and meta.train["lr"] == 5e-3 and meta.method == "edm"
     after = eval_loss(ema, batch)
     print(f"fixed-noise loss before {before:.3f}, after {after:.3f} (EMA)")
@@ -123,7 +128,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
     cfg = TrainConfig(max_steps=10, lr=1e-3, warmup_steps=3, checkpoint_every=4, log_every=1, seed=3)
     # uninterrupted reference (dropout exercises the global RNG that resume must restore)
     ref = train(
-        tiny_model(dropout=0.2), batches_from, cfg, checkpoint_path=tmp_path / "ref.pt", progress=False
+        tiny_model(dropout=0.2), batches_from, cfg, loss=LOSS, checkpoint_path=tmp_path / "ref.pt", progress=False
     )
 
     def crash_at_6(record):
@@ -136,14 +141,14 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
             tiny_model(dropout=0.2),
             batches_from,
             cfg,
-            checkpoint_path=path,
+            loss=LOSS, checkpoint_path=path,
             progress=False,
             on_log=crash_at_6,
         )
     assert read_checkpoint(path).metadata.step == 4
     # a fresh process would rebuild the model from scratch; the checkpoint supplies every state
     torch.manual_seed(12345)
-    resumed = train(tiny_model(dropout=0.2), batches_from, cfg, checkpoint_path=path, progress=False)
+    resumed = train(tiny_model(dropout=0.2), batches_from, cfg, loss=LOSS, checkpoint_path=path, progress=False)
     assert resumed.resumed_from == 4 and resumed.step == 10
     assert resumed.losses == ref.losses
     a, b = _state(ref.checkpoint_path), _state(path)
@@ -151,7 +156,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # a finished run returns at once with the same result
-    again = train(tiny_model(dropout=0.2), batches_from, cfg, checkpoint_path=path, progress=False)
+    again = train(tiny_model(dropout=0.2), batches_from, cfg, loss=LOSS, checkpoint_path=path, progress=False)
     assert (
         again.resumed_from == 10
         and again.losses == ref.losses
@@ -162,7 +167,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
 def test_resume_refuses_other_models_and_inference_only_files(tmp_path):
     cfg = TrainConfig(max_steps=2, warmup_steps=0, checkpoint_every=1)
     path = tmp_path / "m.pt"
-    train(tiny_model(), batches_from, cfg, checkpoint_path=path, progress=False)
+    train(tiny_model(), batches_from, cfg, loss=LOSS, checkpoint_path=path, progress=False)
     other = EDMPrecond(
         UNet(
             UNetConfig(
@@ -176,13 +181,13 @@ def test_resume_refuses_other_models_and_inference_only_files(tmp_path):
         )
     )
     with pytest.raises(CheckpointError, match="written for another model"):
-        train(other, batches_from, cfg, checkpoint_path=path, progress=False)
+        train(other, batches_from, cfg, loss=LOSS, checkpoint_path=path, progress=False)
     slim = tmp_path / "slim.pt"
     strip_training_state(path, slim)
     with pytest.raises(CheckpointError, match="holds no training state"):
-        train(tiny_model(), batches_from, TrainConfig(max_steps=3), checkpoint_path=slim, progress=False)
+        train(tiny_model(), batches_from, TrainConfig(max_steps=3), loss=LOSS, checkpoint_path=slim, progress=False)
     # resume=False starts over and overwrites
-    fresh = train(tiny_model(), batches_from, cfg, checkpoint_path=slim, resume=False, progress=False)
+    fresh = train(tiny_model(), batches_from, cfg, loss=LOSS, checkpoint_path=slim, resume=False, progress=False)
     assert fresh.resumed_from == 0 and read_checkpoint(slim).header["training"]["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "slim.pt"]  # no temp files left
 
@@ -191,8 +196,7 @@ def test_metadata_is_carried_and_checked(tmp_path):
     model = tiny_model()
     meta = CheckpointMetadata(
         method="dpdm",
-        unet=model.net.config,
-        edm=model.config,
+        networks={"denoiser": NetworkSpec.of(model)},
         variables=("tas",),
         cond_channels=("tas_coarse", "orog"),
         data={"source": "synthetic"},
@@ -201,25 +205,26 @@ def test_metadata_is_carried_and_checked(tmp_path):
         model,
         batches_from,
         TrainConfig(max_steps=1, warmup_steps=0),
-        checkpoint_path=tmp_path / "m.pt",
+        loss=LOSS, checkpoint_path=tmp_path / "m.pt",
         metadata=meta,
         progress=False,
     )
-    _, loaded = load_checkpoint(tmp_path / "m.pt", expect={"variables": ["tas"], "method": "dpdm"})
+    _, loaded = load_networks(tmp_path / "m.pt", expect={"variables": ["tas"], "method": "dpdm"})
     assert (
         loaded.cond_channels == ("tas_coarse", "orog")
         and loaded.step == 1
         and loaded.data == {"source": "synthetic"}
     )
     wrong = CheckpointMetadata(
-        method="dpdm", unet=UNetConfig(out_channels=1, cond_channels=2), variables=("tas",)
+        method="dpdm", networks={"denoiser": NetworkSpec(UNetConfig(out_channels=1, cond_channels=2))},
+        variables=("tas",)
     )
-    with pytest.raises(ValueError, match="do not describe the model"):
+    with pytest.raises(ValueError, match="does not describe the model"):
         train(
             tiny_model(),
             batches_from,
             TrainConfig(max_steps=1),
-            checkpoint_path=tmp_path / "x.pt",
+            loss=LOSS, checkpoint_path=tmp_path / "x.pt",
             metadata=wrong,
             progress=False,
         )
@@ -232,7 +237,7 @@ def test_exhausted_batches_and_config_checks(tmp_path):
             tiny_model(),
             iter(two),
             TrainConfig(max_steps=5, warmup_steps=0),
-            checkpoint_path=tmp_path / "m.pt",
+            loss=LOSS, checkpoint_path=tmp_path / "m.pt",
             progress=False,
         )
     cfg = TrainConfig(lr=1e-3, warmup_steps=4, max_steps=14, lr_schedule="cosine")
@@ -243,3 +248,29 @@ def test_exhausted_batches_and_config_checks(tmp_path):
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         TrainConfig(max_steps=0)
     assert math.isfinite(cfg.lr_at(100))
+
+
+def test_second_network_trains_beside_a_frozen_first_and_resume_checks_the_role(tmp_path):
+    """A two-stage method: the regression network is trained first, then the denoiser with the regression's
+    EMA weights frozen into every checkpoint; resuming the wrong role is refused."""
+    cfg = TrainConfig(max_steps=3, warmup_steps=0, checkpoint_every=1)
+    first = tiny_model()
+    path = tmp_path / "two.pt"
+    train(first, batches_from, cfg, loss=LOSS, checkpoint_path=path, role="regression", progress=False,
+          metadata=CheckpointMetadata("two-stage", {"regression": NetworkSpec.of(first)}))
+    frozen = {"regression": read_checkpoint(path).ema_states()["regression"]}
+    second = tiny_model(dropout=0.1)
+    meta = CheckpointMetadata("two-stage", {"regression": NetworkSpec.of(first), "denoiser": NetworkSpec.of(second)})
+    with pytest.raises(CheckpointError, match="is training the network 'regression', not 'denoiser'"):
+        train(second, batches_from, cfg, loss=LOSS, checkpoint_path=path, metadata=meta, frozen=frozen,
+              progress=False)
+    both = tmp_path / "both.pt"
+    train(second, batches_from, cfg, loss=LOSS, checkpoint_path=both, metadata=meta, frozen=frozen, progress=False)
+    contents = read_checkpoint(both)
+    assert contents.header["training"]["role"] == "denoiser"
+    for k, v in frozen["regression"].items():
+        assert torch.equal(contents.ema_states()["regression"][k], v), k
+    nets, _ = load_networks(both)
+    assert set(nets) == {"regression", "denoiser"}
+    with pytest.raises(ValueError, match="frozen"):
+        train(second, batches_from, cfg, loss=LOSS, checkpoint_path=tmp_path / "x.pt", metadata=meta, progress=False)

@@ -11,7 +11,7 @@ import xarray as xr
 
 from climrecon.catalogs import synthetic as S
 from climrecon.config import SyntheticConfig
-from climrecon.tasks.conditioning import (
+from climrecon.methods.features import (
     STATIC_SCALING,
     ConditioningError,
     ConditioningSpec,

@@ -1,4 +1,4 @@
-"""Whole-domain sampling with a patch model (climrecon.tasks.patch_sampling): determinism, blending, seams."""
+"""The one tiled sampler (climrecon.models.tiled): determinism, blending, seams, denoiser wrapping."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import torch
 from climrecon.models.edm import EDMPrecond
 from climrecon.models.samplers import edm_sampler, make_generator
 from climrecon.models.unet import UNet, UNetConfig
-from climrecon.tasks.patch_sampling import sample_domain, seam_ratio
-from climrecon.tasks.tiling import make_tiling
+from climrecon.models.tiled import TiledDenoiser, sample_tiled
+from climrecon.models.tiling import make_tiling, seam_ratio
+
+
+def sample_domain(net, cond, toy, tiling, *, seeds, out_channels=1, **kw):
+    """sample_tiled for the one-channel models of this module."""
+    return sample_tiled(net, cond, toy, tiling, seeds=seeds, out_channels=out_channels, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +127,8 @@ def test_patch_chunking_changes_only_float_rounding(tiny_net, inputs, blend):
 def test_single_tile_equals_plain_sampling_with_the_documented_noise(tiny_net, inputs):
     cond, toy = inputs
     tiling = make_tiling(8, 16, (8, 16), 0)
-    got = sample_domain(tiny_net, cond[:1, :, :8, :16], toy[:1], tiling, seeds=[3], num_steps=5)
+    got = sample_domain(tiny_net, cond[:1, :, :8, :16], toy[:1], tiling, seeds=[3], num_steps=5,
+                        max_patches_per_batch=1)
     latents = torch.randn((1, 1, 8, 16), generator=make_generator(3, "cpu"))
     want = edm_sampler(lambda x, s: tiny_net(x, s, cond[:1, :, :8, :16], toy[:1]), latents, num_steps=5)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -201,20 +207,44 @@ def test_seam_ratio_is_one_for_stationary_fields_and_grows_with_injected_seams()
 def test_bad_arguments_are_rejected_with_clear_messages(tiny_net, inputs):
     cond, toy = inputs
     tiling = make_tiling(12, 20, 8, 4)
-    with pytest.raises(ValueError, match="seeds must be 3 non-negative ints"):
+    with pytest.raises(ValueError, match="need one seed per item: 3 items, 2 seeds"):
         sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2])
+    with pytest.raises(ValueError, match="non-negative ints"):
+        sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, -3])
     with pytest.raises(ValueError, match=r"\(H, W\) = \(12, 20\)"):
         sample_domain(tiny_net, cond[..., :10], toy, tiling, seeds=[1, 2, 3])
     with pytest.raises(ValueError, match="blend must be"):
         sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], blend="sometimes")
-    with pytest.raises(ValueError, match="out_channels="):
-        sample_domain(pointwise_denoiser, cond, toy, tiling, seeds=[1, 2, 3])
+    with pytest.raises(ValueError, match="needs blend='every_step'"):
+        sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], blend="once", wrap=lambda d: d)
     tiny_net.train()
     try:
         with pytest.raises(ValueError, match="net.eval()"):
             sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3])
     finally:
         tiny_net.eval()
+
+
+def test_a_wrapper_sees_the_blended_full_domain_denoiser(tiny_net, inputs):
+    """``wrap`` receives the full-domain denoiser (guidance wraps it this way): it is called on whole canvases
+    of every item, an identity wrapper changes no byte, and what it returns is what the sampler integrates."""
+    cond, toy = inputs
+    tiling = make_tiling(12, 20, 8, 4)
+    seen = []
+
+    def identity(denoise):
+        def wrapped(x, sigma):
+            seen.append(tuple(x.shape))
+            return denoise(x, sigma)
+        return wrapped
+
+    plain = sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], num_steps=3)
+    assert torch.equal(sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], num_steps=3, wrap=identity), plain)
+    assert set(seen) == {(3, 1, 12, 20)}
+    zero = sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], num_steps=3,
+                         wrap=lambda d: (lambda x, s: torch.zeros_like(x)))
+    torch.testing.assert_close(zero, torch.zeros_like(zero), rtol=0, atol=1e-5)  # D = 0: the ODE ends at 0
+    assert isinstance(TiledDenoiser(tiny_net, tiling, cond, toy), TiledDenoiser)
 
 
 @pytest.mark.gpu

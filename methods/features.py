@@ -38,6 +38,7 @@ __all__ = [
     "ConditioningSpec",
     "ConditioningError",
     "perfect_model_coarse",
+    "coarse_view",
     "coarse_on_fine",
     "coarse_static_on_fine",
     "with_coarse_static",
@@ -113,6 +114,22 @@ def perfect_model_coarse(truth: xr.Dataset, factor: int) -> xr.Dataset:
     from climrecon.tasks.regrid import coarsen_blocks
 
     return coarsen_blocks(truth, factor)
+
+
+def coarse_view(fine: xr.Dataset, coarse: Grid) -> xr.Dataset:
+    """``fine`` area-averaged onto ``coarse``: whole blocks (``regrid.coarsen_blocks``) when ``coarse`` is a
+    whole-number coarsening of the fine grid, else conservative regridding; coordinates exactly ``coarse``'s."""
+    from climrecon.tasks.grids import GridError
+    from climrecon.tasks.regrid import coarsen_blocks, conservative
+
+    fine_grid = Grid.from_dataset(fine, "fine fields")
+    factor = int(round(coarse.dlat / fine_grid.dlat))
+    try:
+        nested = factor >= 1 and fine_grid.coarsened(factor).same_cells(coarse)
+    except GridError:
+        nested = False
+    out = coarsen_blocks(fine, factor) if nested else conservative(fine, coarse)
+    return out.assign_coords(lat=coarse.lat, lon=coarse.lon)
 
 
 def coarse_on_fine(coarse: xr.Dataset, fine: Grid) -> xr.Dataset:

@@ -40,6 +40,7 @@ __all__ = [
     "pad_to_canvas",
     "extract_patches",
     "blend_patches",
+    "seam_ratio",
 ]
 
 Array = Any  # numpy.ndarray or torch.Tensor
@@ -292,3 +293,45 @@ def blend_patches(
         )
     field = canvas / total
     return field[..., : tiling.height, : tiling.width] if crop else field
+
+
+# --- seams ---------------------------------------------------------------------------------------------
+def _edge_pairs(origins: tuple[int, ...], patch: int, n: int) -> np.ndarray:
+    """Indices j of the differences field[j+1] - field[j] that straddle an interior tile edge on one axis."""
+    edges = {o for o in origins if 0 < o < n} | {o + patch for o in origins if o + patch < n}
+    return np.array(sorted(e - 1 for e in edges), dtype=np.int64)
+
+
+def seam_ratio(field: Array, tiling: Tiling) -> float:
+    """Mean |difference| of neighbouring cells across interior tile edges / the mean over all other pairs.
+
+    ``field`` [..., H, W] on the tiling's domain (leading dims are pooled). A pair straddles an edge when
+    the two cells lie on either side of the first or last row (column) of some tile, inside the domain. A
+    seamless stationary field gives ~1; seams give > 1. Raises ``ValueError`` for a single-tile tiling.
+    """
+    f = field.detach().cpu().numpy() if _is_torch(field) else np.asarray(field)
+    if f.ndim < 2 or tuple(f.shape[-2:]) != tiling.domain_shape:
+        raise ValueError(
+            f"field must be [..., H, W] with (H, W) = {tiling.domain_shape}, got {tuple(f.shape)}"
+        )
+    f = f.astype(np.float64)
+    seam_rows = _edge_pairs(tiling.row_origins, tiling.patch[0], tiling.height)
+    seam_cols = _edge_pairs(tiling.col_origins, tiling.patch[1], tiling.width)
+    if seam_rows.size == 0 and seam_cols.size == 0:
+        raise ValueError(
+            f"a tiling of {tiling.n_tiles} tile(s) over {tiling.domain_shape} has no interior tile edges"
+        )
+    dy = np.abs(np.diff(f, axis=-2))  # [..., H-1, W]
+    dx = np.abs(np.diff(f, axis=-1))  # [..., H, W-1]
+    seam_y = np.zeros(dy.shape[-2], dtype=bool)
+    seam_y[seam_rows] = True
+    seam_x = np.zeros(dx.shape[-1], dtype=bool)
+    seam_x[seam_cols] = True
+    seam_sum = dy[..., seam_y, :].sum() + dx[..., seam_x].sum()
+    seam_count = dy[..., seam_y, :].size + dx[..., seam_x].size
+    inner_sum = dy[..., ~seam_y, :].sum() + dx[..., ~seam_x].sum()
+    inner_count = dy[..., ~seam_y, :].size + dx[..., ~seam_x].size
+    inner = inner_sum / inner_count
+    if inner == 0:
+        raise ValueError("the field is constant inside tiles: the seam ratio is undefined")
+    return float(seam_sum / seam_count / inner)

@@ -1,12 +1,11 @@
-"""Classical downscaling baselines behind the one interface the diffusion methods share.
+"""Classical downscaling baselines, methods of the registry like the diffusion models (:mod:`.base`).
 
-Contract (:class:`Downscaler`):
+Contract (:class:`~climrecon.methods.base.Method`):
 - ``fit(coarse_train, fine_train)`` learns from training years only (whatever is passed in) and returns
-  the fitted downscaler; ``downscale(coarse, static_fine, target, *, members=1, seed=0)`` returns an
-  ``xr.Dataset`` on ``target`` (a :class:`~climrecon.tasks.grids.Grid` or a dataset with ``lat``/``lon``)
-  with dims ``(member, time, lat, lon)``, float32, one variable per gridded variable of ``coarse``, units
-  and ``time``/``time_bnds`` kept. The baselines here are deterministic: their ``members`` are identical
-  copies and ``seed`` is accepted for the shared signature; ``static_fine`` is unused by them.
+  the fitted method; ``downscale(inputs, members=1, seed=0)`` returns an ``xr.Dataset`` on ``inputs.grid``
+  with dims ``(member, time, lat, lon)``, float32, one variable per gridded variable of ``inputs.coarse``,
+  units and ``time``/``time_bnds`` kept. The baselines are deterministic: their members are identical
+  copies and ``seed`` is accepted for the shared signature; static fields are unused by them.
 - Variables in :data:`MULTIPLICATIVE_VARIABLES` (pr) are corrected by ratios, all others (tas, uas, vas,
   psl) by differences.
 
@@ -21,13 +20,15 @@ llvmlite, pint and cf_xarray to the stack and, measured on this 2-core machine, 
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import xarray as xr
+from pydantic import Field
 
+from climrecon.methods.base import Inputs, MethodConfig, MethodError, Needs, member_indices
 from climrecon.tasks import regrid
 from climrecon.tasks.grids import Grid, GridError
 
@@ -35,7 +36,9 @@ __all__ = [
     "BaselineError",
     "MULTIPLICATIVE_VARIABLES",
     "GridLike",
-    "Downscaler",
+    "BilinearConfig",
+    "QuantileMappingConfig",
+    "BCSDConfig",
     "EmpiricalQuantileMapping",
     "BilinearDownscaler",
     "QuantileMappingDownscaler",
@@ -47,31 +50,8 @@ GridLike = Grid | xr.Dataset | xr.DataArray
 _SPATIAL = ("lat", "lon")
 
 
-class BaselineError(ValueError):
+class BaselineError(MethodError):
     """A baseline cannot fit or downscale the data as given; the message names the variable/grid at fault."""
-
-
-@runtime_checkable
-class Downscaler(Protocol):
-    """What every downscaling method (baseline or diffusion model) offers to the evaluate flow."""
-
-    name: str
-
-    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> Downscaler:
-        """Learn from training years only; returns self (unchanged when there is nothing to learn)."""
-        ...
-
-    def downscale(
-        self,
-        coarse: xr.Dataset,
-        static_fine: xr.Dataset | None,
-        target: GridLike,
-        *,
-        members: int = 1,
-        seed: int = 0,
-    ) -> xr.Dataset:
-        """Fields on ``target`` with dims ``(member, time, lat, lon)``, deterministic for a given ``seed``."""
-        ...
 
 
 # -- shared helpers ----------------------------------------------------------------------------------------
@@ -88,11 +68,7 @@ def _as_grid(target: GridLike, what: str) -> Grid:
 
 def _same_grid(a: Grid, b: Grid) -> bool:
     """Same cells, longitudes compared modulo 360."""
-    tol = 1e-6 * min(a.dlat, b.dlat)
-    west = (a.west - b.west + 180.0) % 360.0 - 180.0
-    return (a.nlat, a.nlon) == (b.nlat, b.nlon) and all(
-        abs(x) < tol for x in (a.south - b.south, west, a.dlat - b.dlat, a.dlon - b.dlon)
-    )
+    return a.same_cells(b)
 
 
 def _common_variables(coarse: xr.Dataset, fine: xr.Dataset, where: str) -> list[Hashable]:
@@ -115,17 +91,42 @@ def _float64(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign({v: ds[v].astype(np.float64) for v in _gridded(ds)})
 
 
-def _with_members(ds: xr.Dataset, members: int, method: str) -> xr.Dataset:
+def _with_members(ds: xr.Dataset, members: int | Sequence[int], method: str) -> xr.Dataset:
     """Identical float32 copies of the gridded variables along a leading ``member`` dim."""
-    if members < 1:
-        raise BaselineError(f"{method}: members must be >= 1, got {members}")
+    try:
+        index = member_indices(members)
+    except MethodError as exc:
+        raise BaselineError(f"{method}: {exc}") from None
     out = ds.assign(
         {
-            v: ds[v].astype("float32").expand_dims(member=np.arange(members)).transpose("member", ...)
+            v: ds[v].astype("float32").expand_dims(member=np.array(index)).transpose("member", ...)
             for v in _gridded(ds)
         }
     )
-    return out.assign_attrs(downscaling_method=method, members_identical=int(members > 1))
+    return out.assign_attrs(downscaling_method=method, members_identical=int(len(index) > 1))
+
+
+class _Baseline:
+    """What the three baselines share: needs, validation, identity and description."""
+
+    name: str
+    needs: ClassVar[Needs]
+    summary: ClassVar[str] = ""
+
+    def validate(self, inputs: Inputs) -> None:
+        inputs.require(self.needs, self.name)
+
+    def identity(self, members: int, seed: int) -> list[Any]:
+        return [self.config.model_dump(mode="json"), members]  # deterministic: the seed changes nothing
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "label": self.name, "report": f"{self.name}: {self.summary}",
+                "config": self.config.model_dump(mode="json"), "stochastic": False}
+
+    def _coarse(self, inputs: Inputs) -> xr.Dataset:
+        if inputs.coarse is None:
+            raise BaselineError(f"{self.name}: needs the coarse fields on their own grid (Inputs.coarse)")
+        return inputs.coarse
 
 
 def _check_months(ds: xr.Dataset, months: np.ndarray, what: str) -> None:
@@ -296,29 +297,48 @@ class _quiet_all_nan:
 
 
 # -- the baselines ---------------------------------------------------------------------------------------
+class BilinearConfig(MethodConfig):
+    """Bilinear interpolation of the coarse field to the fine cell centres."""
+
+    name: Literal["bilinear"] = "bilinear"
+
+
+class QuantileMappingConfig(MethodConfig):
+    """Bilinear interpolation, then empirical quantile mapping per month of year and fine cell."""
+
+    name: Literal["qm"] = "qm"
+    n_quantiles: int | None = Field(None, ge=2, description="quantiles per month and cell; default: every value")
+
+
+class BCSDConfig(MethodConfig):
+    """Bias correction and spatial disaggregation (Wood et al. 2004)."""
+
+    name: Literal["bcsd"] = "bcsd"
+    n_quantiles: int | None = Field(None, ge=2, description="quantiles per month and cell; default: every value")
+
+
 @dataclass
-class BilinearDownscaler:
+class BilinearDownscaler(_Baseline):
     """Bilinear interpolation of the coarse field to the target cell centres (regrid.bilinear)."""
 
     name: str = "bilinear"
+    needs: ClassVar[Needs] = Needs()
+    summary: ClassVar[str] = "bilinear interpolation of the coarse field"
+
+    @property
+    def config(self) -> MethodConfig:
+        return BilinearConfig()
 
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> BilinearDownscaler:
         return self  # nothing to learn
 
-    def downscale(
-        self,
-        coarse: xr.Dataset,
-        static_fine: xr.Dataset | None,
-        target: GridLike,
-        *,
-        members: int = 1,
-        seed: int = 0,
-    ) -> xr.Dataset:
+    def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
+        coarse, target = self._coarse(inputs), inputs.grid
         return _with_members(_bilinear(coarse, target), members, self.name)
 
 
 @dataclass
-class QuantileMappingDownscaler:
+class QuantileMappingDownscaler(_Baseline):
     """Bilinear interpolation to the fine grid, then empirical quantile mapping per month and fine cell.
 
     ``fit`` maps the distribution of bilinear(coarse_train) onto that of fine_train at every fine cell (its
@@ -326,9 +346,15 @@ class QuantileMappingDownscaler:
     """
 
     n_quantiles: int | None = None
-    name: str = "quantile_mapping"
+    name: str = "qm"
     mapping: EmpiricalQuantileMapping | None = field(default=None, repr=False)
     grid: Grid | None = None
+    needs: ClassVar[Needs] = Needs(fit=True)
+    summary: ClassVar[str] = "bilinear + empirical quantile mapping per month and fine cell (fitted on training years)"
+
+    @property
+    def config(self) -> MethodConfig:
+        return QuantileMappingConfig(n_quantiles=self.n_quantiles)
 
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> QuantileMappingDownscaler:
         names = _common_variables(coarse_train, fine_train, f"{self.name} fit")
@@ -337,15 +363,8 @@ class QuantileMappingDownscaler:
         self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(interpolated, fine_train[names])
         return self
 
-    def downscale(
-        self,
-        coarse: xr.Dataset,
-        static_fine: xr.Dataset | None,
-        target: GridLike,
-        *,
-        members: int = 1,
-        seed: int = 0,
-    ) -> xr.Dataset:
+    def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
+        coarse, target = self._coarse(inputs), inputs.grid
         if self.mapping is None or self.grid is None:
             raise BaselineError(f"{self.name}: call fit(coarse_train, fine_train) before downscale")
         grid = _as_grid(target, f"{self.name} target")
@@ -357,7 +376,7 @@ class QuantileMappingDownscaler:
 
 
 @dataclass
-class BCSDDownscaler:
+class BCSDDownscaler(_Baseline):
     """Bias Correction and Spatial Disaggregation (Wood et al. 2004), per month of year.
 
     fit (training years only):
@@ -375,11 +394,17 @@ class BCSDDownscaler:
 
     n_quantiles: int | None = None
     name: str = "bcsd"
+    needs: ClassVar[Needs] = Needs(fit=True)
+    summary: ClassVar[str] = "bias correction on the coarse grid + spatial disaggregation (Wood et al. 2004)"
     mapping: EmpiricalQuantileMapping | None = field(default=None, repr=False)
     coarse_climatology: xr.Dataset | None = field(default=None, repr=False)
     fine_climatology: xr.Dataset | None = field(default=None, repr=False)
     coarse_grid: Grid | None = None
     fine_grid: Grid | None = None
+
+    @property
+    def config(self) -> MethodConfig:
+        return BCSDConfig(n_quantiles=self.n_quantiles)
 
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> BCSDDownscaler:
         names = _common_variables(coarse_train, fine_train, f"{self.name} fit")
@@ -395,14 +420,9 @@ class BCSDDownscaler:
 
     def coarse_reference(self, fine: xr.Dataset) -> xr.Dataset:
         """``fine`` area-averaged onto the fitted coarse grid (coordinates exactly the coarse grid's)."""
-        coarse, fine_grid = self.coarse_grid, _as_grid(fine, f"{self.name} fine")
-        factor = int(round(coarse.dlat / fine_grid.dlat))
-        try:
-            nested = factor >= 1 and _same_grid(fine_grid.coarsened(factor), coarse)
-        except GridError:
-            nested = False
-        out = regrid.coarsen_blocks(fine, factor) if nested else regrid.conservative(fine, coarse)
-        return out.assign_coords(lat=coarse.lat, lon=coarse.lon)
+        from climrecon.methods.features import coarse_view
+
+        return coarse_view(fine, self.coarse_grid)
 
     def bias_correct(self, coarse: xr.Dataset) -> xr.Dataset:
         """Step 1: ``coarse`` quantile-mapped onto the coarse reference climate, on the coarse grid."""
@@ -417,15 +437,8 @@ class BCSDDownscaler:
             _float64(coarse[[v for v in _gridded(coarse) if v in self.coarse_climatology] + _others(coarse)])
         )
 
-    def downscale(
-        self,
-        coarse: xr.Dataset,
-        static_fine: xr.Dataset | None,
-        target: GridLike,
-        *,
-        members: int = 1,
-        seed: int = 0,
-    ) -> xr.Dataset:
+    def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
+        coarse, target = self._coarse(inputs), inputs.grid
         corrected = self.bias_correct(coarse)
         grid = _as_grid(target, f"{self.name} target")
         if not _same_grid(grid, self.fine_grid):
@@ -464,3 +477,18 @@ class BCSDDownscaler:
 def _others(ds: xr.Dataset) -> list[Hashable]:
     """Non-gridded data variables (e.g. time_bnds) that travel along unchanged."""
     return [v for v in ds.data_vars if v not in _gridded(ds)]
+
+
+# -- registration ----------------------------------------------------------------------------------------
+def _register() -> None:
+    from climrecon.methods import register
+
+    register(BilinearConfig, lambda cfg, sampler: BilinearDownscaler(), BilinearDownscaler.summary,
+             needs="coarse fields; any factor")
+    register(QuantileMappingConfig, lambda cfg, sampler: QuantileMappingDownscaler(cfg.n_quantiles),
+             QuantileMappingDownscaler.summary, needs="coarse fields; paired training years; any factor")
+    register(BCSDConfig, lambda cfg, sampler: BCSDDownscaler(cfg.n_quantiles), BCSDDownscaler.summary,
+             needs="coarse fields; paired training years; any factor")
+
+
+_register()

@@ -1,0 +1,381 @@
+"""DPDM: conditional patch diffusion downscaling (EDM), conditioned on the coarse field on the fine grid,
+terrain, land fraction, the coarse grid's view of them, position and time of year.
+
+The network (role ``denoiser``) generates the fine field, or by default its RESIDUAL over the bilinear
+coarse input (``target: residual``, as CorrDiff's generative part does), on ``patch_size`` patches; inference
+covers any domain with the one tiled sampler (:func:`climrecon.models.tiled.sample_tiled`) and the
+``sampler:`` settings. Member ``m`` of month ``t`` starts from ``seed_for(seed, year * 12 + month - 1, m)``.
+
+Inference recipe (one home; the downscale stage, the evaluation and the benchmarks all call
+:meth:`DPDM.downscale`): conditioning stack (:func:`~climrecon.methods.features.conditioning_stack`) ->
+network space with the statistics the checkpoint recorded (:func:`network_conditioning`) -> tiled sampling
+-> physical fields (:func:`physical_fields`: denormalised, plus ``<var>_coarse`` for a residual model).
+
+Training recipe (:func:`train`): perfect-model pairs of the fine truth's training years
+(:mod:`climrecon.tasks.training_data`), random patch crops, EDM loss with the configured ``P_mean``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field
+
+from climrecon.methods.base import (
+    Inputs,
+    MethodConfig,
+    MethodError,
+    Needs,
+    SamplerConfig,
+    item_seeds,
+    member_indices,
+    month_index,
+)
+from climrecon.methods.features import (
+    STATIC_SCALING,
+    ConditioningError,
+    ConditioningSpec,
+    conditioning_stack,
+    normalize_conditioning,
+    time_of_year,
+)
+from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, NetworkSpec, load_networks, read_checkpoint
+from climrecon.models.edm import EDMConfig, EDMLoss, EDMPrecond
+from climrecon.models.normalization import NormalizationStats
+from climrecon.models.tiled import sample_tiled
+from climrecon.models.tiling import TilingError, make_tiling
+from climrecon.models.unet import UNet, UNetConfig
+
+if TYPE_CHECKING:
+    from climrecon.config import ClimReconConfig, TrainSection
+    from climrecon.models.trainer import TrainResult
+
+__all__ = ["DPDMConfig", "NetworkSection", "EDMSection", "DPDM", "default_checkpoint", "network_conditioning",
+           "physical_fields", "checkpoint_spec", "build_model", "prepare_training", "train"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGET_KINDS = ("residual", "full")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSection(_Section):
+    """The UNet of the denoiser (training only; a checkpoint records its own)."""
+
+    base_channels: int = Field(32, ge=1)
+    channel_mults: list[int] = [1, 2, 2]
+    num_blocks: int = Field(1, ge=1)
+    attention_levels: list[int] = [2]
+    mid_attention: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1)
+    time_harmonics: int = Field(2, ge=0)
+
+
+class EDMSection(_Section):
+    """EDM preconditioning and training noise levels (training only)."""
+
+    sigma_data: float = Field(1.0, gt=0, description="std of the normalised targets")
+    P_mean: float = Field(0.6, description="training ln(sigma) mean; EDM's -1.2 undertrains the ensemble mean here")
+    P_std: float = Field(1.2, gt=0)
+
+
+class DPDMConfig(MethodConfig):
+    """DPDM-style conditional patch diffusion. ``checkpoint`` is what sampling loads (default: the one
+    ``*.pt`` in ``<repo>/checkpoints/``); the other keys describe what ``climrecon train`` builds."""
+
+    name: Literal["dpdm"] = "dpdm"
+    checkpoint: str | None = Field(None, description="model checkpoint; default: the one *.pt in <repo>/checkpoints/")
+    target: Literal["residual", "full"] = Field(
+        "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
+    )
+    static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
+        ["orog", "sftlf"], description="static fields also given as the coarse grid sees them (<name>_coarse)"
+    )
+    patch_size: int = Field(32, ge=8, description="training patch (a multiple of train.factor)")
+    network: NetworkSection = NetworkSection()
+    edm: EDMSection = EDMSection()
+    items_per_call: int = Field(64, ge=1, description="(month, member) items sampled together (memory bound only)")
+
+
+def default_checkpoint(configured: str | None) -> str:
+    """The configured checkpoint (relative paths: to the working directory, else the repo root), or the one
+    ``*.pt`` file shipped in ``<repo>/checkpoints/``."""
+    if configured:
+        path = Path(configured)
+        if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+            path = REPO_ROOT / path
+        return str(path)
+    found = sorted((REPO_ROOT / "checkpoints").glob("*.pt"))
+    if len(found) != 1:
+        raise MethodError(
+            f"method.checkpoint is not set and {REPO_ROOT / 'checkpoints'} holds {len(found)} *.pt file(s) "
+            f"{[p.name for p in found]}; set method.checkpoint to the model to sample with"
+        )
+    return str(found[0])
+
+
+def checkpoint_spec(metadata: CheckpointMetadata, path: str) -> ConditioningSpec:
+    """The ConditioningSpec whose channel names are the checkpoint's ``cond_channels``."""
+    factor = int(metadata.grid.coarsening_factor or 1)
+    try:
+        return ConditioningSpec.from_channel_names(metadata.variables, factor, metadata.cond_channels)
+    except ConditioningError as exc:
+        raise MethodError(
+            f"checkpoint {path} expects conditioning channels {list(metadata.cond_channels)}, which cannot be "
+            f"built: {exc}"
+        ) from None
+
+
+def network_conditioning(stack: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
+    """[T, C, H, W] conditioning in physical units -> network space, exactly as in training."""
+    if metadata.normalization is None:
+        raise MethodError("checkpoint has no normalization statistics; it cannot be used for sampling")
+    recorded = metadata.data.get("conditioning_normalization")
+    stats = NormalizationStats.from_dict(recorded) if recorded else metadata.normalization
+    return normalize_conditioning(stack, channels, stats).astype(np.float32)
+
+
+def physical_fields(z: torch.Tensor, cond: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
+    """Network output [N, V, H, W] -> physical fields [N, V, H, W], given the items' physical conditioning
+    [N, C, H, W]: denormalised with the target statistics, plus ``<v>_coarse`` for a residual model."""
+    x = metadata.normalization.denormalize(z.cpu(), channel_dim=1).numpy().astype(np.float32)
+    kind = metadata.data.get("target", "full")
+    if kind not in TARGET_KINDS:
+        raise MethodError(f"checkpoint records target kind {kind!r}; this code knows {TARGET_KINDS}")
+    if kind == "residual":
+        coarse = np.stack([cond[:, list(channels).index(f"{v}_coarse")] for v in metadata.variables], axis=1)
+        x = x + coarse
+    return x
+
+
+def _device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise MethodError("sampler.device is 'cuda' but torch sees no CUDA device here")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class DPDM:
+    """A trained DPDM checkpoint as a :class:`~climrecon.methods.base.Method` (module docstring)."""
+
+    name = "dpdm"
+
+    def __init__(self, config: DPDMConfig, sampler: SamplerConfig):
+        self.config, self.sampler = config, sampler
+        self.checkpoint = default_checkpoint(config.checkpoint)
+        self.device = _device(sampler.device)
+        contents = read_checkpoint(self.checkpoint)  # verified: raises CheckpointError naming the file
+        self.sha256 = str(contents.header["content_sha256"])
+        networks, self.metadata = load_networks(self.checkpoint, map_location=self.device, roles=("denoiser",))
+        self.net = networks["denoiser"]
+        g = self.metadata.grid
+        if not g.coarsening_factor or not g.patch_size:
+            raise MethodError(f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size")
+        self.spec = checkpoint_spec(self.metadata, self.checkpoint)
+        self.patch = int(g.patch_size)
+        self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
+        self.needs = Needs(static=tuple(self.spec.static_names()), factors=(self.spec.factor,), stochastic=True,
+                           coarse=False)
+
+    # -- what the checkpoint is --
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return self.spec.variables
+
+    @property
+    def factor(self) -> int:
+        return self.spec.factor
+
+    def years_seen(self) -> list[tuple[int, int]]:
+        """Inclusive year ranges the model was trained or validated on (from its metadata)."""
+        data = self.metadata.data
+        return [tuple(data[k]) for k in ("train_years", "validation_years") if data.get(k)]
+
+    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DPDM:
+        missing = [v for v in self.variables if v not in fine_train.data_vars]
+        if missing:
+            raise MethodError(f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}")
+        return self  # trained by `climrecon train`
+
+    def validate(self, inputs: Inputs) -> None:
+        path = self.checkpoint
+        missing = [v for v in self.variables if v not in inputs.coarse_on_fine.data_vars]
+        if missing:
+            raise MethodError(
+                f"checkpoint {path} downscales {list(self.variables)} but the input lacks {missing} (it has "
+                f"{inputs.variables}); ingest and regrid those variables"
+            )
+        trained = self.metadata.grid.fine_resolution
+        grid = inputs.grid
+        if trained and not (math.isclose(grid.dlat, trained, rel_tol=1e-6) and math.isclose(grid.dlon, trained, rel_tol=1e-6)):
+            raise MethodError(
+                f"the target grid is {grid.dlat:g} x {grid.dlon:g} deg but checkpoint {path} was trained at "
+                f"{trained:g} deg: re-run regrid with regrid.resolution={trained:g}"
+            )
+        factor = inputs.factor()
+        if factor is not None and not math.isclose(factor, self.factor, rel_tol=1e-6):
+            wanted = grid.dlat * self.factor
+            raise MethodError(
+                f"checkpoint {path} was trained to downscale by x{self.factor} ({wanted:g} deg -> {grid.dlat:g} deg); "
+                f"the coarse input is x{factor:g} coarser than the target: re-run regrid with "
+                f"regrid.coarse_resolution={wanted:g} (or use a checkpoint trained for that factor)"
+            )
+        inputs.require(self.needs, f"checkpoint {path}")
+        try:
+            make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
+        except TilingError as exc:
+            raise MethodError(f"sampler.overlap / checkpoint patch size {self.patch}: {exc}") from None
+
+    def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
+        self.validate(inputs)
+        index = member_indices(members)
+        grid, variables = inputs.grid, list(self.variables)
+        try:
+            cond = conditioning_stack(inputs.coarse_on_fine[variables].load(),
+                                      inputs.static[self.spec.static_names()].load(), self.spec)
+        except ConditioningError as exc:
+            raise MethodError(str(exc)) from None
+        values = cond.values
+        times = cond["time"].values
+        bad = ~np.isfinite(values).all(axis=(1, 2, 3))
+        if bad.any():
+            labels = [f"{t.year:04d}-{t.month:02d}" for t in times[bad]]
+            raise MethodError(f"the conditioning has NaN/inf at {labels} (channels {self.spec.channel_names()})")
+        channels = self.spec.channel_names()
+        z_cond = network_conditioning(values, channels, self.metadata)
+        toy = time_of_year(times)
+        n_t = len(times)
+        seeds = item_seeds(seed, month_index(times), index)  # member-major
+        items = [(k, t) for k in range(len(index)) for t in range(n_t)]
+        tiling = make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
+        out = np.empty((len(index), n_t, len(variables), grid.nlat, grid.nlon), np.float32)
+        step = self.config.items_per_call
+        for start in range(0, len(items), step):
+            chunk = items[start : start + step]
+            t_idx = np.array([t for _, t in chunk])
+            z = sample_tiled(
+                self.net, torch.from_numpy(z_cond[t_idx]), torch.from_numpy(toy[t_idx]), tiling,
+                seeds=seeds[start : start + len(chunk)], out_channels=len(variables), device=self.device,
+                **self.sampler.sampling_kwargs(),
+            )
+            x = physical_fields(z, values[t_idx], channels, self.metadata)
+            for (k, t), field_ in zip(chunk, x, strict=True):
+                out[k, t] = field_
+        attrs = {v: inputs.coarse_on_fine[v].attrs for v in variables}
+        coords = {"member": np.array(index), "time": inputs.coarse_on_fine["time"], "lat": grid.lat, "lon": grid.lon}
+        result = xr.Dataset({v: (("member", "time", "lat", "lon"), out[:, :, i], attrs[v]) for i, v in enumerate(variables)},
+                            coords=coords)
+        return result.assign_attrs(downscaling_method=self.name, base_seed=seed, **self._sampling_attrs())
+
+    def _sampling_attrs(self) -> dict[str, Any]:
+        return {"num_steps": self.sampler.num_steps, "blend": self.sampler.blend, "solver": self.sampler.solver}
+
+    def identity(self, members: int, seed: int) -> list[Any]:
+        s = self.sampler
+        parts: list[Any] = [self.sha256, members, seed, s.num_steps, s.blend, self.patch, self.overlap]
+        if s.solver != "heun" or s.S_churn or s.eta:  # the first releases knew deterministic Heun only
+            parts.append({"solver": s.solver, "S_churn": s.S_churn, "eta": s.eta})
+        return parts
+
+    def describe(self) -> dict[str, Any]:
+        m = self.metadata
+        target = m.data.get("target", "full")
+        return {
+            "method": self.name,
+            "label": m.method,
+            "stochastic": True,
+            "variables": list(self.variables),
+            "grid": m.grid.to_dict(),
+            "years_seen": [list(y) for y in self.years_seen()],
+            "report": (f"{self.name}: checkpoint `{Path(self.checkpoint).name}` ({m.method}, x{self.factor}, "
+                       f"step {m.step}, target {target}), {self.sampler.describe()}, overlap {self.overlap}"),
+            "checkpoint": {"path": self.checkpoint, "sha256": self.sha256, "method": m.method, "step": m.step,
+                           "factor": self.factor, "variables": list(self.variables), "target": target,
+                           "train": m.train, "data": m.data, "grid": m.grid.to_dict()},
+            "sampler": self.sampler.model_dump(mode="json"),
+            "seeds": "seed_for(base_seed, year * 12 + month - 1, member)",
+        }
+
+
+# -- training ----------------------------------------------------------------------------------------------
+def build_model(config: DPDMConfig, n_out: int, n_cond: int, seed: int) -> EDMPrecond:
+    """A fresh denoiser (seeded init) for ``n_out`` target variables and ``n_cond`` conditioning channels."""
+    net = config.network
+    unet = UNetConfig(
+        out_channels=n_out, cond_channels=n_cond, base_channels=net.base_channels,
+        channel_mults=tuple(net.channel_mults), num_blocks=net.num_blocks,
+        attention_levels=tuple(net.attention_levels), mid_attention=net.mid_attention, dropout=net.dropout,
+        time_harmonics=net.time_harmonics,
+    )
+    torch.manual_seed(seed)
+    return EDMPrecond(UNet(unet), EDMConfig(config.edm.sigma_data, config.edm.P_mean, config.edm.P_std))
+
+
+def prepare_training(section: TrainSection, config: DPDMConfig, truth_url: str, static_url: str) -> Any:
+    """Training-year perfect-model pairs, their statistics and the crop sampler (held-out years never opened)."""
+    from climrecon.tasks.training_data import training_setup
+
+    if config.patch_size % section.factor:
+        raise MethodError(f"method.patch_size ({config.patch_size}) must be a multiple of train.factor ({section.factor})")
+    spec = ConditioningSpec(tuple(section.variables), section.factor, static_coarse=tuple(config.static_coarse))
+    return training_setup(section, spec, truth_url, static_url, target=config.target, patch_size=config.patch_size)
+
+
+def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
+    """Train the DPDM denoiser of ``cfg.method`` on ``cfg.train``: checkpoint, inference copy, loss curve."""
+    from climrecon.models.trainer import TrainConfig
+    from climrecon.models.trainer import train as train_loop
+    from climrecon.tasks.training_data import default_static_url, default_truth_url, finish_training
+
+    section, config = cfg.train, cfg.method
+    torch.set_num_threads(section.threads)
+    setup = prepare_training(section, config, default_truth_url(cfg), default_static_url(cfg))
+    model = build_model(config, len(setup.spec.variables), len(setup.spec.channel_names()), section.seed)
+    if log:
+        log.info("UNet: %d parameters; %d training months", sum(p.numel() for p in model.parameters()),
+                 setup.data["months"])
+    metadata = CheckpointMetadata(
+        method="dpdm-residual" if config.target == "residual" else "dpdm",
+        networks={"denoiser": NetworkSpec.of(model)},
+        variables=setup.spec.variables,
+        cond_channels=tuple(setup.spec.channel_names()),
+        normalization=setup.stats,
+        grid=GridSpec(fine_resolution=setup.grid.dlat, coarsening_factor=section.factor, patch_size=config.patch_size,
+                      region={"lat_min": setup.grid.south, "lat_max": setup.grid.north,
+                              "lon_min": setup.grid.west, "lon_max": setup.grid.east}),
+        method_config=config.model_dump(mode="json", exclude={"checkpoint"}),
+        data={**setup.data, "static_scaling": {k: list(v) for k, v in STATIC_SCALING.items()}},
+    )
+    tcfg = TrainConfig(
+        max_steps=section.max_steps, lr=section.lr, warmup_steps=section.warmup_steps,
+        lr_schedule=section.lr_schedule, ema_halflife_steps=section.ema_halflife_steps,
+        checkpoint_every=section.checkpoint_every, log_every=50, seed=section.seed, device=section.device,
+    )
+    on_log = (lambda r: log.info("step %d loss %.4f lr %.2e %.2f steps/s", r["step"], r["loss"], r["lr"],
+                                 r["steps_per_s"])) if log else None
+    ckpt = Path(section.checkpoint)
+    result = train_loop(model, setup.batches, tcfg, loss=EDMLoss(model.config), checkpoint_path=ckpt,
+                        metadata=metadata, progress=progress, on_log=on_log)
+    finish_training(result, f"{'/'.join(section.variables)} x{section.factor}, {section.max_steps} steps")
+    return result
+
+
+def _register() -> None:
+    from climrecon.methods import register
+
+    register(DPDMConfig, DPDM, "conditional patch diffusion (EDM) on the coarse field, terrain, land fraction",
+             needs="coarse fields on the fine grid; orog, orog_std, sftlf (+ coarse views); the checkpoint's factor",
+             train=train)
+
+
+_register()
