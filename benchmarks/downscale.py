@@ -4,14 +4,15 @@ Run: ``.venv/bin/python benchmarks/downscale.py [--repeats 2]`` (~10 min on 2 co
 benchmarks/results/downscale.json. Every timing is taken ``--repeats`` times in interleaved rounds; the
 JSON keeps each one (``timings_s``) and reports medians.
 
-- ``seam_ratio``: :func:`climrecon.tasks.patch_sampling.seam_ratio` of the sampled members (each variable
-  standardised, then pooled) with the default blending; ``seam_ratio_other_blending`` for the other one.
+- ``seam_ratio``: :func:`climrecon.models.tiling.seam_ratio` of the sampled residuals (members minus the
+  coarse input on the fine grid; each variable standardised, then pooled) with the default blending;
+  ``seam_ratio_other_blending`` for the other one.
 - ``speedup_2_workers``: months x members per hour of :func:`run_downscale` on a local Dask cluster of 2
   worker processes (1 thread each) over 1 worker, same work, workers warmed up first (model loaded).
 - ``overhead_ratio``: wall time of the whole ``downscale`` Prefect flow (plan, template, unit tasks, Dask
-  futures, conditioning reads, region writes, finalize; on the running, warm 1-worker cluster) / the pure
-  sampling time of the same units (:func:`sample_items` on in-memory conditioning, one process, one
-  thread), measured in the same run: what orchestration and I/O add to the same work.
+  futures, input reads, region writes, finalize; on the running, warm 1-worker cluster) / the pure
+  sampling time of the same units (the method's ``downscale`` on inputs already in memory, one process,
+  one thread), measured in the same run: what orchestration and I/O add to the same work.
 - the model: the shipped checkpoint (``checkpoints/*.pt``) when there is one, else a random-init model of
   the training section's architecture (said so under ``model``).
 Inputs are synthetic regridded stores (smooth seasonal fields on a 0.25-deg grid, real-looking static
@@ -35,28 +36,17 @@ import cftime
 import numpy as np
 import torch
 import xarray as xr
-from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, save_checkpoint
-from climrecon.models.edm import EDMConfig, EDMPrecond
-from climrecon.models.normalization import NormalizationStats
-from climrecon.models.unet import UNet, UNetConfig
+from climrecon.config import ClimReconConfig, load_config
+from climrecon.methods.dpdm import REPO_ROOT, DPDMConfig, build_model
 from climrecon.methods.features import ConditioningSpec, with_coarse_static
+from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, NetworkSpec, save_checkpoint
+from climrecon.models.normalization import NormalizationStats
+from climrecon.models.tiling import make_tiling, seam_ratio
+from climrecon.stores import StageStore, content_key
+from climrecon.tasks.downscale import _method, plan_downscale, run_downscale, unit_inputs
 from climrecon.tasks.grids import Grid
-from climrecon.tasks.downscale import (
-    REPO_ROOT,
-    _conditioning,
-    _model,
-    item_seeds,
-    network_conditioning,
-    plan_downscale,
-    run_downscale,
-    sample_items,
-)
-from climrecon.tasks.patch_sampling import seam_ratio
 from climrecon.tasks.regrid_stage import STATIC_COARSE_VIEWS
 from common import command_line, machine, versions, write_results
-
-from climrecon.config import DownscaleConfig, TrainSection
-from climrecon.stores import StageStore, content_key
 
 RESULTS = Path(__file__).resolve().parent / "results" / "downscale.json"
 NLAT, NLON, N_TIME, MEMBERS = 48, 64, 12, 4
@@ -66,30 +56,25 @@ def model_checkpoint(folder: Path) -> tuple[str, str]:
     shipped = sorted((REPO_ROOT / "checkpoints").glob("*.pt"))
     if shipped:
         return str(shipped[0]), f"shipped checkpoint {shipped[0].name}"
-    t = TrainSection()
-    spec = ConditioningSpec(tuple(t.variables), t.factor, static_coarse=tuple(t.static_coarse))
-    config = UNetConfig(out_channels=len(t.variables), cond_channels=len(spec.channel_names()),
-                        base_channels=t.base_channels, channel_mults=tuple(t.channel_mults), num_blocks=t.num_blocks,
-                        attention_levels=tuple(t.attention_levels), mid_attention=t.mid_attention,
-                        time_harmonics=t.time_harmonics)
-    torch.manual_seed(0)
-    net = EDMPrecond(UNet(config), EDMConfig(sigma_data=t.sigma_data))
+    t, m = ClimReconConfig().train, DPDMConfig()
+    spec = ConditioningSpec(tuple(t.variables), t.factor, static_coarse=tuple(m.static_coarse))
+    net = build_model(m, len(t.variables), len(spec.channel_names()), seed=0)
     with torch.no_grad():  # random init has zero-initialised output layers: perturb so the net is not trivial
         gen = torch.Generator().manual_seed(1)
         for p in net.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=gen))
     stats = {"tas": (285.0, 12.0), "uas": (0.0, 3.0), "vas": (0.0, 3.0), "pr": (0.7, 0.6), "psl": (101000.0, 800.0)}
     meta = CheckpointMetadata(
-        method="dpdm", unet=config, edm=EDMConfig(sigma_data=t.sigma_data), variables=tuple(t.variables),
+        method="dpdm", networks={"denoiser": NetworkSpec.of(net)}, variables=tuple(t.variables),
         cond_channels=tuple(spec.channel_names()),
         normalization=NormalizationStats(tuple(t.variables), tuple(stats[v][0] for v in t.variables),
                                          tuple(stats[v][1] for v in t.variables)),
-        grid=GridSpec(fine_resolution=0.25, coarsening_factor=t.factor, patch_size=t.patch_size),
+        grid=GridSpec(fine_resolution=0.25, coarsening_factor=t.factor, patch_size=m.patch_size),
         train={"note": "random init (benchmark stand-in; no shipped checkpoint found)"},
     )
     path = folder / "random-init.pt"
-    save_checkpoint(path, net.state_dict(), meta)
-    return str(path), f"random-init model of the train section's architecture (no checkpoints/*.pt found): {config}"
+    save_checkpoint(path, {"denoiser": net.state_dict()}, meta)
+    return str(path), f"random-init model of the default DPDM architecture (no checkpoints/*.pt found): {m.network}"
 
 
 def write_inputs(folder: Path, variables: list[str], coarse_resolution: float) -> dict[str, str]:
@@ -124,23 +109,19 @@ def write_inputs(folder: Path, variables: list[str], coarse_resolution: float) -
     return urls
 
 
-def pure_sampling_seconds(plan) -> tuple[float, dict[str, np.ndarray]]:
-    """Sum over units of the sample_items time alone (conditioning read and normalised beforehand)."""
-    cfg = plan.config
-    model, meta = _model(plan.checkpoint, plan.checkpoint_sha256, "cpu")
+def pure_sampling_seconds(plan) -> tuple[float, np.ndarray]:
+    """Sum over units of the method's ``downscale`` time alone (inputs read beforehand); the sampled
+    residuals (members minus the coarse input on the fine grid) as [items, V, H, W]."""
+    method = _method(plan, None)
     total, fields = 0.0, []
     for unit in plan.units():
-        cond, toy = _conditioning(plan, unit, None)
-        cond = network_conditioning(cond, plan.channels, meta)
-        members = range(unit.member.start, unit.member.stop)
-        seeds = item_seeds(cfg.seed, plan.months[unit.time], members)
-        c = torch.from_numpy(np.tile(cond, (len(members), 1, 1, 1)))
-        t = torch.from_numpy(np.tile(toy, len(members)))
+        inputs = unit_inputs(plan, unit)
         start = time.perf_counter()
-        z = sample_items(model, c, t, plan.tiling, seeds=seeds, out_channels=len(plan.variables),
-                         num_steps=cfg.num_steps, blend=cfg.blend, max_patches_per_batch=cfg.max_patches_per_batch)
+        out = method.downscale(inputs, members=range(unit.member.start, unit.member.stop), seed=plan.config.seed)
         total += time.perf_counter() - start
-        fields.append(z.numpy())
+        residual = np.stack([(out[v] - inputs.coarse_on_fine[v]).transpose("member", "time", "lat", "lon").values
+                             for v in plan.variables], axis=2)
+        fields.append(residual.reshape(-1, *residual.shape[2:]))
     return total, np.concatenate(fields)
 
 
@@ -168,16 +149,24 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="bench-downscale-"))
     checkpoint, model_note = model_checkpoint(folder)
-    t = TrainSection()
+    t = ClimReconConfig().train
     inputs = write_inputs(folder, list(t.variables), 0.25 * t.factor)
     # units of 3 months x 1 member (16 units, 18 patches each); network calls of the default fixed size
-    base = {"members": MEMBERS, "num_steps": 8, "time_chunk": 3, "months_per_unit": 3, "members_per_unit": 1,
-            "device": "cpu", "checkpoint": checkpoint}
-    cfg = DownscaleConfig(**base)
+    base = [f"downscale.members={MEMBERS}", "downscale.time_chunk=3", "downscale.months_per_unit=3",
+            "downscale.members_per_unit=1", "sampler.num_steps=8", "sampler.device=cpu",
+            f"method.checkpoint={checkpoint}"]
+
+    def config(root: Path, blend: str = "every_step") -> ClimReconConfig:
+        return load_config(overrides=[*base, f"sampler.blend={blend}", f"storage.root={root}"])
+
+    cfg = config(folder)
     results: dict = {"model": model_note, "command": command_line(), "machine": machine(),
                      "versions": versions("torch", "dask", "distributed", "prefect", "xarray", "zarr"),
                      "domain": {"lat": NLAT, "lon": NLON, "months": N_TIME, "members": MEMBERS},
-                     "config": cfg.model_dump(mode="json"), "repeats": args.repeats}
+                     "config": {"downscale": cfg.downscale.model_dump(mode="json"),
+                                "sampler": cfg.sampler.model_dump(mode="json"),
+                                "method": cfg.method.model_dump(mode="json")},
+                     "repeats": args.repeats}
     items = N_TIME * MEMBERS
     timings: dict[str, list[float]] = {"pure_sampling_s": [], "1_worker_s": [], "flow_1_worker_s": [], "2_workers_s": []}
 
@@ -191,28 +180,28 @@ def main(argv: list[str] | None = None) -> None:
     # start-up work would otherwise land on the measured flow run (it shares the 2 cores).
     with prefect_test_harness():
         flow(name="warm-up")(_no_op)()
-        plans = {b: plan_downscale(DownscaleConfig(**{**base, "blend": b}), str(folder / b), inputs["fine"],
-                                   inputs["static"], None) for b in ("every_step", "once")}
+        plans = {b: plan_downscale(config(folder / b, b), inputs["fine"], inputs["static"], None)
+                 for b in ("every_step", "once")}
         _, z_once = pure_sampling_seconds(plans["once"])
         for rep in range(args.repeats):  # interleaved rounds: slow drifts of the machine hit every measure
             pure_s, z = pure_sampling_seconds(plans["every_step"])
             timings["pure_sampling_s"].append(pure_s)
             for n in (1, 2):
                 with dask_client(n_workers=n, threads_per_worker=1) as client:
-                    warm = plan_downscale(cfg, str(folder / f"warm{n}-{rep}"), inputs["fine"], inputs["static"], None)
-                    client.run(lambda p=warm: _model(p.checkpoint, p.checkpoint_sha256, "cpu") and None)
-                    run = plan_downscale(cfg, str(folder / f"workers{n}-{rep}"), inputs["fine"], inputs["static"], None)
+                    run = plan_downscale(config(folder / f"workers{n}-{rep}"), inputs["fine"], inputs["static"], None)
+                    client.run(lambda p=run: _method(p, None) and None)  # every worker builds the method once
                     timed(f"{n}_worker{'s' if n > 1 else ''}_s", lambda r=run, c=client: run_downscale(r, client=c))
                     if n == 1:  # the whole Prefect flow on the same warm 1-worker cluster: the same work
-                        overrides = [f"storage.root={folder / f'flow-{rep}'}", *(f"downscale.{k}={v}" for k, v in base.items())]
+                        overrides = [f"storage.root={folder / f'flow-{rep}'}", *base]
                         timed("flow_1_worker_s", lambda o=overrides, c=client: downscale_flow(
                             overrides=o, fine_url=inputs["fine"], static_url=inputs["static"],
                             scheduler_address=c.scheduler.address))
-    plan = plans["every_step"]
-    results["tiling"] = {"patch": plan.tiling.patch, "overlap": plan.tiling.overlap, "tiles": plan.tiling.n_tiles}
-    results["default_blending"] = cfg.blend
-    results["seam_ratio"] = round(standardized_seams(z, plan.tiling), 4)
-    results["seam_ratio_other_blending"] = {"once": round(standardized_seams(z_once, plan.tiling), 4)}
+    method = _method(plans["every_step"], None)
+    tiling = make_tiling(NLAT, NLON, method.patch, method.overlap)
+    results["tiling"] = {"patch": tiling.patch, "overlap": tiling.overlap, "tiles": tiling.n_tiles}
+    results["default_blending"] = cfg.sampler.blend
+    results["seam_ratio"] = round(standardized_seams(z, tiling), 4)
+    results["seam_ratio_other_blending"] = {"once": round(standardized_seams(z_once, tiling), 4)}
     median = {k: float(np.median(v)) for k, v in timings.items()}
     results["timings_s"] = {k: [round(x, 2) for x in v] for k, v in timings.items()}
     results["pure_sampling_s"] = round(median["pure_sampling_s"], 2)

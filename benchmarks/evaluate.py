@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = [
         f"evaluate.month_stride={args.month_stride}",
-        f"evaluate.num_steps={args.num_steps}",
+        f"sampler.num_steps={args.num_steps}",
         f"evaluate.threads={args.threads}",
         f"evaluate.output={args.out}",
         *args.overrides,
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - start
 
     affordability = {}
-    diffusion = [t for t in result.timings if t["step"].startswith("diffusion")]
+    ensembles = {name for name, d in result.methods.items() if d.get("stochastic")}
+    diffusion = [t for t in result.timings if t["step"].split(" ")[0] in ensembles]
     if diffusion:
         t = diffusion[0]
         per_item = t["downscale_seconds"] / (t["months"] * t["members"])
@@ -67,13 +68,13 @@ def main(argv: list[str] | None = None) -> None:
         }
         result.notes.append(
             f"Ensemble sizes 33 and 100 were not run: one (month, member) sample costs {per_item:.1f} s "
-            f"here ({cfg.evaluate.num_steps} Heun steps, {cfg.evaluate.threads} thread, shared 2-core CPU), "
+            f"here ({cfg.sampler.num_steps} Heun steps, {cfg.evaluate.threads} thread, shared 2-core CPU), "
             f"so 100 members x 120 held-out months would take ~{full_100:.0f} h; run them on a GPU "
             "(`--set evaluate.ensemble_sizes=[1,16,33,100] --set evaluate.month_stride=1`)."
         )
     result.notes.append(
         f"Affordable CPU settings: every {cfg.evaluate.month_stride}th held-out month "
-        f"({len(result.months)} months: {', '.join(result.months)}), {cfg.evaluate.num_steps} Heun steps, "
+        f"({len(result.months)} months: {', '.join(result.months)}), {cfg.sampler.num_steps} Heun steps, "
         f"{cfg.evaluate.threads} torch thread(s); whole run {wall:.0f} s."
     )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ Measured in one process, same thread count, best of ``--repeat`` timings (the ma
   size: one no-grad forward of :class:`EDMPrecond`, FLOPs counted with
   ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matmuls, attention), giving achieved GFLOP/s,
   ``patches_per_s`` (network evaluations of one patch per second) and the fraction of the matmul figure;
-- ``sampler``: one full-domain :func:`sample_domain` call (every-step blending, Heun) on the 80 x 80 domain:
+- ``sampler``: one full-domain :func:`~climrecon.models.tiled.sample_tiled` call (the shipped tiled sampler;
+  every-step blending, Heun) on the 80 x 80 domain:
   seconds per sampler step and fine-grid cells per second per step.
 
 Usage: ``python benchmarks/sampler_speed.py [--checkpoint ...] [--threads 1] [--batches 9 32 64]``
@@ -27,9 +28,15 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from climrecon.models.checkpoint import load_checkpoint
-from climrecon.tasks.patch_sampling import sample_domain
+from climrecon.models.checkpoint import load_networks
+from climrecon.models.tiled import sample_tiled
 from climrecon.models.tiling import make_tiling
+
+
+def load_checkpoint(path: str):
+    """The checkpoint's denoiser network and metadata."""
+    nets, meta = load_networks(path, roles=("denoiser",))
+    return nets["denoiser"], meta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, meta = load_checkpoint(args.checkpoint)
     p = int(meta.grid.patch_size)
-    c_out, c_cond = meta.unet.out_channels, meta.unet.cond_channels
+    unet = meta.networks["denoiser"].unet
+    c_out, c_cond = unet.out_channels, unet.cond_channels
     ceiling = matmul_gflops(args.matmul_n, args.repeat)
 
     variants: dict[str, torch.nn.Module] = {"eager": model}
@@ -122,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     net = variants[best["variant"]]
     steps = args.sampler_steps
     sec = best_seconds(
-        lambda: sample_domain(net, cond, torch.tensor([0.5]), tiling, seeds=[0], num_steps=steps,
-                              max_patches_per_batch=64),
+        lambda: sample_tiled(net, cond, torch.tensor([0.5]), tiling, seeds=[0], out_channels=c_out, num_steps=steps,
+                             max_patches_per_batch=64),
         max(1, args.repeat // 2), warmup=1,
     )
     evals = 2 * steps - 1  # Heun: two network calls per step, one on the last
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sampler": sampler,
         "notes": notes,
         "model": {"parameters": sum(t.numel() for t in model.parameters()), "patch_size": p,
-                  "unet": meta.unet.to_dict(), "step": meta.step},
+                  "unet": unet.to_dict(), "step": meta.step},
         "torch_threads": args.threads,
         "peak_rss_mib": peak_rss_mib(),
         "machine": machine(),

@@ -1,16 +1,20 @@
-"""Skill of the shipped DPDM patch model on held-out years of the synthetic reanalysis, x8 perfect model.
+"""Skill of a trained method (default: the shipped DPDM checkpoint) on held-out years of the synthetic
+reanalysis, x8 perfect model, through the code that ships.
 
 For a subset of held-out months (``--months`` spread evenly over the held-out decade, 2011-2020 by default,
-years the model never saw), the truth is coarsened by 8, put back on the fine grid (the bilinear baseline
-and the model's conditioning), and a ``--members`` ensemble is sampled over the FULL 80 x 80 domain with
-:func:`climrecon.tasks.patch_sampling.sample_domain` (``blend="every_step"``; Heun, ``--steps`` steps).
+years the model never saw), the truth is coarsened by the method's factor and handed to the method as the
+evaluation stage hands it (:func:`climrecon.tasks.evaluate.perfect_model_inputs`: the coarse fields, their
+bilinear view on the fine grid, which is also the bilinear baseline, and the static fields with their coarse
+views); a ``--members`` ensemble over the FULL 80 x 80 domain comes from ``method.downscale`` (the
+registry's method, the one tiled sampler, ``blend="every_step"``, Heun, ``--steps`` steps; member m of month
+t from ``seed_for(seed, year * 12 + month - 1, m)``, as in the downscale stage).
 Metrics (:mod:`climrecon.tasks.metrics`, latitude-weighted, physical units, per variable and the mean of
 the per-variable ratios): MAE of the ensemble mean vs MAE of bilinear, CRPS, spread-skill ratio.
 
 Usage::
 
-    python benchmarks/skill_core.py [--checkpoint checkpoints/dpdm-westus-x8.pt] [--months 24] [--members 16]
-        [--steps 12] [--out benchmarks/results/skill_core.json]
+    python benchmarks/skill_core.py [--method dpdm] [--checkpoint checkpoints/dpdm-westus-x8.pt] [--months 24]
+        [--members 16] [--steps 12] [--out benchmarks/results/skill_core.json]
 """
 
 from __future__ import annotations
@@ -25,18 +29,16 @@ import numpy as np
 import torch
 import xarray as xr
 
-from climrecon.config import load_config
-from climrecon.flows.train import default_static_url, default_truth_url
-from climrecon.models.checkpoint import CheckpointMetadata, load_checkpoint
-from climrecon.models.samplers import seed_for
+from climrecon.config import SamplerConfig, load_config
+from climrecon.methods import Inputs, Method, build
 from climrecon.tasks import metrics
-from climrecon.methods.features import ConditioningSpec, time_of_year
-from climrecon.tasks.patch_sampling import sample_domain
-from climrecon.models.tiling import make_tiling
-from climrecon.tasks.downscale import network_conditioning, physical_fields
+from climrecon.tasks.evaluate import perfect_model_inputs
+from climrecon.tasks.grids import Grid
+from climrecon.tasks.regrid import coarsen_blocks
 from climrecon.tasks.training_data import (
+    default_static_url,
+    default_truth_url,
     open_truth,
-    perfect_model_pairs,
     select_years,
     static_for_truth,
 )
@@ -44,7 +46,7 @@ from climrecon.tasks.training_data import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402
 
-__all__ = ["spread_months", "heldout_inputs", "sample_ensemble", "skill"]
+__all__ = ["spread_months", "heldout_inputs", "skill"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "dpdm-westus-x8.pt"
@@ -57,53 +59,18 @@ def spread_months(n_available: int, n: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n_available - 1, n)).astype(int))
 
 
-def heldout_inputs(
-    meta: CheckpointMetadata, truth_url: str, static_url: str, years: tuple[int, int], n_months: int
-) -> tuple[xr.Dataset, xr.DataArray, ConditioningSpec]:
-    """(truth, physical conditioning, spec) for ``n_months`` months spread over ``years``."""
-    spec = ConditioningSpec.from_channel_names(meta.variables, int(meta.grid.coarsening_factor), meta.cond_channels)
-    truth = select_years(open_truth(truth_url, spec.variables), years, f"truth store {truth_url}")
-    truth = truth.isel(time=spread_months(truth.sizes["time"], n_months))
-    target, cond = perfect_model_pairs(truth, static_for_truth(static_url, truth), spec)
-    return target, cond, spec
-
-
-def sample_ensemble(
-    model: torch.nn.Module,
-    meta: CheckpointMetadata,
-    cond: xr.DataArray,
-    *,
-    members: int,
-    num_steps: int,
-    overlap: int,
-    seed: int = 0,
-    max_patches_per_batch: int = 64,
-) -> xr.Dataset:
-    """Ensemble (member, time, lat, lon) of fine fields in physical units (residual models: plus the coarse
-    input); member ``m`` of month ``t`` uses ``seed_for(seed, t, m)``."""
-    h, w = cond.sizes["lat"], cond.sizes["lon"]
-    tiling = make_tiling(h, w, int(meta.grid.patch_size), overlap)
-    channels = list(cond.channel.values)
-    z_cond = torch.from_numpy(network_conditioning(cond.values, channels, meta))  # exactly as the stage does
-    toy = torch.from_numpy(time_of_year(cond["time"].values))
-    out = np.empty((members, cond.sizes["time"], len(meta.variables), h, w), np.float32)
-    for t in range(cond.sizes["time"]):
-        seeds = [seed_for(seed, t, m) for m in range(members)]
-        z = sample_domain(
-            model,
-            z_cond[t : t + 1].expand(members, -1, -1, -1),
-            toy[t : t + 1].expand(members),
-            tiling,
-            seeds=seeds,
-            num_steps=num_steps,
-            blend="every_step",
-            max_patches_per_batch=max_patches_per_batch,
-        )
-        out[:, t] = physical_fields(z, np.repeat(cond.values[t : t + 1], members, axis=0), channels, meta)
-    coords = {"time": cond["time"], "lat": cond["lat"], "lon": cond["lon"]}
-    return xr.Dataset(
-        {v: (("member", "time", "lat", "lon"), out[:, :, i]) for i, v in enumerate(meta.variables)}, coords=coords
-    )
+def heldout_inputs(method: Method, truth_url: str, static_url: str, years: tuple[int, int],
+                   n_months: int) -> tuple[xr.Dataset, Inputs]:
+    """(truth, the method's inputs) for ``n_months`` months spread over ``years``, coarsened by the
+    method's factor."""
+    variables = list(method.describe()["variables"])
+    truth = select_years(open_truth(truth_url, variables), years, f"truth store {truth_url}")
+    truth = truth.isel(time=spread_months(truth.sizes["time"], n_months)).astype("float32").load()
+    (factor,) = method.needs.factors
+    views = [n.removesuffix("_coarse") for n in method.needs.static if n.endswith("_coarse")]
+    grid = Grid.from_dataset(truth, "truth")
+    inputs = perfect_model_inputs(coarsen_blocks(truth, factor), grid, static_for_truth(static_url, truth), views)
+    return truth, inputs
 
 
 def skill(ensemble: xr.Dataset, truth: xr.Dataset, bilinear: xr.Dataset) -> dict[str, Any]:
@@ -134,6 +101,7 @@ def skill(ensemble: xr.Dataset, truth: xr.Dataset, bilinear: xr.Dataset) -> dict
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="dpdm", help="a registered method with a trained checkpoint")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--config", default=None, help="climrecon config (truth/static stores); default: built-in")
     parser.add_argument("--years", type=int, nargs=2, default=None, help="default: train.heldout_years")
@@ -149,32 +117,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     years = tuple(args.years or cfg.train.heldout_years)
-    model, meta = load_checkpoint(args.checkpoint)
-    trained = tuple(meta.data.get("train_years", ()))
-    if trained and not (years[1] < trained[0] or years[0] > trained[1]):
-        raise SystemExit(f"evaluation years {years} overlap the checkpoint's training years {trained}")
+    sampler = SamplerConfig(num_steps=args.steps, overlap=args.overlap, device="cpu")
+    method = build({"name": args.method, "checkpoint": args.checkpoint}, sampler)
+    description = method.describe()
+    for a, b in description.get("years_seen", ()):
+        if not (years[1] < a or years[0] > b):
+            raise SystemExit(f"evaluation years {years} overlap the checkpoint's training years {a}-{b}")
     t0 = time.perf_counter()
-    truth, cond, spec = heldout_inputs(meta, default_truth_url(cfg), default_static_url(cfg), years, args.months)
-    bilinear = xr.Dataset(
-        {v: cond.sel(channel=f"{v}_coarse", drop=True).rename(v) for v in spec.variables}
-    )
+    truth, inputs = heldout_inputs(method, default_truth_url(cfg), default_static_url(cfg), years, args.months)
+    variables = list(description["variables"])
+    bilinear = inputs.coarse_on_fine[variables]
     t1 = time.perf_counter()
-    ens = sample_ensemble(model, meta, cond, members=args.members, num_steps=args.steps, overlap=args.overlap,
-                          seed=args.seed)
+    ens = method.downscale(inputs, members=args.members, seed=args.seed)[variables]
     t2 = time.perf_counter()
+    ckpt = description.get("checkpoint", {})
     result = {
         **skill(ens, truth, bilinear),
         "members": args.members,
         "months": [str(t)[:7] for t in truth["time"].values],
         "n_months": int(truth.sizes["time"]),
         "years": list(years),
-        "sampler": {"name": "heun (EDM Algorithm 2, deterministic)", "num_steps": args.steps,
-                    "blend": "every_step", "taper": "hann", "overlap": args.overlap,
-                    "patch_size": meta.grid.patch_size},
+        "method": args.method,
+        "sampler": {**sampler.model_dump(mode="json"), "taper": "hann",
+                    "patch_size": description.get("grid", {}).get("patch_size"),
+                    "seeds": description.get("seeds")},
         "checkpoint": {"path": str(Path(args.checkpoint).resolve().relative_to(REPO))
                        if Path(args.checkpoint).resolve().is_relative_to(REPO) else args.checkpoint,
-                       "step": meta.step, "train_years": list(trained), "method": meta.method,
-                       "target": meta.data.get("target", "full")},
+                       "sha256": ckpt.get("sha256"), "step": ckpt.get("step"), "method": ckpt.get("method"),
+                       "train_years": (ckpt.get("data") or {}).get("train_years"), "target": ckpt.get("target")},
         "goals": {"mae_ratio_vs_bilinear_x8": "<= 0.35", "crps": "< ensemble_mean_mae (each variable)"},
         "seconds": {"inputs": round(t1 - t0, 2), "sampling": round(t2 - t1, 2)},
         "torch_threads": args.threads,

@@ -60,7 +60,7 @@ import xarray as xr
 from climrecon.catalogs import synthetic
 from climrecon.catalogs.static import open_static_fields
 from climrecon.config import SyntheticConfig, load_config
-from climrecon.flows.train import default_static_url, default_truth_url
+from climrecon.tasks.training_data import default_static_url, default_truth_url
 from climrecon.tasks import metrics
 from climrecon.methods.features import coarse_on_fine, perfect_model_coarse
 from climrecon.tasks.grids import Grid

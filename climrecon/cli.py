@@ -162,11 +162,29 @@ def regrid(
         typer.echo(f"{name}\t{url}")
 
 
+@app.command("methods")
+def methods_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The registered downscaling methods (`method.name`, `evaluate.methods`): what each needs and does."""
+    from rich.table import Table
+
+    from climrecon.methods import METHODS
+
+    cfg = _load(config, set_)
+    table = Table(title="ClimRecon methods")
+    for column in ("name", "trainable", "needs", "what it does", "config keys"):
+        table.add_column(column)
+    for name, entry in sorted(METHODS.items()):
+        keys = ", ".join(k for k in entry.config.model_fields if k != "name") or "-"
+        marker = " (method:)" if name == cfg.method.name else ""
+        table.add_row(name + marker, "yes" if entry.train else "no", entry.needs, entry.summary, keys)
+    Console(width=max(Console().width, 160)).print(table)
+
+
 @app.command()
 def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Train a conditional patch-diffusion downscaler on fine truth (default: the synthetic reanalysis).
+    """Train the configured method (`method.name`, default dpdm) on fine truth (default: the synthetic reanalysis).
 
-    Perfect-model pairs (truth area-averaged by train.factor), random patch crops, normalisation on the
+    DPDM: perfect-model pairs (truth area-averaged by train.factor), random patch crops, normalisation on the
     training years only, EMA weights, resumable checkpoints and a loss-curve PNG beside the checkpoint.
     Runs the Prefect flow `train`. The shipped checkpoint was made with
     `climrecon train --config configs/train-dpdm-westus-x8.yaml` (see checkpoints/README.md).
@@ -190,10 +208,11 @@ def downscale(
     scheduler: SchedulerOpt = None,
     workers: Annotated[int | None, typer.Option(help="CPU workers of the local cluster (default: Dask's choice).")] = None,
 ) -> None:
-    """Sample an N-member high-resolution ensemble from a regridded store with the diffusion checkpoint.
+    """Downscale a regridded store into an N-member high-resolution ensemble with the configured method.
 
-    Patch-based sampling with overlap blending, work units of (months x members) on a Dask pool whose
-    GPU workers take the sampling (CPU workers when there is no GPU); deterministic seeds per (month,
+    Any registered method (`method.name`; `climrecon methods` lists them; default: the shipped DPDM checkpoint,
+    patch-based sampling with overlap blending, `sampler.*`). Work units of (months x members) on a Dask pool
+    whose GPU workers take the sampling (CPU workers when there is no GPU); deterministic seeds per (month,
     member); resumable. Runs the Prefect flow `downscale`.
     """
     from climrecon.flows.downscale import downscale_flow
@@ -232,8 +251,8 @@ def aggregate(
 
 @app.command()
 def evaluate(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOpt = None) -> None:
-    """Perfect-model evaluation: coarsen fine truth by each factor, downscale it back with every method
-    (bilinear, BCSD, quantile mapping, the diffusion checkpoint), score on held-out years.
+    """Perfect-model evaluation: coarsen fine truth by each factor, downscale it back with every method of
+    evaluate.methods (default: bilinear, BCSD, quantile mapping, DPDM), score on held-out years.
 
     Writes CSV/JSON records, Markdown tables shaped like the papers' and PNG figures (maps, spectra, rank
     histogram) under evaluate.output, and publishes them as Prefect artifacts. Runs the flow `evaluate`.
@@ -330,7 +349,8 @@ def demo(set_: SetOpt = None) -> None:
 
     Builds the offline sample catalog (real packaged GCM data + the labelled synthetic reanalysis) if
     missing, then reconstructs MPI-ESM-LR 2005 tas/uas/vas over the western US at 0.25 deg with the
-    shipped checkpoint (8 members, 18 Heun steps), scores it against the synthetic truth, with Prefect's
+    configured method (default: DPDM with the shipped checkpoint, 8 members, 18 Heun steps; any registered
+    method with --set method.name=...), scores it against the synthetic truth, with Prefect's
     local API, a Dask LocalCluster and stores under ./outputs; --set overrides anything (e.g. --set
     downscale.members=4 for a quicker look).
     """

@@ -72,8 +72,11 @@ class SamplerConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    num_steps: int = Field(18, ge=2, description="sampler steps (Heun: 2 network calls each but the last)")
+    num_steps: int = Field(18, ge=1, description="sampler steps (Heun: 2 network calls each but the last)")
     solver: Literal["heun", "ddim"] = "heun"
+    sigma_max: float = Field(80.0, gt=0, description="noise level the chains start from (EDM: 80)")
+    sigma_min: float = Field(0.002, gt=0, description="last non-zero noise level (EDM: 0.002)")
+    rho: float = Field(7.0, gt=0, description="time-step exponent of EDM Eq. 5")
     blend: Literal["every_step", "once"] = "every_step"
     overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
     max_patches_per_batch: int = Field(32, ge=1, description="patches per network call (fixed call shape)")
@@ -84,7 +87,8 @@ class SamplerConfig(BaseModel):
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`climrecon.models.tiled.sample_tiled`."""
         return {"num_steps": self.num_steps, "solver": self.solver, "blend": self.blend,
-                "max_patches_per_batch": self.max_patches_per_batch, "S_churn": self.S_churn, "eta": self.eta}
+                "max_patches_per_batch": self.max_patches_per_batch, "S_churn": self.S_churn, "eta": self.eta,
+                "sigma_max": self.sigma_max, "sigma_min": self.sigma_min, "rho": self.rho}
 
     def describe(self) -> str:
         churn = f", churn {self.S_churn:g}" if self.S_churn else (f", eta {self.eta:g}" if self.eta else "")
@@ -380,6 +384,13 @@ class ClimReconConfig(_Model):
     @classmethod
     def _the_method(cls, v: Any) -> Any:
         return _method(v)
+
+    @model_validator(mode="after")
+    def _patch_fits_factor(self) -> ClimReconConfig:
+        patch = getattr(self.method, "patch_size", None)
+        if patch and patch % self.train.factor:
+            raise ValueError(f"method.patch_size ({patch}) must be a multiple of train.factor ({self.train.factor})")
+        return self
 
     def sample_dir(self) -> Path:
         return Path(self.sample.directory or Path(self.data_home) / "sample")

@@ -9,22 +9,30 @@ returns the training checkpoint path.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from climrecon.config import ClimReconConfig, load_config
 from climrecon.methods import METHODS, MethodError
 from climrecon.models.trainer import TrainResult
+from climrecon.models.checkpoint import strip_training_state
+from climrecon.tasks.plots import plot_loss_curve
 
 __all__ = ["run_training", "train_flow"]
 
 
 def run_training(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
-    """The configured method's training recipe, without Prefect."""
+    """The configured method's training recipe, then the inference copy and the loss curve; no Prefect."""
     entry = METHODS[cfg.method.name]
     if entry.train is None:
         raise MethodError(f"method {cfg.method.name!r} has nothing to train (it is fitted or pretrained)")
-    return entry.train(cfg, progress=progress, log=log)
+    result = entry.train(cfg, progress=progress, log=log)
+    t, ckpt = cfg.train, Path(result.checkpoint_path)
+    strip_training_state(ckpt, ckpt.with_suffix(".ema.pt"))
+    plot_loss_curve(result.losses, ckpt.with_suffix(".loss.png"),
+                    f"{cfg.method.name} {'/'.join(t.variables)} x{t.factor}, {t.max_steps} steps")
+    return result
 
 
 @flow(name="train")

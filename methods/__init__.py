@@ -7,7 +7,8 @@ the registry that stages, flows, benchmarks and the CLI go through.
     methods.METHODS                                # name -> MethodEntry (config type, builder, summary)
 
 A new method is one module that defines its config (a :class:`MethodConfig` subclass with
-``name: Literal["mine"] = "mine"``) and its class, and calls :func:`register` (see README "Methods").
+``name: Literal["mine"] = "mine"``) and its class, and calls :func:`register` (see README "Methods"); an
+installed package makes it known in every process with an entry point of group ``climrecon.methods``.
 Stages never import a method module: only this package (import-linter keeps it so).
 """
 
@@ -109,7 +110,17 @@ def build(config: str | Mapping[str, Any] | MethodConfig, sampler: SamplerConfig
 
 
 def _register_builtins() -> None:
+    """The methods shipped here, then those of installed packages (entry points of group
+    ``climrecon.methods``: importing the module registers it, in every process, Dask workers included)."""
+    from importlib.metadata import entry_points
+
     from climrecon.methods import baselines, dpdm  # noqa: F401  (each registers itself)
+
+    for ep in entry_points(group="climrecon.methods"):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - name the plugin that failed, keep the built-in methods
+            raise MethodError(f"method plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
 
 
 _register_builtins()

@@ -283,8 +283,10 @@ class DPDM:
     def identity(self, members: int, seed: int) -> list[Any]:
         s = self.sampler
         parts: list[Any] = [self.sha256, members, seed, s.num_steps, s.blend, self.patch, self.overlap]
-        if s.solver != "heun" or s.S_churn or s.eta:  # the first releases knew deterministic Heun only
-            parts.append({"solver": s.solver, "S_churn": s.S_churn, "eta": s.eta})
+        extra = {k: v for k, v in s.model_dump(include={"solver", "S_churn", "eta", "sigma_max", "sigma_min", "rho"}).items()
+                 if v != SamplerConfig.model_fields[k].default}
+        if extra:  # the first releases knew the default deterministic Heun schedule only: same keys for it
+            parts.append(extra)
         return parts
 
     def describe(self) -> dict[str, Any]:
@@ -332,10 +334,10 @@ def prepare_training(section: TrainSection, config: DPDMConfig, truth_url: str, 
 
 
 def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
-    """Train the DPDM denoiser of ``cfg.method`` on ``cfg.train``: checkpoint, inference copy, loss curve."""
+    """Train the DPDM denoiser of ``cfg.method`` on ``cfg.train`` into the resumable ``train.checkpoint``."""
     from climrecon.models.trainer import TrainConfig
     from climrecon.models.trainer import train as train_loop
-    from climrecon.tasks.training_data import default_static_url, default_truth_url, finish_training
+    from climrecon.tasks.training_data import default_static_url, default_truth_url
 
     section, config = cfg.train, cfg.method
     torch.set_num_threads(section.threads)
@@ -364,10 +366,8 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     on_log = (lambda r: log.info("step %d loss %.4f lr %.2e %.2f steps/s", r["step"], r["loss"], r["lr"],
                                  r["steps_per_s"])) if log else None
     ckpt = Path(section.checkpoint)
-    result = train_loop(model, setup.batches, tcfg, loss=EDMLoss(model.config), checkpoint_path=ckpt,
-                        metadata=metadata, progress=progress, on_log=on_log)
-    finish_training(result, f"{'/'.join(section.variables)} x{section.factor}, {section.max_steps} steps")
-    return result
+    return train_loop(model, setup.batches, tcfg, loss=EDMLoss(model.config), checkpoint_path=ckpt,
+                      metadata=metadata, progress=progress, on_log=on_log)
 
 
 def _register() -> None:

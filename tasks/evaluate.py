@@ -61,6 +61,7 @@ __all__ = [
     "evaluation_static_url",
     "heldout_months",
     "method_factory",
+    "perfect_model_inputs",
     "run_evaluation",
     "records_frame",
     "write_records_csv",
@@ -239,8 +240,9 @@ def _check_years_unseen(name: str, description: Mapping[str, Any], ev: EvaluateC
             )
 
 
-def _inputs(coarse: xr.Dataset, grid: Grid, static_fine: xr.Dataset | None, views: Sequence[str]) -> Inputs:
-    """Inputs of one factor: the coarse fields, their bilinear view, static fields + coarse views."""
+def perfect_model_inputs(coarse: xr.Dataset, grid: Grid, static_fine: xr.Dataset | None, views: Sequence[str]) -> Inputs:
+    """Inputs of coarsened truth on ``grid``: the coarse fields, their bilinear view, the static fields plus
+    the ``<name>_coarse`` views of ``views`` through the coarse grid (as training builds them)."""
     if static_fine is not None and views:
         static_fine = with_coarse_static(static_fine, Grid.from_dataset(coarse, "coarse input"), views)
     return Inputs.from_coarse(coarse, grid, static_fine)
@@ -320,7 +322,7 @@ def run_evaluation(
         active = {m: cases[m, factor] for m in factories if cases[m, factor] is not None}
         views = sorted({n.removesuffix("_coarse") for d in active.values() for n in d.needs.static
                         if n.endswith("_coarse")})
-        inputs = _inputs(coarse_held, grid, static_fine, views)
+        inputs = perfect_model_inputs(coarse_held, grid, static_fine, views)
         for method, downscaler in active.items():
             stochastic = downscaler.needs.stochastic
             sizes = sorted(ev.ensemble_sizes) if stochastic else [1]

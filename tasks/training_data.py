@@ -58,7 +58,6 @@ __all__ = [
     "default_truth_url",
     "default_static_url",
     "training_setup",
-    "finish_training",
     "open_truth",
     "select_years",
     "static_for_truth",
@@ -313,14 +312,3 @@ def training_setup(section: Any, spec: ConditioningSpec, truth_url: str, static_
         "conditioning_normalization": cond_stats.to_dict(),
     }
     return TrainingSetup(batches, stats, cond_stats, spec, Grid.from_dataset(truth, "truth"), data)
-
-
-def finish_training(result: Any, title: str) -> None:
-    """After a training run (``result``: a TrainResult): the inference-only copy ``<stem>.ema.pt`` and the loss
-    curve ``<stem>.loss.png`` beside the training checkpoint."""
-    from climrecon.models.checkpoint import strip_training_state
-    from climrecon.tasks.plots import plot_loss_curve
-
-    ckpt = Path(result.checkpoint_path)
-    strip_training_state(ckpt, ckpt.with_suffix(".ema.pt"))
-    plot_loss_curve(result.losses, ckpt.with_suffix(".loss.png"), title)

@@ -49,7 +49,7 @@ class E2ERun:
 # the sample catalog's synthetic truth) with the shipped checkpoint, kept small: 2 members, 4 sampler steps.
 E2E = E2ERun(
     "reconstruct-local",
-    ("downscale.members=2", "downscale.members_per_unit=2", "downscale.num_steps=4"),
+    ("downscale.members=2", "downscale.members_per_unit=2", "sampler.num_steps=4"),
     frozenset({"reconstruct-stores", "reconstruct-summary", "reconstruct-skill", "reconstruct-skill-records"}),
 )
 

@@ -22,7 +22,7 @@ from climrecon.tasks import metrics
 from climrecon.tasks.evaluate import (
     METRICS,
     EvaluationError,
-    _inputs,
+    perfect_model_inputs,
     evaluation_document,
     markdown_report,
     records_frame,
@@ -177,7 +177,7 @@ def test_records_equal_metrics_computed_directly(setup, held, train):
             float(metrics.acc(bcsd[v].isel(member=0), held[v], climatology[v])), rel=1e-6
         )
     model = dpdm(setup["checkpoint"])
-    inputs = _inputs(coarsen_blocks(held, 4), grid, static_for_truth(setup["static"], held), [])
+    inputs = perfect_model_inputs(coarsen_blocks(held, 4), grid, static_for_truth(setup["static"], held), [])
     three = model.downscale(inputs, members=3, seed=cfg.evaluate.seed)
     one = model.downscale(inputs, members=1, seed=cfg.evaluate.seed)
     np.testing.assert_array_equal(one["tas"].values[0], three["tas"].values[0])  # member m is m, whatever N
@@ -279,7 +279,7 @@ def test_evaluation_builds_the_coarse_views_as_training_does(setup, held, tmp_pa
     assert {"orog_coarse", "sftlf_coarse"} <= set(model.needs.static)
     grid, coarse = Grid.from_dataset(held), coarsen_blocks(held, 4)
     static = static_for_truth(setup["static"], held)
-    own = model.downscale(_inputs(coarse, grid, static, ["orog", "sftlf"]), members=2, seed=3)  # evaluation's views
+    own = model.downscale(perfect_model_inputs(coarse, grid, static, ["orog", "sftlf"]), members=2, seed=3)  # evaluation's views
     _, cond = perfect_model_pairs(held, static, model.spec)  # the training path's views
     views = {f"{n}_coarse": cond.sel(channel=f"{n}_coarse", drop=True).isel(time=0, drop=True) for n in ("orog", "sftlf")}
     given = model.downscale(Inputs.from_coarse(coarse, grid, static.assign(views)), members=2, seed=3)

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from climrecon.config import load_config
-from climrecon.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from climrecon.config import SamplerConfig
+from climrecon.methods import Inputs, build
+from climrecon.models.checkpoint import CheckpointError, load_networks, read_checkpoint
+from climrecon.tasks.grids import Grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "checkpoints" / "dpdm-westus-x8.pt"
@@ -19,9 +22,11 @@ EXPECT = {"variables": ["tas", "uas", "vas"], "grid.coarsening_factor": 8}
 
 
 def test_shipped_checkpoint_loads_verifies_and_is_inference_only():
-    model, meta = load_checkpoint(SHIPPED, expect=EXPECT)
-    contents = read_checkpoint(SHIPPED)  # recomputes and checks the content hash
-    assert contents.header["training"] is None and all(k.startswith("ema.") for k in contents.tensors)
+    nets, meta = load_networks(SHIPPED, expect=EXPECT)
+    model = nets["denoiser"]
+    contents = read_checkpoint(SHIPPED)  # recomputes and checks the content hash (format 1, read as 2)
+    assert contents.header["training"] is None and all(k.startswith("ema.denoiser.") for k in contents.tensors)
+    assert contents.header["upgraded_from_format"] == 1
     recorded = re.search(r"content_sha256: `([0-9a-f]{64})`", README.read_text())
     assert recorded and recorded.group(1) == contents.header["content_sha256"]
     assert SHIPPED.stat().st_size < 8 * 2**20
@@ -30,7 +35,7 @@ def test_shipped_checkpoint_loads_verifies_and_is_inference_only():
     assert meta.cond_channels[6:8] == ("orog_coarse", "sftlf_coarse")  # the coarse grid's view of the terrain
     assert not model.training and sum(p.numel() for p in model.parameters()) < 2_000_000
     with pytest.raises(CheckpointError, match="grid coarsening_factor 8 but 4 was requested"):
-        load_checkpoint(SHIPPED, expect={"grid.coarsening_factor": 4})
+        load_networks(SHIPPED, expect={"grid.coarsening_factor": 4})
 
 
 def test_shipped_checkpoint_samples_a_heldout_patch_deterministically():
@@ -39,9 +44,9 @@ def test_shipped_checkpoint_samples_a_heldout_patch_deterministically():
 
     if sys_path not in sys.path:
         sys.path.insert(0, sys_path)
-    from skill_core import heldout_inputs, sample_ensemble
+    from skill_core import heldout_inputs
 
-    from climrecon.flows.train import default_static_url, default_truth_url
+    from climrecon.tasks.training_data import default_static_url, default_truth_url
 
     cfg = load_config()
     try:
@@ -49,11 +54,14 @@ def test_shipped_checkpoint_samples_a_heldout_patch_deterministically():
     except FileNotFoundError as exc:
         pytest.skip(f"sample catalog not built ({exc}); run `climrecon catalog build-sample`")
     torch.set_num_threads(1)
-    model, meta = load_checkpoint(SHIPPED, expect=EXPECT)
-    truth, cond, _ = heldout_inputs(meta, truth_url, static_url, (2015, 2015), 1)  # one held-out month
+    method = build({"name": "dpdm", "checkpoint": str(SHIPPED)}, SamplerConfig(num_steps=4, overlap=8, device="cpu"))
+    meta = method.metadata
+    truth, inputs = heldout_inputs(method, truth_url, static_url, (2015, 2015), 1)  # one held-out month
     window = {"lat": slice(24, 56), "lon": slice(24, 56)}  # a 32 x 32 patch over the Great Basin
-    truth, cond = truth.isel(window), cond.isel(window)
-    run = lambda: sample_ensemble(model, meta, cond, members=2, num_steps=4, overlap=8, seed=7)  # noqa: E731
+    truth = truth.isel(window)
+    fine = inputs.coarse_on_fine.isel(window)
+    patch = Inputs(coarse_on_fine=fine, grid=Grid.from_dataset(fine), static=inputs.static.isel(window))
+    run = lambda: method.downscale(patch, members=2, seed=7)  # noqa: E731
     first, second = run(), run()
     for v in meta.variables:
         assert first[v].dims == ("member", "time", "lat", "lon") and first[v].shape == (2, 1, 32, 32)
