@@ -51,15 +51,28 @@ def write_members(root: str, years: int) -> dict:
     starts = xr.date_range("1981-01-01", periods=n_time + 1, freq="MS", calendar="noleap", use_cftime=True)
     key = content_key("bench-members", years, N_MEMBER, NY, NX)
     url = f"{root}/downscale/BENCH-GCM.historical.r1i1p1f1.dpdm.{key}.zarr"
-    units = {"tas": ("air_temperature", "K"), "uas": ("eastward_wind", "m s-1"), "vas": ("northward_wind", "m s-1")}
-    coords = {"member": np.arange(N_MEMBER), "time": starts[:-1].values,
-              "lat": 30.125 + 0.25 * np.arange(NY), "lon": -124.875 + 0.25 * np.arange(NX)}
+    units = {
+        "tas": ("air_temperature", "K"),
+        "uas": ("eastward_wind", "m s-1"),
+        "vas": ("northward_wind", "m s-1"),
+    }
+    coords = {
+        "member": np.arange(N_MEMBER),
+        "time": starts[:-1].values,
+        "lat": 30.125 + 0.25 * np.arange(NY),
+        "lon": -124.875 + 0.25 * np.arange(NX),
+    }
     import dask.array as da
 
     tmpl = xr.Dataset(
-        {v: (("member", "time", "lat", "lon"),
-             da.empty((N_MEMBER, n_time, NY, NX), chunks=(1, 12, NY, NX), dtype=np.float32),
-             {"standard_name": units[v][0], "units": units[v][1], "cell_methods": "time: mean"}) for v in VARIABLES},
+        {
+            v: (
+                ("member", "time", "lat", "lon"),
+                da.empty((N_MEMBER, n_time, NY, NX), chunks=(1, 12, NY, NX), dtype=np.float32),
+                {"standard_name": units[v][0], "units": units[v][1], "cell_methods": "time: mean"},
+            )
+            for v in VARIABLES
+        },
         coords=coords,
     )
     tmpl["time_bnds"] = (("time", "bnds"), np.stack([starts[:-1].values, starts[1:].values], -1))
@@ -71,11 +84,20 @@ def write_members(root: str, years: int) -> dict:
     regions = [{"time": s} for s in time_blocks(n_time, 12)]
     for r in regions:
         shape = (N_MEMBER, r["time"].stop - r["time"].start, NY, NX)
-        block = xr.Dataset({v: (("member", "time", "lat", "lon"),
-                                ((285.0 if v == "tas" else 0.0) + 8.0 * rng.standard_normal(shape)).astype(np.float32))
-                            for v in VARIABLES}, coords={"time": coords["time"][r["time"]]})
+        block = xr.Dataset(
+            {
+                v: (
+                    ("member", "time", "lat", "lon"),
+                    ((285.0 if v == "tas" else 0.0) + 8.0 * rng.standard_normal(shape)).astype(np.float32),
+                )
+                for v in VARIABLES
+            },
+            coords={"time": coords["time"][r["time"]]},
+        )
         store.write_block(block, r)
-    store.finalize(regions, attrs={"climrecon_provenance": json.dumps({"stage": "downscale", "benchmark": True})})
+    store.finalize(
+        regions, attrs={"climrecon_provenance": json.dumps({"stage": "downscale", "benchmark": True})}
+    )
     return {"url": url}
 
 
@@ -89,8 +111,12 @@ def aggregate(member_url: str, root: str, time_chunk: int) -> dict:
     run_aggregate(plan)
     seconds = time.perf_counter() - start
     member_bytes = plan.n_member * plan.n_time * NY * NX * 4 * len(plan.variables)
-    return {"aggregate_s": round(seconds, 3), "member_mb": round(member_bytes / 1e6, 1),
-            "throughput_member_mb_per_s": round(member_bytes / 1e6 / seconds, 2), "blocks": len(plan.regions())}
+    return {
+        "aggregate_s": round(seconds, 3),
+        "member_mb": round(member_bytes / 1e6, 1),
+        "throughput_member_mb_per_s": round(member_bytes / 1e6 / seconds, 2),
+        "blocks": len(plan.regions()),
+    }
 
 
 def _moto() -> tuple[subprocess.Popen, str]:
@@ -98,8 +124,9 @@ def _moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -115,8 +142,11 @@ def read(repeats: int = 5) -> dict:
     import s3fs
     import xarray as xr
 
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY=f"bench-{uuid.uuid4().hex}",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY=f"bench-{uuid.uuid4().hex}",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     proc, endpoint = _moto()
     try:
         opts = {"endpoint_url": endpoint}
@@ -124,23 +154,30 @@ def read(repeats: int = 5) -> dict:
         n_time = 480
         starts = xr.date_range("1981-01-01", periods=n_time, freq="MS", calendar="noleap", use_cftime=True)
         data = (285 + np.random.default_rng(0).standard_normal((n_time, NY, NX))).astype(np.float32)
-        ds = xr.Dataset({"tas_mean": (("time", "lat", "lon"), data, {"units": "K"})},
-                        coords={"time": starts.values, "lat": np.arange(NY) * 0.25, "lon": np.arange(NX) * 0.25})
+        ds = xr.Dataset(
+            {"tas_mean": (("time", "lat", "lon"), data, {"units": "K"})},
+            coords={"time": starts.values, "lat": np.arange(NY) * 0.25, "lon": np.arange(NX) * 0.25},
+        )
         out = {}
         for name, chunks in CANDIDATES.items():
             url = f"s3://bench/{name}.zarr"
-            ds.to_zarr(url, storage_options=opts, encoding={"tas_mean": {"chunks": chunks}}, consolidated=True)
+            ds.to_zarr(
+                url, storage_options=opts, encoding={"tas_mean": {"chunks": chunks}}, consolidated=True
+            )
             maps, points = [], []
             for i in range(repeats):
                 t0 = time.perf_counter()
-                xr.open_zarr(url, storage_options=opts).tas_mean.isel(time=200 + i).values
+                _ = xr.open_zarr(url, storage_options=opts).tas_mean.isel(time=200 + i).values
                 maps.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 series = xr.open_zarr(url, storage_options=opts).tas_mean.isel(lat=41 + i, lon=17).values
                 points.append(time.perf_counter() - t0)
                 assert series.shape == (n_time,)
-            out[name] = {"chunks": list(chunks), "map_read_s": round(statistics.median(maps), 4),
-                         "point_series_read_s": round(statistics.median(points), 4)}
+            out[name] = {
+                "chunks": list(chunks),
+                "map_read_s": round(statistics.median(maps), 4),
+                "point_series_read_s": round(statistics.median(points), 4),
+            }
         return out
     finally:
         proc.terminate()
@@ -182,23 +219,32 @@ def main() -> None:
     chosen = reads["t120_tile40"]  # what spatial_chunks gives at the default time_chunk of 120
     a1, a10 = cases["aggregate_1y_time_chunk120"], cases["aggregate_10y_time_chunk120"]
     b1, b10 = cases["aggregate_1y_time_chunk12"], cases["aggregate_10y_time_chunk12"]
-    write_results(args.output, {
-        "command": command_line(),
-        "machine": machine(),
-        "versions": versions("numpy", "xarray", "zarr", "dask", "s3fs", "moto"),
-        "config": {"members": N_MEMBER, "grid": [NY, NX], "variables": list(VARIABLES),
-                   "statistics": "mean, std (ddof=1), quantiles [0.05, 0.5, 0.95], exceedance tas > [273.15, 303.15]",
-                   "read_span_months": 480, "read_repeats": 5, "chosen_chunks": chosen["chunks"]},
-        "cases": cases,
-        "read_candidates": reads,
-        "peak_rss_ratio_10y_vs_1y": round(a10["peak_rss_mib"] / a1["peak_rss_mib"], 3),
-        "peak_rss_ratio_10y_vs_1y_time_chunk12": round(b10["peak_rss_mib"] / b1["peak_rss_mib"], 3),
-        "throughput_member_mb_per_s_10y": a10["throughput_member_mb_per_s"],
-        "map_read_s": chosen["map_read_s"],
-        "point_series_read_s": chosen["point_series_read_s"],
-        "note": "peak RSS of the aggregate child alone; 10 years at time_chunk 120 is one block of 120 months "
-                "(the largest block any span reaches), at time_chunk 12 ten blocks of 12",
-    })
+    write_results(
+        args.output,
+        {
+            "command": command_line(),
+            "machine": machine(),
+            "versions": versions("numpy", "xarray", "zarr", "dask", "s3fs", "moto"),
+            "config": {
+                "members": N_MEMBER,
+                "grid": [NY, NX],
+                "variables": list(VARIABLES),
+                "statistics": "mean, std (ddof=1), quantiles [0.05, 0.5, 0.95], exceedance tas > [273.15, 303.15]",
+                "read_span_months": 480,
+                "read_repeats": 5,
+                "chosen_chunks": chosen["chunks"],
+            },
+            "cases": cases,
+            "read_candidates": reads,
+            "peak_rss_ratio_10y_vs_1y": round(a10["peak_rss_mib"] / a1["peak_rss_mib"], 3),
+            "peak_rss_ratio_10y_vs_1y_time_chunk12": round(b10["peak_rss_mib"] / b1["peak_rss_mib"], 3),
+            "throughput_member_mb_per_s_10y": a10["throughput_member_mb_per_s"],
+            "map_read_s": chosen["map_read_s"],
+            "point_series_read_s": chosen["point_series_read_s"],
+            "note": "peak RSS of the aggregate child alone; 10 years at time_chunk 120 is one block of 120 months "
+            "(the largest block any span reaches), at time_chunk 12 ten blocks of 12",
+        },
+    )
     print(f"wrote {args.output}")
 
 

@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["machine", "versions", "peak_rss_mib", "run_isolated", "command_line", "write_results", "IsolatedRun"]
+__all__ = [
+    "machine",
+    "versions",
+    "peak_rss_mib",
+    "run_isolated",
+    "command_line",
+    "write_results",
+    "IsolatedRun",
+]
 
 
 def _cpu_model() -> str:

@@ -69,7 +69,9 @@ def busy_seconds(intervals: list[tuple[datetime, datetime]]) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/demo.json")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override (as the CLI's)")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="config override (as the CLI's)"
+    )
     args = ap.parse_args(argv)
 
     import climrecon.flows  # noqa: F401 - offline Prefect defaults before Prefect is imported
@@ -104,15 +106,21 @@ def main(argv: list[str] | None = None) -> None:
         stage_s[name] = stage_s.get(name, 0.0) + (r.end_time - r.start_time).total_seconds()
         first_start = r.start_time if first_start is None else min(first_start, r.start_time)
     # scoring against truth is a task of the parent flow, not a subflow
-    stage_s["evaluate"] = sum((t.end_time - t.start_time).total_seconds() for t in tasks
-                              if t.name.startswith("skill vs truth") and t.start_time and t.end_time)
+    stage_s["evaluate"] = sum(
+        (t.end_time - t.start_time).total_seconds()
+        for t in tasks
+        if t.name.startswith("skill vs truth") and t.start_time and t.end_time
+    )
     startup = (first_start - started_at).total_seconds() if first_start else float("nan")
     work = busy_seconds([(t.start_time, t.end_time) for t in tasks if t.start_time and t.end_time])
     results = {
         "command": command_line(),
         "machine": machine(),
         "versions": versions("prefect", "dask", "distributed", "xarray", "zarr", "torch"),
-        "config": {"overrides": overrides, "what": "climrecon demo (reconstruct flow on the embedded defaults)"},
+        "config": {
+            "overrides": overrides,
+            "what": "climrecon demo (reconstruct flow on the embedded defaults)",
+        },
         "total_s": round(total, 2),
         "startup_s": round(startup, 2),
         "prefect_server_start_s": round(server_s, 2),

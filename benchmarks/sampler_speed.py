@@ -38,6 +38,7 @@ def load_checkpoint(path: str):
     nets, meta = load_networks(path, roles=("denoiser",))
     return nets["denoiser"], meta
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402
 
@@ -67,7 +68,9 @@ def forward_flops(model: torch.nn.Module, inputs: tuple) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "dpdm-westus-x8.pt"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[9, 32, 64])
@@ -93,10 +96,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             compiled = torch.compile(load_checkpoint(args.checkpoint)[0])
             with torch.no_grad():
-                compiled(torch.randn(2, c_out, p, p), torch.ones(2), torch.randn(2, c_cond, p, p), torch.rand(2))
+                compiled(
+                    torch.randn(2, c_out, p, p), torch.ones(2), torch.randn(2, c_cond, p, p), torch.rand(2)
+                )
             variants["compiled"] = compiled
         except Exception as exc:  # noqa: BLE001 - report why compile is unavailable, keep measuring
-            notes["compiled"] = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            notes["compiled"] = (
+                f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            )
 
     rows = []
     for name, net in variants.items():
@@ -117,8 +124,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
             ceiling = max(ceiling, matmul_gflops(args.matmul_n, args.repeat))  # re-measured between cases
             gflops = flops / sec / 1e9
-            rows.append({"variant": name, "patches_per_call": n, "forward_gflop": flops / 1e9,
-                         "seconds_per_call": sec, "patches_per_s": n / sec, "achieved_gflops": gflops})
+            rows.append(
+                {
+                    "variant": name,
+                    "patches_per_call": n,
+                    "forward_gflop": flops / 1e9,
+                    "seconds_per_call": sec,
+                    "patches_per_s": n / sec,
+                    "achieved_gflops": gflops,
+                }
+            )
             print(f"{name:14s} batch {n:3d}: {n / sec:8.1f} patches/s, {gflops:6.2f} GFLOP/s")
     for row in rows:  # against the best matmul figure of the whole run (the conservative ceiling)
         row["fraction_of_matmul"] = row["achieved_gflops"] / ceiling
@@ -130,15 +145,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     net = variants[best["variant"]]
     steps = args.sampler_steps
     sec = best_seconds(
-        lambda: sample_tiled(net, cond, torch.tensor([0.5]), tiling, seeds=[0], out_channels=c_out, num_steps=steps,
-                             max_patches_per_batch=64),
-        max(1, args.repeat // 2), warmup=1,
+        lambda: sample_tiled(
+            net,
+            cond,
+            torch.tensor([0.5]),
+            tiling,
+            seeds=[0],
+            out_channels=c_out,
+            num_steps=steps,
+            max_patches_per_batch=64,
+        ),
+        max(1, args.repeat // 2),
+        warmup=1,
     )
     evals = 2 * steps - 1  # Heun: two network calls per step, one on the last
-    sampler = {"domain": [80, 80], "tiles": tiling.n_tiles, "overlap": 8, "num_steps": steps,
-               "network_calls": evals, "seconds_per_sample": sec, "seconds_per_step": sec / steps,
-               "fine_cells_per_s_per_step": 80 * 80 * steps / sec,
-               "patches_per_s": tiling.n_tiles * evals / sec, "variant": best["variant"]}
+    sampler = {
+        "domain": [80, 80],
+        "tiles": tiling.n_tiles,
+        "overlap": 8,
+        "num_steps": steps,
+        "network_calls": evals,
+        "seconds_per_sample": sec,
+        "seconds_per_step": sec / steps,
+        "fine_cells_per_s_per_step": 80 * 80 * steps / sec,
+        "patches_per_s": tiling.n_tiles * evals / sec,
+        "variant": best["variant"],
+    }
     result = {
         "flops_fraction_of_matmul": best["fraction_of_matmul"],
         "patches_per_s": best["patches_per_s"],
@@ -148,16 +180,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "forward": rows,
         "sampler": sampler,
         "notes": notes,
-        "model": {"parameters": sum(t.numel() for t in model.parameters()), "patch_size": p,
-                  "unet": unet.to_dict(), "step": meta.step},
+        "model": {
+            "parameters": sum(t.numel() for t in model.parameters()),
+            "patch_size": p,
+            "unet": unet.to_dict(),
+            "step": meta.step,
+        },
         "torch_threads": args.threads,
         "peak_rss_mib": peak_rss_mib(),
         "machine": machine(),
         "versions": versions("torch", "numpy"),
         "command": command_line(),
     }
-    print(f"best {best['variant']} x{best['patches_per_call']}: {best['fraction_of_matmul']:.1%} of matmul; "
-          f"sampler {sampler['fine_cells_per_s_per_step']:.0f} cells/s/step")
+    print(
+        f"best {best['variant']} x{best['patches_per_call']}: {best['fraction_of_matmul']:.1%} of matmul; "
+        f"sampler {sampler['fine_cells_per_s_per_step']:.0f} cells/s/step"
+    )
     if args.out:
         write_results(args.out, result)
     return result

@@ -59,8 +59,9 @@ def spread_months(n_available: int, n: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n_available - 1, n)).astype(int))
 
 
-def heldout_inputs(method: Method, truth_url: str, static_url: str, years: tuple[int, int],
-                   n_months: int) -> tuple[xr.Dataset, Inputs]:
+def heldout_inputs(
+    method: Method, truth_url: str, static_url: str, years: tuple[int, int], n_months: int
+) -> tuple[xr.Dataset, Inputs]:
     """(truth, the method's inputs) for ``n_months`` months spread over ``years``, coarsened by the
     method's factor."""
     variables = list(method.describe()["variables"])
@@ -69,7 +70,9 @@ def heldout_inputs(method: Method, truth_url: str, static_url: str, years: tuple
     (factor,) = method.needs.factors
     views = [n.removesuffix("_coarse") for n in method.needs.static if n.endswith("_coarse")]
     grid = Grid.from_dataset(truth, "truth")
-    inputs = perfect_model_inputs(coarsen_blocks(truth, factor), grid, static_for_truth(static_url, truth), views)
+    inputs = perfect_model_inputs(
+        coarsen_blocks(truth, factor), grid, static_for_truth(static_url, truth), views
+    )
     return truth, inputs
 
 
@@ -100,14 +103,20 @@ def skill(ensemble: xr.Dataset, truth: xr.Dataset, bilinear: xr.Dataset) -> dict
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--method", default="dpdm", help="a registered method with a trained checkpoint")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    parser.add_argument("--config", default=None, help="climrecon config (truth/static stores); default: built-in")
+    parser.add_argument(
+        "--config", default=None, help="climrecon config (truth/static stores); default: built-in"
+    )
     parser.add_argument("--years", type=int, nargs=2, default=None, help="default: train.heldout_years")
     parser.add_argument("--months", type=int, default=24)
     parser.add_argument("--members", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=12, help="Heun steps (2 network calls each, 1 for the last)")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="Heun steps (2 network calls each, 1 for the last)"
+    )
     parser.add_argument("--overlap", type=int, default=8, help="tile overlap in cells")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -124,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not (years[1] < a or years[0] > b):
             raise SystemExit(f"evaluation years {years} overlap the checkpoint's training years {a}-{b}")
     t0 = time.perf_counter()
-    truth, inputs = heldout_inputs(method, default_truth_url(cfg), default_static_url(cfg), years, args.months)
+    truth, inputs = heldout_inputs(
+        method, default_truth_url(cfg), default_static_url(cfg), years, args.months
+    )
     variables = list(description["variables"])
     bilinear = inputs.coarse_on_fine[variables]
     t1 = time.perf_counter()
@@ -138,13 +149,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_months": int(truth.sizes["time"]),
         "years": list(years),
         "method": args.method,
-        "sampler": {**sampler.model_dump(mode="json"), "taper": "hann",
-                    "patch_size": description.get("grid", {}).get("patch_size"),
-                    "seeds": description.get("seeds")},
-        "checkpoint": {"path": str(Path(args.checkpoint).resolve().relative_to(REPO))
-                       if Path(args.checkpoint).resolve().is_relative_to(REPO) else args.checkpoint,
-                       "sha256": ckpt.get("sha256"), "step": ckpt.get("step"), "method": ckpt.get("method"),
-                       "train_years": (ckpt.get("data") or {}).get("train_years"), "target": ckpt.get("target")},
+        "sampler": {
+            **sampler.model_dump(mode="json"),
+            "taper": "hann",
+            "patch_size": description.get("grid", {}).get("patch_size"),
+            "seeds": description.get("seeds"),
+        },
+        "checkpoint": {
+            "path": str(Path(args.checkpoint).resolve().relative_to(REPO))
+            if Path(args.checkpoint).resolve().is_relative_to(REPO)
+            else args.checkpoint,
+            "sha256": ckpt.get("sha256"),
+            "step": ckpt.get("step"),
+            "method": ckpt.get("method"),
+            "train_years": (ckpt.get("data") or {}).get("train_years"),
+            "target": ckpt.get("target"),
+        },
         "goals": {"mae_ratio_vs_bilinear_x8": "<= 0.35", "crps": "< ensemble_mean_mae (each variable)"},
         "seconds": {"inputs": round(t1 - t0, 2), "sampling": round(t2 - t1, 2)},
         "torch_threads": args.threads,
@@ -155,10 +175,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.out:
         write_results(args.out, result)
-    print(f"mae ratio vs bilinear {result['mae_ratio_vs_bilinear_x8']:.3f}; per variable "
-          + ", ".join(f"{v}: {p['mae_ratio_vs_bilinear']:.3f} (crps/mae {p['crps_over_ensemble_mean_mae']:.2f}, "
-                      f"ssr {p['spread_skill_ratio']:.2f})" for v, p in result["per_variable"].items())
-          + f"; sampling {t2 - t1:.0f} s")
+    print(
+        f"mae ratio vs bilinear {result['mae_ratio_vs_bilinear_x8']:.3f}; per variable "
+        + ", ".join(
+            f"{v}: {p['mae_ratio_vs_bilinear']:.3f} (crps/mae {p['crps_over_ensemble_mean_mae']:.2f}, "
+            f"ssr {p['spread_skill_ratio']:.2f})"
+            for v, p in result["per_variable"].items()
+        )
+        + f"; sampling {t2 - t1:.0f} s"
+    )
     return result
 
 

@@ -60,12 +60,11 @@ import xarray as xr
 from climrecon.catalogs import synthetic
 from climrecon.catalogs.static import open_static_fields
 from climrecon.config import SyntheticConfig, load_config
-from climrecon.tasks.training_data import default_static_url, default_truth_url
-from climrecon.tasks import metrics
 from climrecon.methods.features import coarse_on_fine, perfect_model_coarse
+from climrecon.tasks import metrics
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import area_weights
-from climrecon.tasks.training_data import open_truth, select_years
+from climrecon.tasks.training_data import default_static_url, default_truth_url, open_truth, select_years
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402
@@ -192,9 +191,12 @@ class RandomTermOperator:
         return cls(
             grid=grid,
             amp=amp,
-            sd_large=p.tas_large_sd_ocean_k + cont * (
+            sd_large=p.tas_large_sd_ocean_k
+            + cont
+            * (
                 p.tas_large_sd_inland_summer_k
-                + (p.tas_large_sd_inland_winter_k - p.tas_large_sd_inland_summer_k) * winter),
+                + (p.tas_large_sd_inland_winter_k - p.tas_large_sd_inland_summer_k) * winter
+            ),
             fine_amp=p.tas_fine_sd_k * (1.0 + drivers.orog_std.astype("float64") / p.tas_fine_rough_m),
             spread=p.wind_anomaly_ms
             + p.wind_anomaly_seasonal_ms * synthetic._seasonal(tau, synthetic.JANUARY),
@@ -275,10 +277,12 @@ def bayes_prediction(
     columns = np.zeros((nv * nc, nv, ny * nx))  # W^T of every (variable, coarse cell)
     for v in range(nv):
         columns[v * nc : (v + 1) * nc, v] = w
-    sigma_wt = np.concatenate([
-        op.forward(*op.adjoint(columns[i : i + chunk].reshape(-1, nv, ny, nx)))
-        for i in range(0, nv * nc, chunk)
-    ]).reshape(nv * nc, nv, ny * nx)  # row j = Sigma W^T e_j
+    sigma_wt = np.concatenate(
+        [
+            op.forward(*op.adjoint(columns[i : i + chunk].reshape(-1, nv, ny, nx)))
+            for i in range(0, nv * nc, chunk)
+        ]
+    ).reshape(nv * nc, nv, ny * nx)  # row j = Sigma W^T e_j
     gram = np.einsum("jvp,kvp->jk", sigma_wt, columns)  # W Sigma W^T
     # lstsq: the gram is singular when a variable has no random part (floor attribution)
     coef = np.linalg.lstsq(gram, coarse_random.ravel(), rcond=1e-12)[0]
@@ -321,7 +325,10 @@ def floor_figures(truth: xr.Dataset, known: dict[str, xr.Dataset], flat: xr.Data
         error = r_truth - r_known  # = R(truth - field), the oracle's error
         mae = {v: float(metrics.mae(error[v], zero[v])) for v in VARIABLES}
         ratio = {v: mae[v] / bilinear_mae[v] for v in VARIABLES}
-        per_month = lambda x, v: metrics.mae(x[v], zero[v], dim=("lat", "lon")).values
+
+        def per_month(x, v):
+            return metrics.mae(x[v], zero[v], dim=("lat", "lon")).values
+
         monthly = np.mean([per_month(error, v) / per_month(r_truth, v) for v in VARIABLES], axis=0)
         ms_known, ms_error = mean_square(r_known), mean_square(error)
         out["oracles"][name] = {
@@ -350,8 +357,8 @@ def floor_figures(truth: xr.Dataset, known: dict[str, xr.Dataset], flat: xr.Data
         "std": _std(orographic),
         "subgrid_rms": {v: x**0.5 for v, x in mean_square(subgrid_residual(orographic)).items()},
         "meaning": "truth - (same month with orog = orog_std = 0): tas lapse rate + inversions + "
-                   "rough-terrain amplification of the fine anomaly; winds blocking + crest speed-up + "
-                   "roughness",
+        "rough-terrain amplification of the fine anomaly; winds blocking + crest speed-up + "
+        "roughness",
     }
     return out
 
@@ -360,8 +367,10 @@ def floor_figures(truth: xr.Dataset, known: dict[str, xr.Dataset], flat: xr.Data
 def _check_reproduces(truth: xr.Dataset, regenerated: xr.Dataset) -> float:
     worst = max(float(np.abs(truth[v].values - regenerated[v].values).max()) for v in VARIABLES)
     if worst > 0:
-        raise SystemExit(f"regenerated months differ from the truth store by up to {worst:g}: the generator "
-                         "or static fields changed since the store was written; rebuild the sample catalog")
+        raise SystemExit(
+            f"regenerated months differ from the truth store by up to {worst:g}: the generator "
+            "or static fields changed since the store was written; rebuild the sample catalog"
+        )
     return worst
 
 
@@ -380,8 +389,10 @@ def bayes_oracle(
     for i, m in enumerate(months):
         op = RandomTermOperator.build(drivers, int(m))
         op = dataclasses.replace(op, amp={k: a * (k not in off) for k, a in op.amp.items()})
-        noise = [synthetic._persistent_noise(drivers.seed, stream, [int(m)], grid.padded_shape, phi)[0]
-                 for stream, phi in phis.items()]
+        noise = [
+            synthetic._persistent_noise(drivers.seed, stream, [int(m)], grid.padded_shape, phi)[0]
+            for stream, phi in phis.items()
+        ]
         forward_err = max(forward_err, float(np.abs(op.forward(*noise) - random[i]).max()))
         x, y = [rng.standard_normal(grid.padded_shape) for _ in phis], rng.standard_normal((3, *grid.shape))
         lhs = np.sum(op.forward(*x) * y)
@@ -390,8 +401,10 @@ def bayes_oracle(
         coarse = random[i].reshape(3, -1) @ w.T
         prediction[i] = bayes_prediction(op, w, coarse)
     if forward_err > 1e-3 or adjoint_err > 1e-9:
-        raise SystemExit(f"the linear model of the random terms does not match the generator (forward "
-                         f"{forward_err:g}, adjoint {adjoint_err:g}): update RandomTermOperator")
+        raise SystemExit(
+            f"the linear model of the random terms does not match the generator (forward "
+            f"{forward_err:g}, adjoint {adjoint_err:g}): update RandomTermOperator"
+        )
     dims = ("time", "lat", "lon")
     known = calm + xr.Dataset(
         {v: (dims, prediction[:, k]) for k, v in enumerate(VARIABLES)}, coords=calm.coords
@@ -410,10 +423,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", default=None, help="climrecon config (truth/static stores)")
     parser.add_argument("--years", type=int, nargs=2, default=None, help="default: train.heldout_years")
     parser.add_argument("--months", type=int, default=24)
-    parser.add_argument("--skill-core-months", type=int, default=12,
-                        help="also report the months skill_core.py used (its --months); 0: skip")
-    parser.add_argument("--no-attribution", dest="attribution", action="store_false",
-                        help="skip the Bayes floor recomputed with each random stream switched off")
+    parser.add_argument(
+        "--skill-core-months",
+        type=int,
+        default=12,
+        help="also report the months skill_core.py used (its --months); 0: skip",
+    )
+    parser.add_argument(
+        "--no-attribution",
+        dest="attribution",
+        action="store_false",
+        help="skip the Bayes floor recomputed with each random stream switched off",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "skill_floor.json"))
     args = parser.parse_args(argv)
 
@@ -475,38 +496,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = json.loads(skill_core_path.read_text()) if skill_core_path.exists() else None
     result = {
         **figures,
-        "on_skill_core_months": None if core is None else {
+        "on_skill_core_months": None
+        if core is None
+        else {
             "months": [str(t)[:7] for t in heldout["time"].values[core_idx]],
-            **{name: {"mae_ratio_vs_bilinear": o["mae_ratio_vs_bilinear"],
-                      "mae_ratio_vs_bilinear_overall": o["mae_ratio_vs_bilinear_overall"]}
-               for name, o in core["oracles"].items()},
+            **{
+                name: {
+                    "mae_ratio_vs_bilinear": o["mae_ratio_vs_bilinear"],
+                    "mae_ratio_vs_bilinear_overall": o["mae_ratio_vs_bilinear_overall"],
+                }
+                for name, o in core["oracles"].items()
+            },
             "bilinear_mae": core["bilinear_mae"],
         },
         "bayes_checks": checks,
         "floor_attribution": attribution or None,
-        "model_skill_core": None if model is None else {
+        "model_skill_core": None
+        if model is None
+        else {
             "mae_ratio_vs_bilinear_x8": model["mae_ratio_vs_bilinear_x8"],
             "per_variable": {v: model["per_variable"][v]["mae_ratio_vs_bilinear"] for v in VARIABLES},
-            "months": model["months"], "source": "benchmarks/results/skill_core.json",
+            "months": model["months"],
+            "source": "benchmarks/results/skill_core.json",
         },
         "goal": {"mae_ratio_vs_bilinear_x8": "<= 0.35"},
         "oracle_definitions": {
             "lowpass_16": "knows every deterministic term and all random-field modes of wavelength > 16 fine "
-                          "cells = 4 deg (what a 2-deg grid resolves)",
+            "cells = 4 deg (what a 2-deg grid resolves)",
             "lowpass_8": "knows all random-field modes of wavelength > 8 fine cells = 2 deg (optimistic: "
-                         "2-4 deg waves are not fully determined by 2-deg block means)",
+            "2-4 deg waves are not fully determined by 2-deg block means)",
             "bayes": "the Bayes-optimal prediction from the inputs a model has: calm + E[random part | "
-                     "its 2-deg block means of tas, uas, vas jointly], exact Gaussian conditioning with the "
-                     "generator's covariance for that month (posterior mean = median: MAE-optimal); the "
-                     "irreducible floor",
+            "its 2-deg block means of tas, uas, vas jointly], exact Gaussian conditioning with the "
+            "generator's covariance for that month (posterior mean = median: MAE-optimal); the "
+            "irreducible floor",
             "calm": "knows only static fields, the month and the month's inversion strength (random "
-                    "fields 0)",
+            "fields 0)",
             "error": "oracle = B(C(truth)) + R(known); error = R(truth - known)",
         },
-        "config": {"factor": FACTOR, "variables": list(VARIABLES), "cutoffs_fine_cells": list(CUTOFFS),
-                   "resolution_deg": syn_cfg.resolution, "region": syn_cfg.region.model_dump(),
-                   "seed": syn_cfg.seed, "years": list(years), "truth_store": truth_url,
-                   "static_store": static_url, "generator": synthetic.GENERATOR_VERSION},
+        "config": {
+            "factor": FACTOR,
+            "variables": list(VARIABLES),
+            "cutoffs_fine_cells": list(CUTOFFS),
+            "resolution_deg": syn_cfg.resolution,
+            "region": syn_cfg.region.model_dump(),
+            "seed": syn_cfg.seed,
+            "years": list(years),
+            "truth_store": truth_url,
+            "static_store": static_url,
+            "generator": synthetic.GENERATOR_VERSION,
+        },
         "months": [str(t)[:7] for t in heldout["time"].values[main_idx]],
         "n_months": len(main_idx),
         "regenerated_vs_store_max_abs_diff": max_diff,
@@ -519,11 +557,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         write_results(args.out, result)
     for name, o in figures["oracles"].items():
-        print(f"{name:11s} MAE ratio {o['mae_ratio_vs_bilinear_overall']:.3f}: "
-              + ", ".join(f"{v} {r:.3f}" for v, r in o["mae_ratio_vs_bilinear"].items())
-              + " | unknown share of sub-grid MS: "
-              + ", ".join(f"{v} {s['unknown_random']:.2f}"
-                          for v, s in o["share_of_subgrid_mean_square"].items()))
+        print(
+            f"{name:11s} MAE ratio {o['mae_ratio_vs_bilinear_overall']:.3f}: "
+            + ", ".join(f"{v} {r:.3f}" for v, r in o["mae_ratio_vs_bilinear"].items())
+            + " | unknown share of sub-grid MS: "
+            + ", ".join(
+                f"{v} {s['unknown_random']:.2f}" for v, s in o["share_of_subgrid_mean_square"].items()
+            )
+        )
     return result
 
 

@@ -54,8 +54,18 @@ __all__ = [
 ]
 
 COLUMNS: tuple[str, ...] = (
-    "source_id", "experiment_id", "member_id", "variable_id", "method", "period", "statistic",
-    "store_variable", "path", "format", "created", "key",
+    "source_id",
+    "experiment_id",
+    "member_id",
+    "variable_id",
+    "method",
+    "period",
+    "statistic",
+    "store_variable",
+    "path",
+    "format",
+    "created",
+    "key",
 )
 GROUPBY_ATTRS: tuple[str, ...] = ("source_id", "experiment_id", "member_id", "method", "period", "key")
 STATISTICS = ("members", "mean", "std", "quantile", "exceedance")
@@ -97,7 +107,7 @@ def _store_path(url: str) -> str:
 
 
 def _fs_url(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def rows_for_store(store_url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, str]]:
@@ -106,15 +116,24 @@ def rows_for_store(store_url: str, storage_options: dict[str, Any] | None = None
     Raises :class:`CatalogError` for a store that is missing, has no key, or is not complete.
     """
     try:
-        ds = xr.open_zarr(_fs_url(store_url), storage_options=storage_options or None, decode_times=_TIME_CODER)
+        ds = xr.open_zarr(
+            _fs_url(store_url), storage_options=storage_options or None, decode_times=_TIME_CODER
+        )
     except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
-        raise CatalogError(f"cannot open store {store_url} to catalog it: {type(exc).__name__}: {exc}") from None
+        raise CatalogError(
+            f"cannot open store {store_url} to catalog it: {type(exc).__name__}: {exc}"
+        ) from None
     key = ds.attrs.get("climrecon_key")
     if not key or not StageStore(_fs_url(store_url), str(key), dict(storage_options or {})).is_complete():
-        raise CatalogError(f"store {store_url} is not complete (no .climrecon/complete.json for key {key!r}); "
-                           "the output catalog lists finished stores only")
-    missing = [a for a in ("source_id", "experiment_id", "member_id", "downscaling_method", "period")
-               if a not in ds.attrs]
+        raise CatalogError(
+            f"store {store_url} is not complete (no .climrecon/complete.json for key {key!r}); "
+            "the output catalog lists finished stores only"
+        )
+    missing = [
+        a
+        for a in ("source_id", "experiment_id", "member_id", "downscaling_method", "period")
+        if a not in ds.attrs
+    ]
     if missing:
         raise CatalogError(f"store {store_url} lacks the attribute(s) {missing} the output catalog needs")
     a = ds.attrs
@@ -123,13 +142,22 @@ def rows_for_store(store_url: str, storage_options: dict[str, Any] | None = None
         statistic = var.attrs.get("statistic")
         if statistic not in STATISTICS:
             continue
-        rows.append({
-            "source_id": a["source_id"], "experiment_id": a["experiment_id"], "member_id": a["member_id"],
-            "variable_id": var.attrs.get("variable_id", str(name)), "method": a["downscaling_method"],
-            "period": a["period"], "statistic": statistic, "store_variable": str(name),
-            "path": _store_path(store_url), "format": "zarr",
-            "created": str(a.get("date_created") or a.get("climrecon_completed", "")), "key": str(key),
-        })
+        rows.append(
+            {
+                "source_id": a["source_id"],
+                "experiment_id": a["experiment_id"],
+                "member_id": a["member_id"],
+                "variable_id": var.attrs.get("variable_id", str(name)),
+                "method": a["downscaling_method"],
+                "period": a["period"],
+                "statistic": statistic,
+                "store_variable": str(name),
+                "path": _store_path(store_url),
+                "format": "zarr",
+                "created": str(a.get("date_created") or a.get("climrecon_completed", "")),
+                "key": str(key),
+            }
+        )
     if not rows:
         raise CatalogError(f"store {store_url} has no variable with a 'statistic' attribute {STATISTICS}")
     return rows
@@ -142,7 +170,9 @@ def read_output_rows(json_url: str, storage_options: dict[str, Any] | None = Non
         return []
     df = pd.read_csv(io.BytesIO(fs.cat(path)), dtype=str, keep_default_na=False)
     if tuple(df.columns) != COLUMNS:
-        raise CatalogError(f"output catalog {_csv_url(json_url)} has columns {list(df.columns)}, expected {list(COLUMNS)}")
+        raise CatalogError(
+            f"output catalog {_csv_url(json_url)} has columns {list(df.columns)}, expected {list(COLUMNS)}"
+        )
     return df.to_dict("records")
 
 
@@ -177,7 +207,9 @@ def _write(json_url: str, rows: list[Mapping[str, str]], storage_options: dict[s
     _atomic_write(local, spec_text)
 
 
-def add_to_output_catalog(json_url: str, store_url: str, storage_options: dict[str, Any] | None = None) -> str:
+def add_to_output_catalog(
+    json_url: str, store_url: str, storage_options: dict[str, Any] | None = None
+) -> str:
     """Add (or replace) the rows of the complete store ``store_url`` in the catalog; returns ``json_url``."""
     new = rows_for_store(store_url, storage_options)
     with _locked(json_url):
@@ -191,7 +223,9 @@ def open_output_catalog(json_url: str, storage_options: dict[str, Any] | None = 
     import intake_esm
 
     rows = read_output_rows(json_url, storage_options)
-    if not rows and not filesystem(json_url, storage_options)[0].exists(filesystem(json_url, storage_options)[1]):
+    if not rows and not filesystem(json_url, storage_options)[0].exists(
+        filesystem(json_url, storage_options)[1]
+    ):
         raise CatalogError(f"output catalog {json_url} does not exist; run the aggregate stage first")
     complete = {
         (path, key): StageStore(_fs_url(path), key, dict(storage_options or {})).is_complete()
@@ -200,11 +234,14 @@ def open_output_catalog(json_url: str, storage_options: dict[str, Any] | None = 
     df = pd.DataFrame([r for r in rows if complete[(r["path"], r["key"])]], columns=list(COLUMNS))
     spec = output_catalog_spec(json_url)
     spec["catalog_file"] = None
-    return intake_esm.esm_datastore({"esmcat": spec, "df": df}, storage_options=storage_options or {},
-                                    progressbar=False, threaded=False)
+    return intake_esm.esm_datastore(
+        {"esmcat": spec, "df": df}, storage_options=storage_options or {}, progressbar=False, threaded=False
+    )
 
 
-def open_outputs(catalog: Any, storage_options: dict[str, Any] | None = None, **query: Any) -> dict[str, xr.Dataset]:
+def open_outputs(
+    catalog: Any, storage_options: dict[str, Any] | None = None, **query: Any
+) -> dict[str, xr.Dataset]:
     """Open the rows matching ``query`` (column=value(s)), one dataset per store holding only those variables.
 
     ``catalog`` is the catalog URL or an :func:`open_output_catalog` datastore. No match: CatalogError.
@@ -212,7 +249,9 @@ def open_outputs(catalog: Any, storage_options: dict[str, Any] | None = None, **
     cat = catalog if hasattr(catalog, "search") else open_output_catalog(catalog, storage_options)
     bad = sorted(set(query) - set(COLUMNS))
     if bad:
-        raise CatalogError(f"query names column(s) {bad} that the output catalog does not have: {list(COLUMNS)}")
+        raise CatalogError(
+            f"query names column(s) {bad} that the output catalog does not have: {list(COLUMNS)}"
+        )
     sub = cat.search(**query)
     if sub.df.empty:
         raise CatalogError(f"no output catalog rows match {query}")

@@ -222,8 +222,10 @@ def _um_north_america(data_home: Path) -> Iterator[SampleFile]:
         var = ds["air_temperature"]
         m = re.search(r"Unified Model ([\d.]+)", var.attrs.get("source", ""))
         if var.attrs.get("Model scenario") != scenario or not m:
-            raise ValueError(f"{path}: air_temperature does not state 'Model scenario' {scenario} and a UM "
-                             "version in its 'source' attribute")
+            raise ValueError(
+                f"{path}: air_temperature does not state 'Model scenario' {scenario} and a UM "
+                "version in its 'source' attribute"
+            )
         ds = ds.rename({"air_temperature": "tas", "latitude": "lat", "longitude": "lon"})
         yield SampleFile(
             variable="tas",

@@ -173,7 +173,7 @@ def land_percentage(npz_path: Path, rows_per_block: int = 54) -> np.ndarray:
         and np.allclose(lon, -180.0 + step * np.arange(lon.size), atol=1e-9)
     ):
         raise ValueError(
-            f"{npz_path}: lat/lon vectors are not the 30\" GLOBE layout (90N..-90 by rows, -180.. by "
+            f'{npz_path}: lat/lon vectors are not the 30" GLOBE layout (90N..-90 by rows, -180.. by '
             "columns) this reader assumes"
         )
     n_cols = N_LON * _GLOBE_PER_CELL
@@ -250,7 +250,7 @@ def _static_dataset(data_home: Path) -> xr.Dataset:
                     "standard_name": "land_area_fraction",
                     "long_name": "Percentage of the Grid Cell Occupied by Land (Including Lakes)",
                     "units": "%",
-                    "source": f"GLOBE 30\" land mask ({src['globe']['package']} {src['globe']['version']})",
+                    "source": f'GLOBE 30" land mask ({src["globe"]["package"]} {src["globe"]["version"]})',
                     "comment": "percentage of the 100 GLOBE 30-arc-second cells inside the cell that are "
                     "land",
                 },

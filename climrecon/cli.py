@@ -23,7 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-catalog_app = typer.Typer(help="Build and inspect intake-esm catalogs (the offline sample catalog).", no_args_is_help=True)
+catalog_app = typer.Typer(
+    help="Build and inspect intake-esm catalogs (the offline sample catalog).", no_args_is_help=True
+)
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(config_app, name="config")
@@ -41,7 +43,9 @@ SetOpt = Annotated[
 ]
 SchedulerOpt = Annotated[
     str | None,
-    typer.Option("--scheduler", help="Address of an existing Dask scheduler (default: start a LocalCluster)."),
+    typer.Option(
+        "--scheduler", help="Address of an existing Dask scheduler (default: start a LocalCluster)."
+    ),
 ]
 
 
@@ -71,7 +75,9 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def catalog_build_sample(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    synthetic: Annotated[bool, typer.Option(help="Also generate the synthetic reanalysis (ERA5 stand-in).")] = True,
+    synthetic: Annotated[
+        bool, typer.Option(help="Also generate the synthetic reanalysis (ERA5 stand-in).")
+    ] = True,
 ) -> None:
     """Build the offline sample catalog from real packaged climate data (+ the synthetic reanalysis).
 
@@ -112,7 +118,20 @@ def catalog_show(
         _fail(exc)
     df = cat.df
     table = Table(title=f"{path} ({len(df)} rows)")
-    cols = [c for c in ("source_id", "experiment_id", "member_id", "table_id", "variable_id", "time_range", "format", "synthetic") if c in df]
+    cols = [
+        c
+        for c in (
+            "source_id",
+            "experiment_id",
+            "member_id",
+            "table_id",
+            "variable_id",
+            "time_range",
+            "format",
+            "synthetic",
+        )
+        if c in df
+    ]
     for c in cols:
         table.add_column(c)
     for _, row in df.iterrows():
@@ -130,7 +149,9 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOp
 
     _load(config, set_)  # validate before starting Prefect
     try:
-        urls = ingest_flow(config_path=str(config) if config else None, overrides=set_ or [], scheduler_address=scheduler)
+        urls = ingest_flow(
+            config_path=str(config) if config else None, overrides=set_ or [], scheduler_address=scheduler
+        )
     except Exception as exc:  # noqa: BLE001 - stage errors are reported, not dumped
         _fail(exc)
     for url in urls:
@@ -141,7 +162,9 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOp
 def regrid(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    source: Annotated[str | None, typer.Option(help="Ingested store URL (default: this config's ingest output).")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Ingested store URL (default: this config's ingest output).")
+    ] = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Put an ingested store on the unified coarse grid and the high-resolution target grid.
@@ -154,8 +177,12 @@ def regrid(
 
     _load(config, set_)
     try:
-        urls = regrid_flow(config_path=str(config) if config else None, overrides=set_ or [], source_url=source,
-                           scheduler_address=scheduler)
+        urls = regrid_flow(
+            config_path=str(config) if config else None,
+            overrides=set_ or [],
+            source_url=source,
+            scheduler_address=scheduler,
+        )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     for name, url in urls.items():
@@ -203,10 +230,16 @@ def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def downscale(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    fine: Annotated[str | None, typer.Option(help="Regridded fine store (default: this config's regrid output).")] = None,
-    static: Annotated[str | None, typer.Option(help="Static store on the fine grid (default: regrid output).")] = None,
+    fine: Annotated[
+        str | None, typer.Option(help="Regridded fine store (default: this config's regrid output).")
+    ] = None,
+    static: Annotated[
+        str | None, typer.Option(help="Static store on the fine grid (default: regrid output).")
+    ] = None,
     scheduler: SchedulerOpt = None,
-    workers: Annotated[int | None, typer.Option(help="CPU workers of the local cluster (default: Dask's choice).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="CPU workers of the local cluster (default: Dask's choice).")
+    ] = None,
 ) -> None:
     """Downscale a regridded store into an N-member high-resolution ensemble with the configured method.
 
@@ -219,8 +252,14 @@ def downscale(
 
     _load(config, set_)
     try:
-        url = downscale_flow(config_path=str(config) if config else None, overrides=set_ or [], fine_url=fine,
-                             static_url=static, scheduler_address=scheduler, n_workers=workers)
+        url = downscale_flow(
+            config_path=str(config) if config else None,
+            overrides=set_ or [],
+            fine_url=fine,
+            static_url=static,
+            scheduler_address=scheduler,
+            n_workers=workers,
+        )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     typer.echo(url)
@@ -228,7 +267,9 @@ def downscale(
 
 @app.command()
 def aggregate(
-    member_store: Annotated[str, typer.Argument(help="A complete member store written by `climrecon downscale`.")],
+    member_store: Annotated[
+        str, typer.Argument(help="A complete member store written by `climrecon downscale`.")
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     scheduler: SchedulerOpt = None,
@@ -242,8 +283,12 @@ def aggregate(
 
     _load(config, set_)
     try:
-        url = aggregate_flow(member_store, config_path=str(config) if config else None, overrides=set_ or [],
-                             scheduler_address=scheduler)
+        url = aggregate_flow(
+            member_store,
+            config_path=str(config) if config else None,
+            overrides=set_ or [],
+            scheduler_address=scheduler,
+        )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     typer.echo(url)
@@ -280,9 +325,11 @@ def _print_outputs(outputs: dict) -> None:
     out = Console(width=max(Console().width, 160))
     out.print(table)
     out.print(f"output catalog: {outputs['catalog']}")
-    out.print("open a result:  import xarray as xr; ds = xr.open_zarr(\"<aggregate store>\")  "
-              "(for s3:// add storage_options={...})")
-    out.print("or through the catalog:  import intake_esm; intake_esm.esm_datastore(\"<output catalog>\")")
+    out.print(
+        'open a result:  import xarray as xr; ds = xr.open_zarr("<aggregate store>")  '
+        "(for s3:// add storage_options={...})"
+    )
+    out.print('or through the catalog:  import intake_esm; intake_esm.esm_datastore("<output catalog>")')
     if outputs.get("evaluate"):
         from rich.markdown import Markdown
 
@@ -292,13 +339,19 @@ def _print_outputs(outputs: dict) -> None:
                 out.print(f"skill tables: {scored['markdown_file']} (records: {scored['json_file']})")
 
 
-EvaluateOpt = Annotated[bool, typer.Option("--evaluate/--no-evaluate",
-                                           help="Score each result against fine truth when there is one.")]
+EvaluateOpt = Annotated[
+    bool,
+    typer.Option("--evaluate/--no-evaluate", help="Score each result against fine truth when there is one."),
+]
 
 
 @app.command()
-def reconstruct(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOpt = None,
-                evaluate: EvaluateOpt = True) -> None:
+def reconstruct(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    scheduler: SchedulerOpt = None,
+    evaluate: EvaluateOpt = True,
+) -> None:
     """Run the whole reconstruction: ingest -> regrid -> downscale -> aggregate (Prefect flow `reconstruct`),
     then score each result against fine truth when there is one (evaluate.truth, or the sample catalog's).
 
@@ -308,8 +361,12 @@ def reconstruct(config: ConfigOpt = None, set_: SetOpt = None, scheduler: Schedu
 
     _load(config, set_)
     try:
-        outputs = reconstruct_flow(config_path=str(config) if config else None, overrides=set_ or [],
-                                   scheduler_address=scheduler, evaluate=evaluate)
+        outputs = reconstruct_flow(
+            config_path=str(config) if config else None,
+            overrides=set_ or [],
+            scheduler_address=scheduler,
+            evaluate=evaluate,
+        )
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     _print_outputs(outputs)
@@ -317,7 +374,9 @@ def reconstruct(config: ConfigOpt = None, set_: SetOpt = None, scheduler: Schedu
 
 @app.command()
 def server(
-    home: Annotated[Path, typer.Option(help="Server state (SQLite database, logs).")] = Path("~/.cache/climrecon/prefect"),
+    home: Annotated[Path, typer.Option(help="Server state (SQLite database, logs).")] = Path(
+        "~/.cache/climrecon/prefect"
+    ),
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200,
 ) -> None:
     """Start a local Prefect server with its UI on 127.0.0.1 and keep it running (Ctrl-C stops it).

@@ -78,7 +78,9 @@ class SamplerConfig(BaseModel):
     sigma_min: float = Field(0.002, gt=0, description="last non-zero noise level (EDM: 0.002)")
     rho: float = Field(7.0, gt=0, description="time-step exponent of EDM Eq. 5")
     blend: Literal["every_step", "once"] = "every_step"
-    overlap: int | None = Field(None, ge=0, description="tile overlap in fine cells; default: patch_size // 4")
+    overlap: int | None = Field(
+        None, ge=0, description="tile overlap in fine cells; default: patch_size // 4"
+    )
     max_patches_per_batch: int = Field(32, ge=1, description="patches per network call (fixed call shape)")
     S_churn: float = Field(0.0, ge=0, description="EDM stochastic churn (0: deterministic Heun)")
     eta: float = Field(0.0, ge=0, description="DDIM stochasticity (0: deterministic)")
@@ -86,9 +88,17 @@ class SamplerConfig(BaseModel):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`climrecon.models.tiled.sample_tiled`."""
-        return {"num_steps": self.num_steps, "solver": self.solver, "blend": self.blend,
-                "max_patches_per_batch": self.max_patches_per_batch, "S_churn": self.S_churn, "eta": self.eta,
-                "sigma_max": self.sigma_max, "sigma_min": self.sigma_min, "rho": self.rho}
+        return {
+            "num_steps": self.num_steps,
+            "solver": self.solver,
+            "blend": self.blend,
+            "max_patches_per_batch": self.max_patches_per_batch,
+            "S_churn": self.S_churn,
+            "eta": self.eta,
+            "sigma_max": self.sigma_max,
+            "sigma_min": self.sigma_min,
+            "rho": self.rho,
+        }
 
     def describe(self) -> str:
         churn = f", churn {self.S_churn:g}" if self.S_churn else (f", eta {self.eta:g}" if self.eta else "")
@@ -167,12 +177,16 @@ DEFAULT_REGION = Region(lat_min=30.0, lat_max=50.0, lon_min=-125.0, lon_max=-105
 class RegridConfig(_Model):
     """Put an ingested store on the unified coarse grid and on the high-resolution target grid."""
 
-    source: str | None = Field(None, description="ingested store URL; default: the ingest output of the same run")
+    source: str | None = Field(
+        None, description="ingested store URL; default: the ingest output of the same run"
+    )
     region: Region = DEFAULT_REGION
     resolution: float = Field(0.25, gt=0, description="target (fine) grid spacing, degrees")
     coarse_resolution: float = Field(5.0, gt=0, description="unified coarse grid spacing, degrees (ZSSD: 5)")
     fine_method: Literal["bilinear", "conservative"] = "bilinear"
-    static: str | None = Field(None, description="static-fields store (global); default: the one the sample catalog built")
+    static: str | None = Field(
+        None, description="static-fields store (global); default: the one the sample catalog built"
+    )
     time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk and per write block")
     zarr_format: Literal[2, 3] = 3
 
@@ -210,10 +224,15 @@ class TrainSection(_Model):
     """
 
     truth: str | None = Field(
-        None, description="fine truth Zarr (synthetic reanalysis or ERA5 monthly means); default: the sample's"
+        None,
+        description="fine truth Zarr (synthetic reanalysis or ERA5 monthly means); default: the sample's",
     )
-    static: str | None = Field(None, description="global static-fields store; default: the sample's static store")
-    variables: list[str] = Field(["tas", "uas", "vas"], min_length=1, description="variables of the truth to learn")
+    static: str | None = Field(
+        None, description="global static-fields store; default: the sample's static store"
+    )
+    variables: list[str] = Field(
+        ["tas", "uas", "vas"], min_length=1, description="variables of the truth to learn"
+    )
     factor: int = Field(8, ge=2, description="perfect-model coarsening factor (fine cells per coarse cell)")
     train_years: tuple[int, int] = (1961, 2005)
     validation_years: tuple[int, int] = (2006, 2010)
@@ -228,12 +247,17 @@ class TrainSection(_Model):
     seed: int = Field(0, ge=0)
     threads: int = Field(1, ge=1, description="torch intra-op threads on CPU")
     device: str = "auto"
-    checkpoint: str = Field("outputs/train/dpdm-westus-x8.pt", description="training checkpoint path (resumable)")
+    checkpoint: str = Field(
+        "outputs/train/dpdm-westus-x8.pt", description="training checkpoint path (resumable)"
+    )
 
     @model_validator(mode="after")
     def _years(self) -> TrainSection:
-        spans = {"train_years": self.train_years, "validation_years": self.validation_years,
-                 "heldout_years": self.heldout_years}
+        spans = {
+            "train_years": self.train_years,
+            "validation_years": self.validation_years,
+            "heldout_years": self.heldout_years,
+        }
         for name, (a, b) in spans.items():
             if b < a:
                 raise ValueError(f"{name} ({a}, {b}) ends before it starts")
@@ -241,7 +265,9 @@ class TrainSection(_Model):
         for name in ("train_years", "validation_years"):
             a, b = spans[name]
             if a <= h1 and h0 <= b:
-                raise ValueError(f"{name} ({a}, {b}) overlaps heldout_years ({h0}, {h1}): held-out years must never be trained on")
+                raise ValueError(
+                    f"{name} ({a}, {b}) overlaps heldout_years ({h0}, {h1}): held-out years must never be trained on"
+                )
         return self
 
 
@@ -255,13 +281,21 @@ class DownscaleConfig(_Model):
     part of the store's key.
     """
 
-    fine: str | None = Field(None, description="regridded fine store (conditioning); default: this config's regrid output")
-    static: str | None = Field(None, description="static store on the fine grid; default: this config's regrid output")
-    coarse: str | None = Field(None, description="regridded coarse store (checked only); default: this config's regrid output")
+    fine: str | None = Field(
+        None, description="regridded fine store (conditioning); default: this config's regrid output"
+    )
+    static: str | None = Field(
+        None, description="static store on the fine grid; default: this config's regrid output"
+    )
+    coarse: str | None = Field(
+        None, description="regridded coarse store (checked only); default: this config's regrid output"
+    )
     members: int = Field(8, ge=1, description="ensemble members")
     seed: int = Field(20261121, ge=0, description="base seed; member m of month t uses seed_for(seed, t, m)")
     months_per_unit: int = Field(12, ge=1, description="time steps per work unit (a multiple of time_chunk)")
-    members_per_unit: int = Field(2, ge=1, description="members per work unit (units run in parallel on workers)")
+    members_per_unit: int = Field(
+        2, ge=1, description="members per work unit (units run in parallel on workers)"
+    )
     time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk of the member store")
     zarr_format: Literal[2, 3] = 3
 
@@ -302,7 +336,9 @@ class AggregateConfig(_Model):
     def _thresholds(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
         for name, values in v.items():
             if not values or len(set(values)) != len(values):
-                raise ValueError(f"thresholds.{name} must be a non-empty list of distinct values; got {values}")
+                raise ValueError(
+                    f"thresholds.{name} must be a non-empty list of distinct values; got {values}"
+                )
         return {k: sorted(vals) for k, vals in v.items()}
 
 
@@ -319,12 +355,20 @@ class EvaluateConfig(_Model):
     sampled with the ``sampler:`` section.
     """
 
-    truth: str | None = Field(None, description="fine truth Zarr/netCDF path or URL; default: see truth_query")
+    truth: str | None = Field(
+        None, description="fine truth Zarr/netCDF path or URL; default: see truth_query"
+    )
     truth_query: CatalogQuery | None = Field(None, description="catalog search for the truth (one dataset)")
-    catalog: str | None = Field(None, description="intake-esm JSON for truth_query / defaults; default: the sample catalog")
+    catalog: str | None = Field(
+        None, description="intake-esm JSON for truth_query / defaults; default: the sample catalog"
+    )
     static: str | None = Field(None, description="global static-fields store; default: the sample catalog's")
-    variables: list[str] = Field(["tas", "uas", "vas", "pr"], min_length=1, description="variables of the truth to score")
-    factors: list[int] = Field(default_factory=lambda: [4, 8, 16, 20], description="coarsening factors (>= 2)")
+    variables: list[str] = Field(
+        ["tas", "uas", "vas", "pr"], min_length=1, description="variables of the truth to score"
+    )
+    factors: list[int] = Field(
+        default_factory=lambda: [4, 8, 16, 20], description="coarsening factors (>= 2)"
+    )
     methods: list[SerializeAsAny[MethodConfig]] = Field(
         default_factory=lambda: [_method(m) for m in ("bilinear", "bcsd", "qm", "dpdm")],
         description="registered method names or method configs",
@@ -332,10 +376,16 @@ class EvaluateConfig(_Model):
     ensemble_sizes: list[int] = Field(default_factory=lambda: [1, 16], description="diffusion ensemble sizes")
     train_years: tuple[int, int] = (1961, 2005)
     heldout_years: tuple[int, int] = (2011, 2020)
-    month_stride: int = Field(1, ge=1, description="score every n-th held-out month (5: 24 of 120, all 12 calendar months)")
+    month_stride: int = Field(
+        1, ge=1, description="score every n-th held-out month (5: 24 of 120, all 12 calendar months)"
+    )
     seed: int = Field(20261121, ge=0, description="base seed of the ensembles")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default: torch's own choice")
-    output: str | None = Field(None, description="directory for tables and figures; default: <storage.root>/evaluate")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on CPU; default: torch's own choice"
+    )
+    output: str | None = Field(
+        None, description="directory for tables and figures; default: <storage.root>/evaluate"
+    )
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -353,9 +403,17 @@ class EvaluateConfig(_Model):
             raise ValueError(
                 f"train_years ({t0}, {t1}) overlap heldout_years ({h0}, {h1}): baselines must never see held-out years"
             )
-        if any(f < 2 for f in self.factors) or len(set(self.factors)) != len(self.factors) or not self.factors:
+        if (
+            any(f < 2 for f in self.factors)
+            or len(set(self.factors)) != len(self.factors)
+            or not self.factors
+        ):
             raise ValueError(f"factors must be distinct integers >= 2, got {self.factors}")
-        if any(n < 1 for n in self.ensemble_sizes) or len(set(self.ensemble_sizes)) != len(self.ensemble_sizes) or not self.ensemble_sizes:
+        if (
+            any(n < 1 for n in self.ensemble_sizes)
+            or len(set(self.ensemble_sizes)) != len(self.ensemble_sizes)
+            or not self.ensemble_sizes
+        ):
             raise ValueError(f"ensemble_sizes must be distinct integers >= 1, got {self.ensemble_sizes}")
         names = [m.name for m in self.methods]
         if not names or len(set(names)) != len(names):
@@ -389,7 +447,9 @@ class ClimReconConfig(_Model):
     def _patch_fits_factor(self) -> ClimReconConfig:
         patch = getattr(self.method, "patch_size", None)
         if patch and patch % self.train.factor:
-            raise ValueError(f"method.patch_size ({patch}) must be a multiple of train.factor ({self.train.factor})")
+            raise ValueError(
+                f"method.patch_size ({patch}) must be a multiple of train.factor ({self.train.factor})"
+            )
         return self
 
     def sample_dir(self) -> Path:
@@ -432,14 +492,26 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 MOVED_KEYS = {
-    **{f"{section}.{key}": f"sampler.{key}" for section in ("downscale", "evaluate")
-       for key in ("num_steps", "blend", "overlap", "max_patches_per_batch", "device")},
+    **{
+        f"{section}.{key}": f"sampler.{key}"
+        for section in ("downscale", "evaluate")
+        for key in ("num_steps", "blend", "overlap", "max_patches_per_batch", "device")
+    },
     "downscale.checkpoint": "method.checkpoint",
     "evaluate.checkpoint": "method.checkpoint (or a method entry {name: dpdm, checkpoint: ...} in evaluate.methods)",
     **{f"train.{key}": f"method.{key}" for key in ("target", "static_coarse", "patch_size")},
-    **{f"train.{key}": f"method.network.{key}" for key in ("base_channels", "channel_mults", "num_blocks",
-                                                           "attention_levels", "mid_attention", "dropout",
-                                                           "time_harmonics")},
+    **{
+        f"train.{key}": f"method.network.{key}"
+        for key in (
+            "base_channels",
+            "channel_mults",
+            "num_blocks",
+            "attention_levels",
+            "mid_attention",
+            "dropout",
+            "time_harmonics",
+        )
+    },
     **{f"train.{key}": f"method.edm.{key}" for key in ("sigma_data", "P_mean", "P_std")},
 }
 """Keys of earlier releases -> where they live now (named in the error a stale config gets)."""
@@ -456,7 +528,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ClimReconConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ClimReconConfig:
     """Load and validate a config; ``path=None`` gives the embedded defaults (plus overrides)."""
     source = str(path) if path else "embedded defaults"
     raw: dict[str, Any] = {}
@@ -469,7 +543,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level, not {type(raw).__name__}")
+            raise ConfigError(
+                f"config file {p} must hold a mapping at the top level, not {type(raw).__name__}"
+            )
     # Defaults first, then the file, then overrides: setting one key of a section keeps the others.
     defaults = ClimReconConfig().model_dump(mode="json")
     defaults["method"] = {"name": defaults["method"]["name"]}  # a method's own defaults come with its name

@@ -63,7 +63,10 @@ def code_version() -> str:
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
@@ -79,7 +82,9 @@ def history_line(stage: str, detail: str) -> str:
     return f"{utc_now()} {code_version()} {stage}: {detail}"
 
 
-def stage_attrs(stage: str, config: Any, key: str, previous_history: str = "", **extra: Any) -> dict[str, str]:
+def stage_attrs(
+    stage: str, config: Any, key: str, previous_history: str = "", **extra: Any
+) -> dict[str, str]:
     """Attributes a stage writes on its output store (JSON-encoded where structured, secrets redacted)."""
     cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
     history = "\n".join(h for h in (previous_history, history_line(stage, f"key {key}")) if h)
@@ -88,7 +93,12 @@ def stage_attrs(stage: str, config: Any, key: str, previous_history: str = "", *
         "climrecon_code_version": code_version(),
         "history": history,
     }
-    attrs.update({f"climrecon_{k}": v if isinstance(v, str) else json.dumps(redact(v), default=str) for k, v in extra.items()})
+    attrs.update(
+        {
+            f"climrecon_{k}": v if isinstance(v, str) else json.dumps(redact(v), default=str)
+            for k, v in extra.items()
+        }
+    )
     return attrs
 
 
@@ -127,8 +137,13 @@ def _gpus() -> list[str]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            out = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout
             return [line.strip() for line in out.splitlines() if line.strip()]
         except (OSError, subprocess.SubprocessError):
             return []
@@ -252,27 +267,41 @@ class _ProvBuilder:
             section[f"_:{kind}{len(section) + 1}"] = {f"prov:{k}": v for k, v in terms.items()}
 
     def entity(self, ident: str, attrs: dict[str, Any]) -> str:
-        self.doc["entity"].setdefault(ident, {}).update({k: v for k, v in attrs.items() if v not in (None, "")})
+        self.doc["entity"].setdefault(ident, {}).update(
+            {k: v for k, v in attrs.items() if v not in (None, "")}
+        )
         return ident
 
     def store_entity(self, node: Mapping[str, Any]) -> str:
         url = next(str(node[k]) for k in _STORE_KEYS if node.get(k))
         key = node.get("content_key")
         ident = f"climrecon:store/{key}" if key else f"climrecon:file/{_short(url)}"
-        return self.entity(ident, {
-            "prov:type": "climrecon:ZarrStore" if key or url.rstrip("/").endswith(".zarr") else "climrecon:SourceFile",
-            "prov:location": url,
-            "climrecon:key": key,
-        })
+        return self.entity(
+            ident,
+            {
+                "prov:type": "climrecon:ZarrStore"
+                if key or url.rstrip("/").endswith(".zarr")
+                else "climrecon:SourceFile",
+                "prov:location": url,
+                "climrecon:key": key,
+            },
+        )
 
     def file_entity(self, path: str, attrs: Mapping[str, Any] | None = None) -> str:
-        extra = {f"climrecon:{k}": (v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str))
-                 for k, v in (attrs or {}).items() if k not in _STORE_KEYS and k != "path"}
-        return self.entity(f"climrecon:file/{_short(path)}",
-                           {"prov:type": "climrecon:SourceFile", "prov:location": path, **extra})
+        extra = {
+            f"climrecon:{k}": (v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str))
+            for k, v in (attrs or {}).items()
+            if k not in _STORE_KEYS and k != "path"
+        }
+        return self.entity(
+            f"climrecon:file/{_short(path)}",
+            {"prov:type": "climrecon:SourceFile", "prov:location": path, **extra},
+        )
 
     def agent(self, ident: str, attrs: dict[str, Any]) -> str:
-        self.doc["agent"].setdefault(ident, {}).update({k: v for k, v in attrs.items() if v not in (None, "")})
+        self.doc["agent"].setdefault(ident, {}).update(
+            {k: v for k, v in attrs.items() if v not in (None, "")}
+        )
         return ident
 
     def add_record(self, rec: Mapping[str, Any]) -> str | None:
@@ -288,14 +317,18 @@ class _ProvBuilder:
             "prov:endTime": next((rec[k] for k in _END_KEYS if rec.get(k)), None),
             "climrecon:config_hash": rec.get("config_hash") or (config_hash(cfg) if cfg else None),
             "climrecon:config": json.dumps(cfg, sort_keys=True, default=str) if cfg else None,
-            "climrecon:hardware": json.dumps(rec["hardware"], sort_keys=True) if rec.get("hardware") else None,
+            "climrecon:hardware": json.dumps(rec["hardware"], sort_keys=True)
+            if rec.get("hardware")
+            else None,
         }
         self.doc["activity"].setdefault(act_id, {}).update({k: v for k, v in act.items() if v is not None})
         if output:
             self._relation("wasGeneratedBy", entity=output, activity=act_id)
         if rec.get("code_version"):
-            code = self.agent(f"climrecon:software/{_short(str(rec['code_version']))}",
-                              {"prov:type": "prov:SoftwareAgent", "prov:label": str(rec["code_version"])})
+            code = self.agent(
+                f"climrecon:software/{_short(str(rec['code_version']))}",
+                {"prov:type": "prov:SoftwareAgent", "prov:label": str(rec["code_version"])},
+            )
             self._relation("wasAssociatedWith", activity=act_id, agent=code)
         for used in self._inputs(rec):
             self._relation("used", activity=act_id, entity=used)
@@ -331,27 +364,45 @@ class _ProvBuilder:
             return [self.file_entity(str(value["path"]), value)]
         if any(value.get(k) for k in _STORE_KEYS):  # a store, checkpoint or file reference
             ent = self.store_entity(value)
-            extra = {f"climrecon:{k}": v for k, v in value.items()
-                     if k not in (*_STORE_KEYS, "content_key") and isinstance(v, (str, int, float, bool))}
+            extra = {
+                f"climrecon:{k}": v
+                for k, v in value.items()
+                if k not in (*_STORE_KEYS, "content_key") and isinstance(v, (str, int, float, bool))
+            }
             self.entity(ent, extra)
-            return [ent, *self._inputs({k: v for k, v in value.items() if not isinstance(v, (str, int, float, bool))})]
+            return [
+                ent,
+                *self._inputs({k: v for k, v in value.items() if not isinstance(v, (str, int, float, bool))}),
+            ]
         if value.get("hash") or value.get("sha256"):  # e.g. a checkpoint given by its hash
             digest = str(value.get("hash") or value.get("sha256"))
-            scalars = {f"climrecon:{k}": v for k, v in value.items() if isinstance(v, (str, int, float, bool))}
-            return [self.entity(f"climrecon:{name}/{digest[:16]}", {"prov:type": f"climrecon:{name}", **scalars})]
-        return [e for k, v in value.items() if k not in ("config", "hardware", "prefect") for e in self._walk(k, v)]
+            scalars = {
+                f"climrecon:{k}": v for k, v in value.items() if isinstance(v, (str, int, float, bool))
+            }
+            return [
+                self.entity(f"climrecon:{name}/{digest[:16]}", {"prov:type": f"climrecon:{name}", **scalars})
+            ]
+        return [
+            e
+            for k, v in value.items()
+            if k not in ("config", "hardware", "prefect")
+            for e in self._walk(k, v)
+        ]
 
     def _prefect_agents(self, node: Any, act_id: str) -> None:
         """Every ``flow_run_id`` in this record (not in its upstream records) as an associated agent."""
         if isinstance(node, Mapping):
             if node.get("flow_run_id"):
                 run = str(node["flow_run_id"])
-                agent = self.agent(f"climrecon:prefect-flow-run/{run}", {
-                    "prov:type": "climrecon:PrefectFlowRun",
-                    "prov:label": str(node.get("flow_run_name") or node.get("flow_name") or run),
-                    "climrecon:flow_name": node.get("flow_name"),
-                    "climrecon:task_run_id": node.get("task_run_id"),
-                })
+                agent = self.agent(
+                    f"climrecon:prefect-flow-run/{run}",
+                    {
+                        "prov:type": "climrecon:PrefectFlowRun",
+                        "prov:label": str(node.get("flow_run_name") or node.get("flow_name") or run),
+                        "climrecon:flow_name": node.get("flow_name"),
+                        "climrecon:task_run_id": node.get("task_run_id"),
+                    },
+                )
                 self._relation("wasAssociatedWith", activity=act_id, agent=agent)
             for v in node.values():
                 if not (isinstance(v, Mapping) and "stage" in v):  # upstream records have their own
@@ -382,18 +433,27 @@ def prov_summary(doc: Mapping[str, Any]) -> dict[str, str]:
     ordered = sorted(acts.items(), key=lambda kv: str(kv[1].get("prov:startTime", "")))
     lineage = " -> ".join(a.split(":", 1)[1] for a, _ in ordered)
     files = [e for e, v in doc.get("entity", {}).items() if v.get("prov:type") == "climrecon:SourceFile"]
-    runs = sorted(a.rsplit("/", 1)[1] for a, v in doc.get("agent", {}).items()
-                  if v.get("prov:type") == "climrecon:PrefectFlowRun")
+    runs = sorted(
+        a.rsplit("/", 1)[1]
+        for a, v in doc.get("agent", {}).items()
+        if v.get("prov:type") == "climrecon:PrefectFlowRun"
+    )
     return {
         "climrecon_lineage": lineage,
-        "climrecon_prov_counts": json.dumps({k: len(doc.get(k, {})) for k in ("entity", "activity", "agent")}),
+        "climrecon_prov_counts": json.dumps(
+            {k: len(doc.get(k, {})) for k in ("entity", "activity", "agent")}
+        ),
         "climrecon_source_file_count": str(len(files)),
         "climrecon_prefect_flow_runs": json.dumps(runs),
     }
 
 
-def write_prov_document(store_url: str, doc: Mapping[str, Any], storage_options: dict[str, Any] | None = None,
-                        name: str = "provenance.json") -> str:
+def write_prov_document(
+    store_url: str,
+    doc: Mapping[str, Any],
+    storage_options: dict[str, Any] | None = None,
+    name: str = "provenance.json",
+) -> str:
     """Put ``doc`` as ``<store_url>/<name>`` (beside the Zarr metadata); returns that object's URL."""
     from climrecon.storage import filesystem, join_url
 

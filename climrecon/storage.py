@@ -71,9 +71,7 @@ def resolve_storage_options(options: dict[str, Any] | None = None) -> dict[str, 
 def redact(obj: Any) -> Any:
     """A copy of ``obj`` (nested dicts/lists) with every secret-looking key's value replaced by ``***``."""
     if isinstance(obj, dict):
-        return {
-            k: (REDACTED if str(k).lower() in SECRET_OPTION_KEYS else redact(v)) for k, v in obj.items()
-        }
+        return {k: (REDACTED if str(k).lower() in SECRET_OPTION_KEYS else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v) for v in obj)
     return obj
@@ -87,7 +85,9 @@ def public_url(url: str) -> str:
     """``url`` without any ``user:password@`` part (URLs are recorded in attributes and logs)."""
     parts = urlsplit(str(url))
     if parts.username or parts.password:
-        return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+        return urlunsplit(
+            parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+        )
     return str(url)
 
 
@@ -99,7 +99,9 @@ def join_url(root: str, *parts: str) -> str:
     return out
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for ``url``."""
     fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
     return fs, path

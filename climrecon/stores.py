@@ -123,7 +123,9 @@ class StageStore:
         return [dict(r) for r in regions if _block_name(r) not in done]
 
     # -- writing ----------------------------------------------------------------------------------
-    def initialize(self, template: xr.Dataset, encoding: dict[str, Any] | None = None, zarr_format: int = 3) -> bool:
+    def initialize(
+        self, template: xr.Dataset, encoding: dict[str, Any] | None = None, zarr_format: int = 3
+    ) -> bool:
         """Write the template (no data) unless a store with this key is already there.
 
         Returns True when a new template was written, False when an existing one (complete or
@@ -162,7 +164,9 @@ class StageStore:
         )
         self._put(self._state("done", _block_name(region)), b"")
 
-    def finalize(self, regions: Iterable[Mapping[str, slice]], attrs: Mapping[str, Any] | None = None) -> None:
+    def finalize(
+        self, regions: Iterable[Mapping[str, slice]], attrs: Mapping[str, Any] | None = None
+    ) -> None:
         """Mark the store complete once every region in ``regions`` has its done marker."""
         missing = self.pending(regions)
         if missing:

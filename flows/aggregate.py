@@ -40,8 +40,12 @@ def prepare_task(plan: AggregatePlan, storage: StorageConfig) -> list[dict[str, 
     return prepare_aggregate(plan, resolve_storage_options(storage.options))
 
 
-@task(name="aggregate-blocks", task_run_name="aggregate {plan.name} {period}", retries=1, cache_policy=NO_CACHE)
-def blocks_task(plan: AggregatePlan, regions: list[dict[str, slice]], storage: StorageConfig, period: str) -> int:
+@task(
+    name="aggregate-blocks", task_run_name="aggregate {plan.name} {period}", retries=1, cache_policy=NO_CACHE
+)
+def blocks_task(
+    plan: AggregatePlan, regions: list[dict[str, slice]], storage: StorageConfig, period: str
+) -> int:
     from distributed import default_client
 
     return run_blocks(plan, regions, resolve_storage_options(storage.options), client=default_client())
@@ -54,7 +58,9 @@ def finalize_task(plan: AggregatePlan, storage: StorageConfig) -> str:
 
 @task(name="aggregate-catalog", task_run_name="catalog {store_url}", retries=1, cache_policy=NO_CACHE)
 def catalog_task(store_url: str, storage: StorageConfig) -> str:
-    return add_to_output_catalog(output_catalog_url(storage.root), store_url, resolve_storage_options(storage.options))
+    return add_to_output_catalog(
+        output_catalog_url(storage.root), store_url, resolve_storage_options(storage.options)
+    )
 
 
 @flow(name="aggregate")

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "RecipeError",
@@ -53,11 +61,15 @@ class RecipeError(ValueError):
 
 def validate_scheduler_address(address: str) -> str:
     """``address`` if it is a Dask scheduler address ``scheme://host:port`` (tcp, tls, ucx, ws, wss)."""
-    match = re.fullmatch(r"(?P<scheme>[a-z]+)://(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d{1,5})/?", address)
+    match = re.fullmatch(
+        r"(?P<scheme>[a-z]+)://(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d{1,5})/?", address
+    )
     if not match:
         raise ValueError(f"scheduler address {address!r} is not of the form tcp://host:port")
     if match["scheme"] not in SCHEDULER_SCHEMES:
-        raise ValueError(f"scheduler address {address!r}: scheme must be one of {', '.join(SCHEDULER_SCHEMES)}")
+        raise ValueError(
+            f"scheduler address {address!r}: scheme must be one of {', '.join(SCHEDULER_SCHEMES)}"
+        )
     if not 0 < int(match["port"]) < 65536:
         raise ValueError(f"scheduler address {address!r}: port out of range")
     return address
@@ -140,7 +152,9 @@ class KubernetesCluster(_Scaled):
     @model_validator(mode="after")
     def _check(self) -> KubernetesCluster:
         if "image" not in self.cluster:
-            raise ValueError("cluster is missing ['image'] (the worker image, e.g. deploy/docker/Dockerfile.gpu)")
+            raise ValueError(
+                "cluster is missing ['image'] (the worker image, e.g. deploy/docker/Dockerfile.gpu)"
+            )
         self._check_one_scaling(self.scale)
         return self
 
@@ -154,7 +168,9 @@ def parse_recipe(raw: Any, source: str = "recipe") -> ExistingScheduler | SlurmC
     if not isinstance(raw, dict):
         raise RecipeError(f"{source} must hold a mapping at the top level, not {type(raw).__name__}")
     if raw.get("kind") not in ("existing", "slurm", "kubernetes"):
-        raise RecipeError(f"{source}: kind must be one of existing, slurm, kubernetes (got {raw.get('kind')!r})")
+        raise RecipeError(
+            f"{source}: kind must be one of existing, slurm, kubernetes (got {raw.get('kind')!r})"
+        )
     try:
         return _RECIPE.validate_python(raw)
     except ValidationError as exc:

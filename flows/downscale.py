@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from climrecon.config import ClimReconConfig, StorageConfig, load_config
 from climrecon.flows.runtime import dask_client, sampling_resources
+from climrecon.storage import resolve_storage_options
 from climrecon.tasks.downscale import (
     DownscalePlan,
     UnitReport,
@@ -28,13 +35,6 @@ from climrecon.tasks.downscale import (
     prepare_downscale,
     submit_unit,
 )
-from prefect import flow, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-
-from climrecon.config import ClimReconConfig, StorageConfig, load_config
-from climrecon.storage import resolve_storage_options
 
 __all__ = ["SAMPLING_TAG", "UNIT_RETRIES", "default_inputs", "downscale_flow"]
 
@@ -52,14 +52,18 @@ def default_inputs(cfg: ClimReconConfig) -> dict[str, str | None]:
 
     source, static = default_sources(cfg)
     plan = plan_regrid(cfg.regrid, source, cfg.storage, static)
-    return {"fine": ds.fine or plan.fine_url, "static": ds.static or plan.static_url,
-            "coarse": ds.coarse or plan.coarse_url}
+    return {
+        "fine": ds.fine or plan.fine_url,
+        "static": ds.static or plan.static_url,
+        "coarse": ds.coarse or plan.coarse_url,
+    }
 
 
 @task(name="downscale-plan", task_run_name="plan downscale of {fine_url}", cache_policy=NO_CACHE)
 def plan_task(cfg: ClimReconConfig, fine_url: str, static_url: str, coarse_url: str | None) -> DownscalePlan:
-    return plan_downscale(cfg, fine_url, static_url, coarse_url,
-                          storage_options=resolve_storage_options(cfg.storage.options))
+    return plan_downscale(
+        cfg, fine_url, static_url, coarse_url, storage_options=resolve_storage_options(cfg.storage.options)
+    )
 
 
 @task(name="downscale-prepare", task_run_name="template for {plan.name}", retries=1, cache_policy=NO_CACHE)
@@ -67,14 +71,22 @@ def prepare_task(plan: DownscalePlan, storage: StorageConfig) -> list[WorkUnit]:
     return prepare_downscale(plan, resolve_storage_options(storage.options))
 
 
-@task(name="downscale-unit", task_run_name="sample {unit.label}", retries=UNIT_RETRIES, cache_policy=NO_CACHE,
-      tags=[SAMPLING_TAG])
-def unit_task(plan: DownscalePlan, unit: WorkUnit, storage: StorageConfig,
-              resources: dict[str, float] | None) -> UnitReport:
+@task(
+    name="downscale-unit",
+    task_run_name="sample {unit.label}",
+    retries=UNIT_RETRIES,
+    cache_policy=NO_CACHE,
+    tags=[SAMPLING_TAG],
+)
+def unit_task(
+    plan: DownscalePlan, unit: WorkUnit, storage: StorageConfig, resources: dict[str, float] | None
+) -> UnitReport:
     """Sample one unit (pinned by ``resources``) and write its region; a retry starts the unit afresh."""
     from distributed import default_client
 
-    return submit_unit(default_client(), plan, unit, resolve_storage_options(storage.options), resources).result()
+    return submit_unit(
+        default_client(), plan, unit, resolve_storage_options(storage.options), resources
+    ).result()
 
 
 @task(name="downscale-finalize", task_run_name="finalize {plan.name}", cache_policy=NO_CACHE)

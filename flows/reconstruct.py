@@ -66,12 +66,19 @@ def ensure_sample_catalog(cfg: ClimReconConfig) -> str:
     """Build the offline sample catalog when the run uses it (a re-run only checks it, in well under a second)."""
     from climrecon.catalogs.sample import build_sample_catalog
 
-    return str(build_sample_catalog(cfg.sample_dir(), Path(cfg.data_home), include_synthetic=cfg.sample.synthetic,
-                                    progress=False))
+    return str(
+        build_sample_catalog(
+            cfg.sample_dir(), Path(cfg.data_home), include_synthetic=cfg.sample.synthetic, progress=False
+        )
+    )
 
 
-@task(name="evaluate-reconstruction", task_run_name="skill vs truth: {aggregate_url}", cache_policy=NO_CACHE,
-      **STAGE_OPTIONS["evaluate"])
+@task(
+    name="evaluate-reconstruction",
+    task_run_name="skill vs truth: {aggregate_url}",
+    cache_policy=NO_CACHE,
+    **STAGE_OPTIONS["evaluate"],
+)
 def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconConfig) -> dict[str, Any] | None:
     """Score one result against the truth (:func:`climrecon.tasks.added_value.score_reconstruction`); its
     tables and map become artifacts. None when there is nothing to score it against (logged)."""
@@ -79,23 +86,31 @@ def evaluate_reconstruction(aggregate_url: str, fine_url: str, cfg: ClimReconCon
     from climrecon.tasks.added_value import score_reconstruction
 
     logger = get_run_logger()
-    scored = score_reconstruction(aggregate_url, fine_url, cfg, resolve_storage_options(cfg.storage.options),
-                                  log=logger.info)
+    scored = score_reconstruction(
+        aggregate_url, fine_url, cfg, resolve_storage_options(cfg.storage.options), log=logger.info
+    )
     if scored is None:
         return None
     caption = "fine scale of the time mean: truth, downscaled, interpolated"
-    create_markdown_artifact(f"{scored['markdown']}\n![{caption}](data:image/png;base64,{scored.pop('png_base64')})\n",
-                             key="reconstruct-skill", description="Reconstruction vs fine truth")
-    create_table_artifact(scored["records"], key="reconstruct-skill-records",
-                          description="Every variable x method x scale")
+    create_markdown_artifact(
+        f"{scored['markdown']}\n![{caption}](data:image/png;base64,{scored.pop('png_base64')})\n",
+        key="reconstruct-skill",
+        description="Reconstruction vs fine truth",
+    )
+    create_table_artifact(
+        scored["records"], key="reconstruct-skill-records", description="Every variable x method x scale"
+    )
     return scored
 
 
 @task(name="report", task_run_name="report artifacts", cache_policy=NO_CACHE)
 def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
     """Artifacts: the run's stores, a summary with how to open them, maps of ensemble mean and spread."""
-    rows = [{"stage": stage, "store": url} for stage in ("ingest", "regrid", "downscale", "aggregate")
-            for url in outputs.get(stage, [])]
+    rows = [
+        {"stage": stage, "store": url}
+        for stage in ("ingest", "regrid", "downscale", "aggregate")
+        for url in outputs.get(stage, [])
+    ]
     create_table_artifact(rows, key="reconstruct-stores", description="Stores written or reused by this run")
     lines = [
         "# ClimRecon reconstruction",
@@ -119,7 +134,10 @@ def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
                 encoded = base64.b64encode(png.read_bytes()).decode()
                 lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
     for scored in outputs.get("evaluate", []):
-        lines += ["", scored["markdown"].replace("# Reconstruction vs truth", "## Skill against fine truth", 1)]
+        lines += [
+            "",
+            scored["markdown"].replace("# Reconstruction vs truth", "## Skill against fine truth", 1),
+        ]
     create_markdown_artifact("\n".join(lines), key="reconstruct-summary", description="Where the outputs are")
 
 
@@ -148,14 +166,18 @@ def reconstruct_flow(
         ingested = ingest_flow.with_options(**STAGE_OPTIONS["ingest"])(config_path, overrides, address)
         outputs["ingest"] = ingested
         for source in ingested:
-            stores = regrid_flow.with_options(**STAGE_OPTIONS["regrid"])(config_path, overrides, source, address)
+            stores = regrid_flow.with_options(**STAGE_OPTIONS["regrid"])(
+                config_path, overrides, source, address
+            )
             outputs["regrid"] += [stores["coarse"], stores["fine"], stores["static"]]
             members = downscale_flow.with_options(**STAGE_OPTIONS["downscale"])(
                 config_path, overrides, stores["fine"], stores["static"], stores["coarse"], address
             )
             outputs["downscale"].append(members)
             outputs["aggregate"].append(
-                aggregate_flow.with_options(**STAGE_OPTIONS["aggregate"])(members, config_path, overrides, address)
+                aggregate_flow.with_options(**STAGE_OPTIONS["aggregate"])(
+                    members, config_path, overrides, address
+                )
             )
             if evaluate:
                 scored = evaluate_reconstruction(outputs["aggregate"][-1], stores["fine"], cfg)

@@ -33,14 +33,20 @@ def plan_task(cfg: RegridConfig, source_url: str, storage: StorageConfig, static
     return plan_regrid(cfg, source_url, storage, static_url)
 
 
-@task(name="regrid-prepare", task_run_name="static fields and templates for {plan.name}", retries=1,
-      cache_policy=NO_CACHE)
+@task(
+    name="regrid-prepare",
+    task_run_name="static fields and templates for {plan.name}",
+    retries=1,
+    cache_policy=NO_CACHE,
+)
 def prepare_task(plan: RegridPlan, storage: StorageConfig) -> list[dict[str, slice]]:
     return prepare_regrid(plan, resolve_storage_options(storage.options))
 
 
 @task(name="regrid-blocks", task_run_name="regrid {plan.name} {period}", retries=1, cache_policy=NO_CACHE)
-def blocks_task(plan: RegridPlan, regions: list[dict[str, slice]], storage: StorageConfig, period: str) -> int:
+def blocks_task(
+    plan: RegridPlan, regions: list[dict[str, slice]], storage: StorageConfig, period: str
+) -> int:
     """Write one group of time blocks (one Dask future per block); returns how many were written."""
     from distributed import default_client
 

@@ -54,7 +54,11 @@ def local_gpu_count() -> int:
 
 
 def gpu_pool_spec(
-    n_gpus: int, cpu_workers: int = 0, threads_per_worker: int = 1, fake_gpu: bool = False, processes: bool = True
+    n_gpus: int,
+    cpu_workers: int = 0,
+    threads_per_worker: int = 1,
+    fake_gpu: bool = False,
+    processes: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Worker specs (for ``SpecCluster``): ``gpu-<i>`` per GPU with ``resources={"GPU": 1}`` and
     ``CUDA_VISIBLE_DEVICES=i``, then ``cpu-<j>`` workers without resources. ``fake_gpu``: the GPU workers
@@ -66,7 +70,9 @@ def gpu_pool_spec(
     for i in range(n_gpus):
         options: dict[str, Any] = {"nthreads": 1, "resources": {GPU: 1}}
         if processes:
-            options.update(env={"CUDA_VISIBLE_DEVICES": "" if fake_gpu else str(i)}, silence_logs=logging.ERROR)
+            options.update(
+                env={"CUDA_VISIBLE_DEVICES": "" if fake_gpu else str(i)}, silence_logs=logging.ERROR
+            )
         spec[f"gpu-{i}"] = {"cls": Nanny if processes else Worker, "options": options}
     for j in range(cpu_workers):
         options = {"nthreads": threads_per_worker, **({"silence_logs": logging.ERROR} if processes else {})}
@@ -114,7 +120,9 @@ def dask_client(
         spec = gpu_pool_spec(1, n - 1, threads_per_worker, fake_gpu=True, processes=processes)
     else:
         gpus = local_gpu_count() if gpu_workers is None else gpu_workers
-        spec = gpu_pool_spec(gpus, 1 if n_workers is None else n_workers, threads_per_worker) if gpus else None
+        spec = (
+            gpu_pool_spec(gpus, 1 if n_workers is None else n_workers, threads_per_worker) if gpus else None
+        )
     with dask.config.set({SPAWN_ENVIRON_KEY: worker_spawn_environ()}):  # read when each Nanny is created
         if spec is None:
             cluster = LocalCluster(

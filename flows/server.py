@@ -38,10 +38,18 @@ __all__ = [
 ]
 
 DEFAULT_HOST = "127.0.0.1"
-_REPLACED_VARIABLES = frozenset({
-    "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
-    "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_UI_API_URL",
-})
+_REPLACED_VARIABLES = frozenset(
+    {
+        "PREFECT_API_URL",
+        "PREFECT_API_KEY",
+        "PREFECT_HOME",
+        "PREFECT_PROFILE",
+        "PREFECT_PROFILES_PATH",
+        "PREFECT_API_DATABASE_CONNECTION_URL",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+        "PREFECT_UI_API_URL",
+    }
+)
 
 
 class PrefectServerError(RuntimeError):
@@ -212,8 +220,15 @@ def start_server(
         command.append("--no-services")
     log_path = home / "server.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=home,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     server = LocalPrefectServer(home=home, host=host, port=port, process=process, log_path=log_path)
     try:
         server.startup_seconds = wait_until_healthy(api_url, timeout, process, log_path)

@@ -15,14 +15,16 @@ from prefect import flow, get_run_logger
 
 from climrecon.config import ClimReconConfig, load_config
 from climrecon.methods import METHODS, MethodError
-from climrecon.models.trainer import TrainResult
 from climrecon.models.checkpoint import strip_training_state
+from climrecon.models.trainer import TrainResult
 from climrecon.tasks.plots import plot_loss_curve
 
 __all__ = ["run_training", "train_flow"]
 
 
-def run_training(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
+def run_training(
+    cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None
+) -> TrainResult:
     """The configured method's training recipe, then the inference copy and the loss curve; no Prefect."""
     entry = METHODS[cfg.method.name]
     if entry.train is None:
@@ -30,8 +32,11 @@ def run_training(cfg: ClimReconConfig, *, progress: bool = False, log: logging.L
     result = entry.train(cfg, progress=progress, log=log)
     t, ckpt = cfg.train, Path(result.checkpoint_path)
     strip_training_state(ckpt, ckpt.with_suffix(".ema.pt"))
-    plot_loss_curve(result.losses, ckpt.with_suffix(".loss.png"),
-                    f"{cfg.method.name} {'/'.join(t.variables)} x{t.factor}, {t.max_steps} steps")
+    plot_loss_curve(
+        result.losses,
+        ckpt.with_suffix(".loss.png"),
+        f"{cfg.method.name} {'/'.join(t.variables)} x{t.factor}, {t.max_steps} steps",
+    )
     return result
 
 
@@ -52,9 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", nargs="?", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # Prefect set one up
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", force=True
+    )  # Prefect set one up
     result = run_training(load_config(args.config, args.overrides), log=logging.getLogger("climrecon.train"))
-    print(f"{result.checkpoint_path} {result.content_sha256} steps={result.step} seconds={result.seconds:.0f}")
+    print(
+        f"{result.checkpoint_path} {result.content_sha256} steps={result.step} seconds={result.seconds:.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -66,12 +66,19 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {}
 
 
-def register(config: type[MethodConfig], build: Callable[[MethodConfig, SamplerConfig], Method], summary: str,
-             needs: str = "", train: Callable[..., Any] | None = None) -> MethodEntry:
+def register(
+    config: type[MethodConfig],
+    build: Callable[[MethodConfig, SamplerConfig], Method],
+    summary: str,
+    needs: str = "",
+    train: Callable[..., Any] | None = None,
+) -> MethodEntry:
     """Add a method (its name is the default of ``config.name``); re-registering a name replaces it."""
     name = config.model_fields["name"].default
     if not isinstance(name, str) or not name:
-        raise TypeError(f"{config.__name__}.name needs a default (the registry key), e.g. name: Literal['x'] = 'x'")
+        raise TypeError(
+            f"{config.__name__}.name needs a default (the registry key), e.g. name: Literal['x'] = 'x'"
+        )
     entry = MethodEntry(name, config, build, summary, needs, train)
     METHODS[name] = entry
     return entry

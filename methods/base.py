@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import xarray as xr
+
 from climrecon.config import MethodConfig, SamplerConfig
 from climrecon.tasks.grids import Grid
 
@@ -73,12 +74,18 @@ class Inputs:
     static: xr.Dataset | None = None
 
     @classmethod
-    def from_coarse(cls, coarse: xr.Dataset, target: Grid | xr.Dataset, static: xr.Dataset | None = None) -> Inputs:
+    def from_coarse(
+        cls, coarse: xr.Dataset, target: Grid | xr.Dataset, static: xr.Dataset | None = None
+    ) -> Inputs:
         """Inputs of a coarse dataset on ``target``: its bilinear view is computed here (as training does)."""
         from climrecon.methods.features import coarse_on_fine
 
         grid = target if isinstance(target, Grid) else Grid.from_dataset(target, "target grid")
-        names = [v for v in coarse.data_vars if {"lat", "lon"} <= set(coarse[v].dims) and not str(v).endswith("_bnds")]
+        names = [
+            v
+            for v in coarse.data_vars
+            if {"lat", "lon"} <= set(coarse[v].dims) and not str(v).endswith("_bnds")
+        ]
         on_fine = coarse_on_fine(coarse[names].astype("float32"), grid)
         return cls(coarse_on_fine=on_fine, grid=grid, coarse=coarse, static=static)
 
@@ -110,7 +117,11 @@ class Inputs:
                     f"{missing} (they have {sorted(have)}); re-run the regrid stage of this version"
                 )
         factor = self.factor()
-        if needs.factors and factor is not None and not any(math.isclose(factor, f, rel_tol=1e-6) for f in needs.factors):
+        if (
+            needs.factors
+            and factor is not None
+            and not any(math.isclose(factor, f, rel_tol=1e-6) for f in needs.factors)
+        ):
             raise MethodError(
                 f"{method} serves coarsening factor(s) {list(needs.factors)}; the coarse input is x{factor:g} "
                 "coarser than the target"

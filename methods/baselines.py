@@ -120,8 +120,13 @@ class _Baseline:
         return [self.config.model_dump(mode="json"), members]  # deterministic: the seed changes nothing
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "label": self.name, "report": f"{self.name}: {self.summary}",
-                "config": self.config.model_dump(mode="json"), "stochastic": False}
+        return {
+            "method": self.name,
+            "label": self.name,
+            "report": f"{self.name}: {self.summary}",
+            "config": self.config.model_dump(mode="json"),
+            "stochastic": False,
+        }
 
     def _coarse(self, inputs: Inputs) -> xr.Dataset:
         if inputs.coarse is None:
@@ -307,14 +312,18 @@ class QuantileMappingConfig(MethodConfig):
     """Bilinear interpolation, then empirical quantile mapping per month of year and fine cell."""
 
     name: Literal["qm"] = "qm"
-    n_quantiles: int | None = Field(None, ge=2, description="quantiles per month and cell; default: every value")
+    n_quantiles: int | None = Field(
+        None, ge=2, description="quantiles per month and cell; default: every value"
+    )
 
 
 class BCSDConfig(MethodConfig):
     """Bias correction and spatial disaggregation (Wood et al. 2004)."""
 
     name: Literal["bcsd"] = "bcsd"
-    n_quantiles: int | None = Field(None, ge=2, description="quantiles per month and cell; default: every value")
+    n_quantiles: int | None = Field(
+        None, ge=2, description="quantiles per month and cell; default: every value"
+    )
 
 
 @dataclass
@@ -350,7 +359,9 @@ class QuantileMappingDownscaler(_Baseline):
     mapping: EmpiricalQuantileMapping | None = field(default=None, repr=False)
     grid: Grid | None = None
     needs: ClassVar[Needs] = Needs(fit=True)
-    summary: ClassVar[str] = "bilinear + empirical quantile mapping per month and fine cell (fitted on training years)"
+    summary: ClassVar[str] = (
+        "bilinear + empirical quantile mapping per month and fine cell (fitted on training years)"
+    )
 
     @property
     def config(self) -> MethodConfig:
@@ -483,12 +494,24 @@ def _others(ds: xr.Dataset) -> list[Hashable]:
 def _register() -> None:
     from climrecon.methods import register
 
-    register(BilinearConfig, lambda cfg, sampler: BilinearDownscaler(), BilinearDownscaler.summary,
-             needs="coarse fields; any factor")
-    register(QuantileMappingConfig, lambda cfg, sampler: QuantileMappingDownscaler(cfg.n_quantiles),
-             QuantileMappingDownscaler.summary, needs="coarse fields; paired training years; any factor")
-    register(BCSDConfig, lambda cfg, sampler: BCSDDownscaler(cfg.n_quantiles), BCSDDownscaler.summary,
-             needs="coarse fields; paired training years; any factor")
+    register(
+        BilinearConfig,
+        lambda cfg, sampler: BilinearDownscaler(),
+        BilinearDownscaler.summary,
+        needs="coarse fields; any factor",
+    )
+    register(
+        QuantileMappingConfig,
+        lambda cfg, sampler: QuantileMappingDownscaler(cfg.n_quantiles),
+        QuantileMappingDownscaler.summary,
+        needs="coarse fields; paired training years; any factor",
+    )
+    register(
+        BCSDConfig,
+        lambda cfg, sampler: BCSDDownscaler(cfg.n_quantiles),
+        BCSDDownscaler.summary,
+        needs="coarse fields; paired training years; any factor",
+    )
 
 
 _register()

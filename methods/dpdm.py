@@ -46,7 +46,13 @@ from climrecon.methods.features import (
     normalize_conditioning,
     time_of_year,
 )
-from climrecon.models.checkpoint import CheckpointMetadata, GridSpec, NetworkSpec, load_networks, read_checkpoint
+from climrecon.models.checkpoint import (
+    CheckpointMetadata,
+    GridSpec,
+    NetworkSpec,
+    load_networks,
+    read_checkpoint,
+)
 from climrecon.models.edm import EDMConfig, EDMLoss, EDMPrecond
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.tiled import sample_tiled
@@ -57,8 +63,19 @@ if TYPE_CHECKING:
     from climrecon.config import ClimReconConfig, TrainSection
     from climrecon.models.trainer import TrainResult
 
-__all__ = ["DPDMConfig", "NetworkSection", "EDMSection", "DPDM", "default_checkpoint", "network_conditioning",
-           "physical_fields", "checkpoint_spec", "build_model", "prepare_training", "train"]
+__all__ = [
+    "DPDMConfig",
+    "NetworkSection",
+    "EDMSection",
+    "DPDM",
+    "default_checkpoint",
+    "network_conditioning",
+    "physical_fields",
+    "checkpoint_spec",
+    "build_model",
+    "prepare_training",
+    "train",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_KINDS = ("residual", "full")
@@ -84,7 +101,9 @@ class EDMSection(_Section):
     """EDM preconditioning and training noise levels (training only)."""
 
     sigma_data: float = Field(1.0, gt=0, description="std of the normalised targets")
-    P_mean: float = Field(0.6, description="training ln(sigma) mean; EDM's -1.2 undertrains the ensemble mean here")
+    P_mean: float = Field(
+        0.6, description="training ln(sigma) mean; EDM's -1.2 undertrains the ensemble mean here"
+    )
     P_std: float = Field(1.2, gt=0)
 
 
@@ -93,7 +112,9 @@ class DPDMConfig(MethodConfig):
     ``*.pt`` in ``<repo>/checkpoints/``); the other keys describe what ``climrecon train`` builds."""
 
     name: Literal["dpdm"] = "dpdm"
-    checkpoint: str | None = Field(None, description="model checkpoint; default: the one *.pt in <repo>/checkpoints/")
+    checkpoint: str | None = Field(
+        None, description="model checkpoint; default: the one *.pt in <repo>/checkpoints/"
+    )
     target: Literal["residual", "full"] = Field(
         "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
     )
@@ -103,7 +124,9 @@ class DPDMConfig(MethodConfig):
     patch_size: int = Field(32, ge=8, description="training patch (a multiple of train.factor)")
     network: NetworkSection = NetworkSection()
     edm: EDMSection = EDMSection()
-    items_per_call: int = Field(64, ge=1, description="(month, member) items sampled together (memory bound only)")
+    items_per_call: int = Field(
+        64, ge=1, description="(month, member) items sampled together (memory bound only)"
+    )
 
 
 def default_checkpoint(configured: str | None) -> str:
@@ -135,7 +158,9 @@ def checkpoint_spec(metadata: CheckpointMetadata, path: str) -> ConditioningSpec
         ) from None
 
 
-def network_conditioning(stack: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
+def network_conditioning(
+    stack: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata
+) -> np.ndarray:
     """[T, C, H, W] conditioning in physical units -> network space, exactly as in training."""
     if metadata.normalization is None:
         raise MethodError("checkpoint has no normalization statistics; it cannot be used for sampling")
@@ -144,7 +169,9 @@ def network_conditioning(stack: np.ndarray, channels: Sequence[str], metadata: C
     return normalize_conditioning(stack, channels, stats).astype(np.float32)
 
 
-def physical_fields(z: torch.Tensor, cond: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata) -> np.ndarray:
+def physical_fields(
+    z: torch.Tensor, cond: np.ndarray, channels: Sequence[str], metadata: CheckpointMetadata
+) -> np.ndarray:
     """Network output [N, V, H, W] -> physical fields [N, V, H, W], given the items' physical conditioning
     [N, C, H, W]: denormalised with the target statistics, plus ``<v>_coarse`` for a residual model."""
     x = metadata.normalization.denormalize(z.cpu(), channel_dim=1).numpy().astype(np.float32)
@@ -176,16 +203,21 @@ class DPDM:
         self.device = _device(sampler.device)
         contents = read_checkpoint(self.checkpoint)  # verified: raises CheckpointError naming the file
         self.sha256 = str(contents.header["content_sha256"])
-        networks, self.metadata = load_networks(self.checkpoint, map_location=self.device, roles=("denoiser",))
+        networks, self.metadata = load_networks(
+            self.checkpoint, map_location=self.device, roles=("denoiser",)
+        )
         self.net = networks["denoiser"]
         g = self.metadata.grid
         if not g.coarsening_factor or not g.patch_size:
-            raise MethodError(f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size")
+            raise MethodError(
+                f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size"
+            )
         self.spec = checkpoint_spec(self.metadata, self.checkpoint)
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
-        self.needs = Needs(static=tuple(self.spec.static_names()), factors=(self.spec.factor,), stochastic=True,
-                           coarse=False)
+        self.needs = Needs(
+            static=tuple(self.spec.static_names()), factors=(self.spec.factor,), stochastic=True, coarse=False
+        )
 
     # -- what the checkpoint is --
     @property
@@ -204,7 +236,9 @@ class DPDM:
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DPDM:
         missing = [v for v in self.variables if v not in fine_train.data_vars]
         if missing:
-            raise MethodError(f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}")
+            raise MethodError(
+                f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}"
+            )
         return self  # trained by `climrecon train`
 
     def validate(self, inputs: Inputs) -> None:
@@ -217,7 +251,9 @@ class DPDM:
             )
         trained = self.metadata.grid.fine_resolution
         grid = inputs.grid
-        if trained and not (math.isclose(grid.dlat, trained, rel_tol=1e-6) and math.isclose(grid.dlon, trained, rel_tol=1e-6)):
+        if trained and not (
+            math.isclose(grid.dlat, trained, rel_tol=1e-6) and math.isclose(grid.dlon, trained, rel_tol=1e-6)
+        ):
             raise MethodError(
                 f"the target grid is {grid.dlat:g} x {grid.dlon:g} deg but checkpoint {path} was trained at "
                 f"{trained:g} deg: re-run regrid with regrid.resolution={trained:g}"
@@ -241,8 +277,11 @@ class DPDM:
         index = member_indices(members)
         grid, variables = inputs.grid, list(self.variables)
         try:
-            cond = conditioning_stack(inputs.coarse_on_fine[variables].load(),
-                                      inputs.static[self.spec.static_names()].load(), self.spec)
+            cond = conditioning_stack(
+                inputs.coarse_on_fine[variables].load(),
+                inputs.static[self.spec.static_names()].load(),
+                self.spec,
+            )
         except ConditioningError as exc:
             raise MethodError(str(exc)) from None
         values = cond.values
@@ -250,7 +289,9 @@ class DPDM:
         bad = ~np.isfinite(values).all(axis=(1, 2, 3))
         if bad.any():
             labels = [f"{t.year:04d}-{t.month:02d}" for t in times[bad]]
-            raise MethodError(f"the conditioning has NaN/inf at {labels} (channels {self.spec.channel_names()})")
+            raise MethodError(
+                f"the conditioning has NaN/inf at {labels} (channels {self.spec.channel_names()})"
+            )
         channels = self.spec.channel_names()
         z_cond = network_conditioning(values, channels, self.metadata)
         toy = time_of_year(times)
@@ -264,27 +305,48 @@ class DPDM:
             chunk = items[start : start + step]
             t_idx = np.array([t for _, t in chunk])
             z = sample_tiled(
-                self.net, torch.from_numpy(z_cond[t_idx]), torch.from_numpy(toy[t_idx]), tiling,
-                seeds=seeds[start : start + len(chunk)], out_channels=len(variables), device=self.device,
+                self.net,
+                torch.from_numpy(z_cond[t_idx]),
+                torch.from_numpy(toy[t_idx]),
+                tiling,
+                seeds=seeds[start : start + len(chunk)],
+                out_channels=len(variables),
+                device=self.device,
                 **self.sampler.sampling_kwargs(),
             )
             x = physical_fields(z, values[t_idx], channels, self.metadata)
             for (k, t), field_ in zip(chunk, x, strict=True):
                 out[k, t] = field_
         attrs = {v: inputs.coarse_on_fine[v].attrs for v in variables}
-        coords = {"member": np.array(index), "time": inputs.coarse_on_fine["time"], "lat": grid.lat, "lon": grid.lon}
-        result = xr.Dataset({v: (("member", "time", "lat", "lon"), out[:, :, i], attrs[v]) for i, v in enumerate(variables)},
-                            coords=coords)
+        coords = {
+            "member": np.array(index),
+            "time": inputs.coarse_on_fine["time"],
+            "lat": grid.lat,
+            "lon": grid.lon,
+        }
+        result = xr.Dataset(
+            {v: (("member", "time", "lat", "lon"), out[:, :, i], attrs[v]) for i, v in enumerate(variables)},
+            coords=coords,
+        )
         return result.assign_attrs(downscaling_method=self.name, base_seed=seed, **self._sampling_attrs())
 
     def _sampling_attrs(self) -> dict[str, Any]:
-        return {"num_steps": self.sampler.num_steps, "blend": self.sampler.blend, "solver": self.sampler.solver}
+        return {
+            "num_steps": self.sampler.num_steps,
+            "blend": self.sampler.blend,
+            "solver": self.sampler.solver,
+        }
 
     def identity(self, members: int, seed: int) -> list[Any]:
         s = self.sampler
         parts: list[Any] = [self.sha256, members, seed, s.num_steps, s.blend, self.patch, self.overlap]
-        extra = {k: v for k, v in s.model_dump(include={"solver", "S_churn", "eta", "sigma_max", "sigma_min", "rho"}).items()
-                 if v != SamplerConfig.model_fields[k].default}
+        extra = {
+            k: v
+            for k, v in s.model_dump(
+                include={"solver", "S_churn", "eta", "sigma_max", "sigma_min", "rho"}
+            ).items()
+            if v != SamplerConfig.model_fields[k].default
+        }
         if extra:  # the first releases knew the default deterministic Heun schedule only: same keys for it
             parts.append(extra)
         return parts
@@ -299,11 +361,22 @@ class DPDM:
             "variables": list(self.variables),
             "grid": m.grid.to_dict(),
             "years_seen": [list(y) for y in self.years_seen()],
-            "report": (f"{self.name}: checkpoint `{Path(self.checkpoint).name}` ({m.method}, x{self.factor}, "
-                       f"step {m.step}, target {target}), {self.sampler.describe()}, overlap {self.overlap}"),
-            "checkpoint": {"path": self.checkpoint, "sha256": self.sha256, "method": m.method, "step": m.step,
-                           "factor": self.factor, "variables": list(self.variables), "target": target,
-                           "train": m.train, "data": m.data, "grid": m.grid.to_dict()},
+            "report": (
+                f"{self.name}: checkpoint `{Path(self.checkpoint).name}` ({m.method}, x{self.factor}, "
+                f"step {m.step}, target {target}), {self.sampler.describe()}, overlap {self.overlap}"
+            ),
+            "checkpoint": {
+                "path": self.checkpoint,
+                "sha256": self.sha256,
+                "method": m.method,
+                "step": m.step,
+                "factor": self.factor,
+                "variables": list(self.variables),
+                "target": target,
+                "train": m.train,
+                "data": m.data,
+                "grid": m.grid.to_dict(),
+            },
             "sampler": self.sampler.model_dump(mode="json"),
             "seeds": "seed_for(base_seed, year * 12 + month - 1, member)",
         }
@@ -314,9 +387,14 @@ def build_model(config: DPDMConfig, n_out: int, n_cond: int, seed: int) -> EDMPr
     """A fresh denoiser (seeded init) for ``n_out`` target variables and ``n_cond`` conditioning channels."""
     net = config.network
     unet = UNetConfig(
-        out_channels=n_out, cond_channels=n_cond, base_channels=net.base_channels,
-        channel_mults=tuple(net.channel_mults), num_blocks=net.num_blocks,
-        attention_levels=tuple(net.attention_levels), mid_attention=net.mid_attention, dropout=net.dropout,
+        out_channels=n_out,
+        cond_channels=n_cond,
+        base_channels=net.base_channels,
+        channel_mults=tuple(net.channel_mults),
+        num_blocks=net.num_blocks,
+        attention_levels=tuple(net.attention_levels),
+        mid_attention=net.mid_attention,
+        dropout=net.dropout,
         time_harmonics=net.time_harmonics,
     )
     torch.manual_seed(seed)
@@ -328,9 +406,15 @@ def prepare_training(section: TrainSection, config: DPDMConfig, truth_url: str, 
     from climrecon.tasks.training_data import training_setup
 
     if config.patch_size % section.factor:
-        raise MethodError(f"method.patch_size ({config.patch_size}) must be a multiple of train.factor ({section.factor})")
-    spec = ConditioningSpec(tuple(section.variables), section.factor, static_coarse=tuple(config.static_coarse))
-    return training_setup(section, spec, truth_url, static_url, target=config.target, patch_size=config.patch_size)
+        raise MethodError(
+            f"method.patch_size ({config.patch_size}) must be a multiple of train.factor ({section.factor})"
+        )
+    spec = ConditioningSpec(
+        tuple(section.variables), section.factor, static_coarse=tuple(config.static_coarse)
+    )
+    return training_setup(
+        section, spec, truth_url, static_url, target=config.target, patch_size=config.patch_size
+    )
 
 
 def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
@@ -344,38 +428,74 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     setup = prepare_training(section, config, default_truth_url(cfg), default_static_url(cfg))
     model = build_model(config, len(setup.spec.variables), len(setup.spec.channel_names()), section.seed)
     if log:
-        log.info("UNet: %d parameters; %d training months", sum(p.numel() for p in model.parameters()),
-                 setup.data["months"])
+        log.info(
+            "UNet: %d parameters; %d training months",
+            sum(p.numel() for p in model.parameters()),
+            setup.data["months"],
+        )
     metadata = CheckpointMetadata(
         method="dpdm-residual" if config.target == "residual" else "dpdm",
         networks={"denoiser": NetworkSpec.of(model)},
         variables=setup.spec.variables,
         cond_channels=tuple(setup.spec.channel_names()),
         normalization=setup.stats,
-        grid=GridSpec(fine_resolution=setup.grid.dlat, coarsening_factor=section.factor, patch_size=config.patch_size,
-                      region={"lat_min": setup.grid.south, "lat_max": setup.grid.north,
-                              "lon_min": setup.grid.west, "lon_max": setup.grid.east}),
+        grid=GridSpec(
+            fine_resolution=setup.grid.dlat,
+            coarsening_factor=section.factor,
+            patch_size=config.patch_size,
+            region={
+                "lat_min": setup.grid.south,
+                "lat_max": setup.grid.north,
+                "lon_min": setup.grid.west,
+                "lon_max": setup.grid.east,
+            },
+        ),
         method_config=config.model_dump(mode="json", exclude={"checkpoint"}),
         data={**setup.data, "static_scaling": {k: list(v) for k, v in STATIC_SCALING.items()}},
     )
     tcfg = TrainConfig(
-        max_steps=section.max_steps, lr=section.lr, warmup_steps=section.warmup_steps,
-        lr_schedule=section.lr_schedule, ema_halflife_steps=section.ema_halflife_steps,
-        checkpoint_every=section.checkpoint_every, log_every=50, seed=section.seed, device=section.device,
+        max_steps=section.max_steps,
+        lr=section.lr,
+        warmup_steps=section.warmup_steps,
+        lr_schedule=section.lr_schedule,
+        ema_halflife_steps=section.ema_halflife_steps,
+        checkpoint_every=section.checkpoint_every,
+        log_every=50,
+        seed=section.seed,
+        device=section.device,
     )
-    on_log = (lambda r: log.info("step %d loss %.4f lr %.2e %.2f steps/s", r["step"], r["loss"], r["lr"],
-                                 r["steps_per_s"])) if log else None
+    on_log = (
+        (
+            lambda r: log.info(
+                "step %d loss %.4f lr %.2e %.2f steps/s", r["step"], r["loss"], r["lr"], r["steps_per_s"]
+            )
+        )
+        if log
+        else None
+    )
     ckpt = Path(section.checkpoint)
-    return train_loop(model, setup.batches, tcfg, loss=EDMLoss(model.config), checkpoint_path=ckpt,
-                      metadata=metadata, progress=progress, on_log=on_log)
+    return train_loop(
+        model,
+        setup.batches,
+        tcfg,
+        loss=EDMLoss(model.config),
+        checkpoint_path=ckpt,
+        metadata=metadata,
+        progress=progress,
+        on_log=on_log,
+    )
 
 
 def _register() -> None:
     from climrecon.methods import register
 
-    register(DPDMConfig, DPDM, "conditional patch diffusion (EDM) on the coarse field, terrain, land fraction",
-             needs="coarse fields on the fine grid; orog, orog_std, sftlf (+ coarse views); the checkpoint's factor",
-             train=train)
+    register(
+        DPDMConfig,
+        DPDM,
+        "conditional patch diffusion (EDM) on the coarse field, terrain, land fraction",
+        needs="coarse fields on the fine grid; orog, orog_std, sftlf (+ coarse views); the checkpoint's factor",
+        train=train,
+    )
 
 
 _register()

@@ -90,16 +90,22 @@ class ConditioningSpec:
         return names + (list(POSITION_CHANNELS) if self.position else [])
 
     @classmethod
-    def from_channel_names(cls, variables: Sequence[str], factor: int, channels: Sequence[str]) -> ConditioningSpec:
+    def from_channel_names(
+        cls, variables: Sequence[str], factor: int, channels: Sequence[str]
+    ) -> ConditioningSpec:
         """The spec whose :meth:`channel_names` are ``channels`` (e.g. a checkpoint's); ConditioningError if
         no spec produces exactly that list."""
         channels = list(channels)
         static = tuple(c for c in channels if c in STATIC_SCALING)
         static_coarse = tuple(
-            c[: -len("_coarse")] for c in channels if c.endswith("_coarse") and c[: -len("_coarse")] in STATIC_SCALING
+            c[: -len("_coarse")]
+            for c in channels
+            if c.endswith("_coarse") and c[: -len("_coarse")] in STATIC_SCALING
         )
         position = all(c in channels for c in POSITION_CHANNELS)
-        spec = cls(tuple(variables), int(factor), static=static, static_coarse=static_coarse, position=position)
+        spec = cls(
+            tuple(variables), int(factor), static=static, static_coarse=static_coarse, position=position
+        )
         if spec.channel_names() != channels:
             raise ConditioningError(
                 f"conditioning channels {channels} are not [<variable>_coarse for {list(variables)}, static fields "
@@ -139,7 +145,9 @@ def coarse_on_fine(coarse: xr.Dataset, fine: Grid) -> xr.Dataset:
     return bilinear(coarse, fine, allow_extrapolation=True)
 
 
-def coarse_static_on_fine(static_source: xr.Dataset, coarse: Grid, fine: Grid, names: Sequence[str]) -> xr.Dataset:
+def coarse_static_on_fine(
+    static_source: xr.Dataset, coarse: Grid, fine: Grid, names: Sequence[str]
+) -> xr.Dataset:
     """``<name>_coarse`` on ``fine`` for each of ``names``: the static source area-averaged onto ``coarse``
     (``regrid.static_on_grid``, conservative) and put back with :func:`coarse_on_fine`, the operators the
     coarse input goes through. ``static_source`` must cover ``coarse`` (a global store, or fine static
@@ -158,7 +166,9 @@ def with_coarse_static(static_fine: xr.Dataset, coarse: Grid, names: Sequence[st
     if not names:
         return static_fine
     views = coarse_static_on_fine(static_fine, coarse, Grid.from_dataset(static_fine, "static fields"), names)
-    return static_fine.assign({k: v.assign_coords(lat=static_fine.lat, lon=static_fine.lon) for k, v in views.items()})
+    return static_fine.assign(
+        {k: v.assign_coords(lat=static_fine.lat, lon=static_fine.lon) for k, v in views.items()}
+    )
 
 
 def time_of_year(time: xr.DataArray | np.ndarray) -> np.ndarray:
@@ -169,10 +179,17 @@ def time_of_year(time: xr.DataArray | np.ndarray) -> np.ndarray:
 
 def _position(grid: Grid) -> dict[str, np.ndarray]:
     lat2, lon2 = np.meshgrid(np.deg2rad(grid.lat), np.deg2rad(grid.lon), indexing="ij")
-    return {"sin_lat": np.sin(lat2), "cos_lat": np.cos(lat2), "sin_lon": np.sin(lon2), "cos_lon": np.cos(lon2)}
+    return {
+        "sin_lat": np.sin(lat2),
+        "cos_lat": np.cos(lat2),
+        "sin_lon": np.sin(lon2),
+        "cos_lon": np.cos(lon2),
+    }
 
 
-def conditioning_stack(coarse_fine: xr.Dataset, static_fine: xr.Dataset, spec: ConditioningSpec) -> xr.DataArray:
+def conditioning_stack(
+    coarse_fine: xr.Dataset, static_fine: xr.Dataset, spec: ConditioningSpec
+) -> xr.DataArray:
     """Stack coarse-on-fine fields, static fields and position into (time, channel, lat, lon) float32.
 
     ``coarse_fine`` holds ``spec.variables`` on the fine grid (output of :func:`coarse_on_fine`);
@@ -180,13 +197,19 @@ def conditioning_stack(coarse_fine: xr.Dataset, static_fine: xr.Dataset, spec: C
     """
     missing = [v for v in spec.variables if v not in coarse_fine]
     if missing:
-        raise ConditioningError(f"coarse input lacks variable(s) {missing}; it has {sorted(map(str, coarse_fine.data_vars))}")
+        raise ConditioningError(
+            f"coarse input lacks variable(s) {missing}; it has {sorted(map(str, coarse_fine.data_vars))}"
+        )
     missing = [v for v in spec.static_names() if v not in static_fine]
     if missing:
         raise ConditioningError(
             f"static fields lack {missing}; they have {sorted(map(str, static_fine.data_vars))}"
-            + (" (<name>_coarse fields come from coarse_static_on_fine; a regrid stage of this version writes "
-               "them into its static store)" if any(m.endswith("_coarse") for m in missing) else "")
+            + (
+                " (<name>_coarse fields come from coarse_static_on_fine; a regrid stage of this version writes "
+                "them into its static store)"
+                if any(m.endswith("_coarse") for m in missing)
+                else ""
+            )
         )
     grid = Grid.from_dataset(coarse_fine, "coarse input on the fine grid")
     if Grid.from_dataset(static_fine, "static fields") != grid:
@@ -195,12 +218,20 @@ def conditioning_stack(coarse_fine: xr.Dataset, static_fine: xr.Dataset, spec: C
         )
     planes = [coarse_fine[v].transpose("time", "lat", "lon").astype("float32") for v in spec.variables]
     for name in spec.static_names():
-        planes.append(static_fine[name].transpose("lat", "lon").astype("float32").expand_dims(time=coarse_fine.time))
+        planes.append(
+            static_fine[name].transpose("lat", "lon").astype("float32").expand_dims(time=coarse_fine.time)
+        )
     if spec.position:
-        for name, arr in _position(grid).items():
-            plane = xr.DataArray(arr.astype("float32"), dims=("lat", "lon"), coords={"lat": coarse_fine.lat, "lon": coarse_fine.lon})
+        for arr in _position(grid).values():
+            plane = xr.DataArray(
+                arr.astype("float32"),
+                dims=("lat", "lon"),
+                coords={"lat": coarse_fine.lat, "lon": coarse_fine.lon},
+            )
             planes.append(plane.expand_dims(time=coarse_fine.time))
-    stack = xr.concat([p.drop_vars([c for c in p.coords if c not in ("time", "lat", "lon")]) for p in planes], dim="channel")
+    stack = xr.concat(
+        [p.drop_vars([c for c in p.coords if c not in ("time", "lat", "lon")]) for p in planes], dim="channel"
+    )
     stack = stack.assign_coords(channel=spec.channel_names()).transpose("time", "channel", "lat", "lon")
     return stack.rename("conditioning")
 
@@ -222,7 +253,9 @@ def normalize_conditioning(
         if name.endswith("_coarse") and name[: -len("_coarse")] in stats.variables:
             one = stats.subset([name[: -len("_coarse")]])
             planes.append(one.normalize(x[..., None, :, :])[..., 0, :, :])
-        elif name in STATIC_SCALING or (name.endswith("_coarse") and name[: -len("_coarse")] in STATIC_SCALING):
+        elif name in STATIC_SCALING or (
+            name.endswith("_coarse") and name[: -len("_coarse")] in STATIC_SCALING
+        ):
             offset, scale = STATIC_SCALING[name.removesuffix("_coarse")]
             planes.append((x - offset) / scale)
         elif name in POSITION_CHANNELS:

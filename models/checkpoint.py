@@ -100,7 +100,11 @@ class NetworkSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NetworkSpec:
-        return cls(UNetConfig.from_dict(d["unet"]), EDMConfig.from_dict(d.get("edm", {})), str(d.get("kind", "edm-unet")))
+        return cls(
+            UNetConfig.from_dict(d["unet"]),
+            EDMConfig.from_dict(d.get("edm", {})),
+            str(d.get("kind", "edm-unet")),
+        )
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> NetworkSpec:
@@ -111,7 +115,9 @@ class NetworkSpec:
         try:
             return NETWORK_KINDS[self.kind](self)
         except KeyError:
-            raise CheckpointError(f"unknown network kind {self.kind!r}; this code builds {sorted(NETWORK_KINDS)}") from None
+            raise CheckpointError(
+                f"unknown network kind {self.kind!r}; this code builds {sorted(NETWORK_KINDS)}"
+            ) from None
 
 
 NETWORK_KINDS = {"edm-unet": lambda spec: EDMPrecond(UNet(spec.unet), spec.edm)}
@@ -188,17 +194,28 @@ class CheckpointMetadata:
         )
 
 
-def _upgrade_v1(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _upgrade_v1(
+    header: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A verified format-1 header and tensors as format 2: its one network becomes the ``denoiser`` role."""
     meta = dict(header["metadata"])
-    meta["networks"] = {"denoiser": {"kind": "edm-unet", "unet": meta.pop("unet"), "edm": meta.pop("edm", {})}}
+    meta["networks"] = {
+        "denoiser": {"kind": "edm-unet", "unet": meta.pop("unet"), "edm": meta.pop("edm", {})}
+    }
     training = header.get("training")
     if training is not None:
         training = {**training, "role": "denoiser"}
-    upgraded = {**header, "format_version": FORMAT_VERSION, "metadata": meta, "training": training,
-                "upgraded_from_format": 1}
-    renamed = {(EMA_PREFIX + "denoiser." + k[len(EMA_PREFIX):] if k.startswith(EMA_PREFIX) else k): v
-               for k, v in tensors.items()}
+    upgraded = {
+        **header,
+        "format_version": FORMAT_VERSION,
+        "metadata": meta,
+        "training": training,
+        "upgraded_from_format": 1,
+    }
+    renamed = {
+        (EMA_PREFIX + "denoiser." + k[len(EMA_PREFIX) :] if k.startswith(EMA_PREFIX) else k): v
+        for k, v in tensors.items()
+    }
     return upgraded, renamed
 
 
@@ -236,7 +253,9 @@ def save_checkpoint(
             f"weights given for roles {sorted(ema_states)} but the metadata describes {sorted(metadata.networks)}"
         )
     tensors: dict[str, torch.Tensor] = {
-        f"{EMA_PREFIX}{role}.{k}": v.detach().to("cpu") for role, state in ema_states.items() for k, v in state.items()
+        f"{EMA_PREFIX}{role}.{k}": v.detach().to("cpu")
+        for role, state in ema_states.items()
+        for k, v in state.items()
     }
     for k, v in (training_state or {}).items():
         if not isinstance(v, torch.Tensor):

@@ -112,13 +112,26 @@ class TiledDenoiser:
         return self.from_tiles(self.tiles(self.to_tiles(x), sigma), crop=False)
 
 
-def _check(cond: torch.Tensor | None, toy: torch.Tensor | None, tiling: Tiling, seeds: Sequence[int],
-           solver: str, blend: str, net: object) -> None:
+def _check(
+    cond: torch.Tensor | None,
+    toy: torch.Tensor | None,
+    tiling: Tiling,
+    seeds: Sequence[int],
+    solver: str,
+    blend: str,
+    net: object,
+) -> None:
     if isinstance(net, torch.nn.Module) and net.training:
-        raise ValueError("net is in training mode (dropout would make sampling non-deterministic): call net.eval()")
-    if cond is not None and (cond.ndim != 4 or tuple(cond.shape[-2:]) not in (tiling.domain_shape, tiling.canvas_shape)):
-        raise ValueError(f"cond must be [B, C, H, W] with (H, W) = {tiling.domain_shape} of the tiling, got "
-                         f"{tuple(cond.shape)}")
+        raise ValueError(
+            "net is in training mode (dropout would make sampling non-deterministic): call net.eval()"
+        )
+    if cond is not None and (
+        cond.ndim != 4 or tuple(cond.shape[-2:]) not in (tiling.domain_shape, tiling.canvas_shape)
+    ):
+        raise ValueError(
+            f"cond must be [B, C, H, W] with (H, W) = {tiling.domain_shape} of the tiling, got "
+            f"{tuple(cond.shape)}"
+        )
     b = len(seeds)
     if cond is not None and cond.shape[0] != b:
         raise ValueError(f"need one seed per item: {cond.shape[0]} items, {b} seeds")
@@ -166,24 +179,40 @@ def sample_tiled(
     """
     _check(cond, time_of_year, tiling, seeds, solver, blend, net)
     device = torch.device(device)
-    denoiser = TiledDenoiser(net, tiling, cond, time_of_year, chunk=max_patches_per_batch, taper=taper,
-                             device=device, dtype=dtype)
+    denoiser = TiledDenoiser(
+        net, tiling, cond, time_of_year, chunk=max_patches_per_batch, taper=taper, device=device, dtype=dtype
+    )
     latents = torch.stack(
-        [torch.randn((out_channels, *tiling.canvas_shape), generator=make_generator(int(s), "cpu")) for s in seeds]
+        [
+            torch.randn((out_channels, *tiling.canvas_shape), generator=make_generator(int(s), "cpu"))
+            for s in seeds
+        ]
     ).to(device)
-    schedule = {"num_steps": num_steps, "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "dtype": dtype}
+    schedule = {
+        "num_steps": num_steps,
+        "sigma_min": sigma_min,
+        "sigma_max": sigma_max,
+        "rho": rho,
+        "dtype": dtype,
+    }
     if solver == "heun":
-        run = functools.partial(edm_sampler, **schedule, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        run = functools.partial(
+            edm_sampler, **schedule, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise
+        )
     else:
         run = functools.partial(ddim_sampler, **schedule, eta=eta)
     stochastic = (solver == "heun" and S_churn > 0) or (solver == "ddim" and eta > 0)
-    fresh = [make_generator(seed_for(int(s), _STOCHASTIC_STREAM), "cpu") for s in seeds] if stochastic else None
+    fresh = (
+        [make_generator(seed_for(int(s), _STOCHASTIC_STREAM), "cpu") for s in seeds] if stochastic else None
+    )
     if blend == "every_step":
         field = run(wrap(denoiser) if wrap else denoiser, latents, generator=fresh)
         field = field[..., : tiling.height, : tiling.width]
     else:
         if wrap is not None:
-            raise ValueError("a denoiser wrapper (guidance) needs blend='every_step': it acts on whole fields")
+            raise ValueError(
+                "a denoiser wrapper (guidance) needs blend='every_step': it acts on whole fields"
+            )
         tiles = run(denoiser.tiles, denoiser.to_tiles(latents), generator=fresh)
         field = denoiser.from_tiles(tiles.to(dtype), crop=True)
     return field.to(torch.float32)

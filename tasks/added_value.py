@@ -59,7 +59,9 @@ def _year_months(times: Any) -> list[tuple[int, int]]:
     return [(int(t.year), int(t.month)) for t in np.asarray(times).ravel()]
 
 
-def matching_truth(truth: xr.Dataset, like: xr.Dataset, variables: Sequence[str], truth_name: str) -> xr.Dataset:
+def matching_truth(
+    truth: xr.Dataset, like: xr.Dataset, variables: Sequence[str], truth_name: str
+) -> xr.Dataset:
     """``truth[variables]`` on the months (matched by year and month, whatever the calendars) and the
     lat/lon cells of ``like``, with ``like``'s time coordinate.
 
@@ -68,12 +70,18 @@ def matching_truth(truth: xr.Dataset, like: xr.Dataset, variables: Sequence[str]
     """
     missing = [v for v in variables if v not in truth.data_vars]
     if missing:
-        raise AddedValueError(f"truth {truth_name} lacks {missing}; it has {sorted(map(str, truth.data_vars))}")
+        raise AddedValueError(
+            f"truth {truth_name} lacks {missing}; it has {sorted(map(str, truth.data_vars))}"
+        )
     position = {ym: i for i, ym in enumerate(_year_months(truth["time"].values))}
     wanted = _year_months(like["time"].values)
     shared = [i for i, ym in enumerate(wanted) if ym in position]
     if not shared:
-        span = f"{wanted[0][0]}-{wanted[0][1]:02d}..{wanted[-1][0]}-{wanted[-1][1]:02d}" if wanted else "no months"
+        span = (
+            f"{wanted[0][0]}-{wanted[0][1]:02d}..{wanted[-1][0]}-{wanted[-1][1]:02d}"
+            if wanted
+            else "no months"
+        )
         raise AddedValueError(f"truth {truth_name} shares no month with the reconstruction ({span})")
     out = truth[list(variables)].isel(time=[position[wanted[i]] for i in shared])
     for dim in _SPATIAL:
@@ -152,23 +160,32 @@ def added_value_records(clim: Climatologies, factor: int) -> list[dict[str, Any]
     records = []
     for method in METHODS:
         mean = clim.time_means[method]
-        scales = {"whole": (mean, truth_mean),
-                  **{s: (f, truth_scales[s]) for s, f in zip(("large", "fine"), split_scales(mean, factor), strict=True)}}
+        scales = {
+            "whole": (mean, truth_mean),
+            **{
+                s: (f, truth_scales[s])
+                for s, f in zip(("large", "fine"), split_scales(mean, factor), strict=True)
+            },
+        }
         for variable in truth_mean.data_vars:
             for scale, (forecast, reference) in scales.items():
                 f, r = forecast[variable], reference[variable]
-                records.append({
-                    "variable": str(variable),
-                    "method": method,
-                    "scale": scale,
-                    "months": clim.months,
-                    "bias": _finite(metrics.bias(f, r)),
-                    "rmse": _finite(metrics.rmse(f, r)),
-                    # None where a map is constant (e.g. the fine scale of a block-constant field)
-                    "pattern_correlation": _finite(metrics.pattern_correlation(f, r)),
-                    "monthly_mae": _finite(clim.monthly_mae[method][variable]) if scale == "whole" else None,
-                    "units": clim.units[str(variable)],
-                })
+                records.append(
+                    {
+                        "variable": str(variable),
+                        "method": method,
+                        "scale": scale,
+                        "months": clim.months,
+                        "bias": _finite(metrics.bias(f, r)),
+                        "rmse": _finite(metrics.rmse(f, r)),
+                        # None where a map is constant (e.g. the fine scale of a block-constant field)
+                        "pattern_correlation": _finite(metrics.pattern_correlation(f, r)),
+                        "monthly_mae": _finite(clim.monthly_mae[method][variable])
+                        if scale == "whole"
+                        else None,
+                        "units": clim.units[str(variable)],
+                    }
+                )
     return records
 
 
@@ -205,8 +222,11 @@ def added_value_markdown(records: Sequence[dict[str, Any]], truth_name: str, fac
 
 def _open(url: str, storage_options: dict[str, Any] | None, what: str) -> xr.Dataset:
     try:
-        return xr.open_zarr(url, storage_options=storage_options or None,
-                            decode_times=xr.coders.CFDatetimeCoder(use_cftime=True))
+        return xr.open_zarr(
+            url,
+            storage_options=storage_options or None,
+            decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
+        )
     except (FileNotFoundError, KeyError) as exc:
         raise AddedValueError(f"no {what} at {url} ({type(exc).__name__})") from None
 
@@ -237,7 +257,9 @@ def reconstruction_fields(
     return ensemble_mean, interpolated, reference
 
 
-def reconstruction_truth(cfg: Any, storage_options: dict[str, Any] | None = None) -> tuple[Any, str, bool] | None:
+def reconstruction_truth(
+    cfg: Any, storage_options: dict[str, Any] | None = None
+) -> tuple[Any, str, bool] | None:
     """(lazy truth, its name, configured explicitly?) or None when the run has no truth to compare with."""
     from climrecon.tasks.evaluate import EvaluationError, open_evaluation_truth
 
@@ -249,8 +271,7 @@ def reconstruction_truth(cfg: Any, storage_options: dict[str, Any] | None = None
     variables = [v for v in wanted if v in cfg.evaluate.variables]
     ev = cfg.evaluate.model_copy(update={"variables": variables})
     try:
-        truth, source = open_evaluation_truth(cfg.model_copy(update={"evaluate": ev}),
-                                              storage_options)
+        truth, source = open_evaluation_truth(cfg.model_copy(update={"evaluate": ev}), storage_options)
     except EvaluationError:
         if explicit:
             raise
@@ -258,8 +279,13 @@ def reconstruction_truth(cfg: Any, storage_options: dict[str, Any] | None = None
     return truth, source["truth"], explicit
 
 
-def score_reconstruction(aggregate_url: str, fine_url: str, cfg: Any, storage_options: dict[str, Any] | None = None,
-                         log: Any = None) -> dict[str, Any] | None:
+def score_reconstruction(
+    aggregate_url: str,
+    fine_url: str,
+    cfg: Any,
+    storage_options: dict[str, Any] | None = None,
+    log: Any = None,
+) -> dict[str, Any] | None:
     """Score one reconstruction (``cfg``: its ClimReconConfig) against fine truth: ``{"records", "markdown",
     "png_base64", <files>}`` with the tables also written under ``<storage.root>/evaluate/`` for a local root;
     None (logged) when there is no truth or it shares no month or cell with the run, unless the truth was
@@ -290,21 +316,39 @@ def score_reconstruction(aggregate_url: str, fine_url: str, cfg: Any, storage_op
     markdown = added_value_markdown(records, name, factor)
     variable = next(iter(clim.time_means["truth"].data_vars))
     with tempfile.TemporaryDirectory(prefix="climrecon-skill-") as tmp:
-        png = fine_scale_maps(clim.time_means, factor, variable, Path(tmp) / "fine.png", months=clim.months,
-                              units=clim.units[str(variable)]).read_bytes()
-    out: dict[str, Any] = {"records": records, "markdown": markdown, "png_base64": base64.b64encode(png).decode()}
+        png = fine_scale_maps(
+            clim.time_means,
+            factor,
+            variable,
+            Path(tmp) / "fine.png",
+            months=clim.months,
+            units=clim.units[str(variable)],
+        ).read_bytes()
+    out: dict[str, Any] = {
+        "records": records,
+        "markdown": markdown,
+        "png_base64": base64.b64encode(png).decode(),
+    }
     if not is_remote(cfg.storage.root):
         from climrecon.tasks.evaluate import output_directory
 
         directory = output_directory(cfg)
         directory.mkdir(parents=True, exist_ok=True)
         stem = Path(aggregate_url.rstrip("/")).name.removesuffix(".zarr")
-        files = {"markdown_file": directory / f"{stem}.skill.md", "json_file": directory / f"{stem}.skill.json",
-                 "png_file": directory / f"{stem}.skill.png"}
+        files = {
+            "markdown_file": directory / f"{stem}.skill.md",
+            "json_file": directory / f"{stem}.skill.json",
+            "png_file": directory / f"{stem}.skill.png",
+        }
         files["png_file"].write_bytes(png)
         caption = "fine scale of the time mean: truth, downscaled, interpolated"
         files["markdown_file"].write_text(f"{markdown}\n![{caption}]({files['png_file'].name})\n")
-        files["json_file"].write_text(json.dumps({"aggregate": public_url(aggregate_url), "truth": name,
-                                                  "factor": factor, "records": records}, indent=1) + "\n")
+        files["json_file"].write_text(
+            json.dumps(
+                {"aggregate": public_url(aggregate_url), "truth": name, "factor": factor, "records": records},
+                indent=1,
+            )
+            + "\n"
+        )
         out.update({k: str(v) for k, v in files.items()})
     return out

@@ -84,7 +84,6 @@ import numpy as np
 import xarray as xr
 
 from climrecon.config import AggregateConfig
-
 from climrecon.provenance import (
     prov_document,
     prov_summary,
@@ -115,7 +114,9 @@ __all__ = [
 AGGREGATE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
 STATISTICS = ("mean", "std", "quantile", "exceedance", "members")
 READ_STEPS = 12  # time steps of members read at once inside a block (memory does not grow with the chunk)
-MEMORY_BUDGET = 32 * 2**20  # bytes of member data one latitude band may hold (measured: benchmarks/aggregate.py)
+MEMORY_BUDGET = (
+    32 * 2**20
+)  # bytes of member data one latitude band may hold (measured: benchmarks/aggregate.py)
 CHUNK_BYTES = 2**20  # target size of one output chunk (float32)
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 _PROV_OBJECT = "provenance.json"
@@ -186,8 +187,12 @@ class AggregatePlan:
         """Write blocks: one output chunk each (time block x spatial tile), so memory is bounded by a chunk."""
         ny, nx = self.grid_shape
         ty, tx = spatial_chunks(self.config.time_chunk, ny, nx)
-        return [{"time": t, "lat": y, "lon": x} for t in time_blocks(self.n_time, self.config.time_chunk)
-                for y in time_blocks(ny, ty) for x in time_blocks(nx, tx)]
+        return [
+            {"time": t, "lat": y, "lon": x}
+            for t in time_blocks(self.n_time, self.config.time_chunk)
+            for y in time_blocks(ny, ty)
+            for x in time_blocks(nx, tx)
+        ]
 
     def label(self, regions: Sequence[Mapping[str, slice]]) -> str:
         start, stop = regions[0]["time"].start, regions[-1]["time"].stop
@@ -196,8 +201,12 @@ class AggregatePlan:
 
 def _open(url: str, storage_options: dict[str, Any] | None, what: str, lazy: bool = True) -> xr.Dataset:
     try:
-        return xr.open_zarr(url, storage_options=storage_options or None, decode_times=_TIME_CODER,
-                            chunks={} if lazy else None)
+        return xr.open_zarr(
+            url,
+            storage_options=storage_options or None,
+            decode_times=_TIME_CODER,
+            chunks={} if lazy else None,
+        )
     except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
         raise AggregateError(f"cannot open {what} {url}: {type(exc).__name__}: {exc}") from None
 
@@ -208,7 +217,7 @@ def _identity(url: str, key: str, attrs: Mapping[str, Any]) -> dict[str, str]:
     parts = name.split(".")
     fields = ("source_id", "experiment_id", "member_id", "method")
     if len(parts) == 4 and all(parts):
-        return dict(zip(fields, parts))
+        return dict(zip(fields, parts, strict=True))
     found = {f: attrs.get(f) or attrs.get(f"climrecon_{f}") for f in fields}
     if all(found.values()):
         return {k: str(v) for k, v in found.items()}
@@ -231,24 +240,37 @@ def plan_aggregate(
     ds = _open(member_url, storage_options, "member store")
     key = ds.attrs.get("climrecon_key")
     if not key:
-        raise AggregateError(f"member store {member_url} has no climrecon_key attribute: it was not written by a "
-                             "climrecon stage (StageStore); aggregate only complete downscale outputs")
+        raise AggregateError(
+            f"member store {member_url} has no climrecon_key attribute: it was not written by a "
+            "climrecon stage (StageStore); aggregate only complete downscale outputs"
+        )
     status = ds.attrs.get("climrecon_status")
-    if status != "complete" or not StageStore(member_url, str(key), dict(storage_options or {})).is_complete():
+    if (
+        status != "complete"
+        or not StageStore(member_url, str(key), dict(storage_options or {})).is_complete()
+    ):
         raise AggregateError(
             f"member store {member_url} is incomplete (status {status!r}, no .climrecon/complete.json for key "
             f"{key}): finish the downscale run that writes it (a re-run fills the missing blocks), then aggregate"
         )
-    variables = tuple(sorted(str(v) for v, x in ds.data_vars.items() if x.dims == ("member", "time", "lat", "lon")))
+    variables = tuple(
+        sorted(str(v) for v, x in ds.data_vars.items() if x.dims == ("member", "time", "lat", "lon"))
+    )
     if not variables:
-        raise AggregateError(f"member store {member_url} has no variable with dims (member, time, lat, lon); "
-                             f"has {({str(v): x.dims for v, x in ds.data_vars.items()})}")
+        raise AggregateError(
+            f"member store {member_url} has no variable with dims (member, time, lat, lon); "
+            f"has { ({str(v): x.dims for v, x in ds.data_vars.items()}) }"
+        )
     if ds.sizes["member"] < 2:
-        raise AggregateError(f"member store {member_url} holds {ds.sizes['member']} member(s); a spread needs >= 2")
+        raise AggregateError(
+            f"member store {member_url} holds {ds.sizes['member']} member(s); a spread needs >= 2"
+        )
     unknown = sorted(set(cfg.thresholds) - set(variables))
     if unknown:
-        raise AggregateError(f"aggregate.thresholds names {unknown}, which member store {member_url} lacks "
-                             f"(it has {list(variables)})")
+        raise AggregateError(
+            f"aggregate.thresholds names {unknown}, which member store {member_url} lacks "
+            f"(it has {list(variables)})"
+        )
     for v in variables:
         if "units" not in ds[v].attrs:
             raise AggregateError(f"member store {member_url}: variable {v!r} has no units attribute")
@@ -284,35 +306,57 @@ def _bounds(ds: xr.Dataset, name: str) -> np.ndarray:
 def _coords(plan: AggregatePlan, src: xr.Dataset) -> xr.Dataset:
     """time (+time_bnds), lat/lon with bounds, quantile, one threshold coordinate per variable, member."""
     cfg = plan.config
-    lat = xr.Variable("lat", src["lat"].values, {**src["lat"].attrs, "units": "degrees_north",
-                                                  "standard_name": "latitude", "bounds": "lat_bnds"})
-    lon = xr.Variable("lon", src["lon"].values, {**src["lon"].attrs, "units": "degrees_east",
-                                                  "standard_name": "longitude", "bounds": "lon_bnds"})
+    lat = xr.Variable(
+        "lat",
+        src["lat"].values,
+        {**src["lat"].attrs, "units": "degrees_north", "standard_name": "latitude", "bounds": "lat_bnds"},
+    )
+    lon = xr.Variable(
+        "lon",
+        src["lon"].values,
+        {**src["lon"].attrs, "units": "degrees_east", "standard_name": "longitude", "bounds": "lon_bnds"},
+    )
     coords: dict[str, Any] = {
         "time": src["time"].variable.to_base_variable(),
         "lat": lat,
         "lon": lon,
         "lat_bnds": (("lat", "bnds"), _bounds(src, "lat")),
         "lon_bnds": (("lon", "bnds"), _bounds(src, "lon")),
-        "quantile": ("quantile", np.asarray(cfg.quantiles, dtype=np.float64), {
-            "units": "1", "long_name": "quantile of the ensemble distribution",
-            "comment": "linear interpolation between order statistics of the members (Hyndman & Fan type 7)",
-        }),
+        "quantile": (
+            "quantile",
+            np.asarray(cfg.quantiles, dtype=np.float64),
+            {
+                "units": "1",
+                "long_name": "quantile of the ensemble distribution",
+                "comment": "linear interpolation between order statistics of the members (Hyndman & Fan type 7)",
+            },
+        ),
     }
     for v, values in cfg.thresholds.items():
         attrs = {k: src[v].attrs[k] for k in ("standard_name", "units") if k in src[v].attrs}
-        coords[f"{v}_threshold"] = (f"{v}_threshold", np.asarray(values, dtype=np.float32), {
-            **attrs, "long_name": f"threshold of {v}", "spp_relative_to_threshold": "greater_than",
-        })
+        coords[f"{v}_threshold"] = (
+            f"{v}_threshold",
+            np.asarray(values, dtype=np.float32),
+            {
+                **attrs,
+                "long_name": f"threshold of {v}",
+                "spp_relative_to_threshold": "greater_than",
+            },
+        )
     if cfg.include_members:
-        coords["member"] = ("member", src["member"].values, {"standard_name": "realization",
-                                                             "long_name": "ensemble member"})
+        coords["member"] = (
+            "member",
+            src["member"].values,
+            {"standard_name": "realization", "long_name": "ensemble member"},
+        )
     out = xr.Dataset(coords=coords)
     out["time"].attrs["bounds"] = "time_bnds"
     return out
 
 
-def spatial_chunks(time_chunk: int, n_lat: int, n_lon: int, target_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+def spatial_chunks(
+    time_chunk: int, n_lat: int, n_lon: int, target_bytes: int = CHUNK_BYTES
+) -> tuple[int, int]:
     """Rows and columns per chunk: equal tiles of about ``target_bytes`` float32 with ``time_chunk`` steps.
 
     Whole maps when they fit (80 x 80 at 12 months); otherwise the fewest equal tiles that do (80 x 80 at
@@ -348,23 +392,58 @@ def _template(plan: AggregatePlan, src: xr.Dataset) -> tuple[xr.Dataset, dict[st
         long = a.get("long_name", v)
         size = f"{plan.n_member} members"
         stats = {
-            f"{v}_mean": (("time", "lat", "lon"), empty(), {
-                **base, "long_name": f"ensemble mean of {long}", "statistic": "mean",
-                "cell_methods": _cell_methods(a.get("cell_methods"), f"realization: mean (comment: {size})")}),
-            f"{v}_std": (("time", "lat", "lon"), empty(), {
-                **base, "long_name": f"ensemble standard deviation of {long}", "statistic": "std",
-                "cell_methods": _cell_methods(a.get("cell_methods"), "realization: standard_deviation (comment: "
-                                              f"sample estimator with N-1 denominator, ddof=1, {size})")}),
-            f"{v}_quantile": (("quantile", "time", "lat", "lon"), empty(len(cfg.quantiles)), {
-                **base, "long_name": f"ensemble quantiles of {long} ({size}); see coordinate quantile",
-                "statistic": "quantile", **({"cell_methods": a["cell_methods"]} if "cell_methods" in a else {})}),
+            f"{v}_mean": (
+                ("time", "lat", "lon"),
+                empty(),
+                {
+                    **base,
+                    "long_name": f"ensemble mean of {long}",
+                    "statistic": "mean",
+                    "cell_methods": _cell_methods(
+                        a.get("cell_methods"), f"realization: mean (comment: {size})"
+                    ),
+                },
+            ),
+            f"{v}_std": (
+                ("time", "lat", "lon"),
+                empty(),
+                {
+                    **base,
+                    "long_name": f"ensemble standard deviation of {long}",
+                    "statistic": "std",
+                    "cell_methods": _cell_methods(
+                        a.get("cell_methods"),
+                        "realization: standard_deviation (comment: "
+                        f"sample estimator with N-1 denominator, ddof=1, {size})",
+                    ),
+                },
+            ),
+            f"{v}_quantile": (
+                ("quantile", "time", "lat", "lon"),
+                empty(len(cfg.quantiles)),
+                {
+                    **base,
+                    "long_name": f"ensemble quantiles of {long} ({size}); see coordinate quantile",
+                    "statistic": "quantile",
+                    **({"cell_methods": a["cell_methods"]} if "cell_methods" in a else {}),
+                },
+            ),
         }
         if v in cfg.thresholds:
-            stats[f"{v}_exceedance"] = ((f"{v}_threshold", "time", "lat", "lon"), empty(len(cfg.thresholds[v])), {
-                "units": "1", "long_name": f"probability of {a.get('standard_name', v)} above threshold "
-                f"(fraction of {size} with {v} > {v}_threshold)", "statistic": "exceedance",
-                "cell_methods": _cell_methods(a.get("cell_methods"), f"realization: mean (comment: of the "
-                                              f"indicator {v} > {v}_threshold over {size})")})
+            stats[f"{v}_exceedance"] = (
+                (f"{v}_threshold", "time", "lat", "lon"),
+                empty(len(cfg.thresholds[v])),
+                {
+                    "units": "1",
+                    "long_name": f"probability of {a.get('standard_name', v)} above threshold "
+                    f"(fraction of {size} with {v} > {v}_threshold)",
+                    "statistic": "exceedance",
+                    "cell_methods": _cell_methods(
+                        a.get("cell_methods"),
+                        f"realization: mean (comment: of the indicator {v} > {v}_threshold over {size})",
+                    ),
+                },
+            )
         if cfg.include_members:
             stats[v] = (("member", "time", "lat", "lon"), empty(plan.n_member), {**a, "statistic": "members"})
         for name, (dims, data, attrs) in stats.items():
@@ -388,7 +467,9 @@ def _store(plan: AggregatePlan, storage_options: dict[str, Any] | None) -> Stage
     return StageStore(plan.url, plan.key, dict(storage_options or {}))
 
 
-def prepare_aggregate(plan: AggregatePlan, storage_options: dict[str, Any] | None = None) -> list[dict[str, slice]]:
+def prepare_aggregate(
+    plan: AggregatePlan, storage_options: dict[str, Any] | None = None
+) -> list[dict[str, slice]]:
     """Write the output template once; the time blocks still missing ([] when the store is complete)."""
     store = _store(plan, storage_options)
     if store.is_complete():
@@ -425,7 +506,9 @@ def aggregate_block(
     if not store.pending([region]):
         return False
     cfg, t = plan.config, region["time"]
-    src = _open(plan.member_url, storage_options, "member store", lazy=False).isel(lat=region["lat"], lon=region["lon"])
+    src = _open(plan.member_url, storage_options, "member store", lazy=False).isel(
+        lat=region["lat"], lon=region["lon"]
+    )
     ny, nx, nt = src.sizes["lat"], src.sizes["lon"], t.stop - t.start
     steps = min(nt, READ_STEPS)  # statistics are per time step: read a few steps at a time
     band = _lat_band(plan, steps, ny, nx, memory_budget)
@@ -446,15 +529,25 @@ def aggregate_block(
                 x = np.asarray(var.isel(time=times, lat=rows).values, dtype=np.float32)
                 for name, value in ensemble_statistics(x, cfg.quantiles, thresholds).items():
                     stats[name][..., times, rows, :] = value
-        dims = {"mean": ("time", "lat", "lon"), "std": ("time", "lat", "lon"),
-                "quantile": ("quantile", "time", "lat", "lon"), "exceedance": (f"{v}_threshold", "time", "lat", "lon")}
+        dims = {
+            "mean": ("time", "lat", "lon"),
+            "std": ("time", "lat", "lon"),
+            "quantile": ("quantile", "time", "lat", "lon"),
+            "exceedance": (f"{v}_threshold", "time", "lat", "lon"),
+        }
         for name, value in stats.items():
             out[f"{v}_{name}"] = (dims[name], value)
         if cfg.include_members:
             for m in range(plan.n_member):
-                one = xr.Dataset({v: (("member", "time", "lat", "lon"), var.isel(member=slice(m, m + 1)).values)})
-                one.to_zarr(plan.url, region={"member": slice(m, m + 1), **region}, mode="r+",
-                            storage_options=storage_options or None)
+                one = xr.Dataset(
+                    {v: (("member", "time", "lat", "lon"), var.isel(member=slice(m, m + 1)).values)}
+                )
+                one.to_zarr(
+                    plan.url,
+                    region={"member": slice(m, m + 1), **region},
+                    mode="r+",
+                    storage_options=storage_options or None,
+                )
     store.write_block(out, dict(region))
     log.info("aggregate %s %s written", plan.name, plan.label([region]))
     return True
@@ -474,8 +567,14 @@ def run_blocks(
     if client is None:
         return sum(aggregate_block(plan, r, storage_options) for r in regions)
     futures = [
-        client.submit(aggregate_block, plan, dict(r), storage_options, pure=False,
-                      key=f"aggregate-block-{plan.key}-{_block_key(r)}")
+        client.submit(
+            aggregate_block,
+            plan,
+            dict(r),
+            storage_options,
+            pure=False,
+            key=f"aggregate-block-{plan.key}-{_block_key(r)}",
+        )
         for r in regions
     ]
     return sum(bool(w) for w in client.gather(futures))
@@ -498,8 +597,11 @@ def _upstream_record(plan: AggregatePlan, attrs: Mapping[str, Any]) -> dict[str,
     record.setdefault("stage", "downscale")
     record.setdefault("store", plan.member_url)
     record.setdefault("content_key", plan.member_key)
-    for attr, name in (("climrecon_downscale_config", "config"), ("climrecon_code_version", "code_version"),
-                       ("climrecon_completed", "ended")):
+    for attr, name in (
+        ("climrecon_downscale_config", "config"),
+        ("climrecon_code_version", "code_version"),
+        ("climrecon_completed", "ended"),
+    ):
         if attr in attrs and name not in record:
             record[name] = _json_attr(attrs[attr])
     return redact(record)
@@ -530,10 +632,22 @@ def finalize_aggregate(plan: AggregatePlan, storage_options: dict[str, Any] | No
     )
     doc = prov_document(record)
     write_prov_document(plan.url, doc, storage_options, name=_PROV_OBJECT)
-    attrs = stage_attrs("aggregate", plan.config, plan.key, str(src_attrs.get("history", "")),
-                        source=plan.member_url, source_key=plan.member_key)
-    attrs.update({"climrecon_provenance": json.dumps(record, sort_keys=True), "climrecon_prov_document": _PROV_OBJECT,
-                  "date_created": record["ended"], **prov_summary(doc)})
+    attrs = stage_attrs(
+        "aggregate",
+        plan.config,
+        plan.key,
+        str(src_attrs.get("history", "")),
+        source=plan.member_url,
+        source_key=plan.member_key,
+    )
+    attrs.update(
+        {
+            "climrecon_provenance": json.dumps(record, sort_keys=True),
+            "climrecon_prov_document": _PROV_OBJECT,
+            "date_created": record["ended"],
+            **prov_summary(doc),
+        }
+    )
     with warnings.catch_warnings():
         # provenance.json sits inside the store on purpose; zarr notes it is not a node of the hierarchy
         warnings.filterwarnings("ignore", message=r"Object at provenance\.json is not recognized")

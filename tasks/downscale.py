@@ -200,7 +200,9 @@ def _fit_data(cfg: ClimReconConfig, storage_options: dict[str, Any] | None) -> F
         url = default_truth_url(cfg)
         truth = open_truth(url, [], storage_options)
     except (FileNotFoundError, ValueError) as exc:
-        raise DownscaleError(f"method {cfg.method.name!r} is fitted on fine truth (train.truth): {exc}") from None
+        raise DownscaleError(
+            f"method {cfg.method.name!r} is fitted on fine truth (train.truth): {exc}"
+        ) from None
     key = str(truth.attrs.get("climrecon_key") or content_key("foreign-truth", url, dict(truth.sizes)))
     return FitData(url, tuple(cfg.train.train_years), key)
 
@@ -219,7 +221,9 @@ def plan_downscale(
     static = _open(static_url, storage_options, "static store")
     coarse = _open(coarse_url, storage_options, "regridded coarse store") if coarse_url else None
     for c in ("lat", "lon"):
-        if static.sizes.get(c) != fine.sizes[c] or not np.allclose(static[c].values, fine[c].values, atol=1e-6):
+        if static.sizes.get(c) != fine.sizes[c] or not np.allclose(
+            static[c].values, fine[c].values, atol=1e-6
+        ):
             raise DownscaleError(
                 f"the static store {static_url} is not on the grid of the fine store {fine_url} ({c}: "
                 f"{static.sizes.get(c)} vs {fine.sizes[c]} cells); use the static store the same regrid run wrote"
@@ -231,10 +235,14 @@ def plan_downscale(
         raise DownscaleError(f"{fine_url}: {exc}") from None
     description = method.describe()
     fit = _fit_data(cfg, storage_options) if method.needs.fit else None
-    variables = tuple(description.get("variables") or _method_inputs(fine, static, coarse, fine_url).variables)
+    variables = tuple(
+        description.get("variables") or _method_inputs(fine, static, coarse, fine_url).variables
+    )
 
     fine_key = str(fine.attrs.get("climrecon_key") or content_key("foreign-fine", fine_url, dict(fine.sizes)))
-    static_key = str(static.attrs.get("climrecon_key") or content_key("foreign-static", static_url, dict(static.sizes)))
+    static_key = str(
+        static.attrs.get("climrecon_key") or content_key("foreign-static", static_url, dict(static.sizes))
+    )
     coarse_key = None if coarse is None else str(coarse.attrs.get("climrecon_key", ""))
     times = fine["time"].values
     try:
@@ -252,15 +260,32 @@ def plan_downscale(
         upstream = json.loads(upstream_record) if upstream_record else None
     except ValueError:
         upstream = None
-    upstream = upstream or {"stage": "regrid", "store": public_url(fine_url), "content_key": fine_key,
-                            "history": str(fine.attrs.get("history", ""))}
+    upstream = upstream or {
+        "stage": "regrid",
+        "store": public_url(fine_url),
+        "content_key": fine_key,
+        "history": str(fine.attrs.get("history", "")),
+    }
     return DownscalePlan(
-        name=name, config=ds_cfg, method=cfg.method, sampler=cfg.sampler, description=description, fit=fit,
-        variables=variables, fine_url=fine_url, fine_key=fine_key, static_url=static_url, static_key=static_key,
-        coarse_url=coarse_url, coarse_key=coarse_key,
+        name=name,
+        config=ds_cfg,
+        method=cfg.method,
+        sampler=cfg.sampler,
+        description=description,
+        fit=fit,
+        variables=variables,
+        fine_url=fine_url,
+        fine_key=fine_key,
+        static_url=static_url,
+        static_key=static_key,
+        coarse_url=coarse_url,
+        coarse_key=coarse_key,
         time_labels=tuple(f"{t.year:04d}-{t.month:02d}" for t in times),
-        out_url=join_url(cfg.storage.root, "downscale", f"{name}.{key}.zarr"), out_key=key,
-        identity=identity, upstream=upstream, started=utc_now(),
+        out_url=join_url(cfg.storage.root, "downscale", f"{name}.{key}.zarr"),
+        out_key=key,
+        identity=identity,
+        upstream=upstream,
+        started=utc_now(),
     )
 
 
@@ -273,9 +298,16 @@ def _template(plan: DownscalePlan, fine: xr.Dataset) -> tuple[xr.Dataset, dict[s
     cfg = plan.config
     n_m, n_t, n_y, n_x = cfg.members, plan.n_time, fine.sizes["lat"], fine.sizes["lon"]
     time_var = fine["time"].variable.to_base_variable()
-    coords = {"member": ("member", np.arange(n_m, dtype=np.int64), {"long_name": "ensemble member",
-                                                                    "standard_name": "realization"}),
-              "time": time_var, "lat": fine["lat"].variable, "lon": fine["lon"].variable}
+    coords = {
+        "member": (
+            "member",
+            np.arange(n_m, dtype=np.int64),
+            {"long_name": "ensemble member", "standard_name": "realization"},
+        ),
+        "time": time_var,
+        "lat": fine["lat"].variable,
+        "lon": fine["lon"].variable,
+    }
     ds = xr.Dataset(coords=coords)
     enc_time = {k: fine["time"].encoding[k] for k in ("units", "calendar") if k in fine["time"].encoding}
     encoding: dict[str, Any] = {"time": {**enc_time, "dtype": "float64", "chunks": (cfg.time_chunk,)}}
@@ -295,8 +327,14 @@ def _template(plan: DownscalePlan, fine: xr.Dataset) -> tuple[xr.Dataset, dict[s
         **plan.identity,
         "title": f"ClimRecon downscaled ensemble of {plan.name} ({n_m} members)",
         "Conventions": "CF-1.8",
-        **stage_attrs("downscale", cfg, plan.out_key, str(fine.attrs.get("history", "")),
-                      method=plan.method.model_dump(mode="json"), sampler=plan.sampler.model_dump(mode="json")),
+        **stage_attrs(
+            "downscale",
+            cfg,
+            plan.out_key,
+            str(fine.attrs.get("history", "")),
+            method=plan.method.model_dump(mode="json"),
+            sampler=plan.sampler.model_dump(mode="json"),
+        ),
     }
     return ds, encoding
 
@@ -339,8 +377,15 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
     fine = _open(plan.fine_url, storage_options, "regridded fine store")
     variables = [v for v in plan.variables]
     try:
-        truth = select_years(open_truth(fit.truth_url, variables, storage_options), fit.years,
-                             f"truth store {fit.truth_url} (train.train_years)").astype("float32").load()
+        truth = (
+            select_years(
+                open_truth(fit.truth_url, variables, storage_options),
+                fit.years,
+                f"truth store {fit.truth_url} (train.train_years)",
+            )
+            .astype("float32")
+            .load()
+        )
         target = Grid.from_dataset(fine, "fine store")
         if not Grid.from_dataset(truth, "truth").same_cells(target):
             raise DownscaleError(
@@ -348,7 +393,9 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
                 "on the grid the regrid stage writes"
             )
         truth = truth.assign_coords(lat=fine["lat"].values, lon=fine["lon"].values)
-        coarse_grid = Grid.from_dataset(_open(plan.coarse_url, storage_options, "regridded coarse store"), "coarse store")
+        coarse_grid = Grid.from_dataset(
+            _open(plan.coarse_url, storage_options, "regridded coarse store"), "coarse store"
+        )
         return coarse_view(truth, coarse_grid), truth
     except (ValueError, GridError) as exc:
         if isinstance(exc, DownscaleError):
@@ -384,15 +431,23 @@ def sample_unit(
     t0 = _time.perf_counter()
     try:
         method = _method(plan, storage_options)
-        result = method.downscale(unit_inputs(plan, unit, storage_options),
-                                  members=range(unit.member.start, unit.member.stop), seed=plan.config.seed)
+        result = method.downscale(
+            unit_inputs(plan, unit, storage_options),
+            members=range(unit.member.start, unit.member.stop),
+            seed=plan.config.seed,
+        )
     except MethodError as exc:
-        raise DownscaleError(f"{plan.name} {unit.label}: {exc} (stores {plan.fine_url}, {plan.static_url})") from None
-    fields = {v: np.ascontiguousarray(result[v].transpose("member", "time", "lat", "lon").values, dtype=np.float32)
-              for v in plan.variables}
+        raise DownscaleError(
+            f"{plan.name} {unit.label}: {exc} (stores {plan.fine_url}, {plan.static_url})"
+        ) from None
+    fields = {
+        v: np.ascontiguousarray(result[v].transpose("member", "time", "lat", "lon").values, dtype=np.float32)
+        for v in plan.variables
+    }
     device = str(getattr(method, "device", "cpu"))
-    report = UnitReport(unit.label, unit.size, _worker_address(), device, _time.perf_counter() - t0,
-                        hardware=hardware())
+    report = UnitReport(
+        unit.label, unit.size, _worker_address(), device, _time.perf_counter() - t0, hardware=hardware()
+    )
     return fields, report
 
 
@@ -440,14 +495,26 @@ def run_units(
 
 
 def submit_unit(
-    client: Any, plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None = None,
+    client: Any,
+    plan: DownscalePlan,
+    unit: WorkUnit,
+    storage_options: dict[str, Any] | None = None,
     resources: Mapping[str, float] | None = None,
 ) -> Any:
     """Dask futures of one unit: sampling (with ``resources``) then writing (anywhere); the write's future."""
     tag = f"{plan.name}-{unit.label.replace(' ', '-')}-{plan.out_key}-{os.urandom(4).hex()}"
-    sampled = client.submit(sample_unit, plan, unit, storage_options, resources=dict(resources) if resources else None,
-                            pure=False, key=f"downscale-sample-{tag}")
-    return client.submit(write_unit, plan, unit, sampled, storage_options, pure=False, key=f"downscale-write-{tag}")
+    sampled = client.submit(
+        sample_unit,
+        plan,
+        unit,
+        storage_options,
+        resources=dict(resources) if resources else None,
+        pure=False,
+        key=f"downscale-sample-{tag}",
+    )
+    return client.submit(
+        write_unit, plan, unit, sampled, storage_options, pure=False, key=f"downscale-write-{tag}"
+    )
 
 
 def finalize_downscale(
@@ -459,20 +526,37 @@ def finalize_downscale(
         return plan.out_url
     workers = {}
     for r in reports:
-        workers.setdefault(f"{r.worker or 'local'} {r.device}", {"worker": r.worker, "device": r.device,
-                                                                   "hardware": r.hardware})
-    inputs = [{"store": public_url(plan.fine_url), "content_key": plan.fine_key, "role": "coarse on fine grid"},
-              {"store": public_url(plan.static_url), "content_key": plan.static_key, "role": "static"}]
+        workers.setdefault(
+            f"{r.worker or 'local'} {r.device}",
+            {"worker": r.worker, "device": r.device, "hardware": r.hardware},
+        )
+    inputs = [
+        {"store": public_url(plan.fine_url), "content_key": plan.fine_key, "role": "coarse on fine grid"},
+        {"store": public_url(plan.static_url), "content_key": plan.static_key, "role": "static"},
+    ]
     if plan.coarse_url:
-        inputs.append({"store": public_url(plan.coarse_url), "content_key": plan.coarse_key, "role": "coarse"})
+        inputs.append(
+            {"store": public_url(plan.coarse_url), "content_key": plan.coarse_key, "role": "coarse"}
+        )
     record = stage_record(
-        "downscale", store=public_url(plan.out_url), key=plan.out_key, config=plan.config, started=plan.started,
-        inputs=inputs, upstream=plan.upstream, checkpoint=plan.description.get("checkpoint"),
-        method={k: v for k, v in plan.description.items() if k != "checkpoint"}, base_seed=plan.config.seed,
-        seeds=plan.description.get("seeds", "deterministic"), workers=list(workers.values()),
-        units_this_run=len(reports), sample_seconds_this_run=round(sum(r.sample_seconds for r in reports), 3),
+        "downscale",
+        store=public_url(plan.out_url),
+        key=plan.out_key,
+        config=plan.config,
+        started=plan.started,
+        inputs=inputs,
+        upstream=plan.upstream,
+        checkpoint=plan.description.get("checkpoint"),
+        method={k: v for k, v in plan.description.items() if k != "checkpoint"},
+        base_seed=plan.config.seed,
+        seeds=plan.description.get("seeds", "deterministic"),
+        workers=list(workers.values()),
+        units_this_run=len(reports),
+        sample_seconds_this_run=round(sum(r.sample_seconds for r in reports), 3),
     )
-    store.finalize([u.region for u in plan.units()], attrs={"climrecon_provenance": json.dumps(record, sort_keys=True)})
+    store.finalize(
+        [u.region for u in plan.units()], attrs={"climrecon_provenance": json.dumps(record, sort_keys=True)}
+    )
     return plan.out_url
 
 

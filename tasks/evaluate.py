@@ -240,7 +240,9 @@ def _check_years_unseen(name: str, description: Mapping[str, Any], ev: EvaluateC
             )
 
 
-def perfect_model_inputs(coarse: xr.Dataset, grid: Grid, static_fine: xr.Dataset | None, views: Sequence[str]) -> Inputs:
+def perfect_model_inputs(
+    coarse: xr.Dataset, grid: Grid, static_fine: xr.Dataset | None, views: Sequence[str]
+) -> Inputs:
     """Inputs of coarsened truth on ``grid``: the coarse fields, their bilinear view, the static fields plus
     the ``<name>_coarse`` views of ``views`` through the coarse grid (as training builds them)."""
     if static_fine is not None and views:
@@ -272,8 +274,7 @@ def run_evaluation(
             "use factors dividing both"
         )
     factories = (
-        dict(methods) if methods is not None
-        else {m.name: method_factory(m, cfg.sampler) for m in ev.methods}
+        dict(methods) if methods is not None else {m.name: method_factory(m, cfg.sampler) for m in ev.methods}
     )
     cases = {(m, f): factory(f) for m, factory in factories.items() for f in ev.factors}
     descriptions: dict[str, dict[str, Any]] = {}
@@ -320,8 +321,14 @@ def run_evaluation(
     for factor in ev.factors:
         coarse_train, coarse_held = coarsen_blocks(train, factor), coarsen_blocks(held, factor)
         active = {m: cases[m, factor] for m in factories if cases[m, factor] is not None}
-        views = sorted({n.removesuffix("_coarse") for d in active.values() for n in d.needs.static
-                        if n.endswith("_coarse")})
+        views = sorted(
+            {
+                n.removesuffix("_coarse")
+                for d in active.values()
+                for n in d.needs.static
+                if n.endswith("_coarse")
+            }
+        )
         inputs = perfect_model_inputs(coarse_held, grid, static_fine, views)
         for method, downscaler in active.items():
             stochastic = downscaler.needs.stochastic

@@ -201,7 +201,8 @@ class Grid:
         tol = rtol * min(self.dlat, other.dlat)
         west = (self.west - other.west + 180.0) % 360.0 - 180.0
         return (self.nlat, self.nlon) == (other.nlat, other.nlon) and all(
-            abs(x) < tol for x in (self.south - other.south, west, self.dlat - other.dlat, self.dlon - other.dlon)
+            abs(x) < tol
+            for x in (self.south - other.south, west, self.dlat - other.dlat, self.dlon - other.dlon)
         )
 
     def describe(self) -> str:

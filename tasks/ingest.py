@@ -27,7 +27,6 @@ import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -63,9 +62,23 @@ __all__ = [
 ]
 
 # CMIP table_id -> frequency, for catalogs without a ``frequency`` column (e.g. Pangeo's CMIP6 catalog)
-TABLE_FREQUENCY = {"Amon": "mon", "Lmon": "mon", "Omon": "mon", "SImon": "mon", "Emon": "mon",
-                   "AERmon": "mon", "Ayr": "yr", "Eyr": "yr", "day": "day", "Eday": "day",
-                   "3hr": "3hr", "6hrPlev": "6hr", "fx": "fx", "Efx": "fx", "Ofx": "fx"}
+TABLE_FREQUENCY = {
+    "Amon": "mon",
+    "Lmon": "mon",
+    "Omon": "mon",
+    "SImon": "mon",
+    "Emon": "mon",
+    "AERmon": "mon",
+    "Ayr": "yr",
+    "Eyr": "yr",
+    "day": "day",
+    "Eday": "day",
+    "3hr": "3hr",
+    "6hrPlev": "6hr",
+    "fx": "fx",
+    "Efx": "fx",
+    "Ofx": "fx",
+}
 # netCDF-C and HDF5 are not thread-safe to open: one open at a time per process (tasks may run in threads)
 _OPEN_LOCK = threading.Lock()
 
@@ -124,7 +137,9 @@ def _overlaps(time_range: Any, query_time: tuple[str, str]) -> bool:
     return a <= qb and qa <= b
 
 
-def search_catalog(catalog: str, query: CatalogQuery, storage_options: dict[str, Any] | None = None) -> esm_datastore:
+def search_catalog(
+    catalog: str, query: CatalogQuery, storage_options: dict[str, Any] | None = None
+) -> esm_datastore:
     """The subset of ``catalog`` matching every term of ``query`` (and overlapping ``query.time``).
 
     Each requested value must match at least one row (given the terms before it); otherwise
@@ -146,7 +161,9 @@ def search_catalog(catalog: str, query: CatalogQuery, storage_options: dict[str,
         missing = [v for v in wanted if v not in available]
         if missing:
             everywhere = sorted(map(str, cat.df[column].dropna().unique()))
-            within = "" if available == everywhere else f" among the rows matching the other terms ({available})"
+            within = (
+                "" if available == everywhere else f" among the rows matching the other terms ({available})"
+            )
             raise CatalogQueryError(
                 f"catalog {public_url(catalog)}: no entry with {column}={missing}{within}; "
                 f"available {column} values: {everywhere}"
@@ -160,14 +177,23 @@ def search_catalog(catalog: str, query: CatalogQuery, storage_options: dict[str,
                 f"catalog {public_url(catalog)}: no file of the query overlaps time {query.time}; "
                 f"available time_range values: {sorted(map(str, sub.df['time_range'].unique()))}"
             )
-        sub = esm_datastore({"esmcat": sub.esmcat.model_dump(), "df": sub.df[keep].reset_index(drop=True)},
-                            progressbar=False, threaded=False)
+        sub = esm_datastore(
+            {"esmcat": sub.esmcat.model_dump(), "df": sub.df[keep].reset_index(drop=True)},
+            progressbar=False,
+            threaded=False,
+        )
     return sub
 
 
 def _json_row(row: pd.Series) -> dict[str, Any]:
-    return {str(k): (None if (not isinstance(v, (list, tuple)) and pd.isna(v)) else (v.item() if hasattr(v, "item") else v))
-            for k, v in row.items()}
+    return {
+        str(k): (
+            None
+            if (not isinstance(v, (list, tuple)) and pd.isna(v))
+            else (v.item() if hasattr(v, "item") else v)
+        )
+        for k, v in row.items()
+    }
 
 
 def _esmcat_description(cat: esm_datastore) -> dict[str, Any]:
@@ -202,15 +228,25 @@ def plan_ingest(cfg: IngestConfig, catalog: str, storage: StorageConfig) -> list
         first = rows[0]
         ident = {c: str(first.get(c) or "") for c in ("source_id", "experiment_id", "member_id", "table_id")}
         freqs = {r.get("frequency") for r in rows if r.get("frequency")}
-        frequency = normalize_frequency(freqs.pop() if len(freqs) == 1 else TABLE_FREQUENCY.get(ident["table_id"]))
+        frequency = normalize_frequency(
+            freqs.pop() if len(freqs) == 1 else TABLE_FREQUENCY.get(ident["table_id"])
+        )
         inputs = [{"path": r[path_col], "version": r.get("version"), "variable_id": r[var_col]} for r in rows]
         key = content_key(cfg.query, cfg, inputs)
         name = ".".join([*(ident[c] or "na" for c in ident), key, "zarr"])
-        plans.append(IngestPlan(
-            label=" ".join(v for v in ident.values() if v) or group,
-            group=group, catalog=public_url(catalog), esmcat=esmcat, rows=rows, config=cfg,
-            frequency=frequency, url=join_url(storage.root, "ingest", name), key=key,
-        ))
+        plans.append(
+            IngestPlan(
+                label=" ".join(v for v in ident.values() if v) or group,
+                group=group,
+                catalog=public_url(catalog),
+                esmcat=esmcat,
+                rows=rows,
+                config=cfg,
+                frequency=frequency,
+                url=join_url(storage.root, "ingest", name),
+                key=key,
+            )
+        )
     return sorted(plans, key=lambda p: (p.label, p.url))
 
 
@@ -289,8 +325,9 @@ def open_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None) -
         if variables is None and len(by_path) == 1:  # a single store (e.g. Zarr) serves every row
             variables = plan.variables()
         label = src or f"{plan.label} ({', '.join(plan.paths())})"
-        out = standardize(ds, lon_convention=cfg.lon_convention, source=label,
-                          variables=variables, frequency=plan.frequency)
+        out = standardize(
+            ds, lon_convention=cfg.lon_convention, source=label, variables=variables, frequency=plan.frequency
+        )
         if ds.attrs.get("tracking_id"):
             tracking[label] = str(ds.attrs["tracking_id"])
         return out
@@ -301,8 +338,12 @@ def open_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None) -
                 xarray_open_kwargs={"decode_times": False},
                 storage_options=options,
                 preprocess=preprocess,
-                xarray_combine_by_coords_kwargs={"compat": "no_conflicts", "coords": "different",
-                                                 "data_vars": "all", "join": "exact"},
+                xarray_combine_by_coords_kwargs={
+                    "compat": "no_conflicts",
+                    "coords": "different",
+                    "data_vars": "all",
+                    "join": "exact",
+                },
                 threaded=False,
                 progressbar=False,
             )
@@ -317,7 +358,9 @@ def open_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None) -
             f"{plan.label}: the sources {plan.paths()} cannot be combined into one dataset: {_root_cause(exc)}"
         ) from None
     if len(dsets) != 1:
-        raise IngestError(f"{plan.label}: the rows form {len(dsets)} datasets ({sorted(dsets)}), expected one")
+        raise IngestError(
+            f"{plan.label}: the rows form {len(dsets)} datasets ({sorted(dsets)}), expected one"
+        )
     ds = next(iter(dsets.values()))
     # intake-esm turns every variable but the row's own into a coordinate before combining
     promote = [n for n in ds.coords if n in CMIP_VARIABLES or n == "time_bnds"]
@@ -335,10 +378,16 @@ def open_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None) -
             start, end = cfg.query.time
             ds = ds.sel(time=slice(start, end))
             if ds.sizes["time"] == 0:
-                raise CoordinateError(f"{plan.label}: no time step within query.time {cfg.query.time} in {plan.paths()}")
+                raise CoordinateError(
+                    f"{plan.label}: no time step within query.time {cfg.query.time} in {plan.paths()}"
+                )
         calendar = ds["time"].values[0].calendar
         for n in ("time", "time_bnds"):
-            ds[n].encoding = {"units": "days since 1850-01-01 00:00:00", "calendar": calendar, "dtype": "float64"}
+            ds[n].encoding = {
+                "units": "days since 1850-01-01 00:00:00",
+                "calendar": calendar,
+                "dtype": "float64",
+            }
     chunks = {"time": cfg.time_chunk} if "time" in ds.dims else {}
     ds = ds.chunk({**chunks, "lat": -1, "lon": -1})
     if "time_bnds" in ds:
@@ -353,8 +402,10 @@ def open_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None) -
 def _provenance(plan: IngestPlan, ds: xr.Dataset) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     versions = sorted({str(r["version"]) for r in plan.rows if r.get("version")})
-    line = (f"{now}: climrecon ingest of {', '.join(plan.variables())} from catalog {plan.catalog} "
-            f"({len(plan.rows)} rows) standardized to CF names, units, lat ascending, lon {plan.config.lon_convention}")
+    line = (
+        f"{now}: climrecon ingest of {', '.join(plan.variables())} from catalog {plan.catalog} "
+        f"({len(plan.rows)} rows) standardized to CF names, units, lat ascending, lon {plan.config.lon_convention}"
+    )
     history = f"{line}\n{ds.attrs['history']}" if ds.attrs.get("history") else line
     return {
         "climrecon_stage": "ingest",

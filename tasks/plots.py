@@ -18,7 +18,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = [
-    "plot_loss_curve","PlotError", "ensemble_maps", "plot_maps", "plot_power_spectra", "plot_rank_histogram"]
+    "plot_loss_curve",
+    "PlotError",
+    "ensemble_maps",
+    "plot_maps",
+    "plot_power_spectra",
+    "plot_rank_histogram",
+]
 
 
 class PlotError(ValueError):
@@ -167,8 +173,9 @@ def plot_rank_histogram(
     return _save(fig, path, dpi)
 
 
-def ensemble_maps(aggregate_url: str, directory: str | Path, *, storage_options: dict | None = None,
-                  time_index: int = 0) -> Path | None:
+def ensemble_maps(
+    aggregate_url: str, directory: str | Path, *, storage_options: dict | None = None, time_index: int = 0
+) -> Path | None:
     """PNG of the first variable's ensemble mean and spread at ``time_index`` of an aggregate store.
 
     Reads only that month (``<var>_mean`` and ``<var>_std``); returns None when the store has no
@@ -181,12 +188,23 @@ def ensemble_maps(aggregate_url: str, directory: str | Path, *, storage_options:
     name = means[0][: -len("_mean")]
     month = ds.isel(time=time_index)
     stamp = str(month.time.values)[:7]
-    return plot_maps({f"{name} ensemble mean": month[f"{name}_mean"]}, Path(directory) / f"{name}_mean_spread.png",
-                     spread=month[f"{name}_std"], title=f"{name}, {stamp}, {ds.attrs.get('ensemble_size', '?')} members")
+    return plot_maps(
+        {f"{name} ensemble mean": month[f"{name}_mean"]},
+        Path(directory) / f"{name}_mean_spread.png",
+        spread=month[f"{name}_std"],
+        title=f"{name}, {stamp}, {ds.attrs.get('ensemble_size', '?')} members",
+    )
 
 
-def fine_scale_maps(time_means: Mapping[str, xr.Dataset], factor: int, variable: str, path: str | Path,
-                    *, months: int, units: str = "") -> Path:
+def fine_scale_maps(
+    time_means: Mapping[str, xr.Dataset],
+    factor: int,
+    variable: str,
+    path: str | Path,
+    *,
+    months: int,
+    units: str = "",
+) -> Path:
     """PNG of the fine scale of time means of ``variable`` (a time mean minus its ``factor x factor`` block
     means, :func:`climrecon.tasks.added_value.split_scales`), one panel per entry of ``time_means`` (e.g.
     ``climatologies(...).time_means``: truth, downscaled, interpolated); ``months`` for the title."""
@@ -196,8 +214,13 @@ def fine_scale_maps(time_means: Mapping[str, xr.Dataset], factor: int, variable:
     for name, mean in time_means.items():
         fine = split_scales(mean[[variable]], factor)[1][variable]
         panels[name] = fine.assign_attrs(long_name=f"{variable} fine scale", units=units)
-    return plot_maps(panels, path, cmap="RdBu_r", symmetric=True,
-                     title=f"{variable}: time mean over {months} month(s) minus its {factor} x {factor}-cell block means")
+    return plot_maps(
+        panels,
+        path,
+        cmap="RdBu_r",
+        symmetric=True,
+        title=f"{variable}: time mean over {months} month(s) minus its {factor} x {factor}-cell block means",
+    )
 
 
 def plot_loss_curve(losses: list[float], path: str | Path, title: str = "training loss") -> Path:

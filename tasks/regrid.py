@@ -262,7 +262,7 @@ class _RowEntries:
         """``w @ x`` along ``axis`` (-1 or -2) of ``x``; ``x`` must be finite (0 weights pad the rows)."""
         shape = (-1,) if axis == -1 else (-1, 1)
         out = np.take(x, self.index[0], axis=axis) * self.value[0].reshape(shape)
-        for index, value in zip(self.index[1:], self.value[1:]):
+        for index, value in zip(self.index[1:], self.value[1:], strict=True):
             out += np.take(x, index, axis=axis) * value.reshape(shape)
         return out
 
@@ -347,7 +347,9 @@ def _per_block(x: Any, kernel: Callable[..., np.ndarray], w: SeparableWeights, *
         return apply(x)
     chunks = (*x.chunks[:-2], (w.shape[0],), (w.shape[1],))
     meta = np.empty((0,) * x.ndim, dtype=kwargs["dtype"])
-    return x.map_blocks(apply, chunks=chunks, dtype=kwargs["dtype"], meta=meta, token=kernel.__name__.strip("_"))
+    return x.map_blocks(
+        apply, chunks=chunks, dtype=kwargs["dtype"], meta=meta, token=kernel.__name__.strip("_")
+    )
 
 
 # -- bilinear -------------------------------------------------------------------------------------------
@@ -434,7 +436,9 @@ def _bilinear_weights_cached(
     (lat_w, lat_s), (lon_w, lon_s) = _interp_matrix(lat_axis, tlat), _interp_matrix(lon_axis, frame_lon)
     w_lat, w_pole, w_lon = lat_w @ lat_direct, lat_w @ lat_mean, lon_w @ lon_direct
     # NaN propagation: a ghost value is NaN if a source value it is made of is (all of a row for a pole)
-    s_lat, s_pole, s_lon = (s @ (p != 0) for s, p in ((lat_s, lat_direct), (lat_s, lat_mean), (lon_s, lon_direct)))
+    s_lat, s_pole, s_lon = (
+        s @ (p != 0) for s, p in ((lat_s, lat_direct), (lat_s, lat_mean), (lon_s, lon_direct))
+    )
     rows, cols = _used(w_lat, w_pole, s_lat, s_pole), _used(w_lon, s_lon)
     pole = bool(np.any(s_pole))  # the zonal mean reads whole rows; ``cols`` serves the rest
     return _frozen(

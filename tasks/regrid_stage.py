@@ -48,10 +48,10 @@ import numpy as np
 import xarray as xr
 
 from climrecon.config import ClimReconConfig, RegridConfig, StorageConfig
+from climrecon.methods.features import coarse_on_fine, coarse_static_on_fine
 from climrecon.provenance import stage_attrs
 from climrecon.storage import join_url, resolve_storage_options
 from climrecon.stores import StageStore, content_key, time_blocks
-from climrecon.methods.features import coarse_on_fine, coarse_static_on_fine
 from climrecon.tasks.grids import Grid, GridError, lat_edges_from_centres, lon_edges_from_centres
 from climrecon.tasks.regrid import (
     RegridError,
@@ -172,8 +172,13 @@ def target_grids(cfg: RegridConfig, lon_convention: str | None = None) -> tuple[
     try:
         fine = Grid.from_region(region, cfg.resolution)
     except GridError as exc:
-        raise RegridError(f"regrid.resolution {cfg.resolution:g} does not tile regrid.region: {exc}") from None
-    south, north = max(_snap(fine.south, c, -90.0, False), -90.0), min(_snap(fine.north, c, -90.0, True), 90.0)
+        raise RegridError(
+            f"regrid.resolution {cfg.resolution:g} does not tile regrid.region: {exc}"
+        ) from None
+    south, north = (
+        max(_snap(fine.south, c, -90.0, False), -90.0),
+        min(_snap(fine.north, c, -90.0, True), 90.0),
+    )
     if fine.is_global_lon:
         west, east = fine.west, fine.west + 360.0
     else:
@@ -226,10 +231,16 @@ def _check_source(ds: xr.Dataset, url: str) -> tuple[str, ...]:
             f"source store {url} is {status!r}, not complete: finish the stage that writes it (e.g. re-run ingest)"
         )
     if "time" not in ds.dims:
-        raise RegridError(f"source store {url} has no 'time' dimension (dims {dict(ds.sizes)}); expected (time, lat, lon)")
-    variables = tuple(sorted(str(v) for v, x in ds.data_vars.items() if {"time", "lat", "lon"} <= set(x.dims)))
+        raise RegridError(
+            f"source store {url} has no 'time' dimension (dims {dict(ds.sizes)}); expected (time, lat, lon)"
+        )
+    variables = tuple(
+        sorted(str(v) for v, x in ds.data_vars.items() if {"time", "lat", "lon"} <= set(x.dims))
+    )
     if not variables:
-        raise RegridError(f"source store {url} has no (time, lat, lon) variable (has {sorted(map(str, ds.data_vars))})")
+        raise RegridError(
+            f"source store {url} has no (time, lat, lon) variable (has {sorted(map(str, ds.data_vars))})"
+        )
     for v in variables:
         spec = CMIP_VARIABLES.get(v)
         units = ds[v].attrs.get("units")
@@ -247,7 +258,9 @@ def _check_static(ds: xr.Dataset, url: str) -> float:
     """Check the static store's units; returns the factor that puts sftlf in % (1 or 100)."""
     for v in ("orog", "sftlf"):
         if v not in ds.data_vars:
-            raise RegridError(f"static store {url} has no variable {v!r} (has {sorted(map(str, ds.data_vars))})")
+            raise RegridError(
+                f"static store {url} has no variable {v!r} (has {sorted(map(str, ds.data_vars))})"
+            )
     check_regular_latlon(ds, f"static store {url}")
     orog_units = ds["orog"].attrs.get("units")
     if orog_units is None or _unit(orog_units) != cf_units.Unit("m"):
@@ -290,9 +303,7 @@ def _source_identity(ds: xr.Dataset, url: str) -> str:
     return content_key("foreign-store", url, extent, str(ds["time"].values[0]), str(ds["time"].values[-1]))
 
 
-def plan_regrid(
-    cfg: RegridConfig, source_url: str, storage: StorageConfig, static_url: str
-) -> RegridPlan:
+def plan_regrid(cfg: RegridConfig, source_url: str, storage: StorageConfig, static_url: str) -> RegridPlan:
     """Check the source and static stores and name the three output stores; writes nothing.
 
     Raises :class:`RegridError` (message naming the store, variable or config field) for a rotated or
@@ -317,12 +328,24 @@ def plan_regrid(
         raise RegridError(f"static store {static_url} is incomplete; finish building it first")
     name = _store_name(source_url, source_key)
     coarse_key = content_key(
-        "regrid-coarse", REGRID_VERSION, source_key, variables, asdict(coarse_grid), cfg.time_chunk, cfg.zarr_format
+        "regrid-coarse",
+        REGRID_VERSION,
+        source_key,
+        variables,
+        asdict(coarse_grid),
+        cfg.time_chunk,
+        cfg.zarr_format,
     )
     fine_key = content_key("regrid-fine", REGRID_VERSION, coarse_key, asdict(fine_grid), cfg.fine_method)
     static_key = content_key(
-        "regrid-static", REGRID_VERSION, static_key_in, asdict(fine_grid), scale, cfg.zarr_format,
-        STATIC_COARSE_VIEWS, asdict(coarse_grid),
+        "regrid-static",
+        REGRID_VERSION,
+        static_key_in,
+        asdict(fine_grid),
+        scale,
+        cfg.zarr_format,
+        STATIC_COARSE_VIEWS,
+        asdict(coarse_grid),
     )
     time = src["time"]
     return RegridPlan(
@@ -335,7 +358,9 @@ def plan_regrid(
         time_labels=tuple(f"{t.year:04d}-{t.month:02d}" for t in time.values),
         coarse_grid=coarse_grid,
         fine_grid=fine_grid,
-        coarse_url=join_url(storage.root, "regrid", f"{name}.coarse-{cfg.coarse_resolution:g}.{coarse_key}.zarr"),
+        coarse_url=join_url(
+            storage.root, "regrid", f"{name}.coarse-{cfg.coarse_resolution:g}.{coarse_key}.zarr"
+        ),
         coarse_key=coarse_key,
         fine_url=join_url(storage.root, "regrid", f"{name}.fine-{cfg.resolution:g}.{fine_key}.zarr"),
         fine_key=fine_key,
@@ -387,7 +412,7 @@ def default_sources(cfg: ClimReconConfig, source_url: str | None = None) -> tupl
 def _static_window(static: xr.Dataset, grid: Grid) -> xr.Dataset:
     """The static cells around ``grid`` (plus a margin), when they are contiguous in the store."""
     lat, lon = np.asarray(static["lat"], float), np.asarray(static["lon"], float)
-    dlat, dlon = float(np.median(np.diff(lat))), float(np.median(np.diff(lon)))
+    dlon = float(np.median(np.diff(lon)))
     shift = 360.0 * round(((grid.west + grid.east) / 2 - (lon[0] + lon[-1]) / 2) / 360.0)
     west, east = grid.west - shift, grid.east - shift
     if west < lon[0] - dlon / 2 or east > lon[-1] + dlon / 2:
@@ -412,13 +437,21 @@ def write_static_on_grid(plan: RegridPlan, storage_options: dict[str, Any] | Non
         return cells.assign(sftlf=cells["sftlf"] * plan.sftlf_scale).load()
 
     with dask.config.set(scheduler="synchronous"):
-        out = static_on_grid(window(plan.fine_grid), plan.fine_grid, name=f"static store {plan.static_source_url}")
-        views = coarse_static_on_fine(window(plan.coarse_grid), plan.coarse_grid, plan.fine_grid, STATIC_COARSE_VIEWS)
+        out = static_on_grid(
+            window(plan.fine_grid), plan.fine_grid, name=f"static store {plan.static_source_url}"
+        )
+        views = coarse_static_on_fine(
+            window(plan.coarse_grid), plan.coarse_grid, plan.fine_grid, STATIC_COARSE_VIEWS
+        )
     for var in views.data_vars:
-        out[var] = views[var].assign_coords(lat=out.lat, lon=out.lon).assign_attrs(
-            long_name=f"{out[str(var).removesuffix('_coarse')].attrs.get('long_name', var)} as the coarse grid sees it",
-            units=out[str(var).removesuffix("_coarse")].attrs.get("units", ""),
-            comment=f"area mean on the {plan.coarse_grid.dlat:g}-deg coarse grid, bilinear back to this grid",
+        out[var] = (
+            views[var]
+            .assign_coords(lat=out.lat, lon=out.lon)
+            .assign_attrs(
+                long_name=f"{out[str(var).removesuffix('_coarse')].attrs.get('long_name', var)} as the coarse grid sees it",
+                units=out[str(var).removesuffix("_coarse")].attrs.get("units", ""),
+                comment=f"area mean on the {plan.coarse_grid.dlat:g}-deg coarse grid, bilinear back to this grid",
+            )
         )
     out.attrs.update(
         title="ClimRecon static fields on the fine target grid",
@@ -440,17 +473,25 @@ def write_static_on_grid(plan: RegridPlan, storage_options: dict[str, Any] | Non
     return plan.static_url
 
 
-def _template(plan: RegridPlan, grid: Grid, src: xr.Dataset, method: str) -> tuple[xr.Dataset, dict[str, Any]]:
+def _template(
+    plan: RegridPlan, grid: Grid, src: xr.Dataset, method: str
+) -> tuple[xr.Dataset, dict[str, Any]]:
     """A dask-backed template of one output store (no data computed) and its encoding."""
     n, chunk = plan.n_time, plan.config.time_chunk
     coords = grid.to_dataset()
-    ds = xr.Dataset(coords={"time": src["time"].variable.to_base_variable(), "lat": coords["lat"], "lon": coords["lon"]})
+    ds = xr.Dataset(
+        coords={"time": src["time"].variable.to_base_variable(), "lat": coords["lat"], "lon": coords["lon"]}
+    )
     ds = ds.assign_coords(lat_bnds=coords["lat_bnds"], lon_bnds=coords["lon_bnds"])
     encoding: dict[str, Any] = {"time": {**plan.time_encoding, "dtype": "float64", "chunks": (chunk,)}}
     if "time_bnds" in src:
         # in memory, so the template holds the real bounds at once (like the ingest stage)
         ds["time_bnds"] = src["time_bnds"].variable.to_base_variable().load()
-        encoding["time_bnds"] = {**plan.time_encoding, "dtype": "float64", "chunks": (chunk, ds.sizes["bnds"])}
+        encoding["time_bnds"] = {
+            **plan.time_encoding,
+            "dtype": "float64",
+            "chunks": (chunk, ds.sizes["bnds"]),
+        }
         ds["time"].attrs["bounds"] = "time_bnds"
     for v in plan.variables:
         empty = da.empty((n, grid.nlat, grid.nlon), chunks=(chunk, grid.nlat, grid.nlon), dtype=np.float32)
@@ -464,7 +505,9 @@ def _template(plan: RegridPlan, grid: Grid, src: xr.Dataset, method: str) -> tup
 
 def _stores(plan: RegridPlan, storage_options: dict[str, Any] | None) -> tuple[StageStore, StageStore]:
     options = dict(storage_options or {})
-    return StageStore(plan.coarse_url, plan.coarse_key, options), StageStore(plan.fine_url, plan.fine_key, options)
+    return StageStore(plan.coarse_url, plan.coarse_key, options), StageStore(
+        plan.fine_url, plan.fine_key, options
+    )
 
 
 def _methods(plan: RegridPlan) -> tuple[str, str]:
@@ -480,7 +523,9 @@ def prepare_regrid(plan: RegridPlan, storage_options: dict[str, Any] | None = No
     if coarse.is_complete() and fine.is_complete():
         return []
     src = open_source(plan.source_url, storage_options)
-    for store, grid, method in zip((coarse, fine), (plan.coarse_grid, plan.fine_grid), _methods(plan)):
+    for store, grid, method in zip(
+        (coarse, fine), (plan.coarse_grid, plan.fine_grid), _methods(plan), strict=True
+    ):
         if not store.is_complete():
             template, encoding = _template(plan, grid, src, method)
             store.initialize(template, encoding=encoding, zarr_format=plan.config.zarr_format)
@@ -523,7 +568,10 @@ def read_steps(src: xr.Dataset, variables: Sequence[str], time_chunk: int) -> in
     ``variables``), at most ``time_chunk``; ``time_chunk`` for a source without chunk encoding."""
     chunks = []
     for v in variables:
-        enc = src[v].encoding.get("preferred_chunks", {}).get("time") or (src[v].encoding.get("chunks") or [None])[0]
+        enc = (
+            src[v].encoding.get("preferred_chunks", {}).get("time")
+            or (src[v].encoding.get("chunks") or [None])[0]
+        )
         if enc:
             chunks.append(int(enc))
     return max(1, min([time_chunk, *chunks]))
@@ -559,7 +607,10 @@ def regrid_blocks(
     """
     coarse_store, fine_store = _stores(plan, storage_options)
     missing = {s.url: {str(r) for r in s.pending(regions)} for s in (coarse_store, fine_store)}
-    todo = {str(dict(r)): [s for s in (coarse_store, fine_store) if str(dict(r)) in missing[s.url]] for r in regions}
+    todo = {
+        str(dict(r)): [s for s in (coarse_store, fine_store) if str(dict(r)) in missing[s.url]]
+        for r in regions
+    }
     work = [dict(r) for r in regions if todo[str(dict(r))]]
     for i in range(0, len(work), GRAPH_BLOCKS):
         group = work[i : i + GRAPH_BLOCKS]
@@ -573,7 +624,9 @@ def regrid_blocks(
             with dask.config.set(scheduler="synchronous"), np.errstate(invalid="ignore", divide="ignore"):
                 valid, coarse, fine = dask.compute(valid, coarse, fine)
                 if not all(bool(valid[v].all()) for v in plan.variables):
-                    check_time_slices(src.load(), f"source store {plan.source_url}")  # raises, naming the step
+                    check_time_slices(
+                        src.load(), f"source store {plan.source_url}"
+                    )  # raises, naming the step
             for store, out in ((coarse_store, coarse), (fine_store, fine)):
                 if store in todo[str(region)]:
                     store.write_block(out.drop_vars(["lat_bnds", "lon_bnds"], errors="ignore"), region)
@@ -612,7 +665,11 @@ def run_blocks(
     groups = [regions[i : i + blocks_per_future] for i in range(0, len(regions), blocks_per_future)]
     futures = [
         client.submit(
-            regrid_blocks, plan, group, storage_options, pure=False,
+            regrid_blocks,
+            plan,
+            group,
+            storage_options,
+            pure=False,
             key=f"regrid-blocks-{plan.name}-{plan.label(group)}-{plan.coarse_key}",
         )
         for group in groups
@@ -625,15 +682,21 @@ def finalize_regrid(plan: RegridPlan, storage_options: dict[str, Any] | None = N
     regions = plan.regions()
     cfg = plan.config
     common = {"source": plan.source_url, "source_key": plan.source_key, "static": plan.static_url}
-    for store, grid, method in zip(_stores(plan, storage_options), (plan.coarse_grid, plan.fine_grid), _methods(plan)):
+    for store, grid, method in zip(
+        _stores(plan, storage_options), (plan.coarse_grid, plan.fine_grid), _methods(plan), strict=True
+    ):
         if store.is_complete():
             continue
-        attrs = stage_attrs("regrid", cfg, store.key, plan.source_history, **common, grid=grid.describe(), method=method)
+        attrs = stage_attrs(
+            "regrid", cfg, store.key, plan.source_history, **common, grid=grid.describe(), method=method
+        )
         store.finalize(regions, attrs=attrs)
     return RegridResult(plan.coarse_url, plan.fine_url, plan.static_url, 0, len(regions))
 
 
-def run_regrid(plan: RegridPlan, storage_options: dict[str, Any] | None = None, client: Any = None) -> RegridResult:
+def run_regrid(
+    plan: RegridPlan, storage_options: dict[str, Any] | None = None, client: Any = None
+) -> RegridResult:
     """Write (or finish) the static, coarse and fine stores of ``plan``; complete stores are left untouched."""
     pending = prepare_regrid(plan, storage_options)
     written = run_blocks(plan, pending, storage_options, client)

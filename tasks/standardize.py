@@ -111,39 +111,124 @@ class VariableSpec:
 CMIP_VARIABLES: dict[str, VariableSpec] = {
     v.name: v
     for v in (
-        VariableSpec("tas", "air_temperature", "K", "Near-Surface Air Temperature",
-                     ("t2m", "2t", "2m_temperature", "tmp2m", "trefht", "near-surface air temperature", "surface air temperature",
-                      "2 metre temperature")),
-        VariableSpec("uas", "eastward_wind", "m s-1", "Eastward Near-Surface Wind",
-                     ("u10", "10u", "10m_u_component_of_wind", "uwnd", "zonal wind", "eastward near-surface wind",
-                      "10 metre u wind component")),
-        VariableSpec("vas", "northward_wind", "m s-1", "Northward Near-Surface Wind",
-                     ("v10", "10v", "10m_v_component_of_wind", "vwnd", "meridional wind", "northward near-surface wind",
-                      "10 metre v wind component")),
-        VariableSpec("pr", "precipitation_flux", "kg m-2 s-1", "Precipitation",
-                     ("prate", "precip", "precipitation", "precipitation rate", "prect")),
-        VariableSpec("psl", "air_pressure_at_mean_sea_level", "Pa", "Sea Level Pressure",
-                     ("msl", "slp", "mslp", "mean_sea_level_pressure", "sea level pressure", "mean sea level pressure")),
-        VariableSpec("orog", "surface_altitude", "m", "Surface Altitude",
-                     ("elevation", "surface altitude", "surface height")),
-        VariableSpec("sftlf", "land_area_fraction", "%", "Percentage of the Grid Cell Occupied by Land",
-                     ("land area fraction", "land fraction", "land_sea_mask")),
+        VariableSpec(
+            "tas",
+            "air_temperature",
+            "K",
+            "Near-Surface Air Temperature",
+            (
+                "t2m",
+                "2t",
+                "2m_temperature",
+                "tmp2m",
+                "trefht",
+                "near-surface air temperature",
+                "surface air temperature",
+                "2 metre temperature",
+            ),
+        ),
+        VariableSpec(
+            "uas",
+            "eastward_wind",
+            "m s-1",
+            "Eastward Near-Surface Wind",
+            (
+                "u10",
+                "10u",
+                "10m_u_component_of_wind",
+                "uwnd",
+                "zonal wind",
+                "eastward near-surface wind",
+                "10 metre u wind component",
+            ),
+        ),
+        VariableSpec(
+            "vas",
+            "northward_wind",
+            "m s-1",
+            "Northward Near-Surface Wind",
+            (
+                "v10",
+                "10v",
+                "10m_v_component_of_wind",
+                "vwnd",
+                "meridional wind",
+                "northward near-surface wind",
+                "10 metre v wind component",
+            ),
+        ),
+        VariableSpec(
+            "pr",
+            "precipitation_flux",
+            "kg m-2 s-1",
+            "Precipitation",
+            ("prate", "precip", "precipitation", "precipitation rate", "prect"),
+        ),
+        VariableSpec(
+            "psl",
+            "air_pressure_at_mean_sea_level",
+            "Pa",
+            "Sea Level Pressure",
+            (
+                "msl",
+                "slp",
+                "mslp",
+                "mean_sea_level_pressure",
+                "sea level pressure",
+                "mean sea level pressure",
+            ),
+        ),
+        VariableSpec(
+            "orog",
+            "surface_altitude",
+            "m",
+            "Surface Altitude",
+            ("elevation", "surface altitude", "surface height"),
+        ),
+        VariableSpec(
+            "sftlf",
+            "land_area_fraction",
+            "%",
+            "Percentage of the Grid Cell Occupied by Land",
+            ("land area fraction", "land fraction", "land_sea_mask"),
+        ),
     )
 }
 
 SUPPORTED_CALENDARS = (
-    "standard", "gregorian", "proleptic_gregorian", "julian",
-    "noleap", "365_day", "all_leap", "366_day", "360_day",
+    "standard",
+    "gregorian",
+    "proleptic_gregorian",
+    "julian",
+    "noleap",
+    "365_day",
+    "all_leap",
+    "366_day",
+    "360_day",
 )
 
 # Legacy unit spellings that udunits cannot parse or would misread (e.g. "C" is coulomb, "mb" millibarn).
 _UNIT_ALIASES = {
-    "m/s": "m s-1", "m/sec": "m s-1", "mps": "m s-1", "meters/second": "m s-1",
-    "deg c": "degC", "degrees c": "degC", "deg_c": "degC", "celsius": "degC", "degrees celsius": "degC",
-    "deg k": "K", "degrees k": "K", "kelvin": "K",
-    "mb": "hPa", "millibars": "hPa",
-    "(0 - 1)": "1", "0-1": "1", "fraction": "1", "percent": "%",
-    "mm/day": "mm day-1", "mm/d": "mm day-1",
+    "m/s": "m s-1",
+    "m/sec": "m s-1",
+    "mps": "m s-1",
+    "meters/second": "m s-1",
+    "deg c": "degC",
+    "degrees c": "degC",
+    "deg_c": "degC",
+    "celsius": "degC",
+    "degrees celsius": "degC",
+    "deg k": "K",
+    "degrees k": "K",
+    "kelvin": "K",
+    "mb": "hPa",
+    "millibars": "hPa",
+    "(0 - 1)": "1",
+    "0-1": "1",
+    "fraction": "1",
+    "percent": "%",
+    "mm/day": "mm day-1",
+    "mm/d": "mm day-1",
 }
 _TEMPERATURE_ONLY_ALIASES = {"c": "degC"}  # "C" alone means Celsius only where a temperature is expected
 WATER_DENSITY = 1000.0  # kg m-3, to turn a precipitation depth rate (mm/day, m s-1) into a mass flux
@@ -163,8 +248,11 @@ def _is_axis(var: xr.Variable, name: str, *, units: set[str], names: set[str], s
         return True
     if str(a.get("units", "")).strip().lower() in units:
         return True
-    if str(a.get("axis", "")).upper() == axis and "degree" in str(a.get("units", "")).lower() \
-            and a.get("standard_name") not in _ROTATED_NAMES:
+    if (
+        str(a.get("axis", "")).upper() == axis
+        and "degree" in str(a.get("units", "")).lower()
+        and a.get("standard_name") not in _ROTATED_NAMES
+    ):
         return True
     return name.lower() in names
 
@@ -363,7 +451,9 @@ def convert_units(da: xr.DataArray, source: str) -> xr.DataArray:
     try:
         unit = _parse_units(raw, spec)
     except ValueError:
-        raise UnitsError(f"{source}: variable {da.name!r} has units {raw!r} that udunits cannot parse") from None
+        raise UnitsError(
+            f"{source}: variable {da.name!r} has units {raw!r} that udunits cannot parse"
+        ) from None
     target = cf_units.Unit(spec.units)
     note = None
     if unit.is_convertible(target):
@@ -512,7 +602,9 @@ def decode_time(ds: xr.Dataset, source: str) -> xr.Dataset:
             battrs.setdefault("units", units)
             battrs.setdefault("calendar", calendar)
             if str(battrs["calendar"]).lower() != calendar:
-                raise CalendarError(f"{source}: time_bnds calendar {battrs['calendar']!r} differs from time's {calendar!r}")
+                raise CalendarError(
+                    f"{source}: time_bnds calendar {battrs['calendar']!r} differs from time's {calendar!r}"
+                )
         coder = xr.coders.CFDatetimeCoder(use_cftime=True)
         try:
             dec = xr.decode_cf(sub, decode_times=coder, decode_timedelta=False)
@@ -520,18 +612,25 @@ def decode_time(ds: xr.Dataset, source: str) -> xr.Dataset:
             raise CalendarError(f"{source}: cannot decode time ({units!r}, {calendar!r}): {exc}") from None
         return ds.assign_coords(time=dec["time"]).assign({n: dec[n] for n in names if n != "time"})
     if t.dtype.kind == "M":
+
         def to_cf(v: np.ndarray) -> np.ndarray:
             idx = np.asarray(v, dtype="datetime64[us]").astype(object)
             return np.array(
-                [cftime.datetime(*x.timetuple()[:6], x.microsecond, calendar="proleptic_gregorian") for x in idx.ravel()]
+                [
+                    cftime.datetime(*x.timetuple()[:6], x.microsecond, calendar="proleptic_gregorian")
+                    for x in idx.ravel()
+                ]
             ).reshape(np.shape(v))
+
         ds = ds.assign_coords(time=("time", to_cf(t.values), t.attrs))
         if "time_bnds" in ds.variables and ds["time_bnds"].dtype.kind == "M":
             ds["time_bnds"] = (ds["time_bnds"].dims, to_cf(ds["time_bnds"].values))
         return ds
     cal = _calendar_of(np.asarray(t.values))
     if cal not in SUPPORTED_CALENDARS:
-        raise CalendarError(f"{source}: time calendar {cal!r} is not supported; supported: {', '.join(SUPPORTED_CALENDARS)}")
+        raise CalendarError(
+            f"{source}: time calendar {cal!r} is not supported; supported: {', '.join(SUPPORTED_CALENDARS)}"
+        )
     return ds
 
 
@@ -547,7 +646,9 @@ def _next_period(d: cftime.datetime, freq: str) -> cftime.datetime:
 
 def _infer_frequency(times: np.ndarray, bounds: np.ndarray | None) -> str | None:
     if times.size >= 2:
-        days = np.median([(b - a).total_seconds() / 86400 for a, b in zip(times[:-1], times[1:])])
+        days = np.median(
+            [(b - a).total_seconds() / 86400 for a, b in zip(times[:-1], times[1:], strict=True)]
+        )
     elif bounds is not None:
         days = (bounds[0, 1] - bounds[0, 0]).total_seconds() / 86400
     else:
@@ -571,9 +672,9 @@ def normalize_time(ds: xr.Dataset, source: str, frequency: str | None = None) ->
     times = np.asarray(ds["time"].values)
     if times.size == 0:
         raise CoordinateError(f"{source}: the time axis is empty")
-    diffs = [b > a for a, b in zip(times[:-1], times[1:])]
+    diffs = [b > a for a, b in zip(times[:-1], times[1:], strict=True)]
     if not all(diffs):
-        dup = [str(b) for a, b in zip(times[:-1], times[1:]) if a == b]
+        dup = [str(b) for a, b in zip(times[:-1], times[1:], strict=True) if a == b]
         what = f"duplicate values {dup[:3]}" if dup else "values that are not increasing"
         raise CoordinateError(f"{source}: coordinate 'time' has {what}")
     bounds = np.asarray(ds["time_bnds"].values) if "time_bnds" in ds.variables else None
@@ -582,7 +683,7 @@ def normalize_time(ds: xr.Dataset, source: str, frequency: str | None = None) ->
         return ds
     mids = times if bounds is None else np.array([a + (b - a) / 2 for a, b in bounds])
     starts = np.array([_period_start(m, freq) for m in mids])
-    dup = [str(b) for a, b in zip(starts[:-1], starts[1:]) if not b > a]
+    dup = [str(b) for a, b in zip(starts[:-1], starts[1:], strict=True) if not b > a]
     if dup:
         raise CoordinateError(
             f"{source}: time labels fall in the same {'month' if freq == 'mon' else 'year'} more than once "
@@ -612,9 +713,19 @@ def _squeeze_extra_dims(ds: xr.Dataset, source: str) -> xr.Dataset:
 
 
 def _cf_attrs(ds: xr.Dataset, convention: LonConvention, calendar: str | None) -> xr.Dataset:
-    ds["lat"].attrs = {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}
-    ds["lon"].attrs = {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east",
-                       "axis": "X", "climrecon_lon_convention": convention}
+    ds["lat"].attrs = {
+        "standard_name": "latitude",
+        "long_name": "latitude",
+        "units": "degrees_north",
+        "axis": "Y",
+    }
+    ds["lon"].attrs = {
+        "standard_name": "longitude",
+        "long_name": "longitude",
+        "units": "degrees_east",
+        "axis": "X",
+        "climrecon_lon_convention": convention,
+    }
     for c in ("lat", "lon"):
         if f"{c}_bnds" in ds.variables:
             ds[c].attrs["bounds"] = f"{c}_bnds"
@@ -628,17 +739,24 @@ def _cf_attrs(ds: xr.Dataset, convention: LonConvention, calendar: str | None) -
     for name in ds.data_vars:
         if name in CMIP_VARIABLES:
             spec = CMIP_VARIABLES[name]
-            keep = {k: v for k, v in ds[name].attrs.items()
-                    if k in ("cell_methods", "comment", "climrecon_renamed_from", "climrecon_units_from")}
-            ds[name].attrs = {"standard_name": spec.standard_name, "long_name": spec.long_name,
-                              "units": spec.units, **keep}
+            keep = {
+                k: v
+                for k, v in ds[name].attrs.items()
+                if k in ("cell_methods", "comment", "climrecon_renamed_from", "climrecon_units_from")
+            }
+            ds[name].attrs = {
+                "standard_name": spec.standard_name,
+                "long_name": spec.long_name,
+                "units": spec.units,
+                **keep,
+            }
     return ds
 
 
 def _check_not_empty(ds: xr.Dataset, source: str) -> None:
     names = [n for n in ds.data_vars if n in CMIP_VARIABLES]
     valid = dask.compute(*[ds[n].notnull().any() for n in names])
-    empty = [n for n, ok in zip(names, valid) if not bool(ok)]
+    empty = [n for n, ok in zip(names, valid, strict=True) if not bool(ok)]
     if empty:
         raise EmptyVariableError(f"{source}: variable(s) {empty} hold no valid value (all NaN / fill value)")
 
@@ -667,11 +785,16 @@ def standardize(
         raise MissingVariableError(f"{source}: no recognised variable (known: {sorted(CMIP_VARIABLES)})")
     ds = _squeeze_extra_dims(ds, source)
     # only the index coordinates, bounds and scalar coordinates (e.g. height) survive
-    drop = [n for n, c in ds.coords.items()
-            if n not in ("time", "lat", "lon", "time_bnds", "lat_bnds", "lon_bnds")
-            and not (c.ndim == 0 and (n == "height" or c.attrs.get("standard_name") == "height"))]
+    drop = [
+        n
+        for n, c in ds.coords.items()
+        if n not in ("time", "lat", "lon", "time_bnds", "lat_bnds", "lon_bnds")
+        and not (c.ndim == 0 and (n == "height" or c.attrs.get("standard_name") == "height"))
+    ]
     ds = ds.drop_vars(drop)
-    other_bounds = [n for n in ds.data_vars if n not in CMIP_VARIABLES and n not in ("time_bnds", "lat_bnds", "lon_bnds")]
+    other_bounds = [
+        n for n in ds.data_vars if n not in CMIP_VARIABLES and n not in ("time_bnds", "lat_bnds", "lon_bnds")
+    ]
     ds = ds.drop_vars(other_bounds).set_coords([b for b in ("lat_bnds", "lon_bnds") if b in ds.data_vars])
     # spatial bounds are small: keep them in memory so that a Zarr template writes them at once
     ds = ds.assign_coords({b: ds[b].load() for b in ("lat_bnds", "lon_bnds") if b in ds.coords})

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,9 +36,6 @@ import torch
 import xarray as xr
 
 from climrecon.catalogs.static import open_static_fields
-from climrecon.models.normalization import NormalizationStats
-from climrecon.models.samplers import seed_for
-from climrecon.models.trainer import Batch
 from climrecon.methods.features import (
     ConditioningSpec,
     coarse_on_fine,
@@ -49,6 +45,9 @@ from climrecon.methods.features import (
     time_of_year,
     with_coarse_static,
 )
+from climrecon.models.normalization import NormalizationStats
+from climrecon.models.samplers import seed_for
+from climrecon.models.trainer import Batch
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import static_on_grid
 
@@ -68,11 +67,14 @@ __all__ = [
     "PatchBatches",
 ]
 
+
 class TrainingDataError(ValueError):
     """The truth store cannot provide the requested training data (missing variable or years)."""
 
 
-def open_truth(url: str, variables: Sequence[str], storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+def open_truth(
+    url: str, variables: Sequence[str], storage_options: dict[str, Any] | None = None
+) -> xr.Dataset:
     """Lazily open a fine truth store with cftime times; raises naming the store if a variable is missing."""
     try:
         ds = xr.open_zarr(
@@ -104,7 +106,9 @@ def select_years(ds: xr.Dataset, years: tuple[int, int], name: str = "truth") ->
     return ds.isel(time=np.flatnonzero((have >= first) & (have <= last)))
 
 
-def static_for_truth(static_url: str, truth: xr.Dataset, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
+def static_for_truth(
+    static_url: str, truth: xr.Dataset, storage_options: dict[str, Any] | None = None
+) -> xr.Dataset:
     """orog, orog_std, sftlf on the truth's grid from a global static store."""
     static = open_static_fields(static_url, storage_options)
     grid = Grid.from_dataset(truth, "truth")
@@ -222,7 +226,9 @@ class PatchBatches:
         for i, r, c in zip(idx, rows, cols, strict=True):
             tgt.append(self.target[i, :, r : r + p, c : c + p])
             cnd.append(
-                np.concatenate([self.cond_dynamic[i, :, r : r + p, c : c + p], self.cond_static[:, r : r + p, c : c + p]])
+                np.concatenate(
+                    [self.cond_dynamic[i, :, r : r + p, c : c + p], self.cond_static[:, r : r + p, c : c + p]]
+                )
             )
         return Batch(
             target=torch.from_numpy(np.stack(tgt)),
@@ -250,7 +256,9 @@ def _catalog_path(cfg: Any, source_id: str) -> str:
     rows = pd.read_csv(csv)
     paths = rows.loc[rows["source_id"] == source_id, "path"].unique()
     if len(paths) != 1:
-        raise FileNotFoundError(f"sample catalog {csv} lists {len(paths)} store(s) for source_id {source_id!r}")
+        raise FileNotFoundError(
+            f"sample catalog {csv} lists {len(paths)} store(s) for source_id {source_id!r}"
+        )
     return str(paths[0]).removeprefix("file://")
 
 
@@ -280,23 +288,40 @@ class TrainingSetup:
     data: dict[str, Any]  # labelled description of the training data (goes into the checkpoint)
 
 
-def training_setup(section: Any, spec: ConditioningSpec, truth_url: str, static_url: str, *,
-                   target: str = "residual", patch_size: int = 32) -> TrainingSetup:
+def training_setup(
+    section: Any,
+    spec: ConditioningSpec,
+    truth_url: str,
+    static_url: str,
+    *,
+    target: str = "residual",
+    patch_size: int = 32,
+) -> TrainingSetup:
     """Training-year pairs (``section``: a TrainSection), their statistics and the crop sampler; held-out
     years are never opened."""
     from climrecon.storage import public_url
 
     if target not in TARGET_KINDS:
         raise TrainingDataError(f"target must be one of {TARGET_KINDS}, got {target!r}")
-    truth = select_years(open_truth(truth_url, spec.variables), section.train_years, f"truth store {truth_url}")
+    truth = select_years(
+        open_truth(truth_url, spec.variables), section.train_years, f"truth store {truth_url}"
+    )
     static = static_for_truth(static_url, truth)
     pairs, cond = perfect_model_pairs(truth, static, spec)
     cond_stats = fit_target_normalization(pairs, spec.variables)
     if target == "residual":
         pairs = residual_target(pairs, cond, spec.variables)
     stats = fit_target_normalization(pairs, spec.variables)
-    batches = PatchBatches.from_pairs(pairs, cond, spec, stats, patch_size=patch_size, batch_size=section.batch_size,
-                                      seed=section.seed, cond_stats=cond_stats)
+    batches = PatchBatches.from_pairs(
+        pairs,
+        cond,
+        spec,
+        stats,
+        patch_size=patch_size,
+        batch_size=section.batch_size,
+        seed=section.seed,
+        cond_stats=cond_stats,
+    )
     attrs = open_truth(truth_url, spec.variables).attrs
     data = {
         "truth": public_url(truth_url),

@@ -27,11 +27,33 @@ import pandas as pd
 import pytest
 
 CATALOG_COLUMNS = [
-    "activity_id", "institution_id", "source_id", "experiment_id", "member_id", "table_id", "variable_id",
-    "grid_label", "version", "frequency", "calendar", "time_range", "format", "path", "origin", "synthetic",
+    "activity_id",
+    "institution_id",
+    "source_id",
+    "experiment_id",
+    "member_id",
+    "table_id",
+    "variable_id",
+    "grid_label",
+    "version",
+    "frequency",
+    "calendar",
+    "time_range",
+    "format",
+    "path",
+    "origin",
+    "synthetic",
     "license",
 ]
-GROUPBY = ["activity_id", "institution_id", "source_id", "experiment_id", "member_id", "table_id", "grid_label"]
+GROUPBY = [
+    "activity_id",
+    "institution_id",
+    "source_id",
+    "experiment_id",
+    "member_id",
+    "table_id",
+    "grid_label",
+]
 
 
 def _free_port() -> int:
@@ -65,8 +87,9 @@ class S3Server:
 def moto_s3():
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -74,7 +97,7 @@ def moto_s3():
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with code {proc.returncode}")
+                raise RuntimeError(f"moto_server exited with code {proc.returncode}") from None
             time.sleep(0.1)
     else:
         proc.terminate()
@@ -112,18 +135,35 @@ def prefect_harness():
 def catalog_row(path: str | Path, variable_id: str, **overrides: Any) -> dict[str, Any]:
     """A catalog row with the project's columns (MPI-ESM-LR historical r1i1p1 Amon unless overridden)."""
     row = {
-        "activity_id": "CMIP", "institution_id": "MPI-M", "source_id": "MPI-ESM-LR",
-        "experiment_id": "historical", "member_id": "r1i1p1", "table_id": "Amon", "variable_id": variable_id,
-        "grid_label": "gn", "version": "v20110527", "frequency": "mon", "calendar": "proleptic_gregorian",
-        "time_range": "200501-200512", "format": "netcdf", "path": str(path), "origin": "test",
-        "synthetic": False, "license": "test",
+        "activity_id": "CMIP",
+        "institution_id": "MPI-M",
+        "source_id": "MPI-ESM-LR",
+        "experiment_id": "historical",
+        "member_id": "r1i1p1",
+        "table_id": "Amon",
+        "variable_id": variable_id,
+        "grid_label": "gn",
+        "version": "v20110527",
+        "frequency": "mon",
+        "calendar": "proleptic_gregorian",
+        "time_range": "200501-200512",
+        "format": "netcdf",
+        "path": str(path),
+        "origin": "test",
+        "synthetic": False,
+        "license": "test",
     }
     row.update(overrides)
     return row
 
 
-def write_catalog(directory: Path, rows: list[dict[str, Any]], name: str = "catalog",
-                  columns: list[str] | None = None, path_column: str = "path") -> Path:
+def write_catalog(
+    directory: Path,
+    rows: list[dict[str, Any]],
+    name: str = "catalog",
+    columns: list[str] | None = None,
+    path_column: str = "path",
+) -> Path:
     """An intake-esm catalog (``<name>.json`` + ``<name>.csv``) grouping like the project's sample catalog."""
     directory.mkdir(parents=True, exist_ok=True)
     cols = columns or CATALOG_COLUMNS

@@ -50,7 +50,9 @@ class E2ERun:
 E2E = E2ERun(
     "reconstruct-local",
     ("downscale.members=2", "downscale.members_per_unit=2", "sampler.num_steps=4"),
-    frozenset({"reconstruct-stores", "reconstruct-summary", "reconstruct-skill", "reconstruct-skill-records"}),
+    frozenset(
+        {"reconstruct-stores", "reconstruct-summary", "reconstruct-skill", "reconstruct-skill-records"}
+    ),
 )
 
 
@@ -180,10 +182,13 @@ def deployed_run(prefect_server: LocalPrefectServer, tmp_path_factory) -> Deploy
     pool = spec["work_pool"]["name"]
     storage_root, results = tmp / "stores", tmp / "results"
     overrides = [f"storage.root={storage_root}", *_sample_overrides(tmp), *E2E.overrides]
-    env = {**os.environ, **prefect_server.client_environment(),
-           "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-           "PREFECT_LOCAL_STORAGE_PATH": str(results)}
+    env = {
+        **os.environ,
+        **prefect_server.client_environment(),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOCAL_STORAGE_PATH": str(results),
+    }
 
     t0 = time.monotonic()
     with sync_client(prefect_server) as client:
@@ -193,8 +198,20 @@ def deployed_run(prefect_server: LocalPrefectServer, tmp_path_factory) -> Deploy
 
     t0 = time.monotonic()
     deploy = subprocess.run(
-        [prefect_bin(), "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML), "--name", E2E.deployment],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        [
+            prefect_bin(),
+            "--no-prompt",
+            "deploy",
+            "--prefect-file",
+            str(PREFECT_YAML),
+            "--name",
+            E2E.deployment,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     timings["deploy"] = time.monotonic() - t0
     assert deploy.returncode == 0, f"prefect deploy failed:\n{deploy.stdout[-3000:]}\n{deploy.stderr[-3000:]}"
@@ -203,7 +220,8 @@ def deployed_run(prefect_server: LocalPrefectServer, tmp_path_factory) -> Deploy
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
         (deployment,) = client.read_deployments(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[E2E.deployment])))
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[E2E.deployment]))
+        )
         flow = client.read_flow(deployment.flow_id)
         flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
 
@@ -214,7 +232,11 @@ def deployed_run(prefect_server: LocalPrefectServer, tmp_path_factory) -> Deploy
         with open(worker_log, "wb") as log:
             worker = subprocess.Popen(
                 [prefect_bin(), "worker", "start", "--pool", pool, "--run-once", "--name", "e2e-worker"],
-                cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=tmp,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
             try:
                 worker.wait(timeout=240)
@@ -227,19 +249,36 @@ def deployed_run(prefect_server: LocalPrefectServer, tmp_path_factory) -> Deploy
     with sync_client(prefect_server) as client:
         flow_run = client.read_flow_run(flow_run.id)
         task_runs = _wait_for_task_runs(client, flow_run.id)
-        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
 
     run = DeployedRun(
-        server=prefect_server, deployment_name=f"{flow.name}/{deployment.name}", flow_run=flow_run,
-        task_runs=task_runs, artifacts=artifacts, log_messages=[entry.message for entry in logs],
-        storage_root=storage_root, result_storage=results, worker_log=worker_log,
-        worker_returncode=worker.returncode if worker else None, timings=timings,
+        server=prefect_server,
+        deployment_name=f"{flow.name}/{deployment.name}",
+        flow_run=flow_run,
+        task_runs=task_runs,
+        artifacts=artifacts,
+        log_messages=[entry.message for entry in logs],
+        storage_root=storage_root,
+        result_storage=results,
+        worker_log=worker_log,
+        worker_returncode=worker.returncode if worker else None,
+        timings=timings,
     )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "deployment_e2e.json").write_text(json.dumps({
-        "deployment": run.deployment_name, "flow_run_id": str(flow_run.id), "state": flow_run.state_name,
-        "task_runs": sorted(r.name for r in task_runs), "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "ui_url": prefect_server.flow_run_url(flow_run.id),
-    }, indent=1))
+    (ARTIFACTS / "deployment_e2e.json").write_text(
+        json.dumps(
+            {
+                "deployment": run.deployment_name,
+                "flow_run_id": str(flow_run.id),
+                "state": flow_run.state_name,
+                "task_runs": sorted(r.name for r in task_runs),
+                "timings_s": {k: round(v, 2) for k, v in timings.items()},
+                "ui_url": prefect_server.flow_run_url(flow_run.id),
+            },
+            indent=1,
+        )
+    )
     return run

@@ -25,23 +25,34 @@ from climrecon.tasks.regrid import coarsen_blocks
 FACTOR = 4
 
 
-def grid_field(nt: int, calendar: str, seed: int, start_year: int = 2005, nlat: int = 16, nlon: int = 20,
-               lat0: float = 30.0, scale: float = 1.0) -> xr.Dataset:
+def grid_field(
+    nt: int,
+    calendar: str,
+    seed: int,
+    start_year: int = 2005,
+    nlat: int = 16,
+    nlon: int = 20,
+    lat0: float = 30.0,
+    scale: float = 1.0,
+) -> xr.Dataset:
     rng = np.random.default_rng(seed)
     times = [cftime.datetime(start_year + m // 12, m % 12 + 1, 1, calendar=calendar) for m in range(nt)]
     lat = lat0 + 0.25 * (np.arange(nlat) + 0.5)
     lon = -120.0 + 0.25 * (np.arange(nlon) + 0.5)
     values = scale * rng.standard_normal((nt, nlat, nlon)).astype("float32")
-    return xr.Dataset({"tas": (("time", "lat", "lon"), values, {"units": "K"})},
-                      coords={"time": times, "lat": lat, "lon": lon})
+    return xr.Dataset(
+        {"tas": (("time", "lat", "lon"), values, {"units": "K"})},
+        coords={"time": times, "lat": lat, "lon": lon},
+    )
 
 
 def test_split_scales_is_exact_and_the_fine_part_has_zero_block_means():
     field = grid_field(1, "standard", 0, nlat=18, nlon=21).isel(time=0)  # remainder rows/columns are dropped
     large, fine = split_scales(field, FACTOR)
     assert large.sizes == fine.sizes == {"lat": 16, "lon": 20}
-    np.testing.assert_allclose((large + fine)["tas"], field["tas"].isel(lat=slice(0, 16), lon=slice(0, 20)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        (large + fine)["tas"], field["tas"].isel(lat=slice(0, 16), lon=slice(0, 20)), atol=1e-5
+    )
     np.testing.assert_allclose(coarsen_blocks(fine, FACTOR)["tas"], 0.0, atol=1e-5)
     assert np.all(large["tas"].values[:4, :4] == large["tas"].values[0, 0])  # constant on each block
     with pytest.raises(AddedValueError, match="smaller than one 4 x 4 block"):
@@ -60,11 +71,17 @@ def test_matching_truth_pairs_months_across_calendars_and_selects_the_grid():
     np.testing.assert_array_equal(matched["tas"].isel(time=0), truth["tas"].isel(time=15, lat=slice(4, 20)))
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda t: t.rename({"tas": "pr"}), r"truth truth\.zarr lacks \['tas'\]"),
-    (lambda t: t.assign_coords(time=[cftime.datetime(1990, m + 1, 1) for m in range(12)]), "shares no month"),
-    (lambda t: t.assign_coords(lon=t["lon"] + 0.1), "does not have the reconstruction's lon cells"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.rename({"tas": "pr"}), r"truth truth\.zarr lacks \['tas'\]"),
+        (
+            lambda t: t.assign_coords(time=[cftime.datetime(1990, m + 1, 1) for m in range(12)]),
+            "shares no month",
+        ),
+        (lambda t: t.assign_coords(lon=t["lon"] + 0.1), "does not have the reconstruction's lon cells"),
+    ],
+)
 def test_truth_that_cannot_be_compared_is_named(change, message):
     run = grid_field(12, "noleap", 2)
     with pytest.raises(AddedValueError, match=message):
@@ -112,7 +129,9 @@ def test_reconstruction_fields_read_the_run_stores(tmp_path):
         fine_scale_maps(clim.time_means, FACTOR, "tas", tmp_path / "fine.png", months=clim.months, units="K")
     assert len(computes) == 1 and (tmp_path / "fine.png").stat().st_size > 0
     by = {(r["method"], r["scale"]): r for r in records}
-    assert by["downscaled", "whole"]["bias"] == pytest.approx(by["interpolated", "whole"]["bias"] + 0.5, abs=1e-4)
+    assert by["downscaled", "whole"]["bias"] == pytest.approx(
+        by["interpolated", "whole"]["bias"] + 0.5, abs=1e-4
+    )
     assert by["downscaled", "fine"]["rmse"] == pytest.approx(by["interpolated", "fine"]["rmse"], abs=1e-4)
     with pytest.raises(AddedValueError, match="none of the reconstructed variables"):
         reconstruction_fields(*urls, truth.rename({"tas": "pr"}), "truth.zarr")

@@ -32,11 +32,16 @@ from climrecon.tasks.aggregate import (
 )
 
 CFTIME = xr.coders.CFDatetimeCoder(use_cftime=True)
-UNITS = {"tas": ("air_temperature", "K"), "uas": ("eastward_wind", "m s-1"), "vas": ("northward_wind", "m s-1")}
+UNITS = {
+    "tas": ("air_temperature", "K"),
+    "uas": ("eastward_wind", "m s-1"),
+    "vas": ("northward_wind", "m s-1"),
+}
 
 
-def member_dataset(n_member: int = 16, n_time: int = 24, ny: int = 16, nx: int = 20, seed: int = 0,
-                   calendar: str = "noleap") -> xr.Dataset:
+def member_dataset(
+    n_member: int = 16, n_time: int = 24, ny: int = 16, nx: int = 20, seed: int = 0, calendar: str = "noleap"
+) -> xr.Dataset:
     """A downscale-stage-like member dataset: seeded random fields, month-start cftime with bounds."""
     rng = np.random.default_rng(seed)
     starts = xr.date_range("1990-01-01", periods=n_time + 1, freq="MS", calendar=calendar, use_cftime=True)
@@ -49,9 +54,19 @@ def member_dataset(n_member: int = 16, n_time: int = 24, ny: int = 16, nx: int =
         "vas": 4.0 * rng.standard_normal(shape),
     }
     ds = xr.Dataset(
-        {v: (("member", "time", "lat", "lon"), x.astype(np.float32),
-             {"standard_name": UNITS[v][0], "units": UNITS[v][1], "long_name": v, "cell_methods": "time: mean"})
-         for v, x in data.items()},
+        {
+            v: (
+                ("member", "time", "lat", "lon"),
+                x.astype(np.float32),
+                {
+                    "standard_name": UNITS[v][0],
+                    "units": UNITS[v][1],
+                    "long_name": v,
+                    "cell_methods": "time: mean",
+                },
+            )
+            for v, x in data.items()
+        },
         coords={
             "member": np.arange(n_member),
             "time": ("time", starts[:-1].values, {"standard_name": "time"}),
@@ -65,8 +80,15 @@ def member_dataset(n_member: int = 16, n_time: int = 24, ny: int = 16, nx: int =
     return ds
 
 
-def write_member_store(root: str, ds: xr.Dataset, *, storage_options: dict[str, Any] | None = None,
-                       provenance: dict[str, Any] | None = None, complete: bool = True, block: int = 12) -> str:
+def write_member_store(
+    root: str,
+    ds: xr.Dataset,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+    complete: bool = True,
+    block: int = 12,
+) -> str:
     """Write ``ds`` as the downscale stage does: a StageStore at <root>/downscale/<name>.<key>.zarr."""
     key = content_key("test-downscale", ds.sizes, float(ds.tas.values[0, 0, 0, 0]))
     url = f"{root.rstrip('/')}/downscale/MPI-ESM-LR.historical.r1i1p1.dpdm.{key}.zarr"
@@ -81,11 +103,18 @@ def write_member_store(root: str, ds: xr.Dataset, *, storage_options: dict[str, 
     for r in regions if complete else regions[:1]:
         store.write_block(ds[["tas", "uas", "vas"]].isel(r), r)
     if complete:
-        store.finalize(regions, attrs={
-            "history": "2026-11-20T00:00:00+00:00 climrecon 0.1.0 downscale: key " + key,
-            "climrecon_downscale_config": json.dumps({"method": "dpdm", "members": ds.sizes["member"], "seed": 7}),
-            "climrecon_provenance": json.dumps(provenance or {"stage": "downscale", "seeds": {"base": 7}}),
-        })
+        store.finalize(
+            regions,
+            attrs={
+                "history": "2026-11-20T00:00:00+00:00 climrecon 0.1.0 downscale: key " + key,
+                "climrecon_downscale_config": json.dumps(
+                    {"method": "dpdm", "members": ds.sizes["member"], "seed": 7}
+                ),
+                "climrecon_provenance": json.dumps(
+                    provenance or {"stage": "downscale", "seeds": {"base": 7}}
+                ),
+            },
+        )
     return url
 
 
@@ -96,7 +125,9 @@ def expected_statistics(members: np.ndarray, quantiles, thresholds) -> dict[str,
         "mean": x.mean(0),
         "std": x.std(0, ddof=1),
         "quantile": np.quantile(x, quantiles, axis=0),
-        "exceedance": np.stack([(x > t).sum(0) / x.shape[0] for t in thresholds]) if len(thresholds) else None,
+        "exceedance": np.stack([(x > t).sum(0) / x.shape[0] for t in thresholds])
+        if len(thresholds)
+        else None,
     }
 
 
@@ -123,7 +154,9 @@ def test_ensemble_statistics_match_numpy_and_propagate_nan():
     x[2, 0, 1, 1] = np.nan
     got = ensemble_statistics(x, [0.1, 0.5, 0.9], [0.0, 1.0])
     np.testing.assert_allclose(got["std"][1], np.std(x[:, 1].astype(float), axis=0, ddof=1), rtol=1e-6)
-    np.testing.assert_allclose(got["quantile"][:, 2], np.quantile(x[:, 2], [0.1, 0.5, 0.9], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        got["quantile"][:, 2], np.quantile(x[:, 2], [0.1, 0.5, 0.9], axis=0), rtol=1e-6
+    )
     np.testing.assert_array_equal(got["exceedance"][1, 1], (x[:, 1] > 1.0).mean(0).astype(np.float32))
     for name in ("mean", "std"):
         assert np.isnan(got[name][0, 1, 1]) and np.isfinite(got[name][0, 1, 2])
@@ -134,10 +167,14 @@ def test_ensemble_statistics_match_numpy_and_propagate_nan():
 
 def test_aggregate_values_cf_metadata_provenance_catalog_and_rerun(member_store, tmp_path):
     url, ds = member_store
-    cfg = AggregateConfig(time_chunk=12, quantiles=[0.9, 0.05, 0.5], thresholds={"tas": [303.15, 273.15], "uas": [5.0]})
+    cfg = AggregateConfig(
+        time_chunk=12, quantiles=[0.9, 0.05, 0.5], thresholds={"tas": [303.15, 273.15], "uas": [5.0]}
+    )
     root = str(tmp_path / "out")
     plan = plan_aggregate(url, cfg, root)
-    assert plan.url.startswith(f"{root}/aggregate/MPI-ESM-LR.historical.r1i1p1.dpdm.") and plan.key in plan.url
+    assert (
+        plan.url.startswith(f"{root}/aggregate/MPI-ESM-LR.historical.r1i1p1.dpdm.") and plan.key in plan.url
+    )
     assert plan.period == "199001-199112" and plan.n_member == 16
     catalog = output_catalog_url(root)
     assert run_aggregate(plan, catalog=catalog) == plan.url
@@ -147,18 +184,34 @@ def test_aggregate_values_cf_metadata_provenance_catalog_and_rerun(member_store,
     # CF: statistics keep standard_name/units; cell_methods in order of application; bounds everywhere
     assert out.tas_mean.attrs["standard_name"] == "air_temperature" and out.tas_mean.attrs["units"] == "K"
     assert out.tas_mean.attrs["cell_methods"].startswith("time: mean realization: mean")
-    assert "realization: standard_deviation (comment: sample estimator with N-1" in out.tas_std.attrs["cell_methods"]
-    assert out.tas_quantile.attrs["cell_methods"] == "time: mean" and list(out["quantile"].values) == [0.05, 0.5, 0.9]
+    assert (
+        "realization: standard_deviation (comment: sample estimator with N-1"
+        in out.tas_std.attrs["cell_methods"]
+    )
+    assert out.tas_quantile.attrs["cell_methods"] == "time: mean" and list(out["quantile"].values) == [
+        0.05,
+        0.5,
+        0.9,
+    ]
     assert out["quantile"].attrs["units"] == "1"
     assert out.tas_exceedance.attrs["units"] == "1" and "standard_name" not in out.tas_exceedance.attrs
-    assert out.tas_threshold.attrs == {"standard_name": "air_temperature", "units": "K", "long_name": "threshold of tas",
-                                       "spp_relative_to_threshold": "greater_than"}
+    assert out.tas_threshold.attrs == {
+        "standard_name": "air_temperature",
+        "units": "K",
+        "long_name": "threshold of tas",
+        "spp_relative_to_threshold": "greater_than",
+    }
     assert list(out.tas_threshold.values) == pytest.approx([273.15, 303.15]) and "vas_exceedance" not in out
     assert out.time.attrs["bounds"] == "time_bnds" and out.lat.attrs["bounds"] == "lat_bnds"
     assert out.time_bnds.values[0, 1] == out.time.values[1] and out.time.values[0].calendar == "noleap"
     np.testing.assert_allclose(out.lat_bnds.values[:, 1] - out.lat_bnds.values[:, 0], 0.25)
     assert out.lon_bnds.values[0, 0] == pytest.approx(-125.0)
-    assert out.tas_mean.encoding["chunks"] == (12, 16, 20) and out.tas_quantile.encoding["chunks"] == (1, 12, 16, 20)
+    assert out.tas_mean.encoding["chunks"] == (12, 16, 20) and out.tas_quantile.encoding["chunks"] == (
+        1,
+        12,
+        16,
+        20,
+    )
     assert "tas" not in out.data_vars  # members only on request
     # provenance: attributes, history, PROV document beside the zarr metadata
     assert out.attrs["climrecon_status"] == "complete" and out.attrs["climrecon_source"] == url
@@ -168,11 +221,17 @@ def test_aggregate_values_cf_metadata_provenance_catalog_and_rerun(member_store,
     assert record["upstream"]["seeds"] == {"base": 7} and record["upstream"]["config"]["method"] == "dpdm"
     doc = json.loads((Path(plan.url) / "provenance.json").read_text())
     assert doc["entity"][f"climrecon:store/{plan.member_key}"]["prov:location"] == url
-    assert {"prov:generatedEntity": f"climrecon:store/{plan.key}",
-            "prov:usedEntity": f"climrecon:store/{plan.member_key}"} in doc["wasDerivedFrom"].values()
+    assert {
+        "prov:generatedEntity": f"climrecon:store/{plan.key}",
+        "prov:usedEntity": f"climrecon:store/{plan.member_key}",
+    } in doc["wasDerivedFrom"].values()
     # the output catalog lists one row per statistic variable and opens with intake-esm
     rows = read_output_rows(catalog)
-    assert {(r["variable_id"], r["statistic"]) for r in rows} >= {("tas", "mean"), ("tas", "exceedance"), ("vas", "std")}
+    assert {(r["variable_id"], r["statistic"]) for r in rows} >= {
+        ("tas", "mean"),
+        ("tas", "exceedance"),
+        ("vas", "std"),
+    }
     assert {r["period"] for r in rows} == {"199001-199112"} and {r["key"] for r in rows} == {plan.key}
     (opened,) = open_outputs(catalog, statistic="mean").values()
     assert sorted(opened.data_vars) == ["tas_mean", "uas_mean", "vas_mean"]
@@ -232,7 +291,9 @@ def test_config_errors_name_the_field(member_store, tmp_path):
     with pytest.raises(ValueError, match="fractions, not percent"):
         AggregateConfig(quantiles=[5, 50, 95])
     config = tmp_path / "run.yaml"
-    config.write_text(f"storage:\n  root: {tmp_path / 'o'}\naggregate:\n  time_chunk: 6\n  quantiles: [0.25]\n")
+    config.write_text(
+        f"storage:\n  root: {tmp_path / 'o'}\naggregate:\n  time_chunk: 6\n  quantiles: [0.25]\n"
+    )
     cfg = load_config(config, ["aggregate.include_members=true"])
     agg = cfg.aggregate
     assert cfg.storage.root == str(tmp_path / "o") and agg.time_chunk == 6 and agg.quantiles == [0.25]

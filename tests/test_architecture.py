@@ -19,7 +19,9 @@ def _installed_layout(root: Path) -> Path:
     package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name, folder in sorted(package_dir.items(), key=lambda kv: kv[0].count(".")):
-        shutil.copytree(REPO / folder, root / "src" / Path(*name.split(".")), ignore=ignore, dirs_exist_ok=True)
+        shutil.copytree(
+            REPO / folder, root / "src" / Path(*name.split(".")), ignore=ignore, dirs_exist_ok=True
+        )
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
     return root
 

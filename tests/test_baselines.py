@@ -8,11 +8,10 @@ import xarray as xr
 
 from climrecon.methods import Inputs, Method
 from climrecon.methods import baselines as B
-
-I = Inputs.from_coarse  # the inputs a stage hands a method: coarse fields + their view on the target grid
 from climrecon.tasks import regrid
 from climrecon.tasks.grids import Grid
 
+inputs_of = Inputs.from_coarse  # what a stage hands a method: coarse fields + their view on the target grid
 FINE = Grid(30.0, -120.0, 0.5, 0.5, 16, 20)  # 4 x 5 coarse cells of 2 deg
 FACTOR = 4
 YEARS = 16
@@ -64,7 +63,7 @@ def test_every_baseline_is_a_downscaler_with_the_shared_output(data) -> None:
         assert isinstance(method, Method)
         fitted = method.fit(data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN))
         assert fitted is method
-        out = method.downscale(I(data["gcm"], FINE), members=3, seed=5)
+        out = method.downscale(inputs_of(data["gcm"], FINE), members=3, seed=5)
         assert out["tas"].dims == ("member", "time", "lat", "lon") and out["tas"].dtype == np.float32
         assert out.sizes["member"] == 3 and out.sizes["time"] == 12 * YEARS
         np.testing.assert_allclose(out["lat"], FINE.lat) and np.testing.assert_allclose(out["lon"], FINE.lon)
@@ -75,14 +74,15 @@ def test_every_baseline_is_a_downscaler_with_the_shared_output(data) -> None:
 
 
 def test_bilinear_baseline_equals_regrid_bilinear(data) -> None:
-    out = B.BilinearDownscaler().downscale(I(data["gcm"], FINE), members=2)
+    out = B.BilinearDownscaler().downscale(inputs_of(data["gcm"], FINE), members=2)
     expected = regrid.bilinear(data["gcm"], FINE)
     for var in ("tas", "pr"):
         for m in range(2):
             xr.testing.assert_equal(out[var].isel(member=m, drop=True), expected[var])
     # a dataset with lat/lon is as good a target as a Grid
     xr.testing.assert_equal(
-        B.BilinearDownscaler().downscale(I(data["gcm"], data["fine"]))["tas"], out["tas"].isel(member=[0])
+        B.BilinearDownscaler().downscale(inputs_of(data["gcm"], data["fine"]))["tas"],
+        out["tas"].isel(member=[0]),
     )
 
 
@@ -110,7 +110,9 @@ def test_empirical_quantile_mapping_by_hand() -> None:
 
 def test_quantile_mapping_reproduces_fine_quantiles_on_training_years(data) -> None:
     gcm, fine = data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN)
-    out = B.QuantileMappingDownscaler().fit(gcm, fine).downscale(I(gcm, FINE)).isel(member=0, drop=True)
+    out = (
+        B.QuantileMappingDownscaler().fit(gcm, fine).downscale(inputs_of(gcm, FINE)).isel(member=0, drop=True)
+    )
     raw = regrid.bilinear(gcm[["tas", "pr"]].astype("float64"), FINE)
     for var in ("tas", "pr"):
         got, want = _quantiles_by_month(out[var]), _quantiles_by_month(fine[var])
@@ -143,7 +145,7 @@ def test_bcsd_bias_correction_matches_coarse_reference_and_fine_climatology(data
         got, want = _quantiles_by_month(corrected[var]), _quantiles_by_month(reference[var])
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6 * float(abs(want).max()))
     # spatial disaggregation onto the fine climatology: the training-period monthly means are the fine ones
-    out = bcsd.downscale(I(gcm, FINE)).isel(member=0, drop=True)
+    out = bcsd.downscale(inputs_of(gcm, FINE)).isel(member=0, drop=True)
     for var in ("tas", "pr"):
         got = out[var].groupby("time.month").mean("time")
         want = fine[var].groupby("time.month").mean("time")
@@ -159,7 +161,7 @@ def test_bcsd_on_a_coarse_grid_that_is_not_a_block_coarsening(data) -> None:
     xr.testing.assert_allclose(reference[["tas"]], regrid.conservative(fine, coarse_grid)[["tas"]])
     got, want = _quantiles_by_month(bcsd.bias_correct(gcm)["tas"]), _quantiles_by_month(reference["tas"])
     np.testing.assert_allclose(got, want, rtol=2e-6)
-    assert bcsd.downscale(I(gcm, FINE))["tas"].notnull().all()
+    assert bcsd.downscale(inputs_of(gcm, FINE))["tas"].notnull().all()
 
 
 def test_bias_corrected_baselines_beat_bilinear_on_held_out_years(data) -> None:
@@ -169,7 +171,7 @@ def test_bias_corrected_baselines_beat_bilinear_on_held_out_years(data) -> None:
     errors = {}
     for method in (B.BilinearDownscaler(), B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
         method.fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN))
-        out = method.downscale(I(gcm.sel(time=test), FINE)).isel(member=0, drop=True)
+        out = method.downscale(inputs_of(gcm.sel(time=test), FINE)).isel(member=0, drop=True)
         errors[method.name] = float(abs(out["tas"].groupby("time.month").mean("time") - truth_clim).mean())
     assert errors["qm"] < 0.5 * errors["bilinear"] and errors["bcsd"] < 0.5 * errors["bilinear"]
 
@@ -177,30 +179,30 @@ def test_bias_corrected_baselines_beat_bilinear_on_held_out_years(data) -> None:
 def test_errors_name_the_problem(data) -> None:
     gcm, fine = data["gcm"], data["fine"]
     with pytest.raises(B.BaselineError, match="call fit"):
-        B.BCSDDownscaler().downscale(I(gcm, FINE))
+        B.BCSDDownscaler().downscale(inputs_of(gcm, FINE))
     qm = B.QuantileMappingDownscaler().fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN))
     with pytest.raises(B.BaselineError, match="not the grid fitted on"):
-        qm.downscale(I(gcm, Grid(30.0, -120.0, 1.0, 1.0, 8, 10)))
+        qm.downscale(inputs_of(gcm, Grid(30.0, -120.0, 1.0, 1.0, 8, 10)))
     summer_only = gcm.sel(time=gcm.time.dt.month.isin([6, 7, 8]))
     bcsd = B.BCSDDownscaler().fit(
         summer_only.sel(time=TRAIN), fine.sel(time=fine.time.dt.month.isin([6, 7, 8])).sel(time=TRAIN)
     )
     with pytest.raises(B.BaselineError, match=r"month\(s\) \[1, 2, 3, 4, 5, 9, 10, 11, 12\]"):
-        bcsd.downscale(I(gcm, FINE))
+        bcsd.downscale(inputs_of(gcm, FINE))
     with pytest.raises(B.BaselineError, match="none in common"):
         B.BCSDDownscaler().fit(gcm[["tas"]], fine[["pr"]])
     with pytest.raises(B.BaselineError, match="members must be >= 1"):
-        B.BilinearDownscaler().downscale(I(gcm, FINE), members=0)
+        B.BilinearDownscaler().downscale(inputs_of(gcm, FINE), members=0)
 
 
 def test_dask_inputs_give_the_same_result_lazily(data) -> None:
     gcm, fine = data["gcm"].chunk(time=48), data["fine"].chunk(time=48)
     for method in (B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
-        lazy = method.fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN)).downscale(I(gcm, FINE))
+        lazy = method.fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN)).downscale(inputs_of(gcm, FINE))
         assert lazy["tas"].chunks is not None
         eager = (
             type(method)()
             .fit(data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN))
-            .downscale(I(data["gcm"], FINE))
+            .downscale(inputs_of(data["gcm"], FINE))
         )
         xr.testing.assert_allclose(lazy[["tas", "pr"]].compute(), eager[["tas", "pr"]], rtol=1e-6)

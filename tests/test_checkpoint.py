@@ -193,10 +193,15 @@ def test_metadata_needs_named_networks_and_weights_for_each():
     model = make_model()
     with pytest.raises(ValueError, match="at least one named network"):
         CheckpointMetadata(method="dpdm", networks={}, variables=("tas",))
-    with pytest.raises(CheckpointError, match=r"weights given for roles \['denoiser'\] but the metadata describes"):
+    with pytest.raises(
+        CheckpointError, match=r"weights given for roles \['denoiser'\] but the metadata describes"
+    ):
         save_checkpoint(
-            "unused.pt", {"denoiser": model.state_dict()},
-            CheckpointMetadata("corrdiff", {"denoiser": NetworkSpec.of(model), "regression": NetworkSpec.of(model)}),
+            "unused.pt",
+            {"denoiser": model.state_dict()},
+            CheckpointMetadata(
+                "corrdiff", {"denoiser": NetworkSpec.of(model), "regression": NetworkSpec.of(model)}
+            ),
         )
 
 
@@ -205,8 +210,11 @@ def test_two_named_networks_round_trip_and_a_missing_role_is_named(tmp_path):
     with torch.no_grad():
         for p in second.parameters():
             p.add_(0.01)
-    meta = CheckpointMetadata("two-stage", {"regression": NetworkSpec.of(first), "denoiser": NetworkSpec.of(second)},
-                              method_config={"name": "two-stage", "lr": 1})
+    meta = CheckpointMetadata(
+        "two-stage",
+        {"regression": NetworkSpec.of(first), "denoiser": NetworkSpec.of(second)},
+        method_config={"name": "two-stage", "lr": 1},
+    )
     path = tmp_path / "two.pt"
     save_checkpoint(path, {"regression": first.state_dict(), "denoiser": second.state_dict()}, meta)
     nets, meta2 = load_networks(path)
@@ -216,9 +224,14 @@ def test_two_named_networks_round_trip_and_a_missing_role_is_named(tmp_path):
         assert torch.equal(nets["regression"](x, 0.5, cond, toy), first.eval()(x, 0.5, cond, toy))
         assert torch.equal(nets["denoiser"](x, 0.5, cond, toy), second.eval()(x, 0.5, cond, toy))
     only = tmp_path / "only.pt"
-    save_checkpoint(only, {"denoiser": second.state_dict()},
-                    CheckpointMetadata("two-stage", {"denoiser": NetworkSpec.of(second)}))
-    with pytest.raises(CheckpointError, match=r"lacks the network role\(s\) \['regression'\].*holds \['denoiser'\]"):
+    save_checkpoint(
+        only,
+        {"denoiser": second.state_dict()},
+        CheckpointMetadata("two-stage", {"denoiser": NetworkSpec.of(second)}),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"lacks the network role\(s\) \['regression'\].*holds \['denoiser'\]"
+    ):
         load_networks(only, roles=("regression", "denoiser"))
 
 

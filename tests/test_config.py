@@ -30,7 +30,11 @@ def test_file_and_overrides(tmp_path):
     [
         ("ingest:\n  time_chunks: 6\n", [], r"ingest\.time_chunks: unknown key"),
         ("ingest:\n  time_chunk: zero\n", [], r"ingest\.time_chunk: Input should be a valid integer"),
-        ("", ["sample.synthetic.region.lat_min=60"], r"sample\.synthetic\.region: .*lat_min \(60\.0\) must be below"),
+        (
+            "",
+            ["sample.synthetic.region.lat_min=60"],
+            r"sample\.synthetic\.region: .*lat_min \(60\.0\) must be below",
+        ),
         ("", ["ingest.lon_convention=east"], r"ingest\.lon_convention"),
         ("- a\n- b\n", [], "must hold a mapping"),
         ("ingest: [unclosed\n", [], "not valid YAML"),

@@ -67,8 +67,10 @@ def render(tmpl: dict[str, Any], values: dict[str, Any] | None = None) -> dict[s
     props = tmpl["variables"]["properties"]
     variables = {k: v["default"] for k, v in props.items() if "default" in v}
     variables.update(values or {})
-    jsonschema.validate({k: v for k, v in variables.items() if v is not None or k in (values or {})},
-                        _without_required(tmpl["variables"]))
+    jsonschema.validate(
+        {k: v for k, v in variables.items() if v is not None or k in (values or {})},
+        _without_required(tmpl["variables"]),
+    )
     return apply_values(tmpl["job_configuration"], variables)
 
 
@@ -98,8 +100,12 @@ def test_prefect_yaml_is_a_valid_prefect_project_file():
     names = [d.name for d in model.deployments]
     assert len(names) == len(set(names)), names
     entrypoints = {d.entrypoint for d in model.deployments}
-    for needed in ("flows/reconstruct.py:reconstruct_flow", "flows/train.py:train_flow",
-                   "flows/evaluate.py:evaluate_flow", "flows/ingest.py:ingest_flow"):
+    for needed in (
+        "flows/reconstruct.py:reconstruct_flow",
+        "flows/train.py:train_flow",
+        "flows/evaluate.py:evaluate_flow",
+        "flows/ingest.py:ingest_flow",
+    ):
         assert needed in entrypoints
     for d in model.deployments:
         assert re.fullmatch(r"flows/\w+\.py:\w+", d.entrypoint), d.entrypoint
@@ -146,13 +152,19 @@ def test_entrypoint_and_parameters_match_the_flow(deployment):
     signature = inspect.signature(flow.fn)
     params = deployment.get("parameters") or {}
     unknown = set(params) - set(signature.parameters)
-    assert not unknown, f"{deployment['name']}: parameters {sorted(unknown)} are not arguments of {func}{signature}"
+    assert not unknown, (
+        f"{deployment['name']}: parameters {sorted(unknown)} are not arguments of {func}{signature}"
+    )
     required = {n for n, p in signature.parameters.items() if p.default is inspect.Parameter.empty}
-    assert required <= set(params), f"{deployment['name']}: required arguments {sorted(required - set(params))} missing"
+    assert required <= set(params), (
+        f"{deployment['name']}: required arguments {sorted(required - set(params))} missing"
+    )
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import validate
 
-    validate(params, parameter_schema(flow.fn).model_dump_for_openapi(), raise_on_error=True, ignore_required=True)
+    validate(
+        params, parameter_schema(flow.fn).model_dump_for_openapi(), raise_on_error=True, ignore_required=True
+    )
     for key in ("config_path",):
         value = params.get(key)
         if value:
@@ -178,8 +190,9 @@ def test_pull_steps_take_the_run_into_the_checkout(monkeypatch):
             assert "pull" not in d and "build" not in d, d["name"]
         else:  # containers: no build on the deploying machine, the project where the image has it
             assert d["build"] == []
-            assert d["pull"] == [{"prefect.deployments.steps.set_working_directory":
-                                  {"directory": CONTAINER_PROJECT_DIR}}]
+            assert d["pull"] == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": CONTAINER_PROJECT_DIR}}
+            ]
 
 
 def _walk(node: Any, path: str = ""):
@@ -221,15 +234,32 @@ def test_process_template_is_prefects_with_climrecon_defaults():
     assert tmpl["job_configuration"] == default["job_configuration"]
     assert set(tmpl["variables"]["properties"]) == set(default["variables"]["properties"])
     cfg = worker_configuration(ProcessJobConfiguration, tmpl, {"env": {"EXTRA": "1"}})
-    assert cfg.env == {"MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", "EXTRA": "1"}  # a deployment's env is merged
+    assert cfg.env == {
+        "MPLBACKEND": "Agg",
+        "PYTHONUNBUFFERED": "1",
+        "EXTRA": "1",
+    }  # a deployment's env is merged
     assert cfg.working_dir is None and cfg.stream_output is True
 
 
 # Fields of prefect-docker 0.7.4's DockerWorkerJobConfiguration (the worker passes unknown
 # container_create_kwargs keys straight to docker-py's containers.create).
 DOCKER_JOB_FIELDS = {
-    "command", "env", "labels", "name", "image", "registry_credentials", "image_pull_policy", "networks",
-    "network_mode", "auto_remove", "volumes", "stream_output", "mem_limit", "memswap_limit", "privileged",
+    "command",
+    "env",
+    "labels",
+    "name",
+    "image",
+    "registry_credentials",
+    "image_pull_policy",
+    "networks",
+    "network_mode",
+    "auto_remove",
+    "volumes",
+    "stream_output",
+    "mem_limit",
+    "memswap_limit",
+    "privileged",
     "container_create_kwargs",
 }
 
@@ -239,7 +269,9 @@ def test_docker_template_requests_gpus_like_docker_run_gpus():
     assert set(tmpl["job_configuration"]) <= DOCKER_JOB_FIELDS
     cfg = render(tmpl)
     kwargs = cfg["container_create_kwargs"]
-    assert kwargs["device_requests"] == [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]  # --gpus all
+    assert kwargs["device_requests"] == [
+        {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+    ]  # --gpus all
     assert kwargs["shm_size"] == "8g" and cfg["image"] == "climrecon-gpu:latest"
     two = render(tmpl, {"gpu_count": 2, "image": "registry.example.org/climrecon-gpu:1"})
     assert two["container_create_kwargs"]["device_requests"][0]["count"] == 2
@@ -274,17 +306,39 @@ def test_docker_template_with_the_real_prefect_docker_worker():
 
 
 def test_kubernetes_template_with_the_real_prefect_kubernetes_worker():
-    pytest.importorskip("prefect_kubernetes", reason="prefect-kubernetes not installed (pip install prefect-kubernetes)")
+    pytest.importorskip(
+        "prefect_kubernetes", reason="prefect-kubernetes not installed (pip install prefect-kubernetes)"
+    )
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     cfg = worker_configuration(KubernetesWorkerJobConfiguration, template("kubernetes"), {})
-    assert cfg.job_manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert (
+        cfg.job_manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        == 1
+    )
 
 
 # ------------------------------------------------------------------------------- Dockerfiles
 
-DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME",
-                       "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+DOCKER_INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -308,10 +362,13 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("flavour,base,index", [
-    ("cpu", r"python:3\.1[1-9]-slim", "https://download.pytorch.org/whl/cpu"),
-    ("gpu", r"nvidia/cuda:13\.0\.\d+-(cudnn-)?runtime-ubuntu", "https://download.pytorch.org/whl/cu130"),
-])
+@pytest.mark.parametrize(
+    "flavour,base,index",
+    [
+        ("cpu", r"python:3\.1[1-9]-slim", "https://download.pytorch.org/whl/cpu"),
+        ("gpu", r"nvidia/cuda:13\.0\.\d+-(cudnn-)?runtime-ubuntu", "https://download.pytorch.org/whl/cu130"),
+    ],
+)
 def test_dockerfiles(flavour, base, index):
     path = DEPLOY / "docker" / f"Dockerfile.{flavour}"
     instructions = dockerfile_instructions(path)
@@ -322,7 +379,9 @@ def test_dockerfiles(flavour, base, index):
     args = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)
     assert args.get("TORCH_INDEX_URL") == index
     torch_installs = re.findall(r"pip install[^&]*torch[^&]*", runs)
-    assert torch_installs and all('"torch==2.13.0"' in t or "torch==2.13.0" in t.split() for t in torch_installs)
+    assert torch_installs and all(
+        '"torch==2.13.0"' in t or "torch==2.13.0" in t.split() for t in torch_installs
+    )
     assert all("--index-url" in t for t in torch_installs), torch_installs
     assert "bash deploy/install.sh" in runs  # the project + data exactly as on a workstation
     workdirs = [a for k, a in instructions if k == "WORKDIR"]
@@ -359,37 +418,59 @@ def test_existing_recipe_needs_its_variable(monkeypatch):
         load_recipe(DEPLOY / "dask" / "existing-scheduler.yaml")
 
 
-@pytest.mark.parametrize("address", ["tcp://10.0.0.1:8786", "tls://sched.example.org:8786", "tcp://[::1]:8786",
-                                     "ucx://10.0.0.1:13337"])
+@pytest.mark.parametrize(
+    "address",
+    ["tcp://10.0.0.1:8786", "tls://sched.example.org:8786", "tcp://[::1]:8786", "ucx://10.0.0.1:13337"],
+)
 def test_scheduler_addresses_accepted(address):
     assert validate_scheduler_address(address) == address
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1:8786", "http://host:8786", "tcp://host", "tcp://host:99999",
-                                     "inproc://10.0.0.1/1/2"])
+@pytest.mark.parametrize(
+    "address",
+    ["10.0.0.1:8786", "http://host:8786", "tcp://host", "tcp://host:99999", "inproc://10.0.0.1/1/2"],
+)
 def test_scheduler_addresses_rejected(address):
     with pytest.raises(ValueError):
         validate_scheduler_address(address)
 
 
-@pytest.mark.parametrize("raw,match", [
-    ({"kind": "pbs"}, r"kind must be one of existing, slurm, kubernetes"),
-    ({"kind": "slurm", "cluster": {"cores": 4}}, r"cluster is missing \['memory'\]"),
-    ({"kind": "slurm", "cluster": {"cores": 4, "memory": "8GiB"}, "scale": {"jobs": 2}, "adapt": {"maximum": 3}},
-     "either scale or adapt"),
-    ({"kind": "kubernetes", "cluster": {"name": "x"}}, r"cluster is missing \['image'\]"),
-    ({"kind": "kubernetes", "cluster": {"image": "i"}, "adapt": {"minimum": 4, "maximum": 2}}, "adapt: .*below minimum"),
-    ({"kind": "existing", "address": "tcp://h:1", "workers": 3}, "workers: unknown key"),
-    (["kind", "existing"], "must hold a mapping"),
-])
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        ({"kind": "pbs"}, r"kind must be one of existing, slurm, kubernetes"),
+        ({"kind": "slurm", "cluster": {"cores": 4}}, r"cluster is missing \['memory'\]"),
+        (
+            {
+                "kind": "slurm",
+                "cluster": {"cores": 4, "memory": "8GiB"},
+                "scale": {"jobs": 2},
+                "adapt": {"maximum": 3},
+            },
+            "either scale or adapt",
+        ),
+        ({"kind": "kubernetes", "cluster": {"name": "x"}}, r"cluster is missing \['image'\]"),
+        (
+            {"kind": "kubernetes", "cluster": {"image": "i"}, "adapt": {"minimum": 4, "maximum": 2}},
+            "adapt: .*below minimum",
+        ),
+        ({"kind": "existing", "address": "tcp://h:1", "workers": 3}, "workers: unknown key"),
+        (["kind", "existing"], "must hold a mapping"),
+    ],
+)
 def test_invalid_recipes_are_named(raw, match):
     with pytest.raises(RecipeError, match=match) as info:
         parse_recipe(raw, "cluster.yaml")
     assert "cluster.yaml" in str(info.value)
 
 
-@pytest.mark.parametrize("name,package,module", [("slurm-jobqueue", "dask-jobqueue", "dask_jobqueue"),
-                                                 ("kubernetes-cluster", "dask-kubernetes", "dask_kubernetes")])
+@pytest.mark.parametrize(
+    "name,package,module",
+    [
+        ("slurm-jobqueue", "dask-jobqueue", "dask_jobqueue"),
+        ("kubernetes-cluster", "dask-kubernetes", "dask_kubernetes"),
+    ],
+)
 def test_missing_cluster_package_is_named(name, package, module):
     if importlib.util.find_spec(module) is not None:
         pytest.skip(f"{package} is installed")
@@ -400,8 +481,9 @@ def test_missing_cluster_package_is_named(name, package, module):
 def test_existing_recipe_connects_to_a_running_scheduler():
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
-                      dashboard_address=":0") as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://", dashboard_address=":0"
+    ) as cluster:
         recipe = parse_recipe({"kind": "existing", "address": cluster.scheduler_address})
         with recipe_client(recipe) as client:
             assert client.submit(sum, [1, 2, 3]).result() == 6
@@ -414,7 +496,9 @@ def test_existing_recipe_connects_to_a_running_scheduler():
 def test_client_environment_points_at_the_server(tmp_path):
     env = client_environment("http://127.0.0.1:4200/api", tmp_path)
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
-    assert env["PREFECT_HOME"] == str(tmp_path.resolve()) and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert (
+        env["PREFECT_HOME"] == str(tmp_path.resolve()) and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    )
 
 
 def test_wait_until_healthy_reports_a_dead_server(tmp_path):

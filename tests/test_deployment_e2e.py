@@ -37,7 +37,7 @@ def test_server_serves_api_and_ui(prefect_server):
         assert r.read().strip() == b"true"
     with urllib.request.urlopen(prefect_server.ui_url, timeout=10) as r:
         page = r.read().decode()
-    assert r.headers.get_content_type() == "text/html" and "<div id=\"app\"" in page
+    assert r.headers.get_content_type() == "text/html" and '<div id="app"' in page
     assert prefect_server.home.joinpath("prefect.db").is_file()  # SQLite in the given home
 
 
@@ -45,7 +45,8 @@ def test_deployment_run_completes_through_a_worker(deployed_run):
     run = deployed_run
     worker_output = run.worker_log.read_text(errors="replace")[-4000:]
     assert run.flow_run.state is not None and run.flow_run.state.is_completed(), (
-        f"flow run {run.flow_run.name} ended {run.flow_run.state_name}; worker log:\n{worker_output}")
+        f"flow run {run.flow_run.name} ended {run.flow_run.state_name}; worker log:\n{worker_output}"
+    )
     assert run.worker_returncode == 0, worker_output
     assert run.flow_run.work_pool_name == "climrecon-process"
     assert run.deployment_name.endswith(f"/{E2E.deployment}")
@@ -72,7 +73,9 @@ def test_flow_result_names_the_complete_stores_it_wrote(deployed_run):
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     run = deployed_run
-    with temporary_settings({PREFECT_API_URL: run.server.api_url, PREFECT_LOCAL_STORAGE_PATH: run.result_storage}):
+    with temporary_settings(
+        {PREFECT_API_URL: run.server.api_url, PREFECT_LOCAL_STORAGE_PATH: run.result_storage}
+    ):
         result = run.flow_run.state.result()
     urls = _store_urls(result)
     written = {str(p) for p in Path(run.storage_root).rglob("*.zarr") if p.is_dir()}
@@ -100,7 +103,8 @@ def test_api_lists_the_run_under_its_deployment(deployed_run):
     run = deployed_run
     with sync_client(run.server) as client:
         runs = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[run.flow_run.deployment_id])))
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[run.flow_run.deployment_id]))
+        )
         deployment = client.read_deployment(run.flow_run.deployment_id)
     assert [r.id for r in runs] == [run.flow_run.id]
     assert deployment.work_pool_name == "climrecon-process"

@@ -12,8 +12,16 @@ import pandas as pd
 import pytest
 import xarray as xr
 from PIL import Image
+from test_training_data import write_tiny_stores
 
-from climrecon.config import ClimReconConfig, ConfigError, EvaluateConfig, SamplerConfig, TrainSection, load_config
+from climrecon.config import (
+    ClimReconConfig,
+    ConfigError,
+    EvaluateConfig,
+    SamplerConfig,
+    TrainSection,
+    load_config,
+)
 from climrecon.methods import Inputs, MethodError, build
 from climrecon.methods.baselines import BCSDDownscaler, BilinearDownscaler
 from climrecon.methods.dpdm import DPDMConfig, build_model, prepare_training
@@ -22,9 +30,9 @@ from climrecon.tasks import metrics
 from climrecon.tasks.evaluate import (
     METRICS,
     EvaluationError,
-    perfect_model_inputs,
     evaluation_document,
     markdown_report,
+    perfect_model_inputs,
     records_frame,
     run_evaluation,
     write_figures,
@@ -34,7 +42,6 @@ from climrecon.tasks.evaluate import (
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import coarsen_blocks
 from climrecon.tasks.training_data import open_truth, perfect_model_pairs, select_years, static_for_truth
-from test_training_data import write_tiny_stores
 
 VARIABLES = ["tas", "uas", "vas"]
 # the tiny truth covers 2000-2002 on a 40 x 40 grid of 0.5 deg: baselines fit 2000-2001, 2002 is held out
@@ -72,8 +79,11 @@ def write_tiny_checkpoint(
         validation_years=validation_years,
         heldout_years=heldout_years,
     )
-    config = DPDMConfig(patch_size=16, static_coarse=list(static_coarse),
-                        network={"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "num_blocks": 1})
+    config = DPDMConfig(
+        patch_size=16,
+        static_coarse=list(static_coarse),
+        network={"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "num_blocks": 1},
+    )
     setup = prepare_training(section, config, truth, static)
     model = build_model(config, len(VARIABLES), len(setup.spec.channel_names()), seed=0)
     meta = CheckpointMetadata(
@@ -91,9 +101,14 @@ def write_tiny_checkpoint(
 
 def evaluate_config(truth: str, static: str, checkpoint: str, **changes) -> ClimReconConfig:
     methods = ["bilinear", "bcsd", {"name": "dpdm", "checkpoint": checkpoint}]
-    methods = [{"name": "dpdm", "checkpoint": checkpoint} if m == "dpdm" else m for m in changes.pop("methods", methods)]
+    methods = [
+        {"name": "dpdm", "checkpoint": checkpoint} if m == "dpdm" else m
+        for m in changes.pop("methods", methods)
+    ]
     return ClimReconConfig(
-        evaluate=EvaluateConfig(**{**EVALUATE, "truth": truth, "static": static, "methods": methods, **changes}),
+        evaluate=EvaluateConfig(
+            **{**EVALUATE, "truth": truth, "static": static, "methods": methods, **changes}
+        ),
         sampler=SAMPLER,
     )
 
@@ -139,9 +154,10 @@ def test_records_cover_every_method_factor_variable_and_ensemble_size(setup):
     result = setup["result"]
     # 2 baselines x 2 factors x 3 variables (one member) + dpdm at its x4 only, N = 1 and 3
     assert len(result.records) == 2 * 2 * 3 + 3 * 2
-    assert {
-        (r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "dpdm"
-    } == {("dpdm", 4, 1), ("dpdm", 4, 3)}
+    assert {(r["method"], r["factor"], r["members"]) for r in result.records if r["method"] == "dpdm"} == {
+        ("dpdm", 4, 1),
+        ("dpdm", 4, 3),
+    }
     assert "dpdm: not run at x8 (it serves x4 only)" in result.notes
     for r in result.records:
         assert set(METRICS) <= set(r)
@@ -210,10 +226,7 @@ def test_markdown_tables_have_the_papers_shape_and_the_record_values(setup):
     assert [r[0] for r in zssd[2:]] == ["bilinear", "bcsd", "dpdm (N=1)", "dpdm (N=3)"]
     bcsd = zssd[3]
     assert bcsd[3] == f"{_record(result, method='bcsd', factor=8, variable='tas')['mae']:.4g}"
-    assert (
-        zssd[5][2]
-        == f"{_record(result, method='dpdm', factor=4, variable='tas', members=3)['rmse']:.4g}"
-    )
+    assert zssd[5][2] == f"{_record(result, method='dpdm', factor=4, variable='tas', members=3)['rmse']:.4g}"
     assert zssd[5][3:] == ["—", "—"]  # the x4 model is not run at x8
     dpdm = _table_after(md, "**x4** (0.5° from 2°)")
     assert dpdm[0] == ["variable", "method", "N", "RMSE", "ACC", "SSIM", "PSNR [dB]"]
@@ -264,24 +277,37 @@ def test_a_checkpoint_trained_on_heldout_years_is_refused(setup, tmp_path):
 
 def test_dpdm_checks_factor_and_static(setup, held):
     model = dpdm(setup["checkpoint"])
-    assert model.factor == 4 and model.variables == tuple(VARIABLES) and model.describe()["checkpoint"]["target"] == "residual"
+    assert (
+        model.factor == 4
+        and model.variables == tuple(VARIABLES)
+        and model.describe()["checkpoint"]["target"] == "residual"
+    )
     grid = Grid.from_dataset(held)
     with pytest.raises(MethodError, match="x4 .*the coarse input is x8"):
-        model.downscale(Inputs.from_coarse(coarsen_blocks(held, 8), grid, static_for_truth(setup["static"], held)))
+        model.downscale(
+            Inputs.from_coarse(coarsen_blocks(held, 8), grid, static_for_truth(setup["static"], held))
+        )
     with pytest.raises(MethodError, match="is conditioned on static fields"):
         model.downscale(Inputs.from_coarse(coarsen_blocks(held, 4), grid))
 
 
 def test_evaluation_builds_the_coarse_views_as_training_does(setup, held, tmp_path):
-    path = write_tiny_checkpoint(tmp_path / "views.pt", setup["truth"], setup["static"], static_coarse=("orog", "sftlf"))
+    path = write_tiny_checkpoint(
+        tmp_path / "views.pt", setup["truth"], setup["static"], static_coarse=("orog", "sftlf")
+    )
     model = dpdm(path)
     assert model.spec.static_coarse == ("orog", "sftlf")
     assert {"orog_coarse", "sftlf_coarse"} <= set(model.needs.static)
     grid, coarse = Grid.from_dataset(held), coarsen_blocks(held, 4)
     static = static_for_truth(setup["static"], held)
-    own = model.downscale(perfect_model_inputs(coarse, grid, static, ["orog", "sftlf"]), members=2, seed=3)  # evaluation's views
+    own = model.downscale(
+        perfect_model_inputs(coarse, grid, static, ["orog", "sftlf"]), members=2, seed=3
+    )  # evaluation's views
     _, cond = perfect_model_pairs(held, static, model.spec)  # the training path's views
-    views = {f"{n}_coarse": cond.sel(channel=f"{n}_coarse", drop=True).isel(time=0, drop=True) for n in ("orog", "sftlf")}
+    views = {
+        f"{n}_coarse": cond.sel(channel=f"{n}_coarse", drop=True).isel(time=0, drop=True)
+        for n in ("orog", "sftlf")
+    }
     given = model.downscale(Inputs.from_coarse(coarse, grid, static.assign(views)), members=2, seed=3)
     for v in VARIABLES:
         np.testing.assert_allclose(own[v].values, given[v].values, rtol=1e-5, atol=1e-4)

@@ -8,17 +8,21 @@ import time
 from pathlib import Path
 
 import pytest
-from climrecon.tasks.downscale import plan_downscale, run_downscale
 from test_downscale import FAST, SAMPLER, assert_same_bytes, config, write_checkpoint, write_inputs
 
 from climrecon.stores import StageStore
+from climrecon.tasks.downscale import plan_downscale, run_downscale
 
 UNIT = {**FAST, "months_per_unit": 6, "members_per_unit": 2}
 
 
 def _overrides(root: Path, checkpoint: str) -> list[str]:
-    return [f"storage.root={root}", f"method.checkpoint={checkpoint}",
-            *(f"downscale.{k}={v}" for k, v in UNIT.items()), *(f"sampler.{k}={v}" for k, v in SAMPLER.items())]
+    return [
+        f"storage.root={root}",
+        f"method.checkpoint={checkpoint}",
+        *(f"downscale.{k}={v}" for k, v in UNIT.items()),
+        *(f"sampler.{k}={v}" for k, v in SAMPLER.items()),
+    ]
 
 
 async def _task_runs(flow_run_id):
@@ -26,7 +30,9 @@ async def _task_runs(flow_run_id):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
         artifacts = await client.read_artifacts()
     return runs, artifacts
 
@@ -37,10 +43,16 @@ def test_flow_retries_failed_units_reports_progress_and_resumes(prefect_harness,
     from climrecon.flows.runtime import dask_client
 
     inputs = {**write_inputs(tmp_path / "in"), "checkpoint": write_checkpoint(tmp_path / "tiny.pt")}
-    ref = plan_downscale(config(tmp_path / "ref", inputs["checkpoint"], **UNIT), inputs["fine"], inputs["static"], None)
+    ref = plan_downscale(
+        config(tmp_path / "ref", inputs["checkpoint"], **UNIT), inputs["fine"], inputs["static"], None
+    )
     ref_url, _ = run_downscale(ref)
-    args = {"overrides": _overrides(tmp_path / "out", inputs["checkpoint"]), "fine_url": inputs["fine"],
-            "static_url": inputs["static"], "coarse_url": inputs["coarse"]}
+    args = {
+        "overrides": _overrides(tmp_path / "out", inputs["checkpoint"]),
+        "fine_url": inputs["fine"],
+        "static_url": inputs["static"],
+        "coarse_url": inputs["coarse"],
+    }
 
     chunk = Path(inputs["fine"]) / "uas" / "c" / "3" / "0" / "0"  # months 18..23 of uas
     good = chunk.read_bytes()
@@ -66,8 +78,12 @@ def test_flow_retries_failed_units_reports_progress_and_resumes(prefect_harness,
         assert state.is_completed() and state.result() == out_url
         runs, artifacts = asyncio.run(_task_runs(state.state_details.flow_run_id))
         assert sorted(r.name for r in runs if r.name.startswith("sample")) == [
-            "sample 1991-07..1991-12 m0-1", "sample 1991-07..1991-12 m2-3"]  # only the missing units
-        progress = [a for a in artifacts if a.type == "progress" and a.flow_run_id == state.state_details.flow_run_id]
+            "sample 1991-07..1991-12 m0-1",
+            "sample 1991-07..1991-12 m2-3",
+        ]  # only the missing units
+        progress = [
+            a for a in artifacts if a.type == "progress" and a.flow_run_id == state.state_details.flow_run_id
+        ]
         assert progress and float(progress[0].data) == pytest.approx(100.0)
     assert store.is_complete()
     assert_same_bytes(ref_url, out_url)
@@ -89,8 +105,12 @@ def test_a_tag_concurrency_limit_caps_units_sampling_at_once(prefect_harness, tm
     from climrecon.flows.runtime import dask_client
 
     inputs = {**write_inputs(tmp_path / "in"), "checkpoint": write_checkpoint(tmp_path / "tiny.pt")}
-    args = {"overrides": [*_overrides(tmp_path / "out", inputs["checkpoint"]), "downscale.months_per_unit=12"],
-            "fine_url": inputs["fine"], "static_url": inputs["static"], "coarse_url": inputs["coarse"]}
+    args = {
+        "overrides": [*_overrides(tmp_path / "out", inputs["checkpoint"]), "downscale.months_per_unit=12"],
+        "fine_url": inputs["fine"],
+        "static_url": inputs["static"],
+        "coarse_url": inputs["coarse"],
+    }
     asyncio.run(_set_tag_limit(SAMPLING_TAG, 1))
     # Prefect's client remembers "no limit on these tags" for 5 s (prefect.concurrency.services): a limit
     # created right after units ran in this process applies once that has expired

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import yaml
-
 from test_evaluate import EVALUATE, SAMPLER, write_tiny_checkpoint
 from test_training_data import write_tiny_stores
 
@@ -36,8 +35,9 @@ def test_evaluate_flow_writes_files_and_publishes_artifacts(prefect_harness, tmp
         "factors": [4],
     }
     sampler = SAMPLER.model_dump(mode="json")
-    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "out")}, "evaluate": section,
-                                      "sampler": sampler}))
+    config.write_text(
+        yaml.safe_dump({"storage": {"root": str(tmp_path / "out")}, "evaluate": section, "sampler": sampler})
+    )
 
     state = evaluate_flow(
         config_path=str(config), overrides=["evaluate.ensemble_sizes=[2]"], return_state=True

@@ -38,11 +38,18 @@ def _task_names(flow_run_id) -> list[str]:
 
 def test_flow_on_an_existing_scheduler(prefect_harness, inputs, tmp_path):
     config = tmp_path / "regrid.yaml"
-    config.write_text(f"storage:\n  root: {tmp_path / 'out'}\nregrid:\n  static: {inputs['static']}\n  time_chunk: 1\n")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster:
-        state = regrid_flow(str(config), source_url=inputs["source"], scheduler_address=cluster.scheduler_address,
-                            return_state=True)
+    config.write_text(
+        f"storage:\n  root: {tmp_path / 'out'}\nregrid:\n  static: {inputs['static']}\n  time_chunk: 1\n"
+    )
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+    ) as cluster:
+        state = regrid_flow(
+            str(config),
+            source_url=inputs["source"],
+            scheduler_address=cluster.scheduler_address,
+            return_state=True,
+        )
         urls = state.result()
         assert set(urls) == {"coarse", "fine", "static"}
         for url in urls.values():
@@ -50,22 +57,35 @@ def test_flow_on_an_existing_scheduler(prefect_harness, inputs, tmp_path):
             assert ds.attrs["climrecon_status"] == "complete"
             assert StageStore(url, ds.attrs["climrecon_key"]).is_complete()
         name = "MPI-ESM-LR.historical.r1i1p1.Amon"
-        assert _task_names(state.state_details.flow_run_id) == sorted([
-            f"finalize {name}", f"plan regrid of {inputs['source']}", f"regrid {name} 2005-01..2005-10",
-            f"regrid {name} 2005-11..2005-12", f"static fields and templates for {name}",
-        ])
+        assert _task_names(state.state_details.flow_run_id) == sorted(
+            [
+                f"finalize {name}",
+                f"plan regrid of {inputs['source']}",
+                f"regrid {name} 2005-01..2005-10",
+                f"regrid {name} 2005-11..2005-12",
+                f"static fields and templates for {name}",
+            ]
+        )
         fine = xr.open_zarr(urls["fine"], decode_times=TIME)
         assert fine.tas.shape == (12, 80, 80) and fine.tas.encoding["chunks"] == (1, 80, 80)
         # a second run finds every store complete: no block task at all, same URLs
-        again = regrid_flow(str(config), source_url=inputs["source"], scheduler_address=cluster.scheduler_address,
-                            return_state=True)
+        again = regrid_flow(
+            str(config),
+            source_url=inputs["source"],
+            scheduler_address=cluster.scheduler_address,
+            return_state=True,
+        )
         assert again.result() == urls
         assert not [n for n in _task_names(again.state_details.flow_run_id) if n.startswith("regrid ")]
 
 
 def test_flow_on_the_embedded_local_cluster(prefect_harness, inputs, tmp_path):
-    overrides = [f"storage.root={tmp_path / 'out'}", f"regrid.source={inputs['source']}",
-                 f"regrid.static={inputs['static']}", "regrid.fine_method=conservative"]
+    overrides = [
+        f"storage.root={tmp_path / 'out'}",
+        f"regrid.source={inputs['source']}",
+        f"regrid.static={inputs['static']}",
+        "regrid.fine_method=conservative",
+    ]
     urls = regrid_flow(overrides=overrides)
     coarse = xr.open_zarr(urls["coarse"], decode_times=TIME).tas.values
     fine = xr.open_zarr(urls["fine"], decode_times=TIME).tas.values

@@ -6,24 +6,46 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from test_training_data import write_tiny_stores
 
 from climrecon.config import ConfigError, load_config
 from climrecon.flows.train import train_flow
 from climrecon.models.checkpoint import load_networks, read_checkpoint
-from test_training_data import write_tiny_stores
 
 
 def _config(tmp_path, truth: str, static: str) -> str:
     path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump({
-        "method": {"name": "dpdm", "patch_size": 16,
-                   "network": {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "num_blocks": 1}},
-        "train": {
-            "truth": truth, "static": static, "factor": 4,
-            "train_years": [2000, 2000], "validation_years": [2001, 2001], "heldout_years": [2002, 2002],
-            "batch_size": 4, "max_steps": 4, "warmup_steps": 2, "checkpoint_every": 2, "ema_halflife_steps": 2,
-            "checkpoint": str(tmp_path / "out" / "tiny.pt"), "device": "cpu",
-        }}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": {
+                    "name": "dpdm",
+                    "patch_size": 16,
+                    "network": {
+                        "base_channels": 8,
+                        "channel_mults": [1, 2],
+                        "attention_levels": [1],
+                        "num_blocks": 1,
+                    },
+                },
+                "train": {
+                    "truth": truth,
+                    "static": static,
+                    "factor": 4,
+                    "train_years": [2000, 2000],
+                    "validation_years": [2001, 2001],
+                    "heldout_years": [2002, 2002],
+                    "batch_size": 4,
+                    "max_steps": 4,
+                    "warmup_steps": 2,
+                    "checkpoint_every": 2,
+                    "ema_halflife_steps": 2,
+                    "checkpoint": str(tmp_path / "out" / "tiny.pt"),
+                    "device": "cpu",
+                },
+            }
+        )
+    )
     return str(path)
 
 
@@ -36,9 +58,12 @@ def test_train_flow_writes_checkpoint_inference_copy_and_loss_plot(tmp_path, pre
     assert contents.header["training"]["step"] == 4 and len(contents.tensors["train.losses"]) == 4
     assert np.isfinite(contents.tensors["train.losses"].numpy()).all()
     _, meta = load_networks(
-        tmp_path / "out" / "tiny.ema.pt", expect={"variables": ["tas", "uas", "vas"], "grid.coarsening_factor": 4}
+        tmp_path / "out" / "tiny.ema.pt",
+        expect={"variables": ["tas", "uas", "vas"], "grid.coarsening_factor": 4},
     )
-    assert meta.method == "dpdm-residual" and meta.data["target"] == "residual" and meta.roles == ("denoiser",)
+    assert (
+        meta.method == "dpdm-residual" and meta.data["target"] == "residual" and meta.roles == ("denoiser",)
+    )
     assert meta.method_config["name"] == "dpdm" and meta.method_config["patch_size"] == 16
     assert meta.step == 4 and meta.train["seed"] == 1
     # residual targets have ~zero mean; the coarse conditioning keeps full-field statistics (tas ~ 280 K)
@@ -57,7 +82,9 @@ def test_train_flow_writes_checkpoint_inference_copy_and_loss_plot(tmp_path, pre
 def test_train_config_rejects_heldout_overlap_and_bad_years(tmp_path):
     with pytest.raises(ConfigError, match="train.*overlaps heldout_years"):
         load_config(None, ["train.train_years=[1961, 2012]"])
-    with pytest.raises(ConfigError, match=r"method.patch_size \(36\) must be a multiple of train.factor \(8\)"):
+    with pytest.raises(
+        ConfigError, match=r"method.patch_size \(36\) must be a multiple of train.factor \(8\)"
+    ):
         load_config(None, ["method.patch_size=36"])
     with pytest.raises(ConfigError, match="train.patch_size: moved to method.patch_size"):
         load_config(None, ["train.patch_size=32"])

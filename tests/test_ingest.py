@@ -18,17 +18,44 @@ CFTIME = xr.coders.CFDatetimeCoder(use_cftime=True)
 @pytest.fixture
 def real_catalog(make_catalog, catalog_row, raw_files):
     rows = [catalog_row(raw_files[v], v) for v in ("tas", "uas", "vas")]
-    rows += [catalog_row(raw_files["navy"], v, source_id="FNOC-winds", institution_id="FNOC", experiment_id="obs",
-                         member_id="r1", calendar="standard", time_range="198201-199212", version="")
-             for v in ("uas", "vas")]
-    rows.append(catalog_row(raw_files["a1b"], "tas", source_id="HadCM3-UM", institution_id="MOHC",
-                            experiment_id="sresa1b", member_id="r1", table_id="Ayr", frequency="yr",
-                            calendar="360_day", time_range="1860-2099", version="v1"))
+    rows += [
+        catalog_row(
+            raw_files["navy"],
+            v,
+            source_id="FNOC-winds",
+            institution_id="FNOC",
+            experiment_id="obs",
+            member_id="r1",
+            calendar="standard",
+            time_range="198201-199212",
+            version="",
+        )
+        for v in ("uas", "vas")
+    ]
+    rows.append(
+        catalog_row(
+            raw_files["a1b"],
+            "tas",
+            source_id="HadCM3-UM",
+            institution_id="MOHC",
+            experiment_id="sresa1b",
+            member_id="r1",
+            table_id="Ayr",
+            frequency="yr",
+            calendar="360_day",
+            time_range="1860-2099",
+            version="v1",
+        )
+    )
     return make_catalog(rows)
 
 
 def _files(root: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_plans_one_store_per_group_with_readable_labels(real_catalog, tmp_path):
@@ -39,14 +66,18 @@ def test_plans_one_store_per_group_with_readable_labels(real_catalog, tmp_path):
     assert mpi.url == f"{tmp_path}/out/ingest/MPI-ESM-LR.historical.r1i1p1.Amon.{mpi.key}.zarr"
     assert mpi.variables() == ["uas", "vas"] and mpi.frequency == "mon"
     # the key follows the inputs: another query or config gives another store
-    other = plan_ingest(cfg.model_copy(update={"time_chunk": 6}), real_catalog, StorageConfig(root=str(tmp_path)))
+    other = plan_ingest(
+        cfg.model_copy(update={"time_chunk": 6}), real_catalog, StorageConfig(root=str(tmp_path))
+    )
     assert other[1].key != mpi.key
     json.dumps([p.rows for p in plans])  # plans are plain data (they travel to workers)
 
 
 def test_ingest_mpi_esm_lr_values_chunks_provenance_and_rerun_skips(real_catalog, raw_files, tmp_path):
     root = tmp_path / "out"
-    cfg = IngestConfig(query=CatalogQuery(source_id="MPI-ESM-LR", variable_id=["tas", "uas", "vas"]), time_chunk=5)
+    cfg = IngestConfig(
+        query=CatalogQuery(source_id="MPI-ESM-LR", variable_id=["tas", "uas", "vas"]), time_chunk=5
+    )
     (plan,) = plan_ingest(cfg, real_catalog, StorageConfig(root=str(root)))
     url = ingest_plan(plan)
     assert url == plan.url and StageStore(url, plan.key).is_complete()
@@ -72,11 +103,15 @@ def test_ingest_mpi_esm_lr_values_chunks_provenance_and_rerun_skips(real_catalog
 
 
 def test_annual_360day_and_time_clip(real_catalog, raw_files, tmp_path):
-    cfg = IngestConfig(query=CatalogQuery(source_id="HadCM3-UM", time=("1990", "1999")), lon_convention="0..360")
+    cfg = IngestConfig(
+        query=CatalogQuery(source_id="HadCM3-UM", time=("1990", "1999")), lon_convention="0..360"
+    )
     (plan,) = plan_ingest(cfg, real_catalog, StorageConfig(root=str(tmp_path)))
     assert plan.frequency == "yr"
     out = xr.open_zarr(ingest_plan(plan), decode_times=CFTIME)
-    assert out.time.values[0].calendar == "360_day" and [t.year for t in out.time.values] == list(range(1990, 2000))
+    assert out.time.values[0].calendar == "360_day" and [t.year for t in out.time.values] == list(
+        range(1990, 2000)
+    )
     assert out.lon.values[0] == 225.0 and out.tas.encoding["chunks"] == (10, 37, 49)
     src = xr.open_dataset(raw_files["a1b"], decode_times=CFTIME).air_temperature.isel(time=slice(130, 140))
     np.testing.assert_array_equal(out.tas.values, src.values)
@@ -91,7 +126,10 @@ def test_navy_file_serving_two_rows_opens_once(real_catalog, raw_files, tmp_path
 
 
 def test_query_matching_nothing_lists_available_values(real_catalog):
-    with pytest.raises(CatalogQueryError, match=r"no entry with source_id=\['CanESM5'\].*'FNOC-winds', 'HadCM3-UM', 'MPI-ESM-LR'"):
+    with pytest.raises(
+        CatalogQueryError,
+        match=r"no entry with source_id=\['CanESM5'\].*'FNOC-winds', 'HadCM3-UM', 'MPI-ESM-LR'",
+    ):
         search_catalog(real_catalog, CatalogQuery(source_id="CanESM5"), {})
     with pytest.raises(CatalogQueryError, match=r"variable_id=\['pr'\].*\['tas', 'uas', 'vas'\]"):
         search_catalog(real_catalog, CatalogQuery(variable_id=["tas", "pr"]), {})

@@ -14,12 +14,23 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from climrecon.config import CatalogQuery, IngestConfig, StorageConfig, load_config
+from climrecon.config import load_config
 from climrecon.storage import resolve_storage_options
 from climrecon.tasks.ingest import ingest_plan, plan_ingest
 
-PANGEO_COLUMNS = ["activity_id", "institution_id", "source_id", "experiment_id", "member_id", "table_id",
-                  "variable_id", "grid_label", "zstore", "dcpp_init_year", "version"]
+PANGEO_COLUMNS = [
+    "activity_id",
+    "institution_id",
+    "source_id",
+    "experiment_id",
+    "member_id",
+    "table_id",
+    "variable_id",
+    "grid_label",
+    "zstore",
+    "dcpp_init_year",
+    "version",
+]
 CFTIME = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
@@ -36,11 +47,25 @@ def standin(moto_s3, raw_files):
     for var in ("tas", "uas", "vas"):
         ds = xr.open_dataset(raw_files[var], decode_times=CFTIME).load()
         ds.attrs.update(source_id="MPI-ESM-LR", variable_id=var, tracking_id=f"hdl:21.14100/{var}-standin")
-        zstore = s3.url("cmip6", "CMIP", "MPI-M", "MPI-ESM-LR", "historical", "r1i1p1", "Amon", var, "gn", "v20110527")
+        zstore = s3.url(
+            "cmip6", "CMIP", "MPI-M", "MPI-ESM-LR", "historical", "r1i1p1", "Amon", var, "gn", "v20110527"
+        )
         ds.drop_encoding().to_zarr(zstore, storage_options=opts, zarr_format=2, consolidated=True)
-        rows.append({"activity_id": "CMIP", "institution_id": "MPI-M", "source_id": "MPI-ESM-LR",
-                     "experiment_id": "historical", "member_id": "r1i1p1", "table_id": "Amon", "variable_id": var,
-                     "grid_label": "gn", "zstore": zstore, "dcpp_init_year": np.nan, "version": 20110527})
+        rows.append(
+            {
+                "activity_id": "CMIP",
+                "institution_id": "MPI-M",
+                "source_id": "MPI-ESM-LR",
+                "experiment_id": "historical",
+                "member_id": "r1i1p1",
+                "table_id": "Amon",
+                "variable_id": var,
+                "grid_label": "gn",
+                "zstore": zstore,
+                "dcpp_init_year": np.nan,
+                "version": 20110527,
+            }
+        )
     fs = s3.filesystem()
     csv_url = s3.url("catalogs", "pangeo-cmip6.csv")
     fs.pipe(csv_url, pd.DataFrame(rows, columns=PANGEO_COLUMNS).to_csv(index=False).encode())
@@ -91,10 +116,16 @@ def test_pangeo_standin_on_s3_ingests_to_s3(standin, raw_files, monkeypatch, tmp
     assert out.lon.values[0] == -180.0 and out.time.values[0].day == 1
     assert out.attrs["source_files"][0].startswith(f"s3://{s3.bucket}/cmip6/CMIP/MPI-M/")
     assert out.attrs["source_versions"] == ["20110527"]
-    assert sorted(out.attrs["source_tracking_ids"]) == [f"hdl:21.14100/{v}-standin" for v in ("tas", "uas", "vas")]
+    assert sorted(out.attrs["source_tracking_ids"]) == [
+        f"hdl:21.14100/{v}-standin" for v in ("tas", "uas", "vas")
+    ]
     stored = _all_bytes(s3, f"{s3.bucket}/{credentials}")
     assert s3.secret.encode() not in stored and s3.key.encode() not in stored
     # re-running against S3 finds the store complete and writes nothing
-    listing = {p: info["ETag"] for p, info in s3.filesystem().find(f"{s3.bucket}/{credentials}", detail=True).items()}
+    listing = {
+        p: info["ETag"] for p, info in s3.filesystem().find(f"{s3.bucket}/{credentials}", detail=True).items()
+    }
     assert ingest_plan(plan, resolve_storage_options(cfg.storage.options)) == url
-    assert {p: i["ETag"] for p, i in s3.filesystem().find(f"{s3.bucket}/{credentials}", detail=True).items()} == listing
+    assert {
+        p: i["ETag"] for p, i in s3.filesystem().find(f"{s3.bucket}/{credentials}", detail=True).items()
+    } == listing

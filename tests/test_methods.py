@@ -23,7 +23,7 @@ from climrecon.methods import Inputs, Needs, SamplerConfig, member_indices, mont
 from climrecon.models.samplers import seed_for
 from climrecon.stores import content_key
 from climrecon.tasks.downscale import plan_downscale, run_downscale
-from climrecon.tasks.evaluate import perfect_model_inputs, run_evaluation
+from climrecon.tasks.evaluate import perfect_model_inputs
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import coarsen_blocks
 from climrecon.tasks.training_data import open_truth, select_years, static_for_truth
@@ -58,23 +58,49 @@ class ToyShift:
         out = {}
         for v in inputs.variables:
             base = fine[v].values.astype(np.float32) + np.float32(self.config.offset)
-            noise = np.stack([np.stack([torch.randn(base.shape[1:], generator=torch.Generator().manual_seed(
-                seed_for(seed, t, m))).numpy() for t in months]) for m in index])
-            out[v] = (("member", "time", "lat", "lon"), base[None] + np.float32(self.config.noise) * noise,
-                      fine[v].attrs)
-        return xr.Dataset(out, coords={"member": index, "time": fine["time"], "lat": fine["lat"], "lon": fine["lon"]})
+            noise = np.stack(
+                [
+                    np.stack(
+                        [
+                            torch.randn(
+                                base.shape[1:], generator=torch.Generator().manual_seed(seed_for(seed, t, m))
+                            ).numpy()
+                            for t in months
+                        ]
+                    )
+                    for m in index
+                ]
+            )
+            out[v] = (
+                ("member", "time", "lat", "lon"),
+                base[None] + np.float32(self.config.noise) * noise,
+                fine[v].attrs,
+            )
+        return xr.Dataset(
+            out, coords={"member": index, "time": fine["time"], "lat": fine["lat"], "lon": fine["lon"]}
+        )
 
     def identity(self, members: int, seed: int) -> list[Any]:
         return [self.config.model_dump(mode="json"), members, seed]
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "label": self.name, "stochastic": True,
-                "report": f"toy-shift: coarse on fine + {self.config.offset:g}", "seeds": "seed_for(seed, month, m)"}
+        return {
+            "method": self.name,
+            "label": self.name,
+            "stochastic": True,
+            "report": f"toy-shift: coarse on fine + {self.config.offset:g}",
+            "seeds": "seed_for(seed, month, m)",
+        }
 
 
 methods.register(ToyConfig, ToyShift, "a test's toy method")
 
-FAST_SAMPLER = ["sampler.num_steps=2", "sampler.overlap=4", "sampler.device=cpu", "sampler.max_patches_per_batch=16"]
+FAST_SAMPLER = [
+    "sampler.num_steps=2",
+    "sampler.overlap=4",
+    "sampler.device=cpu",
+    "sampler.max_patches_per_batch=16",
+]
 FACTOR = 4
 
 
@@ -86,7 +112,12 @@ def world(tmp_path_factory):
     truth_url, static_url = write_tiny_stores(root)
     checkpoint = write_tiny_checkpoint(root / "tiny.pt", truth_url, static_url)
     variables = ["tas", "uas", "vas"]
-    held = select_years(open_truth(truth_url, variables), (2002, 2002)).isel(time=slice(0, 4)).astype("float32").load()
+    held = (
+        select_years(open_truth(truth_url, variables), (2002, 2002))
+        .isel(time=slice(0, 4))
+        .astype("float32")
+        .load()
+    )
     train = select_years(open_truth(truth_url, variables), (2000, 2001)).astype("float32").load()
     grid = Grid.from_dataset(held, "truth")
     coarse = coarsen_blocks(held, FACTOR)
@@ -94,28 +125,53 @@ def world(tmp_path_factory):
     fine = inputs.coarse_on_fine.assign_coords(time=held["time"])
     fine.attrs.update(source_id="TINY-GCM", experiment_id="historical", member_id="r1i1p1")
     stores = {
-        "fine": _stage_store(str(root / "TINY-GCM.historical.r1i1p1.fine.zarr"), fine, content_key("m-fine"),
-                             {"source_id": "TINY-GCM", "experiment_id": "historical", "member_id": "r1i1p1"},
-                             time_chunk=2),
+        "fine": _stage_store(
+            str(root / "TINY-GCM.historical.r1i1p1.fine.zarr"),
+            fine,
+            content_key("m-fine"),
+            {"source_id": "TINY-GCM", "experiment_id": "historical", "member_id": "r1i1p1"},
+            time_chunk=2,
+        ),
         "static": _stage_store(str(root / "static-fine.zarr"), inputs.static, content_key("m-static"), {}),
         "coarse": _stage_store(str(root / "coarse.zarr"), coarse, content_key("m-coarse"), {}, time_chunk=2),
     }
-    return {"root": root, "truth": truth_url, "static_global": static_url, "checkpoint": checkpoint,
-            "held": held, "train": train, "inputs": inputs, "stores": stores, "variables": variables}
+    return {
+        "root": root,
+        "truth": truth_url,
+        "static_global": static_url,
+        "checkpoint": checkpoint,
+        "held": held,
+        "train": train,
+        "inputs": inputs,
+        "stores": stores,
+        "variables": variables,
+    }
 
 
 def _config(world, name: str, root) -> Any:
-    overrides = [f"storage.root={root}", f"method.name={name}", *FAST_SAMPLER,
-                 "downscale.members=2", "downscale.time_chunk=2", "downscale.months_per_unit=2",
-                 "downscale.members_per_unit=1", f"train.truth={world['truth']}", "train.train_years=[2000, 2001]",
-                 "train.validation_years=[2001, 2001]", "train.heldout_years=[2002, 2002]", "train.factor=4"]
+    overrides = [
+        f"storage.root={root}",
+        f"method.name={name}",
+        *FAST_SAMPLER,
+        "downscale.members=2",
+        "downscale.time_chunk=2",
+        "downscale.months_per_unit=2",
+        "downscale.members_per_unit=1",
+        f"train.truth={world['truth']}",
+        "train.train_years=[2000, 2001]",
+        "train.validation_years=[2001, 2001]",
+        "train.heldout_years=[2002, 2002]",
+        "train.factor=4",
+    ]
     if name == "dpdm":
         overrides += [f"method.checkpoint={world['checkpoint']}", "method.patch_size=16"]
     return load_config(overrides=overrides)
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
-def test_every_registered_method_gives_the_same_members_in_the_stage_and_in_the_evaluation(world, name, tmp_path):
+def test_every_registered_method_gives_the_same_members_in_the_stage_and_in_the_evaluation(
+    world, name, tmp_path
+):
     cfg = _config(world, name, tmp_path)
     s = world["stores"]
     plan = plan_downscale(cfg, s["fine"], s["static"], s["coarse"])
@@ -144,20 +200,39 @@ def test_a_method_registered_by_a_test_runs_through_both_flows(world, tmp_path, 
     from climrecon.flows.runtime import dask_client
 
     s = world["stores"]
-    overrides = [f"storage.root={tmp_path}", "method.name=toy-shift", "method.offset=2.5", "downscale.members=2",
-                 "downscale.time_chunk=2", "downscale.months_per_unit=2"]
+    overrides = [
+        f"storage.root={tmp_path}",
+        "method.name=toy-shift",
+        "method.offset=2.5",
+        "downscale.members=2",
+        "downscale.time_chunk=2",
+        "downscale.months_per_unit=2",
+    ]
     with dask_client(n_workers=1, processes=False) as client:  # workers in this process know the toy
-        url = downscale_flow(overrides=overrides, fine_url=s["fine"], static_url=s["static"], coarse_url=s["coarse"],
-                             scheduler_address=client.scheduler.address)
+        url = downscale_flow(
+            overrides=overrides,
+            fine_url=s["fine"],
+            static_url=s["static"],
+            coarse_url=s["coarse"],
+            scheduler_address=client.scheduler.address,
+        )
     assert ".toy-shift." in url
     members = xr.open_zarr(url, decode_times=xr.coders.CFDatetimeCoder(use_cftime=True))
     shift = members["tas"].mean("member") - world["inputs"].coarse_on_fine["tas"].values
     assert abs(float(shift.mean()) - 2.5) < 0.05
-    evaluate = [f"storage.root={tmp_path}", f"evaluate.truth={world['truth']}",
-                f"evaluate.static={world['static_global']}", "evaluate.variables=[tas, uas, vas]",
-                "evaluate.factors=[4]", "evaluate.train_years=[2000, 2001]", "evaluate.heldout_years=[2002, 2002]",
-                "evaluate.month_stride=3", "evaluate.ensemble_sizes=[2]", "evaluate.threads=1",
-                "evaluate.methods=[bilinear, {name: toy-shift, offset: 0.0, noise: 0.0}]"]
+    evaluate = [
+        f"storage.root={tmp_path}",
+        f"evaluate.truth={world['truth']}",
+        f"evaluate.static={world['static_global']}",
+        "evaluate.variables=[tas, uas, vas]",
+        "evaluate.factors=[4]",
+        "evaluate.train_years=[2000, 2001]",
+        "evaluate.heldout_years=[2002, 2002]",
+        "evaluate.month_stride=3",
+        "evaluate.ensemble_sizes=[2]",
+        "evaluate.threads=1",
+        "evaluate.methods=[bilinear, {name: toy-shift, offset: 0.0, noise: 0.0}]",
+    ]
     out = evaluate_flow(overrides=evaluate)
     doc = json.loads(open(out["json"]).read())
     toy = {r["variable"]: r for r in doc["records"] if r["method"] == "toy-shift"}
@@ -175,18 +250,25 @@ def test_the_registry_validates_each_method_and_names_the_culprit(world):
         load_config(overrides=["method.name=toy-shift", "method.checkpoint=x.pt"])
     with pytest.raises(ConfigError, match=r"unknown method 'nope'; registered methods: \[.*'toy-shift'"):
         load_config(overrides=["evaluate.methods=[bilinear, nope]"])
-    with pytest.raises(ConfigError, match=r"sampler.num_steps: moved|downscale.num_steps: moved to sampler.num_steps"):
+    with pytest.raises(
+        ConfigError, match=r"sampler.num_steps: moved|downscale.num_steps: moved to sampler.num_steps"
+    ):
         load_config(overrides=["downscale.num_steps=4"])
     cfg = load_config(overrides=["method.name=bcsd", "method.n_quantiles=20"])
     assert cfg.method.model_dump() == {"name": "bcsd", "n_quantiles": 20}
     assert load_config(overrides=["method.name=toy-shift"]).model_dump(mode="json")["method"] == {
-        "name": "toy-shift", "offset": 1.0, "noise": 0.1}
+        "name": "toy-shift",
+        "offset": 1.0,
+        "noise": 0.1,
+    }
 
 
 def test_inputs_refuse_what_a_method_needs_but_lacks(world):
     inputs = world["inputs"]
     no_static = Inputs(coarse_on_fine=inputs.coarse_on_fine, grid=inputs.grid, coarse=inputs.coarse)
-    with pytest.raises(methods.MethodError, match=r"conditioned on static fields \['orog'\]; the static fields lack"):
+    with pytest.raises(
+        methods.MethodError, match=r"conditioned on static fields \['orog'\]; the static fields lack"
+    ):
         no_static.require(Needs(static=("orog",)), "m")
     with pytest.raises(methods.MethodError, match="serves coarsening factor"):
         inputs.require(Needs(factors=(8,)), "m")

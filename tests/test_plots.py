@@ -74,6 +74,10 @@ def test_fine_scale_maps(tmp_path) -> None:
     rng = np.random.default_rng(1)
     months = [_map(280 + rng.normal(size=(16, 24))).expand_dims(time=[t]) for t in range(3)]
     truth = xr.concat(months, "time").to_dataset()
-    means = {"truth": truth.mean("time"), "downscaled": truth.mean("time") + 0.1, "interpolated": truth.isel(time=0)}
+    means = {
+        "truth": truth.mean("time"),
+        "downscaled": truth.mean("time") + 0.1,
+        "interpolated": truth.isel(time=0),
+    }
     path = P.fine_scale_maps(means, 4, "tas", tmp_path / "fine.png", months=3, units="K")
     _check_png(path, (int(3 * 3.6 * 100), int(3.0 * 100)))

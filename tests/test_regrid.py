@@ -340,7 +340,10 @@ def test_a_pole_value_is_the_zonal_mean_of_the_row_whatever_the_target_extent() 
     lon = np.arange(15.0, 360.0, 30.0)
     row = np.random.default_rng(4).normal(250, 10, size=lon.size)  # no symmetry to hide double counting
     ds = xr.Dataset({"tas": (("lat", "lon"), np.tile(row, (lat.size, 1)))}, coords={"lat": lat, "lon": lon})
-    for target in (Grid.global_(1.0), Grid.from_region(Region(lat_min=80, lat_max=90, lon_min=-20, lon_max=20), 1.0)):
+    for target in (
+        Grid.global_(1.0),
+        Grid.from_region(Region(lat_min=80, lat_max=90, lon_min=-20, lon_max=20), 1.0),
+    ):
         out = bilinear(ds, target)["tas"].values
         # 89.5N lies 29/30 of the way from the 75N row to the pole, whose value is the row's zonal mean
         along_row = np.interp(target.lon, lon, row, period=360)

@@ -8,7 +8,9 @@ import dask
 
 
 def _environ() -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}
+    return {
+        k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+    }
 
 
 def test_worker_spawn_environ_drops_only_the_malloc_trim_threshold():
@@ -27,8 +29,14 @@ def test_shipped_dask_config_unsets_the_malloc_trim_threshold():
     collected = dask.config.collect(paths=[str(folder)], env={})
     environ = collected["distributed"]["nanny"]["pre-spawn-environ"]
     assert environ == {"MALLOC_TRIM_THRESHOLD_": None}  # None: Dask's way to unset a default variable
-    merged = dask.config.merge({"distributed": {"nanny": {"pre-spawn-environ": {
-        "MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": 1}}}}, collected)
+    merged = dask.config.merge(
+        {
+            "distributed": {
+                "nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": 1}}
+            }
+        },
+        collected,
+    )
     from distributed.nanny import _get_env_variables
 
     with dask.config.set(merged):
@@ -42,5 +50,7 @@ def test_worker_processes_start_without_malloc_trim_threshold():
     with dask_client(n_workers=2, fake_gpu=True) as client:
         seen = client.run(_environ)
     assert len(seen) == 2
-    assert all(env["MALLOC_TRIM_THRESHOLD_"] is None and env["OMP_NUM_THREADS"] == "1" for env in seen.values())
+    assert all(
+        env["MALLOC_TRIM_THRESHOLD_"] is None and env["OMP_NUM_THREADS"] == "1" for env in seen.values()
+    )
     assert sorted(env["CUDA_VISIBLE_DEVICES"] or "" for env in seen.values())[0] == ""  # the fake-GPU worker

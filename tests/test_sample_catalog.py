@@ -182,8 +182,11 @@ def test_a_store_rebuilt_under_a_new_path_replaces_its_predecessor(tmp_path, row
     moved = {**rows[0], "path": str(tmp_path / "rebuilt.nc")}
     merged = read_rows(write_catalog(catalog, [moved]))
     assert len(merged) == 3
-    assert [r["path"] for r in merged if r["variable_id"] == rows[0]["variable_id"]
-            and r["source_id"] == rows[0]["source_id"]] == [moved["path"]]
+    assert [
+        r["path"]
+        for r in merged
+        if r["variable_id"] == rows[0]["variable_id"] and r["source_id"] == rows[0]["source_id"]
+    ] == [moved["path"]]
 
 
 def test_invalid_rows_are_rejected_by_name(tmp_path, rows):

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from climrecon.config import load_config
-from climrecon.config import SamplerConfig
+from climrecon.config import SamplerConfig, load_config
 from climrecon.methods import Inputs, build
 from climrecon.models.checkpoint import CheckpointError, load_networks, read_checkpoint
 from climrecon.tasks.grids import Grid
@@ -25,7 +24,9 @@ def test_shipped_checkpoint_loads_verifies_and_is_inference_only():
     nets, meta = load_networks(SHIPPED, expect=EXPECT)
     model = nets["denoiser"]
     contents = read_checkpoint(SHIPPED)  # recomputes and checks the content hash (format 1, read as 2)
-    assert contents.header["training"] is None and all(k.startswith("ema.denoiser.") for k in contents.tensors)
+    assert contents.header["training"] is None and all(
+        k.startswith("ema.denoiser.") for k in contents.tensors
+    )
     assert contents.header["upgraded_from_format"] == 1
     recorded = re.search(r"content_sha256: `([0-9a-f]{64})`", README.read_text())
     assert recorded and recorded.group(1) == contents.header["content_sha256"]
@@ -54,7 +55,9 @@ def test_shipped_checkpoint_samples_a_heldout_patch_deterministically():
     except FileNotFoundError as exc:
         pytest.skip(f"sample catalog not built ({exc}); run `climrecon catalog build-sample`")
     torch.set_num_threads(1)
-    method = build({"name": "dpdm", "checkpoint": str(SHIPPED)}, SamplerConfig(num_steps=4, overlap=8, device="cpu"))
+    method = build(
+        {"name": "dpdm", "checkpoint": str(SHIPPED)}, SamplerConfig(num_steps=4, overlap=8, device="cpu")
+    )
     meta = method.metadata
     truth, inputs = heldout_inputs(method, truth_url, static_url, (2015, 2015), 1)  # one held-out month
     window = {"lat": slice(24, 56), "lon": slice(24, 56)}  # a 32 x 32 patch over the Great Basin

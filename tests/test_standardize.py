@@ -23,8 +23,17 @@ def _open(path, **kw):
     return xr.open_dataset(path, decode_times=False, **kw)
 
 
-def _field(name="tas", units="K", lat=(-10.0, 0.0, 10.0), lon=(0.0, 120.0, 240.0), n_time=3,
-           calendar="noleap", values=None, attrs=None, time_units="days since 2000-01-01"):
+def _field(
+    name="tas",
+    units="K",
+    lat=(-10.0, 0.0, 10.0),
+    lon=(0.0, 120.0, 240.0),
+    n_time=3,
+    calendar="noleap",
+    values=None,
+    attrs=None,
+    time_units="days since 2000-01-01",
+):
     shape = (n_time, len(lat), len(lon))
     data = np.arange(np.prod(shape), dtype="float32").reshape(shape) if values is None else values
     ds = xr.Dataset(
@@ -48,11 +57,16 @@ def test_mpi_esm_lr_monthly_is_rolled_to_minus180_and_keeps_values(raw_files):
     np.testing.assert_array_equal(out.tas.sel(lon=-1.875).values, src.tas.sel(lon=358.125).values)
     np.testing.assert_array_equal(out.tas.sel(lon=0.0).values, src.tas.sel(lon=0.0).values)
     # bounds moved with their cells
-    np.testing.assert_allclose(out.lon_bnds.sel(lon=-1.875).values, src.lon_bnds.sel(lon=358.125).values - 360)
+    np.testing.assert_allclose(
+        out.lon_bnds.sel(lon=-1.875).values, src.lon_bnds.sel(lon=358.125).values - 360
+    )
     assert np.all(out.lat_bnds[:, 0] < out.lat_bnds[:, 1])
     # monthly labels at the start of the month, proleptic_gregorian kept
     t = out.time.values
-    assert t[0] == cftime.datetime(2005, 1, 1, calendar="proleptic_gregorian") and t[0].calendar == "proleptic_gregorian"
+    assert (
+        t[0] == cftime.datetime(2005, 1, 1, calendar="proleptic_gregorian")
+        and t[0].calendar == "proleptic_gregorian"
+    )
     assert [d.month for d in t] == list(range(1, 13)) and all(d.day == 1 and d.hour == 0 for d in t)
     assert out.time_bnds.values[-1, 1] == cftime.datetime(2006, 1, 1, calendar="proleptic_gregorian")
     np.testing.assert_array_equal(out.time_bnds.values[1:, 0], out.time_bnds.values[:-1, 1])
@@ -91,9 +105,16 @@ def test_navy_winds_legacy_names_units_and_lon_beyond_360(raw_files):
 
 @pytest.mark.parametrize(
     ("name", "units", "scale", "offset"),
-    [("tas", "degC", 1.0, 273.15), ("tas", "C", 1.0, 273.15), ("uas", "knots", 1852 / 3600, 0.0),
-     ("vas", "M/S", 1.0, 0.0), ("psl", "hPa", 100.0, 0.0), ("psl", "mb", 100.0, 0.0),
-     ("pr", "mm/day", 1 / 86400, 0.0), ("pr", "kg m-2 s-1", 1.0, 0.0)],
+    [
+        ("tas", "degC", 1.0, 273.15),
+        ("tas", "C", 1.0, 273.15),
+        ("uas", "knots", 1852 / 3600, 0.0),
+        ("vas", "M/S", 1.0, 0.0),
+        ("psl", "hPa", 100.0, 0.0),
+        ("psl", "mb", 100.0, 0.0),
+        ("pr", "mm/day", 1 / 86400, 0.0),
+        ("pr", "kg m-2 s-1", 1.0, 0.0),
+    ],
 )
 def test_units_are_converted_exactly(name, units, scale, offset):
     ds = _field(name, units)
@@ -130,17 +151,53 @@ def test_datetime64_times_become_cftime():
 @pytest.mark.parametrize(
     ("mutate", "error", "message"),
     [
-        (lambda ds: ds.assign(tas=ds.tas.assign_attrs(units="m s-1")), UnitsError, "'m s-1', which cannot be converted to 'K'"),
+        (
+            lambda ds: ds.assign(tas=ds.tas.assign_attrs(units="m s-1")),
+            UnitsError,
+            "'m s-1', which cannot be converted to 'K'",
+        ),
         (lambda ds: ds.assign(tas=ds.tas.assign_attrs(units="")), UnitsError, "no units attribute"),
-        (lambda ds: ds.assign(tas=ds.tas.assign_attrs(units="furlongs per banana")), UnitsError, "cannot parse"),
-        (lambda ds: ds.assign_coords(lat=("lat", [0.0, 10.0, 5.0], {"units": "degrees_north"})), CoordinateError, "'lat' has values that are not monotonic"),
-        (lambda ds: ds.assign_coords(lon=("lon", [0.0, 120.0, 120.0], {"units": "degrees_east"})), CoordinateError, "'lon' has duplicate values [120.0]"),
-        (lambda ds: ds.assign_coords(time=("time", [15.0, 15.0, 45.0], ds.time.attrs)), CoordinateError, "'time' has duplicate values"),
-        (lambda ds: ds.assign_coords(time=("time", [15.0, 16.0, 45.0], ds.time.attrs)).assign_attrs(frequency="mon"), CoordinateError, "same month more than once"),
-        (lambda ds: ds.assign_coords(time=("time", ds.time.values, {**ds.time.attrs, "calendar": "mars_sol"})), CalendarError, "calendar 'mars_sol' is not supported; supported: standard"),
+        (
+            lambda ds: ds.assign(tas=ds.tas.assign_attrs(units="furlongs per banana")),
+            UnitsError,
+            "cannot parse",
+        ),
+        (
+            lambda ds: ds.assign_coords(lat=("lat", [0.0, 10.0, 5.0], {"units": "degrees_north"})),
+            CoordinateError,
+            "'lat' has values that are not monotonic",
+        ),
+        (
+            lambda ds: ds.assign_coords(lon=("lon", [0.0, 120.0, 120.0], {"units": "degrees_east"})),
+            CoordinateError,
+            "'lon' has duplicate values [120.0]",
+        ),
+        (
+            lambda ds: ds.assign_coords(time=("time", [15.0, 15.0, 45.0], ds.time.attrs)),
+            CoordinateError,
+            "'time' has duplicate values",
+        ),
+        (
+            lambda ds: ds.assign_coords(time=("time", [15.0, 16.0, 45.0], ds.time.attrs)).assign_attrs(
+                frequency="mon"
+            ),
+            CoordinateError,
+            "same month more than once",
+        ),
+        (
+            lambda ds: ds.assign_coords(
+                time=("time", ds.time.values, {**ds.time.attrs, "calendar": "mars_sol"})
+            ),
+            CalendarError,
+            "calendar 'mars_sol' is not supported; supported: standard",
+        ),
         (lambda ds: ds.assign(tas=ds.tas * np.nan), EmptyVariableError, "['tas'] hold no valid value"),
         (lambda ds: ds.rename(tas="foo"), MissingVariableError, "no recognised variable"),
-        (lambda ds: ds.assign_coords(lon=("lon", [170.0, 180.0, 190.0], {"units": "degrees_east"})), CoordinateError, "crosses the seam of the -180..180"),
+        (
+            lambda ds: ds.assign_coords(lon=("lon", [170.0, 180.0, 190.0], {"units": "degrees_east"})),
+            CoordinateError,
+            "crosses the seam of the -180..180",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, error, message):
@@ -152,7 +209,9 @@ def test_bad_inputs_raise_clear_errors(mutate, error, message):
 
 
 def test_missing_requested_variable_lists_what_is_there():
-    with pytest.raises(MissingVariableError, match=r"\['pr'\] not found; the source holds data variables \['tas'\]"):
+    with pytest.raises(
+        MissingVariableError, match=r"\['pr'\] not found; the source holds data variables \['tas'\]"
+    ):
         standardize(_field(), source="bad.nc", variables=["tas", "pr"])
 
 
@@ -165,8 +224,16 @@ def test_rotated_pole_and_curvilinear_grids_are_not_supported_yet(raw_files):
     with pytest.raises(GridError, match="tas_rotated_grid_EUR11.nc.*not supported yet"):
         standardize(_open(raw_files["eur11"]), source=str(raw_files["eur11"]))
     ds = _field()
-    lat2d = xr.DataArray(np.tile(ds.lat.values[:, None], (1, 3)), dims=("y", "x"), attrs={"units": "degrees_north"})
-    curvi = xr.Dataset({"tas": (("time", "y", "x"), ds.tas.values, {"units": "K"})},
-                       coords={"time": ds.time, "nav_lat": lat2d, "nav_lon": lat2d.copy().assign_attrs(units="degrees_east")})
+    lat2d = xr.DataArray(
+        np.tile(ds.lat.values[:, None], (1, 3)), dims=("y", "x"), attrs={"units": "degrees_north"}
+    )
+    curvi = xr.Dataset(
+        {"tas": (("time", "y", "x"), ds.tas.values, {"units": "K"})},
+        coords={
+            "time": ds.time,
+            "nav_lat": lat2d,
+            "nav_lon": lat2d.copy().assign_attrs(units="degrees_east"),
+        },
+    )
     with pytest.raises(GridError, match="curvi.nc.*curvilinear grids are not supported yet"):
         standardize(curvi, source="curvi.nc")

@@ -8,9 +8,9 @@ import torch
 
 from climrecon.models.edm import EDMPrecond
 from climrecon.models.samplers import edm_sampler, make_generator
-from climrecon.models.unet import UNet, UNetConfig
 from climrecon.models.tiled import TiledDenoiser, sample_tiled
 from climrecon.models.tiling import make_tiling, seam_ratio
+from climrecon.models.unet import UNet, UNetConfig
 
 
 def sample_domain(net, cond, toy, tiling, *, seeds, out_channels=1, **kw):
@@ -127,8 +127,9 @@ def test_patch_chunking_changes_only_float_rounding(tiny_net, inputs, blend):
 def test_single_tile_equals_plain_sampling_with_the_documented_noise(tiny_net, inputs):
     cond, toy = inputs
     tiling = make_tiling(8, 16, (8, 16), 0)
-    got = sample_domain(tiny_net, cond[:1, :, :8, :16], toy[:1], tiling, seeds=[3], num_steps=5,
-                        max_patches_per_batch=1)
+    got = sample_domain(
+        tiny_net, cond[:1, :, :8, :16], toy[:1], tiling, seeds=[3], num_steps=5, max_patches_per_batch=1
+    )
     latents = torch.randn((1, 1, 8, 16), generator=make_generator(3, "cpu"))
     want = edm_sampler(lambda x, s: tiny_net(x, s, cond[:1, :, :8, :16], toy[:1]), latents, num_steps=5)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -236,13 +237,23 @@ def test_a_wrapper_sees_the_blended_full_domain_denoiser(tiny_net, inputs):
         def wrapped(x, sigma):
             seen.append(tuple(x.shape))
             return denoise(x, sigma)
+
         return wrapped
 
     plain = sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], num_steps=3)
-    assert torch.equal(sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], num_steps=3, wrap=identity), plain)
+    assert torch.equal(
+        sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], num_steps=3, wrap=identity), plain
+    )
     assert set(seen) == {(3, 1, 12, 20)}
-    zero = sample_domain(tiny_net, cond, toy, tiling, seeds=[1, 2, 3], num_steps=3,
-                         wrap=lambda d: (lambda x, s: torch.zeros_like(x)))
+    zero = sample_domain(
+        tiny_net,
+        cond,
+        toy,
+        tiling,
+        seeds=[1, 2, 3],
+        num_steps=3,
+        wrap=lambda d: lambda x, s: torch.zeros_like(x),
+    )
     torch.testing.assert_close(zero, torch.zeros_like(zero), rtol=0, atol=1e-5)  # D = 0: the ODE ends at 0
     assert isinstance(TiledDenoiser(tiny_net, tiling, cond, toy), TiledDenoiser)
 

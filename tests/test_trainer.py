@@ -21,7 +21,6 @@ from climrecon.models.samplers import make_generator, seed_for
 from climrecon.models.trainer import Batch, TrainConfig, train
 from climrecon.models.unet import UNet, UNetConfig
 
-
 LOSS = EDMLoss()  # the tiny models use the default EDMConfig
 
 
@@ -94,7 +93,8 @@ def test_tiny_model_overfits_a_fixed_batch(tmp_path):
         model,
         lambda step: iter(lambda: batch, None),
         cfg,
-        loss=LOSS, checkpoint_path=tmp_path / "m.pt",
+        loss=LOSS,
+        checkpoint_path=tmp_path / "m.pt",
         progress=False,
         on_log=logs.append,
     )
@@ -128,7 +128,12 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
     cfg = TrainConfig(max_steps=10, lr=1e-3, warmup_steps=3, checkpoint_every=4, log_every=1, seed=3)
     # uninterrupted reference (dropout exercises the global RNG that resume must restore)
     ref = train(
-        tiny_model(dropout=0.2), batches_from, cfg, loss=LOSS, checkpoint_path=tmp_path / "ref.pt", progress=False
+        tiny_model(dropout=0.2),
+        batches_from,
+        cfg,
+        loss=LOSS,
+        checkpoint_path=tmp_path / "ref.pt",
+        progress=False,
     )
 
     def crash_at_6(record):
@@ -141,14 +146,17 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
             tiny_model(dropout=0.2),
             batches_from,
             cfg,
-            loss=LOSS, checkpoint_path=path,
+            loss=LOSS,
+            checkpoint_path=path,
             progress=False,
             on_log=crash_at_6,
         )
     assert read_checkpoint(path).metadata.step == 4
     # a fresh process would rebuild the model from scratch; the checkpoint supplies every state
     torch.manual_seed(12345)
-    resumed = train(tiny_model(dropout=0.2), batches_from, cfg, loss=LOSS, checkpoint_path=path, progress=False)
+    resumed = train(
+        tiny_model(dropout=0.2), batches_from, cfg, loss=LOSS, checkpoint_path=path, progress=False
+    )
     assert resumed.resumed_from == 4 and resumed.step == 10
     assert resumed.losses == ref.losses
     a, b = _state(ref.checkpoint_path), _state(path)
@@ -185,9 +193,18 @@ def test_resume_refuses_other_models_and_inference_only_files(tmp_path):
     slim = tmp_path / "slim.pt"
     strip_training_state(path, slim)
     with pytest.raises(CheckpointError, match="holds no training state"):
-        train(tiny_model(), batches_from, TrainConfig(max_steps=3), loss=LOSS, checkpoint_path=slim, progress=False)
+        train(
+            tiny_model(),
+            batches_from,
+            TrainConfig(max_steps=3),
+            loss=LOSS,
+            checkpoint_path=slim,
+            progress=False,
+        )
     # resume=False starts over and overwrites
-    fresh = train(tiny_model(), batches_from, cfg, loss=LOSS, checkpoint_path=slim, resume=False, progress=False)
+    fresh = train(
+        tiny_model(), batches_from, cfg, loss=LOSS, checkpoint_path=slim, resume=False, progress=False
+    )
     assert fresh.resumed_from == 0 and read_checkpoint(slim).header["training"]["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "slim.pt"]  # no temp files left
 
@@ -205,7 +222,8 @@ def test_metadata_is_carried_and_checked(tmp_path):
         model,
         batches_from,
         TrainConfig(max_steps=1, warmup_steps=0),
-        loss=LOSS, checkpoint_path=tmp_path / "m.pt",
+        loss=LOSS,
+        checkpoint_path=tmp_path / "m.pt",
         metadata=meta,
         progress=False,
     )
@@ -216,15 +234,17 @@ def test_metadata_is_carried_and_checked(tmp_path):
         and loaded.data == {"source": "synthetic"}
     )
     wrong = CheckpointMetadata(
-        method="dpdm", networks={"denoiser": NetworkSpec(UNetConfig(out_channels=1, cond_channels=2))},
-        variables=("tas",)
+        method="dpdm",
+        networks={"denoiser": NetworkSpec(UNetConfig(out_channels=1, cond_channels=2))},
+        variables=("tas",),
     )
     with pytest.raises(ValueError, match="does not describe the model"):
         train(
             tiny_model(),
             batches_from,
             TrainConfig(max_steps=1),
-            loss=LOSS, checkpoint_path=tmp_path / "x.pt",
+            loss=LOSS,
+            checkpoint_path=tmp_path / "x.pt",
             metadata=wrong,
             progress=False,
         )
@@ -237,7 +257,8 @@ def test_exhausted_batches_and_config_checks(tmp_path):
             tiny_model(),
             iter(two),
             TrainConfig(max_steps=5, warmup_steps=0),
-            loss=LOSS, checkpoint_path=tmp_path / "m.pt",
+            loss=LOSS,
+            checkpoint_path=tmp_path / "m.pt",
             progress=False,
         )
     cfg = TrainConfig(lr=1e-3, warmup_steps=4, max_steps=14, lr_schedule="cosine")
@@ -256,16 +277,43 @@ def test_second_network_trains_beside_a_frozen_first_and_resume_checks_the_role(
     cfg = TrainConfig(max_steps=3, warmup_steps=0, checkpoint_every=1)
     first = tiny_model()
     path = tmp_path / "two.pt"
-    train(first, batches_from, cfg, loss=LOSS, checkpoint_path=path, role="regression", progress=False,
-          metadata=CheckpointMetadata("two-stage", {"regression": NetworkSpec.of(first)}))
+    train(
+        first,
+        batches_from,
+        cfg,
+        loss=LOSS,
+        checkpoint_path=path,
+        role="regression",
+        progress=False,
+        metadata=CheckpointMetadata("two-stage", {"regression": NetworkSpec.of(first)}),
+    )
     frozen = {"regression": read_checkpoint(path).ema_states()["regression"]}
     second = tiny_model(dropout=0.1)
-    meta = CheckpointMetadata("two-stage", {"regression": NetworkSpec.of(first), "denoiser": NetworkSpec.of(second)})
+    meta = CheckpointMetadata(
+        "two-stage", {"regression": NetworkSpec.of(first), "denoiser": NetworkSpec.of(second)}
+    )
     with pytest.raises(CheckpointError, match="is training the network 'regression', not 'denoiser'"):
-        train(second, batches_from, cfg, loss=LOSS, checkpoint_path=path, metadata=meta, frozen=frozen,
-              progress=False)
+        train(
+            second,
+            batches_from,
+            cfg,
+            loss=LOSS,
+            checkpoint_path=path,
+            metadata=meta,
+            frozen=frozen,
+            progress=False,
+        )
     both = tmp_path / "both.pt"
-    train(second, batches_from, cfg, loss=LOSS, checkpoint_path=both, metadata=meta, frozen=frozen, progress=False)
+    train(
+        second,
+        batches_from,
+        cfg,
+        loss=LOSS,
+        checkpoint_path=both,
+        metadata=meta,
+        frozen=frozen,
+        progress=False,
+    )
     contents = read_checkpoint(both)
     assert contents.header["training"]["role"] == "denoiser"
     for k, v in frozen["regression"].items():
@@ -273,4 +321,12 @@ def test_second_network_trains_beside_a_frozen_first_and_resume_checks_the_role(
     nets, _ = load_networks(both)
     assert set(nets) == {"regression", "denoiser"}
     with pytest.raises(ValueError, match="frozen"):
-        train(second, batches_from, cfg, loss=LOSS, checkpoint_path=tmp_path / "x.pt", metadata=meta, progress=False)
+        train(
+            second,
+            batches_from,
+            cfg,
+            loss=LOSS,
+            checkpoint_path=tmp_path / "x.pt",
+            metadata=meta,
+            progress=False,
+        )

@@ -32,8 +32,9 @@ from climrecon.tasks.training_data import (
 )
 
 STATIC_STEP = 1.0 / 12.0
-TINY = SyntheticConfig(resolution=0.5, start_year=2000, end_year=2002, chunk_months=12, seed=5,
-                       variables=["tas", "uas", "vas"])  # 40 x 40 cells, 36 months
+TINY = SyntheticConfig(
+    resolution=0.5, start_year=2000, end_year=2002, chunk_months=12, seed=5, variables=["tas", "uas", "vas"]
+)  # 40 x 40 cells, 36 months
 
 
 def analytic_static(lat0=29.0, lat1=51.0, lon0=-126.0, lon1=-104.0) -> xr.Dataset:
@@ -42,10 +43,15 @@ def analytic_static(lat0=29.0, lat1=51.0, lon0=-126.0, lon1=-104.0) -> xr.Datase
     lon = np.arange(lon0 + STATIC_STEP / 2, lon1, STATIC_STEP)
     la, lo = np.meshgrid(lat, lon, indexing="ij")
     land = lo > -122.0 + 1.5 * np.sin(np.deg2rad(la) * 12.0)
-    orog = 2500.0 * np.exp(-(((lo + 119.0) / 0.6) ** 2)) + 2000.0 * np.exp(-(((lo + 109) / 2.5) ** 2 + ((la - 42) / 5) ** 2))
+    orog = 2500.0 * np.exp(-(((lo + 119.0) / 0.6) ** 2)) + 2000.0 * np.exp(
+        -(((lo + 109) / 2.5) ** 2 + ((la - 42) / 5) ** 2)
+    )
     orog = np.where(land, orog + 300.0, 0.0)
     return xr.Dataset(
-        {"orog": (("lat", "lon"), orog.astype("float32")), "sftlf": (("lat", "lon"), (100.0 * land).astype("float32"))},
+        {
+            "orog": (("lat", "lon"), orog.astype("float32")),
+            "sftlf": (("lat", "lon"), (100.0 * land).astype("float32")),
+        },
         coords={"lat": lat, "lon": lon},
         attrs={"climrecon_status": "complete"},
     )
@@ -86,7 +92,10 @@ def test_pairs_have_the_conditioning_contract(train_pairs):
     # the coarse channel is the truth's 4 x 4 block mean put back on the fine grid: block means agree
     blocks = target["tas"].coarsen(lat=4, lon=4).mean()
     back = cond.sel(channel="tas_coarse").coarsen(lat=4, lon=4).mean()
-    assert float(abs(blocks - back).mean()) < 0.5 and float(abs(target["tas"] - cond.sel(channel="tas_coarse")).mean()) > 0.05
+    assert (
+        float(abs(blocks - back).mean()) < 0.5
+        and float(abs(target["tas"] - cond.sel(channel="tas_coarse")).mean()) > 0.05
+    )
     assert float(cond.sel(channel="orog").max()) > 1000.0  # static fields in metres
 
 
@@ -105,13 +114,19 @@ def test_conditioning_normalisation_rules(train_pairs):
     z = normalize_conditioning(cond.values, SPEC.channel_names(), stats)
     names = SPEC.channel_names()
     i = names.index("vas_coarse")
-    np.testing.assert_allclose(z[:, i], (cond.values[:, i] - stats.mean[2]) / stats.std[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        z[:, i], (cond.values[:, i] - stats.mean[2]) / stats.std[2], rtol=1e-5, atol=1e-5
+    )
     j = names.index("sftlf")
     np.testing.assert_allclose(z[:, j], (cond.values[:, j] - STATIC_SCALING["sftlf"][0]) / 50.0, atol=1e-6)
     k = names.index("cos_lat")
     np.testing.assert_array_equal(z[:, k], cond.values[:, k])
-    assert torch.allclose(normalize_conditioning(torch.from_numpy(cond.values), names, stats), torch.from_numpy(z))
-    with pytest.raises(ConditioningError, match="no normalisation rule for conditioning channel 'psl_coarse'"):
+    assert torch.allclose(
+        normalize_conditioning(torch.from_numpy(cond.values), names, stats), torch.from_numpy(z)
+    )
+    with pytest.raises(
+        ConditioningError, match="no normalisation rule for conditioning channel 'psl_coarse'"
+    ):
         normalize_conditioning(cond.values[:, :1], ["psl_coarse"], stats)
 
 
@@ -125,7 +140,9 @@ def test_coarse_views_of_static_fields_go_through_the_truths_blocks(stores):
     assert list(cond.channel.values) == spec.channel_names()
     # orog_coarse is the orography through the same 4 x 4 blocks and bilinear step as tas_coarse
     expected = coarse_on_fine(coarsen_blocks(static[["orog"]].astype("float64"), 4), Grid.from_dataset(truth))
-    np.testing.assert_allclose(cond.sel(channel="orog_coarse").values[0], expected.orog.values, rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(
+        cond.sel(channel="orog_coarse").values[0], expected.orog.values, rtol=1e-5, atol=1e-2
+    )
     relief = cond.sel(channel="orog") - cond.sel(channel="orog_coarse")
     assert float(relief.std()) > 10.0 and float(cond.sel(channel="orog_coarse").std()) > 100.0
     stats = fit_target_normalization(target, spec.variables)
@@ -150,7 +167,9 @@ def test_batches_are_deterministic_by_step_and_never_touch_other_years(train_pai
     batches = PatchBatches.from_pairs(target, cond, SPEC, stats, patch_size=16, batch_size=8, seed=3)
     assert batches.cond_static.shape == (7, 40, 40) and batches.cond_dynamic.shape == (24, 3, 40, 40)
     b = batches.batch(5)
-    assert b.target.shape == (8, 3, 16, 16) and b.cond.shape == (8, 10, 16, 16) and b.time_of_year.shape == (8,)
+    assert (
+        b.target.shape == (8, 3, 16, 16) and b.cond.shape == (8, 10, 16, 16) and b.time_of_year.shape == (8,)
+    )
     assert b.target.dtype == torch.float32 and b.cond.dtype == torch.float32
     again = next(batches(5))  # a run resumed at step 5 draws the same batch
     assert torch.equal(b.target, again.target) and torch.equal(b.cond, again.cond)
@@ -158,7 +177,9 @@ def test_batches_are_deterministic_by_step_and_never_touch_other_years(train_pai
     # the crop's conditioning is the matching window of the full stack, in the spec's channel order
     idx, rows, cols = batches.draw(5)
     z_cond = normalize_conditioning(cond.values, SPEC.channel_names(), stats)
-    np.testing.assert_allclose(b.cond[0].numpy(), z_cond[idx[0], :, rows[0] : rows[0] + 16, cols[0] : cols[0] + 16])
+    np.testing.assert_allclose(
+        b.cond[0].numpy(), z_cond[idx[0], :, rows[0] : rows[0] + 16, cols[0] : cols[0] + 16]
+    )
     # over many steps only the training years (2000-2001) are ever drawn; the held-out 2002 is not even loaded
     drawn = np.concatenate([batches.draw(s)[0] for s in range(300)])
     assert set(batches.years[drawn].tolist()) == {2000, 2001}
@@ -167,7 +188,9 @@ def test_batches_are_deterministic_by_step_and_never_touch_other_years(train_pai
 
 def test_missing_years_or_variables_fail_clearly(stores):
     truth = open_truth(stores[0], SPEC.variables)
-    with pytest.raises(TrainingDataError, match=r"years 1999-2001 requested .*1999\.\.1999.*covers 2000-2002"):
+    with pytest.raises(
+        TrainingDataError, match=r"years 1999-2001 requested .*1999\.\.1999.*covers 2000-2002"
+    ):
         select_years(truth, (1999, 2001), "truth store X")
     with pytest.raises(TrainingDataError, match=r"lacks variable\(s\) \['pr'\]"):
         open_truth(stores[0], ["tas", "pr"])
@@ -181,7 +204,9 @@ def test_residual_target_round_trips_and_feeds_batches(train_pairs):
     np.testing.assert_allclose(residual["tas"], target["tas"] - cond.sel(channel="tas_coarse"), atol=1e-4)
     full_stats = fit_target_normalization(target, SPEC.variables)
     stats = fit_target_normalization(residual, SPEC.variables)
-    batches = PatchBatches.from_pairs(residual, cond, SPEC, stats, patch_size=16, batch_size=2, cond_stats=full_stats)
+    batches = PatchBatches.from_pairs(
+        residual, cond, SPEC, stats, patch_size=16, batch_size=2, cond_stats=full_stats
+    )
     z = normalize_conditioning(cond.values, SPEC.channel_names(), full_stats)
     np.testing.assert_allclose(batches.cond_dynamic, z[:, :3])
     assert abs(float(batches.target.mean())) < 1e-3 and abs(float(batches.target.std()) - 1) < 1e-3

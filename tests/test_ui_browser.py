@@ -23,8 +23,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium "
-                       "(apt-get install -y --no-install-recommends chromium; .ci/run installs it)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs headless Chromium at /usr/bin/chromium "
+        "(apt-get install -y --no-install-recommends chromium; .ci/run installs it)",
+    ),
 ]
 
 
@@ -38,10 +41,22 @@ def visible_text(dom: str) -> str:
 def render(url: str, screenshot: Path, profile: Path, budget_ms: int = 20000) -> str:
     """Load ``url`` in a fresh headless Chromium profile; save a screenshot and return the rendered DOM."""
     command = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,900",
-        f"--virtual-time-budget={budget_ms}", f"--screenshot={screenshot}", "--dump-dom", url,
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,900",
+        f"--virtual-time-budget={budget_ms}",
+        f"--screenshot={screenshot}",
+        "--dump-dom",
+        url,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"chromium exited {done.returncode}: {done.stderr[-2000:]}"
@@ -59,7 +74,9 @@ def test_ui_shows_the_deployment_run_completed(deployed_run, tmp_path):
     header = re.search(rf"Runs {re.escape(run.flow_run.name)} (?P<tags>.{{0,120}}?)\bCompleted\b", text)
     assert header, text[:1500]
     flow_name, deployment = run.deployment_name.split("/")
-    assert f"Flow {flow_name} Deployment {deployment} Work Pool {run.flow_run.work_pool_name}" in text, text[:1500]
+    assert f"Flow {flow_name} Deployment {deployment} Work Pool {run.flow_run.work_pool_name}" in text, text[
+        :1500
+    ]
     # the header counts the run's own task runs ("2 Task runs"); the API also lists the placeholder task
     # runs a parent keeps for its subflows, so the API count is an upper bound
     shown = re.search(r"\b(\d+) Task runs?\b", text)
