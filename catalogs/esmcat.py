@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from climrecon.storage import is_remote, public_url
+from climrecon.storage import is_remote, public_url, url_options
 
 __all__ = [
     "COLUMNS",
@@ -247,7 +247,10 @@ def open_catalog(catalog: str | Path, storage_options: dict[str, Any] | None = N
         )
     try:
         return intake_esm.esm_datastore(
-            str(catalog), storage_options=storage_options or {}, progressbar=False, threaded=False
+            str(catalog),
+            storage_options=url_options(str(catalog), storage_options) or {},
+            progressbar=False,
+            threaded=False,
         )
     except Exception as exc:  # noqa: BLE001 - any reading problem becomes an actionable message
         raise CatalogError(f"catalog {public_url(str(catalog))} cannot be read: {exc}") from None

@@ -36,7 +36,7 @@ import pandas as pd
 import xarray as xr
 
 from climrecon.catalogs.esmcat import CatalogError, _atomic_write
-from climrecon.storage import filesystem, is_remote
+from climrecon.storage import filesystem, is_remote, url_options
 from climrecon.stores import StageStore
 
 __all__ = [
@@ -117,7 +117,9 @@ def rows_for_store(store_url: str, storage_options: dict[str, Any] | None = None
     """
     try:
         ds = xr.open_zarr(
-            _fs_url(store_url), storage_options=storage_options or None, decode_times=_TIME_CODER
+            _fs_url(store_url),
+            storage_options=url_options(store_url, storage_options),
+            decode_times=_TIME_CODER,
         )
     except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
         raise CatalogError(

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from climrecon.storage import url_options
 from climrecon.stores import StageStore, StoreStateError, content_key, time_blocks
 
 __all__ = [
@@ -300,7 +301,7 @@ def build_static_fields(data_home: Path, url: str, storage_options: dict[str, An
 def open_static_fields(url: str, storage_options: dict[str, Any] | None = None) -> xr.Dataset:
     """Open a complete static store lazily; an incomplete or missing one raises with the URL named."""
     try:
-        ds = xr.open_zarr(str(url), storage_options=storage_options or None)
+        ds = xr.open_zarr(str(url), storage_options=url_options(str(url), storage_options))
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise FileNotFoundError(
             f"no static-fields store at {url}; build it with climrecon.catalogs.static.build_static_fields"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -47,6 +49,63 @@ SchedulerOpt = Annotated[
         "--scheduler", help="Address of an existing Dask scheduler (default: start a LocalCluster)."
     ),
 ]
+
+
+VERBOSE = {"on": False}
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show full tracebacks of failed tasks and flows.")
+    ] = False,
+) -> None:
+    """Every command validates its config first, then runs its Prefect flow(s)."""
+    VERBOSE["on"] = verbose
+
+
+class _NoTraceback:
+    """A logging filter for console handlers: a failed task or flow is logged as its one-line message;
+    the traceback stays in the Prefect API (UI) and appears on the console with --verbose."""
+
+    def filter(self, record) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _quiet_console() -> None:
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect's handlers exist from here on (idempotent; a flow run would do it later)
+    if VERBOSE["on"]:
+        return
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "distributed"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _NoTraceback) for f in handler.filters
+            ):
+                handler.addFilter(_NoTraceback())
+
+
+@contextmanager
+def _run_flows() -> Iterator[None]:
+    """Around a command's flows: the Prefect API (a private, self-stopping server unless PREFECT_API_URL
+    points at one) and a console without tracebacks (unless --verbose)."""
+    from climrecon.flows.server import PrefectServerError, prefect_api
+
+    try:
+        with prefect_api():
+            _quiet_console()
+            try:
+                yield
+            finally:  # ship the run's last log lines to the API before a private server stops
+                from prefect.logging.handlers import APILogWorker
+
+                APILogWorker.drain_all(timeout=5)
+    except PrefectServerError as exc:
+        _fail(exc)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -145,15 +204,17 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOp
 
     Runs the Prefect flow `ingest` with a Dask LocalCluster (or --scheduler). Complete stores are skipped.
     """
-    from climrecon.flows.ingest import ingest_flow
 
-    _load(config, set_)  # validate before starting Prefect
-    try:
-        urls = ingest_flow(
-            config_path=str(config) if config else None, overrides=set_ or [], scheduler_address=scheduler
-        )
-    except Exception as exc:  # noqa: BLE001 - stage errors are reported, not dumped
-        _fail(exc)
+    cfg = _load(
+        config, set_
+    )  # validated before Prefect starts: flows get the config, never raw --set strings
+    with _run_flows():
+        from climrecon.flows.ingest import ingest_flow
+
+        try:
+            urls = ingest_flow(scheduler_address=scheduler, config=cfg)
+        except Exception as exc:  # noqa: BLE001 - stage errors are reported, not dumped
+            _fail(exc)
     for url in urls:
         typer.echo(url)
 
@@ -173,18 +234,15 @@ def regrid(
     the model's conditioning) and static fields on the target grid (elevation, its sub-grid spread, land
     fraction). Runs the Prefect flow `regrid`; complete stores are skipped, partial ones filled.
     """
-    from climrecon.flows.regrid import regrid_flow
 
-    _load(config, set_)
-    try:
-        urls = regrid_flow(
-            config_path=str(config) if config else None,
-            overrides=set_ or [],
-            source_url=source,
-            scheduler_address=scheduler,
-        )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    cfg = _load(config, set_)
+    with _run_flows():
+        from climrecon.flows.regrid import regrid_flow
+
+        try:
+            urls = regrid_flow(source_url=source, scheduler_address=scheduler, config=cfg)
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
     for name, url in urls.items():
         typer.echo(f"{name}\t{url}")
 
@@ -216,13 +274,15 @@ def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     Runs the Prefect flow `train`. The shipped checkpoint was made with
     `climrecon train --config configs/train-dpdm-westus-x8.yaml` (see checkpoints/README.md).
     """
-    from climrecon.flows.train import train_flow
 
-    _load(config, set_)
-    try:
-        path = train_flow(config_path=str(config) if config else None, overrides=set_ or [])
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    cfg = _load(config, set_)
+    with _run_flows():
+        from climrecon.flows.train import train_flow
+
+        try:
+            path = train_flow(config=cfg)
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
     typer.echo(path)
 
 
@@ -248,20 +308,21 @@ def downscale(
     whose GPU workers take the sampling (CPU workers when there is no GPU); deterministic seeds per (month,
     member); resumable. Runs the Prefect flow `downscale`.
     """
-    from climrecon.flows.downscale import downscale_flow
 
-    _load(config, set_)
-    try:
-        url = downscale_flow(
-            config_path=str(config) if config else None,
-            overrides=set_ or [],
-            fine_url=fine,
-            static_url=static,
-            scheduler_address=scheduler,
-            n_workers=workers,
-        )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    cfg = _load(config, set_)
+    with _run_flows():
+        from climrecon.flows.downscale import downscale_flow
+
+        try:
+            url = downscale_flow(
+                config=cfg,
+                fine_url=fine,
+                static_url=static,
+                scheduler_address=scheduler,
+                n_workers=workers,
+            )
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
     typer.echo(url)
 
 
@@ -279,18 +340,15 @@ def aggregate(
     Writes a CF-compliant Zarr store (local or s3://) with a W3C PROV-JSON document beside the data and
     lists it in the output catalog (<storage.root>/catalogs/outputs.json). Runs the Prefect flow `aggregate`.
     """
-    from climrecon.flows.aggregate import aggregate_flow
 
-    _load(config, set_)
-    try:
-        url = aggregate_flow(
-            member_store,
-            config_path=str(config) if config else None,
-            overrides=set_ or [],
-            scheduler_address=scheduler,
-        )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    cfg = _load(config, set_)
+    with _run_flows():
+        from climrecon.flows.aggregate import aggregate_flow
+
+        try:
+            url = aggregate_flow(member_store, scheduler_address=scheduler, config=cfg)
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
     typer.echo(url)
 
 
@@ -302,13 +360,15 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None, scheduler: Scheduler
     Writes CSV/JSON records, Markdown tables shaped like the papers' and PNG figures (maps, spectra, rank
     histogram) under evaluate.output, and publishes them as Prefect artifacts. Runs the flow `evaluate`.
     """
-    from climrecon.flows.evaluate import evaluate_flow
 
-    _load(config, set_)
-    try:
-        result = evaluate_flow(str(config) if config else None, set_ or [], scheduler)
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    cfg = _load(config, set_)
+    with _run_flows():
+        from climrecon.flows.evaluate import evaluate_flow
+
+        try:
+            result = evaluate_flow(scheduler_address=scheduler, config=cfg)
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
     for name, value in result.items():
         typer.echo(f"{name}\t{value}")
 
@@ -357,18 +417,15 @@ def reconstruct(
 
     Finished stages are skipped by their content keys; one Dask cluster serves every stage.
     """
-    from climrecon.flows.reconstruct import reconstruct_flow
 
-    _load(config, set_)
-    try:
-        outputs = reconstruct_flow(
-            config_path=str(config) if config else None,
-            overrides=set_ or [],
-            scheduler_address=scheduler,
-            evaluate=evaluate,
-        )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+    cfg = _load(config, set_)
+    with _run_flows():
+        from climrecon.flows.reconstruct import reconstruct_flow
+
+        try:
+            outputs = reconstruct_flow(scheduler_address=scheduler, evaluate=evaluate, config=cfg)
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
     _print_outputs(outputs)
 
 
@@ -384,6 +441,7 @@ def server(
     Then, in another shell, `export PREFECT_API_URL=http://127.0.0.1:<port>/api` and every climrecon
     command's flow runs appear in the UI (deployments and workers: deploy/README.md).
     """
+    import signal
     import time
 
     from climrecon.flows.server import PrefectServerError, start_server
@@ -392,6 +450,11 @@ def server(
         srv = start_server(home, port=port)
     except PrefectServerError as exc:
         _fail(exc)
+
+    def _terminate(signum, frame):  # SIGTERM (e.g. to the whole process group): stop the server too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     with srv:
         console.print(f"[green]Prefect UI:[/green] {srv.ui_url}   (started in {srv.startup_seconds:.1f} s)")
         console.print(f"export PREFECT_API_URL={srv.api_url}")

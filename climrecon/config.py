@@ -128,6 +128,22 @@ class Region(_Model):
         return self
 
 
+def _secret_paths(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every secret-looking key at any depth of ``obj`` (dicts and lists)."""
+    out: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            path = f"{prefix}{k}"
+            if str(k).lower() in SECRET_OPTION_KEYS:
+                out.append(path)
+            else:
+                out += _secret_paths(v, path + ".")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            out += _secret_paths(v, f"{prefix}{i}.")
+    return out
+
+
 class StorageConfig(_Model):
     """Where stores are written: a local directory or any fsspec URL (s3://bucket/prefix)."""
 
@@ -137,7 +153,7 @@ class StorageConfig(_Model):
     @field_validator("options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        bad = sorted(k for k in v if k.lower() in SECRET_OPTION_KEYS)
+        bad = sorted(_secret_paths(v))
         if bad:
             raise ValueError(
                 f"secret storage option(s) {bad} must not be written in a config file; set them in the "
@@ -452,6 +468,16 @@ class ClimReconConfig(_Model):
             )
         return self
 
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> ClimReconConfig:
+        """This config with ``dotted.key=value`` overrides applied, validated again."""
+        if not overrides:
+            return self
+        raw = apply_overrides(self.model_dump(mode="json"), list(overrides))
+        try:
+            return ClimReconConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, "overrides")) from None
+
     def sample_dir(self) -> Path:
         return Path(self.sample.directory or Path(self.data_home) / "sample")
 
@@ -526,6 +552,23 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"moved to {MOVED_KEYS[loc]}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def resolve_config(
+    config: ClimReconConfig | dict | None,
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> ClimReconConfig:
+    """``config`` (already validated; what the CLI hands a flow, so that no raw ``--set`` string ever
+    becomes a Prefect parameter), else :func:`load_config` of ``path`` and ``overrides``."""
+    if config is None:
+        return load_config(path, overrides)
+    if isinstance(config, dict):  # a deployment's parameters arrive as JSON
+        try:
+            config = ClimReconConfig.model_validate(config)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, "flow parameter 'config'")) from None
+    return config.with_overrides(list(overrides or ()))
 
 
 def load_config(

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -18,6 +21,11 @@ import fsspec
 
 __all__ = [
     "SECRET_OPTION_KEYS",
+    "StoragePathError",
+    "safe_name",
+    "store_url",
+    "options_for",
+    "url_options",
     "default_data_home",
     "resolve_storage_options",
     "redact",
@@ -92,16 +100,80 @@ def public_url(url: str) -> str:
 
 
 def join_url(root: str, *parts: str) -> str:
-    """Join path parts onto a local path or URL with '/' (no normalisation of the scheme)."""
+    """Join path parts onto a local path or URL with '/', ``.`` and ``..`` segments resolved (the scheme and
+    bucket are kept as they are)."""
     out = str(root).rstrip("/")
     for p in parts:
         out = f"{out}/{str(p).strip('/')}"
-    return out
+    scheme, sep, rest = out.partition("://")
+    if not sep:
+        scheme, rest = "", out
+    absolute = rest.startswith("/")
+    path = posixpath.normpath(rest) if rest else rest
+    if absolute and not path.startswith("/"):
+        path = "/" + path
+    return f"{scheme}{sep}{path}" if sep else path
+
+
+class StoragePathError(ValueError):
+    """A store URL built from data would leave the storage root; the message names the URL and the root."""
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_+\-]+")
+
+
+def safe_name(text: object) -> str:
+    """One part of a store name built from data (catalog columns, store attributes): every run of characters
+    other than letters, digits, ``_``, ``+`` and ``-`` (dots and slashes included) becomes ``_``, so a part can
+    never be a path, a parent directory or a hidden file; empty parts become ``na``."""
+    return _UNSAFE.sub("_", str(text)).strip("_") or "na"
+
+
+def store_url(root: str, stage: str, data_parts: Sequence[object], tail: str) -> str:
+    """``<root>/<stage>/<part>.<part>....<tail>``: each of ``data_parts`` (names that come from data: catalog
+    columns, store names and attributes) made safe by :func:`safe_name`; ``tail`` (e.g. ``"<key>.zarr"``) is
+    the stage's own. Raises :class:`StoragePathError` if the result does not lie under ``root``."""
+    if "/" in tail or ".." in tail:
+        raise StoragePathError(f"store name tail {tail!r} must be a plain file name")
+    url = join_url(root, stage, ".".join([*(safe_name(p) for p in data_parts), tail]))
+    base = join_url(root).rstrip("/")
+    if not url.startswith(base + "/"):
+        raise StoragePathError(f"store URL {public_url(url)} would leave the storage root {public_url(base)}")
+    return url
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(protocol, bucket/host) of a URL; ("file", "") for local paths."""
+    parts = urlsplit(str(url))
+    if not is_remote(str(url)):
+        return "file", ""
+    return parts.scheme, parts.netloc.rsplit("@", 1)[-1]
+
+
+def url_options(url: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The storage options to open ``url`` with: None for a local path (the run's remote options belong to
+    its object store, never to a local sample store or catalog), else ``options``."""
+    if not options or not is_remote(str(url)):
+        return None
+    return dict(options)
+
+
+def options_for(url: str, root: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The storage options for opening ``url``: the run's options (``storage.options`` + the environment's)
+    belong to the filesystem of the storage ``root`` (its protocol and bucket); any other location (a local
+    sample store, a public bucket) opens with none. A remote URL of the same protocol elsewhere keeps the
+    options but the bucket-specific ones are the user's to set in the URL's own catalog."""
+    if not options:
+        return None
+    here, there = _location(url), _location(root)
+    if here[0] == "file":
+        return None
+    return dict(options) if here[0] == there[0] else None
 
 
 def filesystem(
     url: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for ``url``."""
-    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(str(url), **(url_options(url, storage_options) or {}))
     return fs, path

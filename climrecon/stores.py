@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from climrecon.storage import filesystem, join_url
+from climrecon.storage import filesystem, join_url, url_options
 
 __all__ = ["content_key", "StageStore", "StoreStateError", "time_blocks"]
 
@@ -94,14 +94,24 @@ class StageStore:
         if not self.exists():
             return None
         try:
-            group = zarr.open_group(store=self.url, mode="r", storage_options=self.storage_options or None)
+            group = zarr.open_group(
+                store=self.url, mode="r", storage_options=url_options(self.url, self.storage_options)
+            )
         except Exception:  # noqa: BLE001 - an unreadable store has no key
             return None
         return group.attrs.get("climrecon_key")
 
+    def _forget_listings(self) -> None:
+        """Drop this process's cached directory listings of the state folder: s3fs (and other fsspec
+        backends) cache listings per process, and markers are written by other processes (Dask workers,
+        a concurrent run), so completeness is always decided from a fresh listing."""
+        fs, _ = self._fs()
+        fs.invalidate_cache(self._state())
+
     def is_complete(self) -> bool:
         fs, _ = self._fs()
         marker = self._state("complete.json")
+        self._forget_listings()
         if not fs.exists(marker):
             return False
         try:
@@ -111,7 +121,9 @@ class StageStore:
         return info.get("key") == self.key
 
     def done_blocks(self) -> set[str]:
+        """Names of the blocks with a done marker, from a fresh listing (never a cached one)."""
         fs, _ = self._fs()
+        self._forget_listings()
         try:
             return {p.rsplit("/", 1)[-1] for p in fs.ls(self._state("done"), detail=False)}
         except FileNotFoundError:
@@ -148,7 +160,7 @@ class StageStore:
             encoding=encoding,
             zarr_format=zarr_format,
             consolidated=True,
-            storage_options=self.storage_options or None,
+            storage_options=url_options(self.url, self.storage_options),
         )
         return True
 
@@ -160,7 +172,7 @@ class StageStore:
             self.url,
             region=dict(region),
             mode="r+",
-            storage_options=self.storage_options or None,
+            storage_options=url_options(self.url, self.storage_options),
         )
         self._put(self._state("done", _block_name(region)), b"")
 
@@ -171,7 +183,9 @@ class StageStore:
         missing = self.pending(regions)
         if missing:
             raise StoreStateError(f"{self.url}: {len(missing)} block(s) not written yet, e.g. {missing[0]}")
-        group = zarr.open_group(store=self.url, mode="r+", storage_options=self.storage_options or None)
+        group = zarr.open_group(
+            store=self.url, mode="r+", storage_options=url_options(self.url, self.storage_options)
+        )
         finished = datetime.now(UTC).isoformat(timespec="seconds")
         group.attrs.update({**(attrs or {}), "climrecon_status": "complete", "climrecon_completed": finished})
         with warnings.catch_warnings():

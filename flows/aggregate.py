@@ -13,8 +13,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from climrecon.catalogs.output_catalog import add_to_output_catalog, output_catalog_url
-from climrecon.config import StorageConfig, load_config
-from climrecon.flows.runtime import dask_client
+from climrecon.config import ClimReconConfig, StorageConfig, resolve_config
+from climrecon.flows.runtime import dask_client, retry_transient
 from climrecon.storage import resolve_storage_options
 from climrecon.tasks.aggregate import (
     AggregateConfig,
@@ -35,13 +35,23 @@ def plan_task(member_store: str, cfg: AggregateConfig, storage: StorageConfig) -
     return plan_aggregate(member_store, cfg, storage.root, resolve_storage_options(storage.options))
 
 
-@task(name="aggregate-prepare", task_run_name="template for {plan.name}", retries=1, cache_policy=NO_CACHE)
+@task(
+    name="aggregate-prepare",
+    task_run_name="template for {plan.name}",
+    retries=1,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
 def prepare_task(plan: AggregatePlan, storage: StorageConfig) -> list[dict[str, slice]]:
     return prepare_aggregate(plan, resolve_storage_options(storage.options))
 
 
 @task(
-    name="aggregate-blocks", task_run_name="aggregate {plan.name} {period}", retries=1, cache_policy=NO_CACHE
+    name="aggregate-blocks",
+    task_run_name="aggregate {plan.name} {period}",
+    retries=1,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
 )
 def blocks_task(
     plan: AggregatePlan, regions: list[dict[str, slice]], storage: StorageConfig, period: str
@@ -56,7 +66,13 @@ def finalize_task(plan: AggregatePlan, storage: StorageConfig) -> str:
     return finalize_aggregate(plan, resolve_storage_options(storage.options))
 
 
-@task(name="aggregate-catalog", task_run_name="catalog {store_url}", retries=1, cache_policy=NO_CACHE)
+@task(
+    name="aggregate-catalog",
+    task_run_name="catalog {store_url}",
+    retries=1,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
 def catalog_task(store_url: str, storage: StorageConfig) -> str:
     return add_to_output_catalog(
         output_catalog_url(storage.root), store_url, resolve_storage_options(storage.options)
@@ -69,13 +85,14 @@ def aggregate_flow(
     config_path: str | None = None,
     overrides: list[str] | None = None,
     scheduler_address: str | None = None,
+    config: ClimReconConfig | None = None,
 ) -> str:
     """Ensemble statistics of one downscaled member store; returns the output store URL.
 
     A complete output store is skipped (only its catalog rows are refreshed); an incomplete one is
     filled where blocks are missing. The store is listed in ``<storage.root>/catalogs/outputs.json``.
     """
-    cfg = load_config(config_path, overrides or [])
+    cfg = resolve_config(config, config_path, overrides or [])
     plan = plan_task(member_store, cfg.aggregate, cfg.storage)
     with dask_client(scheduler_address):
         pending = prepare_task(plan, cfg.storage)

@@ -23,8 +23,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from climrecon.config import ClimReconConfig, StorageConfig, load_config
-from climrecon.flows.runtime import dask_client, sampling_resources
+from climrecon.config import ClimReconConfig, StorageConfig, resolve_config
+from climrecon.flows.runtime import dask_client, retry_transient, sampling_resources
 from climrecon.storage import resolve_storage_options
 from climrecon.tasks.downscale import (
     DownscalePlan,
@@ -66,7 +66,13 @@ def plan_task(cfg: ClimReconConfig, fine_url: str, static_url: str, coarse_url: 
     )
 
 
-@task(name="downscale-prepare", task_run_name="template for {plan.name}", retries=1, cache_policy=NO_CACHE)
+@task(
+    name="downscale-prepare",
+    task_run_name="template for {plan.name}",
+    retries=1,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
 def prepare_task(plan: DownscalePlan, storage: StorageConfig) -> list[WorkUnit]:
     return prepare_downscale(plan, resolve_storage_options(storage.options))
 
@@ -75,6 +81,7 @@ def prepare_task(plan: DownscalePlan, storage: StorageConfig) -> list[WorkUnit]:
     name="downscale-unit",
     task_run_name="sample {unit.label}",
     retries=UNIT_RETRIES,
+    retry_condition_fn=retry_transient,
     cache_policy=NO_CACHE,
     tags=[SAMPLING_TAG],
 )
@@ -104,6 +111,7 @@ def downscale_flow(
     scheduler_address: str | None = None,
     n_workers: int | None = None,
     gpu_workers: int | None = None,
+    config: ClimReconConfig | None = None,
 ) -> str:
     """Downscale one regridded store into the member store; returns its URL.
 
@@ -112,7 +120,7 @@ def downscale_flow(
     device (``gpu_workers``, default: all) plus ``n_workers`` CPU workers, or ``n_workers`` CPU workers
     when there is no GPU. A complete store is skipped; an incomplete one is filled where units are missing.
     """
-    cfg = load_config(config_path, overrides or [])
+    cfg = resolve_config(config, config_path, overrides or [])
     urls: dict[str, Any] = {"fine": fine_url, "static": static_url, "coarse": coarse_url}
     if not (fine_url and static_url):
         urls = {k: urls[k] or v for k, v in default_inputs(cfg).items()}

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from climrecon.config import ClimReconConfig, load_config
+from climrecon.config import ClimReconConfig, resolve_config
 from climrecon.storage import resolve_storage_options
 from climrecon.tasks.evaluate import (
     EvaluationResult,
@@ -100,9 +100,10 @@ def evaluate_flow(
     config_path: str | None = None,
     overrides: list[str] | None = None,
     scheduler_address: str | None = None,
+    config: ClimReconConfig | None = None,
 ) -> dict[str, Any]:
     """Run the ``evaluate`` section's perfect-model evaluation; returns where its tables and figures are."""
-    cfg = load_config(config_path, list(overrides or ()))
+    cfg = resolve_config(config, config_path, list(overrides or ()))
     directory = output_directory(cfg)
     result = evaluate_task(cfg, scheduler_address)
     return report_task(result, directory)

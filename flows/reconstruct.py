@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from climrecon.config import ClimReconConfig, load_config
+from climrecon.config import ClimReconConfig, resolve_config
 from climrecon.flows.aggregate import aggregate_flow
 from climrecon.flows.downscale import downscale_flow
 from climrecon.flows.ingest import ingest_flow
@@ -34,14 +34,15 @@ from climrecon.flows.runtime import dask_client
 
 __all__ = ["reconstruct_flow", "model_grid_overrides", "STAGE_OPTIONS"]
 
-# Retries and time-outs per stage: I/O-bound stages retry quickly; sampling retries per work unit
-# inside the downscale flow, so the stage itself is not re-run whole.
+# Time-outs per stage. Retries live on the tasks inside each stage (one block or work unit at a time, and
+# only for transient errors: flows.runtime.retry_transient); a stage is never re-run whole, so a
+# deterministic input error fails once, at once.
 STAGE_OPTIONS: dict[str, dict[str, Any]] = {
-    "ingest": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 3600},
-    "regrid": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 3 * 3600},
-    "downscale": {"retries": 0, "timeout_seconds": 48 * 3600},
-    "aggregate": {"retries": 1, "retry_delay_seconds": 5, "timeout_seconds": 6 * 3600},
-    "evaluate": {"retries": 0, "timeout_seconds": 3600},
+    "ingest": {"timeout_seconds": 3600},
+    "regrid": {"timeout_seconds": 3 * 3600},
+    "downscale": {"timeout_seconds": 48 * 3600},
+    "aggregate": {"timeout_seconds": 6 * 3600},
+    "evaluate": {"timeout_seconds": 3600},
 }
 
 
@@ -147,36 +148,41 @@ def reconstruct_flow(
     overrides: list[str] | None = None,
     scheduler_address: str | None = None,
     evaluate: bool = True,
+    config: ClimReconConfig | None = None,
 ) -> dict[str, Any]:
     """Run every stage on the config; returns ``{"ingest": [...], "regrid": [...], "downscale": [...],
     "aggregate": [...], "evaluate": [...], "catalog": url}`` (store URLs; per scored result its records,
     Markdown table and files, see :func:`evaluate_reconstruction`).
     ``evaluate=False`` skips scoring against truth."""
     logger = get_run_logger()
-    overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
+    cfg = resolve_config(config, config_path, list(overrides or []))
     if cfg.ingest.catalog is None:
         ensure_sample_catalog(cfg)
-    overrides += model_grid_overrides(cfg)
-    cfg = load_config(config_path, overrides)
+    cfg = cfg.with_overrides(
+        model_grid_overrides(cfg)
+    )  # every stage gets this validated config, no raw strings
     outputs: dict[str, Any] = {"ingest": [], "regrid": [], "downscale": [], "aggregate": [], "evaluate": []}
     with dask_client(scheduler_address, gpu_workers=None) as client:
         address = client.scheduler.address
         logger.info("Dask scheduler %s (dashboard %s)", address, client.dashboard_link)
-        ingested = ingest_flow.with_options(**STAGE_OPTIONS["ingest"])(config_path, overrides, address)
+        ingested = ingest_flow.with_options(**STAGE_OPTIONS["ingest"])(scheduler_address=address, config=cfg)
         outputs["ingest"] = ingested
         for source in ingested:
             stores = regrid_flow.with_options(**STAGE_OPTIONS["regrid"])(
-                config_path, overrides, source, address
+                source_url=source, scheduler_address=address, config=cfg
             )
             outputs["regrid"] += [stores["coarse"], stores["fine"], stores["static"]]
             members = downscale_flow.with_options(**STAGE_OPTIONS["downscale"])(
-                config_path, overrides, stores["fine"], stores["static"], stores["coarse"], address
+                fine_url=stores["fine"],
+                static_url=stores["static"],
+                coarse_url=stores["coarse"],
+                scheduler_address=address,
+                config=cfg,
             )
             outputs["downscale"].append(members)
             outputs["aggregate"].append(
                 aggregate_flow.with_options(**STAGE_OPTIONS["aggregate"])(
-                    members, config_path, overrides, address
+                    members, scheduler_address=address, config=cfg
                 )
             )
             if evaluate:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from climrecon.config import RegridConfig, StorageConfig, load_config
-from climrecon.flows.runtime import dask_client
+from climrecon.config import ClimReconConfig, RegridConfig, StorageConfig, resolve_config
+from climrecon.flows.runtime import dask_client, retry_transient
 from climrecon.storage import resolve_storage_options
 from climrecon.tasks.regrid_stage import (
     RegridPlan,
@@ -37,13 +37,20 @@ def plan_task(cfg: RegridConfig, source_url: str, storage: StorageConfig, static
     name="regrid-prepare",
     task_run_name="static fields and templates for {plan.name}",
     retries=1,
+    retry_condition_fn=retry_transient,
     cache_policy=NO_CACHE,
 )
 def prepare_task(plan: RegridPlan, storage: StorageConfig) -> list[dict[str, slice]]:
     return prepare_regrid(plan, resolve_storage_options(storage.options))
 
 
-@task(name="regrid-blocks", task_run_name="regrid {plan.name} {period}", retries=1, cache_policy=NO_CACHE)
+@task(
+    name="regrid-blocks",
+    task_run_name="regrid {plan.name} {period}",
+    retries=1,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
 def blocks_task(
     plan: RegridPlan, regions: list[dict[str, slice]], storage: StorageConfig, period: str
 ) -> int:
@@ -64,13 +71,14 @@ def regrid_flow(
     overrides: list[str] | None = None,
     source_url: str | None = None,
     scheduler_address: str | None = None,
+    config: ClimReconConfig | None = None,
 ) -> dict[str, str]:
     """Regrid one ingested store; returns ``{"coarse": url, "fine": url, "static": url}``.
 
     The source is ``source_url``, else ``regrid.source``, else the ingest output of the same config;
     complete stores are skipped, incomplete ones are filled where blocks are missing.
     """
-    cfg = load_config(config_path, overrides or [])
+    cfg = resolve_config(config, config_path, overrides or [])
     source, static = default_sources(cfg, source_url)
     plan = plan_task(cfg.regrid, source, cfg.storage, static)
     with dask_client(scheduler_address):

@@ -139,3 +139,33 @@ def dask_client(
         if spec is not None:
             client.wait_for_workers(len(spec))
         yield client
+
+
+# -- what is worth retrying ---------------------------------------------------------------------------------
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # every ClimRecon input/config error (ConfigError, DownscaleError, MethodError, ...) is one
+    TypeError,
+    LookupError,
+    AttributeError,
+    NotImplementedError,
+    AssertionError,
+)
+"""Failures that fail the same way on a retry (bad input, bad config, a bug): never retried."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry can succeed: I/O and network errors, lost or killed workers, time-outs, decoding a
+    chunk that was being rewritten; not the deterministic errors of :data:`DETERMINISTIC_ERRORS` (a
+    ``FileNotFoundError`` or ``PermissionError`` is an input error too)."""
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    return not isinstance(exc, DETERMINISTIC_ERRORS)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task run only when its error :func:`is_transient`."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the state's own exception is what we classify
+        return is_transient(exc)
+    return False

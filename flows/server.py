@@ -22,14 +22,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
     "LocalPrefectServer",
+    "prefect_api",
     "PrefectServerError",
     "client_environment",
     "free_port",
@@ -175,6 +179,43 @@ class LocalPrefectServer:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """``preexec_fn`` of the server process: Linux sends it SIGTERM when the process that started it dies,
+    however it dies (SIGKILL included), so no server outlives its ``climrecon`` command and keeps its port.
+    (The signal follows the *thread* that started the child: start servers from the main thread.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux/glibc: the with-block and signal handlers still stop it
+        pass
+
+
+@contextmanager
+def prefect_api(services: bool = False) -> Iterator[str | None]:
+    """The Prefect API for one ``climrecon`` command: the running server of ``PREFECT_API_URL`` when it is
+    set (reused, untouched), else a private server in a temporary home for the duration of the block
+    (``PREFECT_API_URL`` set meanwhile), which dies with this process even when it is killed. Yields the
+    API URL of a private server, None when an existing one is used."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="climrecon-prefect-") as home,
+        start_server(home, services=services) as server,
+    ):
+        saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+        os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        try:
+            yield server.api_url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def _prefect_executable() -> list[str]:
     exe = Path(sys.executable).with_name("prefect")
     if exe.is_file():
@@ -227,7 +268,8 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C in the terminal stops the command, which stops the server
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     server = LocalPrefectServer(home=home, host=host, port=port, process=process, log_path=log_path)
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from climrecon.config import ClimReconConfig, load_config
+from climrecon.config import ClimReconConfig, load_config, resolve_config
 from climrecon.methods import METHODS, MethodError
 from climrecon.models.checkpoint import strip_training_state
 from climrecon.models.trainer import TrainResult
@@ -41,9 +41,11 @@ def run_training(
 
 
 @flow(name="train")
-def train_flow(config_path: str | None = None, overrides: list[str] | None = None) -> str:
+def train_flow(
+    config_path: str | None = None, overrides: list[str] | None = None, config: ClimReconConfig | None = None
+) -> str:
     """Train the method the config describes; returns the training checkpoint path."""
-    cfg = load_config(config_path, list(overrides or ()))
+    cfg = resolve_config(config, config_path, list(overrides or ()))
     result = run_training(cfg, log=get_run_logger())
     return str(result.checkpoint_path)
 

@@ -32,6 +32,7 @@ import dask
 import numpy as np
 import xarray as xr
 
+from climrecon.storage import url_options
 from climrecon.tasks import metrics
 from climrecon.tasks.regrid import coarsen_blocks
 
@@ -224,7 +225,7 @@ def _open(url: str, storage_options: dict[str, Any] | None, what: str) -> xr.Dat
     try:
         return xr.open_zarr(
             url,
-            storage_options=storage_options or None,
+            storage_options=url_options(url, storage_options),
             decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
         )
     except (FileNotFoundError, KeyError) as exc:

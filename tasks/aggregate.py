@@ -92,7 +92,7 @@ from climrecon.provenance import (
     utc_now,
     write_prov_document,
 )
-from climrecon.storage import join_url, redact
+from climrecon.storage import redact, safe_name, store_url, url_options
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.grids import lat_edges_from_centres, lon_edges_from_centres
 
@@ -203,7 +203,7 @@ def _open(url: str, storage_options: dict[str, Any] | None, what: str, lazy: boo
     try:
         return xr.open_zarr(
             url,
-            storage_options=storage_options or None,
+            storage_options=url_options(url, storage_options),
             decode_times=_TIME_CODER,
             chunks={} if lazy else None,
         )
@@ -217,10 +217,10 @@ def _identity(url: str, key: str, attrs: Mapping[str, Any]) -> dict[str, str]:
     parts = name.split(".")
     fields = ("source_id", "experiment_id", "member_id", "method")
     if len(parts) == 4 and all(parts):
-        return dict(zip(fields, parts, strict=True))
+        return {f: safe_name(p) for f, p in zip(fields, parts, strict=True)}
     found = {f: attrs.get(f) or attrs.get(f"climrecon_{f}") for f in fields}
     if all(found.values()):
-        return {k: str(v) for k, v in found.items()}
+        return {k: safe_name(v) for k, v in found.items()}
     raise AggregateError(
         f"member store {url}: cannot tell source/experiment/member/method: its name is not "
         "<source>.<experiment>.<member_id>.<method>.<key>.zarr and its attributes lack "
@@ -281,7 +281,7 @@ def plan_aggregate(
         member_url=member_url,
         member_key=str(key),
         config=cfg,
-        url=join_url(root, "aggregate", f"{name}.{out_key}.zarr"),
+        url=store_url(root, "aggregate", name.split("."), f"{out_key}.zarr"),
         key=out_key,
         identity=identity,
         variables=variables,
@@ -546,7 +546,7 @@ def aggregate_block(
                     plan.url,
                     region={"member": slice(m, m + 1), **region},
                     mode="r+",
-                    storage_options=storage_options or None,
+                    storage_options=url_options(plan.url, storage_options),
                 )
     store.write_block(out, dict(region))
     log.info("aggregate %s %s written", plan.name, plan.label([region]))

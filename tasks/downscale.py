@@ -41,7 +41,7 @@ import xarray as xr
 from climrecon.config import ClimReconConfig, DownscaleConfig, MethodConfig, SamplerConfig
 from climrecon.methods import Inputs, Method, MethodError, build, month_index
 from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
-from climrecon.storage import join_url, public_url
+from climrecon.storage import public_url, safe_name, store_url, url_options
 from climrecon.stores import StageStore, content_key
 from climrecon.tasks.grids import Grid, GridError
 
@@ -159,7 +159,9 @@ class DownscalePlan:
 
 def _open(url: str, storage_options: dict[str, Any] | None, what: str) -> xr.Dataset:
     try:
-        ds = xr.open_zarr(url, storage_options=storage_options or None, decode_times=_TIME_CODER, chunks=None)
+        ds = xr.open_zarr(
+            url, storage_options=url_options(url, storage_options), decode_times=_TIME_CODER, chunks=None
+        )
     except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
         raise DownscaleError(f"cannot open the {what} {url}: {type(exc).__name__}: {exc}") from None
     status = ds.attrs.get("climrecon_status", "complete")
@@ -179,7 +181,7 @@ def _identity(fine: xr.Dataset, fine_url: str, fine_key: str, method: str) -> di
                 "attributes and its name is not <source>.<experiment>.<member_id>...zarr"
             )
         ident = {**dict(zip(wanted, parts[:3], strict=True)), **ident}
-    return {**ident, "method": method}
+    return {k: safe_name(v) for k, v in {**ident, "method": method}.items()}
 
 
 def _method_inputs(fine: xr.Dataset, static: xr.Dataset, coarse: xr.Dataset | None, fine_url: str) -> Inputs:
@@ -281,7 +283,7 @@ def plan_downscale(
         coarse_url=coarse_url,
         coarse_key=coarse_key,
         time_labels=tuple(f"{t.year:04d}-{t.month:02d}" for t in times),
-        out_url=join_url(cfg.storage.root, "downscale", f"{name}.{key}.zarr"),
+        out_url=store_url(cfg.storage.root, "downscale", name.split("."), f"{key}.zarr"),
         out_key=key,
         identity=identity,
         upstream=upstream,

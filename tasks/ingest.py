@@ -37,7 +37,7 @@ from intake_esm import esm_datastore
 from climrecon.catalogs.esmcat import CatalogError, open_catalog
 from climrecon.config import CatalogQuery, IngestConfig, StorageConfig
 from climrecon.provenance import code_version
-from climrecon.storage import is_remote, join_url, public_url, resolve_storage_options
+from climrecon.storage import is_remote, public_url, resolve_storage_options, store_url, url_options
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.standardize import (
     CMIP_VARIABLES,
@@ -233,7 +233,7 @@ def plan_ingest(cfg: IngestConfig, catalog: str, storage: StorageConfig) -> list
         )
         inputs = [{"path": r[path_col], "version": r.get("version"), "variable_id": r[var_col]} for r in rows]
         key = content_key(cfg.query, cfg, inputs)
-        name = ".".join([*(ident[c] or "na" for c in ident), key, "zarr"])
+        parts = [ident[c] or "na" for c in ident]
         plans.append(
             IngestPlan(
                 label=" ".join(v for v in ident.values() if v) or group,
@@ -243,7 +243,7 @@ def plan_ingest(cfg: IngestConfig, catalog: str, storage: StorageConfig) -> list
                 rows=rows,
                 config=cfg,
                 frequency=frequency,
-                url=join_url(storage.root, "ingest", name),
+                url=store_url(storage.root, "ingest", parts, f"{key}.zarr"),
                 key=key,
             )
         )
@@ -293,7 +293,9 @@ def _unreadable_row(plan: IngestPlan, storage_options: dict[str, Any]) -> tuple[
         path = str(row[plan.path_column])
         try:
             if _is_zarr(plan, row):
-                xr.open_zarr(path, storage_options=storage_options or None, decode_times=False).close()
+                xr.open_zarr(
+                    path, storage_options=url_options(path, storage_options), decode_times=False
+                ).close()
             else:
                 _check_netcdf3(path)
                 xr.open_dataset(path, decode_times=False).load().close()

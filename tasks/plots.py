@@ -17,6 +17,8 @@ import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from climrecon.storage import url_options
+
 __all__ = [
     "plot_loss_curve",
     "PlotError",
@@ -181,7 +183,7 @@ def ensemble_maps(
     Reads only that month (``<var>_mean`` and ``<var>_std``); returns None when the store has no
     ``*_mean`` variable. The file is ``<directory>/<var>_mean_spread.png``.
     """
-    ds = xr.open_zarr(aggregate_url, storage_options=storage_options or None)
+    ds = xr.open_zarr(aggregate_url, storage_options=url_options(aggregate_url, storage_options))
     means = sorted(str(v) for v in ds.data_vars if str(v).endswith("_mean"))
     if not means:
         return None

@@ -50,7 +50,7 @@ import xarray as xr
 from climrecon.config import ClimReconConfig, RegridConfig, StorageConfig
 from climrecon.methods.features import coarse_on_fine, coarse_static_on_fine
 from climrecon.provenance import stage_attrs
-from climrecon.storage import join_url, resolve_storage_options
+from climrecon.storage import resolve_storage_options, store_url, url_options
 from climrecon.stores import StageStore, content_key, time_blocks
 from climrecon.tasks.grids import Grid, GridError, lat_edges_from_centres, lon_edges_from_centres
 from climrecon.tasks.regrid import (
@@ -207,7 +207,7 @@ def open_source(url: str, storage_options: dict[str, Any] | None = None, *, lazy
     try:
         return xr.open_zarr(
             url,
-            storage_options=storage_options or None,
+            storage_options=url_options(url, storage_options),
             decode_times=_TIME_CODER,
             chunks={} if lazy else None,
         )
@@ -358,15 +358,19 @@ def plan_regrid(cfg: RegridConfig, source_url: str, storage: StorageConfig, stat
         time_labels=tuple(f"{t.year:04d}-{t.month:02d}" for t in time.values),
         coarse_grid=coarse_grid,
         fine_grid=fine_grid,
-        coarse_url=join_url(
-            storage.root, "regrid", f"{name}.coarse-{cfg.coarse_resolution:g}.{coarse_key}.zarr"
+        coarse_url=store_url(
+            storage.root, "regrid", name.split("."), f"coarse-{cfg.coarse_resolution:g}.{coarse_key}.zarr"
         ),
         coarse_key=coarse_key,
-        fine_url=join_url(storage.root, "regrid", f"{name}.fine-{cfg.resolution:g}.{fine_key}.zarr"),
+        fine_url=store_url(
+            storage.root, "regrid", name.split("."), f"fine-{cfg.resolution:g}.{fine_key}.zarr"
+        ),
         fine_key=fine_key,
         static_source_url=static_url,
         static_source_key=static_key_in,
-        static_url=join_url(storage.root, "static", f"static.{_grid_label(fine_grid)}.{static_key}.zarr"),
+        static_url=store_url(
+            storage.root, "static", ["static"], f"{_grid_label(fine_grid)}.{static_key}.zarr"
+        ),
         static_key=static_key,
         sftlf_scale=scale,
         time_encoding={

@@ -48,6 +48,7 @@ from climrecon.methods.features import (
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.models.trainer import Batch
+from climrecon.storage import url_options
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.regrid import static_on_grid
 
@@ -79,7 +80,7 @@ def open_truth(
     try:
         ds = xr.open_zarr(
             str(url),
-            storage_options=storage_options or None,
+            storage_options=url_options(str(url), storage_options),
             decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
         )
     except (FileNotFoundError, KeyError) as exc:
