@@ -62,6 +62,14 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
+    label: str | None = Field(
+        None, description="name of this entry in evaluation tables (default: name), e.g. two configs of one method"
+    )
+
+    @property
+    def key(self) -> str:
+        """How results of this config are labelled: ``label`` or ``name``."""
+        return self.label or self.name
 
 
 class SamplerConfig(BaseModel):
@@ -431,7 +439,7 @@ class EvaluateConfig(_Model):
             or not self.ensemble_sizes
         ):
             raise ValueError(f"ensemble_sizes must be distinct integers >= 1, got {self.ensemble_sizes}")
-        names = [m.name for m in self.methods]
+        names = [m.key for m in self.methods]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"methods must be a non-empty list without repeats, got {names}")
         if self.truth and self.truth_query:

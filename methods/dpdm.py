@@ -129,19 +129,19 @@ class DPDMConfig(MethodConfig):
     )
 
 
-def default_checkpoint(configured: str | None) -> str:
+def default_checkpoint(configured: str | None, method: str = "dpdm") -> str:
     """The configured checkpoint (relative paths: to the working directory, else the repo root), or the one
-    ``*.pt`` file shipped in ``<repo>/checkpoints/``."""
+    ``<method>-*.pt`` file shipped in ``<repo>/checkpoints/`` (each trained method ships its own)."""
     if configured:
         path = Path(configured)
         if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
             path = REPO_ROOT / path
         return str(path)
-    found = sorted((REPO_ROOT / "checkpoints").glob("*.pt"))
+    found = sorted((REPO_ROOT / "checkpoints").glob(f"{method}-*.pt"))
     if len(found) != 1:
         raise MethodError(
-            f"method.checkpoint is not set and {REPO_ROOT / 'checkpoints'} holds {len(found)} *.pt file(s) "
-            f"{[p.name for p in found]}; set method.checkpoint to the model to sample with"
+            f"method.checkpoint is not set and {REPO_ROOT / 'checkpoints'} holds {len(found)} {method}-*.pt "
+            f"file(s) {[p.name for p in found]}; set method.checkpoint to the model to sample with"
         )
     return str(found[0])
 

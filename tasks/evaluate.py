@@ -274,7 +274,7 @@ def run_evaluation(
             "use factors dividing both"
         )
     factories = (
-        dict(methods) if methods is not None else {m.name: method_factory(m, cfg.sampler) for m in ev.methods}
+        dict(methods) if methods is not None else {m.key: method_factory(m, cfg.sampler) for m in ev.methods}
     )
     cases = {(m, f): factory(f) for m, factory in factories.items() for f in ev.factors}
     descriptions: dict[str, dict[str, Any]] = {}

@@ -255,9 +255,10 @@ def test_the_registry_validates_each_method_and_names_the_culprit(world):
     ):
         load_config(overrides=["downscale.num_steps=4"])
     cfg = load_config(overrides=["method.name=bcsd", "method.n_quantiles=20"])
-    assert cfg.method.model_dump() == {"name": "bcsd", "n_quantiles": 20}
+    assert cfg.method.model_dump() == {"name": "bcsd", "label": None, "n_quantiles": 20}
     assert load_config(overrides=["method.name=toy-shift"]).model_dump(mode="json")["method"] == {
         "name": "toy-shift",
+        "label": None,
         "offset": 1.0,
         "noise": 0.1,
     }
