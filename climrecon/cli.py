@@ -118,8 +118,13 @@ def _load(config: Path | None, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+def _fail(exc: Exception, cfg=None) -> None:
+    message = str(exc)
+    if cfg is not None:
+        from climrecon.storage import explain_storage_error
+
+        message = explain_storage_error(exc, cfg.storage.root) or message
+    console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1) from None
 
 
@@ -214,7 +219,7 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, scheduler: SchedulerOp
         try:
             urls = ingest_flow(scheduler_address=scheduler, config=cfg)
         except Exception as exc:  # noqa: BLE001 - stage errors are reported, not dumped
-            _fail(exc)
+            _fail(exc, cfg)
     for url in urls:
         typer.echo(url)
 
@@ -242,7 +247,7 @@ def regrid(
         try:
             urls = regrid_flow(source_url=source, scheduler_address=scheduler, config=cfg)
         except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+            _fail(exc, cfg)
     for name, url in urls.items():
         typer.echo(f"{name}\t{url}")
 
@@ -282,7 +287,7 @@ def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         try:
             path = train_flow(config=cfg)
         except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+            _fail(exc, cfg)
     typer.echo(path)
 
 
@@ -322,7 +327,7 @@ def downscale(
                 n_workers=workers,
             )
         except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+            _fail(exc, cfg)
     typer.echo(url)
 
 
@@ -348,7 +353,7 @@ def aggregate(
         try:
             url = aggregate_flow(member_store, scheduler_address=scheduler, config=cfg)
         except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+            _fail(exc, cfg)
     typer.echo(url)
 
 
@@ -368,7 +373,7 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None, scheduler: Scheduler
         try:
             result = evaluate_flow(scheduler_address=scheduler, config=cfg)
         except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+            _fail(exc, cfg)
     for name, value in result.items():
         typer.echo(f"{name}\t{value}")
 
@@ -425,7 +430,7 @@ def reconstruct(
         try:
             outputs = reconstruct_flow(scheduler_address=scheduler, evaluate=evaluate, config=cfg)
         except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+            _fail(exc, cfg)
     _print_outputs(outputs)
 
 

@@ -63,7 +63,8 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     label: str | None = Field(
-        None, description="name of this entry in evaluation tables (default: name), e.g. two configs of one method"
+        None,
+        description="name of this entry in evaluation tables (default: name), e.g. two configs of one method",
     )
 
     @property
@@ -319,6 +320,11 @@ class DownscaleConfig(_Model):
     months_per_unit: int = Field(12, ge=1, description="time steps per work unit (a multiple of time_chunk)")
     members_per_unit: int = Field(
         2, ge=1, description="members per work unit (units run in parallel on workers)"
+    )
+    lease_seconds: float = Field(
+        1800.0,
+        gt=0,
+        description="a unit's lease: another run waits this long at most for a unit being sampled",
     )
     time_chunk: int = Field(12, ge=1, description="time steps per zarr chunk of the member store")
     zarr_format: Literal[2, 3] = 3

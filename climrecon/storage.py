@@ -26,6 +26,7 @@ __all__ = [
     "store_url",
     "options_for",
     "url_options",
+    "explain_storage_error",
     "default_data_home",
     "resolve_storage_options",
     "redact",
@@ -150,12 +151,25 @@ def _location(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc.rsplit("@", 1)[-1]
 
 
+S3_CLIENT_DEFAULTS = {
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 4, "mode": "standard"},
+}
+"""botocore settings for s3:// unless ``config_kwargs`` are given: an unreachable or silent endpoint fails
+after a bounded time (botocore's own defaults wait 60 s per connection attempt)."""
+
+
 def url_options(url: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
     """The storage options to open ``url`` with: None for a local path (the run's remote options belong to
-    its object store, never to a local sample store or catalog), else ``options``."""
-    if not options or not is_remote(str(url)):
+    its object store, never to a local sample store or catalog), else ``options`` (for s3:// with
+    :data:`S3_CLIENT_DEFAULTS` as ``config_kwargs`` unless set)."""
+    if not is_remote(str(url)):
         return None
-    return dict(options)
+    out = dict(options or {})
+    if str(url).startswith(("s3://", "s3a://")) and "config_kwargs" not in out:
+        out["config_kwargs"] = S3_CLIENT_DEFAULTS
+    return out or None
 
 
 def options_for(url: str, root: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -169,6 +183,32 @@ def options_for(url: str, root: str, options: dict[str, Any] | None) -> dict[str
     if here[0] == "file":
         return None
     return dict(options) if here[0] == there[0] else None
+
+
+CREDENTIAL_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment, or "
+    'CLIMRECON_STORAGE_OPTIONS=\'{"key": ..., "secret": ...}\'; for a public bucket set storage.options.anon=true'
+)
+
+
+def explain_storage_error(exc: BaseException, url: str) -> str | None:
+    """A clear message for storage failures whose own text names neither the URL nor the fix (missing
+    credentials, an unreachable endpoint); None for any other error."""
+    text = f"{type(exc).__name__}: {exc}"
+    where = public_url(str(url))
+    if (
+        "NoCredentialsError" in text
+        or "Unable to locate credentials" in text
+        or "PartialCredentialsError" in text
+    ):
+        return f"no credentials to reach {where}: {CREDENTIAL_HINT}"
+    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return (
+            f"the credentials were refused by {where} ({type(exc).__name__}); check them: {CREDENTIAL_HINT}"
+        )
+    if "EndpointConnectionError" in text or "Could not connect to the endpoint" in text:
+        return f"cannot reach the object store of {where} ({exc}); check storage.options.endpoint_url and the network"
+    return None
 
 
 def filesystem(

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +63,25 @@ def content_key(*parts: Any, length: int = 16) -> str:
 def time_blocks(n_time: int, block: int) -> list[slice]:
     """Consecutive ``slice``s of length ``block`` (the last may be shorter) covering ``range(n_time)``."""
     return [slice(i, min(i + block, n_time)) for i in range(0, n_time, block)]
+
+
+def _lease_alive(record: Mapping[str, Any]) -> bool:
+    """A lease holds until it expires, unless its process is known dead (same host, pid gone)."""
+    if float(record.get("expires", 0)) <= time.time():
+        return False
+    if record.get("host") == socket.gethostname():
+        try:
+            pid = int(record.get("pid", -1))
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+        try:  # a killed process not yet reaped by its parent (a zombie) is dead too
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+    return True
 
 
 def _block_name(region: Mapping[str, slice]) -> str:
@@ -102,10 +125,13 @@ class StageStore:
         return group.attrs.get("climrecon_key")
 
     def _forget_listings(self) -> None:
-        """Drop this process's cached directory listings of the state folder: s3fs (and other fsspec
+        """Drop this process's cached directory listings of the state folders: s3fs (and other fsspec
         backends) cache listings per process, and markers are written by other processes (Dask workers,
-        a concurrent run), so completeness is always decided from a fresh listing."""
+        a concurrent run), so completeness is always decided from a fresh listing. (``invalidate_cache``
+        drops a path and its parents, never its children: each listed folder is named.)"""
         fs, _ = self._fs()
+        for folder in ("done", "lease"):
+            fs.invalidate_cache(self._state(folder))
         fs.invalidate_cache(self._state())
 
     def is_complete(self) -> bool:
@@ -125,9 +151,62 @@ class StageStore:
         fs, _ = self._fs()
         self._forget_listings()
         try:
-            return {p.rsplit("/", 1)[-1] for p in fs.ls(self._state("done"), detail=False)}
+            return {p.rsplit("/", 1)[-1] for p in fs.ls(self._state("done"), detail=False, refresh=True)}
         except FileNotFoundError:
             return set()
+
+    def is_done(self, region: Mapping[str, slice]) -> bool:
+        """Whether ``region`` has its done marker (a fresh check)."""
+        fs, _ = self._fs()
+        self._forget_listings()
+        return fs.exists(self._state("done", _block_name(region)))
+
+    # -- leases: one writer per block across concurrent runs ------------------------------------------
+    def lease(
+        self, region: Mapping[str, slice], owner: str, seconds: float
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Try to take the lease of ``region`` for ``owner`` for ``seconds``: ``(True, None)`` when taken (or
+        already ours), ``(False, holder)`` when another live owner holds it (its JSON record: owner, host,
+        pid, expires). A lease is dead when it has expired or its process is gone from this host; a dead
+        lease is taken over. The record lives beside the done markers, on the store's own filesystem.
+        Two runs racing for a free lease both write, then read back: the last writer keeps it, the other
+        backs off (the worst case is one block sampled twice, to the same bytes)."""
+        fs, _ = self._fs()
+        path = self._state("lease", _block_name(region))
+        holder = self._read_lease(path)
+        if holder and holder.get("owner") != owner and _lease_alive(holder):
+            return False, holder
+        record = {
+            "owner": owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "expires": time.time() + float(seconds),
+        }
+        self._put(path, json.dumps(record).encode())
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        now = self._read_lease(path)
+        if now and now.get("owner") != owner:
+            return False, now
+        return True, None
+
+    def release(self, region: Mapping[str, slice], owner: str) -> None:
+        """Drop ``owner``'s lease of ``region`` (a no-op when it is not ours any more)."""
+        fs, _ = self._fs()
+        path = self._state("lease", _block_name(region))
+        holder = self._read_lease(path)
+        if holder and holder.get("owner") == owner:
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+
+    def _read_lease(self, path: str) -> dict[str, Any] | None:
+        fs, _ = self._fs()
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        try:
+            return json.loads(fs.cat(path))
+        except (FileNotFoundError, ValueError):
+            return None
 
     def pending(self, regions: Iterable[Mapping[str, slice]]) -> list[dict[str, slice]]:
         """The regions among ``regions`` that have no done marker yet, in order."""

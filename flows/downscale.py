@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
@@ -142,6 +142,8 @@ def downscale_flow(
             except Exception as exc:  # noqa: BLE001 - re-raised below, after the other units
                 failures.append(exc)
                 continue
+            if reports[-1].note:  # e.g. a concurrent run of the same store wrote this unit
+                get_run_logger().warning("%s: %s", reports[-1].label, reports[-1].note)
             finished += 1
             update_progress_artifact(artifact, progress=100.0 * finished / total)
         if failures:

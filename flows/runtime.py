@@ -17,12 +17,14 @@ CPU kernels ran 1.9x slower in a worker than in a plain process (measured, bench
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dask
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, Worker
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 __all__ = ["dask_client", "gpu_pool_spec", "local_gpu_count", "sampling_resources", "worker_spawn_environ"]
 
@@ -113,6 +115,7 @@ def dask_client(
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if address:
         with Client(address, set_as_default=True) as client:
+            watch_lost_workers(client)
             yield client
         return
     if fake_gpu:
@@ -138,7 +141,55 @@ def dask_client(
     with cluster, Client(cluster, set_as_default=True) as client:
         if spec is not None:
             client.wait_for_workers(len(spec))
+        watch_lost_workers(client)
+        if processes:
+            client.register_plugin(DieWithParent())
         yield client
+
+
+class DieWithParent(WorkerPlugin):
+    """Worker processes of a cluster this process started die with it (Linux parent-death signal), so a
+    killed ``climrecon`` command leaves no worker behind, still sampling a unit and holding its lease."""
+
+    name = "climrecon-die-with-parent"
+
+    def setup(self, worker: Any) -> None:
+        from climrecon.flows.server import _die_with_parent
+
+        if os.getppid() != 1:
+            _die_with_parent()
+
+
+LOST_WORKERS_LOGGER = "climrecon.dask"
+
+
+class LostWorkerLog(SchedulerPlugin):
+    """Logs (logger ``climrecon.dask``, on the scheduler) every worker that dies unexpectedly, with the tasks
+    it was running: a unit's sampling task is named after the unit (``downscale-sample-<store>-<unit>-...``),
+    so the log says which unit was lost (Dask reschedules it on another worker)."""
+
+    name = "climrecon-lost-workers"
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != "all" or not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            return
+        running = sorted(str(k) for k in msg.get("processing-tasks") or ())
+        if msg.get("expected") or not running:
+            return  # a planned shutdown, or nothing was lost
+        logging.getLogger(LOST_WORKERS_LOGGER).warning(
+            "Dask worker %s was lost while running %s; Dask runs it again on another worker",
+            msg.get("worker"),
+            ", ".join(running),
+        )
+
+
+def watch_lost_workers(client: Client) -> None:
+    """Register :class:`LostWorkerLog` on the client's scheduler (a remote scheduler needs climrecon
+    installed to load it; if it cannot, the run goes on without the log line)."""
+    try:
+        client.register_plugin(LostWorkerLog())
+    except Exception as exc:  # noqa: BLE001 - observability must not stop a run
+        logging.getLogger(LOST_WORKERS_LOGGER).info("lost-worker log not installed on the scheduler: %s", exc)
 
 
 # -- what is worth retrying ---------------------------------------------------------------------------------

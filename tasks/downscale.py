@@ -28,8 +28,10 @@ static key, *method.identity(members, seed), time_chunk, zarr_format)`` (+ the f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time as _time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +65,8 @@ __all__ = [
 ]
 
 DOWNSCALE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
+LEASE_POLL_SECONDS = 2.0  # how often a unit leased by another run is checked
+LOG = logging.getLogger("climrecon.downscale")
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
@@ -106,6 +110,7 @@ class UnitReport:
     sample_seconds: float
     written: bool = False
     hardware: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # e.g. "written by another run": the unit was skipped
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class DownscalePlan:
     identity: dict[str, str]
     upstream: dict[str, Any]
     started: str
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # owner of this run's unit leases
 
     @property
     def n_time(self) -> int:
@@ -426,11 +432,51 @@ def unit_inputs(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, 
     return inputs
 
 
+def _take_unit(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None) -> bool:
+    """Take the unit's lease, waiting while another run holds it: True when taken, False when that run has
+    written the unit meanwhile (the caller skips it)."""
+    store = _store(plan, storage_options)
+    said = False
+    while True:
+        if store.is_done(unit.region):
+            return False
+        taken, holder = store.lease(unit.region, plan.run_id, plan.config.lease_seconds)
+        if taken:
+            return True
+        if not said:
+            LOG.warning(
+                "%s %s is being sampled by run %s (pid %s on %s, lease until %s): waiting for it",
+                plan.name,
+                unit.label,
+                holder.get("owner"),
+                holder.get("pid"),
+                holder.get("host"),
+                _time.strftime("%H:%M:%S", _time.localtime(float(holder.get("expires", 0)))),
+            )
+            said = True
+        _time.sleep(LEASE_POLL_SECONDS)
+
+
 def sample_unit(
     plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None = None
-) -> tuple[dict[str, np.ndarray], UnitReport]:
-    """Downscale every (member, time) item of ``unit``: ``{variable: (member, time, lat, lon) float32}`` + report."""
+) -> tuple[dict[str, np.ndarray] | None, UnitReport]:
+    """Downscale every (member, time) item of ``unit``: ``{variable: (member, time, lat, lon) float32}`` + report.
+
+    The unit's lease is taken first (:meth:`~climrecon.stores.StageStore.lease`): while another run samples
+    the same unit this waits, and when that run has written it meanwhile the unit is skipped (fields None,
+    the report says so)."""
     t0 = _time.perf_counter()
+    if not _take_unit(plan, unit, storage_options):
+        LOG.warning("%s %s was written by another run: skipped", plan.name, unit.label)
+        report = UnitReport(
+            unit.label,
+            unit.size,
+            _worker_address(),
+            "-",
+            _time.perf_counter() - t0,
+            note="written by another run",
+        )
+        return None, report
     try:
         method = _method(plan, storage_options)
         result = method.downscale(
@@ -439,9 +485,13 @@ def sample_unit(
             seed=plan.config.seed,
         )
     except MethodError as exc:
+        _store(plan, storage_options).release(unit.region, plan.run_id)
         raise DownscaleError(
             f"{plan.name} {unit.label}: {exc} (stores {plan.fine_url}, {plan.static_url})"
         ) from None
+    except BaseException:
+        _store(plan, storage_options).release(unit.region, plan.run_id)  # a retry or another run may take it
+        raise
     fields = {
         v: np.ascontiguousarray(result[v].transpose("member", "time", "lat", "lon").values, dtype=np.float32)
         for v in plan.variables
@@ -461,8 +511,12 @@ def write_unit(
 ) -> UnitReport:
     """Write a sampled unit into its region of the member store, then its done marker."""
     fields, report = sampled
+    if fields is None:  # written by another run meanwhile
+        return report
     block = xr.Dataset({v: (("member", "time", "lat", "lon"), a) for v, a in fields.items()})
-    _store(plan, storage_options).write_block(block, unit.region)
+    store = _store(plan, storage_options)
+    store.write_block(block, unit.region)
+    store.release(unit.region, plan.run_id)
     return UnitReport(**{**report.__dict__, "written": True})
 
 

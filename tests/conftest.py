@@ -7,6 +7,9 @@
   bucket; use ``s3.url(...)`` for object URLs and ``s3.storage_options`` for fsspec/xarray.
 - ``prefect_harness`` (session): Prefect's temporary test API (``prefect_test_harness``), ~10 s once.
 - ``make_catalog``: writes an intake-esm catalog (JSON + CSV, the project's columns) for given rows.
+- ``fault_record`` (session): the fault suite's ledger (``record(category, kind, **figures)`` once a case
+  has passed); written as JSON to ``$CLIMRECON_FAULTS_REPORT`` at the end of the session, which
+  ``benchmarks/faults.py`` turns into ``benchmarks/results/faults.json``.
 """
 
 from __future__ import annotations
@@ -227,3 +230,19 @@ def raw_files() -> dict[str, Path]:
     if missing:
         pytest.skip(f"raw data not installed (run deploy/install.sh): {missing}")
     return files
+
+
+FAULTS_REPORT_ENV = "CLIMRECON_FAULTS_REPORT"
+
+
+@pytest.fixture(scope="session")
+def fault_record():
+    results: dict[str, dict[str, Any]] = {}
+
+    def record(category: str, kind: str, **figures: Any) -> None:
+        results[f"{category}:{kind}"] = {"category": category, "kind": kind, "ok": True, **figures}
+
+    yield record
+    path = os.environ.get(FAULTS_REPORT_ENV)
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")

@@ -129,6 +129,7 @@ class DeployedRun:
     worker_log: Path
     worker_returncode: int | None
     timings: dict[str, float] = field(default_factory=dict)
+    tmpdir: Path | None = None  # the run's TMPDIR: nothing may be left in it
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +189,9 @@ def deployed_run(prefect_server: LocalPrefectServer, tmp_path_factory) -> Deploy
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": str(results),
+        "TMPDIR": str(tmp / "tmpdir"),
     }
+    (tmp / "tmpdir").mkdir()
 
     t0 = time.monotonic()
     with sync_client(prefect_server) as client:
@@ -266,6 +269,7 @@ def deployed_run(prefect_server: LocalPrefectServer, tmp_path_factory) -> Deploy
         worker_log=worker_log,
         worker_returncode=worker.returncode if worker else None,
         timings=timings,
+        tmpdir=tmp / "tmpdir",
     )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "deployment_e2e.json").write_text(

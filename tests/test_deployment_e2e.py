@@ -110,3 +110,9 @@ def test_api_lists_the_run_under_its_deployment(deployed_run):
     assert deployment.work_pool_name == "climrecon-process"
     assert deployment.pull_steps and "set_working_directory" in next(iter(deployment.pull_steps[0]))
     assert deployment.parameters == deployment_spec(E2E.deployment)["parameters"]
+
+
+def test_the_run_leaves_no_temporary_folders(deployed_run):
+    """The report and the skill scoring write their PNGs in temporary folders they remove."""
+    left = sorted(p.name for p in deployed_run.tmpdir.glob("climrecon-*"))
+    assert left == []

@@ -160,8 +160,9 @@ def files(tmp_path_factory, raw_files):
     return good, {case: make(d, raw_files) for case, (make, *_rest) in BAD_INPUTS.items()}
 
 
+@pytest.mark.faults
 def test_bad_inputs_fail_clearly_and_leave_earlier_stores_byte_identical(
-    files, make_catalog, catalog_row, tmp_path
+    files, make_catalog, catalog_row, tmp_path, fault_record
 ):
     good, bad = files
     rows = [catalog_row(good, "tas", source_id="GOOD", calendar="noleap", time_range="200001-200003")]
@@ -184,3 +185,4 @@ def test_bad_inputs_fail_clearly_and_leave_earlier_stores_byte_identical(
         assert message in text and Path(bad[case]).name in text, f"{case}: {text}"
         assert not StageStore(plan.url, plan.key).is_complete()
         assert _snapshot(tmp_path / "out") == before, case
+        fault_record("bad_input", f"ingest {case}", message=text[:300])
