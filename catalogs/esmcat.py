@@ -235,25 +235,38 @@ def write_catalog(
 def open_catalog(catalog: str | Path, storage_options: dict[str, Any] | None = None):
     """Open the catalog JSON (local path or fsspec URL) as an :class:`intake_esm.esm_datastore`.
 
-    ``storage_options`` are passed to intake-esm for reading the catalog and its assets (e.g. an S3
-    endpoint). A missing or unreadable catalog raises :class:`CatalogError` naming it (credentials in
-    the URL are never shown). Open datasets with :func:`open_datasets`.
+    The JSON and its CSV are read through fsspec with the options of their own location
+    (:func:`climrecon.storage.url_options`: none for a local file), then handed to intake-esm as a
+    dict: intake-esm would read the CSV with polars, whose ``cloud_options`` take strings only, and fail
+    on any dict-valued option (``client_kwargs``, ``config_kwargs``). Assets are opened by
+    :func:`open_datasets` with ``storage_options``. A missing or unreadable catalog raises
+    :class:`CatalogError` naming it (credentials in the URL are never shown).
     """
+    import fsspec
     import intake_esm
+    import pandas as pd
 
+    name = public_url(str(catalog))
     if not is_remote(str(catalog)) and not Path(catalog).is_file():
         raise CatalogError(
             f"catalog {catalog} does not exist; build the sample catalog first (`climrecon catalog build-sample`)"
         )
     try:
-        return intake_esm.esm_datastore(
-            str(catalog),
-            storage_options=url_options(str(catalog), storage_options) or {},
-            progressbar=False,
-            threaded=False,
-        )
+        with fsspec.open(str(catalog), "rb", **(url_options(str(catalog), storage_options) or {})) as f:
+            spec = json.loads(f.read())
+        if spec.get("catalog_dict") is not None:
+            df = pd.DataFrame(spec["catalog_dict"])
+        else:
+            table = str(spec.get("catalog_file", ""))
+            if "://" not in table and not table.startswith("/"):
+                table = str(catalog).rsplit("/", 1)[0] + "/" + table if "/" in str(catalog) else table
+            with fsspec.open(
+                table, "rb", compression="infer", **(url_options(table, storage_options) or {})
+            ) as f:
+                df = pd.read_csv(f, dtype=str, keep_default_na=False, na_values=[""])
+        return intake_esm.esm_datastore({"esmcat": spec, "df": df}, progressbar=False, threaded=False)
     except Exception as exc:  # noqa: BLE001 - any reading problem becomes an actionable message
-        raise CatalogError(f"catalog {public_url(str(catalog))} cannot be read: {exc}") from None
+        raise CatalogError(f"catalog {name} cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def open_datasets(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -187,7 +188,9 @@ def watch_lost_workers(client: Client) -> None:
     """Register :class:`LostWorkerLog` on the client's scheduler (a remote scheduler needs climrecon
     installed to load it; if it cannot, the run goes on without the log line)."""
     try:
-        client.register_plugin(LostWorkerLog())
+        with warnings.catch_warnings():  # a stage reconnecting to a run's cluster registers it again
+            warnings.filterwarnings("ignore", message=".*already contains a plugin with name")
+            client.register_plugin(LostWorkerLog())
     except Exception as exc:  # noqa: BLE001 - observability must not stop a run
         logging.getLogger(LOST_WORKERS_LOGGER).info("lost-worker log not installed on the scheduler: %s", exc)
 
