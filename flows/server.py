@@ -194,26 +194,42 @@ def _die_with_parent() -> None:
 @contextmanager
 def prefect_api(services: bool = False) -> Iterator[str | None]:
     """The Prefect API for one ``climrecon`` command: the running server of ``PREFECT_API_URL`` when it is
-    set (reused, untouched), else a private server in a temporary home for the duration of the block
-    (``PREFECT_API_URL`` set meanwhile), which dies with this process even when it is killed. Yields the
-    API URL of a private server, None when an existing one is used."""
+    set (reused, untouched), else a private server for the duration of the block (``PREFECT_API_URL`` set
+    meanwhile), which dies with this process even when it is killed. Its home is
+    ``$TMPDIR/climrecon-prefect/<pid>``, removed at the end, and swept by the next command when a killed
+    one left it. Yields the API URL of a private server, None when an existing one is used."""
     if os.environ.get("PREFECT_API_URL"):
         yield None
         return
-    with (
-        tempfile.TemporaryDirectory(prefix="climrecon-prefect-") as home,
-        start_server(home, services=services) as server,
-    ):
-        saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-        os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        try:
+    base = Path(tempfile.gettempdir()) / "climrecon-prefect"
+    _sweep_dead_homes(base)  # what killed commands left behind (a SIGKILLed process cannot clean up)
+    home = base / str(os.getpid())
+    home.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    try:
+        with start_server(home, services=services) as server:
+            os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
             yield server.api_url
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _sweep_dead_homes(base: Path) -> None:
+    """Remove the private server homes (named by their command's pid) of commands that are gone."""
+    if not base.is_dir():
+        return
+    for home in base.iterdir():
+        try:
+            os.kill(int(home.name), 0)
+        except ProcessLookupError:
+            shutil.rmtree(home, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def _prefect_executable() -> list[str]:

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -472,6 +473,12 @@ def test_private_prefect_server_dies_with_its_command(tmp_path, fault_record):
     proc.kill()
     proc.wait()
     assert not _wait_gone(family), "the Prefect server outlived its SIGKILLed parent"
+    left = Path(tempfile.gettempdir()) / "climrecon-prefect" / str(proc.pid)
+    assert left.is_dir()  # a SIGKILLed process cannot clean up: the next command sweeps it
+    from climrecon.flows.server import _sweep_dead_homes
+
+    _sweep_dead_homes(left.parent)
+    assert not left.exists()
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(ConnectionRefusedError):  # nothing listens on its port any more
         socket.create_connection(("127.0.0.1", port), timeout=2)
