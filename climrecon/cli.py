@@ -62,6 +62,10 @@ def _main(
 ) -> None:
     """Every command validates its config first, then runs its Prefect flow(s)."""
     VERBOSE["on"] = verbose
+    if verbose:
+        import os
+
+        os.environ["CLIMRECON_VERBOSE"] = "1"  # Dask workers started by this command keep their tracebacks
 
 
 class _NoTraceback:

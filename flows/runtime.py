@@ -145,7 +145,37 @@ def dask_client(
         watch_lost_workers(client)
         if processes:
             client.register_plugin(DieWithParent())
+            if not os.environ.get(VERBOSE_ENV):
+                client.register_plugin(OneLineTaskErrors())
         yield client
+
+
+VERBOSE_ENV = "CLIMRECON_VERBOSE"  # set by `climrecon --verbose`: full tracebacks everywhere
+
+
+class _OneLine(logging.Filter):
+    """Dask's "Compute Failed" record (a dozen lines with the traceback) as one line; the failure itself
+    reaches the client, which reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            str(record.msg).startswith("Compute Failed")
+            and isinstance(record.args, tuple)
+            and len(record.args) >= 4
+        ):
+            record.msg, record.args = "task %s failed: %s", (record.args[0], record.args[3])
+        return True
+
+
+class OneLineTaskErrors(WorkerPlugin):
+    """Worker processes log a failed task in one line (no traceback on the console; ``--verbose`` keeps it)."""
+
+    name = "climrecon-one-line-errors"
+
+    def setup(self, worker: Any) -> None:
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _OneLine) for f in logger.filters):
+            logger.addFilter(_OneLine())
 
 
 class DieWithParent(WorkerPlugin):
