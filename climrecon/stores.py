@@ -220,27 +220,37 @@ class StageStore:
         """Write the template (no data) unless a store with this key is already there.
 
         Returns True when a new template was written, False when an existing one (complete or
-        partially filled with this key) is reused. A store at ``url`` with another key is never
-        overwritten: :class:`StoreStateError`.
+        partially filled with this key) is reused. The template counts as written once its marker
+        (``.climrecon/template.json``) exists: a template interrupted mid-write (no marker, no block) is
+        written again, so a fault while writing it never poisons the store. A store at ``url`` with
+        another key is never overwritten: :class:`StoreStateError`.
         """
+        mode = "w-"
         if self.exists():
             found = self.stored_key()
-            if found == self.key:
-                return False
-            raise StoreStateError(
-                f"{self.url} already holds a store with key {found!r}, not {self.key!r}; refusing to overwrite it"
-            )
+            if found != self.key:
+                raise StoreStateError(
+                    f"{self.url} already holds a store with key {found!r}, not {self.key!r}; refusing to overwrite it"
+                )
+            fs, _ = self._fs()
+            self._forget_listings()
+            if fs.exists(self._state("template.json")) or self.done_blocks():  # (stores of earlier releases
+                return False  # have done markers but no template marker)
+            mode = "w"  # our own template, interrupted while it was written (no block yet): write it again
         tmpl = template.copy()
         tmpl.attrs = {**template.attrs, "climrecon_key": self.key, "climrecon_status": "incomplete"}
         tmpl.to_zarr(
             self.url,
-            mode="w-",
+            mode=mode,
             compute=False,
             encoding=encoding,
             zarr_format=zarr_format,
             consolidated=True,
             storage_options=url_options(self.url, self.storage_options),
         )
+        self._put(
+            self._state("template.json"), json.dumps({"key": self.key}).encode()
+        )  # the template is whole
         return True
 
     def write_block(self, block: xr.Dataset, region: Mapping[str, slice]) -> None:

@@ -405,15 +405,16 @@ def test_s3_unreachable_before_and_during_a_run_fails_clearly_then_completes(
     text = before.stdout + before.stderr
     assert "error: cannot reach the object store of " + root in text.replace("\n", ""), text[-2000:]
     assert "Traceback" not in text, text[-3000:]
-    # during the run: the endpoint goes away after the first unit
+    # during the run: the endpoint goes away once the run has written its store's template
     proxy.up()
     proc = subprocess.Popen(args, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     fs = s3.filesystem()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and not _done_markers(fs, root):
+    deadline, template = time.monotonic() + 180, join_url(root, "downscale", "*.zarr", "zarr.json")
+    while time.monotonic() < deadline and proc.poll() is None and not fs.glob(template):
         fs.invalidate_cache()
-        time.sleep(0.2)
+        time.sleep(0.05)
     proxy.down()
+    assert proc.poll() is None, "the run ended before the endpoint went away"
     out = proc.communicate(timeout=400)[0]
     assert proc.returncode == 1, out[-3000:]
     assert "cannot reach the object store of" in out.replace("\n", "") and "Traceback" not in out, out[-3000:]

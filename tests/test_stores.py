@@ -51,3 +51,25 @@ def test_store_with_other_key_is_never_overwritten(tmp_path):
     with pytest.raises(StoreStateError, match="refusing to overwrite"):
         b.initialize(ds.chunk({"time": 5}))
     assert not b.is_complete()
+
+
+def test_a_template_interrupted_mid_write_is_written_again(tmp_path):
+    """A fault while the template is written (group metadata there, arrays not) must not poison the store:
+    without its template marker and with no block written, the next run writes the template again."""
+    import shutil
+    from pathlib import Path
+
+    ds = _dataset()
+    store = StageStore(str(tmp_path / "s.zarr"), key="k1")
+    assert store.initialize(ds.chunk({"time": 5}))
+    Path(store.url, ".climrecon", "template.json").unlink()  # as if the run died before the marker
+    shutil.rmtree(Path(store.url, "tas"))  # ... and before the array's metadata
+    assert store.initialize(ds.chunk({"time": 5}))  # written again, not reused
+    regions = [{"time": slice(0, 5)}, {"time": slice(5, 10)}]
+    for r in regions:
+        store.write_block(ds.isel(r), r)
+    store.finalize(regions)
+    np.testing.assert_array_equal(xr.open_zarr(store.url).tas.values, ds.tas.values)
+    # a store of an earlier release (done markers, no template marker) is reused, never overwritten
+    Path(store.url, ".climrecon", "template.json").unlink()
+    assert not store.initialize(ds.chunk({"time": 5}))
