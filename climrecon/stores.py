@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -63,6 +65,17 @@ def content_key(*parts: Any, length: int = 16) -> str:
 def time_blocks(n_time: int, block: int) -> list[slice]:
     """Consecutive ``slice``s of length ``block`` (the last may be shorter) covering ``range(n_time)``."""
     return [slice(i, min(i + block, n_time)) for i in range(0, n_time, block)]
+
+
+LEASE_SECONDS = 1800.0  # how long another run waits at most for a block being written
+LEASE_POLL_SECONDS = 2.0
+LOG = logging.getLogger("climrecon.stores")
+
+
+def default_owner() -> str:
+    """This process and thread as a lease owner (a retry in another thread or process is another owner;
+    a dead owner's lease is taken over at once)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 def _lease_alive(record: Mapping[str, Any]) -> bool:
@@ -188,6 +201,40 @@ class StageStore:
         if now and now.get("owner") != owner:
             return False, now
         return True, None
+
+    def claim(
+        self,
+        region: Mapping[str, slice],
+        owner: str | None = None,
+        seconds: float = LEASE_SECONDS,
+        poll: float = LEASE_POLL_SECONDS,
+    ) -> bool:
+        """Before computing ``region``: take its lease (:meth:`lease`), waiting while another live run holds
+        it. True: write it, then :meth:`write_block` and :meth:`release`; False: another run wrote it
+        meanwhile (skip it). Both the wait and the skip are logged (logger ``climrecon.stores``).
+        ``owner`` defaults to this process and thread (:func:`default_owner`)."""
+        owner = owner or default_owner()
+        said = False
+        while True:
+            if self.is_done(region):
+                if said:
+                    LOG.warning("%s %s was written by another run: skipped", self.url, _block_name(region))
+                return False
+            taken, holder = self.lease(region, owner, seconds)
+            if taken:
+                return True
+            if not said:
+                LOG.warning(
+                    "%s %s is being written by run %s (pid %s on %s, lease until %s): waiting for it",
+                    self.url,
+                    _block_name(region),
+                    holder.get("owner"),
+                    holder.get("pid"),
+                    holder.get("host"),
+                    time.strftime("%H:%M:%S", time.localtime(float(holder.get("expires", 0)))),
+                )
+                said = True
+            time.sleep(poll)
 
     def release(self, region: Mapping[str, slice], owner: str) -> None:
         """Drop ``owner``'s lease of ``region`` (a no-op when it is not ours any more)."""

@@ -93,7 +93,7 @@ from climrecon.provenance import (
     write_prov_document,
 )
 from climrecon.storage import redact, safe_name, store_url, url_options
-from climrecon.stores import StageStore, content_key, time_blocks
+from climrecon.stores import StageStore, content_key, default_owner, time_blocks
 from climrecon.tasks.grids import lat_edges_from_centres, lon_edges_from_centres
 
 __all__ = [
@@ -503,8 +503,22 @@ def aggregate_block(
     done marker is written, so an interrupted block is redone whole.
     """
     store = _store(plan, storage_options)
-    if not store.pending([region]):
+    if not store.pending([region]) or not store.claim(region):  # done, or written by a concurrent run
         return False
+    try:
+        _aggregate_block(plan, region, store, storage_options, memory_budget)
+    finally:
+        store.release(region, default_owner())
+    return True
+
+
+def _aggregate_block(
+    plan: AggregatePlan,
+    region: Mapping[str, slice],
+    store: StageStore,
+    storage_options: dict[str, Any] | None,
+    memory_budget: int,
+) -> None:
     cfg, t = plan.config, region["time"]
     src = _open(plan.member_url, storage_options, "member store", lazy=False).isel(
         lat=region["lat"], lon=region["lon"]
@@ -550,7 +564,6 @@ def aggregate_block(
                 )
     store.write_block(out, dict(region))
     log.info("aggregate %s %s written", plan.name, plan.label([region]))
-    return True
 
 
 def _block_key(region: Mapping[str, slice]) -> str:

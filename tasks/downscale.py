@@ -28,7 +28,6 @@ static key, *method.identity(members, seed), time_chunk, zarr_format)`` (+ the f
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time as _time
 import uuid
@@ -65,8 +64,7 @@ __all__ = [
 ]
 
 DOWNSCALE_VERSION = 1  # bump when what the stage computes changes, so old stores are not reused
-LEASE_POLL_SECONDS = 2.0  # how often a unit leased by another run is checked
-LOG = logging.getLogger("climrecon.downscale")
+
 _TIME_CODER = xr.coders.CFDatetimeCoder(use_cftime=True)
 
 
@@ -432,31 +430,6 @@ def unit_inputs(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, 
     return inputs
 
 
-def _take_unit(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None) -> bool:
-    """Take the unit's lease, waiting while another run holds it: True when taken, False when that run has
-    written the unit meanwhile (the caller skips it)."""
-    store = _store(plan, storage_options)
-    said = False
-    while True:
-        if store.is_done(unit.region):
-            return False
-        taken, holder = store.lease(unit.region, plan.run_id, plan.config.lease_seconds)
-        if taken:
-            return True
-        if not said:
-            LOG.warning(
-                "%s %s is being sampled by run %s (pid %s on %s, lease until %s): waiting for it",
-                plan.name,
-                unit.label,
-                holder.get("owner"),
-                holder.get("pid"),
-                holder.get("host"),
-                _time.strftime("%H:%M:%S", _time.localtime(float(holder.get("expires", 0)))),
-            )
-            said = True
-        _time.sleep(LEASE_POLL_SECONDS)
-
-
 def sample_unit(
     plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None = None
 ) -> tuple[dict[str, np.ndarray] | None, UnitReport]:
@@ -466,8 +439,7 @@ def sample_unit(
     the same unit this waits, and when that run has written it meanwhile the unit is skipped (fields None,
     the report says so)."""
     t0 = _time.perf_counter()
-    if not _take_unit(plan, unit, storage_options):
-        LOG.warning("%s %s was written by another run: skipped", plan.name, unit.label)
+    if not _store(plan, storage_options).claim(unit.region, plan.run_id, plan.config.lease_seconds):
         report = UnitReport(
             unit.label,
             unit.size,

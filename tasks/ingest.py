@@ -38,7 +38,7 @@ from climrecon.catalogs.esmcat import CatalogError, open_catalog
 from climrecon.config import CatalogQuery, IngestConfig, StorageConfig
 from climrecon.provenance import code_version
 from climrecon.storage import is_remote, public_url, resolve_storage_options, store_url, url_options
-from climrecon.stores import StageStore, content_key, time_blocks
+from climrecon.stores import StageStore, content_key, default_owner, time_blocks
 from climrecon.tasks.standardize import (
     CMIP_VARIABLES,
     CatalogQueryError,
@@ -433,6 +433,8 @@ def ingest_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None)
     regions = [{dim: s} for s in time_blocks(ds.sizes[dim], step)]
     store.initialize(ds, zarr_format=plan.config.zarr_format)
     for region in store.pending(regions):
+        if not store.claim(region):  # written by a concurrent run of the same store
+            continue
         try:
             store.write_block(ds.isel(region), region)
         except IngestError:
@@ -442,5 +444,7 @@ def ingest_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None)
             if bad is None:
                 raise
             raise SourceReadError(f"{plan.label}: cannot read source {bad[0]} ({bad[1]})") from exc
+        finally:
+            store.release(region, default_owner())
     store.finalize(regions, attrs=_provenance(plan, ds))
     return plan.url

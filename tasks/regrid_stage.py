@@ -51,7 +51,7 @@ from climrecon.config import ClimReconConfig, RegridConfig, StorageConfig
 from climrecon.methods.features import coarse_on_fine, coarse_static_on_fine
 from climrecon.provenance import stage_attrs
 from climrecon.storage import resolve_storage_options, store_url, url_options
-from climrecon.stores import StageStore, content_key, time_blocks
+from climrecon.stores import StageStore, content_key, default_owner, time_blocks
 from climrecon.tasks.grids import Grid, GridError, lat_edges_from_centres, lon_edges_from_centres
 from climrecon.tasks.regrid import (
     RegridError,
@@ -621,20 +621,38 @@ def regrid_blocks(
         start = group[0]["time"].start
         graph = _lazy_outputs(plan, slice(start, group[-1]["time"].stop), storage_options)
         for region in group:
-            local = {"time": slice(region["time"].start - start, region["time"].stop - start)}
-            src, coarse, fine = (ds.isel(local) for ds in graph)
-            valid = src[list(plan.variables)].notnull().any(("lat", "lon"))
-            # all-NaN target cells (a masked field) are NaN by design: no warning for their 0/0
-            with dask.config.set(scheduler="synchronous"), np.errstate(invalid="ignore", divide="ignore"):
-                valid, coarse, fine = dask.compute(valid, coarse, fine)
-                if not all(bool(valid[v].all()) for v in plan.variables):
-                    check_time_slices(
-                        src.load(), f"source store {plan.source_url}"
-                    )  # raises, naming the step
-            for store, out in ((coarse_store, coarse), (fine_store, fine)):
-                if store in todo[str(region)]:
-                    store.write_block(out.drop_vars(["lat_bnds", "lon_bnds"], errors="ignore"), region)
+            # one lease for the block of both stores, on the one written last: once it is done, both are
+            lock = todo[str(region)][-1]
+            if not lock.claim(region):  # written by a concurrent run of the same stores
+                continue
+            try:
+                _regrid_one(plan, region, start, graph, todo[str(region)])
+            finally:
+                lock.release(region, default_owner())
     return [[s.url for s in todo[str(dict(r))]] for r in regions]
+
+
+def _regrid_one(
+    plan: RegridPlan, region: dict[str, slice], start: int, graph: tuple, stores: list[StageStore]
+) -> None:
+    """Compute one block of ``graph`` (built from time step ``start``) and write it into ``stores``."""
+    coarse_store, fine_store = _stores_of(plan, stores)
+    local = {"time": slice(region["time"].start - start, region["time"].stop - start)}
+    src, coarse, fine = (ds.isel(local) for ds in graph)
+    valid = src[list(plan.variables)].notnull().any(("lat", "lon"))
+    # all-NaN target cells (a masked field) are NaN by design: no warning for their 0/0
+    with dask.config.set(scheduler="synchronous"), np.errstate(invalid="ignore", divide="ignore"):
+        valid, coarse, fine = dask.compute(valid, coarse, fine)
+        if not all(bool(valid[v].all()) for v in plan.variables):
+            check_time_slices(src.load(), f"source store {plan.source_url}")  # raises, naming the step
+    for store, out in ((coarse_store, coarse), (fine_store, fine)):
+        if store is not None:
+            store.write_block(out.drop_vars(["lat_bnds", "lon_bnds"], errors="ignore"), region)
+
+
+def _stores_of(plan: RegridPlan, stores: list[StageStore]) -> tuple[StageStore | None, StageStore | None]:
+    by_url = {s.url: s for s in stores}
+    return by_url.get(plan.coarse_url), by_url.get(plan.fine_url)
 
 
 def regrid_block(

@@ -440,7 +440,7 @@ def test_two_runs_of_one_store_share_the_work_and_say_so(tiny, tmp_path, caplog,
     first = units[0]
     store = StageStore(a.out_url, a.out_key)
     assert store.lease(first.region, a.run_id, 60) == (True, None)  # run A is sampling its first unit
-    caplog.set_level(logging.WARNING, logger="climrecon.downscale")
+    caplog.set_level(logging.WARNING, logger="climrecon.stores")
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(out=run_downscale(b)))
     thread.start()  # run B: waits for A's unit, does the others
@@ -449,7 +449,7 @@ def test_two_runs_of_one_store_share_the_work_and_say_so(tiny, tmp_path, caplog,
     thread.join(300)
     url, reports = result["out"]
     assert [r.note for r in reports if r.label == first.label] == ["written by another run"]
-    assert "is being sampled by run" in caplog.text and "was written by another run: skipped" in caplog.text
+    assert "is being written by run" in caplog.text and "was written by another run: skipped" in caplog.text
     assert_same_bytes(ref, url)
     # a dead run's lease (its process is gone) is taken over at once
     dead = {"owner": "dead-run", "host": socket.gethostname(), "pid": 2**22 + 7, "expires": time.time() + 600}

@@ -73,3 +73,25 @@ def test_a_template_interrupted_mid_write_is_written_again(tmp_path):
     # a store of an earlier release (done markers, no template marker) is reused, never overwritten
     Path(store.url, ".climrecon", "template.json").unlink()
     assert not store.initialize(ds.chunk({"time": 5}))
+
+
+def test_claim_waits_for_a_live_lease_and_skips_a_block_written_meanwhile(tmp_path, caplog):
+    import logging
+    import threading
+
+    ds = _dataset()
+    store = StageStore(str(tmp_path / "s.zarr"), key="k1")
+    store.initialize(ds.chunk({"time": 5}))
+    region = {"time": slice(0, 5)}
+    assert store.lease(region, "run-a", 60) == (True, None)  # run A (alive: this process) computes it
+    caplog.set_level(logging.WARNING, logger="climrecon.stores")
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(b=store.claim(region, "run-b", poll=0.05)))
+    waiter.start()
+    threading.Event().wait(0.3)
+    store.write_block(ds.isel(region), region)  # run A writes it ...
+    store.release(region, "run-a")
+    waiter.join(10)
+    assert got == {"b": False}  # ... so run B skips it
+    assert "is being written by run run-a" in caplog.text and "was written by another run" in caplog.text
+    assert store.claim({"time": slice(5, 10)}, "run-b")  # a free block is taken at once
