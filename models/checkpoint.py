@@ -316,10 +316,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"(refusing to unpickle arbitrary objects){': ' + detail if detail else ''}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged archives
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        first = (str(exc).strip().splitlines() or [""])[0].strip()
+        detail = f": {first}" if first and len(first) <= 240 else ""  # torch's own words, whole or not at all
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated (torch.load failed: {type(exc).__name__}: {first}); "
-            "re-copy or re-train it"
+            f"checkpoint {path} ({path.stat().st_size} bytes) is corrupt or truncated and cannot be read "
+            f"(torch.load raised {type(exc).__name__}{detail}). Re-copy or re-train it."
         ) from None
     raw = blob.get("metadata") if isinstance(blob, dict) else None
     try:

@@ -28,7 +28,10 @@ from torch import nn
 
 from climrecon.models.unet import UNet
 
-__all__ = ["EDMConfig", "EDMPrecond", "EDMLoss"]
+__all__ = ["EDMConfig", "EDMPrecond", "EDMLoss", "RegressionLoss", "REGRESSION_SIGMA"]
+
+REGRESSION_SIGMA = 20.0
+"""Fixed noise level at which an :class:`EDMPrecond` is used as a plain regression network (input zeros)."""
 
 
 @dataclass(frozen=True)
@@ -133,3 +136,29 @@ class EDMLoss:
         n = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=generator) * sigma
         D_yn = net(y + n, sigma.reshape(-1), cond, time_of_year)
         return self.weight(sigma) * (D_yn - y) ** 2  # Eq. 2, weighted as in Eq. 8
+
+
+class RegressionLoss:
+    """Mean squared error of an :class:`EDMPrecond` used as a deterministic regression (CorrDiff's mean
+    network): ``D(0; sigma_fixed, cond, time_of_year)`` against the target, per element [B, C, H, W].
+
+    The noisy input is all zeros and the noise level fixed (``sigma``), so ``D = c_out(sigma) F(0; c_noise, cond)``
+    depends on the conditioning only; the generator is unused (the loss is deterministic given the batch).
+    """
+
+    def __init__(self, sigma: float = REGRESSION_SIGMA):
+        if not sigma > 0:
+            raise ValueError(f"RegressionLoss sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def __call__(
+        self,
+        net: EDMPrecond,
+        y: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        time_of_year: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        sigma = torch.full((y.shape[0],), self.sigma, device=y.device, dtype=torch.float32)
+        return (net(torch.zeros_like(y), sigma, cond, time_of_year) - y) ** 2

@@ -165,7 +165,19 @@ def _config(world, name: str, root) -> Any:
     ]
     if name == "dpdm":
         overrides += [f"method.checkpoint={world['checkpoint']}", "method.patch_size=16"]
+    if name == "corrdiff":
+        overrides += [f"method.checkpoint={_tiny_corrdiff(world)}", "method.patch_size=16"]
     return load_config(overrides=overrides)
+
+
+def _tiny_corrdiff(world) -> str:
+    """A tiny x4 CorrDiff checkpoint (both networks, 2 steps each) made by its own training recipe."""
+    path = world["root"] / "tiny-corrdiff.pt"
+    if not path.exists():
+        from test_corrdiff import write_tiny_corrdiff
+
+        write_tiny_corrdiff(path, world["truth"], world["static_global"], static_coarse=())
+    return str(path)
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))

@@ -1,0 +1,363 @@
+"""Benchmark: every method side by side at x8 on held-out years of the synthetic reanalysis (issue 14).
+
+bilinear, QM, BCSD (fitted on 1961-2005), the CorrDiff regression alone ("regression"), DPDM (the shipped
+checkpoint: tas, uas, vas only) and CorrDiff (regression + residual diffusion) run through
+:func:`climrecon.tasks.evaluate.run_evaluation` (the evaluation stage's code: the same held-out months, the
+same perfect-model inputs, the same members, seeds and sampler for every method) and are scored with
+:mod:`climrecon.tasks.metrics`: ensemble-mean MAE and its ratio to bilinear, RMSE, CRPS, spread-skill ratio,
+99th-percentile error, log-spectral distance per variable; "overall" is the mean over variables of the
+per-variable figures (for DPDM over its three variables; ``*_tas_uas_vas`` gives every method on those
+three). Also the pr wet-cell fraction and a rank histogram PNG per ensemble method and variable. Affordable on
+a shared 2-core CPU: every ``--month-stride``-th held-out month, ``--members`` members, ``--steps`` Heun steps.
+
+    python benchmarks/methods_x8.py [--month-stride 10] [--members 16] [--steps 12]
+
+``ablation`` scores CorrDiff checkpoints' regression alone on VALIDATION months (2006-2010; never the
+held-out years) and stores the table under ``ablation`` in the same JSON (kept by the main run):
+
+    python benchmarks/methods_x8.py ablation --label full=outputs/train/ablation/reg-full.pt ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402
+
+from climrecon.config import load_config  # noqa: E402
+from climrecon.methods import build  # noqa: E402
+from climrecon.tasks import metrics, plots  # noqa: E402
+from climrecon.tasks.evaluate import (  # noqa: E402
+    heldout_months,
+    method_factory,
+    open_evaluation_truth,
+    run_evaluation,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+OUT = RESULTS / "methods_x8.json"
+FIGURES = RESULTS / "figures"
+CORRDIFF = REPO / "checkpoints" / "corrdiff-westus-x8.pt"
+DPDM = REPO / "checkpoints" / "dpdm-westus-x8.pt"
+VARIABLES = ["tas", "uas", "vas", "pr"]
+WET = 1.0 / 86400.0  # 1 mm/day in kg m-2 s-1: a "wet" cell-month
+SCORES = ("mae", "rmse", "crps", "spread_skill_ratio", "q99_error", "log_spectral_distance", "bias")
+
+# Training cost, from checkpoints/README.md (both on this 2-core shared VM, 1 torch thread, CPU only).
+TRAINING = {
+    "dpdm": {
+        "steps": 10000,
+        "wall_s": 3658,
+        "cores": "1 torch thread on a shared 2-core VM",
+        "parameters": 1196355,
+        "variables": ["tas", "uas", "vas"],
+    },
+    "corrdiff": {
+        "steps": {"regression": 2500, "residual": 5500},
+        "wall_s": 2680,
+        "wall_s_by_stage": {"data": 11, "regression": 856, "mean_of_training_months": 37, "residual": 1776},
+        "cores": "1 torch thread on a shared 2-core VM",
+        "parameters": {"regression": 1197220, "denoiser": 1198372},
+        "variables": VARIABLES,
+    },
+}
+
+
+class Capture:
+    """A method that keeps what it produced (for rank histograms and wet fractions beyond the records)."""
+
+    def __init__(self, inner: Any, store: dict[str, xr.Dataset], name: str):
+        self._inner, self._store, self._name = inner, store, name
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self._inner, item)
+
+    def downscale(self, inputs: Any, members: Any = 1, seed: int = 0) -> xr.Dataset:
+        out = self._inner.downscale(inputs, members=members, seed=seed).load()
+        self._store[self._name] = out
+        return out
+
+
+def _capturing(factory: Any, store: dict[str, xr.Dataset], name: str) -> Any:
+    def make(factor: int) -> Any:
+        method = factory(factor)
+        return None if method is None else Capture(method, store, name)
+
+    return make
+
+
+def _training_cost(path: Path) -> dict[str, Any]:
+    from climrecon.models.checkpoint import read_checkpoint
+
+    cost = dict(TRAINING["corrdiff"])
+    try:
+        meta = read_checkpoint(path).metadata
+    except Exception:  # noqa: BLE001 - a cost summary, not a requirement
+        return cost
+    stage = meta.data.get("regression_stage", {})
+    cost["steps"] = {"regression": stage.get("steps"), "residual": meta.step}
+    return cost
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--month-stride", type=int, default=10, help="10: 12 months over 2011-2020")
+    parser.add_argument("--members", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=12, help="Heun steps (every diffusion method)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--corrdiff", type=Path, default=CORRDIFF)
+    parser.add_argument("--dpdm", type=Path, default=DPDM)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    methods = [
+        "bilinear",
+        "qm",
+        "bcsd",
+        {
+            "name": "corrdiff",
+            "label": "regression",
+            "regression_only": True,
+            "checkpoint": str(args.corrdiff),
+        },
+        {"name": "dpdm", "checkpoint": str(args.dpdm)},
+        {"name": "corrdiff", "checkpoint": str(args.corrdiff)},
+    ]
+    overrides = [
+        "evaluate.factors=[8]",
+        f"evaluate.variables={json.dumps(VARIABLES)}",
+        f"evaluate.methods={json.dumps(methods)}",
+        f"evaluate.ensemble_sizes=[{args.members}]",
+        f"evaluate.month_stride={args.month_stride}",
+        f"evaluate.threads={args.threads}",
+        f"sampler.num_steps={args.steps}",
+        "sampler.device=cpu",
+        *args.overrides,
+    ]
+    cfg = load_config(None, overrides)
+    fields: dict[str, xr.Dataset] = {}
+    factories = {
+        m.key: _capturing(method_factory(m, cfg.sampler), fields, m.key) for m in cfg.evaluate.methods
+    }
+    start = time.perf_counter()
+    result = run_evaluation(cfg, methods=factories, log=lambda msg: print(msg, flush=True))
+    wall = time.perf_counter() - start
+    truth, _ = open_evaluation_truth(cfg)
+    held = heldout_months(truth, cfg.evaluate)[VARIABLES].astype("float32").load()
+
+    per_variable: dict[str, dict[str, dict[str, float]]] = {}
+    for r in result.records:
+        per_variable.setdefault(r["method"], {})[r["variable"]] = {k: r[k] for k in SCORES}
+    bilinear = per_variable["bilinear"]
+    for scores in per_variable.values():
+        for v, s in scores.items():
+            s["mae_ratio_vs_bilinear"] = s["mae"] / bilinear[v]["mae"]
+
+    def overall(method: str, key: str, variables: Sequence[str] | None = None) -> float:
+        got = per_variable[method]
+        names = [v for v in (variables or got) if v in got]
+        return float(np.mean([got[v][key] for v in names]))
+
+    three = ["tas", "uas", "vas"]
+    stochastic = [m for m, d in result.methods.items() if d.get("stochastic")]
+    wet = {"truth": float((held["pr"] > WET).mean())}
+    pr_min = {}
+    for name, ds in fields.items():
+        if "pr" in ds:
+            wet[name] = float((ds["pr"] > WET).mean())
+            pr_min[name] = float(ds["pr"].min())
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    rank_figures = []
+    rank_counts: dict[str, dict[str, list[int]]] = {}
+    for name in stochastic:
+        for v in fields[name].data_vars:
+            counts = metrics.rank_histogram(fields[name][v], held[v], seed=0)
+            rank_counts.setdefault(name, {})[str(v)] = [int(c) for c in counts.values]
+            path = plots.plot_rank_histogram(
+                counts,
+                FIGURES / f"methods_x8_rank_{name}_{v}.png",
+                title=f"{name} {v}: rank of truth among {args.members} members (x8, {len(result.months)} months)",
+            )
+            rank_figures.append(str(path.relative_to(REPO)))
+    crps_over_reg = {
+        v: per_variable["corrdiff"][v]["crps"] / per_variable["regression"][v]["mae"] for v in VARIABLES
+    }
+    corrdiff_ratio = {v: per_variable["corrdiff"][v]["mae_ratio_vs_bilinear"] for v in VARIABLES}
+    goals = {
+        "corrdiff_mae_ratio_vs_bilinear_overall_le_0.30": overall("corrdiff", "mae_ratio_vs_bilinear")
+        <= 0.30,
+        "corrdiff_mae_below_bcsd_every_variable": {
+            v: per_variable["corrdiff"][v]["mae"] < per_variable["bcsd"][v]["mae"] for v in VARIABLES
+        },
+        "corrdiff_crps_below_bcsd_pr_mae": per_variable["corrdiff"]["pr"]["crps"]
+        < per_variable["bcsd"]["pr"]["mae"],
+        "crps_over_regression_mae_le_0.75": float(np.mean(list(crps_over_reg.values()))) <= 0.75,
+        "spread_skill_0.9_to_1.1_every_variable": {
+            v: 0.9 <= per_variable["corrdiff"][v]["spread_skill_ratio"] <= 1.1 for v in VARIABLES
+        },
+    }
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc = {
+        "benchmark": "issue 14: methods side by side, x8 perfect model, synthetic reanalysis (NOT observations)",
+        "command": command_line(),
+        "months": result.months,
+        "n_months": len(result.months),
+        "members": args.members,
+        "heldout_years": list(cfg.evaluate.heldout_years),
+        "train_years": list(cfg.evaluate.train_years),
+        "factor": 8,
+        "sampler": cfg.sampler.model_dump(mode="json"),
+        "affordable_settings": (
+            f"every {args.month_stride}th held-out month ({len(result.months)} months over 2011-2020), "
+            f"{args.members} members, {args.steps} Heun steps, {args.threads} torch thread(s): chosen to fit a "
+            "shared 2-core CPU; the full protocol is evaluate.month_stride=1 and more members on a GPU"
+        ),
+        "mae_ratio_vs_bilinear": {m: overall(m, "mae_ratio_vs_bilinear") for m in per_variable},
+        "mae_ratio_vs_bilinear_tas_uas_vas": {
+            m: overall(m, "mae_ratio_vs_bilinear", three) for m in per_variable
+        },
+        "mae_ratio_vs_bilinear_per_variable": {
+            m: {v: s["mae_ratio_vs_bilinear"] for v, s in sc.items()} for m, sc in per_variable.items()
+        },
+        "spread_skill_ratio": {
+            m: {v: s["spread_skill_ratio"] for v, s in per_variable[m].items()} for m in stochastic
+        },
+        "crps_over_regression_mae": float(np.mean(list(crps_over_reg.values()))),
+        "crps_over_regression_mae_per_variable": crps_over_reg,
+        "corrdiff_mae_ratio_vs_bilinear_per_variable": corrdiff_ratio,
+        "per_variable": per_variable,
+        "pr_wet_fraction": {"threshold_kg_m-2_s-1": WET, "threshold": "1 mm/day", **wet},
+        "pr_min_over_members_kg_m-2_s-1": pr_min,
+        "rank_histograms": rank_counts,
+        "figures": rank_figures,
+        "goals": goals,
+        "training_cost": {"dpdm": TRAINING["dpdm"], "corrdiff": _training_cost(args.corrdiff)},
+        "notes": [
+            "overall = mean over variables of the per-variable figure; DPDM's shipped checkpoint has no pr, so "
+            "its overall figures are over tas, uas, vas (compare with *_tas_uas_vas)",
+            "regression = the CorrDiff checkpoint's regression network alone (corrdiff regression_only: true)",
+            "metrics: climrecon.tasks.metrics via run_evaluation (latitude-weighted); crps is the empirical-CDF "
+            "CRPS; spread_skill_ratio sqrt((M+1)/M) spread / RMSE of the ensemble mean",
+            *result.notes,
+        ],
+        "methods": {m: d.get("report", "") for m, d in result.methods.items()},
+        "timings": result.timings,
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "machine": machine(),
+        "versions": versions("numpy", "xarray", "torch", "scipy"),
+    }
+    for key in previous:
+        if key.startswith("ablation"):
+            doc[key] = previous[key]
+    write_results(args.out, doc)
+    print(
+        json.dumps(
+            {
+                k: doc[k]
+                for k in ("mae_ratio_vs_bilinear", "spread_skill_ratio", "crps_over_regression_mae", "goals")
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {args.out} in {wall:.0f} s")
+
+
+def ablation(argv: Sequence[str]) -> None:
+    """Regression-only skill of CorrDiff checkpoints on validation months (pick the regression target)."""
+    from skill_core import heldout_inputs  # noqa: E402
+
+    from climrecon.config import SamplerConfig
+
+    parser = argparse.ArgumentParser(prog="methods_x8.py ablation")
+    parser.add_argument("--label", action="append", required=True, metavar="NAME=CHECKPOINT")
+    parser.add_argument("--months", type=int, default=24)
+    parser.add_argument("--years", default="2006,2010")
+    parser.add_argument("--note", default="")
+    parser.add_argument(
+        "--members", type=int, default=0, help="also score the full method with this ensemble"
+    )
+    parser.add_argument("--steps", type=int, default=12, help="Heun steps (with --members)")
+    parser.add_argument("--key", default="ablation", help="JSON key of the table")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    years = tuple(int(y) for y in args.years.split(","))
+    cfg = load_config(None, [])
+    from climrecon.tasks.training_data import default_static_url, default_truth_url
+
+    table: dict[str, Any] = {}
+    for item in args.label:
+        name, path = item.split("=", 1)
+        method = build(
+            {"name": "corrdiff", "checkpoint": path, "regression_only": True}, SamplerConfig(device="cpu")
+        )
+        truth, inputs = heldout_inputs(
+            method, default_truth_url(cfg), default_static_url(cfg), years, args.months
+        )
+        out = method.downscale(inputs, members=1).isel(member=0)
+        row = {}
+        for v in method.describe()["variables"]:
+            mae = float(metrics.mae(out[v], truth[v]))
+            base = float(metrics.mae(inputs.coarse_on_fine[v].assign_coords(time=truth.time), truth[v]))
+            row[v] = round(mae / base, 4)
+        row["overall"] = round(float(np.mean([row[v] for v in method.describe()["variables"]])), 4)
+        if args.members:
+            full = build(
+                {"name": "corrdiff", "checkpoint": path},
+                SamplerConfig(device="cpu", num_steps=args.steps),
+            )
+            ens = full.downscale(inputs, members=args.members, seed=20261121)
+            for v in full.describe()["variables"]:
+                base = float(metrics.mae(inputs.coarse_on_fine[v].assign_coords(time=truth.time), truth[v]))
+                mean_mae = float(metrics.mae(ens[v].mean("member"), truth[v]))
+                row[f"{v}_ensemble_mean"] = round(mean_mae / base, 4)
+                row[f"{v}_spread_skill"] = round(float(metrics.spread_skill_ratio(ens[v], truth[v])), 4)
+                row[f"{v}_crps_over_regression_mae"] = round(
+                    float(metrics.crps(ens[v], truth[v])) / (row[v] * base), 4
+                )
+            names = full.describe()["variables"]
+            row["ensemble_mean_overall"] = round(
+                float(np.mean([row[f"{v}_ensemble_mean"] for v in names])), 4
+            )
+            row["P_mean"] = full.metadata.method_config["edm"]["P_mean"]
+            row["residual_steps"] = full.metadata.step
+        meta = method.metadata
+        in_stage_1 = "denoiser" not in meta.roles  # a training checkpoint still in its regression stage
+        row["steps"] = meta.step if in_stage_1 else meta.data.get("regression_stage", {}).get("steps")
+        row["regression_target"] = meta.data["regression_target"]
+        table[name] = row
+        print(name, row, flush=True)
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc[args.key] = {
+        "what": "MAE / bilinear MAE on validation months: the regression alone (<var>), and with --members the "
+        "ensemble mean (<var>_ensemble_mean), spread-skill ratio and CRPS / regression-only MAE",
+        "members": args.members,
+        "years": list(years),
+        "months": args.months,
+        "command": command_line(),
+        "note": args.note,
+        "table": table,
+    }
+    write_results(args.out, doc)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "ablation":
+        ablation(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,598 @@
+"""CorrDiff (Mardani et al., arXiv 2309.15214): a regression network predicts the conditional mean
+``mu = E[x | y]``, an EDM diffusion model generates the residual ``r = x - mu``; member = ``mu + r``.
+
+Both networks are the project's UNet inside EDM preconditioning, conditioned on the features DPDM sees
+(:mod:`climrecon.methods.features`: the coarse fields on the fine grid, orog, orog_std, sftlf, the coarse
+grid's views, position, time of year); the residual network also sees ``mu`` as extra channels. One
+checkpoint holds both (roles ``regression`` and ``denoiser``).
+
+Network space (one home for it): every variable is mapped with the full-field statistics of the training
+years, ``z = (T(x) - mean) / std`` with ``T`` = log1p(x / 1 mm day-1) for pr, identity otherwise
+(:class:`~climrecon.models.normalization.NormalizationStats`); the coarse channels ``z_c`` go through the same
+map. In that space:
+
+- the regression gives ``mu_z = z_c + s_reg * D_reg(0; sigma_fixed, cond)`` (``regression.target:
+  residual``) or ``mu_z = s_reg * D_reg(...)`` (``full``), ``D_reg`` an :class:`EDMPrecond` evaluated at the
+  fixed noise level :data:`~climrecon.models.edm.REGRESSION_SIGMA` on a zero input
+  (:class:`~climrecon.models.edm.RegressionLoss`), tiled and blended over the whole domain once per month;
+- the residual network generates ``(z - mu_z) / s_res`` with conditioning ``[<var>_coarse, <var>_mean, static,
+  position]`` (``<var>_mean`` = ``mu_z``), sampled per member with the one tiled sampler;
+- a member is ``denormalize(mu_z + s_res * r)``: pr comes back through expm1 clipped at 0, never negative.
+
+``regression_only: true`` gives the regression alone (deterministic; every member identical): the
+"regression-only" product and baseline. Seeds: member ``m`` of month ``t`` starts from
+``seed_for(seed, year * 12 + month - 1, m)`` exactly as DPDM.
+
+Training (:func:`train`, the registered recipe; ``climrecon train`` with ``method.name: corrdiff``): stage 1
+trains the regression (MSE, ``regression.max_steps``, role ``regression``); stage 2 computes ``mu`` for every
+training month with the frozen EMA regression (tiled, blended, as at inference) and trains the residual EDM
+model (``train.max_steps``, role ``denoiser``, ``P_mean`` 0.0 by default as in CorrDiff) with the regression
+written unchanged into every checkpoint (``frozen``). Both stages resume from the one ``train.checkpoint``;
+a finished regression stage is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import xarray as xr
+from pydantic import Field
+
+from climrecon.methods.base import (
+    Inputs,
+    MethodConfig,
+    MethodError,
+    Needs,
+    SamplerConfig,
+    item_seeds,
+    member_indices,
+    month_index,
+)
+from climrecon.methods.dpdm import (
+    DPDM,
+    STATIC_SCALING,
+    EDMSection,
+    NetworkSection,
+    _device,
+    _Section,
+    build_model,
+    checkpoint_spec,
+    default_checkpoint,
+    network_conditioning,
+)
+from climrecon.methods.features import (
+    ConditioningError,
+    ConditioningSpec,
+    conditioning_stack,
+    time_of_year,
+)
+from climrecon.models.checkpoint import (
+    CheckpointError,
+    CheckpointMetadata,
+    GridSpec,
+    NetworkSpec,
+    load_networks,
+    read_checkpoint,
+)
+from climrecon.models.edm import REGRESSION_SIGMA, EDMLoss, RegressionLoss
+from climrecon.models.tiled import TiledDenoiser, sample_tiled
+from climrecon.models.tiling import Tiling, make_tiling
+from climrecon.models.trainer import Batch
+
+if TYPE_CHECKING:
+    from climrecon.config import ClimReconConfig
+    from climrecon.models.trainer import TrainResult
+
+__all__ = [
+    "CorrDiffConfig",
+    "RegressionSection",
+    "CorrDiff",
+    "regression_mean",
+    "denoiser_conditioning",
+    "train",
+    "ROLES",
+]
+
+ROLES = ("regression", "denoiser")
+MEAN_SUFFIX = "_mean"
+LOG_EVERY = 50  # training log interval (steps) of both stages
+
+
+class RegressionSection(_Section):
+    """The regression stage (training only; a checkpoint records what it was trained with)."""
+
+    max_steps: int = Field(3000, ge=1, description="regression training steps (stage 1)")
+    target: Literal["residual", "full"] = Field(
+        "residual",
+        description="what the regression predicts in network space: truth minus the coarse input, or truth",
+    )
+    lr: float | None = Field(None, gt=0, description="learning rate; default train.lr")
+
+
+class CorrDiffConfig(MethodConfig):
+    """CorrDiff: regression mean + EDM residual diffusion. ``checkpoint`` is what sampling loads (default: the
+    one ``corrdiff-*.pt`` in ``<repo>/checkpoints/``); the other keys describe what ``climrecon train`` builds."""
+
+    name: Literal["corrdiff"] = "corrdiff"
+    checkpoint: str | None = Field(
+        None, description="model checkpoint; default: the one corrdiff-*.pt in <repo>/checkpoints/"
+    )
+    regression_only: bool = Field(
+        False, description="the regression mean alone (deterministic: every member is the mean)"
+    )
+    static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
+        ["orog", "sftlf"], description="static fields also given as the coarse grid sees them (<name>_coarse)"
+    )
+    patch_size: int = Field(32, ge=8, description="training patch (a multiple of train.factor)")
+    network: NetworkSection = NetworkSection()
+    edm: EDMSection = EDMSection(P_mean=0.0)
+    regression: RegressionSection = RegressionSection()
+    items_per_call: int = Field(
+        64, ge=1, description="(month, member) items sampled together (memory bound only)"
+    )
+
+
+# -- the two networks in network space (training and inference share these) ------------------------------
+@torch.no_grad()
+def regression_mean(
+    net: torch.nn.Module,
+    z_cond: np.ndarray,
+    toy: np.ndarray,
+    tiling: Tiling,
+    *,
+    n_out: int,
+    scale: Sequence[float],
+    target: str,
+    chunk: int = 32,
+    months_per_call: int = 16,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``mu_z`` [T, V, H, W] float32 of conditioning ``z_cond`` [T, C, H, W] (network space; the first ``n_out``
+    channels are the coarse ones): the regression on every tile in calls of exactly ``chunk`` patches,
+    blended over the domain with the tiling's weights, then scaled and (``target`` residual) added to ``z_c``."""
+    scale_t = torch.tensor(list(scale), dtype=torch.float64).reshape(1, -1, 1, 1)
+    sigma = torch.tensor([REGRESSION_SIGMA], dtype=torch.float32, device=device)
+    out = np.empty((z_cond.shape[0], n_out, tiling.height, tiling.width), np.float32)
+    for start in range(0, z_cond.shape[0], months_per_call):
+        s = slice(start, min(start + months_per_call, z_cond.shape[0]))
+        cond = torch.from_numpy(np.ascontiguousarray(z_cond[s]))
+        den = TiledDenoiser(net, tiling, cond, torch.from_numpy(toy[s]), chunk=chunk, device=device)
+        zeros = torch.zeros((cond.shape[0], n_out, *tiling.canvas_shape), dtype=torch.float64, device=device)
+        d = den(zeros, sigma)[..., : tiling.height, : tiling.width].cpu() * scale_t
+        if target == "residual":
+            d = d + cond[:, :n_out].to(torch.float64)
+        out[s] = d.to(torch.float32).numpy()
+    return out
+
+
+def denoiser_conditioning(z_cond: np.ndarray, mu_z: np.ndarray) -> np.ndarray:
+    """The residual network's conditioning: ``[<var>_coarse, <var>_mean, static..., position...]``."""
+    n = mu_z.shape[1]
+    return np.ascontiguousarray(np.concatenate([z_cond[:, :n], mu_z, z_cond[:, n:]], axis=1), np.float32)
+
+
+def _check_data(metadata: CheckpointMetadata, path: str) -> dict[str, Any]:
+    data = metadata.data
+    missing = [k for k in ("regression_target", "regression_scale", "residual_scale") if k not in data]
+    if missing or metadata.method != "corrdiff":
+        raise MethodError(
+            f"checkpoint {path} ({metadata.method}) is not a CorrDiff checkpoint: its data lacks {missing}"
+        )
+    return data
+
+
+class CorrDiff(DPDM):
+    """A trained CorrDiff checkpoint as a :class:`~climrecon.methods.base.Method` (module docstring)."""
+
+    name = "corrdiff"
+
+    def __init__(self, config: CorrDiffConfig, sampler: SamplerConfig):
+        self.config, self.sampler = config, sampler
+        self.checkpoint = default_checkpoint(config.checkpoint, method="corrdiff")
+        self.device = _device(sampler.device)
+        contents = read_checkpoint(self.checkpoint)  # verified: raises CheckpointError naming the file
+        self.sha256 = str(contents.header["content_sha256"])
+        roles = ("regression",) if config.regression_only else ROLES
+        networks, self.metadata = load_networks(self.checkpoint, map_location=self.device, roles=roles)
+        self.reg = networks["regression"]
+        self.net = networks.get("denoiser")
+        data = _check_data(self.metadata, self.checkpoint)
+        self.reg_target = str(data["regression_target"])
+        self.reg_scale = [float(s) for s in data["regression_scale"]]
+        residual = data.get("residual_scale")  # None in a checkpoint still in its regression stage
+        self.res_scale = [float(s) for s in residual] if residual else None
+        g = self.metadata.grid
+        if not g.coarsening_factor or not g.patch_size:
+            raise MethodError(
+                f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size"
+            )
+        self.spec = checkpoint_spec(self.metadata, self.checkpoint)
+        self.patch = int(g.patch_size)
+        self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
+        self.needs = Needs(
+            static=tuple(self.spec.static_names()),
+            factors=(self.spec.factor,),
+            stochastic=not config.regression_only,
+            coarse=False,
+        )
+
+    def mean(self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling) -> np.ndarray:
+        """``mu_z`` [T, V, H, W] of the months of ``z_cond`` (network space)."""
+        return regression_mean(
+            self.reg,
+            z_cond,
+            toy,
+            tiling,
+            n_out=len(self.variables),
+            scale=self.reg_scale,
+            target=self.reg_target,
+            chunk=self.sampler.max_patches_per_batch,
+            device=self.device,
+        )
+
+    def _physical(self, z: torch.Tensor | np.ndarray) -> np.ndarray:
+        z = torch.as_tensor(z)
+        x = self.metadata.normalization.denormalize(z.cpu().to(torch.float64), channel_dim=1)
+        return x.numpy().astype(np.float32)
+
+    def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
+        self.validate(inputs)
+        index = member_indices(members)
+        grid, variables = inputs.grid, list(self.variables)
+        try:
+            cond = conditioning_stack(
+                inputs.coarse_on_fine[variables].load(),
+                inputs.static[self.spec.static_names()].load(),
+                self.spec,
+            )
+        except ConditioningError as exc:
+            raise MethodError(str(exc)) from None
+        values, times = cond.values, cond["time"].values
+        bad = ~np.isfinite(values).all(axis=(1, 2, 3))
+        if bad.any():
+            labels = [f"{t.year:04d}-{t.month:02d}" for t in times[bad]]
+            raise MethodError(
+                f"the conditioning has NaN/inf at {labels} (channels {self.spec.channel_names()})"
+            )
+        z_cond = network_conditioning(values, self.spec.channel_names(), self.metadata)
+        toy = time_of_year(times)
+        n_t, n_v = len(times), len(variables)
+        tiling = make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
+        mu_z = self.mean(z_cond, toy, tiling)  # once per time step, whatever the members
+        out = np.empty((len(index), n_t, n_v, grid.nlat, grid.nlon), np.float32)
+        if self.config.regression_only:
+            out[:] = self._physical(mu_z)[None]
+        else:
+            d_cond = denoiser_conditioning(z_cond, mu_z)
+            res = torch.tensor(self.res_scale, dtype=torch.float64).reshape(1, -1, 1, 1)
+            seeds = item_seeds(seed, month_index(times), index)  # member-major
+            items = [(k, t) for k in range(len(index)) for t in range(n_t)]
+            step = self.config.items_per_call
+            for start in range(0, len(items), step):
+                chunk = items[start : start + step]
+                t_idx = np.array([t for _, t in chunk])
+                r = sample_tiled(
+                    self.net,
+                    torch.from_numpy(d_cond[t_idx]),
+                    torch.from_numpy(toy[t_idx]),
+                    tiling,
+                    seeds=seeds[start : start + len(chunk)],
+                    out_channels=n_v,
+                    device=self.device,
+                    **self.sampler.sampling_kwargs(),
+                )
+                z = torch.from_numpy(mu_z[t_idx]).to(torch.float64) + r.cpu().to(torch.float64) * res
+                for (k, t), field_ in zip(chunk, self._physical(z), strict=True):
+                    out[k, t] = field_
+        attrs = {v: inputs.coarse_on_fine[v].attrs for v in variables}
+        coords = {
+            "member": np.array(index),
+            "time": inputs.coarse_on_fine["time"],
+            "lat": grid.lat,
+            "lon": grid.lon,
+        }
+        result = xr.Dataset(
+            {v: (("member", "time", "lat", "lon"), out[:, :, i], attrs[v]) for i, v in enumerate(variables)},
+            coords=coords,
+        )
+        extra = {"regression_only": int(self.config.regression_only)}
+        return result.assign_attrs(
+            downscaling_method=self.name, base_seed=seed, **self._sampling_attrs(), **extra
+        )
+
+    def identity(self, members: int, seed: int) -> list[Any]:
+        parts: list[Any] = [self.name, self.sha256, members, seed, self.patch, self.overlap]
+        if self.config.regression_only:
+            # the mean is deterministic: only the tiling's call shape can change its bytes
+            return [*parts, "regression_only", self.sampler.max_patches_per_batch]
+        return [*parts, self.sampler.sampling_kwargs()]
+
+    def describe(self) -> dict[str, Any]:
+        m = self.metadata
+        kind = "regression only" if self.config.regression_only else "regression + residual diffusion"
+        sampling = (
+            "one deterministic regression call per tile"
+            if self.config.regression_only
+            else self.sampler.describe()
+        )
+        return {
+            "method": self.name,
+            "label": self.config.key,
+            "stochastic": not self.config.regression_only,
+            "variables": list(self.variables),
+            "grid": m.grid.to_dict(),
+            "years_seen": [list(y) for y in self.years_seen()],
+            "report": (
+                f"{self.config.key}: checkpoint `{Path(self.checkpoint).name}` (corrdiff, {kind}, x{self.factor}, "
+                f"regression {m.data.get('regression_stage', {}).get('steps', '?')} + residual step {m.step}, "
+                f"regression target {self.reg_target}), {sampling}, overlap {self.overlap}"
+            ),
+            "checkpoint": {
+                "path": self.checkpoint,
+                "sha256": self.sha256,
+                "method": m.method,
+                "step": m.step,
+                "factor": self.factor,
+                "variables": list(self.variables),
+                "roles": list(m.roles),
+                "train": m.train,
+                "data": m.data,
+                "grid": m.grid.to_dict(),
+            },
+            "regression_only": self.config.regression_only,
+            "sampler": self.sampler.model_dump(mode="json"),
+            "seeds": "seed_for(base_seed, year * 12 + month - 1, member)",
+        }
+
+
+# -- training ----------------------------------------------------------------------------------------------
+def _regression_batches(
+    base: Any, n_out: int, scale: np.ndarray, target: str
+) -> Callable[[int], Iterator[Batch]]:
+    """The crop stream of ``base`` (a PatchBatches of full-field targets) with the regression's target."""
+    s = torch.from_numpy(scale.astype(np.float32)).reshape(1, -1, 1, 1)
+
+    def stream(first_step: int) -> Iterator[Batch]:
+        step = first_step
+        while True:
+            b = base.batch(step)
+            y = b.target - b.cond[:, :n_out] if target == "residual" else b.target
+            yield Batch(target=(y / s).contiguous(), cond=b.cond, time_of_year=b.time_of_year)
+            step += 1
+
+    return stream
+
+
+def _std(x: np.ndarray) -> np.ndarray:
+    """Per-variable std of [T, V, H, W] (float64), floored so a constant field cannot divide by zero."""
+    return np.maximum(x.astype(np.float64).std(axis=(0, 2, 3)), 1e-6)
+
+
+def _curve(losses: Sequence[float], every: int = 50) -> list[float]:
+    y = np.asarray(losses, dtype=float)
+    n = y.size // every
+    return [round(float(v), 6) for v in y[: n * every].reshape(n, every).mean(axis=1)] if n else []
+
+
+def _train_config(section: Any, max_steps: int, lr: float) -> Any:
+    from climrecon.models.trainer import TrainConfig
+
+    return TrainConfig(
+        max_steps=max_steps,
+        lr=lr,
+        warmup_steps=min(section.warmup_steps, max_steps - 1) if max_steps > 1 else 0,
+        lr_schedule=section.lr_schedule,
+        ema_halflife_steps=section.ema_halflife_steps,
+        checkpoint_every=section.checkpoint_every,
+        log_every=LOG_EVERY,
+        seed=section.seed,
+        device=section.device,
+    )
+
+
+def _stage(checkpoint: Path) -> tuple[str | None, int]:
+    """(role in training, step) of an existing training checkpoint; (None, 0) when there is none."""
+    if not checkpoint.exists():
+        return None, 0
+    info = read_checkpoint(checkpoint).header.get("training")
+    if info is None:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} holds no training state (inference-only); cannot resume from it: "
+            "remove it or set train.checkpoint to another path"
+        )
+    return str(info.get("role", "denoiser")), int(info["step"])
+
+
+def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
+    """Train both CorrDiff networks of ``cfg.method`` on ``cfg.train`` into the one resumable
+    ``train.checkpoint``: the regression (stage 1, skipped when finished), then the residual diffusion model
+    with the regression frozen (stage 2). Returns stage 2's result."""
+    from climrecon.methods.dpdm import prepare_training
+    from climrecon.models.trainer import train as train_loop
+    from climrecon.tasks.training_data import default_static_url, default_truth_url
+
+    section, config = cfg.train, cfg.method
+    torch.set_num_threads(section.threads)
+    setup = prepare_training(section, _training_view(config), default_truth_url(cfg), default_static_url(cfg))
+    spec, base = setup.spec, setup.batches
+    n_out, n_cond = len(spec.variables), len(spec.channel_names())
+    ckpt = Path(section.checkpoint)
+    reg_target = config.regression.target
+    z_c = base.cond_dynamic
+    reg_scale = _std(base.target - z_c) if reg_target == "residual" else np.ones(n_out)
+    grid_spec = GridSpec(
+        fine_resolution=setup.grid.dlat,
+        coarsening_factor=section.factor,
+        patch_size=config.patch_size,
+        region={
+            "lat_min": setup.grid.south,
+            "lat_max": setup.grid.north,
+            "lon_min": setup.grid.west,
+            "lon_max": setup.grid.east,
+        },
+    )
+    data = {
+        **setup.data,
+        "target": "corrdiff",
+        "static_scaling": {k: list(v) for k, v in STATIC_SCALING.items()},
+        "regression_target": reg_target,
+        "regression_scale": [float(s) for s in reg_scale],
+        "regression_sigma": REGRESSION_SIGMA,
+        "denoiser_channels": _denoiser_channel_names(spec),
+    }
+    reg_model = build_model(config, n_out, n_cond, section.seed)
+    meta = CheckpointMetadata(
+        method="corrdiff",
+        networks={"regression": NetworkSpec.of(reg_model)},
+        variables=spec.variables,
+        cond_channels=tuple(spec.channel_names()),
+        normalization=setup.stats,
+        grid=grid_spec,
+        method_config=config.model_dump(mode="json", exclude={"checkpoint", "label", "regression_only"}),
+        data={**data, "residual_scale": None},
+    )
+
+    def on_log(stage: str) -> Callable[[dict[str, float]], None] | None:
+        if not log:
+            return None
+        return lambda r: log.info(
+            "%s step %d loss %.4f lr %.2e %.2f steps/s",
+            stage,
+            r["step"],
+            r["loss"],
+            r["lr"],
+            r["steps_per_s"],
+        )
+
+    role, _ = _stage(ckpt)
+    if role not in (None, *ROLES):
+        raise CheckpointError(f"checkpoint {ckpt} is training a network {role!r}; CorrDiff trains {ROLES}")
+    # -- stage 1: the regression (skipped when the checkpoint is already in stage 2) --
+    reg_steps = config.regression.max_steps
+    if role != "denoiser":
+        if log:
+            log.info(
+                "stage 1 (regression, target %s): %d parameters, %d training months, %d steps",
+                reg_target,
+                sum(p.numel() for p in reg_model.parameters()),
+                setup.data["months"],
+                reg_steps,
+            )
+        stage1 = train_loop(
+            reg_model,
+            _regression_batches(base, n_out, reg_scale, reg_target),
+            _train_config(section, reg_steps, config.regression.lr or section.lr),
+            loss=RegressionLoss(),
+            checkpoint_path=ckpt,
+            metadata=meta,
+            role="regression",
+            progress=progress,
+            on_log=on_log("regression"),
+        )
+        reg_summary = {
+            "steps": stage1.step,
+            "loss_every_50": _curve(stage1.losses),
+            "final_loss_50": float(np.mean(stage1.losses[-50:])),
+        }
+    contents = read_checkpoint(ckpt)
+    if role == "denoiser":
+        reg_summary = contents.metadata.data["regression_stage"]
+    frozen = {"regression": contents.ema_states()["regression"]}
+    reg_net = NetworkSpec.of(reg_model).build()
+    reg_net.load_state_dict(frozen["regression"], strict=True)
+    reg_net.eval().requires_grad_(False)
+    # -- stage 2: mu of every training month (tiled, blended, as at inference), residual diffusion --
+    z_full = np.concatenate(
+        [z_c, np.broadcast_to(base.cond_static, (z_c.shape[0], *base.cond_static.shape))], axis=1
+    )
+    tiling = make_tiling(setup.grid.nlat, setup.grid.nlon, config.patch_size, config.patch_size // 4)
+    mu_z = regression_mean(
+        reg_net, z_full, base.time_of_year, tiling, n_out=n_out, scale=reg_scale, target=reg_target
+    )
+    del z_full
+    residual = base.target - mu_z
+    res_scale = _std(residual)
+    if log:
+        log.info(
+            "regression mean of %d training months: residual std %s (network space; 1 = the field's std)",
+            mu_z.shape[0],
+            np.round(res_scale, 4).tolist(),
+        )
+    res_batches = type(base)(
+        target=np.ascontiguousarray((residual / res_scale.reshape(1, -1, 1, 1)).astype(np.float32)),
+        cond_dynamic=np.ascontiguousarray(np.concatenate([z_c, mu_z], axis=1)),
+        cond_static=base.cond_static,
+        time_of_year=base.time_of_year,
+        years=base.years,
+        patch_size=base.patch_size,
+        batch_size=base.batch_size,
+        seed=section.seed + 1,
+    )
+    den_model = build_model(config, n_out, n_cond + n_out, section.seed + 1)
+    meta2 = replace(
+        meta,
+        networks={"regression": meta.networks["regression"], "denoiser": NetworkSpec.of(den_model)},
+        data={
+            **data,
+            "residual_scale": [float(s) for s in res_scale],
+            "regression_stage": reg_summary,
+        },
+    )
+    if log:
+        log.info(
+            "stage 2 (residual diffusion, P_mean %g): %d parameters, %d steps",
+            config.edm.P_mean,
+            sum(p.numel() for p in den_model.parameters()),
+            section.max_steps,
+        )
+    return train_loop(
+        den_model,
+        res_batches,
+        _train_config(section, section.max_steps, section.lr),
+        loss=EDMLoss(den_model.config),
+        checkpoint_path=ckpt,
+        metadata=meta2,
+        role="denoiser",
+        frozen=frozen,
+        resume=_stage(ckpt)[0] == "denoiser",
+        progress=progress,
+        on_log=on_log("residual"),
+    )
+
+
+def _training_view(config: CorrDiffConfig) -> Any:
+    """``config`` as the training-data setup reads it: full-field targets (the recipe forms both targets)."""
+
+    class _View:
+        patch_size = config.patch_size
+        static_coarse = config.static_coarse
+        target = "full"
+
+    return _View()
+
+
+def _denoiser_channel_names(spec: ConditioningSpec) -> list[str]:
+    names = spec.channel_names()
+    n = len(spec.variables)
+    return names[:n] + [f"{v}{MEAN_SUFFIX}" for v in spec.variables] + names[n:]
+
+
+def _register() -> None:
+    from climrecon.methods import register
+
+    register(
+        CorrDiffConfig,
+        CorrDiff,
+        "CorrDiff: UNet regression mean + EDM residual diffusion (regression_only: the mean alone)",
+        needs="coarse fields on the fine grid; orog, orog_std, sftlf (+ coarse views); the checkpoint's factor",
+        train=train,
+    )
+
+
+_register()
