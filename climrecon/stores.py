@@ -184,7 +184,6 @@ class StageStore:
         lease is taken over. The record lives beside the done markers, on the store's own filesystem.
         Two runs racing for a free lease both write, then read back: the last writer keeps it, the other
         backs off (the worst case is one block sampled twice, to the same bytes)."""
-        fs, _ = self._fs()
         path = self._state("lease", _block_name(region))
         holder = self._read_lease(path)
         if holder and holder.get("owner") != owner and _lease_alive(holder):
@@ -196,8 +195,7 @@ class StageStore:
             "expires": time.time() + float(seconds),
         }
         self._put(path, json.dumps(record).encode())
-        fs.invalidate_cache(path.rsplit("/", 1)[0])
-        now = self._read_lease(path)
+        now = self._read_lease(path)  # (read back from a fresh listing)
         if now and now.get("owner") != owner:
             return False, now
         return True, None

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -35,6 +35,7 @@ __all__ = [
     "Needs",
     "Inputs",
     "Method",
+    "gridded_variables",
     "member_indices",
     "month_index",
     "item_seeds",
@@ -81,12 +82,7 @@ class Inputs:
         from climrecon.methods.features import coarse_on_fine
 
         grid = target if isinstance(target, Grid) else Grid.from_dataset(target, "target grid")
-        names = [
-            v
-            for v in coarse.data_vars
-            if {"lat", "lon"} <= set(coarse[v].dims) and not str(v).endswith("_bnds")
-        ]
-        on_fine = coarse_on_fine(coarse[names].astype("float32"), grid)
+        on_fine = coarse_on_fine(coarse[gridded_variables(coarse)].astype("float32"), grid)
         return cls(coarse_on_fine=on_fine, grid=grid, coarse=coarse, static=static)
 
     @property
@@ -95,8 +91,7 @@ class Inputs:
 
     @property
     def variables(self) -> list[str]:
-        ds = self.coarse_on_fine
-        return [str(v) for v in ds.data_vars if {"lat", "lon"} <= set(ds[v].dims)]
+        return [str(v) for v in gridded_variables(self.coarse_on_fine)]
 
     def factor(self) -> float | None:
         """Coarse / fine grid spacing, or None without a coarse grid."""
@@ -144,6 +139,11 @@ class Method(Protocol):
     def identity(self, members: int, seed: int) -> list[Any]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def gridded_variables(ds: xr.Dataset) -> list[Hashable]:
+    """The data variables of ``ds`` on its lat/lon grid (bounds variables excluded)."""
+    return [v for v in ds.data_vars if {"lat", "lon"} <= set(ds[v].dims) and not str(v).endswith("_bnds")]
 
 
 def member_indices(members: int | Sequence[int]) -> list[int]:

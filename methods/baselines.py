@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 from pydantic import Field
 
-from climrecon.methods.base import Inputs, MethodConfig, MethodError, Needs, member_indices
+from climrecon.methods.base import Inputs, MethodConfig, MethodError, Needs, gridded_variables, member_indices
 from climrecon.tasks import regrid
 from climrecon.tasks.grids import Grid, GridError
 
@@ -47,7 +47,6 @@ __all__ = [
 
 MULTIPLICATIVE_VARIABLES = frozenset({"pr"})
 GridLike = Grid | xr.Dataset | xr.DataArray
-_SPATIAL = ("lat", "lon")
 
 
 class BaselineError(MethodError):
@@ -55,10 +54,6 @@ class BaselineError(MethodError):
 
 
 # -- shared helpers ----------------------------------------------------------------------------------------
-def _gridded(ds: xr.Dataset) -> list[Hashable]:
-    return [v for v in ds.data_vars if set(_SPATIAL) <= set(ds[v].dims) and not str(v).endswith("_bnds")]
-
-
 def _as_grid(target: GridLike, what: str) -> Grid:
     try:
         return target if isinstance(target, Grid) else Grid.from_dataset(target, what)
@@ -72,11 +67,11 @@ def _same_grid(a: Grid, b: Grid) -> bool:
 
 
 def _common_variables(coarse: xr.Dataset, fine: xr.Dataset, where: str) -> list[Hashable]:
-    names = [v for v in _gridded(coarse) if v in fine.data_vars]
+    names = [v for v in gridded_variables(coarse) if v in fine.data_vars]
     if not names:
         raise BaselineError(
-            f"{where}: coarse variables {sorted(map(str, _gridded(coarse)))} and fine variables "
-            f"{sorted(map(str, _gridded(fine)))} have none in common"
+            f"{where}: coarse variables {sorted(map(str, gridded_variables(coarse)))} and fine variables "
+            f"{sorted(map(str, gridded_variables(fine)))} have none in common"
         )
     return names
 
@@ -88,7 +83,7 @@ def _bilinear(ds: xr.Dataset, target: GridLike) -> xr.Dataset:
 def _float64(ds: xr.Dataset) -> xr.Dataset:
     """Gridded variables as float64: float32 rounding would otherwise create tied values, which make an
     empirical quantile mapping jump by a whole quantile step between tiny input differences."""
-    return ds.assign({v: ds[v].astype(np.float64) for v in _gridded(ds)})
+    return ds.assign({v: ds[v].astype(np.float64) for v in gridded_variables(ds)})
 
 
 def _with_members(ds: xr.Dataset, members: int | Sequence[int], method: str) -> xr.Dataset:
@@ -100,7 +95,7 @@ def _with_members(ds: xr.Dataset, members: int | Sequence[int], method: str) -> 
     out = ds.assign(
         {
             v: ds[v].astype("float32").expand_dims(member=np.array(index)).transpose("member", ...)
-            for v in _gridded(ds)
+            for v in gridded_variables(ds)
         }
     )
     return out.assign_attrs(downscaling_method=method, members_identical=int(len(index) > 1))
@@ -255,7 +250,7 @@ class EmpiricalQuantileMapping:
         fitted = self.model_quantiles["month"].values
         _check_months(model, fitted, "quantile mapping adjust")
         out = model.copy()
-        for var in _gridded(model):
+        for var in gridded_variables(model):
             if var not in self.model_quantiles:
                 raise BaselineError(
                     f"quantile mapping adjust: variable {var!r} was not fitted; "
@@ -445,7 +440,11 @@ class BCSDDownscaler(_Baseline):
             )
         coarse = coarse.assign_coords(lat=self.coarse_grid.lat, lon=self.coarse_grid.lon)
         return self.mapping.adjust(
-            _float64(coarse[[v for v in _gridded(coarse) if v in self.coarse_climatology] + _others(coarse)])
+            _float64(
+                coarse[
+                    [v for v in gridded_variables(coarse) if v in self.coarse_climatology] + _others(coarse)
+                ]
+            )
         )
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
@@ -457,7 +456,7 @@ class BCSDDownscaler(_Baseline):
                 f"{self.name}: target {grid.describe()} is not the grid fitted on "
                 f"({self.fine_grid.describe()})"
             )
-        names = _gridded(corrected)
+        names = gridded_variables(corrected)
         clim_c = self.coarse_climatology[names].sel(month=corrected["time"].dt.month).drop_vars("month")
         clim_f = self.fine_climatology[names].sel(month=corrected["time"].dt.month).drop_vars("month")
         anomaly = corrected.copy()
@@ -487,7 +486,7 @@ class BCSDDownscaler(_Baseline):
 
 def _others(ds: xr.Dataset) -> list[Hashable]:
     """Non-gridded data variables (e.g. time_bnds) that travel along unchanged."""
-    return [v for v in ds.data_vars if v not in _gridded(ds)]
+    return [v for v in ds.data_vars if v not in gridded_variables(ds)]
 
 
 # -- registration ----------------------------------------------------------------------------------------

@@ -46,42 +46,31 @@ from pydantic import Field
 
 from climrecon.methods.base import (
     Inputs,
-    MethodConfig,
     MethodError,
-    Needs,
     SamplerConfig,
-    item_seeds,
     member_indices,
-    month_index,
 )
 from climrecon.methods.dpdm import (
     DPDM,
     STATIC_SCALING,
     EDMSection,
-    NetworkSection,
-    _device,
+    PatchModelConfig,
     _Section,
     build_model,
-    checkpoint_spec,
-    default_checkpoint,
-    network_conditioning,
+    grid_spec,
+    train_config,
 )
 from climrecon.methods.features import (
-    ConditioningError,
     ConditioningSpec,
-    conditioning_stack,
-    time_of_year,
 )
 from climrecon.models.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
-    GridSpec,
     NetworkSpec,
-    load_networks,
     read_checkpoint,
 )
 from climrecon.models.edm import REGRESSION_SIGMA, EDMLoss, RegressionLoss
-from climrecon.models.tiled import TiledDenoiser, sample_tiled
+from climrecon.models.tiled import TiledDenoiser
 from climrecon.models.tiling import Tiling, make_tiling
 from climrecon.models.trainer import Batch
 
@@ -115,27 +104,16 @@ class RegressionSection(_Section):
     lr: float | None = Field(None, gt=0, description="learning rate; default train.lr")
 
 
-class CorrDiffConfig(MethodConfig):
-    """CorrDiff: regression mean + EDM residual diffusion. ``checkpoint`` is what sampling loads (default: the
-    one ``corrdiff-*.pt`` in ``<repo>/checkpoints/``); the other keys describe what ``climrecon train`` builds."""
+class CorrDiffConfig(PatchModelConfig):
+    """CorrDiff: regression mean + EDM residual diffusion (:class:`~climrecon.methods.dpdm.PatchModelConfig`:
+    default checkpoint the one ``corrdiff-*.pt`` in ``<repo>/checkpoints/``)."""
 
     name: Literal["corrdiff"] = "corrdiff"
-    checkpoint: str | None = Field(
-        None, description="model checkpoint; default: the one corrdiff-*.pt in <repo>/checkpoints/"
-    )
     regression_only: bool = Field(
         False, description="the regression mean alone (deterministic: every member is the mean)"
     )
-    static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
-        ["orog", "sftlf"], description="static fields also given as the coarse grid sees them (<name>_coarse)"
-    )
-    patch_size: int = Field(32, ge=8, description="training patch (a multiple of train.factor)")
-    network: NetworkSection = NetworkSection()
     edm: EDMSection = EDMSection(P_mean=0.0)
     regression: RegressionSection = RegressionSection()
-    items_per_call: int = Field(
-        64, ge=1, description="(month, member) items sampled together (memory bound only)"
-    )
 
 
 # -- the two networks in network space (training and inference share these) ------------------------------
@@ -193,34 +171,14 @@ class CorrDiff(DPDM):
     name = "corrdiff"
 
     def __init__(self, config: CorrDiffConfig, sampler: SamplerConfig):
-        self.config, self.sampler = config, sampler
-        self.checkpoint = default_checkpoint(config.checkpoint, method="corrdiff")
-        self.device = _device(sampler.device)
-        contents = read_checkpoint(self.checkpoint)  # verified: raises CheckpointError naming the file
-        self.sha256 = str(contents.header["content_sha256"])
-        roles = ("regression",) if config.regression_only else ROLES
-        networks, self.metadata = load_networks(self.checkpoint, map_location=self.device, roles=roles)
-        self.reg = networks["regression"]
-        self.net = networks.get("denoiser")
+        networks = self._load(config, sampler, roles=("regression",) if config.regression_only else ROLES)
+        self.reg, self.net = networks["regression"], networks.get("denoiser")
         data = _check_data(self.metadata, self.checkpoint)
         self.reg_target = str(data["regression_target"])
         self.reg_scale = [float(s) for s in data["regression_scale"]]
         residual = data.get("residual_scale")  # None in a checkpoint still in its regression stage
         self.res_scale = [float(s) for s in residual] if residual else None
-        g = self.metadata.grid
-        if not g.coarsening_factor or not g.patch_size:
-            raise MethodError(
-                f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size"
-            )
-        self.spec = checkpoint_spec(self.metadata, self.checkpoint)
-        self.patch = int(g.patch_size)
-        self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
-        self.needs = Needs(
-            static=tuple(self.spec.static_names()),
-            factors=(self.spec.factor,),
-            stochastic=not config.regression_only,
-            coarse=False,
-        )
+        self.needs = self._needs(stochastic=not config.regression_only)
 
     def mean(self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling) -> np.ndarray:
         """``mu_z`` [T, V, H, W] of the months of ``z_cond`` (network space)."""
@@ -242,69 +200,24 @@ class CorrDiff(DPDM):
         return x.numpy().astype(np.float32)
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
-        self.validate(inputs)
         index = member_indices(members)
-        grid, variables = inputs.grid, list(self.variables)
-        try:
-            cond = conditioning_stack(
-                inputs.coarse_on_fine[variables].load(),
-                inputs.static[self.spec.static_names()].load(),
-                self.spec,
-            )
-        except ConditioningError as exc:
-            raise MethodError(str(exc)) from None
-        values, times = cond.values, cond["time"].values
-        bad = ~np.isfinite(values).all(axis=(1, 2, 3))
-        if bad.any():
-            labels = [f"{t.year:04d}-{t.month:02d}" for t in times[bad]]
-            raise MethodError(
-                f"the conditioning has NaN/inf at {labels} (channels {self.spec.channel_names()})"
-            )
-        z_cond = network_conditioning(values, self.spec.channel_names(), self.metadata)
-        toy = time_of_year(times)
-        n_t, n_v = len(times), len(variables)
-        tiling = make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
+        _, times, z_cond, toy, tiling = self._network_inputs(inputs)
         mu_z = self.mean(z_cond, toy, tiling)  # once per time step, whatever the members
-        out = np.empty((len(index), n_t, n_v, grid.nlat, grid.nlon), np.float32)
         if self.config.regression_only:
+            out = np.empty((len(index), *mu_z.shape), np.float32)
             out[:] = self._physical(mu_z)[None]
         else:
-            d_cond = denoiser_conditioning(z_cond, mu_z)
             res = torch.tensor(self.res_scale, dtype=torch.float64).reshape(1, -1, 1, 1)
-            seeds = item_seeds(seed, month_index(times), index)  # member-major
-            items = [(k, t) for k in range(len(index)) for t in range(n_t)]
-            step = self.config.items_per_call
-            for start in range(0, len(items), step):
-                chunk = items[start : start + step]
-                t_idx = np.array([t for _, t in chunk])
-                r = sample_tiled(
-                    self.net,
-                    torch.from_numpy(d_cond[t_idx]),
-                    torch.from_numpy(toy[t_idx]),
-                    tiling,
-                    seeds=seeds[start : start + len(chunk)],
-                    out_channels=n_v,
-                    device=self.device,
-                    **self.sampler.sampling_kwargs(),
+
+            def to_physical(t_idx: np.ndarray, r: torch.Tensor) -> np.ndarray:
+                return self._physical(
+                    torch.from_numpy(mu_z[t_idx]).to(torch.float64) + r.cpu().to(torch.float64) * res
                 )
-                z = torch.from_numpy(mu_z[t_idx]).to(torch.float64) + r.cpu().to(torch.float64) * res
-                for (k, t), field_ in zip(chunk, self._physical(z), strict=True):
-                    out[k, t] = field_
-        attrs = {v: inputs.coarse_on_fine[v].attrs for v in variables}
-        coords = {
-            "member": np.array(index),
-            "time": inputs.coarse_on_fine["time"],
-            "lat": grid.lat,
-            "lon": grid.lon,
-        }
-        result = xr.Dataset(
-            {v: (("member", "time", "lat", "lon"), out[:, :, i], attrs[v]) for i, v in enumerate(variables)},
-            coords=coords,
-        )
-        extra = {"regression_only": int(self.config.regression_only)}
-        return result.assign_attrs(
-            downscaling_method=self.name, base_seed=seed, **self._sampling_attrs(), **extra
-        )
+
+            out = self._sample(
+                denoiser_conditioning(z_cond, mu_z), toy, tiling, times, index, seed, to_physical
+            )
+        return self._dataset(inputs, out, index, seed, regression_only=int(self.config.regression_only))
 
     def identity(self, members: int, seed: int) -> list[Any]:
         parts: list[Any] = [self.name, self.sha256, members, seed, self.patch, self.overlap]
@@ -381,19 +294,9 @@ def _curve(losses: Sequence[float], every: int = 50) -> list[float]:
 
 
 def _train_config(section: Any, max_steps: int, lr: float) -> Any:
-    from climrecon.models.trainer import TrainConfig
-
-    return TrainConfig(
-        max_steps=max_steps,
-        lr=lr,
-        warmup_steps=min(section.warmup_steps, max_steps - 1) if max_steps > 1 else 0,
-        lr_schedule=section.lr_schedule,
-        ema_halflife_steps=section.ema_halflife_steps,
-        checkpoint_every=section.checkpoint_every,
-        log_every=LOG_EVERY,
-        seed=section.seed,
-        device=section.device,
-    )
+    """DPDM's :func:`~climrecon.methods.dpdm.train_config`, the warm-up kept shorter than a short stage."""
+    warmup = min(section.warmup_steps, max_steps - 1) if max_steps > 1 else 0
+    return train_config(section, max_steps, lr, warmup_steps=warmup, log_every=LOG_EVERY)
 
 
 def _stage(checkpoint: Path) -> tuple[str | None, int]:
@@ -419,24 +322,14 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
 
     section, config = cfg.train, cfg.method
     torch.set_num_threads(section.threads)
-    setup = prepare_training(section, _training_view(config), default_truth_url(cfg), default_static_url(cfg))
+    # full-field targets: the recipe forms both networks' targets itself
+    setup = prepare_training(section, config, default_truth_url(cfg), default_static_url(cfg), target="full")
     spec, base = setup.spec, setup.batches
     n_out, n_cond = len(spec.variables), len(spec.channel_names())
     ckpt = Path(section.checkpoint)
     reg_target = config.regression.target
     z_c = base.cond_dynamic
     reg_scale = _std(base.target - z_c) if reg_target == "residual" else np.ones(n_out)
-    grid_spec = GridSpec(
-        fine_resolution=setup.grid.dlat,
-        coarsening_factor=section.factor,
-        patch_size=config.patch_size,
-        region={
-            "lat_min": setup.grid.south,
-            "lat_max": setup.grid.north,
-            "lon_min": setup.grid.west,
-            "lon_max": setup.grid.east,
-        },
-    )
     data = {
         **setup.data,
         "target": "corrdiff",
@@ -453,7 +346,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
         variables=spec.variables,
         cond_channels=tuple(spec.channel_names()),
         normalization=setup.stats,
-        grid=grid_spec,
+        grid=grid_spec(setup, section.factor, config.patch_size),
         method_config=config.model_dump(mode="json", exclude={"checkpoint", "label", "regression_only"}),
         data={**data, "residual_scale": None},
     )
@@ -564,17 +457,6 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
         progress=progress,
         on_log=on_log("residual"),
     )
-
-
-def _training_view(config: CorrDiffConfig) -> Any:
-    """``config`` as the training-data setup reads it: full-field targets (the recipe forms both targets)."""
-
-    class _View:
-        patch_size = config.patch_size
-        static_coarse = config.static_coarse
-        target = "full"
-
-    return _View()
 
 
 def _denoiser_channel_names(spec: ConditioningSpec) -> list[str]:

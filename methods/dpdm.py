@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,15 +56,19 @@ from climrecon.models.checkpoint import (
 from climrecon.models.edm import EDMConfig, EDMLoss, EDMPrecond
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.tiled import sample_tiled
-from climrecon.models.tiling import TilingError, make_tiling
+from climrecon.models.tiling import Tiling, TilingError, make_tiling
 from climrecon.models.unet import UNet, UNetConfig
+from climrecon.tasks.training_data import TARGET_KINDS
 
 if TYPE_CHECKING:
     from climrecon.config import ClimReconConfig, TrainSection
     from climrecon.models.trainer import TrainResult
 
 __all__ = [
+    "PatchModelConfig",
     "DPDMConfig",
+    "grid_spec",
+    "train_config",
     "NetworkSection",
     "EDMSection",
     "DPDM",
@@ -78,7 +82,6 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TARGET_KINDS = ("residual", "full")
 
 
 class _Section(BaseModel):
@@ -107,16 +110,13 @@ class EDMSection(_Section):
     P_std: float = Field(1.2, gt=0)
 
 
-class DPDMConfig(MethodConfig):
-    """DPDM-style conditional patch diffusion. ``checkpoint`` is what sampling loads (default: the one
-    ``*.pt`` in ``<repo>/checkpoints/``); the other keys describe what ``climrecon train`` builds."""
+class PatchModelConfig(MethodConfig):
+    """What every trained patch-diffusion method configures (DPDM, CorrDiff): ``checkpoint`` is what sampling
+    loads (default: the one ``<name>-*.pt`` in ``<repo>/checkpoints/``); the other keys describe what
+    ``climrecon train`` builds."""
 
-    name: Literal["dpdm"] = "dpdm"
     checkpoint: str | None = Field(
-        None, description="model checkpoint; default: the one *.pt in <repo>/checkpoints/"
-    )
-    target: Literal["residual", "full"] = Field(
-        "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
+        None, description="model checkpoint; default: the one <name>-*.pt in <repo>/checkpoints/"
     )
     static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
         ["orog", "sftlf"], description="static fields also given as the coarse grid sees them (<name>_coarse)"
@@ -126,6 +126,15 @@ class DPDMConfig(MethodConfig):
     edm: EDMSection = EDMSection()
     items_per_call: int = Field(
         64, ge=1, description="(month, member) items sampled together (memory bound only)"
+    )
+
+
+class DPDMConfig(PatchModelConfig):
+    """DPDM-style conditional patch diffusion (:class:`PatchModelConfig`)."""
+
+    name: Literal["dpdm"] = "dpdm"
+    target: Literal["residual", "full"] = Field(
+        "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
     )
 
 
@@ -198,15 +207,20 @@ class DPDM:
     name = "dpdm"
 
     def __init__(self, config: DPDMConfig, sampler: SamplerConfig):
+        self.net = self._load(config, sampler, roles=("denoiser",))["denoiser"]
+        self.needs = self._needs(stochastic=True)
+
+    def _load(
+        self, config: PatchModelConfig, sampler: SamplerConfig, roles: tuple[str, ...]
+    ) -> dict[str, torch.nn.Module]:
+        """Read and verify the checkpoint (default: this method's ``<name>-*.pt``) and set what every patch
+        model knows of it (metadata, conditioning spec, patch, overlap, device); its networks of ``roles``."""
         self.config, self.sampler = config, sampler
-        self.checkpoint = default_checkpoint(config.checkpoint)
+        self.checkpoint = default_checkpoint(config.checkpoint, method=self.name)
         self.device = _device(sampler.device)
         contents = read_checkpoint(self.checkpoint)  # verified: raises CheckpointError naming the file
         self.sha256 = str(contents.header["content_sha256"])
-        networks, self.metadata = load_networks(
-            self.checkpoint, map_location=self.device, roles=("denoiser",)
-        )
-        self.net = networks["denoiser"]
+        networks, self.metadata = load_networks(self.checkpoint, map_location=self.device, roles=roles)
         g = self.metadata.grid
         if not g.coarsening_factor or not g.patch_size:
             raise MethodError(
@@ -215,8 +229,14 @@ class DPDM:
         self.spec = checkpoint_spec(self.metadata, self.checkpoint)
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
-        self.needs = Needs(
-            static=tuple(self.spec.static_names()), factors=(self.spec.factor,), stochastic=True, coarse=False
+        return networks
+
+    def _needs(self, stochastic: bool) -> Needs:
+        return Needs(
+            static=tuple(self.spec.static_names()),
+            factors=(self.spec.factor,),
+            stochastic=stochastic,
+            coarse=False,
         )
 
     # -- what the checkpoint is --
@@ -273,33 +293,63 @@ class DPDM:
             raise MethodError(f"sampler.overlap / checkpoint patch size {self.patch}: {exc}") from None
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
-        self.validate(inputs)
         index = member_indices(members)
-        grid, variables = inputs.grid, list(self.variables)
+        values, times, z_cond, toy, tiling = self._network_inputs(inputs)
+        channels = self.spec.channel_names()
+        out = self._sample(
+            z_cond,
+            toy,
+            tiling,
+            times,
+            index,
+            seed,
+            lambda t_idx, z: physical_fields(z, values[t_idx], channels, self.metadata),
+        )
+        return self._dataset(inputs, out, index, seed)
+
+    def _network_inputs(
+        self, inputs: Inputs
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Tiling]:
+        """Validated inputs in network space: (physical conditioning [T, C, H, W], time labels, network-space
+        conditioning, time of year [T], the tiling of the target grid); NaN/inf conditioning is refused
+        naming the months."""
+        self.validate(inputs)
         try:
             cond = conditioning_stack(
-                inputs.coarse_on_fine[variables].load(),
+                inputs.coarse_on_fine[list(self.variables)].load(),
                 inputs.static[self.spec.static_names()].load(),
                 self.spec,
             )
         except ConditioningError as exc:
             raise MethodError(str(exc)) from None
-        values = cond.values
-        times = cond["time"].values
+        values, times = cond.values, cond["time"].values
         bad = ~np.isfinite(values).all(axis=(1, 2, 3))
         if bad.any():
             labels = [f"{t.year:04d}-{t.month:02d}" for t in times[bad]]
             raise MethodError(
                 f"the conditioning has NaN/inf at {labels} (channels {self.spec.channel_names()})"
             )
-        channels = self.spec.channel_names()
-        z_cond = network_conditioning(values, channels, self.metadata)
-        toy = time_of_year(times)
-        n_t = len(times)
+        z_cond = network_conditioning(values, self.spec.channel_names(), self.metadata)
+        tiling = make_tiling(inputs.grid.nlat, inputs.grid.nlon, self.patch, self.overlap)
+        return values, times, z_cond, time_of_year(times), tiling
+
+    def _sample(
+        self,
+        z_cond: np.ndarray,
+        toy: np.ndarray,
+        tiling: Tiling,
+        times: np.ndarray,
+        index: Sequence[int],
+        seed: int,
+        to_physical: Callable[[np.ndarray, torch.Tensor], np.ndarray],
+    ) -> np.ndarray:
+        """(member, time, V, H, W) float32: ``self.net`` sampled with the one tiled sampler for every (member,
+        time) item, ``config.items_per_call`` items per call; ``to_physical(time indices, samples)`` maps a
+        call's samples to physical fields."""
+        n_t, n_v = len(times), len(self.variables)
         seeds = item_seeds(seed, month_index(times), index)  # member-major
         items = [(k, t) for k in range(len(index)) for t in range(n_t)]
-        tiling = make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
-        out = np.empty((len(index), n_t, len(variables), grid.nlat, grid.nlon), np.float32)
+        out = np.empty((len(index), n_t, n_v, tiling.height, tiling.width), np.float32)
         step = self.config.items_per_call
         for start in range(0, len(items), step):
             chunk = items[start : start + step]
@@ -310,14 +360,19 @@ class DPDM:
                 torch.from_numpy(toy[t_idx]),
                 tiling,
                 seeds=seeds[start : start + len(chunk)],
-                out_channels=len(variables),
+                out_channels=n_v,
                 device=self.device,
                 **self.sampler.sampling_kwargs(),
             )
-            x = physical_fields(z, values[t_idx], channels, self.metadata)
-            for (k, t), field_ in zip(chunk, x, strict=True):
+            for (k, t), field_ in zip(chunk, to_physical(t_idx, z), strict=True):
                 out[k, t] = field_
-        attrs = {v: inputs.coarse_on_fine[v].attrs for v in variables}
+        return out
+
+    def _dataset(
+        self, inputs: Inputs, out: np.ndarray, index: Sequence[int], seed: int, **attrs: Any
+    ) -> xr.Dataset:
+        """(member, time, lat, lon) dataset of ``out`` on the inputs' grid, with this method's attributes."""
+        variables, grid = list(self.variables), inputs.grid
         coords = {
             "member": np.array(index),
             "time": inputs.coarse_on_fine["time"],
@@ -325,10 +380,15 @@ class DPDM:
             "lon": grid.lon,
         }
         result = xr.Dataset(
-            {v: (("member", "time", "lat", "lon"), out[:, :, i], attrs[v]) for i, v in enumerate(variables)},
+            {
+                v: (("member", "time", "lat", "lon"), out[:, :, i], inputs.coarse_on_fine[v].attrs)
+                for i, v in enumerate(variables)
+            },
             coords=coords,
         )
-        return result.assign_attrs(downscaling_method=self.name, base_seed=seed, **self._sampling_attrs())
+        return result.assign_attrs(
+            downscaling_method=self.name, base_seed=seed, **self._sampling_attrs(), **attrs
+        )
 
     def _sampling_attrs(self) -> dict[str, Any]:
         return {
@@ -401,8 +461,15 @@ def build_model(config: DPDMConfig, n_out: int, n_cond: int, seed: int) -> EDMPr
     return EDMPrecond(UNet(unet), EDMConfig(config.edm.sigma_data, config.edm.P_mean, config.edm.P_std))
 
 
-def prepare_training(section: TrainSection, config: DPDMConfig, truth_url: str, static_url: str) -> Any:
-    """Training-year perfect-model pairs, their statistics and the crop sampler (held-out years never opened)."""
+def prepare_training(
+    section: TrainSection,
+    config: PatchModelConfig,
+    truth_url: str,
+    static_url: str,
+    target: Literal["residual", "full"] | None = None,
+) -> Any:
+    """Training-year perfect-model pairs, their statistics and the crop sampler (held-out years never opened);
+    the targets are ``target`` (default: the config's own, DPDM's residual or full fields)."""
     from climrecon.tasks.training_data import training_setup
 
     if config.patch_size % section.factor:
@@ -413,13 +480,42 @@ def prepare_training(section: TrainSection, config: DPDMConfig, truth_url: str, 
         tuple(section.variables), section.factor, static_coarse=tuple(config.static_coarse)
     )
     return training_setup(
-        section, spec, truth_url, static_url, target=config.target, patch_size=config.patch_size
+        section, spec, truth_url, static_url, target=target or config.target, patch_size=config.patch_size
+    )
+
+
+def grid_spec(setup: Any, factor: int, patch_size: int) -> GridSpec:
+    """The GridSpec a checkpoint records for a training setup (``setup``: a TrainingSetup)."""
+    g = setup.grid
+    return GridSpec(
+        fine_resolution=g.dlat,
+        coarsening_factor=factor,
+        patch_size=patch_size,
+        region={"lat_min": g.south, "lat_max": g.north, "lon_min": g.west, "lon_max": g.east},
+    )
+
+
+def train_config(
+    section: TrainSection, max_steps: int, lr: float, warmup_steps: int | None = None, log_every: int = 50
+) -> Any:
+    """The trainer's TrainConfig for one network: ``train:``'s loop settings with these steps and rate."""
+    from climrecon.models.trainer import TrainConfig
+
+    return TrainConfig(
+        max_steps=max_steps,
+        lr=lr,
+        warmup_steps=section.warmup_steps if warmup_steps is None else warmup_steps,
+        lr_schedule=section.lr_schedule,
+        ema_halflife_steps=section.ema_halflife_steps,
+        checkpoint_every=section.checkpoint_every,
+        log_every=log_every,
+        seed=section.seed,
+        device=section.device,
     )
 
 
 def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
     """Train the DPDM denoiser of ``cfg.method`` on ``cfg.train`` into the resumable ``train.checkpoint``."""
-    from climrecon.models.trainer import TrainConfig
     from climrecon.models.trainer import train as train_loop
     from climrecon.tasks.training_data import default_static_url, default_truth_url
 
@@ -439,31 +535,11 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
         variables=setup.spec.variables,
         cond_channels=tuple(setup.spec.channel_names()),
         normalization=setup.stats,
-        grid=GridSpec(
-            fine_resolution=setup.grid.dlat,
-            coarsening_factor=section.factor,
-            patch_size=config.patch_size,
-            region={
-                "lat_min": setup.grid.south,
-                "lat_max": setup.grid.north,
-                "lon_min": setup.grid.west,
-                "lon_max": setup.grid.east,
-            },
-        ),
+        grid=grid_spec(setup, section.factor, config.patch_size),
         method_config=config.model_dump(mode="json", exclude={"checkpoint"}),
         data={**setup.data, "static_scaling": {k: list(v) for k, v in STATIC_SCALING.items()}},
     )
-    tcfg = TrainConfig(
-        max_steps=section.max_steps,
-        lr=section.lr,
-        warmup_steps=section.warmup_steps,
-        lr_schedule=section.lr_schedule,
-        ema_halflife_steps=section.ema_halflife_steps,
-        checkpoint_every=section.checkpoint_every,
-        log_every=50,
-        seed=section.seed,
-        device=section.device,
-    )
+    tcfg = train_config(section, section.max_steps, section.lr)
     on_log = (
         (
             lambda r: log.info(

@@ -40,7 +40,7 @@ import numpy as np
 import xarray as xr
 
 from climrecon.config import ClimReconConfig, DownscaleConfig, MethodConfig, SamplerConfig
-from climrecon.methods import Inputs, Method, MethodError, build, month_index
+from climrecon.methods import Inputs, Method, MethodError, build, gridded_variables, month_index
 from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
 from climrecon.storage import public_url, safe_name, store_url, url_options
 from climrecon.stores import StageStore, content_key
@@ -189,13 +189,13 @@ def _identity(fine: xr.Dataset, fine_url: str, fine_key: str, method: str) -> di
 
 
 def _method_inputs(fine: xr.Dataset, static: xr.Dataset, coarse: xr.Dataset | None, fine_url: str) -> Inputs:
-    gridded = [v for v in fine.data_vars if {"lat", "lon"} <= set(fine[v].dims) and "time" in fine[v].dims]
+    gridded = [v for v in gridded_variables(fine) if "time" in fine[v].dims]
     try:
         grid = Grid.from_dataset(fine, f"fine store {fine_url}")
     except GridError as exc:
         raise DownscaleError(str(exc)) from None
     if coarse is not None:
-        coarse = coarse[[v for v in coarse.data_vars if {"lat", "lon"} <= set(coarse[v].dims)]]
+        coarse = coarse[gridded_variables(coarse)]
     return Inputs(coarse_on_fine=fine[gridded], grid=grid, coarse=coarse, static=static)
 
 
@@ -234,16 +234,15 @@ def plan_downscale(
                 f"the static store {static_url} is not on the grid of the fine store {fine_url} ({c}: "
                 f"{static.sizes.get(c)} vs {fine.sizes[c]} cells); use the static store the same regrid run wrote"
             )
+    inputs = _method_inputs(fine, static, coarse, fine_url)
     try:
         method = build(cfg.method, cfg.sampler)
-        method.validate(_method_inputs(fine, static, coarse, fine_url))
+        method.validate(inputs)
     except MethodError as exc:
         raise DownscaleError(f"{fine_url}: {exc}") from None
     description = method.describe()
     fit = _fit_data(cfg, storage_options) if method.needs.fit else None
-    variables = tuple(
-        description.get("variables") or _method_inputs(fine, static, coarse, fine_url).variables
-    )
+    variables = tuple(description.get("variables") or inputs.variables)
 
     fine_key = str(fine.attrs.get("climrecon_key") or content_key("foreign-fine", fine_url, dict(fine.sizes)))
     static_key = str(
@@ -381,7 +380,7 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
 
     fit = plan.fit
     fine = _open(plan.fine_url, storage_options, "regridded fine store")
-    variables = [v for v in plan.variables]
+    variables = list(plan.variables)
     try:
         truth = (
             select_years(
@@ -426,8 +425,7 @@ def unit_inputs(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, 
     coarse = None
     if plan.coarse_url:
         coarse = _open(plan.coarse_url, storage_options, "regridded coarse store").isel(time=unit.time).load()
-    inputs = _method_inputs(fine.load(), static.load(), coarse, plan.fine_url)
-    return inputs
+    return _method_inputs(fine.load(), static.load(), coarse, plan.fine_url)
 
 
 def sample_unit(
