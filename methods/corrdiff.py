@@ -328,7 +328,8 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     n_out, n_cond = len(spec.variables), len(spec.channel_names())
     ckpt = Path(section.checkpoint)
     reg_target = config.regression.target
-    z_c = base.cond_dynamic
+    z_dyn = base.cond_dynamic  # coarse channels, then their climatology (if any)
+    z_c = z_dyn[:, :n_out]
     reg_scale = _std(base.target - z_c) if reg_target == "residual" else np.ones(n_out)
     data = {
         **setup.data,
@@ -385,6 +386,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
             checkpoint_path=ckpt,
             metadata=meta,
             role="regression",
+            arrays=setup.arrays(),
             progress=progress,
             on_log=on_log("regression"),
         )
@@ -402,7 +404,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     reg_net.eval().requires_grad_(False)
     # -- stage 2: mu of every training month (tiled, blended, as at inference), residual diffusion --
     z_full = np.concatenate(
-        [z_c, np.broadcast_to(base.cond_static, (z_c.shape[0], *base.cond_static.shape))], axis=1
+        [z_dyn, np.broadcast_to(base.cond_static, (z_c.shape[0], *base.cond_static.shape))], axis=1
     )
     tiling = make_tiling(setup.grid.nlat, setup.grid.nlon, config.patch_size, config.patch_size // 4)
     mu_z = regression_mean(
@@ -419,7 +421,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
         )
     res_batches = type(base)(
         target=np.ascontiguousarray((residual / res_scale.reshape(1, -1, 1, 1)).astype(np.float32)),
-        cond_dynamic=np.ascontiguousarray(np.concatenate([z_c, mu_z], axis=1)),
+        cond_dynamic=np.ascontiguousarray(np.concatenate([z_c, mu_z, z_dyn[:, n_out:]], axis=1)),
         cond_static=base.cond_static,
         time_of_year=base.time_of_year,
         years=base.years,
@@ -453,6 +455,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
         metadata=meta2,
         role="denoiser",
         frozen=frozen,
+        arrays=setup.arrays(),
         resume=_stage(ckpt)[0] == "denoiser",
         progress=progress,
         on_log=on_log("residual"),

@@ -40,6 +40,7 @@ from climrecon.methods.base import (
 )
 from climrecon.methods.features import (
     STATIC_SCALING,
+    Climatology,
     ConditioningError,
     ConditioningSpec,
     conditioning_stack,
@@ -121,6 +122,11 @@ class PatchModelConfig(MethodConfig):
     static_coarse: list[Literal["orog", "orog_std", "sftlf"]] = Field(
         ["orog", "sftlf"], description="static fields also given as the coarse grid sees them (<name>_coarse)"
     )
+    climatology: bool = Field(
+        False,
+        description="condition on the training period's mean residual per cell and calendar month "
+        "(<var>_clim, stored in the checkpoint): what the climatological-delta baseline knows",
+    )
     patch_size: int = Field(32, ge=8, description="training patch (a multiple of train.factor)")
     network: NetworkSection = NetworkSection()
     edm: EDMSection = EDMSection()
@@ -175,7 +181,9 @@ def network_conditioning(
         raise MethodError("checkpoint has no normalization statistics; it cannot be used for sampling")
     recorded = metadata.data.get("conditioning_normalization")
     stats = NormalizationStats.from_dict(recorded) if recorded else metadata.normalization
-    return normalize_conditioning(stack, channels, stats).astype(np.float32)
+    clim = metadata.data.get("climatology")
+    clim_scale = dict(zip(clim["variables"], clim["scale"], strict=True)) if clim else None
+    return normalize_conditioning(stack, channels, stats, clim_scale).astype(np.float32)
 
 
 def physical_fields(
@@ -227,6 +235,14 @@ class DPDM:
                 f"checkpoint {self.checkpoint} records no grid.coarsening_factor / grid.patch_size"
             )
         self.spec = checkpoint_spec(self.metadata, self.checkpoint)
+        self.climatology = None
+        if self.spec.climatology:
+            try:
+                self.climatology = Climatology.from_arrays(
+                    contents.arrays(), self.metadata.data.get("climatology") or {}
+                )
+            except (ConditioningError, KeyError) as exc:
+                raise MethodError(f"checkpoint {self.checkpoint}: {exc}") from None
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
         return networks
@@ -287,6 +303,11 @@ class DPDM:
                 f"regrid.coarse_resolution={wanted:g} (or use a checkpoint trained for that factor)"
             )
         inputs.require(self.needs, f"checkpoint {path}")
+        if self.climatology is not None:
+            try:
+                self.climatology.on(grid, [1], self.variables)
+            except ConditioningError as exc:
+                raise MethodError(f"checkpoint {path}: {exc}") from None
         try:
             make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
         except TilingError as exc:
@@ -319,6 +340,7 @@ class DPDM:
                 inputs.coarse_on_fine[list(self.variables)].load(),
                 inputs.static[self.spec.static_names()].load(),
                 self.spec,
+                self.climatology,
             )
         except ConditioningError as exc:
             raise MethodError(str(exc)) from None
@@ -477,7 +499,10 @@ def prepare_training(
             f"method.patch_size ({config.patch_size}) must be a multiple of train.factor ({section.factor})"
         )
     spec = ConditioningSpec(
-        tuple(section.variables), section.factor, static_coarse=tuple(config.static_coarse)
+        tuple(section.variables),
+        section.factor,
+        static_coarse=tuple(config.static_coarse),
+        climatology=config.climatology,
     )
     return training_setup(
         section, spec, truth_url, static_url, target=target or config.target, patch_size=config.patch_size
@@ -557,6 +582,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
         loss=EDMLoss(model.config),
         checkpoint_path=ckpt,
         metadata=metadata,
+        arrays=setup.arrays(),
         progress=progress,
         on_log=on_log,
     )

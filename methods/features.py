@@ -13,6 +13,11 @@ and inference (a regridded GCM) build them identically:
   (:func:`coarse_static_on_fine`). ``orog - orog_coarse`` is the terrain the coarse model does not resolve,
   the predictor of every elevation (lapse-rate) correction, and it tells a network where the coarse cells
   lie, which a random patch crop otherwise hides;
+- ``<var>_clim`` (optional, ``ConditioningSpec.climatology``): the TRAINING period's mean residual of the
+  fine field over its coarse input, ``mean(truth - <var>_coarse)`` per fine cell and calendar month
+  (:func:`residual_climatology`): what the climatological-delta baseline knows. It is computed from
+  training times only and stored with the checkpoint (:class:`Climatology`), so a model never has to
+  rediscover the fixed fine-scale pattern of its region from the terrain alone;
 - position: sin/cos of latitude and longitude;
 - time of year: the cyclic fraction of the year at mid-month, passed to the network as an embedding.
 
@@ -24,6 +29,7 @@ Contract: :func:`conditioning_stack` returns a DataArray (time, channel, lat, lo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +43,8 @@ from climrecon.tasks.grids import Grid
 __all__ = [
     "ConditioningSpec",
     "ConditioningError",
+    "Climatology",
+    "residual_climatology",
     "perfect_model_coarse",
     "coarse_view",
     "coarse_on_fine",
@@ -49,6 +57,7 @@ __all__ = [
 ]
 
 POSITION_CHANNELS = ("sin_lat", "cos_lat", "sin_lon", "cos_lon")
+CLIM_SUFFIX = "_clim"
 STATIC_SCALING: dict[str, tuple[float, float]] = {
     "orog": (0.0, 1000.0),  # m -> km
     "orog_std": (0.0, 200.0),  # sub-grid spread, in units of 200 m
@@ -65,8 +74,10 @@ class ConditioningError(ValueError):
 class ConditioningSpec:
     """Which variables the model downscales, the coarsening factor, and the extra conditioning channels.
 
-    Channel order: ``<variable>_coarse`` for each variable, the ``static`` fields, ``<name>_coarse`` for each
-    of ``static_coarse`` (the coarse grid's view of a static field), then the position channels.
+    Channel order: ``<variable>_coarse`` for each variable, ``<variable>_clim`` for each variable when
+    ``climatology`` (the training-period residual climatology of the month), the ``static`` fields,
+    ``<name>_coarse`` for each of ``static_coarse`` (the coarse grid's view of a static field), then the
+    position channels. The time-varying channels (coarse, climatology) come first: :meth:`n_dynamic`.
     """
 
     variables: tuple[str, ...]
@@ -74,6 +85,7 @@ class ConditioningSpec:
     static: tuple[str, ...] = ("orog", "orog_std", "sftlf")
     static_coarse: tuple[str, ...] = ()
     position: bool = True
+    climatology: bool = False
     coarse_suffix: str = field(default="_coarse", repr=False)
 
     def __post_init__(self) -> None:
@@ -85,8 +97,16 @@ class ConditioningSpec:
         """Names of the static planes a caller supplies on the fine grid (``static``, then coarse views)."""
         return list(self.static) + [f"{s}{self.coarse_suffix}" for s in self.static_coarse]
 
+    def climatology_names(self) -> list[str]:
+        return [f"{v}{CLIM_SUFFIX}" for v in self.variables] if self.climatology else []
+
+    def n_dynamic(self) -> int:
+        """How many leading channels change with time (coarse fields, then their climatology)."""
+        return len(self.variables) + len(self.climatology_names())
+
     def channel_names(self) -> list[str]:
-        names = [f"{v}{self.coarse_suffix}" for v in self.variables] + self.static_names()
+        names = [f"{v}{self.coarse_suffix}" for v in self.variables] + self.climatology_names()
+        names += self.static_names()
         return names + (list(POSITION_CHANNELS) if self.position else [])
 
     @classmethod
@@ -103,8 +123,14 @@ class ConditioningSpec:
             if c.endswith("_coarse") and c[: -len("_coarse")] in STATIC_SCALING
         )
         position = all(c in channels for c in POSITION_CHANNELS)
+        climatology = any(c.endswith(CLIM_SUFFIX) for c in channels)
         spec = cls(
-            tuple(variables), int(factor), static=static, static_coarse=static_coarse, position=position
+            tuple(variables),
+            int(factor),
+            static=static,
+            static_coarse=static_coarse,
+            position=position,
+            climatology=climatology,
         )
         if spec.channel_names() != channels:
             raise ConditioningError(
@@ -113,6 +139,120 @@ class ConditioningSpec:
                 f"layout is {spec.channel_names()}"
             )
         return spec
+
+
+@dataclass(frozen=True)
+class Climatology:
+    """A training period's mean residual ``truth - <var>_coarse`` per calendar month, on a fine grid.
+
+    ``values`` (12, V, H, W) float32, month 1..12 along the first axis, 0 where a cell is never valid;
+    ``scale`` the per-variable std of the training residuals (network value = climatology / scale);
+    ``months_present`` the calendar months the training times covered: a month without training data
+    takes the mean of the months present (stated in the checkpoint). Stored in a checkpoint as arrays
+    (:meth:`arrays`) plus a JSON description (:meth:`describe`).
+    """
+
+    values: np.ndarray
+    variables: tuple[str, ...]
+    lat: np.ndarray
+    lon: np.ndarray
+    scale: tuple[float, ...]
+    months_present: tuple[int, ...] = tuple(range(1, 13))
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {
+            "climatology": torch.from_numpy(np.ascontiguousarray(self.values, np.float32)),
+            "climatology_lat": torch.tensor(np.asarray(self.lat, np.float64)),
+            "climatology_lon": torch.tensor(np.asarray(self.lon, np.float64)),
+        }
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "definition": "mean(truth - <var>_coarse) per fine cell and calendar month over the training times",
+            "variables": list(self.variables),
+            "scale": [float(s) for s in self.scale],
+            "months_present": list(self.months_present),
+            "shape": list(self.values.shape),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, torch.Tensor], description: dict[str, object]) -> Climatology:
+        missing = [k for k in ("climatology", "climatology_lat", "climatology_lon") if k not in arrays]
+        if missing:
+            raise ConditioningError(f"the checkpoint describes a climatology but lacks its arrays {missing}")
+        return cls(
+            values=arrays["climatology"].numpy(),
+            variables=tuple(description["variables"]),  # type: ignore[arg-type]
+            lat=arrays["climatology_lat"].numpy(),
+            lon=arrays["climatology_lon"].numpy(),
+            scale=tuple(description["scale"]),  # type: ignore[arg-type]
+            months_present=tuple(description.get("months_present", range(1, 13))),  # type: ignore[arg-type]
+        )
+
+    def on(self, grid: Grid, months: Sequence[int], variables: Sequence[str]) -> np.ndarray:
+        """(T, V, H, W) float32 for calendar ``months`` on ``grid`` (cells within 1e-3 of a cell of the
+        climatology's grid); ConditioningError when the grid leaves the region it was computed on."""
+        tol = 1e-3 * float(grid.dlat)
+
+        def index(want: np.ndarray, have: np.ndarray, axis: str) -> np.ndarray:
+            pos = np.clip(np.searchsorted(have, want), 1, max(len(have) - 1, 1))
+            near = np.where(np.abs(have[pos - 1] - want) <= np.abs(have[pos] - want), pos - 1, pos)
+            near = np.clip(near, 0, len(have) - 1)
+            if len(have) == 0 or np.abs(have[near] - want).max() > tol:
+                raise ConditioningError(
+                    f"the model's training-period climatology covers {axis} {have.min():g}..{have.max():g} at "
+                    f"{abs(have[1] - have[0]) if len(have) > 1 else 0:g} deg; the target grid's {axis} "
+                    f"{want.min():g}..{want.max():g} are not all on it: a model conditioned on a climatology "
+                    "downscales the region (and grid) it was trained on"
+                )
+            return near
+
+        rows = index(np.asarray(grid.lat, np.float64), np.asarray(self.lat, np.float64), "latitudes")
+        lon = np.asarray(grid.lon, np.float64)
+        have_lon = np.asarray(self.lon, np.float64)
+        lon = np.where(
+            lon - have_lon.min() < -180, lon + 360, np.where(lon - have_lon.min() > 360, lon - 360, lon)
+        )
+        cols = index(lon, have_lon, "longitudes")
+        try:
+            vi = [self.variables.index(v) for v in variables]
+        except ValueError:
+            raise ConditioningError(
+                f"the climatology holds {list(self.variables)}, not all of {list(variables)}"
+            ) from None
+        m = np.asarray(months, dtype=int) - 1
+        return np.ascontiguousarray(self.values[np.ix_(m, vi, rows, cols)], np.float32)
+
+
+def residual_climatology(
+    target: xr.Dataset, coarse_fine: xr.Dataset, variables: Sequence[str]
+) -> Climatology:
+    """The :class:`Climatology` of ``target - coarse_fine`` over ALL the times given (pass training times
+    only): per fine cell and calendar month, NaNs skipped."""
+    res = np.stack(
+        [(target[v] - coarse_fine[v].values).transpose("time", "lat", "lon").values for v in variables],
+        axis=1,
+    ).astype(np.float64)
+    months = np.array([t.month for t in target["time"].values])
+    present = sorted(set(months.tolist()))
+    values = np.zeros((12, len(variables), *res.shape[2:]), np.float64)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells: masked, filled with 0 below
+        for m in present:
+            values[m - 1] = np.nanmean(res[months == m], axis=0)
+        fill = np.nanmean(values[[m - 1 for m in present]], axis=0)
+        for m in set(range(1, 13)) - set(present):
+            values[m - 1] = fill
+        scale = np.nanstd(res, axis=(0, 2, 3))
+    values = np.nan_to_num(values, nan=0.0)
+    return Climatology(
+        values=values.astype(np.float32),
+        variables=tuple(variables),
+        lat=np.asarray(target["lat"].values, np.float64),
+        lon=np.asarray(target["lon"].values, np.float64),
+        scale=tuple(float(max(s, 1e-12)) if np.isfinite(s) else 1.0 for s in scale),
+        months_present=tuple(present),
+    )
 
 
 def perfect_model_coarse(truth: xr.Dataset, factor: int) -> xr.Dataset:
@@ -188,13 +328,22 @@ def _position(grid: Grid) -> dict[str, np.ndarray]:
 
 
 def conditioning_stack(
-    coarse_fine: xr.Dataset, static_fine: xr.Dataset, spec: ConditioningSpec
+    coarse_fine: xr.Dataset,
+    static_fine: xr.Dataset,
+    spec: ConditioningSpec,
+    climatology: Climatology | None = None,
 ) -> xr.DataArray:
-    """Stack coarse-on-fine fields, static fields and position into (time, channel, lat, lon) float32.
+    """Stack coarse-on-fine fields, their climatology, static fields and position into (time, channel, lat,
+    lon) float32.
 
     ``coarse_fine`` holds ``spec.variables`` on the fine grid (output of :func:`coarse_on_fine`);
-    ``static_fine`` holds ``spec.static`` on the same grid (see ``regrid.static_on_grid``).
+    ``static_fine`` holds ``spec.static`` on the same grid (see ``regrid.static_on_grid``); ``climatology``
+    is required when ``spec.climatology`` (the residual climatology of each time's calendar month).
     """
+    if spec.climatology and climatology is None:
+        raise ConditioningError(
+            f"the conditioning includes {spec.climatology_names()} but no training-period climatology was given"
+        )
     missing = [v for v in spec.variables if v not in coarse_fine]
     if missing:
         raise ConditioningError(
@@ -217,6 +366,11 @@ def conditioning_stack(
             f"static fields are on {Grid.from_dataset(static_fine).describe()} but the coarse input on {grid.describe()}"
         )
     planes = [coarse_fine[v].transpose("time", "lat", "lon").astype("float32") for v in spec.variables]
+    if spec.climatology:
+        months = [t.month for t in coarse_fine["time"].values]
+        clim = climatology.on(grid, months, spec.variables)
+        for i, _ in enumerate(spec.variables):
+            planes.append(planes[0].copy(data=clim[:, i]))
     for name in spec.static_names():
         planes.append(
             static_fine[name].transpose("lat", "lon").astype("float32").expand_dims(time=coarse_fine.time)
@@ -237,10 +391,14 @@ def conditioning_stack(
 
 
 def normalize_conditioning(
-    cond: np.ndarray | torch.Tensor, channel_names: Sequence[str], stats: NormalizationStats
+    cond: np.ndarray | torch.Tensor,
+    channel_names: Sequence[str],
+    stats: NormalizationStats,
+    clim_scale: dict[str, float] | None = None,
 ) -> np.ndarray | torch.Tensor:
     """Physical conditioning [..., C, H, W] -> network space: each ``<var>_coarse`` channel with its
-    variable's statistics in ``stats`` (so coarse and fine share one scale), static channels (and their ``_coarse``
+    variable's statistics in ``stats`` (so coarse and fine share one scale), each ``<var>_clim`` channel
+    divided by ``clim_scale[var]`` (:attr:`Climatology.scale`), static channels (and their ``_coarse``
     views) with the FIXED constants of :data:`STATIC_SCALING`, position channels (sin/cos, already in [-1, 1]) unchanged. Same
     array type out as in (numpy or torch), float32."""
     if cond.shape[-3] != len(channel_names):
@@ -258,12 +416,15 @@ def normalize_conditioning(
         ):
             offset, scale = STATIC_SCALING[name.removesuffix("_coarse")]
             planes.append((x - offset) / scale)
+        elif name.endswith(CLIM_SUFFIX) and name[: -len(CLIM_SUFFIX)] in (clim_scale or {}):
+            planes.append(x / clim_scale[name[: -len(CLIM_SUFFIX)]])
         elif name in POSITION_CHANNELS:
             planes.append(x)
         else:
             raise ConditioningError(
                 f"no normalisation rule for conditioning channel {name!r}; known: <variable>_coarse for "
-                f"{list(stats.variables)}, {sorted(STATIC_SCALING)}, {list(POSITION_CHANNELS)}"
+                f"{list(stats.variables)}, <variable>_clim for {sorted(clim_scale or {})}, "
+                f"{sorted(STATIC_SCALING)}, {list(POSITION_CHANNELS)}"
             )
     if isinstance(cond, torch.Tensor):
         return torch.stack(planes, dim=-3).to(torch.float32)

@@ -7,6 +7,7 @@ whose values are tensors, except ``"metadata"``, a JSON string::
                     "method": ..., "method_config": {...}, "networks": {"denoiser": {"kind": "edm-unet",
                     "unet": {...}, "edm": {...}}, ...}, "variables": [...], ...}, "training": {...} | null}',
      "ema.<role>.<param>": Tensor, ...                 # EMA weights of each named network: what inference uses
+     "data.<name>": Tensor, ...                        # arrays the method needs at inference (e.g. a climatology)
      "train.model.<param>": Tensor, "train.optim.<i>.<key>": Tensor, "train.rng.<name>": Tensor, ...}
 
 A method keeps each of its networks under a role (``denoiser``; CorrDiff adds ``regression``), and its typed
@@ -48,6 +49,7 @@ __all__ = [
     "CheckpointMetadata",
     "CheckpointContents",
     "EMA_PREFIX",
+    "DATA_PREFIX",
     "TRAIN_PREFIX",
     "save_checkpoint",
     "read_checkpoint",
@@ -59,6 +61,7 @@ FORMAT = "climrecon-checkpoint"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 EMA_PREFIX = "ema."
+DATA_PREFIX = "data."
 TRAIN_PREFIX = "train."
 
 
@@ -240,11 +243,13 @@ def save_checkpoint(
     *,
     training_state: Mapping[str, torch.Tensor] | None = None,
     training_info: Mapping[str, Any] | None = None,
+    arrays: Mapping[str, torch.Tensor] | None = None,
 ) -> str:
     """Write a checkpoint atomically (temp file + ``os.replace``); returns its content hash.
 
     ``ema_states`` maps each role of ``metadata.networks`` to the state dict used for inference (every role,
-    no other). ``training_state`` (tensors) and ``training_info`` (JSON-able, with the ``role`` in
+    no other). ``arrays`` are tensors the method needs at inference besides its weights (e.g. a
+    training-period climatology), kept by :func:`strip_training_state`. ``training_state`` (tensors) and ``training_info`` (JSON-able, with the ``role`` in
     training) are only needed to resume training.
     """
     path = Path(path)
@@ -257,6 +262,10 @@ def save_checkpoint(
         for role, state in ema_states.items()
         for k, v in state.items()
     }
+    for k, v in (arrays or {}).items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"arrays[{k!r}] is a {type(v).__name__}; only tensors may be stored")
+        tensors[DATA_PREFIX + k] = v.detach().to("cpu").contiguous()
     for k, v in (training_state or {}).items():
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"training_state[{k!r}] is a {type(v).__name__}; only tensors may be stored")
@@ -288,6 +297,10 @@ class CheckpointContents:
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The method's inference arrays (``data.<name>`` entries), by name."""
+        return self.with_prefix(DATA_PREFIX)
 
     def ema_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """role -> the EMA state dict of that network."""
@@ -422,4 +435,4 @@ def load_networks(
 def strip_training_state(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     """Write ``dst``, the inference-only copy of ``src`` (EMA weights + metadata) in format 2; its hash."""
     contents = read_checkpoint(src)
-    return save_checkpoint(dst, contents.ema_states(), contents.metadata)
+    return save_checkpoint(dst, contents.ema_states(), contents.metadata, arrays=contents.arrays())

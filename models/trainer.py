@@ -231,21 +231,23 @@ def train(
     metadata: CheckpointMetadata | None = None,
     role: str = "denoiser",
     frozen: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    arrays: Mapping[str, torch.Tensor] | None = None,
     resume: bool = True,
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` (the network of ``role``) with ``loss`` for ``cfg.max_steps`` steps in total,
-    checkpointing to ``checkpoint_path``.
+        checkpointing to ``checkpoint_path``.
 
-    ``metadata`` describes the method for its checkpoint (networks by role, variables, normalisation, grid,
-    data); ``metadata.networks[role]`` must describe ``model`` and its other roles must be exactly those of
-    ``frozen`` (their EMA states, trained before and written unchanged). ``train`` and ``step`` are filled in
-    here. Default: ``CheckpointMetadata(method="edm", networks={role: ...})``. With ``resume`` and an
-    existing checkpoint of the same role, training continues from it (a finished run returns at once);
-    ``resume=False`` starts over and overwrites it. ``on_log`` receives ``{"step", "loss", "lr",
-    "grad_norm", "steps_per_s"}`` every ``cfg.log_every`` steps, after any checkpoint due at that step.
-    The model is moved to the training device in place.
+        ``metadata`` describes the method for its checkpoint (networks by role, variables, normalisation, grid,
+        data); ``metadata.networks[role]`` must describe ``model`` and its other roles must be exactly those of
+        ``frozen`` (their EMA states, trained before and written unchanged); ``arrays`` are written into every
+    checkpoint beside the weights (:func:`~climrecon.models.checkpoint.save_checkpoint`). ``train`` and ``step`` are filled in
+        here. Default: ``CheckpointMetadata(method="edm", networks={role: ...})``. With ``resume`` and an
+        existing checkpoint of the same role, training continues from it (a finished run returns at once);
+        ``resume=False`` starts over and overwrites it. ``on_log`` receives ``{"step", "loss", "lr",
+        "grad_norm", "steps_per_s"}`` every ``cfg.log_every`` steps, after any checkpoint due at that step.
+        The model is moved to the training device in place.
     """
     t0 = time.perf_counter()
     checkpoint_path = Path(checkpoint_path)
@@ -317,6 +319,7 @@ def train(
             replace(metadata, step=step),
             training_state=training_state,
             training_info={"step": step, "role": role, "optimizer": opt_info},
+            arrays=arrays,
         )
 
     resumed_from = start

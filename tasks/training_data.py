@@ -37,11 +37,13 @@ import xarray as xr
 
 from climrecon.catalogs.static import open_static_fields
 from climrecon.methods.features import (
+    Climatology,
     ConditioningSpec,
     coarse_on_fine,
     conditioning_stack,
     normalize_conditioning,
     perfect_model_coarse,
+    residual_climatology,
     time_of_year,
     with_coarse_static,
 )
@@ -62,6 +64,7 @@ __all__ = [
     "select_years",
     "static_for_truth",
     "perfect_model_pairs",
+    "training_climatology",
     "fit_target_normalization",
     "TARGET_KINDS",
     "residual_target",
@@ -119,23 +122,39 @@ def static_for_truth(
     return static_on_grid(sub.load(), grid, name=f"static store {static_url}")
 
 
-def perfect_model_pairs(
-    truth: xr.Dataset, static_fine: xr.Dataset, spec: ConditioningSpec
-) -> tuple[xr.Dataset, xr.DataArray]:
-    """(target, conditioning) in physical units from fine truth: target = truth[spec.variables] (loaded,
-    float32); conditioning = :func:`conditioning_stack` of the truth coarsened by ``spec.factor`` and
-    bilinearly put back on the fine grid, with ``static_fine`` (time, channel, lat, lon) and, for
-    ``spec.static_coarse``, the static fields' views through the same coarse blocks."""
+def _pairs_fields(truth: xr.Dataset, spec: ConditioningSpec) -> tuple[xr.Dataset, xr.Dataset, Grid]:
+    """(target loaded as float32, its coarse view bilinearly back on the fine grid, the fine grid)."""
     target = truth[list(spec.variables)].astype("float32").load()
     grid = Grid.from_dataset(target, "truth")
     if grid.nlat % spec.factor or grid.nlon % spec.factor:
         raise TrainingDataError(
             f"truth grid {grid.describe()} is not a whole number of {spec.factor} x {spec.factor} coarse cells"
         )
-    coarse_fine = coarse_on_fine(perfect_model_coarse(target, spec.factor), grid)
+    return target, coarse_on_fine(perfect_model_coarse(target, spec.factor), grid), grid
+
+
+def training_climatology(truth: xr.Dataset, spec: ConditioningSpec) -> Climatology:
+    """The residual climatology (:func:`~climrecon.methods.features.residual_climatology`) of the
+    perfect-model pairs of ``truth`` (pass the TRAINING times only)."""
+    target, coarse_fine, _ = _pairs_fields(truth, spec)
+    return residual_climatology(target, coarse_fine, spec.variables)
+
+
+def perfect_model_pairs(
+    truth: xr.Dataset,
+    static_fine: xr.Dataset,
+    spec: ConditioningSpec,
+    climatology: Climatology | None = None,
+) -> tuple[xr.Dataset, xr.DataArray]:
+    """(target, conditioning) in physical units from fine truth: target = truth[spec.variables] (loaded,
+    float32); conditioning = :func:`conditioning_stack` of the truth coarsened by ``spec.factor`` and
+    bilinearly put back on the fine grid, with ``static_fine`` (time, channel, lat, lon) and, for
+    ``spec.static_coarse``, the static fields' views through the same coarse blocks; ``climatology``
+    (from :func:`training_climatology` of the training times) when ``spec.climatology``."""
+    target, coarse_fine, grid = _pairs_fields(truth, spec)
     # the coarse grid's view of the static fields: through the same blocks as the truth
     static_fine = with_coarse_static(static_fine, grid.coarsened(spec.factor), spec.static_coarse)
-    return target, conditioning_stack(coarse_fine, static_fine, spec)
+    return target, conditioning_stack(coarse_fine, static_fine, spec, climatology)
 
 
 TARGET_KINDS = ("residual", "full")
@@ -193,13 +212,15 @@ class PatchBatches:
         batch_size: int,
         seed: int = 0,
         cond_stats: NormalizationStats | None = None,
+        clim_scale: dict[str, float] | None = None,
     ) -> PatchBatches:
         """``target`` holds what the network generates (full fields or residuals) and ``stats`` its
-        statistics; ``cond_stats`` (default ``stats``) normalise the coarse channels (full-field stats)."""
+        statistics; ``cond_stats`` (default ``stats``) normalise the coarse channels (full-field stats),
+        ``clim_scale`` the climatology channels."""
         names = spec.channel_names()
         z_target = stats.normalize(np.stack([target[v].values for v in spec.variables], axis=1))
-        z_cond = normalize_conditioning(cond.values, names, cond_stats or stats)
-        nd = len(spec.variables)
+        z_cond = normalize_conditioning(cond.values, names, cond_stats or stats, clim_scale)
+        nd = spec.n_dynamic()
         return cls(
             target=np.ascontiguousarray(z_target, dtype=np.float32),
             cond_dynamic=np.ascontiguousarray(z_cond[:, :nd]),
@@ -287,6 +308,11 @@ class TrainingSetup:
     spec: ConditioningSpec
     grid: Grid
     data: dict[str, Any]  # labelled description of the training data (goes into the checkpoint)
+    climatology: Climatology | None = None  # training-period residual climatology (spec.climatology)
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """What the checkpoint stores beside the weights (the climatology, if any)."""
+        return self.climatology.arrays() if self.climatology is not None else {}
 
 
 def training_setup(
@@ -308,7 +334,9 @@ def training_setup(
         open_truth(truth_url, spec.variables), section.train_years, f"truth store {truth_url}"
     )
     static = static_for_truth(static_url, truth)
-    pairs, cond = perfect_model_pairs(truth, static, spec)
+    climatology = training_climatology(truth, spec) if spec.climatology else None
+    clim_scale = dict(zip(spec.variables, climatology.scale, strict=True)) if climatology else None
+    pairs, cond = perfect_model_pairs(truth, static, spec, climatology)
     cond_stats = fit_target_normalization(pairs, spec.variables)
     if target == "residual":
         pairs = residual_target(pairs, cond, spec.variables)
@@ -322,6 +350,7 @@ def training_setup(
         batch_size=section.batch_size,
         seed=section.seed,
         cond_stats=cond_stats,
+        clim_scale=clim_scale,
     )
     attrs = open_truth(truth_url, spec.variables).attrs
     data = {
@@ -337,4 +366,7 @@ def training_setup(
         "target": target,
         "conditioning_normalization": cond_stats.to_dict(),
     }
-    return TrainingSetup(batches, stats, cond_stats, spec, Grid.from_dataset(truth, "truth"), data)
+    if climatology is not None:
+        data["climatology"] = climatology.describe()
+    grid = Grid.from_dataset(truth, "truth")
+    return TrainingSetup(batches, stats, cond_stats, spec, grid, data, climatology)

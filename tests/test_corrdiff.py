@@ -36,15 +36,18 @@ def tiny_config(
     reg_steps: int = 4,
     steps: int = 4,
     static_coarse: tuple[str, ...] = ("orog", "sftlf"),
+    name: str = "corrdiff",
+    extra: tuple[str, ...] = (),
 ) -> ClimReconConfig:
-    """A x4 CorrDiff on the tiny synthetic truth (40 x 40 cells), a few steps per stage."""
+    """A x4 CorrDiff (or another patch method, ``name``) on the tiny synthetic truth (40 x 40 cells), a few
+    steps per stage; ``extra`` overrides appended."""
     return load_config(
         overrides=[
-            "method.name=corrdiff",
+            f"method.name={name}",
             f"method.static_coarse=[{', '.join(static_coarse)}]",
             "method.patch_size=16",
             f"method.network={TINY_NETWORK}",
-            f"method.regression.max_steps={reg_steps}",
+            *([f"method.regression.max_steps={reg_steps}"] if name == "corrdiff" else []),
             f"train.max_steps={steps}",
             f"train.truth={truth}",
             f"train.static={static}",
@@ -59,6 +62,7 @@ def tiny_config(
             "train.threads=1",
             "train.device=cpu",
             f"train.checkpoint={checkpoint}",
+            *extra,
         ]
     )
 
