@@ -276,15 +276,22 @@ def _regression_batches(
         while True:
             b = base.batch(step)
             y = b.target - b.cond[:, :n_out] if target == "residual" else b.target
-            yield Batch(target=(y / s).contiguous(), cond=b.cond, time_of_year=b.time_of_year)
+            yield Batch(
+                target=(y / s).contiguous(), cond=b.cond, time_of_year=b.time_of_year, weight=b.weight
+            )
             step += 1
 
     return stream
 
 
-def _std(x: np.ndarray) -> np.ndarray:
-    """Per-variable std of [T, V, H, W] (float64), floored so a constant field cannot divide by zero."""
-    return np.maximum(x.astype(np.float64).std(axis=(0, 2, 3)), 1e-6)
+def _std(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-variable std of [T, V, H, W] (float64) over the ``valid`` [H, W] cells (default all), floored so
+    a constant field cannot divide by zero."""
+    x = x.astype(np.float64)
+    if valid is not None:
+        x = np.where(valid, x, np.nan)
+        return np.maximum(np.nanstd(x, axis=(0, 2, 3)), 1e-6)
+    return np.maximum(x.std(axis=(0, 2, 3)), 1e-6)
 
 
 def _curve(losses: Sequence[float], every: int = 50) -> list[float]:
@@ -330,7 +337,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     reg_target = config.regression.target
     z_dyn = base.cond_dynamic  # coarse channels, then their climatology (if any)
     z_c = z_dyn[:, :n_out]
-    reg_scale = _std(base.target - z_c) if reg_target == "residual" else np.ones(n_out)
+    reg_scale = _std(base.target - z_c, base.valid) if reg_target == "residual" else np.ones(n_out)
     data = {
         **setup.data,
         "target": "corrdiff",
@@ -412,7 +419,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     )
     del z_full
     residual = base.target - mu_z
-    res_scale = _std(residual)
+    res_scale = _std(residual, base.valid)
     if log:
         log.info(
             "regression mean of %d training months: residual std %s (network space; 1 = the field's std)",
@@ -428,6 +435,7 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
         patch_size=base.patch_size,
         batch_size=base.batch_size,
         seed=section.seed + 1,
+        valid=base.valid,
     )
     den_model = build_model(config, n_out, n_cond + n_out, section.seed + 1)
     meta2 = replace(

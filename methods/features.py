@@ -46,6 +46,7 @@ __all__ = [
     "Climatology",
     "residual_climatology",
     "perfect_model_coarse",
+    "fill_nearest",
     "coarse_view",
     "coarse_on_fine",
     "coarse_static_on_fine",
@@ -256,10 +257,35 @@ def residual_climatology(
 
 
 def perfect_model_coarse(truth: xr.Dataset, factor: int) -> xr.Dataset:
-    """Fine truth area-averaged by ``factor`` (the coarse input of perfect-model training and evaluation)."""
+    """Fine truth area-averaged by ``factor`` (the coarse input of perfect-model training and evaluation):
+    means over each block's valid cells; a block without any valid cell (all ocean or missing) takes the
+    value of the nearest valid block (:func:`fill_nearest`), as a coarse model covers every cell."""
     from climrecon.tasks.regrid import coarsen_blocks
 
-    return coarsen_blocks(truth, factor)
+    return fill_nearest(coarsen_blocks(truth, factor))
+
+
+def fill_nearest(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with NaN cells of each (lat, lon) map set to the nearest finite cell of the same map (in index
+    space); unchanged (the same object) when nothing is NaN; a map without any finite cell stays NaN."""
+    import scipy.ndimage
+
+    names = [v for v in ds.data_vars if {"lat", "lon"} <= set(ds[v].dims)]
+    if not any(bool(ds[v].isnull().any()) for v in names):
+        return ds
+
+    def fill(a: np.ndarray) -> np.ndarray:
+        out = np.array(a, copy=True)
+        flat = out.reshape(-1, *out.shape[-2:])
+        for m in flat:
+            bad = ~np.isfinite(m)
+            if bad.any() and not bad.all():
+                idx = scipy.ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
+                m[...] = m[tuple(idx)]
+        return out
+
+    planes = {v: ds[v].transpose(..., "lat", "lon") for v in names}
+    return ds.assign({v: da.copy(data=fill(da.values)) for v, da in planes.items()})
 
 
 def coarse_view(fine: xr.Dataset, coarse: Grid) -> xr.Dataset:

@@ -48,23 +48,40 @@ from climrecon.models.checkpoint import (
 )
 from climrecon.models.samplers import make_generator, seed_for
 
-__all__ = ["Batch", "Loss", "TrainConfig", "TrainResult", "train", "resolve_device"]
+__all__ = ["Batch", "Loss", "TrainConfig", "TrainResult", "train", "reduce_loss", "resolve_device"]
 
 
 @dataclass
 class Batch:
     """One normalised training batch.
 
-    target [B, C, H, W]; cond [B, Ccond, H, W] (None if unconditional); time_of_year [B], fraction in [0, 1).
+    target [B, C, H, W]; cond [B, Ccond, H, W] (None if unconditional); time_of_year [B], fraction in [0, 1);
+    weight [B, 1, H, W] (None: every cell counts): 1 on valid cells, 0 on masked ones (ocean, missing data),
+    so the loss is the mean over valid cells only; masked target cells must still be finite (e.g. 0).
     """
 
     target: torch.Tensor
     cond: torch.Tensor | None = None
     time_of_year: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.target), move(self.cond), move(self.time_of_year))
+        return Batch(move(self.target), move(self.cond), move(self.time_of_year), move(self.weight))
+
+    def nonfinite(self) -> list[str]:
+        """Names of the batch tensors holding NaN or inf."""
+        parts = {"target": self.target, "cond": self.cond, "time_of_year": self.time_of_year}
+        return [k for k, t in parts.items() if t is not None and not bool(torch.isfinite(t).all())]
+
+
+def reduce_loss(per_element: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean of a per-element loss [B, C, H, W], over valid cells only when ``weight`` [B, 1, H, W] is given
+    (cells of weight 0 do not count; an all-masked batch gives 0)."""
+    if weight is None:
+        return per_element.mean()
+    w = weight.to(per_element.dtype).expand_as(per_element)
+    return (per_element * w).sum() / w.sum().clamp(min=1.0)
 
 
 @dataclass(frozen=True)
@@ -354,8 +371,16 @@ def train(
             lr = cfg.lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr
+            bad = batch.nonfinite()
+            if bad:
+                raise FloatingPointError(
+                    f"the training batch of step {step + 1} has NaN/inf in {bad}: the data has missing or "
+                    "masked cells (e.g. ocean) that reached the network; describe them with a mask (the "
+                    "fine data's `mask`) so they are filled and left out of the loss"
+                )
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(model, batch.target, batch.cond, batch.time_of_year, generator=noise).mean()
+                per_element = loss_fn(model, batch.target, batch.cond, batch.time_of_year, generator=noise)
+                loss = reduce_loss(per_element, batch.weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf

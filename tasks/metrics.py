@@ -18,11 +18,22 @@ Contract:
   percentile error, the spread-skill ratio with its finite-ensemble correction, the rank histogram
   (xskillscore's breaks ties with the unseeded global NumPy RNG), and the radially averaged power spectrum
   with the log-spectral distance.
+- Missing values (ocean or missing cells): a NaN in the truth marks a cell/time that is not scored; every
+  forecast-truth metric uses only the points where the truth is not NaN (a static land-sea mask or any other
+  pattern), whatever the forecast holds there. Area means renormalise the cos(lat) weights over the valid
+  cells; SSIM and PSNR use the valid cells of each map (see :func:`ssim`); spectra need whole rectangles, so
+  the invalid cells of a map are filled with the mean of its valid cells first (see :func:`power_spectrum`).
+  A NaN forecast where the truth is valid is an error (:class:`MetricError` naming the variable and the
+  count; raised when the score is computed, for dask inputs): a method must not leave holes. A map (or a
+  whole input) with no valid cell gives NaN, not an error; scores averaged over maps (ACC, SSIM, PSNR) skip
+  such maps. Without any NaN every score is exactly what it was before masks were supported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Literal
 
@@ -102,7 +113,29 @@ def anomalies(ds: Field, climatology: Field) -> Field:
 
 
 def _per_variable(fn: Callable[..., xr.DataArray]) -> Callable[..., Field]:
-    """Let a (forecast, truth) DataArray metric take Datasets: one result per forecast data variable."""
+    """Let a (forecast, truth) DataArray metric take Datasets: one result per forecast data variable.
+
+    Every pair is checked first (:func:`_check_pair`), the truth is put on the forecast's coordinates and a
+    forecast NaN where the truth is valid raises :class:`MetricError` (lazily for dask-backed results).
+    """
+    metric = fn.__name__
+
+    def score(forecast: xr.DataArray, truth: xr.DataArray, *args, **kwargs) -> xr.DataArray:
+        _check_pair(forecast, truth, metric)
+        truth = _on_forecast_coords(truth, forecast)
+        name = forecast.name or truth.name or "field"
+        holes = (forecast.isnull() & truth.notnull()).sum()
+        lazy = holes.chunks is not None
+        if not lazy:
+            _raise_on_holes(int(holes), metric, name)
+        with _quiet_masked():
+            result = fn(forecast, truth, *args, **kwargs)
+        if not lazy:
+            return result
+        if result.chunks is None:  # computed already: check now
+            _raise_on_holes(int(holes.compute()), metric, name)
+            return result
+        return _guarded(result, holes, metric, name)
 
     @functools.wraps(fn)
     def wrapper(forecast: Field, truth: Field, *args, **kwargs):
@@ -116,13 +149,63 @@ def _per_variable(fn: Callable[..., xr.DataArray]) -> Callable[..., Field]:
                         f"{fn.__name__}: truth has no variable {var!r}; "
                         f"it has {sorted(map(str, truth.data_vars))}"
                     )
-                out[var] = fn(forecast[var], truth[var], *args, **kwargs)
+                out[var] = score(forecast[var], truth[var], *args, **kwargs)
             return xr.Dataset(out)
         if isinstance(truth, xr.Dataset):
             raise MetricError(f"{fn.__name__}: forecast is a DataArray, so truth must be one too")
-        return fn(forecast, truth, *args, **kwargs)
+        return score(forecast, truth, *args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _quiet_masked():
+    """Silence NumPy's warnings about cells with no valid value (they score NaN by design)."""
+    with warnings.catch_warnings():
+        for message in ("All-NaN slice encountered", "Mean of empty slice"):
+            warnings.filterwarnings("ignore", message=message, category=RuntimeWarning)
+        yield
+
+
+def _on_forecast_coords(truth: xr.DataArray, forecast: xr.DataArray) -> xr.DataArray:
+    """``truth`` with the forecast's lat/lon/time values (equal within 1e-6, see :func:`_check_pair`), so
+    that masking with ``where`` and arithmetic never align away cells whose coordinates differ by rounding."""
+    new = {
+        d: forecast[d].variable
+        for d in (*_SPATIAL, "time")
+        if d in truth.indexes and d in forecast.indexes and not truth.indexes[d].equals(forecast.indexes[d])
+    }
+    return truth.assign_coords(new) if new else truth
+
+
+def _raise_on_holes(count: int, metric: str, name: Hashable) -> None:
+    if count > 0:
+        raise MetricError(
+            f"{metric}: forecast {name!r} is NaN at {count} point(s) (time, member, lat, lon) where the "
+            "truth is valid; only cells that are NaN in the truth may be NaN in the forecast"
+        )
+
+
+def _guarded(result: xr.DataArray, holes: xr.DataArray, metric: str, name: Hashable) -> xr.DataArray:
+    """The lazy ``result`` unchanged, but computing it raises :class:`MetricError` if ``holes`` > 0."""
+
+    def check(values: np.ndarray, count: np.ndarray) -> np.ndarray:
+        _raise_on_holes(int(count), metric, name)
+        return values
+
+    return xr.apply_ufunc(
+        check,
+        result,
+        holes.variable,
+        dask="parallelized",
+        output_dtypes=[result.dtype],
+        keep_attrs=True,
+    )
+
+
+def _valid_only(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
+    """``forecast`` with NaN wherever the truth is NaN (broadcast over members); unchanged values elsewhere."""
+    return forecast.where(truth.notnull())
 
 
 def _data_vars(ds: xr.Dataset) -> list[Hashable]:
@@ -185,23 +268,25 @@ def _sample_dims(forecast: xr.DataArray) -> list[str]:
 def _data_range(truth: xr.DataArray, data_range: float | None) -> float:
     if data_range is not None:
         return float(data_range)
+    if not bool(truth.notnull().any()):
+        return float("nan")  # no valid cell: every map scores NaN
     rng = float(truth.max() - truth.min())
     if not np.isfinite(rng) or rng <= 0:
-        raise MetricError(
-            f"truth {truth.name!r} is constant or all-NaN (range {rng}); pass data_range explicitly"
-        )
+        raise MetricError(f"truth {truth.name!r} is constant (range {rng}); pass data_range explicitly")
     return rng
 
 
-def _maps(da: xr.DataArray, name: str, metric: str) -> np.ndarray:
-    """All (lat, lon) maps of ``da`` as a float64 array ``(n_maps, nlat, nlon)``; NaN-free or MetricError."""
+def _maps(da: xr.DataArray) -> np.ndarray:
+    """All (lat, lon) maps of ``da`` as a float64 array ``(n_maps, nlat, nlon)`` (NaN kept)."""
     values = np.asarray(da.transpose(..., *_SPATIAL).values, dtype=np.float64)
-    values = values.reshape(-1, da.sizes["lat"], da.sizes["lon"])
-    if np.isnan(values).any():
-        raise MetricError(
-            f"{metric}: {name!r} has NaNs; this metric needs complete maps (crop or fill the masked cells)"
-        )
-    return values
+    return values.reshape(-1, da.sizes["lat"], da.sizes["lon"])
+
+
+def _mean_over_maps(per_map: np.ndarray) -> float:
+    """Mean of per-map scores, skipping maps with no valid cell (NaN); NaN when no map has one."""
+    if not np.isnan(per_map).any():
+        return float(per_map.mean())
+    return float(per_map[~np.isnan(per_map)].mean()) if (~np.isnan(per_map)).any() else float("nan")
 
 
 # -- deterministic scores (xskillscore) ------------------------------------------------------------------
@@ -210,7 +295,6 @@ def mae(
     forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None
 ) -> xr.DataArray:
     """Latitude-weighted mean absolute error (xskillscore.mae), units of the variable."""
-    _check_pair(forecast, truth, "mae")
     dims = _reduce_dims(truth, dim)
     forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.mae(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
@@ -221,7 +305,6 @@ def rmse(
     forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None
 ) -> xr.DataArray:
     """Latitude-weighted root mean squared error sqrt(mean w (f - t)^2) (xskillscore.rmse)."""
-    _check_pair(forecast, truth, "rmse")
     dims = _reduce_dims(truth, dim)
     forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.rmse(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
@@ -232,7 +315,6 @@ def bias(
     forecast: xr.DataArray, truth: xr.DataArray, *, dim: str | Sequence[str] | None = None
 ) -> xr.DataArray:
     """Latitude-weighted mean error, forecast minus truth (xskillscore.me): positive = forecast too high."""
-    _check_pair(forecast, truth, "bias")
     dims = _reduce_dims(truth, dim)
     forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.me(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
@@ -244,7 +326,6 @@ def pattern_correlation(
 ) -> xr.DataArray:
     """Latitude-weighted Pearson correlation over ``dim`` (default the map; xskillscore.pearson_r),
     centred on each map's own mean: how well the forecast's spatial pattern matches, whatever its bias."""
-    _check_pair(forecast, truth, "pattern_correlation")
     dims = _reduce_dims(truth, dim)
     forecast, truth = _single_chunk(forecast, dims), _single_chunk(truth, dims)
     return xs.pearson_r(forecast, truth, dim=dims, weights=_weights(truth, dims), skipna=True)
@@ -257,11 +338,13 @@ def acc(forecast: xr.DataArray, truth: xr.DataArray, climatology: xr.DataArray) 
     ACC_t = sum_ij w_i f'_tij t'_tij / sqrt(sum w f'^2 * sum w t'^2), with anomalies f' = f - C, t' = t - C
     against ``climatology`` C (per month of year when it has a ``month`` dim, see :func:`monthly_climatology`,
     which should come from training years only) and w = cos(lat); the result is the mean of ACC_t over time.
+    Sums run over the cells where the truth anomaly is valid (truth and climatology not NaN); a map with
+    none gives NaN and is left out of the time mean.
     """
-    _check_pair(forecast, truth, "acc")
     if isinstance(climatology, xr.Dataset):
         climatology = climatology[truth.name]
     fa, ta = anomalies(forecast, climatology), anomalies(truth, climatology)
+    fa = _valid_only(fa, ta)
     w = latitude_weights(truth["lat"])
     num = (w * fa * ta).sum(_SPATIAL)
     den = np.sqrt((w * fa**2).sum(_SPATIAL) * (w * ta**2).sum(_SPATIAL))
@@ -269,20 +352,41 @@ def acc(forecast: xr.DataArray, truth: xr.DataArray, climatology: xr.DataArray) 
 
 
 # -- image metrics ---------------------------------------------------------------------------------------
-def _ssim_maps(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
-    """Mean SSIM of each map pair in ``(n, nlat, nlon)`` stacks (Wang et al. 2004, Gaussian window)."""
+def _ssim_maps(
+    x: np.ndarray, y: np.ndarray, data_range: float, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean SSIM of each map pair in ``(n, nlat, nlon)`` stacks (Wang et al. 2004, Gaussian window).
+
+    With a boolean ``valid`` stack (None: every cell), local statistics are normalised convolutions
+    blur(a * m) / blur(m) over the valid cells and the SSIM map is averaged over the valid centres only (NaN
+    for a map without one); values at invalid cells are ignored.
+    """
     c1, c2 = (_SSIM_K1 * data_range) ** 2, (_SSIM_K2 * data_range) ** 2
+    r = _SSIM_RADIUS  # average only where the whole window lies inside the map (as scikit-image does)
 
     def blur(a: np.ndarray) -> np.ndarray:  # Gaussian-weighted local mean within each map
         return scipy.ndimage.gaussian_filter(
             a, sigma=(0, _SSIM_SIGMA, _SSIM_SIGMA), truncate=_SSIM_TRUNCATE, mode="reflect"
         )
 
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    r = _SSIM_RADIUS  # average only where the whole window lies inside the map (as scikit-image does)
-    return s[:, r:-r, r:-r].mean(axis=(1, 2))
+    if valid is None:
+        mu_x, mu_y = blur(x), blur(y)
+        var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+        s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+        return s[:, r:-r, r:-r].mean(axis=(1, 2))
+    x, y = np.where(valid, x, 0.0), np.where(valid, y, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # windows with no valid cell: never averaged
+        norm = blur(valid.astype(np.float64))
+
+        def local_mean(a: np.ndarray) -> np.ndarray:
+            return blur(a) / norm
+
+        mu_x, mu_y = local_mean(x), local_mean(y)
+        var_x, var_y = local_mean(x * x) - mu_x**2, local_mean(y * y) - mu_y**2
+        cov = local_mean(x * y) - mu_x * mu_y
+        s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+        centre = valid[:, r:-r, r:-r]
+        return np.where(centre, s[:, r:-r, r:-r], 0.0).sum(axis=(1, 2)) / centre.sum(axis=(1, 2))
 
 
 @_per_variable
@@ -293,18 +397,24 @@ def ssim(forecast: xr.DataArray, truth: xr.DataArray, *, data_range: float | Non
     gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``: 11 x 11 window (sigma 1.5 cells),
     K1 = 0.01, K2 = 0.03, averaged over the cells whose window lies inside the map (maps need >= 11 x 11).
     ``data_range`` L defaults to max(truth) - min(truth) over the whole truth array (all times), stored in
-    the result's attrs. Maps must be NaN-free.
+    the result's attrs. Masked truth (NaN cells): local means, variances and covariances are normalised
+    Gaussian convolutions over the valid cells, blur(x m) / blur(m) with m the validity mask, and the SSIM map
+    is averaged over the windows whose centre is valid (and which lie inside the map); forecast values at
+    invalid cells do not count. Without NaN this is exactly the standard SSIM. A map with no valid centre
+    gives NaN and is left out of the mean over maps.
     """
-    _check_pair(forecast, truth, "ssim")
     if min(truth.sizes["lat"], truth.sizes["lon"]) < 2 * _SSIM_RADIUS + 1:
         raise MetricError(
             f"ssim: maps of {truth.name!r} are {truth.sizes['lat']} x {truth.sizes['lon']}; "
             "SSIM needs >= 11 x 11"
         )
     L = _data_range(truth, data_range)
-    t = truth.broadcast_like(forecast).transpose(*forecast.dims)
-    per_map = _ssim_maps(_maps(forecast, forecast.name, "ssim"), _maps(t, truth.name, "ssim"), L)
-    return xr.DataArray(per_map.mean(), attrs={"data_range": L, "description": "mean SSIM over maps"})
+    t = _maps(truth.broadcast_like(forecast).transpose(*forecast.dims))
+    valid = ~np.isnan(t)
+    per_map = _ssim_maps(_maps(forecast), t, L, None if valid.all() else valid)
+    return xr.DataArray(
+        _mean_over_maps(per_map), attrs={"data_range": L, "description": "mean SSIM over maps"}
+    )
 
 
 @_per_variable
@@ -312,8 +422,8 @@ def psnr(forecast: xr.DataArray, truth: xr.DataArray, *, data_range: float | Non
     """Peak signal-to-noise ratio [dB], 10 log10(L^2 / MSE) per (lat, lon) map (unweighted), then averaged.
 
     ``data_range`` L as in :func:`ssim` (max - min of the whole truth). A map with zero error gives inf.
+    The MSE of a map is over its valid cells (truth not NaN); a map with none gives NaN and is skipped.
     """
-    _check_pair(forecast, truth, "psnr")
     L = _data_range(truth, data_range)
     mse = ((forecast - truth) ** 2).mean(_SPATIAL)
     with np.errstate(divide="ignore"):
@@ -336,9 +446,11 @@ def q99_error(
     latitude-weighted mean over cells of |difference| -- the extreme-value climatology map error used for
     downscaling (we could not check the DPDM paper's exact wording offline; this is the stricter reading).
     ``mode="pooled"``: the percentile of all values (time, member, lat, lon) pooled, each cell counted once
-    (no area weighting), then |difference|. Percentiles use NumPy's linear interpolation; NaNs are skipped.
+    (no area weighting), then |difference|. Percentiles use NumPy's linear interpolation. Only points where
+    the truth is valid count, for the forecast too (its values where the truth is NaN are dropped); a cell
+    with no valid time is left out of the per-cell mean (the weights renormalised over the others).
     """
-    _check_pair(forecast, truth, "q99_error")
+    forecast = _valid_only(forecast, truth)
     forecast, truth = _single_chunk(forecast, forecast.dims), _single_chunk(truth, truth.dims)
     if mode == "per_cell":
         qf = forecast.quantile(q, dim=_sample_dims(forecast), skipna=True).drop_vars("quantile")
@@ -353,10 +465,10 @@ def q99_error(
 def wasserstein(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
     """Wasserstein-1 distance between the pooled value distributions (scipy.stats.wasserstein_distance).
 
-    Every (time, member, lat, lon) value is one sample, weighted by cos(lat); NaNs are dropped. Units of the
-    variable; 0 when the two distributions are identical.
+    Every (time, member, lat, lon) value is one sample, weighted by cos(lat); only points where the truth is
+    valid count (forecast values where the truth is NaN are dropped). Units of the variable; 0 when the two
+    distributions are identical; NaN when the truth has no valid point.
     """
-    _check_pair(forecast, truth, "wasserstein")
 
     def samples(da: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
         values = np.asarray(da.values, dtype=np.float64).ravel()
@@ -364,7 +476,9 @@ def wasserstein(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
         ok = np.isfinite(values)
         return values[ok], w[ok]
 
-    (f, wf), (t, wt) = samples(forecast), samples(truth)
+    (f, wf), (t, wt) = samples(_valid_only(forecast, truth)), samples(truth)
+    if t.size == 0:
+        return xr.DataArray(np.nan)
     return xr.DataArray(scipy.stats.wasserstein_distance(f, t, u_weights=wf, v_weights=wt))
 
 
@@ -391,8 +505,8 @@ def crps(
     ``fair=False``: the empirical-CDF CRPS, xskillscore.crps_ensemble (properscoring's estimator).
     ``fair=True``: the fair (unbiased for finite ensembles) CRPS of Ferro (2014),
     scores.probability.crps_for_ensemble(method="fair"): mean|x_i - y| - sum_ij |x_i - x_j| / (2 M (M - 1)).
+    Points where the truth is NaN have no CRPS and are left out of the (renormalised) weighted mean.
     """
-    _check_pair(forecast, truth, "crps")
     _require_members(forecast, "crps", minimum=2 if fair else 1)
     dims = _reduce_dims(truth, dim)
     forecast, truth = _single_chunk(forecast, [*dims, MEMBER_DIM]), _single_chunk(truth, dims)
@@ -415,11 +529,11 @@ def spread_skill_ratio(
     spread = sqrt(latitude-weighted mean of the unbiased (ddof=1) ensemble variance); RMSE of the ensemble
     mean is latitude-weighted over the same dims. The factor corrects for a finite ensemble of M members
     (Fortin et al. 2014): for members and truth drawn from one distribution E[(mean - y)^2] = (M+1)/M var.
+    Spread and skill are both averaged over the points where the truth is valid.
     """
-    _check_pair(forecast, truth, "spread_skill_ratio")
     m = _require_members(forecast, "spread_skill_ratio", minimum=2)
     dims = _reduce_dims(truth, dim)
-    spread = np.sqrt(_weighted_mean(forecast.var(MEMBER_DIM, ddof=1), dims))
+    spread = np.sqrt(_weighted_mean(_valid_only(forecast.var(MEMBER_DIM, ddof=1), truth), dims))
     skill = np.sqrt(_weighted_mean((forecast.mean(MEMBER_DIM) - truth) ** 2, dims))
     return np.sqrt((m + 1) / m) * spread / skill
 
@@ -429,10 +543,10 @@ def rank_histogram(forecast: xr.DataArray, truth: xr.DataArray, *, seed: int = 0
     """Counts of the truth's rank among the M members, dims ``(rank,)`` with rank 0..M (M + 1 bins).
 
     rank = #(members < truth) + a uniform draw from 0..#(members == truth), so ties are broken at random
-    with ``numpy.random.default_rng(seed)`` (deterministic). Points where the truth or any member is NaN are
-    skipped. A calibrated ensemble gives a flat histogram; an under-dispersive one a U shape.
+    with ``numpy.random.default_rng(seed)`` (deterministic). Points where the truth is NaN are skipped (a NaN
+    member where the truth is valid is a MetricError). A calibrated ensemble gives a flat histogram; an
+    under-dispersive one a U shape.
     """
-    _check_pair(forecast, truth, "rank_histogram")
     m = _require_members(forecast, "rank_histogram")
     f = np.asarray(forecast.transpose(..., MEMBER_DIM).values)
     t = np.asarray(
@@ -440,7 +554,7 @@ def rank_histogram(forecast: xr.DataArray, truth: xr.DataArray, *, seed: int = 0
         .transpose(*[d for d in forecast.dims if d != MEMBER_DIM])
         .values
     )
-    ok = np.isfinite(t) & np.isfinite(f).all(axis=-1)
+    ok = np.isfinite(t) & np.isfinite(f).all(axis=-1)  # a NaN member at a valid point raised already
     f, t = f[ok], t[ok]
     below = (f < t[:, None]).sum(axis=-1)
     ties = (f == t[:, None]).sum(axis=-1)
@@ -461,7 +575,7 @@ def power_spectrum(
 ) -> xr.DataArray:
     """Radially averaged 2-D power spectrum of every (lat, lon) map, averaged over all maps (time, member).
 
-    Each map (its mean removed; NaN-free, treated as a periodic planar image, no taper) gives
+    Each map (its mean removed, treated as a periodic planar image, no taper) gives
     P(kx, ky) = |FFT(x)|^2 / (nlat * nlon), so white noise of variance s^2 has P = s^2 at every wavenumber
     and sum(P) = nlat * nlon * variance (Parseval). P is then averaged (not summed) over annuli of width dk
     centred on k_n = n * dk, n = 1 .. up to the smaller Nyquist wavenumber, with dk the larger of the two
@@ -469,9 +583,21 @@ def power_spectrum(
     falls as |k|^-3 has slope -3 (the isotropic 1-D spectrum E(k) = 2 pi k P(k) would have slope -2).
     Wavenumber ``units``: "cycles_per_cell" (grid spacing 1; Nyquist 0.5) or "cycles_per_km" (dy = dlat
     * pi R / 180, dx = dlon * pi R / 180 * cos(mean lat), R = 6371 km: a small-region approximation).
+
+    Masked maps (NaN cells, e.g. ocean): the FFT needs the whole rectangle, so each map's NaN cells are filled
+    with the mean of its valid cells first; the spectrum of a masked map is that of the mean-filled map (the
+    valid cells' anomalies, zero elsewhere, so masking lowers the power and the mask's edges add some).
+    Maps with no valid cell are left out of the average (attr ``n_maps`` counts those used); with none left
+    the spectrum is NaN.
     """
     name = field.name or "field"
-    maps = _maps(field, name, "power_spectrum")
+    maps = _maps(field)
+    missing = np.isnan(maps)
+    if missing.any():
+        maps = maps[~missing.all(axis=(1, 2))]
+        missing = np.isnan(maps)
+        fill = np.nanmean(maps, axis=(1, 2), keepdims=True) if len(maps) else 0.0
+        maps = np.where(missing, fill, maps)
     maps = maps - maps.mean(axis=(1, 2), keepdims=True)
     ny, nx = maps.shape[1:]
     if min(ny, nx) < 4:
@@ -487,7 +613,10 @@ def power_spectrum(
         raise MetricError(
             f"power_spectrum: units must be 'cycles_per_cell' or 'cycles_per_km', got {units!r}"
         )
-    power = (np.abs(np.fft.fft2(maps)) ** 2).mean(axis=0) / (ny * nx)
+    if maps.shape[0] == 0:
+        power = np.full((ny, nx), np.nan)
+    else:
+        power = (np.abs(np.fft.fft2(maps)) ** 2).mean(axis=0) / (ny * nx)
     ky, kx = np.fft.fftfreq(ny, d=dy), np.fft.fftfreq(nx, d=dx)
     k = np.hypot(*np.meshgrid(ky, kx, indexing="ij"))
     dk = max(1.0 / (ny * dy), 1.0 / (nx * dx))
@@ -526,10 +655,12 @@ def log_spectral_distance(
     """Log-spectral distance [dB]: sqrt(mean_k (10 log10(P_forecast(k) / P_truth(k)))^2) over wavenumbers.
 
     P are :func:`power_spectrum` results (forecast averaged over time and members, truth over time); 0 when
-    the spectra agree; a forecast with twice the power at every k gives 10 log10 2 = 3.01 dB.
+    the spectra agree; a forecast with twice the power at every k gives 10 log10 2 = 3.01 dB. With masked
+    truth the forecast is masked at the same points (its own values there dropped), so both spectra are of
+    mean-filled maps with the same holes; NaN when the truth has no valid cell.
     """
-    _check_pair(forecast, truth, "log_spectral_distance")
-    pf, pt = power_spectrum(forecast, units=units), power_spectrum(truth, units=units)
+    pf = power_spectrum(_valid_only(forecast, truth), units=units)
+    pt = power_spectrum(truth, units=units)
     ratio_db = 10 * np.log10(pf.values / pt.values)
     return xr.DataArray(np.sqrt(np.mean(ratio_db**2)), attrs={"units": "dB"})
 
@@ -542,6 +673,8 @@ def evaluate_all(forecast: Field, truth: Field, *, climatology: Field | None = N
     the samples (every member counts): ssim and psnr (mean over maps; ssim only for maps >= 11 x 11),
     q99_error (per cell), log_spectral_distance [dB], wasserstein. Ensembles (a ``member`` dim): crps and,
     with >= 2 members, spread_skill_ratio. ``.to_dataframe()`` gives a metric x variable table.
+    Masked truth (NaN cells) is scored on its valid points only (see the module docstring); each variable's
+    attrs hold ``valid_fraction``, the fraction of the truth's (time, lat, lon) points that are not NaN.
     """
     if isinstance(forecast, xr.DataArray):
         name = forecast.name or "field"
@@ -550,14 +683,15 @@ def evaluate_all(forecast: Field, truth: Field, *, climatology: Field | None = N
     if isinstance(climatology, xr.DataArray):
         climatology = climatology.to_dataset(name=climatology.name or next(iter(_data_vars(forecast))))
     mean = ensemble_mean(forecast)
-    results: dict[str, dict[Hashable, float]] = {}
+    results: dict[Hashable, dict[str, float]] = {}
+    valid_fraction: dict[Hashable, float] = {}
     for var in _data_vars(forecast):
         if var not in truth.data_vars:
             raise MetricError(
                 f"evaluate_all: truth has no variable {var!r}; it has {sorted(map(str, truth.data_vars))}"
             )
         f, fm, t = forecast[var], mean[var], truth[var]
-        row = {"mae": mae(fm, t), "rmse": rmse(fm, t), "bias": bias(fm, t)}
+        row: dict[str, xr.DataArray] = {"mae": mae(fm, t), "rmse": rmse(fm, t), "bias": bias(fm, t)}
         if climatology is not None:
             row["acc"] = acc(fm, t, climatology[var])
         if min(t.sizes["lat"], t.sizes["lon"]) >= 2 * _SSIM_RADIUS + 1:
@@ -570,9 +704,14 @@ def evaluate_all(forecast: Field, truth: Field, *, climatology: Field | None = N
             row["crps"] = crps(f, t)
             if f.sizes[MEMBER_DIM] >= 2:
                 row["spread_skill_ratio"] = spread_skill_ratio(f, t)
-        results[var] = {k: float(v) for k, v in row.items()}
+        with _quiet_masked():  # dask-backed scores are computed here
+            results[var] = {k: float(v) for k, v in row.items()}
+        valid_fraction[var] = float(t.notnull().mean())
     metrics = list(dict.fromkeys(k for row in results.values() for k in row))
-    data = {var: ("metric", [row.get(m, np.nan) for m in metrics]) for var, row in results.items()}
+    data = {
+        var: ("metric", [row.get(m, np.nan) for m in metrics], {"valid_fraction": valid_fraction[var]})
+        for var, row in results.items()
+    }
     return xr.Dataset(
         data,
         coords={"metric": metrics},

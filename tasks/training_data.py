@@ -65,6 +65,7 @@ __all__ = [
     "static_for_truth",
     "perfect_model_pairs",
     "training_climatology",
+    "valid_cells",
     "fit_target_normalization",
     "TARGET_KINDS",
     "residual_target",
@@ -160,6 +161,19 @@ def perfect_model_pairs(
 TARGET_KINDS = ("residual", "full")
 
 
+def valid_cells(target: xr.Dataset, variables: Sequence[str]) -> np.ndarray | None:
+    """[lat, lon] bool: cells where every variable is finite at every time; None when all are (no mask).
+    Cells missing at only some times are masked entirely (a static mask, like a land-sea mask)."""
+    ok = np.ones((target.sizes["lat"], target.sizes["lon"]), bool)
+    for v in variables:
+        ok &= np.isfinite(target[v].transpose(..., "lat", "lon").values).all(
+            axis=tuple(range(target[v].ndim - 2))
+        )
+    if not ok.any():
+        raise TrainingDataError(f"no cell of the truth is valid (finite at every time) for {list(variables)}")
+    return None if ok.all() else ok
+
+
 def _coarse(cond: xr.DataArray, variable: str) -> xr.DataArray:
     return cond.sel(channel=f"{variable}_coarse", drop=True)
 
@@ -192,6 +206,7 @@ class PatchBatches:
     patch_size: int
     batch_size: int
     seed: int = 0
+    valid: np.ndarray | None = None  # [H, W] bool: cells that count in the loss (None: all)
 
     def __post_init__(self) -> None:
         t, _, h, w = self.target.shape
@@ -213,12 +228,16 @@ class PatchBatches:
         seed: int = 0,
         cond_stats: NormalizationStats | None = None,
         clim_scale: dict[str, float] | None = None,
+        valid: np.ndarray | None = None,
     ) -> PatchBatches:
         """``target`` holds what the network generates (full fields or residuals) and ``stats`` its
         statistics; ``cond_stats`` (default ``stats``) normalise the coarse channels (full-field stats),
-        ``clim_scale`` the climatology channels."""
+        ``clim_scale`` the climatology channels; ``valid`` [H, W] marks the cells that count (the target is
+        set to 0 elsewhere, and the batches carry the mask as their loss weight)."""
         names = spec.channel_names()
         z_target = stats.normalize(np.stack([target[v].values for v in spec.variables], axis=1))
+        if valid is not None:
+            z_target = np.where(valid, np.nan_to_num(z_target, nan=0.0), 0.0)
         z_cond = normalize_conditioning(cond.values, names, cond_stats or stats, clim_scale)
         nd = spec.n_dynamic()
         return cls(
@@ -230,6 +249,7 @@ class PatchBatches:
             patch_size=patch_size,
             batch_size=batch_size,
             seed=seed,
+            valid=None if valid is None else np.ascontiguousarray(valid, dtype=bool),
         )
 
     def draw(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -252,10 +272,15 @@ class PatchBatches:
                     [self.cond_dynamic[i, :, r : r + p, c : c + p], self.cond_static[:, r : r + p, c : c + p]]
                 )
             )
+        weight = None
+        if self.valid is not None:
+            w = [self.valid[r : r + p, c : c + p] for r, c in zip(rows, cols, strict=True)]
+            weight = torch.from_numpy(np.stack(w)[:, None].astype(np.float32))
         return Batch(
             target=torch.from_numpy(np.stack(tgt)),
             cond=torch.from_numpy(np.stack(cnd)),
             time_of_year=torch.from_numpy(self.time_of_year[idx]),
+            weight=weight,
         )
 
     def __call__(self, first_step: int) -> Iterator[Batch]:
@@ -337,6 +362,7 @@ def training_setup(
     climatology = training_climatology(truth, spec) if spec.climatology else None
     clim_scale = dict(zip(spec.variables, climatology.scale, strict=True)) if climatology else None
     pairs, cond = perfect_model_pairs(truth, static, spec, climatology)
+    valid = valid_cells(pairs, spec.variables)
     cond_stats = fit_target_normalization(pairs, spec.variables)
     if target == "residual":
         pairs = residual_target(pairs, cond, spec.variables)
@@ -351,6 +377,7 @@ def training_setup(
         seed=section.seed,
         cond_stats=cond_stats,
         clim_scale=clim_scale,
+        valid=valid,
     )
     attrs = open_truth(truth_url, spec.variables).attrs
     data = {
@@ -368,5 +395,7 @@ def training_setup(
     }
     if climatology is not None:
         data["climatology"] = climatology.describe()
+    if valid is not None:
+        data["masked_cells"] = int((~valid).sum())
     grid = Grid.from_dataset(truth, "truth")
     return TrainingSetup(batches, stats, cond_stats, spec, grid, data, climatology)

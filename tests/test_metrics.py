@@ -6,6 +6,7 @@ import numpy as np
 import properscoring
 import pytest
 import scipy.ndimage
+import scipy.stats
 import xarray as xr
 
 from climrecon.tasks import metrics as M
@@ -321,5 +322,326 @@ def test_evaluate_all_on_dask_equals_eager() -> None:
     eager = M.evaluate_all(ens, truth, climatology=M.monthly_climatology(truth))
     lazy = M.evaluate_all(
         ens.chunk(time=6, lat=4), truth.chunk(time=6, lat=4), climatology=M.monthly_climatology(truth)
+    )
+    xr.testing.assert_allclose(lazy, eager)
+
+
+# -- masked truth (ocean / missing cells) ------------------------------------------------------------------
+# Scores of _smooth_case() computed with the metrics module BEFORE masks were supported (pre-mask values):
+# every no-NaN score must stay exactly what it was.
+PRE_MASK_VALUES = {
+    "mae": 0.20300680345517816,
+    "rmse": 0.25417890213864414,
+    "bias": 0.10481664124970598,
+    "pattern_correlation": 0.9592894615031691,  # mean over maps
+    "acc": 0.9231283446243571,
+    "ssim": 0.6833627849954053,
+    "psnr": 24.02798142109071,
+    "q99_error": 0.4462103314052815,
+    "q99_pooled": 0.27906393657201534,
+    "wasserstein": 0.11334785368955705,
+    "crps": 0.17938414082021004,
+    "crps_fair": 0.10346835226115281,
+    "spread_skill_ratio": 1.8344137635779865,
+    "log_spectral_distance": 3.898882963875727,
+    "power_sum": 15.754651920872304,  # sum over wavenumbers of power_spectrum(truth)
+}
+PRE_MASK_RANK_HISTOGRAM = [1190, 2305, 1550, 331]
+
+
+def _smooth_case() -> tuple[xr.DataArray, xr.DataArray]:
+    """A smooth 24 x 14 x 16 truth around 280 K and a 3-member ensemble (noise 0.4 K, bias 0.1 K)."""
+    rng = np.random.default_rng(42)
+    t = scipy.ndimage.gaussian_filter(rng.normal(size=(24, 14, 16)), (0, 2, 2)) * 5 + 280
+    ens = t[None] + 0.4 * rng.normal(size=(3, *t.shape)) + 0.1
+    return field(ens, lat=(30, 56), member=True), field(t, lat=(30, 56))
+
+
+def _all_scores(ens: xr.DataArray, truth: xr.DataArray) -> dict[str, float]:
+    clim = M.monthly_climatology(truth)
+    fm = ens.mean("member")
+    scores = {
+        "mae": M.mae(fm, truth),
+        "rmse": M.rmse(fm, truth),
+        "bias": M.bias(fm, truth),
+        "pattern_correlation": M.pattern_correlation(fm, truth).mean(),
+        "acc": M.acc(fm, truth, clim),
+        "ssim": M.ssim(ens, truth),
+        "psnr": M.psnr(ens, truth),
+        "q99_error": M.q99_error(ens, truth),
+        "q99_pooled": M.q99_error(ens, truth, mode="pooled"),
+        "wasserstein": M.wasserstein(ens, truth),
+        "crps": M.crps(ens, truth),
+        "crps_fair": M.crps(ens, truth, fair=True),
+        "spread_skill_ratio": M.spread_skill_ratio(ens, truth),
+        "log_spectral_distance": M.log_spectral_distance(ens, truth),
+        "power_sum": M.power_spectrum(truth).sum(),
+    }
+    return {k: float(v) for k, v in scores.items()}
+
+
+def _static_mask(shape=(14, 16), seed=12) -> np.ndarray:
+    """A blobby 'ocean' mask over ~30% of the cells (True = invalid)."""
+    smooth = scipy.ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 2)
+    return smooth > np.quantile(smooth, 0.7)
+
+
+def _masked_case():
+    ens, truth = _smooth_case()
+    mask = _static_mask()
+    return ens, truth.where(~mask), mask
+
+
+def test_no_nan_scores_equal_pre_mask_values_exactly() -> None:
+    ens, truth = _smooth_case()
+    assert _all_scores(ens, truth) == PRE_MASK_VALUES
+    assert M.rank_histogram(ens, truth).values.tolist() == PRE_MASK_RANK_HISTOGRAM
+    table = M.evaluate_all(ens.to_dataset(), truth.to_dataset(), climatology=M.monthly_climatology(truth))
+    for metric in ("mae", "rmse", "bias", "acc", "ssim", "psnr", "q99_error", "wasserstein", "crps"):
+        assert float(table["tas"].sel(metric=metric)) == PRE_MASK_VALUES[metric]
+    assert table["tas"].attrs["valid_fraction"] == 1.0
+
+
+def _cos_weights(truth: xr.DataArray) -> np.ndarray:
+    return np.broadcast_to(np.cos(np.deg2rad(truth.lat.values))[:, None], truth.shape[-2:])
+
+
+def test_masked_deterministic_scores_equal_weighted_means_over_valid_cells() -> None:
+    ens, truth, mask = _masked_case()
+    assert 0.25 < mask.mean() < 0.35
+    fm = ens.mean("member")
+    valid = np.broadcast_to(~mask, truth.shape)
+    w = np.broadcast_to(_cos_weights(truth), truth.shape)[valid]
+    err = (fm.values - truth.values)[valid]
+    assert float(M.mae(fm, truth)) == pytest.approx(np.sum(w * np.abs(err)) / w.sum(), rel=1e-12)
+    assert float(M.rmse(fm, truth)) == pytest.approx(np.sqrt(np.sum(w * err**2) / w.sum()), rel=1e-12)
+    assert float(M.bias(fm, truth)) == pytest.approx(np.sum(w * err) / w.sum(), rel=1e-12)
+    # coordinates equal within 1e-6 (accepted as the same grid): no cell is aligned away by the masking
+    nudged = truth.assign_coords(lat=truth.lat + 1e-9)
+    assert float(M.mae(fm, nudged)) == pytest.approx(np.sum(w * np.abs(err)) / w.sum(), rel=1e-12)
+    assert float(M.q99_error(ens, nudged)) == float(M.q99_error(ens, truth))
+    per_member = M.mae(ens, truth)
+    for m in range(3):
+        e = np.abs(ens.values[m] - truth.values)[valid]
+        assert float(per_member[m]) == pytest.approx(np.sum(w * e) / w.sum(), rel=1e-12)
+    r = M.pattern_correlation(fm, truth)
+    wm = _cos_weights(truth)[~mask]
+    for t in (0, 13):
+        f, o = fm.values[t][~mask], truth.values[t][~mask]
+        fa, oa = f - np.average(f, weights=wm), o - np.average(o, weights=wm)
+        expected = np.sum(wm * fa * oa) / np.sqrt(np.sum(wm * fa**2) * np.sum(wm * oa**2))
+        assert float(r[t]) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")
+def test_masked_acc_equals_sums_over_valid_cells() -> None:
+    ens, truth, mask = _masked_case()
+    fm = ens.mean("member")
+    clim = M.monthly_climatology(truth)
+    months = truth.time.dt.month.values
+    c = np.stack([np.nanmean(truth.values[months == mo], axis=0) for mo in months])
+    w = _cos_weights(truth)[~mask]
+    per_map = []
+    for t in range(truth.sizes["time"]):
+        fa, ta = (fm.values[t] - c[t])[~mask], (truth.values[t] - c[t])[~mask]
+        per_map.append(np.sum(w * fa * ta) / np.sqrt(np.sum(w * fa**2) * np.sum(w * ta**2)))
+    assert float(M.acc(fm, truth, clim)) == pytest.approx(np.mean(per_map), rel=1e-10)
+
+
+def _ssim_brute_force_masked(x: np.ndarray, y: np.ndarray, L: float, valid: np.ndarray) -> float:
+    """Mean SSIM over valid centres whose 11 x 11 window fits in the map, Gaussian weights renormalised over
+    the valid cells of each window, by explicit sums."""
+    k = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
+    g = np.outer(k, k)
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    vals = []
+    for i in range(5, x.shape[0] - 5):
+        for j in range(5, x.shape[1] - 5):
+            if not valid[i, j]:
+                continue
+            gm = g * valid[i - 5 : i + 6, j - 5 : j + 6]
+            gm = gm / gm.sum()
+            px = np.where(gm > 0, x[i - 5 : i + 6, j - 5 : j + 6], 0.0)
+            py = np.where(gm > 0, y[i - 5 : i + 6, j - 5 : j + 6], 0.0)
+            mx, my = (gm * px).sum(), (gm * py).sum()
+            vx, vy = (gm * px**2).sum() - mx**2, (gm * py**2).sum() - my**2
+            cov = (gm * px * py).sum() - mx * my
+            vals.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_masked_ssim_is_normalised_convolution_over_valid_centres() -> None:
+    rng = np.random.default_rng(13)
+    t = scipy.ndimage.gaussian_filter(rng.normal(size=(2, 18, 20)), (0, 2, 2))
+    f = t + 0.3 * rng.normal(size=t.shape)
+    mask = _static_mask((18, 20), seed=14)
+    truth, forecast = field(np.where(mask, np.nan, t), lat=(0, 17)), field(f, lat=(0, 17))
+    L = float(np.nanmax(truth.values) - np.nanmin(truth.values))
+    expected = np.mean([_ssim_brute_force_masked(f[i], t[i], L, ~mask) for i in range(2)])
+    assert float(M.ssim(forecast, truth)) == pytest.approx(expected, rel=1e-9)
+    # the masked route with an empty mask is the standard SSIM
+    full = M._ssim_maps(f, t, 1.7)
+    assert np.allclose(M._ssim_maps(f, t, 1.7, np.ones(t.shape, bool)), full, rtol=0, atol=1e-12)
+    assert float(M.ssim(truth, truth)) == pytest.approx(1.0)
+    # a map with no valid cell is NaN and left out of the mean over maps
+    holed = truth.copy(data=truth.values.copy())
+    holed[1] = np.nan
+    assert float(M.ssim(forecast, holed, data_range=L)) == pytest.approx(
+        _ssim_brute_force_masked(f[0], t[0], L, ~mask), rel=1e-9
+    )
+
+
+def test_masked_psnr_over_valid_cells_per_map() -> None:
+    ens, truth, mask = _masked_case()
+    L = float(np.nanmax(truth.values) - np.nanmin(truth.values))
+    mse = ((ens.values - truth.values) ** 2)[..., ~mask].mean(-1)  # (member, time)
+    assert float(M.psnr(ens, truth)) == pytest.approx(np.mean(10 * np.log10(L**2 / mse)), rel=1e-12)
+
+
+def test_masked_distribution_scores_use_valid_points_only() -> None:
+    ens, truth, mask = _masked_case()
+    e, t = ens.values[..., ~mask], truth.values[..., ~mask]  # (member, time, cell), (time, cell)
+    w = _cos_weights(truth)[~mask]
+    q_f = np.quantile(e.reshape(-1, e.shape[-1]), 0.99, axis=0)
+    q_t = np.quantile(t, 0.99, axis=0)
+    assert float(M.q99_error(ens, truth)) == pytest.approx(np.sum(w * np.abs(q_f - q_t)) / w.sum(), rel=1e-12)
+    assert float(M.q99_error(ens, truth, mode="pooled")) == pytest.approx(
+        abs(np.quantile(e, 0.99) - np.quantile(t, 0.99)), rel=1e-12
+    )
+    expected = scipy.stats.wasserstein_distance(
+        e.ravel(),
+        t.ravel(),
+        u_weights=np.broadcast_to(w, e.shape).ravel(),
+        v_weights=np.broadcast_to(w, t.shape).ravel(),
+    )
+    assert float(M.wasserstein(ens, truth)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_masked_ensemble_scores_use_valid_points_only() -> None:
+    ens, truth, mask = _masked_case()
+    e, t = ens.values[..., ~mask], truth.values[..., ~mask]
+    w = np.broadcast_to(_cos_weights(truth)[~mask], t.shape)
+    ref = properscoring.crps_ensemble(t, np.moveaxis(e, 0, -1))
+    assert float(M.crps(ens, truth)) == pytest.approx((ref * w).sum() / w.sum(), rel=1e-10)
+    m = e.shape[0]
+    fair = np.abs(e - t).mean(0) - np.abs(e[:, None] - e[None]).sum((0, 1)) / (2 * m * (m - 1))
+    assert float(M.crps(ens, truth, fair=True)) == pytest.approx((fair * w).sum() / w.sum(), rel=1e-10)
+    spread = np.sqrt((w * e.var(0, ddof=1)).sum() / w.sum())
+    skill = np.sqrt((w * (e.mean(0) - t) ** 2).sum() / w.sum())
+    assert float(M.spread_skill_ratio(ens, truth)) == pytest.approx(
+        np.sqrt(4 / 3) * spread / skill, rel=1e-10
+    )
+    ranks = (e < t).sum(0).ravel()  # continuous values: no ties
+    hist = M.rank_histogram(ens, truth)
+    assert hist.values.tolist() == np.bincount(ranks, minlength=m + 1).tolist()
+    assert int(hist.sum()) == t.size
+
+
+def test_masked_spectra_are_those_of_mean_filled_maps() -> None:
+    ens, truth, mask = _masked_case()
+    t = truth.values
+    filled_t = np.where(mask, np.nanmean(t, axis=(1, 2), keepdims=True), t)
+    xr.testing.assert_allclose(M.power_spectrum(truth), M.power_spectrum(truth.copy(data=filled_t)))
+    e = np.where(mask, np.nan, ens.values)  # the forecast is masked like the truth, then mean-filled
+    filled_e = np.where(mask, np.nanmean(e, axis=(2, 3), keepdims=True), e)
+    expected = M.log_spectral_distance(ens.copy(data=filled_e), truth.copy(data=filled_t))
+    assert float(M.log_spectral_distance(ens, truth)) == pytest.approx(float(expected), rel=1e-12)
+    # a map with no valid cell is left out of the average; none at all gives NaN
+    holed = truth.copy(data=t.copy())
+    holed[0] = np.nan
+    spectrum = M.power_spectrum(holed)
+    assert spectrum.attrs["n_maps"] == 23
+    xr.testing.assert_allclose(
+        spectrum.drop_attrs(), M.power_spectrum(truth.isel(time=slice(1, None))).drop_attrs()
+    )
+    assert np.isnan(M.power_spectrum(truth * np.nan).values).all()
+
+
+def test_forecast_values_at_masked_cells_do_not_matter() -> None:
+    ens, truth, mask = _masked_case()
+    junk = ens.where(~mask, 1e6)
+    holes = ens.where(~mask)
+    clim = M.monthly_climatology(truth)
+    a, b, c = _all_scores(ens, truth), _all_scores(junk, truth), _all_scores(holes, truth)
+    for name in a:
+        if name == "power_sum":
+            continue
+        assert np.isfinite(a[name]), name
+        assert b[name] == pytest.approx(a[name], rel=1e-12, abs=1e-14), name
+        assert c[name] == pytest.approx(a[name], rel=1e-12, abs=1e-14), name
+    tables = [
+        M.evaluate_all(f.to_dataset(), truth.to_dataset(), climatology=clim.to_dataset())
+        for f in (ens, junk, holes)
+    ]
+    assert np.isfinite(tables[0]["tas"].values).all()
+    assert set(tables[0]["metric"].values) >= {
+        "ssim",
+        "acc",
+        "crps",
+        "spread_skill_ratio",
+        "log_spectral_distance",
+    }
+    for other in tables[1:]:
+        xr.testing.assert_allclose(other, tables[0], rtol=1e-12)
+    assert tables[0]["tas"].attrs["valid_fraction"] == pytest.approx(1 - mask.mean())
+
+
+def test_time_varying_nans_and_maps_with_no_valid_cell() -> None:
+    ens, truth = _smooth_case()
+    rng = np.random.default_rng(15)
+    missing = rng.random(truth.shape) < 0.1
+    missing[3] = True  # one map entirely missing
+    truth = truth.where(~missing)
+    fm = ens.mean("member")
+    valid = ~missing
+    w = np.broadcast_to(_cos_weights(truth), truth.shape)
+    err = np.abs(fm.values - truth.values)
+    assert float(M.mae(fm, truth)) == pytest.approx(np.sum((w * err)[valid]) / w[valid].sum(), rel=1e-12)
+    per_time = M.mae(fm, truth, dim=["lat", "lon"])
+    assert np.isnan(per_time[3]) and np.isfinite(per_time.drop_isel(time=3)).all()
+    # per cell: the forecast's quantile over the same (time, member) points as the truth's
+    e = np.where(valid, ens.values, np.nan)
+    q_f = np.nanquantile(e.reshape(-1, *truth.shape[1:]), 0.99, axis=0)
+    q_t = np.nanquantile(truth.values, 0.99, axis=0)
+    wc = _cos_weights(truth)
+    assert float(M.q99_error(ens, truth)) == pytest.approx(
+        np.sum(wc * np.abs(q_f - q_t)) / wc.sum(), rel=1e-12
+    )
+    table = M.evaluate_all(ens.to_dataset(), truth.to_dataset(), climatology=M.monthly_climatology(truth))
+    assert np.isfinite(table["tas"].values).all()
+    # a whole variable without a valid cell: NaN scores, no error
+    empty = M.evaluate_all(ens.to_dataset(), (truth * np.nan).to_dataset())
+    assert np.isnan(empty["tas"].values).all() and empty["tas"].attrs["valid_fraction"] == 0.0
+
+
+def test_nan_forecast_where_truth_is_valid_raises() -> None:
+    ens, truth, mask = _masked_case()
+    hole = (0, 5) + tuple(int(i[0]) for i in np.nonzero(~mask))  # member 0, time 5, a valid cell
+    bad = ens.copy(data=ens.values.copy())
+    bad[hole] = np.nan
+    for metric in (M.mae, M.crps, M.ssim, M.psnr, M.q99_error, M.wasserstein, M.rank_histogram):
+        with pytest.raises(M.MetricError, match=r"'tas' is NaN at 1 point"):
+            metric(bad, truth)
+    with pytest.raises(M.MetricError, match=r"rmse: forecast 'tas' is NaN at 1 point"):
+        M.rmse(bad.isel(member=0), truth)
+    with pytest.raises(M.MetricError, match="'tas'"):
+        M.evaluate_all(bad.to_dataset(), truth.to_dataset())
+    # dask: raised when the (lazy) score is computed
+    lazy = M.mae(bad.chunk(time=6), truth.chunk(time=6))
+    with pytest.raises(M.MetricError, match=r"mae: forecast 'tas' is NaN at 1 point"):
+        lazy.compute()
+    ok = M.mae(ens.chunk(time=6), truth.chunk(time=6))
+    assert ok.chunks is not None  # still lazy: the check did not compute the inputs
+    np.testing.assert_allclose(ok.values, M.mae(ens, truth).values, rtol=1e-12)
+
+
+def test_masked_dask_equals_eager() -> None:
+    ens, truth, _ = _masked_case()
+    clim = M.monthly_climatology(truth)
+    eager = M.evaluate_all(ens.to_dataset(), truth.to_dataset(), climatology=clim.to_dataset())
+    lazy = M.evaluate_all(
+        ens.to_dataset().chunk(time=6, lat=7),
+        truth.to_dataset().chunk(time=6, lat=7),
+        climatology=clim.to_dataset(),
     )
     xr.testing.assert_allclose(lazy, eager)
