@@ -9,13 +9,26 @@ Contract (:class:`~climrecon.methods.base.Method`):
 - Variables in :data:`MULTIPLICATIVE_VARIABLES` (pr) are corrected by ratios, all others (tas, uas, vas,
   psl) by differences.
 
-Baselines: :class:`BilinearDownscaler` (regrid.bilinear); :class:`QuantileMappingDownscaler` (bilinear,
-then empirical quantile mapping per month of year and fine cell); :class:`BCSDDownscaler` (Wood et al.
-2004: quantile mapping on the coarse grid against the coarsened reference, then spatial disaggregation of
-the bias-corrected anomaly onto the fine-scale climatology). Quantile mapping is
-:class:`EmpiricalQuantileMapping`, written here rather than taken from xsdba: xsdba 0.7 would add numba,
-llvmlite, pint and cf_xarray to the stack and, measured on this 2-core machine, took 13 s to import and
-14 s (JIT) to adjust a 240 x 4 x 5 toy case, for what is ~40 lines of vectorised NumPy here.
+Baselines: :class:`BilinearDownscaler` (regrid.bilinear); :class:`DeltaDownscaler` (bilinear plus the
+training period's mean fine-minus-bilinear residual per fine cell and calendar month, a ratio for pr);
+:class:`QuantileMappingDownscaler` (bilinear, then empirical quantile mapping per month of year and fine
+cell); :class:`BCSDDownscaler` (Wood et al. 2004: quantile mapping on the coarse grid against the coarsened
+reference, then spatial disaggregation of the bias-corrected anomaly onto the fine-scale climatology).
+
+Short records: a calendar month with too few training values (delta: ``min_values``; quantile mapping: 2)
+pools a cyclic window of neighbouring calendar months (+-1, +-2, ... at most +-6, the whole year) until it
+has enough (:func:`month_windows`; the windows used are kept in ``pooled_months``). A month with enough
+values uses only its own, so records with >= 2 values in every month give the results they always gave.
+Months absent from the training data are never fitted (downscaling them raises :class:`BaselineError`):
+pooling fills thin months, it does not invent a climate for months never seen.
+
+Missing cells (NaN in the fine truth, e.g. ocean of a land-only dataset): the fitted baselines skip them
+when fitting and give NaN there; a NaN coarse value (a coarse cell with no valid fine cell) is left out of
+the bilinear stencils around it (:func:`_bilinear_skipna`) rather than spreading NaN to valid fine cells.
+
+Quantile mapping is :class:`EmpiricalQuantileMapping`, written here rather than taken from xsdba: xsdba 0.7
+would add numba, llvmlite, pint and cf_xarray to the stack and, measured on this 2-core machine, took 13 s
+to import and 14 s (JIT) to adjust a 240 x 4 x 5 toy case, for what is ~40 lines of vectorised NumPy here.
 """
 
 from __future__ import annotations
@@ -37,15 +50,19 @@ __all__ = [
     "MULTIPLICATIVE_VARIABLES",
     "GridLike",
     "BilinearConfig",
+    "DeltaConfig",
     "QuantileMappingConfig",
     "BCSDConfig",
     "EmpiricalQuantileMapping",
     "BilinearDownscaler",
+    "DeltaDownscaler",
     "QuantileMappingDownscaler",
     "BCSDDownscaler",
+    "month_windows",
 ]
 
 MULTIPLICATIVE_VARIABLES = frozenset({"pr"})
+POOL_LIMIT = 6  # widest window of neighbouring calendar months a thin month may pool: +-6 is the whole year
 GridLike = Grid | xr.Dataset | xr.DataArray
 
 
@@ -80,14 +97,87 @@ def _bilinear(ds: xr.Dataset, target: GridLike) -> xr.Dataset:
     return regrid.bilinear(ds, target if isinstance(target, Grid) else _as_grid(target, "target grid"))
 
 
+def _bilinear_skipna(ds: xr.Dataset, target: GridLike) -> xr.Dataset:
+    """:func:`_bilinear` with NaN source values left out of the stencil instead of spreading.
+
+    Where every source value a target value draws on is valid, this IS ``_bilinear`` (the same bytes), so
+    complete data give what they always gave. Where some are NaN (a coarse cell with no valid fine cell:
+    ocean of a land-only truth), the target is the bilinear weighted mean of the valid ones, weights
+    renormalised: ``bilinear(x filled with 0) / bilinear(valid)``; NaN where none is valid.
+    """
+    plain = _bilinear(ds, target)
+    names = [v for v in gridded_variables(ds) if np.issubdtype(ds[v].dtype, np.floating)]
+    lazy = any(ds[v].chunks is not None for v in names)
+    if not names or not (lazy or any(bool(np.isnan(ds[v].values).any()) for v in names)):
+        return plain
+    filled = _bilinear(ds[names].fillna(0.0), target)
+    valid = _bilinear(ds[names].notnull().astype(np.float64), target)
+    out = plain.copy()
+    for v in names:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gap_filled = filled[v] / valid[v].where(valid[v] > 1e-6)
+        out[v] = (
+            plain[v].where(plain[v].notnull(), gap_filled).astype(plain[v].dtype).assign_attrs(plain[v].attrs)
+        )
+    return out
+
+
+def month_windows(
+    model_months: np.ndarray, reference_months: np.ndarray, needed: int, what: str
+) -> tuple[dict[int, tuple[int, ...]], dict[int, int]]:
+    """The calendar months each fitted month pools, and how many training values that gives it.
+
+    A month is fitted when it has at least one value in both the model and the reference (month-of-year
+    arrays, one entry per time step). It pools the months within +-k of it (cyclic, Dec next to Jan) for
+    the smallest k in 0..:data:`POOL_LIMIT` at which both have ``needed`` values (counted over the months
+    present in both); k = 0 (the month alone) whenever it has enough. Returns ``(windows, counts)``:
+    month -> the months pooled, in calendar order around it (January: ``(12, 1, 2)``), and month ->
+    min(model, reference) values in that window. Raises :class:`BaselineError` (prefixed ``what``) when
+    no month is shared or even the whole year holds fewer than ``needed`` values.
+    """
+    model_months, reference_months = np.asarray(model_months), np.asarray(reference_months)
+    present = [int(m) for m in np.intersect1d(model_months, reference_months)]
+    if not present:
+        raise BaselineError(f"{what}: model and reference share no month of year")
+    n_model = {m: int((model_months == m).sum()) for m in present}
+    n_reference = {m: int((reference_months == m).sum()) for m in present}
+    windows: dict[int, tuple[int, ...]] = {}
+    counts: dict[int, int] = {}
+    for month in present:
+        offset = {p: (p - month + 6) % 12 - 6 for p in present}  # signed, -6..5: Dec is -1 from Jan
+        for k in range(POOL_LIMIT + 1):
+            window = tuple(sorted((p for p in present if abs(offset[p]) <= k), key=offset.__getitem__))
+            n = min(sum(n_model[p] for p in window), sum(n_reference[p] for p in window))
+            if n >= needed:
+                windows[month], counts[month] = window, n
+                break
+        else:
+            raise BaselineError(
+                f"{what}: need >= {needed} training values per month of year, got {n} even pooling the "
+                f"whole year (months {present}); fit on a longer record"
+            )
+    return windows, counts
+
+
+def _pooled(windows: dict[int, tuple[int, ...]]) -> dict[int, tuple[int, ...]]:
+    """The windows of the months that pooled neighbours (those not fitted on their own values alone)."""
+    return {m: w for m, w in windows.items() if w != (m,)}
+
+
 def _float64(ds: xr.Dataset) -> xr.Dataset:
     """Gridded variables as float64: float32 rounding would otherwise create tied values, which make an
     empirical quantile mapping jump by a whole quantile step between tiny input differences."""
     return ds.assign({v: ds[v].astype(np.float64) for v in gridded_variables(ds)})
 
 
-def _with_members(ds: xr.Dataset, members: int | Sequence[int], method: str) -> xr.Dataset:
-    """Identical float32 copies of the gridded variables along a leading ``member`` dim."""
+def _with_members(
+    ds: xr.Dataset,
+    members: int | Sequence[int],
+    method: str,
+    pooled: dict[int, tuple[int, ...]] | None = None,
+) -> xr.Dataset:
+    """Identical float32 copies of the gridded variables along a leading ``member`` dim; ``pooled`` (the
+    months fitted on a window of neighbouring months, if any) is noted in the ``pooled_months`` attribute."""
     try:
         index = member_indices(members)
     except MethodError as exc:
@@ -98,7 +188,10 @@ def _with_members(ds: xr.Dataset, members: int | Sequence[int], method: str) -> 
             for v in gridded_variables(ds)
         }
     )
-    return out.assign_attrs(downscaling_method=method, members_identical=int(len(index) > 1))
+    out = out.assign_attrs(downscaling_method=method, members_identical=int(len(index) > 1))
+    if pooled:
+        out.attrs["pooled_months"] = "; ".join(f"{m}: {list(w)}" for m, w in sorted(pooled.items()))
+    return out
 
 
 class _Baseline:
@@ -193,11 +286,19 @@ class EmpiricalQuantileMapping:
     value through :func:`_map_quantiles`. Model and reference must be on the same grid; their times need not
     match (distributions are compared, not pairs). Only months present in both can be adjusted. NaNs are
     skipped when fitting and stay NaN.
+
+    Short records: a month with fewer than 2 training values (in model or reference) is fitted on the
+    values of a cyclic window of neighbouring months, +-1, +-2, ... at most +-6 (:func:`month_windows`;
+    ``pooled_months`` keeps month -> months pooled), e.g. every month of a one-year monthly record pools
+    its two neighbours. Months with >= 2 values use only their own, exactly as without pooling. Months
+    absent from the training data are not fitted: adjusting them raises (the window widens a thin month's
+    sample, it does not stand in for a month never seen).
     """
 
     n_quantiles: int | None = None
     model_quantiles: xr.Dataset | None = field(default=None, repr=False)
     reference_quantiles: xr.Dataset | None = field(default=None, repr=False)
+    pooled_months: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def fit(self, model: xr.Dataset, reference: xr.Dataset) -> EmpiricalQuantileMapping:
         names = _common_variables(model, reference, "quantile mapping fit")
@@ -208,15 +309,12 @@ class EmpiricalQuantileMapping:
                 "quantile mapping fit: model and reference must be on the same lat/lon grid; regrid one first"
             )
         m_months, r_months = model["time"].dt.month.values, reference["time"].dt.month.values
-        months = np.intersect1d(m_months, r_months)
-        if months.size == 0:
-            raise BaselineError("quantile mapping fit: model and reference share no month of year")
-        counts = [min((m_months == m).sum(), (r_months == m).sum()) for m in months]
-        nq = self.n_quantiles or int(min(counts))
+        windows, counts = month_windows(m_months, r_months, 2, "quantile mapping fit")
+        months = np.array(sorted(windows))
+        self.pooled_months = _pooled(windows)
+        nq = self.n_quantiles or int(min(counts.values()))
         if nq < 2:
-            raise BaselineError(
-                f"quantile mapping fit: need >= 2 training values per month, got {min(counts)}"
-            )
+            raise BaselineError(f"quantile mapping fit: need >= 2 quantiles per month, got n_quantiles={nq}")
         p = (np.arange(nq) + 0.5) / nq
 
         def quantiles(ds: xr.Dataset, month_of: np.ndarray) -> xr.Dataset:
@@ -226,7 +324,7 @@ class EmpiricalQuantileMapping:
                 values = np.asarray(da.values, dtype=np.float64)  # computes a lazy input once
                 per_month = []
                 for m in months:
-                    sample = values[month_of == m]
+                    sample = values[np.isin(month_of, windows[int(m)])]  # == m when not pooled
                     # np.quantile is vectorised; nanquantile loops over cells in Python (10x slower): use it
                     # only when there are gaps. Both give the same numbers on complete data.
                     q = np.nanquantile if np.isnan(sample).any() else np.quantile
@@ -303,6 +401,16 @@ class BilinearConfig(MethodConfig):
     name: Literal["bilinear"] = "bilinear"
 
 
+class DeltaConfig(MethodConfig):
+    """Bilinear interpolation plus the training period's mean fine-minus-bilinear residual (ratio for pr)."""
+
+    name: Literal["delta"] = "delta"
+    per_month: bool = Field(True, description="one residual per calendar month; False: one all-time mean")
+    min_values: int = Field(
+        2, ge=1, description="training values a calendar month needs before neighbouring months are pooled"
+    )
+
+
 class QuantileMappingConfig(MethodConfig):
     """Bilinear interpolation, then empirical quantile mapping per month of year and fine cell."""
 
@@ -342,6 +450,117 @@ class BilinearDownscaler(_Baseline):
 
 
 @dataclass
+class DeltaDownscaler(_Baseline):
+    """Bilinear interpolation plus the mean residual of the training period, per fine cell and calendar month.
+
+    fit (paired training time steps, those of both ``coarse_train`` and ``fine_train``):
+      residual = mean over the month's training steps of fine - bilinear(coarse) (tas, uas, vas, psl), or
+      ratio = mean(fine) / mean(bilinear(coarse)) over the same steps (pr; 1 where that bilinear mean is
+      <= 0); NaN values are skipped (a cell never valid stays NaN). The bilinear is the one
+      :class:`BilinearDownscaler` uses (NaN coarse cells left out of the stencil, :func:`_bilinear_skipna`).
+      A month with fewer than ``min_values`` training steps pools a cyclic window of neighbouring months
+      (+-1, +-2, ... at most +-6: :func:`month_windows`; ``pooled_months`` keeps which). ``per_month=False``:
+      one mean over all training steps.
+    downscale: bilinear(coarse) + residual of each step's calendar month, or bilinear * ratio clipped at 0.
+    Months absent from the training data raise :class:`BaselineError` (per_month only).
+    """
+
+    per_month: bool = True
+    min_values: int = 2
+    name: str = "delta"
+    needs: ClassVar[Needs] = Needs(fit=True)
+    summary: ClassVar[str] = (
+        "bilinear plus the training period's mean fine-minus-bilinear residual per cell and calendar month"
+    )
+    residual: xr.Dataset | None = field(default=None, repr=False)  # (month, lat, lon), or (lat, lon)
+    pooled_months: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    coarse_grid: Grid | None = None
+    fine_grid: Grid | None = None
+
+    @property
+    def config(self) -> MethodConfig:
+        return DeltaConfig(per_month=self.per_month, min_values=self.min_values)
+
+    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DeltaDownscaler:
+        where = f"{self.name} fit"
+        names = _common_variables(coarse_train, fine_train, where)
+        self.coarse_grid = _as_grid(coarse_train, f"{self.name} coarse_train")
+        self.fine_grid = _as_grid(fine_train, f"{self.name} fine_train")
+        interpolated = _bilinear_skipna(_float64(coarse_train[names]), self.fine_grid)
+        interpolated = interpolated.assign_coords(lat=fine_train["lat"].values, lon=fine_train["lon"].values)
+        interpolated, fine = xr.align(interpolated[names], _float64(fine_train[names]), join="inner")
+        if fine.sizes["time"] == 0:
+            raise BaselineError(
+                f"{where}: coarse_train and fine_train share no time step; the residual needs paired steps"
+            )
+        months = fine["time"].dt.month.values
+        if self.per_month:
+            windows, _ = month_windows(months, months, self.min_values, where)
+        else:
+            present = tuple(int(m) for m in np.unique(months))
+            if months.size < self.min_values:
+                raise BaselineError(f"{where}: need >= {self.min_values} training values, got {months.size}")
+            windows = {0: present}
+        self.pooled_months = _pooled(windows) if self.per_month else {}
+        out = {}
+        for var in names:
+            f, b = fine[var], interpolated[var]
+            both = f.notnull() & b.notnull()
+            if var in MULTIPLICATIVE_VARIABLES:
+                sums = {"num": f.where(both, 0.0), "den": b.where(both, 0.0), "n": both.astype(np.float64)}
+            else:
+                sums = {"num": (f - b).where(both, 0.0), "n": both.astype(np.float64)}
+            monthly = xr.Dataset(sums).groupby("time.month").sum("time").compute()
+            maps = []
+            for window in windows.values():
+                pooled = monthly.sel(month=list(window)).sum("month")
+                valid = pooled["n"] > 0
+                if var in MULTIPLICATIVE_VARIABLES:
+                    ratio = (pooled["num"] / pooled["den"].where(pooled["den"] > 0)).fillna(1.0)
+                    maps.append(ratio.clip(min=0.0).where(valid))
+                else:
+                    maps.append((pooled["num"] / pooled["n"].where(valid)).where(valid))
+            da = xr.concat(maps, "month").assign_coords(month=list(windows)) if self.per_month else maps[0]
+            out[var] = da.reset_coords(drop=True).assign_attrs(fine_train[var].attrs)
+        self.residual = xr.Dataset(out)
+        return self
+
+    def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
+        coarse = self._coarse(inputs)
+        if self.residual is None:
+            raise BaselineError(f"{self.name}: call fit(coarse_train, fine_train) before downscale")
+        grid = _as_grid(inputs.grid, f"{self.name} target")
+        if not _same_grid(grid, self.fine_grid):
+            raise BaselineError(
+                f"{self.name}: target {grid.describe()} is not the grid fitted on "
+                f"({self.fine_grid.describe()})"
+            )
+        if not _same_grid(_as_grid(coarse, f"{self.name} coarse"), self.coarse_grid):
+            raise BaselineError(
+                f"{self.name}: coarse input is not on the grid fitted on ({self.coarse_grid.describe()})"
+            )
+        names = gridded_variables(coarse)
+        missing = [str(v) for v in names if v not in self.residual]
+        if missing:
+            raise BaselineError(
+                f"{self.name}: variable(s) {missing} were not fitted; fitted: {list(map(str, self.residual))}"
+            )
+        if self.per_month:
+            _check_months(coarse, self.residual["month"].values, f"{self.name} downscale")
+        interpolated = _bilinear_skipna(_float64(coarse[names + _others(coarse)]), grid)
+        out = interpolated.copy()
+        for var in names:
+            residual = self.residual[var]
+            if self.per_month:
+                residual = residual.sel(month=interpolated["time"].dt.month).drop_vars("month")
+            residual = residual.assign_coords(lat=interpolated["lat"], lon=interpolated["lon"])
+            b = interpolated[var]
+            combined = (b * residual).clip(min=0.0) if var in MULTIPLICATIVE_VARIABLES else b + residual
+            out[var] = combined.transpose(*b.dims).astype("float32").assign_attrs(coarse[var].attrs)
+        return _with_members(out, members, self.name, self.pooled_months)
+
+
+@dataclass
 class QuantileMappingDownscaler(_Baseline):
     """Bilinear interpolation to the fine grid, then empirical quantile mapping per month and fine cell.
 
@@ -365,7 +584,7 @@ class QuantileMappingDownscaler(_Baseline):
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> QuantileMappingDownscaler:
         names = _common_variables(coarse_train, fine_train, f"{self.name} fit")
         self.grid = _as_grid(fine_train, f"{self.name} fine_train")
-        interpolated = _bilinear(_float64(coarse_train[names]), self.grid)
+        interpolated = _bilinear_skipna(_float64(coarse_train[names]), self.grid)
         self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(interpolated, fine_train[names])
         return self
 
@@ -378,7 +597,8 @@ class QuantileMappingDownscaler(_Baseline):
             raise BaselineError(
                 f"{self.name}: target {grid.describe()} is not the grid fitted on ({self.grid.describe()})"
             )
-        return _with_members(self.mapping.adjust(_bilinear(_float64(coarse), grid)), members, self.name)
+        adjusted = self.mapping.adjust(_bilinear_skipna(_float64(coarse), grid))
+        return _with_members(adjusted, members, self.name, self.mapping.pooled_months)
 
 
 @dataclass
@@ -396,6 +616,10 @@ class BCSDDownscaler(_Baseline):
          bc / clim_coarse (pr; 1 where clim_coarse <= 0);
       3. interpolate the anomaly bilinearly to the fine grid and apply it to the fine climatology:
          clim_fine + anomaly, or clim_fine * ratio.
+    Short records: the quantile mapping pools neighbouring months where a month has < 2 values (see
+    :class:`EmpiricalQuantileMapping`); the climatologies stay each month's own mean. NaN fine cells give
+    NaN fine climatologies and so NaN output there; a coarse cell with no valid fine cell is left out of the
+    anomaly's interpolation (:func:`_bilinear_skipna`).
     """
 
     n_quantiles: int | None = None
@@ -469,19 +693,19 @@ class BCSDDownscaler(_Baseline):
                 )
             else:
                 anomaly[var] = corrected[var] - clim_c[var]
-        fine_anomaly = _bilinear(anomaly, grid)
+        fine_anomaly = _bilinear_skipna(anomaly, grid)
         clim_f = clim_f.assign_coords(lat=fine_anomaly["lat"], lon=fine_anomaly["lon"])
         out = fine_anomaly.copy()
         for var in names:
             combined = (
-                clim_f[var] * fine_anomaly[var]
+                (clim_f[var] * fine_anomaly[var]).clip(min=0.0)  # an extrapolated ratio can dip below 0
                 if var in MULTIPLICATIVE_VARIABLES
                 else clim_f[var] + fine_anomaly[var]
             )
             out[var] = (
                 combined.transpose(*fine_anomaly[var].dims).astype("float32").assign_attrs(coarse[var].attrs)
             )
-        return _with_members(out, members, self.name)
+        return _with_members(out, members, self.name, self.mapping.pooled_months)
 
 
 def _others(ds: xr.Dataset) -> list[Hashable]:
@@ -498,6 +722,12 @@ def _register() -> None:
         lambda cfg, sampler: BilinearDownscaler(),
         BilinearDownscaler.summary,
         needs="coarse fields; any factor",
+    )
+    register(
+        DeltaConfig,
+        lambda cfg, sampler: DeltaDownscaler(cfg.per_month, cfg.min_values),
+        DeltaDownscaler.summary,
+        needs="coarse fields; paired training years; any factor",
     )
     register(
         QuantileMappingConfig,

@@ -4,11 +4,14 @@ Contract: every function takes xarray results (maps, :func:`climrecon.tasks.metr
 :func:`climrecon.tasks.metrics.rank_histogram` counts), writes one PNG of exactly ``figsize * dpi`` pixels
 to ``path`` (parent folders created) and returns that path. Figures are built on matplotlib's Agg canvas
 directly (no pyplot state), so they are safe in Dask workers and threads; each takes well under a second.
-Axis and colour-bar labels carry the variable's ``units`` attribute.
+Axis and colour-bar labels carry the variable's ``units`` attribute. Map figures use matplotlib's
+constrained layout with each colour bar attached to its own panel(s) and long labels wrapped to the panel
+height, so no label, colour bar or title runs into a neighbouring panel (tests/test_plots.py measures it).
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +25,9 @@ from climrecon.storage import url_options
 __all__ = [
     "plot_loss_curve",
     "PlotError",
+    "ensemble_figure",
     "ensemble_maps",
+    "maps_figure",
     "plot_maps",
     "plot_power_spectra",
     "plot_rank_histogram",
@@ -37,6 +42,16 @@ def _label(da: xr.DataArray, fallback: str) -> str:
     name = da.attrs.get("long_name") or da.name or fallback
     units = da.attrs.get("units")
     return f"{name} [{units}]" if units else str(name)
+
+
+def _wrapped(label: str, height_in: float, fontsize: float = 10.0) -> str:
+    """``label`` on lines short enough to run along a vertical colour bar of a panel ``height_in`` inches
+    tall (about 0.6 em per character), its trailing ``[units]`` never split."""
+    head, sep, units = label.rpartition(" [")
+    if sep:
+        label = head + " [" + units.replace(" ", "\u00a0")  # no-break spaces: textwrap keeps units whole
+    width = max(12, int(0.75 * height_in * 72 / (0.6 * fontsize)))
+    return textwrap.fill(label, width=width, break_long_words=False, break_on_hyphens=False)
 
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
@@ -73,8 +88,27 @@ def plot_maps(
     The shared scale spans the min..max of all panels (``symmetric``: -m..m with m the largest absolute
     value, for anomalies on a diverging ``cmap``), with one colour bar labelled "name [units]" (from the
     first panel's attrs). An optional ensemble ``spread`` map is drawn last on its own scale and colour bar.
-    Figure size: (number of panels) * ``panel_size`` inches at ``dpi``.
+    Figure size: (number of panels) * ``panel_size`` inches at ``dpi``. The figure is :func:`maps_figure`.
     """
+    fig = maps_figure(
+        panels, spread=spread, title=title, cmap=cmap, symmetric=symmetric, panel_size=panel_size, dpi=dpi
+    )
+    return _save(fig, path, dpi)
+
+
+def maps_figure(
+    panels: Mapping[str, xr.DataArray],
+    *,
+    spread: xr.DataArray | None = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+    symmetric: bool = False,
+    panel_size: tuple[float, float] = (3.6, 3.0),
+    dpi: int = 100,
+) -> Figure:
+    """The figure :func:`plot_maps` saves (arguments as there), laid out by matplotlib's constrained layout:
+    the shared colour bar is attached to the map panels, the spread's to the spread panel, each with its
+    label wrapped to the panel height, so labels, colour bars and the title never overlap."""
     if not panels:
         raise PlotError("plot_maps: no panels given; pass e.g. {'truth': map, 'model': map}")
     maps = {name: _map2d(da, name) for name, da in panels.items()}
@@ -88,28 +122,31 @@ def plot_maps(
         vmax = max(abs(vmin), abs(vmax))
         vmin = -vmax
     n = len(maps) + (spread is not None)
-    fig = Figure(figsize=(panel_size[0] * n, panel_size[1]), layout="constrained")
+    fig = Figure(figsize=(panel_size[0] * n, panel_size[1]), dpi=dpi, layout="constrained")
+    fig.get_layout_engine().set(w_pad=4 / 72, h_pad=4 / 72, wspace=0.04)  # 4 pt around every panel
     axes = fig.subplots(1, n, squeeze=False)[0]
     first = next(iter(maps.values()))
     mesh = None
     for ax, (name, m) in zip(axes, maps.items(), strict=False):
         mesh = ax.pcolormesh(m["lon"], m["lat"], m.values, vmin=vmin, vmax=vmax, cmap=cmap, shading="nearest")
         ax.set_title(name)
-    fig.colorbar(mesh, ax=list(axes[: len(maps)]), shrink=0.85, label=_label(first, "value"))
+    label = _wrapped(_label(first, "value"), panel_size[1])
+    fig.colorbar(mesh, ax=list(axes[: len(maps)]), shrink=0.9, pad=0.03, label=label)
     if spread is not None:
         ax = axes[-1]
         s = ax.pcolormesh(spread["lon"], spread["lat"], spread.values, cmap="magma", shading="nearest")
         ax.set_title("spread")
         units = spread.attrs.get("units") or first.attrs.get("units")
-        fig.colorbar(s, ax=ax, shrink=0.85, label=f"spread [{units}]" if units else "spread")
+        label = _wrapped(f"spread [{units}]" if units else "spread", panel_size[1])
+        fig.colorbar(s, ax=ax, shrink=0.9, pad=0.03, label=label)
     mean_lat = float(np.mean(first["lat"]))
     for ax in axes:
         ax.set_aspect(1.0 / max(np.cos(np.deg2rad(mean_lat)), 0.1))
         ax.set_xlabel("longitude [degrees_east]")
     axes[0].set_ylabel("latitude [degrees_north]")
     if title:
-        fig.suptitle(title)
-    return _save(fig, path, dpi)
+        fig.suptitle(title, fontsize="large")
+    return fig
 
 
 def plot_power_spectra(
@@ -181,7 +218,7 @@ def ensemble_maps(
     """PNG of the first variable's ensemble mean and spread at ``time_index`` of an aggregate store.
 
     Reads only that month (``<var>_mean`` and ``<var>_std``); returns None when the store has no
-    ``*_mean`` variable. The file is ``<directory>/<var>_mean_spread.png``.
+    ``*_mean`` variable. The file is ``<directory>/<var>_mean_spread.png`` (:func:`ensemble_figure`).
     """
     ds = xr.open_zarr(aggregate_url, storage_options=url_options(aggregate_url, storage_options))
     means = sorted(str(v) for v in ds.data_vars if str(v).endswith("_mean"))
@@ -190,11 +227,31 @@ def ensemble_maps(
     name = means[0][: -len("_mean")]
     month = ds.isel(time=time_index)
     stamp = str(month.time.values)[:7]
-    return plot_maps(
-        {f"{name} ensemble mean": month[f"{name}_mean"]},
-        Path(directory) / f"{name}_mean_spread.png",
-        spread=month[f"{name}_std"],
-        title=f"{name}, {stamp}, {ds.attrs.get('ensemble_size', '?')} members",
+    fig = ensemble_figure(
+        month[f"{name}_mean"],
+        month[f"{name}_std"],
+        name=name,
+        stamp=stamp,
+        members=ds.attrs.get("ensemble_size", "?"),
+    )
+    return _save(fig, Path(directory) / f"{name}_mean_spread.png", ENSEMBLE_DPI)
+
+
+ENSEMBLE_PANEL = (4.6, 3.8)  # inches per panel of the ensemble figure: 9.2 x 3.8 in, 920 x 380 px
+ENSEMBLE_DPI = 100
+
+
+def ensemble_figure(
+    mean: xr.DataArray, spread: xr.DataArray, *, name: str, stamp: str, members: int | str
+) -> Figure:
+    """Ensemble mean and spread maps of one month side by side, each with its own colour bar labelled with
+    the units, titled "<name>, <stamp>: ensemble mean and spread of <members> members"."""
+    return maps_figure(
+        {f"{name} ensemble mean": mean},
+        spread=spread,
+        title=f"{name}, {stamp}: ensemble mean and spread of {members} members",
+        panel_size=ENSEMBLE_PANEL,
+        dpi=ENSEMBLE_DPI,
     )
 
 

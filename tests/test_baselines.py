@@ -1,4 +1,5 @@
-"""Baselines: the shared Downscaler interface, bilinear = regrid.bilinear, QM/BCSD preserve what they must."""
+"""Baselines: the shared Downscaler interface, bilinear = regrid.bilinear, delta/QM/BCSD preserve what they
+must, short records pool neighbouring months, missing cells stay missing."""
 
 from __future__ import annotations
 
@@ -59,7 +60,12 @@ def _quantiles_by_month(da: xr.DataArray) -> xr.DataArray:
 
 
 def test_every_baseline_is_a_downscaler_with_the_shared_output(data) -> None:
-    for method in (B.BilinearDownscaler(), B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
+    for method in (
+        B.BilinearDownscaler(),
+        B.DeltaDownscaler(),
+        B.QuantileMappingDownscaler(),
+        B.BCSDDownscaler(),
+    ):
         assert isinstance(method, Method)
         fitted = method.fit(data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN))
         assert fitted is method
@@ -169,11 +175,17 @@ def test_bias_corrected_baselines_beat_bilinear_on_held_out_years(data) -> None:
     gcm, fine = data["gcm"], data["fine"]
     truth_clim = fine["tas"].sel(time=test).groupby("time.month").mean("time")
     errors = {}
-    for method in (B.BilinearDownscaler(), B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
+    for method in (
+        B.BilinearDownscaler(),
+        B.DeltaDownscaler(),
+        B.QuantileMappingDownscaler(),
+        B.BCSDDownscaler(),
+    ):
         method.fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN))
         out = method.downscale(inputs_of(gcm.sel(time=test), FINE)).isel(member=0, drop=True)
         errors[method.name] = float(abs(out["tas"].groupby("time.month").mean("time") - truth_clim).mean())
     assert errors["qm"] < 0.5 * errors["bilinear"] and errors["bcsd"] < 0.5 * errors["bilinear"]
+    assert errors["delta"] < 0.5 * errors["bilinear"]
 
 
 def test_errors_name_the_problem(data) -> None:
@@ -197,7 +209,7 @@ def test_errors_name_the_problem(data) -> None:
 
 def test_dask_inputs_give_the_same_result_lazily(data) -> None:
     gcm, fine = data["gcm"].chunk(time=48), data["fine"].chunk(time=48)
-    for method in (B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
+    for method in (B.DeltaDownscaler(), B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
         lazy = method.fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN)).downscale(inputs_of(gcm, FINE))
         assert lazy["tas"].chunks is not None
         eager = (
@@ -206,3 +218,234 @@ def test_dask_inputs_give_the_same_result_lazily(data) -> None:
             .downscale(inputs_of(data["gcm"], FINE))
         )
         xr.testing.assert_allclose(lazy[["tas", "pr"]].compute(), eager[["tas", "pr"]], rtol=1e-6)
+
+
+# -- delta, short records, missing cells ------------------------------------------------------------------
+HELD = slice("2002-01-01", None)
+NEIGHBOURS = {m: ((m - 2) % 12 + 1, m, m % 12 + 1) for m in range(1, 13)}  # January: (12, 1, 2)
+
+
+def _by_month(da: xr.DataArray, field: np.ndarray) -> xr.DataArray:
+    """``field`` (12, lat, lon) picked by the calendar month of each time step of ``da``."""
+    return da.copy(data=field[da["time"].dt.month.values - 1])
+
+
+def test_delta_recovers_a_known_monthly_residual_and_ratio(data) -> None:
+    gcm = data["gcm"]
+    bil = regrid.bilinear(gcm[["tas", "pr"]].astype("float64"), FINE)
+    rng = np.random.default_rng(3)
+    shift, ratio = (
+        rng.normal(0, 2, (12, FINE.nlat, FINE.nlon)),
+        rng.uniform(0.5, 2, (12, FINE.nlat, FINE.nlon)),
+    )
+    fine = xr.Dataset(
+        {
+            "tas": (bil["tas"] + _by_month(bil["tas"], shift)).assign_attrs(units="K"),
+            "pr": (bil["pr"] * _by_month(bil["pr"], ratio)).assign_attrs(units="kg m-2 s-1"),
+        }
+    )
+    delta = B.DeltaDownscaler().fit(gcm.sel(time=TRAIN), fine.sel(time=TRAIN))
+    assert delta.pooled_months == {}
+    np.testing.assert_allclose(delta.residual["tas"].transpose("month", "lat", "lon"), shift, atol=1e-9)
+    np.testing.assert_allclose(delta.residual["pr"].transpose("month", "lat", "lon"), ratio, rtol=1e-9)
+    out = delta.downscale(inputs_of(gcm.sel(time=HELD), FINE)).isel(member=0, drop=True)
+    for var in ("tas", "pr"):  # new times: bilinear + the month's residual IS the fine field
+        np.testing.assert_allclose(out[var], fine[var].sel(time=HELD), rtol=1e-6)
+    assert out["tas"].attrs["units"] == "K" and "pooled_months" not in out.attrs
+    assert float(abs(out["tas"] - bil["tas"].sel(time=HELD)).mean()) > 1.0  # far from plain bilinear
+
+
+def test_delta_ratio_keeps_pr_non_negative_where_bilinear_dips_below_zero(data) -> None:
+    # a dry western column next to a wet one: bilinear extrapolates below zero at the western edge
+    pr = data["gcm"]["pr"].copy()
+    pr[:, :, 0], pr[:, :, 1] = 0.0, 5 * pr[:, :, 1]
+    gcm = data["gcm"].assign(pr=pr)
+    bil = regrid.bilinear(gcm[["pr"]].astype("float64"), FINE)["pr"]
+    assert float(bil.min()) < 0
+    delta = B.DeltaDownscaler().fit(gcm.sel(time=TRAIN), data["fine"].sel(time=TRAIN))
+    ratio = delta.residual["pr"]
+    assert float(ratio.min()) >= 0
+    # the ratio of means at one wet cell, by hand; 1 where the bilinear mean is <= 0
+    fine_jan = data["fine"]["pr"].sel(time=TRAIN).isel(lat=5, lon=8)
+    bil_jan = bil.sel(time=TRAIN).isel(lat=5, lon=8)
+    jan = fine_jan["time"].dt.month == 1
+    want = float(fine_jan.where(jan).astype("float64").sum() / bil_jan.where(jan).sum())
+    assert float(ratio.sel(month=1).isel(lat=5, lon=8)) == pytest.approx(want, rel=1e-12)
+    mean_bil = bil.sel(time=TRAIN).groupby("time.month").mean("time")
+    assert (ratio.where(mean_bil <= 0) == 1).sum() == (mean_bil <= 0).sum() > 0
+    out = delta.downscale(inputs_of(gcm.sel(time=HELD), FINE)).isel(member=0, drop=True)["pr"]
+    below = bil.sel(time=HELD) < 0
+    assert int(below.sum()) > 0 and (out.where(below) == 0).sum() == below.sum()
+    assert float(out.min()) == 0.0 and bool(np.isfinite(out).all())
+
+
+def test_a_one_year_record_pools_neighbouring_months(data) -> None:
+    one = slice("1990-01", "1990-12")
+    gcm, fine = data["gcm"].sel(time=one), data["fine"].sel(time=one)
+    winter = gcm["time"].dt.month.isin([12, 1, 2]).values
+    delta = B.DeltaDownscaler().fit(gcm, fine)
+    qm = B.QuantileMappingDownscaler().fit(gcm, fine)
+    bcsd = B.BCSDDownscaler().fit(gcm, fine)
+    assert delta.pooled_months == qm.mapping.pooled_months == bcsd.mapping.pooled_months == NEIGHBOURS
+    # January: the mean residual of December, January and February
+    bil = regrid.bilinear(gcm[["tas"]].astype("float64"), FINE)["tas"]
+    want = (fine["tas"].astype("float64") - bil)[winter].mean("time")
+    np.testing.assert_allclose(delta.residual["tas"].sel(month=1), want, rtol=1e-12)
+    # three values in each window: the quantile nodes are the sorted Dec, Jan, Feb values of each cell
+    nodes = np.sort(fine["tas"].values[winter].astype("float64"), axis=0)
+    np.testing.assert_allclose(qm.mapping.reference_quantiles["tas"].sel(month=1), nodes, rtol=1e-12)
+    assert qm.mapping.reference_quantiles.sizes["quantile"] == 3
+    held = data["gcm"].sel(time=HELD)
+    truth = data["fine"]["tas"].sel(time=HELD).groupby("time.month").mean("time")
+    raw = regrid.bilinear(held[["tas"]], FINE)["tas"].groupby("time.month").mean("time")
+    for method in (delta, qm, bcsd):
+        out = method.downscale(inputs_of(held, FINE)).isel(member=0, drop=True)
+        assert bool(np.isfinite(out["tas"]).all() and np.isfinite(out["pr"]).all())
+        if method is not bcsd:  # BCSD's interpolated pr ratio may extrapolate below 0 at the domain edge
+            assert bool((out["pr"] >= 0).all())
+        assert out.attrs["pooled_months"].startswith("1: [12, 1, 2]; 2: [1, 2, 3]; ")
+        error = float(abs(out["tas"].groupby("time.month").mean("time") - truth).mean())
+        # still corrects most of the GCM's bias (bilinear: 2.4 K; delta 0.9, qm 1.1, bcsd 1.3 K from one year)
+        assert error < 0.6 * float(abs(raw - truth).mean()), method.name
+
+
+def test_quantile_mapping_is_unchanged_where_every_month_has_two_values(data) -> None:
+    two = slice("1990-01", "1991-12")
+    gcm, fine = data["gcm"].sel(time=two), data["fine"].sel(time=two)
+    qm = B.QuantileMappingDownscaler().fit(gcm, fine)
+    assert qm.mapping.pooled_months == {}
+    model = regrid.bilinear(gcm[["tas", "pr"]].astype("float64"), FINE)
+    month = gcm["time"].dt.month.values
+    held = data["gcm"].sel(time=HELD)
+    x = regrid.bilinear(held[["tas", "pr"]].astype("float64"), FINE)
+    out = qm.downscale(inputs_of(held, FINE)).isel(member=0, drop=True)
+    for var in ("tas", "pr"):  # per-month quantiles and mapping as without pooling, to the byte
+        want = np.empty(x[var].shape)
+        for m in range(1, 13):
+            q_model = np.quantile(model[var].values[month == m], [0.25, 0.75], axis=0, method="hazen")
+            q_ref = np.quantile(
+                fine[var].values[month == m].astype("float64"), [0.25, 0.75], axis=0, method="hazen"
+            )
+            assert qm.mapping.model_quantiles[var].sel(month=m).values.tobytes() == q_model.tobytes()
+            assert qm.mapping.reference_quantiles[var].sel(month=m).values.tobytes() == q_ref.tobytes()
+            sel = held["time"].dt.month.values == m
+            mapped = B._map_quantiles(
+                np.moveaxis(x[var].values[sel], 0, -1),
+                np.moveaxis(q_model, 0, -1),
+                np.moveaxis(q_ref, 0, -1),
+                var in B.MULTIPLICATIVE_VARIABLES,
+            )
+            want[sel] = np.moveaxis(mapped, -1, 0)
+        assert out[var].values.tobytes() == want.astype(np.float32).tobytes()
+    # one thin month (a January dropped) pools its neighbours; every other month keeps its bytes
+    keep = gcm["time"][1:]
+    thin = B.EmpiricalQuantileMapping().fit(model.sel(time=keep), fine.sel(time=keep)[["tas", "pr"]])
+    assert thin.pooled_months == {1: (12, 1, 2)}
+    for m in range(2, 13):
+        for q in ("model_quantiles", "reference_quantiles"):
+            a, b = getattr(thin, q)["tas"].sel(month=m), getattr(qm.mapping, q)["tas"].sel(month=m)
+            assert a.values.tobytes() == b.values.tobytes()
+    pooled = np.isin(month[1:], [12, 1, 2])
+    q_jan = np.quantile(model["tas"].values[1:][pooled], [0.25, 0.75], axis=0, method="hazen")
+    np.testing.assert_array_equal(
+        thin.model_quantiles["tas"].sel(month=1), q_jan
+    )  # 5 values: Dec x2, Jan, Feb x2
+
+
+def test_missing_cells_stay_missing_and_do_not_spread(data) -> None:
+    mask = np.zeros((FINE.nlat, FINE.nlon), bool)
+    mask[:3, :6] = True  # parts of coarse cells (a coast)
+    mask[8:12, 12:16] = True  # one whole coarse cell: NaN in the coarsened truth too
+    fine = data["fine"].assign(tas=data["fine"]["tas"].where(~mask), pr=data["fine"]["pr"].where(~mask))
+    coarsened = regrid.coarsen_blocks(fine, FACTOR)
+    assert int(coarsened["tas"].isel(time=0).isnull().sum()) == 1
+    # regrid.bilinear spreads a NaN coarse cell over its whole stencil; the baselines' bilinear does not
+    assert (
+        int(regrid.bilinear(coarsened[["tas"]], FINE)["tas"].isel(time=0).isnull().sum())
+        > mask[8:12, 12:16].sum()
+    )
+    for coarse in (data["gcm"], coarsened):
+        for method in (B.DeltaDownscaler(), B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
+            out = method.fit(coarse.sel(time=TRAIN), fine.sel(time=TRAIN)).downscale(
+                inputs_of(coarse.sel(time=HELD), FINE)
+            )
+            for var in ("tas", "pr"):
+                values = out[var].isel(member=0).values
+                assert np.isnan(values[:, mask]).all(), (method.name, var)
+                assert np.isfinite(values[:, ~mask]).all(), (method.name, var)
+    # delta and QM work cell by cell: on the cells with data, masking others changes nothing
+    for kind in (B.DeltaDownscaler, B.QuantileMappingDownscaler):
+        held = inputs_of(data["gcm"].sel(time=HELD), FINE)
+        masked = kind().fit(data["gcm"].sel(time=TRAIN), fine.sel(time=TRAIN)).downscale(held)
+        full = kind().fit(data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN)).downscale(held)
+        np.testing.assert_array_equal(masked["tas"].values[..., ~mask], full["tas"].values[..., ~mask])
+
+
+def test_bilinear_skipna_is_bilinear_on_complete_stencils_and_renormalises_gaps(data) -> None:
+    coarse = data["coarse"][["tas"]].isel(time=slice(0, 3))
+    holed = coarse.assign(
+        tas=coarse["tas"].where((coarse["lat"] != coarse["lat"][1]) | (coarse["lon"] != coarse["lon"][2]))
+    )
+    plain, skip = regrid.bilinear(holed, FINE)["tas"], B._bilinear_skipna(holed, FINE)["tas"]
+    complete = plain.notnull()
+    assert int((~complete).isel(time=0).sum()) > 0 and bool(skip.notnull().all())
+    assert skip.where(complete).values.tobytes() == plain.values.tobytes()
+    flat = B._bilinear_skipna(holed.assign(tas=holed["tas"] * 0 + 7.0), FINE)["tas"]  # renormalised: stays 7
+    np.testing.assert_allclose(flat, 7.0, rtol=1e-6)
+    assert (
+        B._bilinear_skipna(coarse, FINE)["tas"].values.tobytes()
+        == regrid.bilinear(coarse, FINE)["tas"].values.tobytes()
+    )
+
+
+def test_months_never_seen_raise_and_one_value_cannot_be_pooled(data) -> None:
+    q1 = slice("1990-01", "1990-03")  # January to March of one year
+    gcm, fine = data["gcm"].sel(time=q1), data["fine"].sel(time=q1)
+    july = inputs_of(data["gcm"].sel(time=slice("1995-07-01", "1995-07-30")), FINE)
+    for method in (B.DeltaDownscaler(), B.QuantileMappingDownscaler(), B.BCSDDownscaler()):
+        method.fit(gcm, fine)
+        pooled = (
+            method.pooled_months if isinstance(method, B.DeltaDownscaler) else method.mapping.pooled_months
+        )
+        assert pooled == {1: (1, 2), 2: (1, 2, 3), 3: (2, 3)}  # no December/April to pool: absent
+        out = method.downscale(inputs_of(data["gcm"].sel(time="1995-02"), FINE))
+        assert bool(np.isfinite(out["tas"]).all())
+        with pytest.raises(
+            B.BaselineError, match=r"month\(s\) \[7\] occur in the data but not in the training"
+        ):
+            method.downscale(july)
+    for kind in (B.DeltaDownscaler, B.QuantileMappingDownscaler):
+        with pytest.raises(
+            B.BaselineError, match=r"need >= 2 training values per month of year, got 1 even pool"
+        ):
+            kind().fit(gcm.isel(time=[0]), fine.isel(time=[0]))
+    # per_month=False: one all-time mean residual, so July is served by the January-March mean
+    delta = B.DeltaDownscaler(per_month=False).fit(gcm, fine)
+    bil = regrid.bilinear(gcm[["tas"]].astype("float64"), FINE)["tas"]
+    mean = (fine["tas"].astype("float64") - bil).mean("time")
+    np.testing.assert_allclose(delta.residual["tas"], mean, rtol=1e-12)
+    got = delta.downscale(july).isel(member=0, time=0)["tas"]
+    want = (
+        regrid.bilinear(data["gcm"][["tas"]].sel(time="1995-07").astype("float64"), FINE)["tas"].isel(time=0)
+        + mean
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_delta_is_registered_and_refuses_what_it_cannot_do(data) -> None:
+    from climrecon import methods
+
+    built = methods.build({"name": "delta", "per_month": False, "min_values": 3})
+    assert isinstance(built, B.DeltaDownscaler) and (built.per_month, built.min_values) == (False, 3)
+    assert built.describe()["config"] == {"name": "delta", "label": None, "per_month": False, "min_values": 3}
+    assert built.needs.fit and built.needs.coarse and not built.needs.stochastic
+    gcm, fine = data["gcm"].sel(time=TRAIN), data["fine"].sel(time=TRAIN)
+    with pytest.raises(B.BaselineError, match="call fit"):
+        B.DeltaDownscaler().downscale(inputs_of(gcm, FINE))
+    with pytest.raises(B.BaselineError, match="share no time step"):
+        B.DeltaDownscaler().fit(gcm.sel(time="1990"), fine.sel(time="1991"))
+    delta = B.DeltaDownscaler().fit(gcm, fine)
+    with pytest.raises(B.BaselineError, match="not the grid fitted on"):
+        delta.downscale(inputs_of(gcm, Grid(30.0, -120.0, 1.0, 1.0, 8, 10)))
+    with pytest.raises(B.BaselineError, match="coarse input is not on the grid fitted on"):
+        delta.downscale(inputs_of(regrid.coarsen_blocks(fine, 2), FINE))
