@@ -43,6 +43,9 @@ __all__ = [
     "DownscaleConfig",
     "AggregateConfig",
     "EvaluateConfig",
+    "TimeSelection",
+    "FineVariable",
+    "FineDataConfig",
     "ClimReconConfig",
     "load_config",
     "apply_overrides",
@@ -453,6 +456,202 @@ class EvaluateConfig(_Model):
         return self
 
 
+_DATE_FORMATS = "YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDTHH"
+
+
+def date_parts(text: str) -> tuple[int, ...]:
+    """``"2001-09-30"`` -> ``(2001, 9, 30)``: the (year, month, day, hour) fields a date string gives, in
+    order, 1 to 4 of them (formats YYYY, YYYY-MM, YYYY-MM-DD, YYYY-MM-DDTHH; month 1..12, day 1..31,
+    hour 0..23). ValueError naming the string otherwise."""
+    s = str(text).strip()
+    day_part, _, hour_part = s.partition("T")
+    fields = day_part.split("-") + ([hour_part] if hour_part else [])
+    limits = ((0, 99999), (1, 12), (1, 31), (0, 23))
+    try:
+        parts = tuple(int(f) for f in fields)
+    except ValueError:
+        parts = ()
+    if (
+        not 1 <= len(parts) <= 4
+        or (hour_part and len(parts) != 4)
+        or any(not lo <= v <= hi for v, (lo, hi) in zip(parts, limits, strict=False))
+    ):
+        raise ValueError(f"date {text!r} is not one of {_DATE_FORMATS} (month 1-12, day 1-31, hour 0-23)")
+    return parts
+
+
+def _not_after(start: tuple[int, ...], end: tuple[int, ...]) -> bool:
+    """Whether the first instant of ``start`` lies within the inclusive ``end`` (any precisions)."""
+    first = (start + (1, 1, 0)[len(start) - 1 :])[:4]
+    return first[: len(end)] <= end
+
+
+class TimeSelection(_Model):
+    """Which time steps of a dataset to use: a window, then every ``every``-th step of it from ``offset``.
+
+    ``years`` (inclusive calendar years) or ``dates`` (inclusive ``[start, end]``; each YYYY, YYYY-MM,
+    YYYY-MM-DD or YYYY-MM-DDTHH, an end standing for the whole year/month/day/hour it names:
+    ``("2001-01-01", "2001-09-30")`` is 1 January 00:00 to 30 September 23:59), not both; neither: every
+    time step. ``every``/``offset`` then keep steps ``offset, offset + every, ...`` of the window.
+    """
+
+    years: tuple[int, int] | None = Field(None, description="inclusive calendar years (first, last)")
+    dates: tuple[str, str] | None = Field(
+        None, description="inclusive (start, end): YYYY-MM-DD, YYYY-MM or YYYY-MM-DDTHH"
+    )
+    every: int = Field(1, ge=1, description="keep every n-th time step of the window")
+    offset: int = Field(0, ge=0, description="first time step of the window kept (0-based)")
+
+    @field_validator("dates", mode="before")
+    @classmethod
+    def _yaml_dates(cls, v: Any) -> Any:
+        """YAML reads an unquoted 2001-09-30 as a date: back to its string (a datetime keeps its hour)."""
+        import datetime as dt
+
+        def text(d: Any) -> Any:
+            if isinstance(d, dt.datetime):
+                return d.strftime("%Y-%m-%dT%H")
+            return d.isoformat() if isinstance(d, dt.date) else str(d) if isinstance(d, int) else d
+
+        return [text(d) for d in v] if isinstance(v, list | tuple) else v
+
+    @model_validator(mode="after")
+    def _window(self) -> TimeSelection:
+        if self.years is not None and self.dates is not None:
+            raise ValueError(f"give years {self.years} or dates {self.dates}, not both")
+        if self.years is not None and self.years[1] < self.years[0]:
+            raise ValueError(f"years {self.years} end before they start")
+        if self.dates is not None:
+            start, end = (date_parts(d) for d in self.dates)
+            if not _not_after(start, end):
+                raise ValueError(f"dates {self.dates} end before they start")
+        return self
+
+    def window(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(start, end) as :func:`date_parts` tuples (inclusive), or None for every time step."""
+        if self.years is not None:
+            return (self.years[0],), (self.years[1],)
+        if self.dates is not None:
+            return date_parts(self.dates[0]), date_parts(self.dates[1])
+        return None
+
+    def overlaps(self, other: TimeSelection) -> bool:
+        """Whether the windows of the two selections share any instant (``every``/``offset`` ignored;
+        a selection without a window covers everything)."""
+        a, b = self.window(), other.window()
+        if a is None or b is None:
+            return True
+        return _not_after(a[0], b[1]) and _not_after(b[0], a[1])
+
+    def describe(self) -> str:
+        what = (
+            f"years {self.years[0]}-{self.years[1]}"
+            if self.years is not None
+            else f"dates {self.dates[0]}..{self.dates[1]}"
+            if self.dates is not None
+            else "all times"
+        )
+        if self.every > 1 or self.offset:
+            what += f", every {self.every} from step {self.offset}"
+        return what
+
+
+class FineVariable(_Model):
+    """One variable of the fine data: where it is in the user's file, how it is transformed, its units."""
+
+    source: str | None = Field(None, description="the variable's name in the file; default: the product name")
+    transform: Literal["identity", "log1p"] | None = Field(
+        None,
+        description="network-space transform; default: by product name (pr: log1p), else identity",
+    )
+    units: str | None = Field(
+        None, description="expected units, checked against the file's 'units' attribute when it has one"
+    )
+
+
+class FineDataConfig(_Model):
+    """The user's own fine data (ERA5, a national analysis, gridded observations, regional model output).
+
+    Where: ``path`` (a Zarr store, any fsspec URL; a local netCDF file; or a glob of local netCDF files),
+    or ``query`` (an intake-esm search of ``catalog`` that must match exactly one dataset), not both.
+    ``variables`` maps product names (tas, pr, ...) to :class:`FineVariable` specs; a list of names, a name
+    mapped to nothing, or a name mapped to a string (the source name) are shorthands.
+
+    ``mask``: the name of a mask variable in the data (nonzero/True = a valid cell); or ``"auto"``: a cell
+    is valid where every variable is finite at every time; or None (default): ``"auto"`` when any value is
+    missing, else every cell valid. Masked cells are NaN in every variable.
+
+    ``domain`` says how a grid that does not tile a coarsening factor f is made to: ``"crop"`` removes the
+    last ``n % f`` rows/columns at the north/east end; ``"pad"`` adds ``(-n) % f`` masked rows/columns at the
+    north/east end. ``snap``: coordinates within ``snap`` x one cell of a regular grid are put exactly on it;
+    farther ones are an error. ``time_step`` is inferred from the data (median spacing); give it only for a
+    dataset with a single time step (default then: month) or to assert what the data must be.
+
+    ``train``, ``validation`` and ``heldout`` select time steps (:class:`TimeSelection`); the windows of
+    train and validation must not overlap heldout's (a selection of all times overlaps every other), and
+    the actual time steps are checked again once the data are open.
+    """
+
+    path: str | None = Field(None, description="Zarr store (any URL), netCDF file, or glob of netCDF files")
+    query: CatalogQuery | None = Field(None, description="catalog search giving exactly one dataset")
+    catalog: str | None = Field(None, description="intake-esm JSON for query; default: the sample catalog")
+    variables: dict[str, FineVariable] = Field(
+        min_length=1, description="product name -> spec (a list of names means default specs)"
+    )
+    mask: str | None = Field(None, description='mask variable in the data, "auto", or None (auto if any NaN)')
+    static: str | None = Field(
+        None, description="static store (orog, orog_std, sftlf) on the fine grid, or a global one"
+    )
+    domain: Literal["crop", "pad"] = Field(
+        "crop", description="make the grid tile the factor: crop or pad (masked) at the north/east end"
+    )
+    snap: float = Field(
+        0.01, ge=0, lt=0.5, description="largest coordinate offset from a regular grid, in cells"
+    )
+    time_step: Literal["month", "day", "hour", "year"] | None = Field(
+        None, description="default: inferred from the times (a single time step: month)"
+    )
+    train: TimeSelection = Field(description="time steps to train (and fit statistics) on")
+    validation: TimeSelection | None = Field(None, description="time steps to validate on")
+    heldout: TimeSelection = Field(description="time steps never trained on, for evaluation")
+
+    @field_validator("variables", mode="before")
+    @classmethod
+    def _shorthands(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            if len(set(map(str, v))) != len(v):
+                raise ValueError(f"variables lists a name twice: {list(v)}")
+            return {str(name): {} for name in v}
+        if isinstance(v, dict):
+            return {k: {} if s is None else {"source": s} if isinstance(s, str) else s for k, s in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FineDataConfig:
+        if (self.path is None) == (self.query is None):
+            raise ValueError("give exactly one of path (a Zarr/netCDF location) or query (a catalog search)")
+        if self.catalog is not None and self.query is None:
+            raise ValueError("catalog is only used with query; remove it or give a query instead of path")
+        sources = self.sources()
+        repeated = sorted({s for s in sources.values() if list(sources.values()).count(s) > 1})
+        if repeated:
+            raise ValueError(f"variables: source(s) {repeated} used by more than one product")
+        if self.mask not in (None, "auto") and self.mask in sources.values():
+            raise ValueError(f"mask {self.mask!r} is one of the variables; name a separate mask variable")
+        for name in ("train", "validation"):
+            sel = getattr(self, name)
+            if sel is not None and sel.overlaps(self.heldout):
+                raise ValueError(
+                    f"{name} ({sel.describe()}) overlaps heldout ({self.heldout.describe()}): held-out "
+                    "times must never be trained on"
+                )
+        return self
+
+    def sources(self) -> dict[str, str]:
+        """Product name -> the variable's name in the data."""
+        return {name: spec.source or name for name, spec in self.variables.items()}
+
+
 class ClimReconConfig(_Model):
     data_home: str = Field(default_factory=lambda: str(default_data_home()))
     storage: StorageConfig = StorageConfig()
@@ -467,6 +666,11 @@ class ClimReconConfig(_Model):
     downscale: DownscaleConfig = DownscaleConfig()
     aggregate: AggregateConfig = AggregateConfig()
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    data: FineDataConfig | None = Field(
+        None,
+        description="the user's own fine data (path or catalog query, variables, mask, time splits); "
+        "see climrecon.tasks.fine_data",
+    )
 
     @field_validator("method", mode="before")
     @classmethod
@@ -510,6 +714,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         node = out
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
+            if nxt is None:  # an optional section not given yet (e.g. data:): start it
+                nxt = node[p] = {}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
             node = nxt

@@ -31,6 +31,7 @@ from climrecon.methods.base import (
     item_seeds,
     member_indices,
     month_index,
+    time_index,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "item_seeds",
     "member_indices",
     "month_index",
+    "time_index",
 ]
 
 

@@ -11,7 +11,8 @@
   them from the regrid stage's stores, the evaluation from coarsened truth: both call the same ``downscale``.
 - :class:`MethodConfig`: the pydantic base of every method's config (``name`` is the registry key and the
   discriminator); :class:`SamplerConfig`: the one ``sampler:`` section shared by downscale and evaluate.
-- Seeds: member ``m`` of time step ``t`` uses ``seed_for(seed, month_index(t), m)``
+- Seeds: member ``m`` of time step ``t`` uses ``seed_for(seed, time_index(t), m)`` (``year * 12 + month - 1``
+  for monthly data)
   (:func:`item_seeds`), so a member is the same field whatever the ensemble size, unit size or worker.
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "gridded_variables",
     "member_indices",
     "month_index",
+    "time_index",
     "item_seeds",
 ]
 
@@ -73,17 +75,40 @@ class Inputs:
     grid: Grid
     coarse: xr.Dataset | None = None
     static: xr.Dataset | None = None
+    time_step: str = "month"  # "month", "day", "hour" or "year": what time features and seeds are built from
+    mask: xr.DataArray | None = (
+        None  # (lat, lon) bool on ``grid``: valid cells; None: all (see :meth:`masked`)
+    )
+
+    def masked(self, out: xr.Dataset) -> xr.Dataset:
+        """``out`` (a method's result on ``grid``) with NaN at the cells ``mask`` marks invalid (ocean,
+        missing data): the stages apply it to every method's output, so the mask travels into the stores and
+        every score is taken on valid cells only. Unchanged without a mask."""
+        if self.mask is None:
+            return out
+        keep = self.mask.assign_coords(lat=out["lat"], lon=out["lon"])
+        return out.assign({v: out[v].where(keep) for v in gridded_variables(out)})
+
+    def time_index(self) -> list[int]:
+        """The seed index of each time step (:func:`time_index`)."""
+        return time_index(self.time.values, self.time_step)
 
     @classmethod
     def from_coarse(
-        cls, coarse: xr.Dataset, target: Grid | xr.Dataset, static: xr.Dataset | None = None
+        cls,
+        coarse: xr.Dataset,
+        target: Grid | xr.Dataset,
+        static: xr.Dataset | None = None,
+        *,
+        time_step: str = "month",
+        mask: xr.DataArray | None = None,
     ) -> Inputs:
         """Inputs of a coarse dataset on ``target``: its bilinear view is computed here (as training does)."""
         from climrecon.methods.features import coarse_on_fine
 
         grid = target if isinstance(target, Grid) else Grid.from_dataset(target, "target grid")
         on_fine = coarse_on_fine(coarse[gridded_variables(coarse)].astype("float32"), grid)
-        return cls(coarse_on_fine=on_fine, grid=grid, coarse=coarse, static=static)
+        return cls(on_fine, grid, coarse, static, time_step=time_step, mask=mask)
 
     @property
     def time(self) -> xr.DataArray:
@@ -156,6 +181,18 @@ def member_indices(members: int | Sequence[int]) -> list[int]:
     if not out or any(m < 0 for m in out):
         raise MethodError(f"member indices must be a non-empty list of non-negative ints, got {out}")
     return out
+
+
+def time_index(times: Sequence[Any], time_step: str = "month") -> list[int]:
+    """The time part of every seed: a distinct integer per label; for monthly labels exactly
+    :func:`month_index` (:func:`climrecon.tasks.fine_data.time_index` has the rule for days and hours)."""
+    from climrecon.tasks.fine_data import FineDataError
+    from climrecon.tasks.fine_data import time_index as _time_index
+
+    try:
+        return _time_index(times, time_step)  # type: ignore[arg-type]
+    except FineDataError as exc:
+        raise MethodError(str(exc)) from None
 
 
 def month_index(times: Sequence[Any]) -> list[int]:

@@ -201,7 +201,7 @@ class CorrDiff(DPDM):
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
         index = member_indices(members)
-        _, times, z_cond, toy, tiling = self._network_inputs(inputs)
+        _, _, z_cond, toy, tiling = self._network_inputs(inputs)
         mu_z = self.mean(z_cond, toy, tiling)  # once per time step, whatever the members
         if self.config.regression_only:
             out = np.empty((len(index), *mu_z.shape), np.float32)
@@ -215,7 +215,13 @@ class CorrDiff(DPDM):
                 )
 
             out = self._sample(
-                denoiser_conditioning(z_cond, mu_z), toy, tiling, times, index, seed, to_physical
+                denoiser_conditioning(z_cond, mu_z),
+                toy,
+                tiling,
+                inputs.time_index(),
+                index,
+                seed,
+                to_physical,
             )
         return self._dataset(inputs, out, index, seed, regression_only=int(self.config.regression_only))
 
@@ -241,6 +247,7 @@ class CorrDiff(DPDM):
             "variables": list(self.variables),
             "grid": m.grid.to_dict(),
             "years_seen": [list(y) for y in self.years_seen()],
+            "seen_periods": m.data.get("seen_periods", []),
             "report": (
                 f"{self.config.key}: checkpoint `{Path(self.checkpoint).name}` (corrdiff, {kind}, x{self.factor}, "
                 f"regression {m.data.get('regression_stage', {}).get('steps', '?')} + residual step {m.step}, "
@@ -325,12 +332,11 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     with the regression frozen (stage 2). Returns stage 2's result."""
     from climrecon.methods.dpdm import prepare_training
     from climrecon.models.trainer import train as train_loop
-    from climrecon.tasks.training_data import default_static_url, default_truth_url
 
     section, config = cfg.train, cfg.method
     torch.set_num_threads(section.threads)
     # full-field targets: the recipe forms both networks' targets itself
-    setup = prepare_training(section, config, default_truth_url(cfg), default_static_url(cfg), target="full")
+    setup = prepare_training(cfg, config, target="full")
     spec, base = setup.spec, setup.batches
     n_out, n_cond = len(spec.variables), len(spec.channel_names())
     ckpt = Path(section.checkpoint)

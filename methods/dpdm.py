@@ -36,7 +36,6 @@ from climrecon.methods.base import (
     SamplerConfig,
     item_seeds,
     member_indices,
-    month_index,
 )
 from climrecon.methods.features import (
     STATIC_SCALING,
@@ -303,6 +302,12 @@ class DPDM:
                 f"regrid.coarse_resolution={wanted:g} (or use a checkpoint trained for that factor)"
             )
         inputs.require(self.needs, f"checkpoint {path}")
+        trained_step = self.metadata.data.get("time_step", "month")
+        if inputs.time_step != trained_step:
+            raise MethodError(
+                f"checkpoint {path} was trained on {trained_step}ly fields; the input is {inputs.time_step}ly "
+                "(time features and statistics differ): train a model on data of this time step"
+            )
         if self.climatology is not None:
             try:
                 self.climatology.on(grid, [1], self.variables)
@@ -315,13 +320,13 @@ class DPDM:
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
         index = member_indices(members)
-        values, times, z_cond, toy, tiling = self._network_inputs(inputs)
+        values, _, z_cond, toy, tiling = self._network_inputs(inputs)
         channels = self.spec.channel_names()
         out = self._sample(
             z_cond,
             toy,
             tiling,
-            times,
+            inputs.time_index(),
             index,
             seed,
             lambda t_idx, z: physical_fields(z, values[t_idx], channels, self.metadata),
@@ -353,23 +358,24 @@ class DPDM:
             )
         z_cond = network_conditioning(values, self.spec.channel_names(), self.metadata)
         tiling = make_tiling(inputs.grid.nlat, inputs.grid.nlon, self.patch, self.overlap)
-        return values, times, z_cond, time_of_year(times), tiling
+        return values, times, z_cond, time_of_year(times, inputs.time_step), tiling
 
     def _sample(
         self,
         z_cond: np.ndarray,
         toy: np.ndarray,
         tiling: Tiling,
-        times: np.ndarray,
+        time_index: Sequence[int],
         index: Sequence[int],
         seed: int,
         to_physical: Callable[[np.ndarray, torch.Tensor], np.ndarray],
     ) -> np.ndarray:
         """(member, time, V, H, W) float32: ``self.net`` sampled with the one tiled sampler for every (member,
-        time) item, ``config.items_per_call`` items per call; ``to_physical(time indices, samples)`` maps a
+        time) item, ``config.items_per_call`` items per call, seeded by ``time_index`` (the inputs'
+        :meth:`~climrecon.methods.base.Inputs.time_index`); ``to_physical(time indices, samples)`` maps a
         call's samples to physical fields."""
-        n_t, n_v = len(times), len(self.variables)
-        seeds = item_seeds(seed, month_index(times), index)  # member-major
+        n_t, n_v = len(time_index), len(self.variables)
+        seeds = item_seeds(seed, time_index, index)  # member-major
         items = [(k, t) for k in range(len(index)) for t in range(n_t)]
         out = np.empty((len(index), n_t, n_v, tiling.height, tiling.width), np.float32)
         step = self.config.items_per_call
@@ -443,6 +449,7 @@ class DPDM:
             "variables": list(self.variables),
             "grid": m.grid.to_dict(),
             "years_seen": [list(y) for y in self.years_seen()],
+            "seen_periods": m.data.get("seen_periods", []),
             "report": (
                 f"{self.name}: checkpoint `{Path(self.checkpoint).name}` ({m.method}, x{self.factor}, "
                 f"step {m.step}, target {target}), {self.sampler.describe()}, overlap {self.overlap}"
@@ -484,29 +491,42 @@ def build_model(config: DPDMConfig, n_out: int, n_cond: int, seed: int) -> EDMPr
 
 
 def prepare_training(
-    section: TrainSection,
+    cfg: ClimReconConfig,
     config: PatchModelConfig,
-    truth_url: str,
-    static_url: str,
     target: Literal["residual", "full"] | None = None,
 ) -> Any:
-    """Training-year perfect-model pairs, their statistics and the crop sampler (held-out years never opened);
-    the targets are ``target`` (default: the config's own, DPDM's residual or full fields)."""
-    from climrecon.tasks.training_data import training_setup
+    """Training-time perfect-model pairs of ``cfg``'s fine data (``data:``, else ``train.truth``; held-out
+    times never opened), their statistics and the crop sampler; the targets are ``target`` (default: the
+    config's own, DPDM's residual or full fields)."""
+    from climrecon.tasks.training_data import TrainingDataError, training_setup, training_source
 
+    section = cfg.train
     if config.patch_size % section.factor:
         raise MethodError(
             f"method.patch_size ({config.patch_size}) must be a multiple of train.factor ({section.factor})"
         )
+    variables = training_variables(cfg)
     spec = ConditioningSpec(
-        tuple(section.variables),
+        tuple(variables),
         section.factor,
         static_coarse=tuple(config.static_coarse),
         climatology=config.climatology,
     )
-    return training_setup(
-        section, spec, truth_url, static_url, target=target or config.target, patch_size=config.patch_size
-    )
+    try:
+        source = training_source(cfg, variables, section.factor)
+        return training_setup(
+            section, spec, source, target=target or config.target, patch_size=config.patch_size
+        )
+    except TrainingDataError as exc:
+        raise MethodError(str(exc)) from None
+
+
+def training_variables(cfg: ClimReconConfig) -> list[str]:
+    """The variables a run learns: ``train.variables`` when given explicitly, else every variable of the
+    ``data:`` section (when there is one), else ``train.variables``' default."""
+    if cfg.data is not None and "variables" not in cfg.train.model_fields_set:
+        return list(cfg.data.variables)
+    return list(cfg.train.variables)
 
 
 def grid_spec(setup: Any, factor: int, patch_size: int) -> GridSpec:
@@ -542,11 +562,10 @@ def train_config(
 def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
     """Train the DPDM denoiser of ``cfg.method`` on ``cfg.train`` into the resumable ``train.checkpoint``."""
     from climrecon.models.trainer import train as train_loop
-    from climrecon.tasks.training_data import default_static_url, default_truth_url
 
     section, config = cfg.train, cfg.method
     torch.set_num_threads(section.threads)
-    setup = prepare_training(section, config, default_truth_url(cfg), default_static_url(cfg))
+    setup = prepare_training(cfg, config)
     model = build_model(config, len(setup.spec.variables), len(setup.spec.channel_names()), section.seed)
     if log:
         log.info(

@@ -337,10 +337,13 @@ def with_coarse_static(static_fine: xr.Dataset, coarse: Grid, names: Sequence[st
     )
 
 
-def time_of_year(time: xr.DataArray | np.ndarray) -> np.ndarray:
-    """Fraction of the year at mid-month, in [0, 1), for monthly labels in any calendar: (month - 0.5) / 12."""
-    months = np.array([t.month for t in np.asarray(time).ravel()], dtype=np.float32)
-    return ((months - 0.5) / 12.0).astype(np.float32)
+def time_of_year(time: xr.DataArray | np.ndarray, time_step: str = "month") -> np.ndarray:
+    """Fraction of the year of each label, float32 in [0, 1): monthly labels (month - 0.5) / 12 in any
+    calendar (what every checkpoint so far was trained with); daily and hourly labels from the calendar's
+    own day of year (:func:`climrecon.tasks.fine_data.time_of_year`, the one home of time features)."""
+    from climrecon.tasks.fine_data import time_of_year as _time_of_year
+
+    return _time_of_year(np.asarray(time).ravel(), time_step)
 
 
 def _position(grid: Grid) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time as _time
@@ -43,12 +44,11 @@ import xarray as xr
 from climrecon.catalogs.sample import STATIC_SOURCE_ID, SYNTHETIC_SOURCE_ID
 from climrecon.config import ClimReconConfig, EvaluateConfig, MethodConfig, SamplerConfig
 from climrecon.methods import Inputs, Method, MethodError, build
-from climrecon.methods.features import with_coarse_static
+from climrecon.methods.features import perfect_model_coarse, with_coarse_static
 from climrecon.storage import is_remote, public_url
 from climrecon.tasks import metrics, plots
 from climrecon.tasks.grids import Grid
-from climrecon.tasks.regrid import coarsen_blocks
-from climrecon.tasks.training_data import open_truth, select_years, static_for_truth
+from climrecon.tasks.training_data import open_truth, select_years, static_for_truth, time_stamps
 
 __all__ = [
     "EvaluationError",
@@ -185,6 +185,89 @@ def heldout_months(truth: xr.Dataset, ev: EvaluateConfig) -> xr.Dataset:
     return held.isel(time=slice(None, None, ev.month_stride))
 
 
+@dataclass
+class FactorData:
+    """What the evaluation scores at one factor: the training and held-out truth (loaded float32) on a grid
+    that tiles the factor, the static fields there (or None), the valid-cell mask (or None) and the time step."""
+
+    train: xr.Dataset
+    held: xr.Dataset
+    grid: Grid
+    static: xr.Dataset | None
+    mask: xr.DataArray | None
+    time_step: str = "month"
+
+
+def evaluation_data(
+    cfg: ClimReconConfig,
+    variables: Sequence[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    with_static: bool = True,
+) -> tuple[Callable[[int], FactorData], dict[str, Any]]:
+    """``(data_at(factor), source)``: the truth split into training and held-out times at each factor.
+
+    With a ``data:`` section (the user's own fine data, :mod:`climrecon.tasks.fine_data`): its ``train`` and
+    ``heldout`` selections (every ``evaluate.month_stride``-th held-out step), cropped or padded to tile each
+    factor (``data.domain``), its mask, its own static fields or the catalog's. Else ``evaluate.truth`` /
+    ``truth_query`` / the sample's synthetic reanalysis, ``evaluate.train_years`` / ``heldout_years``; every
+    factor must tile the grid."""
+    ev = cfg.evaluate
+    if cfg.data is not None:
+        from climrecon.tasks.fine_data import FineDataError, fine_static, open_fine_data
+
+        try:
+            fine = open_fine_data(cfg.data, storage_options)
+        except FineDataError as exc:
+            raise EvaluationError(f"data: {exc}") from None
+        missing = [v for v in variables if v not in fine.variables]
+        if missing:
+            raise EvaluationError(f"evaluate.variables {missing} are not in data.variables {fine.variables}")
+        source = {"truth": fine.source.get("url", ""), "how": "data: section", "fine_data": fine.source}
+        source["synthetic"] = str(fine.ds.attrs.get("synthetic", "false")).lower() == "true"
+        source["title"] = str(fine.ds.attrs.get("title", ""))
+
+        def at(factor: int) -> FactorData:
+            try:
+                here = fine.for_factor(factor)
+                splits = here.splits(cfg.data)
+                static = (
+                    fine_static(here, cfg.data.static or evaluation_static_url(cfg), storage_options)
+                    if with_static
+                    else None
+                )
+            except FineDataError as exc:
+                raise EvaluationError(f"data: {exc}") from None
+            held = splits["heldout"].isel(time=slice(None, None, ev.month_stride))
+            mask = None if bool(here.mask.all()) else here.mask
+            return FactorData(
+                splits["train"][list(variables)].astype("float32").load(),
+                held[list(variables)].astype("float32").load(),
+                here.grid,
+                static,
+                mask,
+                here.time_step,
+            )
+
+        return functools.cache(at), source
+
+    truth, source = open_evaluation_truth(cfg, storage_options)
+    grid = Grid.from_dataset(truth, "truth")
+    bad = [f for f in ev.factors if grid.nlat % f or grid.nlon % f]
+    if bad:
+        raise EvaluationError(
+            f"evaluate.factors {bad} do not tile the truth grid "
+            f"({grid.nlat} x {grid.nlon} cells of {grid.dlat:g} deg); use factors dividing both, or describe "
+            "the truth in a data: section (data.domain: crop or pad)"
+        )
+    train = select_years(truth, ev.train_years, "truth (evaluate.train_years)").astype("float32").load()
+    held = heldout_months(truth, ev).astype("float32").load()
+    static = static_for_truth(evaluation_static_url(cfg), held, storage_options) if with_static else None
+    shared = FactorData(train, held, grid, static, None)
+
+    return (lambda factor: shared), source
+
+
 MethodFactory = Callable[[int], Method | None]
 """``factory(factor)`` -> the Method to score at that factor (fitted there), or None where it does not apply."""
 
@@ -230,24 +313,62 @@ def _label(method: str, members: int, stochastic: bool) -> str:
     return f"{method} (N={members})" if stochastic else method
 
 
-def _check_years_unseen(name: str, description: Mapping[str, Any], ev: EvaluateConfig) -> None:
-    h0, h1 = ev.heldout_years
+def _check_unseen(name: str, description: Mapping[str, Any], held: xr.Dataset) -> None:
+    """Refuse a trained method that saw any of the held-out time steps (its checkpoint's ``seen_periods``,
+    or its years for checkpoints that record years only)."""
+    runs = description.get("seen_periods") or ()
+    if runs:
+        shared = [t for t in time_stamps(held["time"].values) if any(a <= t <= b for a, b in runs)]
+        if shared:
+            raise EvaluationError(
+                f"method {name} ({description.get('report', '')}) was trained/validated on {len(shared)} of the "
+                f"held-out time steps (the first {_stamp(shared[0])}): its scores would not be out-of-sample"
+            )
+        return
+    years = [t.year for t in held["time"].values]
+    h0, h1 = min(years), max(years)
     for a, b in description.get("years_seen", ()):
         if a <= h1 and h0 <= b:
             raise EvaluationError(
                 f"method {name} ({description.get('report', '')}) was trained/validated on years {a}-{b}, which "
-                f"overlap evaluate.heldout_years {h0}-{h1}: its scores would not be out-of-sample"
+                f"overlap the held-out years {h0}-{h1}: its scores would not be out-of-sample"
             )
 
 
 def perfect_model_inputs(
-    coarse: xr.Dataset, grid: Grid, static_fine: xr.Dataset | None, views: Sequence[str]
+    coarse: xr.Dataset,
+    grid: Grid,
+    static_fine: xr.Dataset | None,
+    views: Sequence[str],
+    *,
+    time_step: str = "month",
+    mask: xr.DataArray | None = None,
 ) -> Inputs:
     """Inputs of coarsened truth on ``grid``: the coarse fields, their bilinear view, the static fields plus
-    the ``<name>_coarse`` views of ``views`` through the coarse grid (as training builds them)."""
+    the ``<name>_coarse`` views of ``views`` through the coarse grid (as training builds them), the time
+    step and the valid-cell mask of the truth."""
     if static_fine is not None and views:
         static_fine = with_coarse_static(static_fine, Grid.from_dataset(coarse, "coarse input"), views)
-    return Inputs.from_coarse(coarse, grid, static_fine)
+    return Inputs.from_coarse(coarse, grid, static_fine, time_step=time_step, mask=mask)
+
+
+def evaluation_variables(cfg: ClimReconConfig) -> list[str]:
+    """``evaluate.variables`` when given explicitly, else every variable of the ``data:`` section (when there
+    is one), else ``evaluate.variables``' default."""
+    if cfg.data is not None and "variables" not in cfg.evaluate.model_fields_set:
+        return list(cfg.data.variables)
+    return list(cfg.evaluate.variables)
+
+
+def _stamp(t: int) -> str:
+    """``YYYYMMDDHH`` -> ``YYYY-MM-DDTHH``."""
+    return f"{t // 1_000_000:04d}-{t // 10_000 % 100:02d}-{t // 100 % 100:02d}T{t % 100:02d}"
+
+
+def _time_label(t: Any, time_step: str) -> str:
+    if time_step in ("day", "hour"):
+        return f"{t.year:04d}-{t.month:02d}-{t.day:02d}" + (f"T{t.hour:02d}" if time_step == "hour" else "")
+    return f"{t.year:04d}-{t.month:02d}"
 
 
 def run_evaluation(
@@ -263,42 +384,28 @@ def run_evaluation(
     say = log or (lambda _msg: None)
     if ev.threads:
         torch.set_num_threads(ev.threads)  # oversubscribed CPUs make multi-threaded small convolutions crawl
-    truth, source = open_evaluation_truth(cfg, storage_options)
-    variables = list(ev.variables)
-    grid = Grid.from_dataset(truth, "truth")
-    bad = [f for f in ev.factors if grid.nlat % f or grid.nlon % f]
-    if bad:
-        raise EvaluationError(
-            f"evaluate.factors {bad} do not tile the truth grid "
-            f"({grid.nlat} x {grid.nlon} cells of {grid.dlat:g} deg); "
-            "use factors dividing both"
-        )
+    variables = evaluation_variables(cfg)
     factories = (
         dict(methods) if methods is not None else {m.key: method_factory(m, cfg.sampler) for m in ev.methods}
     )
     cases = {(m, f): factory(f) for m, factory in factories.items() for f in ev.factors}
+    needs_static = any(d is not None and d.needs.static for d in cases.values())
+    t0 = _time.perf_counter()
+    data_at, source = evaluation_data(cfg, variables, storage_options, with_static=needs_static)
+    first = data_at(ev.factors[0])
     descriptions: dict[str, dict[str, Any]] = {}
     for (name, _), method in cases.items():
         if method is not None and name not in descriptions:
             descriptions[name] = method.describe()
-            _check_years_unseen(name, descriptions[name], ev)
-
-    t0 = _time.perf_counter()
-    train = select_years(truth, ev.train_years, "truth (evaluate.train_years)").astype("float32").load()
-    held = heldout_months(truth, ev).astype("float32").load()
+            _check_unseen(name, descriptions[name], first.held)
     say(
-        f"truth {source['truth']}: {train.sizes['time']} training months, "
-        f"{held.sizes['time']} held-out months scored"
-    )
-    climatology = metrics.monthly_climatology(train)
-    needs_static = any(d is not None and d.needs.static for d in cases.values())
-    static_fine = (
-        static_for_truth(evaluation_static_url(cfg), held, storage_options) if needs_static else None
+        f"truth {source['truth']}: {first.train.sizes['time']} training steps, "
+        f"{first.held.sizes['time']} held-out steps scored"
     )
     timings: list[dict[str, Any]] = [
         {"step": "load truth, climatology, static", "seconds": round(_time.perf_counter() - t0, 2)}
     ]
-
+    grid = first.grid
     stochastic_factors = [f for (_, f), d in cases.items() if d is not None and d.needs.stochastic]
     figure_factor = min(stochastic_factors) if stochastic_factors else ev.factors[0]
     result = EvaluationResult(
@@ -306,9 +413,9 @@ def run_evaluation(
         config=ev.model_dump(mode="json"),
         source=source,
         fine_resolution=grid.dlat,
-        units={v: str(truth[v].attrs.get("units", "")) for v in variables},
+        units={v: str(first.held[v].attrs.get("units", "")) for v in variables},
         figure_factor=figure_factor,
-        months=[f"{t.year:04d}-{t.month:02d}" for t in held["time"].values],
+        months=[_time_label(t, first.time_step) for t in first.held["time"].values],
         timings=timings,
         methods=descriptions,
     )
@@ -319,7 +426,11 @@ def run_evaluation(
             why = f"it serves {', '.join(served)} only" if served else "it serves none of evaluate.factors"
             result.notes.append(f"{method}: not run at {', '.join(skipped)} ({why})")
     for factor in ev.factors:
-        coarse_train, coarse_held = coarsen_blocks(train, factor), coarsen_blocks(held, factor)
+        here = data_at(factor)
+        train, held, static_fine = here.train, here.held, here.static
+        # ACC anomalies against the training climatology; a calendar month the training times lack has none
+        climatology = metrics.monthly_climatology(train).reindex(month=range(1, 13))
+        coarse_train, coarse_held = perfect_model_coarse(train, factor), perfect_model_coarse(held, factor)
         active = {m: cases[m, factor] for m in factories if cases[m, factor] is not None}
         views = sorted(
             {
@@ -329,7 +440,9 @@ def run_evaluation(
                 if n.endswith("_coarse")
             }
         )
-        inputs = perfect_model_inputs(coarse_held, grid, static_fine, views)
+        inputs = perfect_model_inputs(
+            coarse_held, here.grid, static_fine, views, time_step=here.time_step, mask=here.mask
+        )
         for method, downscaler in active.items():
             stochastic = downscaler.needs.stochastic
             sizes = sorted(ev.ensemble_sizes) if stochastic else [1]
@@ -337,7 +450,7 @@ def run_evaluation(
             try:
                 downscaler.fit(coarse_train, train)
                 t_run = _time.perf_counter()
-                fields = downscaler.downscale(inputs, members=sizes[-1], seed=ev.seed).load()
+                fields = inputs.masked(downscaler.downscale(inputs, members=sizes[-1], seed=ev.seed)).load()
             except MethodError as exc:
                 raise EvaluationError(f"{method} at x{factor}: {exc}") from None
             t_done = _time.perf_counter()
@@ -354,7 +467,7 @@ def run_evaluation(
                         {
                             "method": method,
                             "factor": factor,
-                            "coarse_resolution": grid.dlat * factor,
+                            "coarse_resolution": here.grid.dlat * factor,
                             "variable": v,
                             "members": k,
                             "stochastic": stochastic,

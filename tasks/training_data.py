@@ -47,7 +47,7 @@ from climrecon.methods.features import (
     time_of_year,
     with_coarse_static,
 )
-from climrecon.models.normalization import NormalizationStats
+from climrecon.models.normalization import DEFAULT_TRANSFORMS, NormalizationStats
 from climrecon.models.samplers import seed_for
 from climrecon.models.trainer import Batch
 from climrecon.storage import url_options
@@ -60,6 +60,10 @@ __all__ = [
     "default_truth_url",
     "default_static_url",
     "training_setup",
+    "TrainingSource",
+    "training_source",
+    "time_stamps",
+    "seen_periods",
     "open_truth",
     "select_years",
     "static_for_truth",
@@ -183,9 +187,12 @@ def residual_target(target: xr.Dataset, cond: xr.DataArray, variables: Sequence[
     return xr.Dataset({v: (target[v] - _coarse(cond, v)).astype("float32") for v in variables})
 
 
-def fit_target_normalization(train_target: xr.Dataset, variables: Sequence[str]) -> NormalizationStats:
-    """Statistics of the TRAINING-year targets (pass only training years), one entry per variable."""
-    return NormalizationStats.fit({v: train_target[v].values for v in variables})
+def fit_target_normalization(
+    train_target: xr.Dataset, variables: Sequence[str], transforms: dict[str, str] | None = None
+) -> NormalizationStats:
+    """Statistics of the TRAINING-time targets (pass only training times), one entry per variable, after
+    each variable's transform (``transforms``, default by name: log1p for pr); NaN cells ignored."""
+    return NormalizationStats.fit({v: train_target[v].values for v in variables}, transforms or None)
 
 
 @dataclass
@@ -229,6 +236,7 @@ class PatchBatches:
         cond_stats: NormalizationStats | None = None,
         clim_scale: dict[str, float] | None = None,
         valid: np.ndarray | None = None,
+        time_step: str = "month",
     ) -> PatchBatches:
         """``target`` holds what the network generates (full fields or residuals) and ``stats`` its
         statistics; ``cond_stats`` (default ``stats``) normalise the coarse channels (full-field stats),
@@ -244,7 +252,7 @@ class PatchBatches:
             target=np.ascontiguousarray(z_target, dtype=np.float32),
             cond_dynamic=np.ascontiguousarray(z_cond[:, :nd]),
             cond_static=np.ascontiguousarray(z_cond[0, nd:]),
-            time_of_year=time_of_year(target["time"].values),
+            time_of_year=time_of_year(target["time"].values, time_step),
             years=np.array([t.year for t in target["time"].values]),
             patch_size=patch_size,
             batch_size=batch_size,
@@ -340,33 +348,132 @@ class TrainingSetup:
         return self.climatology.arrays() if self.climatology is not None else {}
 
 
+def time_stamps(times: Any) -> list[int]:
+    """Each cftime label as the integer ``YYYYMMDDHH`` (what a checkpoint records of the times it saw)."""
+    return [
+        int(t.year) * 1_000_000 + t.month * 10_000 + t.day * 100 + t.hour for t in np.asarray(times).ravel()
+    ]
+
+
+def seen_periods(all_times: Any, seen: Any) -> list[list[int]]:
+    """The ``seen`` labels as runs ``[first, last]`` (``YYYYMMDDHH``, inclusive) of consecutive steps of the
+    source's own time axis ``all_times``: compact (one run per contiguous block), and exact for any label of
+    that axis (a label lies in a run iff it was seen)."""
+    axis = time_stamps(all_times)
+    wanted = set(time_stamps(seen))
+    runs: list[list[int]] = []
+    open_run = False
+    for t in axis:
+        if t in wanted:
+            if open_run:
+                runs[-1][1] = t
+            else:
+                runs.append([t, t])
+                open_run = True
+        else:
+            open_run = False
+    return runs
+
+
+@dataclass
+class TrainingSource:
+    """The fine truth of one training run: the TRAINING times only (lazy, the variables to learn), the static
+    fields on its grid, its time step and transforms, and a JSON description for the checkpoint."""
+
+    truth: xr.Dataset
+    static: xr.Dataset
+    time_step: str
+    transforms: dict[str, str]
+    description: dict[str, Any]
+
+
+def training_source(cfg: Any, variables: Sequence[str], factor: int) -> TrainingSource:
+    """Where ``climrecon train`` reads its data (``cfg``: a ClimReconConfig): the ``data:`` section (the
+    user's own fine data: any file, names, time step, mask, splits; :mod:`climrecon.tasks.fine_data`), cropped
+    or padded to tile ``factor``, else ``train.truth`` / ``train.static`` and ``train.train_years`` (the
+    sample's synthetic reanalysis by default). Held-out times are never opened for training."""
+    from climrecon.storage import public_url
+
+    if cfg.data is None:
+        truth_url, static_url = default_truth_url(cfg), default_static_url(cfg)
+        section = cfg.train
+        store = open_truth(truth_url, variables)
+        truth = select_years(store, section.train_years, f"truth store {truth_url}")
+        validation = select_years(store, section.validation_years, f"truth store {truth_url}")
+        description = {
+            "truth": public_url(truth_url),
+            "truth_title": store.attrs.get("title", ""),
+            "synthetic": str(store.attrs.get("synthetic", "false")).lower() == "true",
+            "static": public_url(static_url),
+            "train_years": list(section.train_years),
+            "validation_years": list(section.validation_years),
+            "heldout_years": list(section.heldout_years),
+            "seen_periods": seen_periods(
+                store["time"].values, np.concatenate([truth["time"].values, validation["time"].values])
+            ),
+        }
+        transforms = {v: DEFAULT_TRANSFORMS.get(v, "identity") for v in variables}
+        return TrainingSource(truth, static_for_truth(static_url, truth), "month", transforms, description)
+
+    from climrecon.tasks.fine_data import FineDataError, fine_static, open_fine_data
+
+    data = cfg.data
+    try:
+        fine = open_fine_data(data).for_factor(factor)
+        missing = [v for v in variables if v not in fine.variables]
+        if missing:
+            raise TrainingDataError(
+                f"train.variables {missing} are not among the fine data's variables {fine.variables} "
+                "(data.variables)"
+            )
+        splits = fine.splits(data)
+        static = fine_static(fine, data.static or default_static_url(cfg))
+    except FineDataError as exc:
+        raise TrainingDataError(str(exc)) from None
+    truth = splits["train"][list(variables)]
+    seen = [truth["time"].values] + ([splits["validation"]["time"].values] if "validation" in splits else [])
+    description = {
+        "truth": fine.source.get("url", fine.source.get("path", "")),
+        "fine_data": fine.source,
+        "static": public_url(data.static) if data.static else public_url(default_static_url(cfg)),
+        "train": data.train.describe(),
+        "validation": data.validation.describe() if data.validation else None,
+        "heldout": data.heldout.describe(),
+        "time_step": fine.time_step,
+        "seen_periods": seen_periods(fine.ds["time"].values, np.concatenate(seen)),
+    }
+    transforms = {v: fine.transforms[v] for v in variables}
+    return TrainingSource(truth, static, fine.time_step, transforms, description)
+
+
 def training_setup(
     section: Any,
     spec: ConditioningSpec,
-    truth_url: str,
-    static_url: str,
+    source: TrainingSource,
     *,
     target: str = "residual",
     patch_size: int = 32,
 ) -> TrainingSetup:
-    """Training-year pairs (``section``: a TrainSection), their statistics and the crop sampler; held-out
-    years are never opened."""
-    from climrecon.storage import public_url
-
+    """Training-time pairs of ``source`` (``section``: a TrainSection, for the batch size and seed), their
+    statistics and the crop sampler; held-out times are never opened."""
     if target not in TARGET_KINDS:
         raise TrainingDataError(f"target must be one of {TARGET_KINDS}, got {target!r}")
-    truth = select_years(
-        open_truth(truth_url, spec.variables), section.train_years, f"truth store {truth_url}"
-    )
-    static = static_for_truth(static_url, truth)
+    if target == "residual":
+        logs = [v for v in spec.variables if source.transforms.get(v) == "log1p"]
+        if logs:
+            raise TrainingDataError(
+                f"variables {logs} are log1p-transformed; a residual target (truth minus the coarse input) is "
+                "not: use target: full, or CorrDiff (its network space transforms the full fields)"
+            )
+    truth = source.truth
     climatology = training_climatology(truth, spec) if spec.climatology else None
     clim_scale = dict(zip(spec.variables, climatology.scale, strict=True)) if climatology else None
-    pairs, cond = perfect_model_pairs(truth, static, spec, climatology)
+    pairs, cond = perfect_model_pairs(truth, source.static, spec, climatology)
     valid = valid_cells(pairs, spec.variables)
-    cond_stats = fit_target_normalization(pairs, spec.variables)
+    cond_stats = fit_target_normalization(pairs, spec.variables, source.transforms)
     if target == "residual":
         pairs = residual_target(pairs, cond, spec.variables)
-    stats = fit_target_normalization(pairs, spec.variables)
+    stats = fit_target_normalization(pairs, spec.variables, source.transforms)
     batches = PatchBatches.from_pairs(
         pairs,
         cond,
@@ -378,17 +485,13 @@ def training_setup(
         cond_stats=cond_stats,
         clim_scale=clim_scale,
         valid=valid,
+        time_step=source.time_step,
     )
-    attrs = open_truth(truth_url, spec.variables).attrs
     data = {
-        "truth": public_url(truth_url),
-        "truth_title": attrs.get("title", ""),
-        "synthetic": str(attrs.get("synthetic", "false")).lower() == "true",
-        "static": public_url(static_url),
-        "train_years": list(section.train_years),
-        "validation_years": list(section.validation_years),
-        "heldout_years": list(section.heldout_years),
+        **source.description,
         "months": int(pairs.sizes["time"]),
+        "time_steps": int(pairs.sizes["time"]),
+        "time_step": source.time_step,
         "conditioning": "perfect model: truth coarsened by area means, bilinear back to the fine grid",
         "target": target,
         "conditioning_normalization": cond_stats.to_dict(),

@@ -29,7 +29,6 @@ from climrecon.tasks.training_data import (
     select_years,
     static_for_truth,
     training_climatology,
-    training_setup,
 )
 
 SPEC = ConditioningSpec(("tas", "uas"), 4, static_coarse=("orog",), climatology=True)
@@ -98,7 +97,7 @@ def test_trained_with_a_climatology_stored_in_the_checkpoint_and_used_at_inferen
     contents = read_checkpoint(ckpt)
     arrays = contents.arrays()
     assert tuple(arrays["climatology"].shape) == (12, 3, 40, 40)
-    setup = training_setup(cfg.train, SPEC_OF(cfg), truth_url, static_url, patch_size=16)
+    setup = dpdm.prepare_training(cfg, cfg.method, target="full")
     np.testing.assert_array_equal(arrays["climatology"].numpy(), setup.climatology.values)
     assert contents.metadata.data["climatology"]["months_present"] == list(range(1, 13))
     # the inference-only copy keeps it
@@ -130,12 +129,3 @@ def test_trained_with_a_climatology_stored_in_the_checkpoint_and_used_at_inferen
     )
     with pytest.raises(MethodError, match=f"{small.name}.*climatology"):
         m.validate(far)
-
-
-def SPEC_OF(cfg) -> ConditioningSpec:  # noqa: N802 - reads like the spec the recipe builds
-    return ConditioningSpec(
-        tuple(cfg.train.variables),
-        cfg.train.factor,
-        static_coarse=tuple(cfg.method.static_coarse),
-        climatology=cfg.method.climatology,
-    )

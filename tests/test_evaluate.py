@@ -84,7 +84,7 @@ def write_tiny_checkpoint(
         static_coarse=list(static_coarse),
         network={"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1], "num_blocks": 1},
     )
-    setup = prepare_training(section, config, truth, static)
+    setup = prepare_training(ClimReconConfig(train=section), config)
     model = build_model(config, len(VARIABLES), len(setup.spec.channel_names()), seed=0)
     meta = CheckpointMetadata(
         method="dpdm-residual",
@@ -271,7 +271,10 @@ def test_a_checkpoint_trained_on_heldout_years_is_refused(setup, tmp_path):
         heldout_years=(2001, 2001),
     )
     cfg = evaluate_config(setup["truth"], setup["static"], leaky, methods=["dpdm"], factors=[4])
-    with pytest.raises(EvaluationError, match="2002-2002, which overlap evaluate.heldout_years"):
+    with pytest.raises(
+        EvaluationError,
+        match=r"trained/validated on 6 of the held-out time steps \(the first 2002-01-01T00\)",
+    ):
         run_evaluation(cfg)
 
 
