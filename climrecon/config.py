@@ -258,8 +258,10 @@ class TrainSection(_Model):
     static: str | None = Field(
         None, description="global static-fields store; default: the sample's static store"
     )
-    variables: list[str] = Field(
-        ["tas", "uas", "vas"], min_length=1, description="variables of the truth to learn"
+    variables: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="variables to learn; default: every variable of data: when given, else tas, uas, vas",
     )
     factor: int = Field(8, ge=2, description="perfect-model coarsening factor (fine cells per coarse cell)")
     train_years: tuple[int, int] = (1961, 2005)
@@ -396,8 +398,10 @@ class EvaluateConfig(_Model):
         None, description="intake-esm JSON for truth_query / defaults; default: the sample catalog"
     )
     static: str | None = Field(None, description="global static-fields store; default: the sample catalog's")
-    variables: list[str] = Field(
-        ["tas", "uas", "vas", "pr"], min_length=1, description="variables of the truth to score"
+    variables: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="variables to score; default: every variable of data: when given, else tas, uas, vas, pr",
     )
     factors: list[int] = Field(
         default_factory=lambda: [4, 8, 16, 20], description="coarsening factors (>= 2)"
@@ -701,6 +705,20 @@ class ClimReconConfig(_Model):
 
     def sample_catalog(self) -> Path:
         return self.sample_dir() / "catalog.json"
+
+    def train_variables(self) -> list[str]:
+        """What ``climrecon train`` learns: ``train.variables``, else every variable of ``data:``, else
+        tas, uas, vas."""
+        if self.train.variables:
+            return list(self.train.variables)
+        return list(self.data.variables) if self.data is not None else ["tas", "uas", "vas"]
+
+    def evaluate_variables(self) -> list[str]:
+        """What the evaluation scores: ``evaluate.variables``, else every variable of ``data:``, else tas,
+        uas, vas, pr."""
+        if self.evaluate.variables:
+            return list(self.evaluate.variables)
+        return list(self.data.variables) if self.data is not None else ["tas", "uas", "vas", "pr"]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def run_training(
     plot_loss_curve(
         result.losses,
         ckpt.with_suffix(".loss.png"),
-        f"{cfg.method.name} {'/'.join(t.variables)} x{t.factor}, {t.max_steps} steps",
+        f"{cfg.method.name} {'/'.join(cfg.train_variables())} x{t.factor}, {t.max_steps} steps",
     )
     return result
 

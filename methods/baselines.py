@@ -122,15 +122,22 @@ def _bilinear_skipna(ds: xr.Dataset, target: GridLike) -> xr.Dataset:
     return out
 
 
+ABSENT_LIMIT = 3
+"""How many calendar months away a training month may be to stand in for a month the training data lack."""
+
+
 def month_windows(
     model_months: np.ndarray, reference_months: np.ndarray, needed: int, what: str
 ) -> tuple[dict[int, tuple[int, ...]], dict[int, int]]:
     """The calendar months each fitted month pools, and how many training values that gives it.
 
-    A month is fitted when it has at least one value in both the model and the reference (month-of-year
-    arrays, one entry per time step). It pools the months within +-k of it (cyclic, Dec next to Jan) for
-    the smallest k in 0..:data:`POOL_LIMIT` at which both have ``needed`` values (counted over the months
-    present in both); k = 0 (the month alone) whenever it has enough. Returns ``(windows, counts)``:
+    Every calendar month is fitted: it pools the months within +-k of it (cyclic, Dec next to Jan) for the
+    smallest k in 0..:data:`POOL_LIMIT` at which both the model and the reference (month-of-year arrays, one
+    entry per time step) have ``needed`` values (counted over the months present in both); k = 0 (the
+    month alone) whenever it has enough. A month absent from the training data but within
+    :data:`ABSENT_LIMIT` months of one present borrows its nearest months (a record of Jan-Sep fits Oct-Dec
+    from Aug-Sep and Jan-Feb ...): what a user holding out the last months of a one-year record needs; the
+    windows say so. Months further from any training month are not fitted (downscaling them raises). Returns ``(windows, counts)``:
     month -> the months pooled, in calendar order around it (January: ``(12, 1, 2)``), and month ->
     min(model, reference) values in that window. Raises :class:`BaselineError` (prefixed ``what``) when
     no month is shared or even the whole year holds fewer than ``needed`` values.
@@ -143,8 +150,11 @@ def month_windows(
     n_reference = {m: int((reference_months == m).sum()) for m in present}
     windows: dict[int, tuple[int, ...]] = {}
     counts: dict[int, int] = {}
-    for month in present:
+    for month in range(1, 13):
         offset = {p: (p - month + 6) % 12 - 6 for p in present}  # signed, -6..5: Dec is -1 from Jan
+        absent = month not in present
+        if absent and min(abs(o) for o in offset.values()) > ABSENT_LIMIT:
+            continue  # no training month near enough to stand in for it: downscaling it raises
         for k in range(POOL_LIMIT + 1):
             window = tuple(sorted((p for p in present if abs(offset[p]) <= k), key=offset.__getitem__))
             n = min(sum(n_model[p] for p in window), sum(n_reference[p] for p in window))
@@ -152,6 +162,8 @@ def month_windows(
                 windows[month], counts[month] = window, n
                 break
         else:
+            if absent:
+                continue
             raise BaselineError(
                 f"{what}: need >= {needed} training values per month of year, got {n} even pooling the "
                 f"whole year (months {present}); fit on a longer record"
@@ -291,8 +303,8 @@ class EmpiricalQuantileMapping:
     values of a cyclic window of neighbouring months, +-1, +-2, ... at most +-6 (:func:`month_windows`;
     ``pooled_months`` keeps month -> months pooled), e.g. every month of a one-year monthly record pools
     its two neighbours. Months with >= 2 values use only their own, exactly as without pooling. Months
-    absent from the training data are not fitted: adjusting them raises (the window widens a thin month's
-    sample, it does not stand in for a month never seen).
+    absent from the training data are fitted on their nearest months' values (a one-year record held out
+    by months), and ``pooled_months`` says so.
     """
 
     n_quantiles: int | None = None
@@ -644,8 +656,11 @@ class BCSDDownscaler(_Baseline):
         self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(
             _float64(coarse_train[names]), reference
         )
-        self.coarse_climatology = reference.groupby("time.month").mean("time").compute()  # small: 12 maps
-        self.fine_climatology = fine_train[names].groupby("time.month").mean("time").compute()
+        windows = self.mapping.pooled_months
+        self.coarse_climatology = _all_months(reference.groupby("time.month").mean("time").compute(), windows)
+        self.fine_climatology = _all_months(
+            fine_train[names].groupby("time.month").mean("time").compute(), windows
+        )
         return self
 
     def coarse_reference(self, fine: xr.Dataset) -> xr.Dataset:
@@ -706,6 +721,20 @@ class BCSDDownscaler(_Baseline):
                 combined.transpose(*fine_anomaly[var].dims).astype("float32").assign_attrs(coarse[var].attrs)
             )
         return _with_members(out, members, self.name, self.mapping.pooled_months)
+
+
+def _all_months(climatology: xr.Dataset, windows: dict[int, tuple[int, ...]]) -> xr.Dataset:
+    """A monthly climatology (``month`` dim) with every month its training data lacks set to the mean of the
+    months of its window (:func:`month_windows`); unchanged when no month is missing."""
+    have = set(climatology["month"].values.tolist())
+    extra = {m: w for m, w in windows.items() if m not in have}
+    if not extra:
+        return climatology
+    filled = [
+        climatology.sel(month=[p for p in w if p in have]).mean("month").expand_dims(month=[m])
+        for m, w in extra.items()
+    ]
+    return xr.concat([climatology, *filled], "month").sortby("month")
 
 
 def _others(ds: xr.Dataset) -> list[Hashable]:

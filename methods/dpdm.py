@@ -505,7 +505,7 @@ def prepare_training(
         raise MethodError(
             f"method.patch_size ({config.patch_size}) must be a multiple of train.factor ({section.factor})"
         )
-    variables = training_variables(cfg)
+    variables = cfg.train_variables()
     spec = ConditioningSpec(
         tuple(variables),
         section.factor,
@@ -519,14 +519,6 @@ def prepare_training(
         )
     except TrainingDataError as exc:
         raise MethodError(str(exc)) from None
-
-
-def training_variables(cfg: ClimReconConfig) -> list[str]:
-    """The variables a run learns: ``train.variables`` when given explicitly, else every variable of the
-    ``data:`` section (when there is one), else ``train.variables``' default."""
-    if cfg.data is not None and "variables" not in cfg.train.model_fields_set:
-        return list(cfg.data.variables)
-    return list(cfg.train.variables)
 
 
 def grid_spec(setup: Any, factor: int, patch_size: int) -> GridSpec:

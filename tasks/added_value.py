@@ -267,9 +267,9 @@ def reconstruction_truth(
     explicit = bool(cfg.evaluate.truth or cfg.evaluate.truth_query)
     if not explicit and cfg.ingest.catalog is not None:
         return None  # the sample catalog's truth only judges runs made on the sample catalog
-    wanted = cfg.ingest.query.variable_id or cfg.evaluate.variables
+    wanted = cfg.ingest.query.variable_id or cfg.evaluate_variables()
     wanted = [wanted] if isinstance(wanted, str) else wanted
-    variables = [v for v in wanted if v in cfg.evaluate.variables]
+    variables = [v for v in wanted if v in cfg.evaluate_variables()]
     ev = cfg.evaluate.model_copy(update={"variables": variables})
     try:
         truth, source = open_evaluation_truth(cfg.model_copy(update={"evaluate": ev}), storage_options)

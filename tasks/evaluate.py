@@ -127,7 +127,7 @@ def open_evaluation_truth(
     reanalysis.
     """
     ev = cfg.evaluate
-    variables = list(ev.variables)
+    variables = cfg.evaluate_variables()
     if ev.truth and str(ev.truth).endswith((".nc", ".nc4", ".netcdf")):
         try:
             ds = xr.open_dataset(ev.truth, decode_times=_TIME_CODER, chunks={})
@@ -352,14 +352,6 @@ def perfect_model_inputs(
     return Inputs.from_coarse(coarse, grid, static_fine, time_step=time_step, mask=mask)
 
 
-def evaluation_variables(cfg: ClimReconConfig) -> list[str]:
-    """``evaluate.variables`` when given explicitly, else every variable of the ``data:`` section (when there
-    is one), else ``evaluate.variables``' default."""
-    if cfg.data is not None and "variables" not in cfg.evaluate.model_fields_set:
-        return list(cfg.data.variables)
-    return list(cfg.evaluate.variables)
-
-
 def _stamp(t: int) -> str:
     """``YYYYMMDDHH`` -> ``YYYY-MM-DDTHH``."""
     return f"{t // 1_000_000:04d}-{t // 10_000 % 100:02d}-{t // 100 % 100:02d}T{t % 100:02d}"
@@ -384,7 +376,7 @@ def run_evaluation(
     say = log or (lambda _msg: None)
     if ev.threads:
         torch.set_num_threads(ev.threads)  # oversubscribed CPUs make multi-threaded small convolutions crawl
-    variables = evaluation_variables(cfg)
+    variables = cfg.evaluate_variables()
     factories = (
         dict(methods) if methods is not None else {m.key: method_factory(m, cfg.sampler) for m in ev.methods}
     )

@@ -110,8 +110,12 @@ def test_empirical_quantile_mapping_by_hand() -> None:
             np.testing.assert_allclose(got, [10.0, 25.0, 40.0, 5.0, 50.0])
     tied = B.EmpiricalQuantileMapping().fit(ds([1, 2, 2, 4], "tas"), ds([10, 20, 30, 40], "tas"))
     np.testing.assert_allclose(tied.adjust(ds([2.0, 3.0], "tas"))["tas"].isel(lat=0, lon=0), [25.0, 35.0])
-    with pytest.raises(B.BaselineError, match=r"month\(s\) \[2\]"):
-        qm.adjust(ds([1.0], "pr", start="2000-02-01"))
+    # February borrows January (the nearest training month); July, six months away, is not fitted
+    np.testing.assert_allclose(
+        qm.adjust(ds([2.5], "pr", start="2000-02-01"))["pr"].isel(lat=0, lon=0), [25.0]
+    )
+    with pytest.raises(B.BaselineError, match=r"month\(s\) \[7\]"):
+        qm.adjust(ds([1.0], "pr", start="2000-07-01"))
 
 
 def test_quantile_mapping_reproduces_fine_quantiles_on_training_years(data) -> None:
@@ -199,7 +203,8 @@ def test_errors_name_the_problem(data) -> None:
     bcsd = B.BCSDDownscaler().fit(
         summer_only.sel(time=TRAIN), fine.sel(time=fine.time.dt.month.isin([6, 7, 8])).sel(time=TRAIN)
     )
-    with pytest.raises(B.BaselineError, match=r"month\(s\) \[1, 2, 3, 4, 5, 9, 10, 11, 12\]"):
+    # Mar-May and Sep-Nov lie within 3 months of the summer: they borrow it; December to February do not
+    with pytest.raises(B.BaselineError, match=r"month\(s\) \[1, 2, 12\]"):
         bcsd.downscale(inputs_of(gcm, FINE))
     with pytest.raises(B.BaselineError, match="none in common"):
         B.BCSDDownscaler().fit(gcm[["tas"]], fine[["pr"]])
@@ -407,7 +412,21 @@ def test_months_never_seen_raise_and_one_value_cannot_be_pooled(data) -> None:
         pooled = (
             method.pooled_months if isinstance(method, B.DeltaDownscaler) else method.mapping.pooled_months
         )
-        assert pooled == {1: (1, 2), 2: (1, 2, 3), 3: (2, 3)}  # no December/April to pool: absent
+        # Jan-Mar pool thin neighbours; absent months within 3 months of the data borrow the nearest
+        # (Apr-Jun from Feb-Mar, Oct-Dec from Jan-Feb); July and August-September lie further: not fitted
+        assert pooled == {
+            1: (1, 2),
+            2: (1, 2, 3),
+            3: (2, 3),
+            4: (2, 3),
+            5: (2, 3),
+            6: (2, 3),
+            10: (1, 2),
+            11: (1, 2),
+            12: (1, 2),
+        }
+        held_out = method.downscale(inputs_of(data["gcm"].sel(time="1995-11"), FINE))
+        assert bool(np.isfinite(held_out["tas"]).all())
         out = method.downscale(inputs_of(data["gcm"].sel(time="1995-02"), FINE))
         assert bool(np.isfinite(out["tas"]).all())
         with pytest.raises(
