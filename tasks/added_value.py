@@ -264,6 +264,16 @@ def reconstruction_truth(
     """(lazy truth, its name, configured explicitly?) or None when the run has no truth to compare with."""
     from climrecon.tasks.evaluate import EvaluationError, open_evaluation_truth
 
+    if cfg.data is not None:  # the user's own fine data: what the run is judged against
+        from climrecon.tasks.fine_data import FineDataError, open_fine_data
+
+        try:
+            fine = open_fine_data(cfg.data, storage_options)
+        except FineDataError as exc:
+            raise ValueError(f"data: {exc}") from None
+        wanted = cfg.ingest.query.variable_id or fine.variables
+        wanted = [wanted] if isinstance(wanted, str) else wanted
+        return fine.ds[[v for v in wanted if v in fine.variables]], fine.source.get("url", "data:"), True
     explicit = bool(cfg.evaluate.truth or cfg.evaluate.truth_query)
     if not explicit and cfg.ingest.catalog is not None:
         return None  # the sample catalog's truth only judges runs made on the sample catalog

@@ -113,11 +113,13 @@ class UnitReport:
 
 @dataclass(frozen=True)
 class FitData:
-    """Where a fitted method's training pairs come from (fine truth, training years)."""
+    """Where a fitted method's training pairs come from: fine truth and training years, or the ``data:``
+    section (the user's own fine data and its ``train`` selection, as JSON: no secrets)."""
 
     truth_url: str
-    years: tuple[int, int]
+    years: tuple[int, int] | str
     key: str
+    data: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,11 @@ def _method_inputs(fine: xr.Dataset, static: xr.Dataset, coarse: xr.Dataset | No
 def _fit_data(cfg: ClimReconConfig, storage_options: dict[str, Any] | None) -> FitData:
     from climrecon.tasks.training_data import default_truth_url, open_truth
 
+    if cfg.data is not None:
+        data = cfg.data.model_dump(mode="json")
+        where = cfg.data.path or "data.query"
+        return FitData(str(where), cfg.data.train.describe(), content_key("fine-data", data), data)
+
     try:
         url = default_truth_url(cfg)
         truth = open_truth(url, [], storage_options)
@@ -257,7 +264,7 @@ def plan_downscale(
     identity = _identity(fine, fine_url, fine_key, str(description.get("label", cfg.method.name)))
     parts = [*method.identity(ds_cfg.members, ds_cfg.seed), ds_cfg.time_chunk, ds_cfg.zarr_format]
     if fit is not None:
-        parts += [fit.key, list(fit.years)]
+        parts += [fit.key, fit.years if isinstance(fit.years, str) else list(fit.years)]
     key = content_key("downscale", DOWNSCALE_VERSION, fine_key, static_key, *parts)
     name = ".".join(identity[f] for f in ("source_id", "experiment_id", "member_id", "method"))
     upstream_record = fine.attrs.get("climrecon_provenance")
@@ -383,13 +390,17 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
     variables = list(plan.variables)
     try:
         truth = (
-            select_years(
-                open_truth(fit.truth_url, variables, storage_options),
-                fit.years,
-                f"truth store {fit.truth_url} (train.train_years)",
+            _fit_truth(fit, variables, storage_options)
+            if fit.data is not None
+            else (
+                select_years(
+                    open_truth(fit.truth_url, variables, storage_options),
+                    fit.years,
+                    f"truth store {fit.truth_url} (train.train_years)",
+                )
+                .astype("float32")
+                .load()
             )
-            .astype("float32")
-            .load()
         )
         target = Grid.from_dataset(fine, "fine store")
         if not Grid.from_dataset(truth, "truth").same_cells(target):
@@ -406,6 +417,24 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
         if isinstance(exc, DownscaleError):
             raise
         raise DownscaleError(f"fitting {plan.method.name} for {plan.name}: {exc}") from None
+
+
+def _fit_truth(fit: FitData, variables: list[str], storage_options: dict[str, Any] | None) -> xr.Dataset:
+    """The ``data:`` section's training times of ``variables`` (loaded float32)."""
+    from climrecon.config import FineDataConfig
+    from climrecon.tasks.fine_data import FineDataError, open_fine_data
+
+    cfg = FineDataConfig.model_validate(fit.data)
+    try:
+        fine = open_fine_data(cfg, storage_options)
+        missing = [v for v in variables if v not in fine.variables]
+        if missing:
+            raise DownscaleError(
+                f"the fine data (data:) lack {missing} to fit on; they have {fine.variables}"
+            )
+        return fine.select(cfg.train, "data.train")[variables].astype("float32").load()
+    except FineDataError as exc:
+        raise DownscaleError(f"fitting on the fine data (data:): {exc}") from None
 
 
 def _worker_address() -> str | None:

@@ -288,3 +288,29 @@ def test_inputs_refuse_what_a_method_needs_but_lacks(world):
     only_fine = Inputs(coarse_on_fine=inputs.coarse_on_fine, grid=inputs.grid)
     with pytest.raises(methods.MethodError, match="reads the coarse grid itself"):
         only_fine.require(Needs(), "bilinear")
+
+
+def test_fitted_methods_fit_on_the_data_section_in_the_downscale_stage(world, tmp_path):
+    """``data:`` (the user's own fine data, split by dates) replaces train.truth/train_years for fitting in
+    the stage: the same training months give the same bytes; another training selection another store."""
+    s = world["stores"]
+    legacy = _config(world, "delta", tmp_path / "legacy")
+    data = {
+        "path": world["truth"],
+        "variables": world["variables"],
+        "train": {"dates": ["2000-01", "2001-12"]},
+        "heldout": {"dates": ["2002-01", "2002-12"]},
+    }
+    own = legacy.with_overrides([f"data={json.dumps(data)}", f"storage.root={tmp_path / 'own'}"])
+    stores = {}
+    for label, cfg in (("legacy", legacy), ("own", own)):
+        plan = plan_downscale(cfg, s["fine"], s["static"], s["coarse"])
+        url, _ = run_downscale(plan)
+        stores[label] = xr.open_zarr(url)
+    for v in world["variables"]:
+        assert stores["own"][v].values.tobytes() == stores["legacy"][v].values.tobytes(), v
+    fewer = own.with_overrides(['data.train={"dates": ["2000-01", "2000-12"]}'])
+    plan = plan_downscale(fewer, s["fine"], s["static"], s["coarse"])
+    assert plan.fit is not None and plan.fit.years == "dates 2000-01..2000-12"
+    same = plan_downscale(own, s["fine"], s["static"], s["coarse"])
+    assert plan.name == same.name and plan.out_key != same.out_key
