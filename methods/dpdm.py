@@ -506,14 +506,15 @@ def prepare_training(
             f"method.patch_size ({config.patch_size}) must be a multiple of train.factor ({section.factor})"
         )
     variables = cfg.train_variables()
-    spec = ConditioningSpec(
-        tuple(variables),
-        section.factor,
-        static_coarse=tuple(config.static_coarse),
-        climatology=config.climatology,
-    )
     try:
         source = training_source(cfg, variables, section.factor)
+        spec = ConditioningSpec(
+            tuple(variables),
+            section.factor,
+            static_coarse=tuple(config.static_coarse),
+            climatology=config.climatology,
+            diurnal=source.time_step == "hour",
+        )
         return training_setup(
             section, spec, source, target=target or config.target, patch_size=config.patch_size
         )

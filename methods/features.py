@@ -19,6 +19,7 @@ and inference (a regridded GCM) build them identically:
   training times only and stored with the checkpoint (:class:`Climatology`), so a model never has to
   rediscover the fixed fine-scale pattern of its region from the terrain alone;
 - position: sin/cos of latitude and longitude;
+- hour of day (sub-daily data, ``ConditioningSpec.diurnal``): sin/cos of the clock time, two planes;
 - time of year: the cyclic fraction of the year at mid-month, passed to the network as an embedding.
 
 :func:`normalize_conditioning` maps a stack to network space (the same for training and inference).
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 POSITION_CHANNELS = ("sin_lat", "cos_lat", "sin_lon", "cos_lon")
+DIURNAL_CHANNELS = ("sin_hour", "cos_hour")
 CLIM_SUFFIX = "_clim"
 STATIC_SCALING: dict[str, tuple[float, float]] = {
     "orog": (0.0, 1000.0),  # m -> km
@@ -78,7 +80,8 @@ class ConditioningSpec:
     Channel order: ``<variable>_coarse`` for each variable, ``<variable>_clim`` for each variable when
     ``climatology`` (the training-period residual climatology of the month), the ``static`` fields,
     ``<name>_coarse`` for each of ``static_coarse`` (the coarse grid's view of a static field), then the
-    position channels. The time-varying channels (coarse, climatology) come first: :meth:`n_dynamic`.
+    position channels; ``sin_hour``, ``cos_hour`` follow the climatology when ``diurnal``. The time-varying
+    channels (coarse, climatology, hour of day) come first: :meth:`n_dynamic`.
     """
 
     variables: tuple[str, ...]
@@ -87,6 +90,7 @@ class ConditioningSpec:
     static_coarse: tuple[str, ...] = ()
     position: bool = True
     climatology: bool = False
+    diurnal: bool = False  # sub-daily data: sin/cos of the hour of day as two more (time-varying) planes
     coarse_suffix: str = field(default="_coarse", repr=False)
 
     def __post_init__(self) -> None:
@@ -102,11 +106,16 @@ class ConditioningSpec:
         return [f"{v}{CLIM_SUFFIX}" for v in self.variables] if self.climatology else []
 
     def n_dynamic(self) -> int:
-        """How many leading channels change with time (coarse fields, then their climatology)."""
-        return len(self.variables) + len(self.climatology_names())
+        """How many leading channels change with time (coarse fields, their climatology, the hour of day)."""
+        return (
+            len(self.variables)
+            + len(self.climatology_names())
+            + (len(DIURNAL_CHANNELS) if self.diurnal else 0)
+        )
 
     def channel_names(self) -> list[str]:
         names = [f"{v}{self.coarse_suffix}" for v in self.variables] + self.climatology_names()
+        names += list(DIURNAL_CHANNELS) if self.diurnal else []
         names += self.static_names()
         return names + (list(POSITION_CHANNELS) if self.position else [])
 
@@ -132,6 +141,7 @@ class ConditioningSpec:
             static_coarse=static_coarse,
             position=position,
             climatology=climatology,
+            diurnal=all(c in channels for c in DIURNAL_CHANNELS),
         )
         if spec.channel_names() != channels:
             raise ConditioningError(
@@ -400,6 +410,13 @@ def conditioning_stack(
         clim = climatology.on(grid, months, spec.variables)
         for i, _ in enumerate(spec.variables):
             planes.append(planes[0].copy(data=clim[:, i]))
+    if spec.diurnal:
+        from climrecon.tasks.fine_data import hour_of_day
+
+        angle = 2 * np.pi * hour_of_day(coarse_fine["time"].values).astype(np.float64)
+        shape = (1, grid.nlat, grid.nlon)
+        for wave in (np.sin(angle), np.cos(angle)):
+            planes.append(planes[0].copy(data=(wave[:, None, None] * np.ones(shape)).astype(np.float32)))
     for name in spec.static_names():
         planes.append(
             static_fine[name].transpose("lat", "lon").astype("float32").expand_dims(time=coarse_fine.time)
@@ -447,7 +464,7 @@ def normalize_conditioning(
             planes.append((x - offset) / scale)
         elif name.endswith(CLIM_SUFFIX) and name[: -len(CLIM_SUFFIX)] in (clim_scale or {}):
             planes.append(x / clim_scale[name[: -len(CLIM_SUFFIX)]])
-        elif name in POSITION_CHANNELS:
+        elif name in POSITION_CHANNELS or name in DIURNAL_CHANNELS:
             planes.append(x)
         else:
             raise ConditioningError(

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import json
 
+import cftime
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from test_fine_data import daily, land_fraction, static_5min  # noqa: F401  (fixtures)
 from test_training_data import write_tiny_stores
 
-from climrecon.config import load_config
-from climrecon.methods import corrdiff
+from climrecon.config import FineDataConfig, SamplerConfig, load_config
+from climrecon.methods import build, corrdiff, dpdm
+from climrecon.methods.features import DIURNAL_CHANNELS
 from climrecon.models.checkpoint import read_checkpoint
-from climrecon.tasks.evaluate import EvaluationError, run_evaluation
+from climrecon.tasks.evaluate import EvaluationError, perfect_model_inputs, run_evaluation
+from climrecon.tasks.fine_data import fine_static, open_fine_data
+from climrecon.tasks.grids import Grid
+from climrecon.tasks.regrid import coarsen_blocks
 
 NETWORK = "{base_channels: 8, channel_mults: [1, 2], attention_levels: [], mid_attention: false}"
 
@@ -150,3 +156,73 @@ def test_a_one_year_monthly_record_split_by_months_is_scored_by_every_baseline(t
     assert len(rows) == 8 and all(np.isfinite(r["mae"]) for r in rows.values())
     # ACC of months the training times lack (Oct-Dec) has no climatology: NaN, not an error
     assert all(np.isnan(r["acc"]) for r in rows.values())
+
+
+def test_hourly_data_get_an_hour_of_day_channel_in_training_and_sampling(tmp_path):
+    """6-hourly fields with a diurnal cycle: the checkpoint's conditioning holds sin/cos of the hour of day
+    among its time-varying channels, and sampling builds them from each step's clock time."""
+
+    _, static = write_tiny_stores(tmp_path)
+    times = [cftime.DatetimeGregorian(2000, 1, 1) + np.timedelta64(6 * k, "h").item() for k in range(4 * 60)]
+    lat, lon = 30.25 + 0.5 * np.arange(40), -124.75 + 0.5 * np.arange(40)
+    hours = np.array([t.hour for t in times], float)
+    rng = np.random.default_rng(0)
+    tas = 280 + 5 * np.sin(2 * np.pi * hours / 24)[:, None, None] + rng.normal(0, 1, (len(times), 40, 40))
+    path = str(tmp_path / "hourly.zarr")
+    xr.Dataset(
+        {"tas": (("time", "lat", "lon"), tas.astype("float32"))},
+        coords={"time": times, "lat": lat, "lon": lon},
+    ).to_zarr(path)
+    data = {
+        "path": path,
+        "variables": ["tas"],
+        "static": static,
+        "train": {"dates": ["2000-01-01", "2000-02-15"]},
+        "heldout": {"dates": ["2000-02-16", "2000-02-29"]},
+    }
+    ckpt = tmp_path / "hourly.pt"
+    cfg = load_config(
+        None,
+        [
+            f"data={json.dumps(data)}",
+            "method.name=dpdm",
+            "method.patch_size=16",
+            f"method.network={NETWORK}",
+            "train.max_steps=2",
+            "train.factor=4",
+            "train.batch_size=4",
+            "train.warmup_steps=1",
+            "train.device=cpu",
+            f"train.checkpoint={ckpt}",
+        ],
+    )
+    dpdm.train(cfg)
+    meta = read_checkpoint(ckpt).metadata
+    assert meta.data["time_step"] == "hour"
+    assert list(meta.cond_channels[:3]) == ["tas_coarse", *DIURNAL_CHANNELS]
+    held = (
+        xr.open_zarr(path, decode_times=xr.coders.CFDatetimeCoder(use_cftime=True))
+        .isel(time=slice(-4, None))
+        .load()
+    )
+    fine = open_fine_data(FineDataConfig.model_validate(data))
+    inputs = perfect_model_inputs(
+        coarsen_blocks(held, 4),
+        Grid.from_dataset(held),
+        fine_static(fine, static),
+        ["orog", "sftlf"],
+        time_step="hour",
+    )
+    method = build(
+        {"name": "dpdm", "checkpoint": str(ckpt)}, SamplerConfig(num_steps=2, device="cpu", overlap=4)
+    )
+    _, _, z_cond, _, _ = method._network_inputs(inputs)
+    want = np.sin(2 * np.pi * np.array([t.hour for t in held["time"].values]) / 24)
+    np.testing.assert_allclose(z_cond[:, 1, 0, 0], want, atol=1e-6)
+    assert np.isfinite(method.downscale(inputs, members=1)["tas"].values).all()
+    with pytest.raises(Exception, match="trained on hourly fields; the input is monthly"):
+        method.validate(
+            perfect_model_inputs(
+                coarsen_blocks(held, 4), Grid.from_dataset(held), fine_static(fine, static), ["orog", "sftlf"]
+            )
+        )
