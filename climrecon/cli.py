@@ -475,7 +475,7 @@ def server(
 
 
 @app.command()
-def demo(set_: SetOpt = None) -> None:
+def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """The README's main job: a whole reconstruction on the embedded defaults, in a few minutes.
 
     Builds the offline sample catalog (real packaged GCM data + the labelled synthetic reanalysis) if
@@ -483,9 +483,10 @@ def demo(set_: SetOpt = None) -> None:
     configured method (default: DPDM with the shipped checkpoint, 8 members, 18 Heun steps; any registered
     method with --set method.name=...), scores it against the synthetic truth, with Prefect's
     local API, a Dask LocalCluster and stores under ./outputs; --set overrides anything (e.g. --set
-    downscale.members=4 for a quicker look).
+    downscale.members=4 for a quicker look). `-c configs/demo-corrdiff.yaml`: CorrDiff on tas, uas, vas and
+    pr, which the sample GCMs lack (the synthetic reanalysis itself is the coarse source: a perfect-model run).
     """
-    reconstruct(config=None, set_=list(set_ or []), scheduler=None, evaluate=True)
+    reconstruct(config=config, set_=list(set_ or []), scheduler=None, evaluate=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

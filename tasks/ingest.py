@@ -258,6 +258,11 @@ def _is_zarr(plan: IngestPlan, row: dict[str, Any]) -> bool:
     return str(value or "").startswith("zarr") or str(row[plan.path_column]).rstrip("/").endswith(".zarr")
 
 
+def _local_path(path: str) -> str:
+    """A local path or ``file://`` URL as an absolute real path (catalogs list Zarr stores as file:// URLs)."""
+    return os.path.realpath(path.removeprefix("file://"))
+
+
 def _check_netcdf3(path: str) -> None:
     """Classic netCDF files cut short read back as zeros in netCDF-C: read them fully with scipy first."""
     with open(path, "rb") as f:
@@ -314,15 +319,16 @@ def open_plan(plan: IngestPlan, storage_options: dict[str, Any] | None = None) -
     by_path: dict[str, list[str]] = {}
     for row in plan.rows:
         path = str(row[plan.path_column])
-        key = path if is_remote(path) else os.path.realpath(path)
+        key = path if is_remote(path) else _local_path(path)
         by_path.setdefault(key, []).append(str(row[plan.variable_column]))
     tracking: dict[str, str] = {}
 
     def preprocess(ds: xr.Dataset) -> xr.Dataset:
         src = ds.encoding.get("source")
         if src and not is_remote(str(src)):
-            src = os.path.realpath(src)
-            _check_netcdf3(src)
+            src = _local_path(str(src))
+            if os.path.isfile(src):  # a netCDF file (a Zarr store is a directory)
+                _check_netcdf3(src)
         variables = by_path.get(src) if src else None
         if variables is None and len(by_path) == 1:  # a single store (e.g. Zarr) serves every row
             variables = plan.variables()

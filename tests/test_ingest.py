@@ -137,3 +137,24 @@ def test_query_matching_nothing_lists_available_values(real_catalog):
         search_catalog(real_catalog, CatalogQuery(source_id="MPI-ESM-LR", time=("1950", "1960")), {})
     with pytest.raises(CatalogQueryError, match="does not exist"):
         search_catalog(os.fspath(Path(real_catalog).with_name("nope.json")), CatalogQuery(), {})
+
+
+def test_a_zarr_store_listed_as_a_file_url_is_ingested(make_catalog, catalog_row, tmp_path):
+    """Catalogs (the sample's own) list Zarr stores as file:// URLs: the store is opened, not mistaken for a
+    relative path (it read '<cwd>/file:/...' before)."""
+    from test_training_data import write_tiny_stores
+
+    truth, _ = write_tiny_stores(tmp_path / "src")
+    url = "file://" + str(Path(truth).resolve())
+    rows = [
+        catalog_row(
+            url, v, format="zarr", source_id="TINY", experiment_id="synthetic", time_range="200001-200212"
+        )
+        for v in ("tas", "uas")
+    ]
+    cfg = IngestConfig(query=CatalogQuery(source_id="TINY", time=("2001-01", "2001-06")))
+    (plan,) = plan_ingest(cfg, make_catalog(rows), StorageConfig(root=str(tmp_path / "out")))
+    out = xr.open_zarr(ingest_plan(plan), decode_times=CFTIME)
+    src = xr.open_zarr(truth, decode_times=CFTIME).sel(time=slice("2001-01", "2001-06"))
+    assert {"tas", "uas"} <= set(out.data_vars) and out.sizes["time"] == 6
+    np.testing.assert_allclose(out["tas"].values, src["tas"].transpose(*out["tas"].dims).values, rtol=1e-6)
