@@ -27,6 +27,8 @@ static key, *method.identity(members, seed), time_chunk, zarr_format)`` (+ the f
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time as _time
@@ -146,6 +148,8 @@ class DownscalePlan:
     upstream: dict[str, Any]
     started: str
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # owner of this run's unit leases
+    time_step: str = "month"  # of the fine store's times (time features and seeds)
+    mask: np.ndarray | None = None  # (lat, lon) bool valid cells of the data: section's fine data, or None
 
     @property
     def n_time(self) -> int:
@@ -241,7 +245,8 @@ def plan_downscale(
                 f"the static store {static_url} is not on the grid of the fine store {fine_url} ({c}: "
                 f"{static.sizes.get(c)} vs {fine.sizes[c]} cells); use the static store the same regrid run wrote"
             )
-    inputs = _method_inputs(fine, static, coarse, fine_url)
+    time_step = _time_step(fine["time"].values)
+    inputs = dataclasses.replace(_method_inputs(fine, static, coarse, fine_url), time_step=time_step)
     try:
         method = build(cfg.method, cfg.sampler)
         method.validate(inputs)
@@ -265,6 +270,11 @@ def plan_downscale(
     parts = [*method.identity(ds_cfg.members, ds_cfg.seed), ds_cfg.time_chunk, ds_cfg.zarr_format]
     if fit is not None:
         parts += [fit.key, fit.years if isinstance(fit.years, str) else list(fit.years)]
+    if time_step != "month":
+        parts.append(time_step)
+    mask = _data_mask(cfg, Grid.from_dataset(fine, "fine store"), storage_options)
+    if mask is not None:
+        parts.append(hashlib.sha256(np.packbits(mask).tobytes()).hexdigest())
     key = content_key("downscale", DOWNSCALE_VERSION, fine_key, static_key, *parts)
     name = ".".join(identity[f] for f in ("source_id", "experiment_id", "member_id", "method"))
     upstream_record = fine.attrs.get("climrecon_provenance")
@@ -298,6 +308,8 @@ def plan_downscale(
         identity=identity,
         upstream=upstream,
         started=utc_now(),
+        time_step=time_step,
+        mask=mask,
     )
 
 
@@ -419,6 +431,39 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
         raise DownscaleError(f"fitting {plan.method.name} for {plan.name}: {exc}") from None
 
 
+def _time_step(times: np.ndarray) -> str:
+    """The time step of a store's labels (month unless the spacing says day, hour or year)."""
+    from climrecon.tasks.fine_data import FineDataError, infer_time_step
+
+    try:
+        return str(infer_time_step(times)[0])
+    except FineDataError:
+        return "month"
+
+
+def _data_mask(cfg: ClimReconConfig, grid: Grid, storage_options: dict[str, Any] | None) -> np.ndarray | None:
+    """The valid cells of the ``data:`` section's fine data on ``grid`` (its cells must lie on the data's
+    grid), or None without a data section or without masked cells there: what the stage masks its outputs
+    with, so a reconstruction over a coast has the user's ocean cells NaN like their data."""
+    if cfg.data is None:
+        return None
+    from climrecon.tasks.fine_data import FineDataError, open_fine_data
+
+    try:
+        fine = open_fine_data(cfg.data, storage_options)
+    except FineDataError as exc:
+        raise DownscaleError(f"data: {exc}") from None
+    try:
+        mask = fine.mask.sel(lat=grid.lat, lon=grid.lon, method="nearest", tolerance=1e-3 * grid.dlat)
+    except KeyError:
+        raise DownscaleError(
+            f"the target grid {grid.describe()} is not on the fine data's grid ({fine.grid.describe()}): set "
+            "regrid.region and regrid.resolution to the data's"
+        ) from None
+    values = np.asarray(mask.values, dtype=bool)
+    return None if values.all() else values
+
+
 def _fit_truth(fit: FitData, variables: list[str], storage_options: dict[str, Any] | None) -> xr.Dataset:
     """The ``data:`` section's training times of ``variables`` (loaded float32)."""
     from climrecon.config import FineDataConfig
@@ -454,7 +499,11 @@ def unit_inputs(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, 
     coarse = None
     if plan.coarse_url:
         coarse = _open(plan.coarse_url, storage_options, "regridded coarse store").isel(time=unit.time).load()
-    return _method_inputs(fine.load(), static.load(), coarse, plan.fine_url)
+    inputs = _method_inputs(fine.load(), static.load(), coarse, plan.fine_url)
+    mask = None
+    if plan.mask is not None:
+        mask = xr.DataArray(plan.mask, dims=("lat", "lon"), coords={"lat": fine["lat"], "lon": fine["lon"]})
+    return dataclasses.replace(inputs, time_step=plan.time_step, mask=mask)
 
 
 def sample_unit(
@@ -478,10 +527,11 @@ def sample_unit(
         return None, report
     try:
         method = _method(plan, storage_options)
-        result = method.downscale(
-            unit_inputs(plan, unit, storage_options),
-            members=range(unit.member.start, unit.member.stop),
-            seed=plan.config.seed,
+        inputs = unit_inputs(plan, unit, storage_options)
+        result = inputs.masked(
+            method.downscale(
+                inputs, members=range(unit.member.start, unit.member.stop), seed=plan.config.seed
+            )
         )
     except MethodError as exc:
         _store(plan, storage_options).release(unit.region, plan.run_id)

@@ -314,3 +314,32 @@ def test_fitted_methods_fit_on_the_data_section_in_the_downscale_stage(world, tm
     assert plan.fit is not None and plan.fit.years == "dates 2000-01..2000-12"
     same = plan_downscale(own, s["fine"], s["static"], s["coarse"])
     assert plan.name == same.name and plan.out_key != same.out_key
+
+
+def test_the_stage_masks_every_output_with_the_fine_datas_missing_cells(world, tmp_path):
+    """A data: section with ocean cells: the downscale stage writes NaN there for any method (the mask is
+    carried into the outputs) and the same bytes as before elsewhere."""
+    s = world["stores"]
+    truth = xr.open_zarr(world["truth"], decode_times=xr.coders.CFDatetimeCoder(use_cftime=True))[
+        world["variables"]
+    ]
+    ocean = np.zeros((truth.sizes["lat"], truth.sizes["lon"]), bool)
+    ocean[:6, :9] = True
+    masked = str(tmp_path / "masked.zarr")
+    truth.where(~xr.DataArray(ocean, dims=("lat", "lon"))).to_zarr(masked)
+    data = {
+        "path": masked,
+        "variables": world["variables"],
+        "train": {"years": [2000, 2001]},
+        "heldout": {"years": [2002, 2002]},
+    }
+    for name in ("bilinear", "delta"):
+        plain = _config(world, name, tmp_path / f"plain-{name}")
+        own = plain.with_overrides([f"data={json.dumps(data)}", f"storage.root={tmp_path / name}"])
+        outs = []
+        for cfg in (plain, own):
+            url, _ = run_downscale(plan_downscale(cfg, s["fine"], s["static"], s["coarse"]))
+            outs.append(xr.open_zarr(url)["tas"].values)
+        assert np.isnan(outs[1][..., ocean]).all() and np.isfinite(outs[1][..., ~ocean]).all(), name
+        if name == "bilinear":  # not fitted: the valid cells are exactly the unmasked run's
+            assert outs[1][..., ~ocean].tobytes() == outs[0][..., ~ocean].tobytes()
