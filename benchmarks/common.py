@@ -141,3 +141,19 @@ def write_results(path: str | Path, results: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def evaluation_overrides(
+    methods: list[Any], variables: list[str], *, members: int, month_stride: int, threads: int, steps: int
+) -> list[str]:
+    """The config overrides of a side-by-side x8 evaluation benchmark (CPU sampler, one factor)."""
+    return [
+        "evaluate.factors=[8]",
+        f"evaluate.variables={json.dumps(variables)}",
+        f"evaluate.methods={json.dumps(methods)}",
+        f"evaluate.ensemble_sizes=[{members}]",
+        f"evaluate.month_stride={month_stride}",
+        f"evaluate.threads={threads}",
+        f"sampler.num_steps={steps}",
+        "sampler.device=cpu",
+    ]

@@ -33,7 +33,14 @@ import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine, peak_rss_mib, versions, write_results  # noqa: E402
+from common import (  # noqa: E402
+    command_line,
+    evaluation_overrides,
+    machine,
+    peak_rss_mib,
+    versions,
+    write_results,
+)
 
 from climrecon.config import load_config  # noqa: E402
 from climrecon.methods import build  # noqa: E402
@@ -138,17 +145,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         {"name": "dpdm", "checkpoint": str(args.dpdm)},
         {"name": "corrdiff", "checkpoint": str(args.corrdiff)},
     ]
-    overrides = [
-        "evaluate.factors=[8]",
-        f"evaluate.variables={json.dumps(VARIABLES)}",
-        f"evaluate.methods={json.dumps(methods)}",
-        f"evaluate.ensemble_sizes=[{args.members}]",
-        f"evaluate.month_stride={args.month_stride}",
-        f"evaluate.threads={args.threads}",
-        f"sampler.num_steps={args.steps}",
-        "sampler.device=cpu",
-        *args.overrides,
-    ]
+    overrides = evaluation_overrides(
+        methods,
+        VARIABLES,
+        members=args.members,
+        month_stride=args.month_stride,
+        threads=args.threads,
+        steps=args.steps,
+    ) + list(args.overrides)
     cfg = load_config(None, overrides)
     fields: dict[str, xr.Dataset] = {}
     factories = {

@@ -246,3 +246,14 @@ def fault_record():
     path = os.environ.get(FAULTS_REPORT_ENV)
     if path:
         Path(path).write_text(json.dumps(results, indent=1, sort_keys=True, default=str) + "\n")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (the CPU is shared; small convolutions crawl when oversubscribed)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from test_corrdiff import FAST, tiny_config
 from test_training_data import write_tiny_stores
 
@@ -33,13 +32,7 @@ from climrecon.tasks.training_data import (
 
 SPEC = ConditioningSpec(("tas", "uas"), 4, static_coarse=("orog",), climatology=True)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ from climrecon.tasks.training_data import open_truth, select_years, static_for_t
 FAST = SamplerConfig(num_steps=3, overlap=4, device="cpu", max_patches_per_batch=16)
 TINY_NETWORK = "{base_channels: 8, channel_mults: [1, 2], attention_levels: [], mid_attention: false}"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def tiny_config(
     truth: str,
@@ -73,15 +75,6 @@ def write_tiny_corrdiff(
     """A CorrDiff checkpoint (both roles) made by the shipped recipe, 2 steps per stage."""
     corrdiff.train(tiny_config(truth, static, path, reg_steps=2, steps=2, static_coarse=static_coarse))
     return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread (the CPU is shared; small convolutions crawl when oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

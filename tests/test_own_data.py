@@ -10,7 +10,6 @@ import json
 import cftime
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 from test_fine_data import daily, land_fraction, static_5min  # noqa: F401  (fixtures)
 from test_training_data import write_tiny_stores
@@ -26,13 +25,7 @@ from climrecon.tasks.regrid import coarsen_blocks
 
 NETWORK = "{base_channels: 8, channel_mults: [1, 2], attention_levels: [], mid_attention: false}"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def data_overrides(path: str, static: str) -> list[str]:
