@@ -75,10 +75,10 @@ class Inputs:
     grid: Grid
     coarse: xr.Dataset | None = None
     static: xr.Dataset | None = None
-    time_step: str = "month"  # "month", "day", "hour" or "year": what time features and seeds are built from
-    mask: xr.DataArray | None = (
-        None  # (lat, lon) bool on ``grid``: valid cells; None: all (see :meth:`masked`)
-    )
+    # "month", "day", "hour" or "year": what time features and seeds are built from
+    time_step: str = "month"
+    # (lat, lon) bool on ``grid``: valid cells; None: all (see :meth:`masked`)
+    mask: xr.DataArray | None = None
 
     def masked(self, out: xr.Dataset) -> xr.Dataset:
         """``out`` (a method's result on ``grid``) with NaN at the cells ``mask`` marks invalid (ocean,

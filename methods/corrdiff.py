@@ -246,8 +246,7 @@ class CorrDiff(DPDM):
             "stochastic": not self.config.regression_only,
             "variables": list(self.variables),
             "grid": m.grid.to_dict(),
-            "years_seen": [list(y) for y in self.years_seen()],
-            "seen_periods": m.data.get("seen_periods", []),
+            **self._seen(),
             "report": (
                 f"{self.config.key}: checkpoint `{Path(self.checkpoint).name}` (corrdiff, {kind}, x{self.factor}, "
                 f"regression {m.data.get('regression_stage', {}).get('steps', '?')} + residual step {m.step}, "

@@ -268,6 +268,14 @@ class DPDM:
         data = self.metadata.data
         return [tuple(data[k]) for k in ("train_years", "validation_years") if data.get(k)]
 
+    def _seen(self) -> dict[str, Any]:
+        """What the evaluation checks against its held-out times: the years (older checkpoints) and the runs
+        of time steps (``YYYYMMDDHH``) the model was trained or validated on."""
+        return {
+            "years_seen": [list(y) for y in self.years_seen()],
+            "seen_periods": self.metadata.data.get("seen_periods", []),
+        }
+
     def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DPDM:
         missing = [v for v in self.variables if v not in fine_train.data_vars]
         if missing:
@@ -448,8 +456,7 @@ class DPDM:
             "stochastic": True,
             "variables": list(self.variables),
             "grid": m.grid.to_dict(),
-            "years_seen": [list(y) for y in self.years_seen()],
-            "seen_periods": m.data.get("seen_periods", []),
+            **self._seen(),
             "report": (
                 f"{self.name}: checkpoint `{Path(self.checkpoint).name}` ({m.method}, x{self.factor}, "
                 f"step {m.step}, target {target}), {self.sampler.describe()}, overlap {self.overlap}"

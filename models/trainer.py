@@ -371,13 +371,6 @@ def train(
             lr = cfg.lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            bad = batch.nonfinite()
-            if bad:
-                raise FloatingPointError(
-                    f"the training batch of step {step + 1} has NaN/inf in {bad}: the data has missing or "
-                    "masked cells (e.g. ocean) that reached the network; describe them with a mask (the "
-                    "fine data's `mask`) so they are filled and left out of the loss"
-                )
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 per_element = loss_fn(model, batch.target, batch.cond, batch.time_of_year, generator=noise)
                 loss = reduce_loss(per_element, batch.weight)
@@ -386,7 +379,14 @@ def train(
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value):  # before opt.step(): the weights stay as they were
+                bad = batch.nonfinite()  # inspected only here: no per-step scan (and device sync)
+                if bad:
+                    raise FloatingPointError(
+                        f"the training batch of step {step + 1} has NaN/inf in {bad}: the data has missing or "
+                        "masked cells (e.g. ocean) that reached the network; describe them with a mask (the "
+                        "fine data's `mask`) so they are filled and left out of the loss"
+                    )
                 raise FloatingPointError(
                     f"non-finite training loss ({loss_value}) at step {step + 1}; check the batch "
                     "normalisation "

@@ -42,7 +42,7 @@ import numpy as np
 import xarray as xr
 
 from climrecon.config import ClimReconConfig, DownscaleConfig, MethodConfig, SamplerConfig
-from climrecon.methods import Inputs, Method, MethodError, build, gridded_variables, month_index
+from climrecon.methods import Inputs, Method, MethodError, build, gridded_variables, month_index, time_index
 from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
 from climrecon.storage import public_url, safe_name, store_url, url_options
 from climrecon.stores import StageStore, content_key
@@ -263,7 +263,7 @@ def plan_downscale(
     coarse_key = None if coarse is None else str(coarse.attrs.get("climrecon_key", ""))
     times = fine["time"].values
     try:
-        month_index(times)
+        time_index(times, time_step)  # every label seedable (year >= 0, one per step)
     except MethodError as exc:
         raise DownscaleError(f"{fine_url}: {exc}") from None
     identity = _identity(fine, fine_url, fine_key, str(description.get("label", cfg.method.name)))

@@ -156,7 +156,17 @@ def perfect_model_pairs(
     bilinearly put back on the fine grid, with ``static_fine`` (time, channel, lat, lon) and, for
     ``spec.static_coarse``, the static fields' views through the same coarse blocks; ``climatology``
     (from :func:`training_climatology` of the training times) when ``spec.climatology``."""
-    target, coarse_fine, grid = _pairs_fields(truth, spec)
+    return _stacked(_pairs_fields(truth, spec), static_fine, spec, climatology)
+
+
+def _stacked(
+    fields: tuple[xr.Dataset, xr.Dataset, Grid],
+    static_fine: xr.Dataset,
+    spec: ConditioningSpec,
+    climatology: Climatology | None,
+) -> tuple[xr.Dataset, xr.DataArray]:
+    """(target, conditioning) of :func:`_pairs_fields`' output (see :func:`perfect_model_pairs`)."""
+    target, coarse_fine, grid = fields
     # the coarse grid's view of the static fields: through the same blocks as the truth
     static_fine = with_coarse_static(static_fine, grid.coarsened(spec.factor), spec.static_coarse)
     return target, conditioning_stack(coarse_fine, static_fine, spec, climatology)
@@ -399,7 +409,9 @@ def training_source(cfg: Any, variables: Sequence[str], factor: int) -> Training
         section = cfg.train
         store = open_truth(truth_url, variables)
         truth = select_years(store, section.train_years, f"truth store {truth_url}")
-        validation = select_years(store, section.validation_years, f"truth store {truth_url}")
+        years = np.array([t.year for t in store["time"].values])
+        v0, v1 = section.validation_years  # recorded as seen where the store has them; none need be there
+        validation = store.isel(time=np.flatnonzero((years >= v0) & (years <= v1)))
         description = {
             "truth": public_url(truth_url),
             "truth_title": store.attrs.get("title", ""),
@@ -466,9 +478,10 @@ def training_setup(
                 "not: use target: full, or CorrDiff (its network space transforms the full fields)"
             )
     truth = source.truth
-    climatology = training_climatology(truth, spec) if spec.climatology else None
+    fields = _pairs_fields(truth, spec)  # coarsened once, for the climatology and the conditioning
+    climatology = residual_climatology(fields[0], fields[1], spec.variables) if spec.climatology else None
     clim_scale = dict(zip(spec.variables, climatology.scale, strict=True)) if climatology else None
-    pairs, cond = perfect_model_pairs(truth, source.static, spec, climatology)
+    pairs, cond = _stacked(fields, source.static, spec, climatology)
     valid = valid_cells(pairs, spec.variables)
     cond_stats = fit_target_normalization(pairs, spec.variables, source.transforms)
     if target == "residual":

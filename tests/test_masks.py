@@ -115,7 +115,7 @@ def test_nan_batches_are_refused_naming_the_missing_cells_not_the_learning_rate(
 
     def stream(first: int):
         while True:
-            yield Batch(target=x)
+            yield Batch(target=x, time_of_year=torch.zeros(2))
 
     with pytest.raises(FloatingPointError, match=r"NaN/inf in \['target'\].*mask"):
         train_loop(
