@@ -284,9 +284,18 @@ class StageStore:
             mode = "w"  # our own template, interrupted while it was written (no block yet): write it again
         tmpl = template.copy()
         tmpl.attrs = {**template.attrs, "climrecon_key": self.key, "climrecon_status": "incomplete"}
+        # The group's metadata, with the key, is the first object written (one PUT): a fault anywhere after
+        # it leaves a store that says whose it is, so the next run rewrites it instead of refusing it.
+        zarr.open_group(
+            store=self.url,
+            mode=mode,
+            zarr_format=zarr_format,
+            attributes={"climrecon_key": self.key, "climrecon_status": "incomplete"},
+            storage_options=url_options(self.url, self.storage_options),
+        )
         tmpl.to_zarr(
             self.url,
-            mode=mode,
+            mode="a",
             compute=False,
             encoding=encoding,
             zarr_format=zarr_format,

@@ -75,6 +75,30 @@ def test_a_template_interrupted_mid_write_is_written_again(tmp_path):
     assert not store.initialize(ds.chunk({"time": 5}))
 
 
+def test_a_fault_right_after_the_first_write_leaves_a_store_that_says_whose_it_is(tmp_path, monkeypatch):
+    """The key is in the very first object written: a fault before the arrays (or the attributes xarray
+    writes) leaves a store the next run of the same key rewrites, and another key still refuses."""
+    ds = _dataset()
+    store = StageStore(str(tmp_path / "s.zarr"), key="k1")
+
+    def cut(*args, **kwargs):
+        raise OSError("connection lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(xr.Dataset, "to_zarr", cut)
+        with pytest.raises(OSError, match="connection lost"):
+            store.initialize(ds.chunk({"time": 5}))
+    assert store.exists() and store.stored_key() == "k1" and not store.is_complete()
+    with pytest.raises(StoreStateError, match="refusing to overwrite"):
+        StageStore(store.url, key="k2").initialize(ds.chunk({"time": 5}))
+    assert store.initialize(ds.chunk({"time": 5}))  # written again
+    regions = [{"time": slice(0, 5)}, {"time": slice(5, 10)}]
+    for r in regions:
+        store.write_block(ds.isel(r), r)
+    store.finalize(regions)
+    np.testing.assert_array_equal(xr.open_zarr(store.url).tas.values, ds.tas.values)
+
+
 def test_claim_waits_for_a_live_lease_and_skips_a_block_written_meanwhile(tmp_path, caplog):
     import logging
     import threading
