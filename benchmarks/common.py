@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +145,18 @@ def write_results(path: str | Path, results: dict[str, Any]) -> Path:
 
 
 def evaluation_overrides(
-    methods: list[Any], variables: list[str], *, members: int, month_stride: int, threads: int, steps: int
+    methods: list[Any],
+    variables: list[str],
+    *,
+    members: int,
+    month_stride: int,
+    threads: int,
+    steps: int,
+    factors: Sequence[int] = (8,),
 ) -> list[str]:
-    """The config overrides of a side-by-side x8 evaluation benchmark (CPU sampler, one factor)."""
+    """The config overrides of a side-by-side evaluation benchmark (CPU sampler; x8 unless ``factors``)."""
     return [
-        "evaluate.factors=[8]",
+        f"evaluate.factors={json.dumps(list(factors))}",
         f"evaluate.variables={json.dumps(variables)}",
         f"evaluate.methods={json.dumps(methods)}",
         f"evaluate.ensemble_sizes=[{members}]",

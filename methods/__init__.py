@@ -125,7 +125,7 @@ def _register_builtins() -> None:
     ``climrecon.methods``: importing the module registers it, in every process, Dask workers included)."""
     from importlib.metadata import entry_points
 
-    from climrecon.methods import baselines, corrdiff, dpdm  # noqa: F401  (each registers itself)
+    from climrecon.methods import baselines, corrdiff, dpdm, zssd  # noqa: F401  (each registers itself)
 
     for ep in entry_points(group="climrecon.methods"):
         try:

@@ -38,6 +38,7 @@ __all__ = [
     "Method",
     "gridded_variables",
     "member_indices",
+    "per_step",
     "month_index",
     "time_index",
     "item_seeds",
@@ -136,7 +137,7 @@ class Inputs:
                     f"{method} is conditioned on static fields {list(needs.static)}; the static fields lack "
                     f"{missing} (they have {sorted(have)}); re-run the regrid stage of this version"
                 )
-        factor = self.factor()
+        factor = self.factor() if needs.factors else None  # (any rectilinear grid when any factor serves)
         if (
             needs.factors
             and factor is not None
@@ -169,6 +170,11 @@ class Method(Protocol):
 def gridded_variables(ds: xr.Dataset) -> list[Hashable]:
     """The data variables of ``ds`` on its lat/lon grid (bounds variables excluded)."""
     return [v for v in ds.data_vars if {"lat", "lon"} <= set(ds[v].dims) and not str(v).endswith("_bnds")]
+
+
+def per_step(time_step: str) -> str:
+    """``"month"`` -> ``"monthly"``, ``"day"`` -> ``"daily"``, ... (for messages)."""
+    return {"month": "monthly", "day": "daily", "hour": "hourly", "year": "yearly"}.get(time_step, time_step)
 
 
 def member_indices(members: int | Sequence[int]) -> list[int]:

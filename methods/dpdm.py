@@ -36,6 +36,7 @@ from climrecon.methods.base import (
     SamplerConfig,
     item_seeds,
     member_indices,
+    per_step,
 )
 from climrecon.methods.features import (
     STATIC_SCALING,
@@ -79,6 +80,7 @@ __all__ = [
     "build_model",
     "prepare_training",
     "train",
+    "train_denoiser",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -313,7 +315,8 @@ class DPDM:
         trained_step = self.metadata.data.get("time_step", "month")
         if inputs.time_step != trained_step:
             raise MethodError(
-                f"checkpoint {path} was trained on {trained_step}ly fields; the input is {inputs.time_step}ly "
+                f"checkpoint {path} was trained on {per_step(trained_step)} fields; the input is "
+                f"{per_step(inputs.time_step)} "
                 "(time features and statistics differ): train a model on data of this time step"
             )
         if self.climatology is not None:
@@ -377,11 +380,13 @@ class DPDM:
         index: Sequence[int],
         seed: int,
         to_physical: Callable[[np.ndarray, torch.Tensor], np.ndarray],
+        wrap: Callable[[np.ndarray], Callable | None] | None = None,
     ) -> np.ndarray:
         """(member, time, V, H, W) float32: ``self.net`` sampled with the one tiled sampler for every (member,
         time) item, ``config.items_per_call`` items per call, seeded by ``time_index`` (the inputs'
         :meth:`~climrecon.methods.base.Inputs.time_index`); ``to_physical(time indices, samples)`` maps a
-        call's samples to physical fields."""
+        call's samples to physical fields; ``wrap(time indices)`` (optional) gives the call's denoiser wrapper
+        (guidance, :func:`~climrecon.models.tiled.sample_tiled`'s ``wrap``)."""
         n_t, n_v = len(time_index), len(self.variables)
         seeds = item_seeds(seed, time_index, index)  # member-major
         items = [(k, t) for k in range(len(index)) for t in range(n_t)]
@@ -398,6 +403,7 @@ class DPDM:
                 seeds=seeds[start : start + len(chunk)],
                 out_channels=n_v,
                 device=self.device,
+                wrap=None if wrap is None else wrap(t_idx),
                 **self.sampler.sampling_kwargs(),
             )
             for (k, t), field_ in zip(chunk, to_physical(t_idx, z), strict=True):
@@ -501,10 +507,11 @@ def prepare_training(
     cfg: ClimReconConfig,
     config: PatchModelConfig,
     target: Literal["residual", "full"] | None = None,
+    coarse: bool = True,
 ) -> Any:
     """Training-time perfect-model pairs of ``cfg``'s fine data (``data:``, else ``train.truth``; held-out
     times never opened), their statistics and the crop sampler; the targets are ``target`` (default: the
-    config's own, DPDM's residual or full fields)."""
+    config's own, DPDM's residual or full fields); ``coarse=False``: no coarse planes (a prior, ZSSD)."""
     from climrecon.tasks.training_data import TrainingDataError, training_setup, training_source
 
     section = cfg.train
@@ -521,6 +528,7 @@ def prepare_training(
             static_coarse=tuple(config.static_coarse),
             climatology=config.climatology,
             diurnal=source.time_step == "hour",
+            coarse=coarse,
         )
         return training_setup(
             section, spec, source, target=target or config.target, patch_size=config.patch_size
@@ -561,11 +569,27 @@ def train_config(
 
 def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
     """Train the DPDM denoiser of ``cfg.method`` on ``cfg.train`` into the resumable ``train.checkpoint``."""
+    torch.set_num_threads(cfg.train.threads)
+    setup = prepare_training(cfg, cfg.method)
+    label = "dpdm-residual" if cfg.method.target == "residual" else "dpdm"
+    return train_denoiser(cfg, setup, label, progress=progress, log=log)
+
+
+def train_denoiser(
+    cfg: ClimReconConfig,
+    setup: Any,
+    label: str,
+    *,
+    data: dict[str, Any] | None = None,
+    progress: bool = False,
+    log: logging.Logger | None = None,
+) -> TrainResult:
+    """Train one EDM denoiser (role ``denoiser``) of ``cfg.method`` on ``setup`` (:func:`prepare_training`)
+    into the resumable ``train.checkpoint``, recorded as method ``label``; ``data`` adds to (or replaces)
+    the setup's description in the checkpoint."""
     from climrecon.models.trainer import train as train_loop
 
     section, config = cfg.train, cfg.method
-    torch.set_num_threads(section.threads)
-    setup = prepare_training(cfg, config)
     model = build_model(config, len(setup.spec.variables), len(setup.spec.channel_names()), section.seed)
     if log:
         log.info(
@@ -574,14 +598,18 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
             setup.data["months"],
         )
     metadata = CheckpointMetadata(
-        method="dpdm-residual" if config.target == "residual" else "dpdm",
+        method=label,
         networks={"denoiser": NetworkSpec.of(model)},
         variables=setup.spec.variables,
         cond_channels=tuple(setup.spec.channel_names()),
         normalization=setup.stats,
         grid=grid_spec(setup, section.factor, config.patch_size),
         method_config=config.model_dump(mode="json", exclude={"checkpoint"}),
-        data={**setup.data, "static_scaling": {k: list(v) for k, v in STATIC_SCALING.items()}},
+        data={
+            **setup.data,
+            "static_scaling": {k: list(v) for k, v in STATIC_SCALING.items()},
+            **(data or {}),
+        },
     )
     tcfg = train_config(section, section.max_steps, section.lr)
     on_log = (

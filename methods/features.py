@@ -91,6 +91,9 @@ class ConditioningSpec:
     position: bool = True
     climatology: bool = False
     diurnal: bool = False  # sub-daily data: sin/cos of the hour of day as two more (time-varying) planes
+    coarse: bool = (
+        True  # the coarse fields as planes; False: a prior of the fine fields (ZSSD), no coarse input
+    )
     coarse_suffix: str = field(default="_coarse", repr=False)
 
     def __post_init__(self) -> None:
@@ -108,13 +111,17 @@ class ConditioningSpec:
     def n_dynamic(self) -> int:
         """How many leading channels change with time (coarse fields, their climatology, the hour of day)."""
         return (
-            len(self.variables)
+            len(self.coarse_names())
             + len(self.climatology_names())
             + (len(DIURNAL_CHANNELS) if self.diurnal else 0)
         )
 
+    def coarse_names(self) -> list[str]:
+        """The ``<variable>_coarse`` planes (none for a prior: ``coarse=False``)."""
+        return [f"{v}{self.coarse_suffix}" for v in self.variables] if self.coarse else []
+
     def channel_names(self) -> list[str]:
-        names = [f"{v}{self.coarse_suffix}" for v in self.variables] + self.climatology_names()
+        names = self.coarse_names() + self.climatology_names()
         names += list(DIURNAL_CHANNELS) if self.diurnal else []
         names += self.static_names()
         return names + (list(POSITION_CHANNELS) if self.position else [])
@@ -142,6 +149,7 @@ class ConditioningSpec:
             position=position,
             climatology=climatology,
             diurnal=all(c in channels for c in DIURNAL_CHANNELS),
+            coarse=any(f"{v}_coarse" in channels for v in variables),
         )
         if spec.channel_names() != channels:
             raise ConditioningError(
@@ -384,7 +392,7 @@ def conditioning_stack(
             f"the conditioning includes {spec.climatology_names()} but no training-period climatology was given"
         )
     missing = [v for v in spec.variables if v not in coarse_fine]
-    if missing:
+    if missing and (spec.coarse or spec.climatology):
         raise ConditioningError(
             f"coarse input lacks variable(s) {missing}; it has {sorted(map(str, coarse_fine.data_vars))}"
         )
@@ -404,19 +412,30 @@ def conditioning_stack(
         raise ConditioningError(
             f"static fields are on {Grid.from_dataset(static_fine).describe()} but the coarse input on {grid.describe()}"
         )
-    planes = [coarse_fine[v].transpose("time", "lat", "lon").astype("float32") for v in spec.variables]
+    times = coarse_fine["time"]
+    # one (time, lat, lon) float32 plane of zeros: the template every computed plane is put on
+    zeros = xr.DataArray(
+        np.zeros((times.size, grid.nlat, grid.nlon), np.float32),
+        dims=("time", "lat", "lon"),
+        coords={"time": times, "lat": coarse_fine.lat, "lon": coarse_fine.lon},
+    )
+    planes = (
+        [coarse_fine[v].transpose("time", "lat", "lon").astype("float32") for v in spec.variables]
+        if spec.coarse
+        else []
+    )
     if spec.climatology:
         months = [t.month for t in coarse_fine["time"].values]
         clim = climatology.on(grid, months, spec.variables)
         for i, _ in enumerate(spec.variables):
-            planes.append(planes[0].copy(data=clim[:, i]))
+            planes.append(zeros.copy(data=clim[:, i]))
     if spec.diurnal:
         from climrecon.tasks.fine_data import hour_of_day
 
         angle = 2 * np.pi * hour_of_day(coarse_fine["time"].values).astype(np.float64)
         shape = (1, grid.nlat, grid.nlon)
         for wave in (np.sin(angle), np.cos(angle)):
-            planes.append(planes[0].copy(data=(wave[:, None, None] * np.ones(shape)).astype(np.float32)))
+            planes.append(zeros.copy(data=(wave[:, None, None] * np.ones(shape)).astype(np.float32)))
     for name in spec.static_names():
         planes.append(
             static_fine[name].transpose("lat", "lon").astype("float32").expand_dims(time=coarse_fine.time)

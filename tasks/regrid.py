@@ -39,6 +39,7 @@ __all__ = [
     "bilinear_weights",
     "conservative",
     "conservative_weights",
+    "cell_edges",
     "static_on_grid",
 ]
 
@@ -530,8 +531,8 @@ def _regridded(
 
 
 # -- conservative ---------------------------------------------------------------------------------------
-def _target_edges(target: Grid | xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Target cell edges (lat, lon), from a Grid, from CF ``lat_bnds``/``lon_bnds``, or from the centres."""
+def cell_edges(target: Grid | xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Cell edges (lat, lon) of a grid: from a Grid, from CF ``lat_bnds``/``lon_bnds``, or from the centres."""
     if isinstance(target, Grid):
         lat_b, lon_b = target.bounds()
         return np.append(lat_b[:, 0], lat_b[-1, 1]), np.append(lon_b[:, 0], lon_b[-1, 1])
@@ -584,7 +585,7 @@ def conservative(
     tlat, tlon = _target_latlon(target)
     check_target_in_domain(ds, tlat, tlon, name)
     src_lat_e, src_lon_e, _ = _source_domain(ds)
-    dst_lat_e, dst_lon_e = _target_edges(target)
+    dst_lat_e, dst_lon_e = cell_edges(target)
     w_lat, w_lon = conservative_weights(src_lat_e, src_lon_e, dst_lat_e, dst_lon_e)
     # only source rows/columns that touch a target cell are read (a region of a global source)
     rows, cols = np.flatnonzero(w_lat.sum(1) > 0), np.flatnonzero(w_lon.sum(1) > 0)

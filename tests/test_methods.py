@@ -167,7 +167,23 @@ def _config(world, name: str, root) -> Any:
         overrides += [f"method.checkpoint={world['checkpoint']}", "method.patch_size=16"]
     if name == "corrdiff":
         overrides += [f"method.checkpoint={_tiny_corrdiff(world)}", "method.patch_size=16"]
+    if name == "zssd":
+        overrides += [f"method.checkpoint={_tiny_zssd(world)}", "method.patch_size=16"]
     return load_config(overrides=overrides)
+
+
+def _tiny_zssd(world) -> str:
+    """A tiny ZSSD prior (2 steps) made by its own training recipe."""
+    path = world["root"] / "tiny-zssd.pt"
+    if not path.exists():
+        from test_corrdiff import tiny_config
+
+        from climrecon.methods import zssd
+
+        zssd.train(
+            tiny_config(world["truth"], world["static_global"], path, steps=2, static_coarse=(), name="zssd")
+        )
+    return str(path)
 
 
 def _tiny_corrdiff(world) -> str:
