@@ -353,7 +353,9 @@ class DPDM:
         self.validate(inputs)
         try:
             cond = conditioning_stack(
-                inputs.coarse_on_fine[list(self.variables)].load(),
+                inputs.coarse_on_fine[
+                    [v for v in self.variables if self.spec.coarse or v in inputs.coarse_on_fine]
+                ].load(),
                 inputs.static[self.spec.static_names()].load(),
                 self.spec,
                 self.climatology,
@@ -381,17 +383,19 @@ class DPDM:
         seed: int,
         to_physical: Callable[[np.ndarray, torch.Tensor], np.ndarray],
         wrap: Callable[[np.ndarray], Callable | None] | None = None,
+        items_per_call: int | None = None,
     ) -> np.ndarray:
         """(member, time, V, H, W) float32: ``self.net`` sampled with the one tiled sampler for every (member,
         time) item, ``config.items_per_call`` items per call, seeded by ``time_index`` (the inputs'
         :meth:`~climrecon.methods.base.Inputs.time_index`); ``to_physical(time indices, samples)`` maps a
         call's samples to physical fields; ``wrap(time indices)`` (optional) gives the call's denoiser wrapper
-        (guidance, :func:`~climrecon.models.tiled.sample_tiled`'s ``wrap``)."""
+        (guidance, :func:`~climrecon.models.tiled.sample_tiled`'s ``wrap``); ``items_per_call`` overrides the
+        config's."""
         n_t, n_v = len(time_index), len(self.variables)
         seeds = item_seeds(seed, time_index, index)  # member-major
         items = [(k, t) for k in range(len(index)) for t in range(n_t)]
         out = np.empty((len(index), n_t, n_v, tiling.height, tiling.width), np.float32)
-        step = self.config.items_per_call
+        step = items_per_call or self.config.items_per_call
         for start in range(0, len(items), step):
             chunk = items[start : start + step]
             t_idx = np.array([t for _, t in chunk])
@@ -411,10 +415,17 @@ class DPDM:
         return out
 
     def _dataset(
-        self, inputs: Inputs, out: np.ndarray, index: Sequence[int], seed: int, **attrs: Any
+        self,
+        inputs: Inputs,
+        out: np.ndarray,
+        index: Sequence[int],
+        seed: int,
+        variables: Sequence[str] | None = None,
+        **attrs: Any,
     ) -> xr.Dataset:
-        """(member, time, lat, lon) dataset of ``out`` on the inputs' grid, with this method's attributes."""
-        variables, grid = list(self.variables), inputs.grid
+        """(member, time, lat, lon) dataset of ``out`` (its variable axis: ``variables``, default the model's)
+        on the inputs' grid, with this method's attributes."""
+        variables, grid = list(variables or self.variables), inputs.grid
         coords = {
             "member": np.array(index),
             "time": inputs.coarse_on_fine["time"],

@@ -218,3 +218,36 @@ def test_the_operator_reads_a_gcms_gaussian_latitudes_and_0_360_longitudes():
     np.testing.assert_allclose(
         a(torch.full((FINE.nlat, FINE.nlon), 2.0, dtype=torch.float64)).numpy(), 2.0, atol=1e-12
     )
+
+
+def test_an_annual_observation_guides_twelve_months_whose_mean_agrees_with_it():
+    """GroupMean: 12 items observed through their mean (an annual input to a monthly prior): the guided
+    months differ from one another, their mean matches y."""
+    from climrecon.models.operators import GroupMean
+
+    n, years = 8, 2
+    ident = SeparableOperator(np.eye(n), np.eye(n))
+    y = torch.stack([torch.full((1, n, n), 0.7), torch.full((1, n, n), -0.4)]).double()
+    guided = GuidedDenoiser(
+        lambda x, s: x / (1 + s.reshape(-1, 1, 1, 1) ** 2), GroupMean(ident, 12), y, zeta=12.0
+    )
+    latents = torch.randn(
+        (years * 12, 1, n, n), generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    out = edm_sampler(guided, latents, num_steps=16)
+    means = out.reshape(years, 12, 1, n, n).mean(1)
+    np.testing.assert_allclose(means.numpy(), y.numpy(), atol=0.02)
+    assert out.reshape(years, 12, -1).std(1).mean() > 0.3  # the months are not copies of the mean
+
+
+def test_an_annual_input_to_a_monthly_prior_gives_annual_members(world):
+    held = world["held"]
+    sampler = SamplerConfig(num_steps=2, device="cpu", overlap=4, max_patches_per_batch=8)
+    method = build({"name": "zssd", "checkpoint": world["checkpoint"], "items_per_call": 30}, sampler)
+    grid = Grid.from_dataset(held)
+    annual = coarsen_blocks(held, 4).mean("time").expand_dims(time=held["time"].values[:1])
+    inputs = perfect_model_inputs(annual, grid, world["static"], [], time_step="year")
+    a = method.downscale(inputs, members=2, seed=5)
+    assert a.tas.shape == (2, 1, grid.nlat, grid.nlon) and a.attrs["months_per_input_step"] == 12
+    b = method.downscale(inputs, members=[1], seed=5)
+    assert a.tas.isel(member=1).values.tobytes() == b.tas.isel(member=0).values.tobytes()
