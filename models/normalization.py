@@ -67,14 +67,19 @@ def forward_transform(x: Array, transform: Transform, scale: float = 1.0) -> Arr
     raise ValueError(f"unknown transform {transform!r}; expected one of 'identity', 'log1p'")
 
 
+# log1p values beyond this (x > 1e13 x scale) are no precipitation, only an untrained or diverged network:
+# clipping them keeps the output finite in float32 (expm1 overflows above ~88) and changes no real value
+LOG1P_MAX = 30.0
+
+
 def inverse_transform(y: Array, transform: Transform, scale: float = 1.0) -> Array:
-    """``T^-1(y)``: identity, or ``scale * expm1(y)`` clipped at 0."""
+    """``T^-1(y)``: identity, or ``scale * expm1(min(y, LOG1P_MAX))`` clipped at 0."""
     if transform == "identity":
         return y
     if transform == "log1p":
         if isinstance(y, torch.Tensor):
-            return (torch.expm1(y) * scale).clamp(min=0)
-        return np.maximum(np.expm1(y) * scale, 0)
+            return (torch.expm1(y.clamp(max=LOG1P_MAX)) * scale).clamp(min=0)
+        return np.maximum(np.expm1(np.minimum(y, LOG1P_MAX)) * scale, 0)
     raise ValueError(f"unknown transform {transform!r}; expected one of 'identity', 'log1p'")
 
 

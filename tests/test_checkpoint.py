@@ -294,6 +294,10 @@ def test_normalisation_pr_transform_and_clipping():
     np.testing.assert_allclose(stats.normalize(one_mm_day), np.log(2))
     np.testing.assert_array_equal(stats.normalize(np.full((1, 1, 1), -1e-7)), 0.0)  # negative pr -> dry
     np.testing.assert_array_equal(stats.denormalize(np.full((1, 1, 1), -3.0)), 0.0)  # never negative pr
+    # a diverged network's 1e3 (expm1 overflows float32 above ~88) stays finite, numpy and torch alike
+    huge = stats.denormalize(np.full((1, 1, 1), 1e3)).astype(np.float32)
+    assert np.isfinite(huge).all() and huge.item() > 1e12 * PR_SCALE
+    assert torch.isfinite(stats.denormalize(torch.full((1, 1, 1), 1e3)).float()).all()
 
 
 def test_normalisation_json_round_trip_and_errors():
