@@ -44,7 +44,8 @@ REPORT = RESULTS / "evaluation.md"
 PRIOR = REPO / "checkpoints" / "zssd-prior-westus.pt"
 DPDM = REPO / "checkpoints" / "dpdm-westus-x8.pt"
 CORRDIFF = REPO / "checkpoints" / "corrdiff-westus-x8.pt"
-VARIABLES = ["tas", "uas", "vas"]
+VARIABLES = ["tas", "uas", "vas"]  # what the prior generates: "overall" is over these
+EVALUATED = [*VARIABLES, "pr"]  # the shipped CorrDiff needs pr in its input (scored, not in "overall")
 FACTORS = (4, 8, 16, 20)
 SCORES = ("mae", "rmse", "crps", "spread_skill_ratio", "q99_error", "log_spectral_distance", "bias")
 BEGIN, END = "<!-- zero-shot: benchmarks/zero_shot.py -->", "<!-- /zero-shot -->"
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     overrides = evaluation_overrides(
         methods_of(args.prior, args.dpdm, args.corrdiff),
-        VARIABLES,
+        EVALUATED,
         members=args.members,
         month_stride=args.month_stride,
         threads=args.threads,
