@@ -330,7 +330,7 @@ class ZSSD(DPDM):
             else f"the {c.unified_resolution:g}-deg unified grid"
         )
         out["report"] = (
-            f"zssd: prior `{out['checkpoint']['path'].rsplit('/', 1)[-1]}` (step {self.metadata.step}), guidance "
+            f"{c.key}: prior `{out['checkpoint']['path'].rsplit('/', 1)[-1]}` (step {self.metadata.step}), guidance "
             f"{c.guidance}"
             + (f" on {where}" if c.guidance == "zssd" else " on the input's cells")
             + f", jacobian {c.resolved_jacobian()}, {self.sampler.describe()}"
