@@ -54,6 +54,7 @@ PRIOR_LABEL = "zssd-prior"
 # zssd's default step, in units of 1 / ||A^T W A|| (stable below 2): on validation months (2006-2010, x8 and
 # x20, 4 members) 0.5 / 1.0 / 1.4 / 1.8 gave 0.561 / 0.486 / 0.466 / 0.459 x bilinear MAE at x8
 ZETA = 1.5
+DPS_ZETA = 0.3  # vanilla DPS: the reference's super-resolution scale, per observed cell
 COVERED = 0.999  # a coarse cell is observed when the fine domain covers this fraction of its area
 
 
@@ -261,7 +262,7 @@ class ZSSD(DPDM):
             weight = weight * lat_w[:, None]
             zeta = (cfg.zeta or ZETA) / a.gram_norm(lat_w)
         else:  # vanilla DPS: the reference's rule, zeta / ||residual|| (the loss is the unsquared norm)
-            zeta = cfg.zeta or 0.3 * math.sqrt(observed.sum())
+            zeta = cfg.zeta or DPS_ZETA * math.sqrt(observed.sum())
         time_index = inputs.time_index()
         # k prior time steps per input time step: 12 months of each year for an annual input, else 1
         k = (
@@ -317,7 +318,8 @@ class ZSSD(DPDM):
             *super().identity(members, seed),
             c.guidance,
             c.unified_resolution,
-            c.zeta,
+            c.zeta
+            or {"zssd": ZETA, "dps": DPS_ZETA}[c.guidance],  # the default's value: a new default, new key
             c.resolved_jacobian(),
         ]
 
