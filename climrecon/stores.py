@@ -293,15 +293,18 @@ class StageStore:
             attributes={"climrecon_key": self.key, "climrecon_status": "incomplete"},
             storage_options=url_options(self.url, self.storage_options),
         )
-        tmpl.to_zarr(
-            self.url,
-            mode="a",
-            compute=False,
-            encoding=encoding,
-            zarr_format=zarr_format,
-            consolidated=True,
-            storage_options=url_options(self.url, self.storage_options),
-        )
+        with warnings.catch_warnings():
+            # appending consolidates the whole store, our state folder (.climrecon/, leases) included
+            warnings.filterwarnings("ignore", message=r"Object at \.climrecon is not recognized")
+            tmpl.to_zarr(
+                self.url,
+                mode="a",
+                compute=False,
+                encoding=encoding,
+                zarr_format=zarr_format,
+                consolidated=True,
+                storage_options=url_options(self.url, self.storage_options),
+            )
         self._put(
             self._state("template.json"), json.dumps({"key": self.key}).encode()
         )  # the template is whole
