@@ -409,8 +409,87 @@ def gcm(argv: Sequence[str]) -> None:
     print(json.dumps(summary, indent=1)[:4000])
 
 
+# -- memory of the two Jacobians ----------------------------------------------------------------------------
+MEMORY_VARIANTS = {
+    "load only (no sampling)": None,
+    "zssd, jacobian identity": {"guidance": "zssd", "jacobian": "identity"},
+    "zssd, jacobian network": {"guidance": "zssd", "jacobian": "network"},
+    "dps, jacobian identity": {"guidance": "dps", "jacobian": "identity"},
+    "dps, jacobian network": {"guidance": "dps", "jacobian": "network"},
+}
+
+
+def memory_child(argv: Sequence[str]) -> None:
+    """One variant in a fresh process: 1 held-out month at x8, ``--items`` members in one sampler call."""
+    import os
+
+    import torch
+
+    from climrecon.config import SamplerConfig
+    from climrecon.methods import build
+    from climrecon.methods.features import perfect_model_coarse
+    from climrecon.tasks.evaluate import evaluation_data, perfect_model_inputs
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--items", type=int, default=4)
+    parser.add_argument("--prior", type=Path, default=PRIOR)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = load_config(None, ['evaluate.variables=["tas","uas","vas"]', "evaluate.month_stride=120"])
+    data_at, _ = evaluation_data(cfg, VARIABLES, None, with_static=True)
+    here = data_at(8)
+    held = here.held.isel(time=[0])
+    inputs = perfect_model_inputs(perfect_model_coarse(held, 8), here.grid, here.static, [])
+    extra = MEMORY_VARIANTS[args.variant]
+    seconds = 0.0
+    if extra is not None:
+        method = build(
+            {"name": "zssd", "checkpoint": str(args.prior), **extra},
+            SamplerConfig(num_steps=12, device="cpu"),
+        )
+        t0 = time.perf_counter()
+        method.downscale(inputs, members=args.items)
+        seconds = time.perf_counter() - t0
+    Path(os.environ["BENCH_RESULT"]).write_text(
+        json.dumps({"variant": args.variant, "sampling_s": round(seconds, 2)})
+    )
+
+
+def memory(argv: Sequence[str]) -> None:
+    """Peak memory and time of guidance with each Jacobian (each variant in its own process, same inputs):
+    what ``jacobian: network`` costs over the isotropic Jacobian."""
+    from common import run_isolated
+
+    parser = argparse.ArgumentParser(description=memory.__doc__)
+    parser.add_argument("--items", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    runs = {}
+    for variant in MEMORY_VARIANTS:
+        got = run_isolated(
+            [sys.executable, __file__, "memory-child", "--variant", variant, "--items", str(args.items)],
+            env={"OMP_NUM_THREADS": "1"},
+        )
+        runs[variant] = {k: got[k] for k in ("peak_rss_mib", "sampling_s", "wall_s")}
+        print(variant, runs[variant], flush=True)
+    base = runs["load only (no sampling)"]["peak_rss_mib"]
+    for r in runs.values():
+        r["sampling_rss_mib"] = round(r["peak_rss_mib"] - base, 1)
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc["jacobian_memory"] = {
+        "command": command_line(),
+        "what": f"one held-out month at x8 (80 x 80 fine cells, 16 tiles of 32 x 32), {args.items} members in "
+        "one sampler call, 12 Heun steps, 1 thread; peak RSS of a fresh process per variant (os.wait4), "
+        "sampling_rss_mib = peak minus the load-only process's",
+        "runs": runs,
+    }
+    write_results(args.out, doc)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["gcm"]:
-        gcm(sys.argv[2:])
+    commands = {"gcm": gcm, "memory": memory, "memory-child": memory_child}
+    if sys.argv[1:2] and sys.argv[1] in commands:
+        commands[sys.argv[1]](sys.argv[2:])
     else:
         main()
