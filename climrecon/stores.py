@@ -15,6 +15,7 @@ leaves a store that :meth:`is_complete` rejects, and a re-run writes only the bl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +96,15 @@ def _lease_alive(record: Mapping[str, Any]) -> bool:
         except (OSError, IndexError):
             return True
     return True
+
+
+@contextlib.contextmanager
+def _quiet_state_folder() -> Iterator[None]:
+    """Consolidating a store lists our state folder (``.climrecon/``), which sits inside the store on
+    purpose; zarr notes it is not a node of the hierarchy: that note only, silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at \.climrecon is not recognized")
+        yield
 
 
 def _block_name(region: Mapping[str, slice]) -> str:
@@ -293,9 +303,7 @@ class StageStore:
             attributes={"climrecon_key": self.key, "climrecon_status": "incomplete"},
             storage_options=url_options(self.url, self.storage_options),
         )
-        with warnings.catch_warnings():
-            # appending consolidates the whole store, our state folder (.climrecon/, leases) included
-            warnings.filterwarnings("ignore", message=r"Object at \.climrecon is not recognized")
+        with _quiet_state_folder():  # appending consolidates the whole store, .climrecon/ included
             tmpl.to_zarr(
                 self.url,
                 mode="a",
@@ -334,8 +342,6 @@ class StageStore:
         )
         finished = datetime.now(UTC).isoformat(timespec="seconds")
         group.attrs.update({**(attrs or {}), "climrecon_status": "complete", "climrecon_completed": finished})
-        with warnings.catch_warnings():
-            # our state folder (.climrecon/) sits inside the store on purpose; zarr notes it is not a node
-            warnings.filterwarnings("ignore", message=r"Object at \.climrecon is not recognized")
+        with _quiet_state_folder():
             zarr.consolidate_metadata(group.store)
         self._put(self._state("complete.json"), json.dumps({"key": self.key, "completed": finished}).encode())

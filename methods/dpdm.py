@@ -265,6 +265,11 @@ class DPDM:
     def factor(self) -> int:
         return self.spec.factor
 
+    @property
+    def time_step(self) -> str:
+        """The time step the checkpoint was trained on ("month" for checkpoints that predate the record)."""
+        return self.metadata.data.get("time_step", "month")
+
     def years_seen(self) -> list[tuple[int, int]]:
         """Inclusive year ranges the model was trained or validated on (from its metadata)."""
         data = self.metadata.data
@@ -294,15 +299,8 @@ class DPDM:
                 f"checkpoint {path} downscales {list(self.variables)} but the input lacks {missing} (it has "
                 f"{inputs.variables}); ingest and regrid those variables"
             )
-        trained = self.metadata.grid.fine_resolution
+        self._check_resolution(inputs)
         grid = inputs.grid
-        if trained and not (
-            math.isclose(grid.dlat, trained, rel_tol=1e-6) and math.isclose(grid.dlon, trained, rel_tol=1e-6)
-        ):
-            raise MethodError(
-                f"the target grid is {grid.dlat:g} x {grid.dlon:g} deg but checkpoint {path} was trained at "
-                f"{trained:g} deg: re-run regrid with regrid.resolution={trained:g}"
-            )
         factor = inputs.factor()
         if factor is not None and not math.isclose(factor, self.factor, rel_tol=1e-6):
             wanted = grid.dlat * self.factor
@@ -312,10 +310,9 @@ class DPDM:
                 f"regrid.coarse_resolution={wanted:g} (or use a checkpoint trained for that factor)"
             )
         inputs.require(self.needs, f"checkpoint {path}")
-        trained_step = self.metadata.data.get("time_step", "month")
-        if inputs.time_step != trained_step:
+        if inputs.time_step != self.time_step:
             raise MethodError(
-                f"checkpoint {path} was trained on {per_step(trained_step)} fields; the input is "
+                f"checkpoint {path} was trained on {per_step(self.time_step)} fields; the input is "
                 f"{per_step(inputs.time_step)} "
                 "(time features and statistics differ): train a model on data of this time step"
             )
@@ -324,8 +321,23 @@ class DPDM:
                 self.climatology.on(grid, [1], self.variables)
             except ConditioningError as exc:
                 raise MethodError(f"checkpoint {path}: {exc}") from None
+        self._check_tiling(inputs)
+
+    def _check_resolution(self, inputs: Inputs) -> None:
+        """The target grid has the fine resolution the checkpoint was trained at (both axes)."""
+        trained, grid = self.metadata.grid.fine_resolution, inputs.grid
+        if trained and not (
+            math.isclose(grid.dlat, trained, rel_tol=1e-6) and math.isclose(grid.dlon, trained, rel_tol=1e-6)
+        ):
+            raise MethodError(
+                f"the target grid is {grid.dlat:g} x {grid.dlon:g} deg but checkpoint {self.checkpoint} was "
+                f"trained at {trained:g} deg: re-run regrid with regrid.resolution={trained:g}"
+            )
+
+    def _check_tiling(self, inputs: Inputs) -> None:
+        """The checkpoint's patches with ``sampler.overlap`` tile the target grid."""
         try:
-            make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
+            make_tiling(inputs.grid.nlat, inputs.grid.nlon, self.patch, self.overlap)
         except TilingError as exc:
             raise MethodError(f"sampler.overlap / checkpoint patch size {self.patch}: {exc}") from None
 

@@ -91,9 +91,8 @@ class ConditioningSpec:
     position: bool = True
     climatology: bool = False
     diurnal: bool = False  # sub-daily data: sin/cos of the hour of day as two more (time-varying) planes
-    coarse: bool = (
-        True  # the coarse fields as planes; False: a prior of the fine fields (ZSSD), no coarse input
-    )
+    # the coarse fields as planes; False: a prior of the fine fields (ZSSD), no coarse input
+    coarse: bool = True
     coarse_suffix: str = field(default="_coarse", repr=False)
 
     def __post_init__(self) -> None:
@@ -425,14 +424,14 @@ def conditioning_stack(
         else []
     )
     if spec.climatology:
-        months = [t.month for t in coarse_fine["time"].values]
+        months = [t.month for t in times.values]
         clim = climatology.on(grid, months, spec.variables)
         for i, _ in enumerate(spec.variables):
             planes.append(zeros.copy(data=clim[:, i]))
     if spec.diurnal:
         from climrecon.tasks.fine_data import hour_of_day
 
-        angle = 2 * np.pi * hour_of_day(coarse_fine["time"].values).astype(np.float64)
+        angle = 2 * np.pi * hour_of_day(times.values).astype(np.float64)
         shape = (1, grid.nlat, grid.nlon)
         for wave in (np.sin(angle), np.cos(angle)):
             planes.append(zeros.copy(data=(wave[:, None, None] * np.ones(shape)).astype(np.float32)))

@@ -10,15 +10,16 @@ step (the blended estimate, so tiles agree):
   input's own coarse cells, the loss the UNSQUARED residual norm ``||y - A(x0)||`` (the reference code's
   step rule, ``zeta / ||residual||``); its signal per fine cell shrinks like ``1 / factor**2``.
 - ``guidance: zssd`` (unified coordinate guidance): ``y`` and ``A(x0)`` are both conservatively averaged onto
-  the unified coarse grid (``unified_resolution``, 5 deg like the regrid stage; ``null``: the input's own
-  grid) and projected back to the fine grid bilinearly; the loss is the latitude-weighted mean square
-  difference there, whose gradient per fine cell does not shrink with the factor.
+  the unified coarse grid (``unified_resolution``: ``null``, the default, is the input's own grid, i.e. the
+  regrid stage's unified grid in a reconstruction; 5 is the paper's 5-deg lattice) and projected back to the
+  fine grid bilinearly; the loss is the latitude-weighted sum of squared differences there, whose gradient
+  per fine cell does not shrink with the factor; the step is ``zeta / ||A^T W A||``.
 
 Both are one linear operator (:class:`climrecon.models.operators.SeparableOperator`, built here from the
 regrid stage's conservative and bilinear weights) and one loss. The Jacobian of ``x0`` with respect to
-``x_t`` is taken as the identity by default (``jacobian: identity``: no backprop through the network, memory
-of one full field; Climate2Weather's ``use_exact_grad: false``); ``jacobian: network`` backpropagates
-through every tile of the step (exact DPS, memory of all tiles' activations).
+``x_t`` is taken isotropic for zssd (``jacobian: identity``: no backprop through the network, memory of one
+full field; Climate2Weather's ``use_exact_grad: false``); ``jacobian: network`` (dps's default)
+backpropagates through every tile of the step (exact DPS, memory of all tiles' activations).
 
 Training (:func:`train`): the project's trainer on the fine truth's training years, full-field targets,
 conditioning without coarse planes.
@@ -40,7 +41,6 @@ from climrecon.methods.base import Inputs, MethodError, Needs, SamplerConfig, me
 from climrecon.methods.dpdm import DPDM, PatchModelConfig, prepare_training, train_denoiser
 from climrecon.models.guidance import GuidedDenoiser
 from climrecon.models.operators import GroupMean, SeparableOperator
-from climrecon.models.tiling import TilingError, make_tiling
 from climrecon.tasks.grids import Grid
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ZSSDConfig", "ZSSD", "observation_operator", "train"]
 
-LOG = logging.getLogger(__name__)
 PRIOR_LABEL = "zssd-prior"
 # zssd's default step, in units of 1 / ||A^T W A|| (stable below 2): on validation months (2006-2010, x8 and
 # x20, 4 members) 0.5 / 1.0 / 1.4 / 1.8 gave 0.561 / 0.486 / 0.466 / 0.459 x bilinear MAE at x8
@@ -107,9 +106,9 @@ def observation_operator(
     ``U`` = identity, the input's own cells) and ``P`` the bilinear interpolation of that grid's centres onto
     the fine grid, ``A = P U C`` and ``Y = P U``: the loss compares ``P U (y - C x)`` on the fine grid.
     """
-    from climrecon.tasks.regrid import bilinear_weights, conservative_weights
+    from climrecon.tasks.regrid import bilinear_weights, cell_edges, conservative_weights
 
-    f_lat, f_lon = _edges(fine)
+    f_lat, f_lon = cell_edges(fine)
     c_lat, c_lon = _coarse_edges(coarse, fine)
     w_lat, w_lon = conservative_weights(f_lat, f_lon, c_lat, c_lon)  # [fine, coarse], columns sum to 1
     rows = np.flatnonzero(_coverage(f_lat, c_lat, sphere=True) >= COVERED)
@@ -140,11 +139,6 @@ def observation_operator(
         _dense(back.lat, back.rows, len(centres[0])), _dense(back.lon, back.cols, len(centres[1]))
     )
     return project @ uni @ to_coarse, np.ones((fine.nlat, fine.nlon), bool), project @ uni @ pick
-
-
-def _edges(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    lat_b, lon_b = grid.bounds()
-    return np.append(lat_b[:, 0], lat_b[-1, 1]), np.append(lon_b[:, 0], lon_b[-1, 1])
 
 
 def _coarse_edges(coarse: Grid | xr.Dataset, fine: Grid) -> tuple[np.ndarray, np.ndarray]:
@@ -210,23 +204,15 @@ class ZSSD(DPDM):
             raise MethodError(
                 f"prior {path} generates {list(self.variables)}; the input has none of them ({inputs.variables})"
             )
-        trained, grid = self.metadata.grid.fine_resolution, inputs.grid
-        if trained and not math.isclose(grid.dlat, trained, rel_tol=1e-6):
-            raise MethodError(
-                f"the target grid is {grid.dlat:g} deg but prior {path} was trained at {trained:g} deg: "
-                f"re-run regrid with regrid.resolution={trained:g}"
-            )
+        self._check_resolution(inputs)
         inputs.require(self.needs, f"zssd prior {path}")
-        step = self.metadata.data.get("time_step", "month")
+        step = self.time_step
         if inputs.time_step != step and (inputs.time_step, step) != ("year", "month"):
             raise MethodError(
                 f"prior {path} was trained on {per_step(step)} fields; the input is {per_step(inputs.time_step)}: "
                 f"average the input to {per_step(step)} steps or train a prior on {per_step(inputs.time_step)} data"
             )
-        try:
-            make_tiling(grid.nlat, grid.nlon, self.patch, self.overlap)
-        except TilingError as exc:
-            raise MethodError(f"sampler.overlap / prior patch size {self.patch}: {exc}") from None
+        self._check_tiling(inputs)
 
     def observed(self, inputs: Inputs) -> list[str]:
         """The prior's variables the input has: those are guided and returned (the others are not observed)."""
@@ -243,7 +229,7 @@ class ZSSD(DPDM):
         with the annual input; a member is the mean of its 12 months (the input's time step)."""
         index = member_indices(members)
         _, _, z_cond, toy, tiling = self._network_inputs(inputs)
-        a, observed, y_op = self.operator(inputs)
+        a, compared, y_op = self.operator(inputs)
         stats, cfg = self.metadata.normalization, self.config
         present = self.observed(inputs)
         coarse = inputs.coarse[present].transpose("time", "lat", "lon").load()
@@ -253,7 +239,7 @@ class ZSSD(DPDM):
         ).astype(np.float64)
         valid = np.isfinite(y_phys)
         y_obs = y_op(torch.from_numpy(stats.normalize(np.nan_to_num(y_phys), channel_dim=1))).numpy()
-        weight = (y_op(torch.from_numpy(valid.astype(np.float64))).numpy() > 1 - 1e-6) & observed
+        weight = (y_op(torch.from_numpy(valid.astype(np.float64))).numpy() > 1 - 1e-6) & compared
         if cfg.guidance == "zssd":
             # latitude-weighted loss on the fine grid; the step is zeta / ||A^T W A||, so zeta = 1 is a full
             # correction of the best-observed pattern and never overshoots, whatever the grids (a small
@@ -262,14 +248,10 @@ class ZSSD(DPDM):
             weight = weight * lat_w[:, None]
             zeta = (cfg.zeta or ZETA) / a.gram_norm(lat_w)
         else:  # vanilla DPS: the reference's rule, zeta / ||residual|| (the loss is the unsquared norm)
-            zeta = cfg.zeta or DPS_ZETA * math.sqrt(observed.sum())
+            zeta = cfg.zeta or DPS_ZETA * math.sqrt(compared.sum())
         time_index = inputs.time_index()
         # k prior time steps per input time step: 12 months of each year for an annual input, else 1
-        k = (
-            12
-            if inputs.time_step == "year" and self.metadata.data.get("time_step", "month") == "month"
-            else 1
-        )
+        k = 12 if (inputs.time_step, self.time_step) == ("year", "month") else 1
         if k > 1:
             z_cond = np.repeat(z_cond, k, axis=0)
             toy = np.tile(((np.arange(1, 13) - 0.5) / 12).astype(np.float32), len(time_index))
