@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -142,6 +143,24 @@ def write_results(path: str | Path, results: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def add_evaluation_arguments(
+    parser: argparse.ArgumentParser, *, month_stride: int, members: int, threads: int = 1, steps: int = 12
+) -> None:
+    """The arguments of a side-by-side evaluation benchmark (what :func:`evaluation_overrides` takes), plus
+    ``--set KEY=VALUE`` overrides."""
+    months = 120 // month_stride
+    parser.add_argument(
+        "--month-stride",
+        type=int,
+        default=month_stride,
+        help=f"{month_stride}: {months} months over 2011-2020",
+    )
+    parser.add_argument("--members", type=int, default=members)
+    parser.add_argument("--steps", type=int, default=steps, help="Heun steps (every diffusion method)")
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
 def evaluation_overrides(

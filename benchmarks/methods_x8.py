@@ -34,6 +34,7 @@ import xarray as xr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_evaluation_arguments,
     command_line,
     evaluation_overrides,
     machine,
@@ -122,14 +123,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--month-stride", type=int, default=10, help="10: 12 months over 2011-2020")
-    parser.add_argument("--members", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=12, help="Heun steps (every diffusion method)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_evaluation_arguments(parser, month_stride=10, members=16)
     parser.add_argument("--corrdiff", type=Path, default=CORRDIFF)
     parser.add_argument("--dpdm", type=Path, default=DPDM)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     methods = [

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_evaluation_arguments,
     command_line,
     evaluation_overrides,
     machine,
@@ -63,10 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--month-stride", type=int, default=5, help="5: 24 months over 2011-2020")
-    parser.add_argument("--members", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=12, help="Heun steps (every diffusion method)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_evaluation_arguments(parser, month_stride=5, members=16)
     parser.add_argument("--dpdm", type=Path, default=REPO / "checkpoints" / "dpdm-westus-x8.pt")
     parser.add_argument(
         "--dpdm-clim", type=Path, default=REPO / "checkpoints" / "climatology" / "dpdm-clim-westus-x8.pt"
@@ -78,7 +76,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=REPO / "checkpoints" / "climatology" / "corrdiff-clim-westus-x8.pt",
     )
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     checkpoints = {

@@ -13,7 +13,7 @@ members, seeds and sampler for every method) and is scored by :mod:`climrecon.ta
 Writes ``benchmarks/results/zero_shot.json`` and the ZSSD-style table (MAE/RMSE by factor) into
 ``benchmarks/results/evaluation.md`` (between the ``zero-shot`` markers, kept by ``benchmarks/evaluate.py``).
 
-    python benchmarks/zero_shot.py [--month-stride 10] [--members 8] [--steps 12] [--threads 2]
+    python benchmarks/zero_shot.py [--month-stride 15] [--members 8] [--steps 12] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,7 +32,15 @@ import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, evaluation_overrides, machine, peak_rss_mib, versions, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_evaluation_arguments,
+    command_line,
+    evaluation_overrides,
+    machine,
+    peak_rss_mib,
+    versions,
+    write_results,
+)
 
 from climrecon.config import load_config  # noqa: E402
 from climrecon.tasks.evaluate import markdown_report, run_evaluation  # noqa: E402
@@ -82,16 +90,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--month-stride", type=int, default=10, help="10: 12 months over 2011-2020")
-    parser.add_argument("--members", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=12, help="Heun steps (every diffusion method)")
-    parser.add_argument("--threads", type=int, default=2)
+    add_evaluation_arguments(parser, month_stride=15, members=8)
     parser.add_argument("--prior", type=Path, default=PRIOR)
     parser.add_argument("--dpdm", type=Path, default=DPDM)
     parser.add_argument("--corrdiff", type=Path, default=CORRDIFF)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--report", type=Path, default=REPORT)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     overrides = evaluation_overrides(
@@ -283,7 +287,7 @@ def gcm(argv: Sequence[str]) -> None:
         "--annual-years", default="2011,2020,2", help="first,last,stride of the UM years scored"
     )
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prior", type=Path, default=PRIOR)
     parser.add_argument("--dpdm", type=Path, default=DPDM)
     parser.add_argument("--out", type=Path, default=GCM_OUT)
