@@ -31,6 +31,7 @@ from climrecon.methods.base import (
     item_seeds,
     member_indices,
     month_index,
+    month_starts,
     time_index,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "item_seeds",
     "member_indices",
     "month_index",
+    "month_starts",
     "time_index",
 ]
 
@@ -125,7 +127,7 @@ def _register_builtins() -> None:
     ``climrecon.methods``: importing the module registers it, in every process, Dask workers included)."""
     from importlib.metadata import entry_points
 
-    from climrecon.methods import baselines, corrdiff, dpdm, zssd  # noqa: F401  (each registers itself)
+    from climrecon.methods import baselines, corrdiff, dpdm, spatiotemporal, zssd  # noqa: F401  (each registers)
 
     for ep in entry_points(group="climrecon.methods"):
         try:

@@ -19,8 +19,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -40,6 +40,7 @@ __all__ = [
     "member_indices",
     "per_step",
     "month_index",
+    "month_starts",
     "time_index",
     "item_seeds",
 ]
@@ -56,9 +57,17 @@ class Needs:
     static: tuple[str, ...] = ()  # static fields on the fine grid (names in the static store)
     factors: tuple[int, ...] | None = None  # coarsening factors it serves; None: any
     fit: bool = False  # fit() needs paired training data (coarse_train, fine_train)
-    time_halo: int = 0  # time steps of context on each side of a block (window methods)
+    time_halo: int = 0  # OUTPUT time steps of context on each side of a block (window methods)
     stochastic: bool = False  # members differ (an ensemble); else members are identical copies
     coarse: bool = True  # reads Inputs.coarse (the coarse grid itself), not only coarse_on_fine
+    fit_model: bool = False  # fit() also takes model_train: the coarse input's own fields over the fit years
+    # input time step -> (output time step, output steps per input step), e.g. {"year": ("month", 12)}: a
+    # method that returns monthly members of an annual input; time steps not listed are returned as given
+    refine: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+    def output_step(self, time_step: str) -> tuple[str, int]:
+        """(output time step, output steps per input step) for an input of ``time_step``."""
+        return self.refine.get(time_step, (time_step, 1))
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,12 @@ def month_index(times: Sequence[Any]) -> list[int]:
     if any(i < 0 for i in out):
         raise MethodError(f"time labels before year 0 cannot be seeded (first: {times[0]})")
     return out
+
+
+def month_starts(times: Sequence[Any]) -> np.ndarray:
+    """The 12 month starts (cftime, each label's own calendar) of the year of every label, in order: the
+    monthly time axis of a method that returns months of annual input (:attr:`Needs.refine`)."""
+    return np.array([type(t)(int(t.year), m, 1) for t in times for m in range(1, 13)], dtype=object)
 
 
 def item_seeds(base_seed: int, months: Sequence[int], members: Sequence[int]) -> list[int]:

@@ -531,10 +531,12 @@ def prepare_training(
     config: PatchModelConfig,
     target: Literal["residual", "full"] | None = None,
     coarse: bool = True,
+    window: int = 1,
 ) -> Any:
     """Training-time perfect-model pairs of ``cfg``'s fine data (``data:``, else ``train.truth``; held-out
     times never opened), their statistics and the crop sampler; the targets are ``target`` (default: the
-    config's own, DPDM's residual or full fields); ``coarse=False``: no coarse planes (a prior, ZSSD)."""
+    config's own, DPDM's residual or full fields); ``coarse=False``: no coarse planes (a prior, ZSSD);
+    ``window``: targets of that many consecutive time steps (a window prior, the spatiotemporal method)."""
     from climrecon.tasks.training_data import TrainingDataError, training_setup, training_source
 
     section = cfg.train
@@ -554,7 +556,12 @@ def prepare_training(
             coarse=coarse,
         )
         return training_setup(
-            section, spec, source, target=target or config.target, patch_size=config.patch_size
+            section,
+            spec,
+            source,
+            target=target or config.target,
+            patch_size=config.patch_size,
+            window=window,
         )
     except TrainingDataError as exc:
         raise MethodError(str(exc)) from None
@@ -613,7 +620,8 @@ def train_denoiser(
     from climrecon.models.trainer import train as train_loop
 
     section, config = cfg.train, cfg.method
-    model = build_model(config, len(setup.spec.variables), len(setup.spec.channel_names()), section.seed)
+    n_out = len(setup.spec.variables) * setup.batches.window  # a window prior: k steps x V, time-major
+    model = build_model(config, n_out, len(setup.spec.channel_names()), section.seed)
     if log:
         log.info(
             "UNet: %d parameters; %d training months",

@@ -223,32 +223,44 @@ class ZSSD(DPDM):
             inputs.grid, inputs.coarse, self.config.guidance, self.config.unified_resolution
         )
 
+    def guidance_target(
+        self, inputs: Inputs, coarse: xr.Dataset
+    ) -> tuple[SeparableOperator, np.ndarray, np.ndarray, float]:
+        """``(A, y, weight, ||A^T W A||)`` of guidance toward ``coarse`` (the input's observed variables on its
+        own grid): ``y`` [T, V, *out] the input in ``A``'s output space and network units (0 where a variable
+        is absent), ``weight`` [T, V, *out] the loss weight (0: not compared; latitude-weighted for zssd)."""
+        a, compared, y_op = self.operator(inputs)
+        stats = self.metadata.normalization
+        coarse = coarse.transpose("time", "lat", "lon").load()
+        shape = (coarse.sizes["time"], coarse.sizes["lat"], coarse.sizes["lon"])
+        y_phys = np.stack(  # [T, V, h, w]; a variable the input lacks is NaN: never guided, not returned
+            [coarse[v].values if v in coarse else np.full(shape, np.nan) for v in self.variables], axis=1
+        ).astype(np.float64)
+        valid = np.isfinite(y_phys)
+        y_obs = y_op(torch.from_numpy(stats.normalize(np.nan_to_num(y_phys), channel_dim=1))).numpy()
+        weight = (y_op(torch.from_numpy(valid.astype(np.float64))).numpy() > 1 - 1e-6) & compared
+        if self.config.guidance == "dps":
+            return a, y_obs, weight.astype(np.float64), a.gram_norm()
+        lat_w = np.cos(np.radians(inputs.grid.lat))  # latitude-weighted loss on the fine grid
+        return a, y_obs, weight * lat_w[:, None], a.gram_norm(lat_w)
+
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
         """Members guided toward ``inputs.coarse``. Annual inputs to a monthly prior: the 12 months of each
         year are sampled together (time of year and seeds of each month) and guided so that their MEAN agrees
         with the annual input; a member is the mean of its 12 months (the input's time step)."""
         index = member_indices(members)
         _, _, z_cond, toy, tiling = self._network_inputs(inputs)
-        a, compared, y_op = self.operator(inputs)
-        stats, cfg = self.metadata.normalization, self.config
+        cfg = self.config
         present = self.observed(inputs)
-        coarse = inputs.coarse[present].transpose("time", "lat", "lon").load()
-        shape = (coarse.sizes["time"], coarse.sizes["lat"], coarse.sizes["lon"])
-        y_phys = np.stack(  # [T, V, h, w]; a variable the input lacks is NaN: never guided, not returned
-            [coarse[v].values if v in present else np.full(shape, np.nan) for v in self.variables], axis=1
-        ).astype(np.float64)
-        valid = np.isfinite(y_phys)
-        y_obs = y_op(torch.from_numpy(stats.normalize(np.nan_to_num(y_phys), channel_dim=1))).numpy()
-        weight = (y_op(torch.from_numpy(valid.astype(np.float64))).numpy() > 1 - 1e-6) & compared
+        a, y_obs, weight, gram = self.guidance_target(inputs, inputs.coarse[present])
         if cfg.guidance == "zssd":
-            # latitude-weighted loss on the fine grid; the step is zeta / ||A^T W A||, so zeta = 1 is a full
-            # correction of the best-observed pattern and never overshoots, whatever the grids (a small
-            # domain where many fine cells lean on one edge cell has a large ||A^T W A||)
-            lat_w = np.cos(np.radians(inputs.grid.lat))
-            weight = weight * lat_w[:, None]
-            zeta = (cfg.zeta or ZETA) / a.gram_norm(lat_w)
+            # the step is zeta / ||A^T W A||, so zeta = 1 is a full correction of the best-observed pattern and
+            # never overshoots, whatever the grids (a small domain where many fine cells lean on one edge cell
+            # has a large ||A^T W A||)
+            zeta = (cfg.zeta or ZETA) / gram
         else:  # vanilla DPS: the reference's rule, zeta / ||residual|| (the loss is the unsquared norm)
-            zeta = cfg.zeta or DPS_ZETA * math.sqrt(compared.sum())
+            zeta = cfg.zeta or DPS_ZETA * math.sqrt(y_obs.shape[-2] * y_obs.shape[-1])
+        stats = self.metadata.normalization
         time_index = inputs.time_index()
         # k prior time steps per input time step: 12 months of each year for an annual input, else 1
         k = 12 if (inputs.time_step, self.time_step) == ("year", "month") else 1

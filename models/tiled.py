@@ -35,6 +35,7 @@ import torch
 
 from climrecon.models.samplers import ddim_sampler, edm_sampler, make_generator, seed_for
 from climrecon.models.tiling import Tiling, blend_patches, blend_weights, extract_patches
+from climrecon.models.windows import WindowDenoiser, window_centres
 
 __all__ = ["PatchNet", "TiledDenoiser", "sample_tiled", "SOLVERS", "BLENDS"]
 
@@ -170,18 +171,41 @@ def sample_tiled(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
     wrap: Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], Callable] | None = None,
+    window: int = 1,
+    sequence_length: int | None = None,
 ) -> torch.Tensor:
     """[B, out_channels, H, W] float32 samples of ``len(seeds)`` items (module docstring for the contract).
 
     ``net`` is the preconditioned patch denoiser; ``cond`` [B, C_cond, H, W] its conditioning in network space
     (or None); ``solver`` "heun" is EDM's Algorithm 2 (``S_*`` churn; Algorithm 1 without churn), "ddim" uses
     ``eta``. ``wrap`` (optional) wraps the full-domain denoiser (blend "every_step" only), e.g. for guidance.
+    ``window`` > 1: ``net`` is a prior over windows of that many steps (``window * out_channels`` channels)
+    and the items are ``B / sequence_length`` whole sequences of ``sequence_length`` consecutive steps
+    (step-major within each), denoised by :class:`~climrecon.models.windows.WindowDenoiser`; each window sees
+    the conditioning and time of year of its centre step.
     """
     _check(cond, time_of_year, tiling, seeds, solver, blend, net)
     device = torch.device(device)
+    if window > 1:
+        n = sequence_length or 0
+        if n < window or len(seeds) % n:
+            raise ValueError(
+                f"window sampling needs whole sequences of sequence_length >= window ({window}) steps; got "
+                f"{len(seeds)} items, sequence_length {sequence_length}"
+            )
+        if blend != "every_step":
+            raise ValueError("a window prior needs blend='every_step': windows share the sequence state")
+        # each window is conditioned like its centre step
+        centres = torch.as_tensor(
+            (np.arange(len(seeds) // n)[:, None] * n + window_centres(n, window)[None]).ravel()
+        )
+        cond = None if cond is None else cond[centres]
+        time_of_year = None if time_of_year is None else time_of_year[centres]
     denoiser = TiledDenoiser(
         net, tiling, cond, time_of_year, chunk=max_patches_per_batch, taper=taper, device=device, dtype=dtype
     )
+    if window > 1:
+        denoiser = WindowDenoiser(denoiser, n, window)
     latents = torch.stack(
         [
             torch.randn((out_channels, *tiling.canvas_shape), generator=make_generator(int(s), "cpu"))

@@ -74,6 +74,7 @@ __all__ = [
     "TARGET_KINDS",
     "residual_target",
     "PatchBatches",
+    "window_starts",
 ]
 
 
@@ -224,6 +225,8 @@ class PatchBatches:
     batch_size: int
     seed: int = 0
     valid: np.ndarray | None = None  # [H, W] bool: cells that count in the loss (None: all)
+    window: int = 1  # consecutive time steps per target (a window prior): channels time-major, k * V
+    consecutive: np.ndarray | None = None  # [T] bool: step i follows step i - 1 (None: all do)
 
     def __post_init__(self) -> None:
         t, _, h, w = self.target.shape
@@ -231,6 +234,17 @@ class PatchBatches:
             raise TrainingDataError(f"patch_size {self.patch_size} exceeds the domain ({h} x {w} cells)")
         if self.cond_dynamic.shape[0] != t or self.time_of_year.shape != (t,) or self.years.shape != (t,):
             raise TrainingDataError("target, cond_dynamic, time_of_year and years must share the time axis")
+        if self.window < 1 or self.window % 2 == 0:
+            raise TrainingDataError(f"a window is an odd number of time steps, got {self.window}")
+        if self.window > 1 and self.cond_dynamic.shape[1]:
+            raise TrainingDataError(
+                "a window prior is conditioned on static fields, position and time only (no coarse planes)"
+            )
+        self.starts = window_starts(self.consecutive, t, self.window)
+        if not len(self.starts):
+            raise TrainingDataError(
+                f"no run of {self.window} consecutive time steps in the {t} training steps: shorten the window"
+            )
 
     @classmethod
     def from_pairs(
@@ -247,11 +261,13 @@ class PatchBatches:
         clim_scale: dict[str, float] | None = None,
         valid: np.ndarray | None = None,
         time_step: str = "month",
+        window: int = 1,
     ) -> PatchBatches:
         """``target`` holds what the network generates (full fields or residuals) and ``stats`` its
         statistics; ``cond_stats`` (default ``stats``) normalise the coarse channels (full-field stats),
         ``clim_scale`` the climatology channels; ``valid`` [H, W] marks the cells that count (the target is
-        set to 0 elsewhere, and the batches carry the mask as their loss weight)."""
+        set to 0 elsewhere, and the batches carry the mask as their loss weight); ``window``: targets of that
+        many consecutive time steps (only windows inside one unbroken run of the time axis)."""
         names = spec.channel_names()
         z_target = stats.normalize(np.stack([target[v].values for v in spec.variables], axis=1))
         if valid is not None:
@@ -268,23 +284,26 @@ class PatchBatches:
             batch_size=batch_size,
             seed=seed,
             valid=None if valid is None else np.ascontiguousarray(valid, dtype=bool),
+            window=window,
+            consecutive=_consecutive(target["time"].values, time_step),
         )
 
     def draw(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(time indices, crop rows, crop cols) of the batch of ``step``, from ``seed_for(seed, step)``."""
         rng = np.random.default_rng(seed_for(self.seed, step))
-        t, _, h, w = self.target.shape
-        idx = rng.integers(0, t, self.batch_size)
+        _, _, h, w = self.target.shape
+        idx = self.starts[rng.integers(0, len(self.starts), self.batch_size)]
         rows = rng.integers(0, h - self.patch_size + 1, self.batch_size)
         cols = rng.integers(0, w - self.patch_size + 1, self.batch_size)
         return idx, rows, cols
 
     def batch(self, step: int) -> Batch:
         idx, rows, cols = self.draw(step)
-        p = self.patch_size
+        p, k = self.patch_size, self.window
         tgt, cnd = [], []
         for i, r, c in zip(idx, rows, cols, strict=True):
-            tgt.append(self.target[i, :, r : r + p, c : c + p])
+            # a window is a view of k consecutive steps, stacked time-major along channels (k * V)
+            tgt.append(self.target[i : i + k, :, r : r + p, c : c + p].reshape(-1, p, p))
             cnd.append(
                 np.concatenate(
                     [self.cond_dynamic[i, :, r : r + p, c : c + p], self.cond_static[:, r : r + p, c : c + p]]
@@ -297,7 +316,7 @@ class PatchBatches:
         return Batch(
             target=torch.from_numpy(np.stack(tgt)),
             cond=torch.from_numpy(np.stack(cnd)),
-            time_of_year=torch.from_numpy(self.time_of_year[idx]),
+            time_of_year=torch.from_numpy(self.time_of_year[idx + k // 2]),  # the window's centre
             weight=weight,
         )
 
@@ -307,6 +326,32 @@ class PatchBatches:
         while True:
             yield self.batch(step)
             step += 1
+
+
+def window_starts(consecutive: np.ndarray | None, n: int, window: int) -> np.ndarray:
+    """First steps ``i`` of every window ``i .. i + window - 1`` of ``n`` steps that crosses no gap
+    (``consecutive[j]``: step j follows step j - 1; None: no gaps)."""
+    if window > n:
+        return np.zeros(0, np.int64)
+    if consecutive is None or window == 1:
+        return np.arange(n - window + 1)
+    breaks = np.concatenate([[0], np.cumsum(~np.asarray(consecutive[1:], bool))])  # run id of each step
+    starts = np.arange(n - window + 1)
+    return starts[breaks[starts] == breaks[starts + window - 1]]
+
+
+def _consecutive(times: np.ndarray, time_step: str) -> np.ndarray:
+    """[T] bool: time step i is the one right after step i - 1 (False at a gap between selections)."""
+    times = np.asarray(times)
+    if len(times) < 2:
+        return np.zeros(len(times), bool)
+    if time_step in ("month", "year"):
+        months = np.array([t.year * 12 + t.month - 1 for t in times])
+        gaps = np.diff(months) == (12 if time_step == "year" else 1)
+    else:  # days, hours: the calendar's own differences
+        seconds = np.array([(b - a).total_seconds() for a, b in zip(times[:-1], times[1:], strict=True)])
+        gaps = seconds == seconds.min()
+    return np.concatenate([[False], gaps])
 
 
 # -- where the training data live, and one training run's data -----------------------------------------------
@@ -465,6 +510,7 @@ def training_setup(
     *,
     target: str = "residual",
     patch_size: int = 32,
+    window: int = 1,
 ) -> TrainingSetup:
     """Training-time pairs of ``source`` (``section``: a TrainSection, for the batch size and seed), their
     statistics and the crop sampler; held-out times are never opened."""
@@ -499,6 +545,7 @@ def training_setup(
         clim_scale=clim_scale,
         valid=valid,
         time_step=source.time_step,
+        window=window,
     )
     data = {
         **source.description,
@@ -509,6 +556,8 @@ def training_setup(
         "target": target,
         "conditioning_normalization": cond_stats.to_dict(),
     }
+    if window > 1:
+        data["window"] = window
     if climatology is not None:
         data["climatology"] = climatology.describe()
     if valid is not None:

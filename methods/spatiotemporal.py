@@ -1,0 +1,345 @@
+"""Spatiotemporally coherent downscaling (Schmidt et al., arXiv 2412.15361; schmidtjonathan/Climate2Weather).
+
+A prior over WINDOWS of ``window`` consecutive months (role ``denoiser``: an EDM patch model of the fine
+fields of k months stacked time-major along channels, conditioned only on terrain, land fraction, position
+and the time of year of the window's centre, no coarse input) is sampled as a whole sequence:
+
+- Sequence denoiser (:class:`climrecon.models.windows.WindowDenoiser`): at every sampler step each month's
+  denoised estimate comes from the window centred on it (the first/last ``window // 2`` months from the
+  first/last window), as the reference code does, so consecutive months share one score model and their
+  fine-scale detail is coherent in time.
+- Observation model ``A = T o S``: ``S`` ZSSD's unified-coordinate operator on the input's own coarse cells
+  (:func:`climrecon.methods.zssd.observation_operator`; ``guidance: dps`` gives the plain area mean), ``T``
+  the temporal aggregation that matches the input's time step: identity for monthly input, the mean of the
+  12 months of each year for annual input (:class:`~climrecon.models.operators.GroupMean`); an annual input
+  then gives MONTHLY members (12 per input step).
+- Likelihood (Climate2Weather's ``condition_on``; :class:`~climrecon.models.guidance.GuidedDenoiser` with
+  ``noise``): ``log p(y | x_t) ~ -||y - A x0||^2_W / 2 (sigma_y^2 + g v(sigma))``, ``g = ||A^T W A||``,
+  ``v`` the variance of x0 given x_t, isotropic Jacobian (no backprop through the network:
+  ``use_exact_grad: false``). ``likelihood_std`` is ``sigma_y`` in normalised units; ``zeta`` scales the step
+  (1 = the Gaussian rule).
+- Bias correction (``bias_correction: true``, default): before guidance, the coarse input is quantile-mapped
+  toward the fine truth's coarse view per calendar month over the fit years (xsdba's
+  ``EmpiricalQuantileMapping``, additive); fitted once per process from the stage's fit data, recorded in
+  provenance (:meth:`SpatioTemporal.fitted`).
+
+Long sequences are split by the downscale stage into units of ``downscale.months_per_unit`` input steps with
+``Needs.time_halo`` input steps of context on each side (only each unit's core is written), so bytes depend
+on the configured unit length, never on the number of workers.
+
+Training (:func:`train`): the project's trainer on windows of the fine truth's training years, drawn at batch
+time from the monthly array (never materialised k times), ``configs/train-spatiotemporal-westus.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import xarray as xr
+from pydantic import Field
+
+from climrecon.methods.base import (
+    Inputs,
+    MethodError,
+    Needs,
+    SamplerConfig,
+    item_seeds,
+    member_indices,
+    month_starts,
+)
+from climrecon.methods.baselines import BaselineError, EmpiricalQuantileMapping
+from climrecon.methods.dpdm import prepare_training, train_denoiser
+from climrecon.methods.zssd import ZETA, ZSSD, ZSSDConfig
+from climrecon.models.guidance import GuidedDenoiser
+from climrecon.models.operators import GroupMean
+from climrecon.models.tiled import sample_tiled
+
+if TYPE_CHECKING:
+    from climrecon.config import ClimReconConfig
+    from climrecon.models.trainer import TrainResult
+
+__all__ = ["SpatioTemporalConfig", "SpatioTemporal", "train"]
+
+PRIOR_LABEL = "spatiotemporal-prior"
+LIKELIHOOD_STD = 0.05  # sigma_y (normalised units): see the README's sweep
+HALO = 6  # input steps of context on each side of a unit (monthly input; annual: 1 year)
+
+
+class SpatioTemporalConfig(ZSSDConfig):
+    """A window prior (:class:`ZSSDConfig`'s checkpoint and guidance keys) sampled as whole sequences."""
+
+    name: Literal["spatiotemporal"] = "spatiotemporal"  # type: ignore[assignment]
+    window: int = Field(5, ge=3, description="consecutive time steps of the prior's windows (odd; training)")
+    likelihood_std: float = Field(
+        LIKELIHOOD_STD, ge=0, description="observation error sigma_y (normalised units) of the likelihood"
+    )
+    bias_correction: bool = Field(
+        True,
+        description="quantile-map the coarse input toward the truth's coarse view per calendar month over "
+        "the fit years (xsdba) before guidance",
+    )
+    halo: int | None = Field(
+        None,
+        ge=0,
+        description="input time steps of context on each side of a unit; default 6 for monthly, 1 for annual "
+        "input",
+    )
+
+
+def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None) -> TrainResult:
+    """Train the window prior of ``cfg.method`` on ``cfg.train``: windows of ``method.window`` consecutive
+    fine fields, conditioned on terrain, land fraction, position and the centre's time of year only."""
+    method = cfg.method
+    if method.window % 2 == 0:
+        raise MethodError(f"method.window must be odd (a centre step), got {method.window}")
+    torch.set_num_threads(cfg.train.threads)
+    setup = prepare_training(cfg, method, target="full", coarse=False, window=method.window)
+    data = {
+        "conditioning": "prior over windows: static fields, position and the centre's time of year only",
+        "window": method.window,
+    }
+    return train_denoiser(cfg, setup, PRIOR_LABEL, data=data, progress=progress, log=log)
+
+
+class SpatioTemporal(ZSSD):
+    """A window prior sampled as whole sequences, guided toward the (bias-corrected) coarse input (module
+    docstring)."""
+
+    name = "spatiotemporal"
+
+    def __init__(self, config: SpatioTemporalConfig, sampler: SamplerConfig):
+        super().__init__(config, sampler)
+        self.window = int(self.metadata.data.get("window", 1))
+        if self.window < 3:
+            raise MethodError(
+                f"checkpoint {self.checkpoint} is a prior of single time steps ({self.metadata.method}); the "
+                "spatiotemporal method samples a prior over windows (configs/train-spatiotemporal-westus.yaml), "
+                "or use method zssd with this one"
+            )
+        self.mapping: EmpiricalQuantileMapping | None = None
+        self.fit_record: dict[str, Any] | None = None
+        self.needs = Needs(
+            static=tuple(self.spec.static_names()),
+            stochastic=True,
+            coarse=True,
+            fit=config.bias_correction,
+            fit_model=config.bias_correction,
+            time_halo=config.halo if config.halo is not None else HALO,
+            refine={"year": ("month", 12)} if self.time_step == "month" else {},
+        )
+
+    # -- bias correction --
+    def fit(
+        self, coarse_train: xr.Dataset, fine_train: xr.Dataset, model_train: xr.Dataset | None = None
+    ) -> SpatioTemporal:
+        """Quantile mapping of the coarse model toward the truth's coarse view ``coarse_train`` per calendar
+        month (per cell), fitted on ``model_train``: the coarse input's own fields over the same years (None:
+        the input is the truth's coarse view itself, a perfect model, and the mapping is the identity).
+        Annual model fields are mapped toward the truth's annual means."""
+        super().fit(coarse_train, fine_train)
+        if not self.config.bias_correction:
+            return self
+        present = [v for v in self.variables if v in coarse_train.data_vars]
+        reference = coarse_train[present]
+        model = reference if model_train is None else model_train[[v for v in present if v in model_train]]
+        if model_train is not None and _time_step(model) == "year":
+            reference = _annual(reference, model)
+        try:
+            self.mapping = EmpiricalQuantileMapping().fit(model, reference[list(model.data_vars)])
+        except BaselineError as exc:
+            raise MethodError(f"spatiotemporal bias correction: {exc}") from None
+        self.fit_record = _describe_mapping(self.mapping, model, reference, perfect=model_train is None)
+        return self
+
+    def fitted(self) -> dict[str, Any] | None:
+        """The fitted bias correction (what provenance records), or None without one."""
+        return self.fit_record
+
+    def corrected(self, coarse: xr.Dataset) -> xr.Dataset:
+        """``coarse`` quantile-mapped by the fitted correction (unchanged without one)."""
+        if self.mapping is None:
+            if self.config.bias_correction:
+                raise MethodError(
+                    "spatiotemporal: bias_correction is on but the method was not fitted; the downscale stage "
+                    "fits it on the training years (or set method.bias_correction: false)"
+                )
+            return coarse
+        names = [v for v in coarse.data_vars if v in self.mapping.model_quantiles]
+        try:
+            return coarse.assign(self.mapping.adjust(coarse[names]))
+        except BaselineError as exc:
+            raise MethodError(f"spatiotemporal bias correction: {exc}") from None
+
+    # -- sampling --
+    def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
+        """Members as whole sequences: monthly members for monthly and for annual input (12 per year)."""
+        index = member_indices(members)
+        _, _, z_cond, toy, tiling = self._network_inputs(inputs)
+        present = self.observed(inputs)
+        coarse = self.corrected(inputs.coarse[present].transpose("time", "lat", "lon").load())
+        a, y_obs, weight, gram = self.guidance_target(inputs, coarse)
+        k = self.steps_per_input(inputs)
+        time_index = inputs.time_index()
+        if k > 1:
+            z_cond = np.repeat(z_cond, k, axis=0)
+            toy = np.tile(((np.arange(1, 13) - 0.5) / 12).astype(np.float32), len(time_index))
+            time_index = [i - i % 12 + m for i in time_index for m in range(12)]
+        n = len(time_index)
+        if n < self.window:
+            raise MethodError(
+                f"spatiotemporal: the input has {n} time steps, fewer than the prior's window of {self.window}: "
+                f"downscale at least {self.window} consecutive steps together"
+            )
+        cfg, stats = self.config, self.metadata.normalization
+        seeds = item_seeds(seed, time_index, index)  # member-major: each member's n steps in a row
+        per_call = max(1, self.config.items_per_call // n)
+        out = np.empty((len(index), n, len(self.variables), tiling.height, tiling.width), np.float32)
+        zeta = cfg.zeta or ZETA
+        for m0 in range(0, len(index), per_call):
+            b = min(per_call, len(index) - m0)
+            target = torch.from_numpy(np.tile(y_obs, (b, 1, 1, 1)))
+            w = torch.from_numpy(np.tile(weight, (b, 1, 1, 1)))
+
+            def wrap(denoise, target=target, w=w):
+                return GuidedDenoiser(
+                    denoise,
+                    GroupMean(a, k),
+                    target,
+                    weight=w,
+                    zeta=zeta,
+                    loss="mse",
+                    jacobian=cfg.resolved_jacobian(),
+                    shape=(tiling.height, tiling.width),
+                    # Gaussian likelihood: sigma_y^2 + ||A^T W A|| v(sigma); the group mean divides A's norm by k
+                    noise=(cfg.likelihood_std, gram / k),
+                )
+
+            z = sample_tiled(
+                self.net,
+                torch.from_numpy(np.tile(z_cond, (b, 1, 1, 1))),
+                torch.from_numpy(np.tile(toy, b)),
+                tiling,
+                seeds=seeds[m0 * n : (m0 + b) * n],
+                out_channels=len(self.variables),
+                device=self.device,
+                wrap=wrap,
+                window=self.window,
+                sequence_length=n,
+                **self.sampler.sampling_kwargs(),
+            )
+            x = stats.denormalize(z.cpu().to(torch.float64), channel_dim=1).numpy().astype(np.float32)
+            out[m0 : m0 + b] = x.reshape(b, n, *x.shape[1:])
+        keep = [self.variables.index(v) for v in present]
+        result = self._dataset(
+            inputs if k == 1 else _monthly(inputs),
+            out[:, :, keep],
+            index,
+            seed,
+            present,
+            guidance=cfg.guidance,
+            window=self.window,
+            likelihood_std=cfg.likelihood_std,
+            months_per_input_step=k,
+            bias_corrected=int(self.mapping is not None),
+        )
+        return result
+
+    def steps_per_input(self, inputs: Inputs) -> int:
+        """Output (prior) time steps per input step: 12 for annual input to a monthly prior, else 1."""
+        return self.needs.output_step(inputs.time_step)[1]
+
+    def identity(self, members: int, seed: int) -> list[Any]:
+        c = self.config
+        return [*super().identity(members, seed), self.window, c.likelihood_std, c.bias_correction]
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        c = self.config
+        out["report"] = out["report"].replace(
+            "guidance", f"window {self.window}, likelihood std {c.likelihood_std:g}, guidance", 1
+        ) + (", quantile-mapping bias correction" if c.bias_correction else "")
+        out["guidance"].update(window=self.window, likelihood_std=c.likelihood_std)
+        out["bias_correction"] = c.bias_correction
+        return out
+
+
+def _time_step(ds: xr.Dataset) -> str:
+    """ "year" when the labels are a year apart, else "month" (what the bias correction distinguishes)."""
+    years = [t.year for t in ds["time"].values]
+    return "year" if len(years) > 1 and len(set(years)) == len(years) else "month"
+
+
+def _annual(reference: xr.Dataset, model: xr.Dataset) -> xr.Dataset:
+    """``reference``'s annual means, labelled like ``model``'s annual steps (same month and day)."""
+    t0 = model["time"].values[0]
+    means = reference.groupby("time.year").mean("time")
+    times = [type(t0)(int(y), t0.month, t0.day) for y in means["year"].values]
+    return means.rename(year="time").assign_coords(time=times)
+
+
+def _monthly(inputs: Inputs) -> Inputs:
+    """``inputs`` with a monthly time axis: the 12 month starts of each annual step (for the output)."""
+    import dataclasses
+
+    times = month_starts(inputs.time.values)
+    fine = inputs.coarse_on_fine.isel(time=np.repeat(np.arange(inputs.time.size), 12))
+    return dataclasses.replace(
+        inputs, coarse_on_fine=fine.assign_coords(time=times).drop_vars("time_bnds", errors="ignore")
+    )
+
+
+def _describe_mapping(
+    mapping: EmpiricalQuantileMapping, model: xr.Dataset, reference: xr.Dataset, perfect: bool
+) -> dict[str, Any]:
+    """JSON record of a fitted bias correction: period, quantiles, mean adjustment per variable and month,
+    and the hash of the fitted quantiles (the full mapping is what ``mapping_dataset`` returns)."""
+    import hashlib
+
+    qm, qr = mapping.model_quantiles, mapping.reference_quantiles
+    digest = hashlib.sha256()
+    for ds in (qm, qr):
+        for v in sorted(ds.data_vars):
+            digest.update(np.ascontiguousarray(ds[v].values, dtype=np.float64).tobytes())
+    times = model["time"].values
+    return {
+        "method": "empirical quantile mapping per calendar month and coarse cell (additive)",
+        "perfect_model": perfect,
+        "model_period": [
+            f"{times[0].year:04d}-{times[0].month:02d}",
+            f"{times[-1].year:04d}-{times[-1].month:02d}",
+        ],
+        "reference_steps": int(reference.sizes["time"]),
+        "n_quantiles": int(qm.sizes["quantile"]),
+        "mean_adjustment": {
+            str(v): {
+                int(m): round(float(d), 4)
+                for m, d in zip(
+                    qm["month"].values,
+                    (qr[v] - qm[v]).mean([d for d in qm[v].dims if d != "month"]).values,
+                    strict=True,
+                )
+            }
+            for v in qm.data_vars
+        },
+        "quantiles_sha256": digest.hexdigest(),
+    }
+
+
+def _register() -> None:
+    from climrecon.methods import register
+
+    register(
+        SpatioTemporalConfig,
+        SpatioTemporal,
+        "posterior sampling of whole sequences with a prior over windows of months (space-time observation "
+        "model, quantile-mapping bias correction)",
+        needs="the coarse input on its own grid, monthly or annual; orog, orog_std, sftlf; fit data (QM)",
+        train=train,
+    )
+
+
+_register()
