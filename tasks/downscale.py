@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time as _time
 import uuid
@@ -42,7 +43,16 @@ import numpy as np
 import xarray as xr
 
 from climrecon.config import ClimReconConfig, DownscaleConfig, MethodConfig, SamplerConfig
-from climrecon.methods import Inputs, Method, MethodError, build, gridded_variables, month_index, time_index
+from climrecon.methods import (
+    Inputs,
+    Method,
+    MethodError,
+    build,
+    gridded_variables,
+    month_index,
+    month_starts,
+    time_index,
+)
 from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
 from climrecon.storage import public_url, safe_name, store_url, url_options
 from climrecon.stores import StageStore, content_key
@@ -79,9 +89,10 @@ class DownscaleError(ValueError):
 class WorkUnit:
     """A block of time steps x members: one chunk-aligned region of the member store."""
 
-    time: slice
+    time: slice  # of the INPUT time steps
     member: slice
     period: str  # "1990-01..1990-12"
+    refine: int = 1  # output steps per input step (12: monthly members of annual input)
 
     @property
     def label(self) -> str:
@@ -90,12 +101,16 @@ class WorkUnit:
 
     @property
     def region(self) -> dict[str, slice]:
-        return {"member": self.member, "time": self.time}
+        """The unit's region of the member store (output time steps)."""
+        return {
+            "member": self.member,
+            "time": slice(self.time.start * self.refine, self.time.stop * self.refine),
+        }
 
     @property
     def size(self) -> int:
-        """Items (months x members) in the unit."""
-        return (self.time.stop - self.time.start) * (self.member.stop - self.member.start)
+        """Items (output time steps x members) in the unit."""
+        return (self.time.stop - self.time.start) * self.refine * (self.member.stop - self.member.start)
 
 
 # -- the plan ------------------------------------------------------------------------------------------------
@@ -150,20 +165,25 @@ class DownscalePlan:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # owner of this run's unit leases
     time_step: str = "month"  # of the fine store's times (time features and seeds)
     mask: np.ndarray | None = None  # (lat, lon) bool valid cells of the data: section's fine data, or None
+    refine: int = 1  # output time steps per input step (the method's Needs.refine, e.g. 12 for year -> month)
+    halo: int = 0  # input time steps of context read on each side of a unit (the method's Needs.time_halo)
 
     @property
     def n_time(self) -> int:
         return len(self.time_labels)
 
     def units(self) -> list[WorkUnit]:
-        """Every work unit, time-major: blocks of months_per_unit steps (the last may be shorter) x members."""
+        """Every work unit, time-major: blocks of months_per_unit input steps (the last may be shorter) x
+        members. The blocks are fixed by the config alone (never by the number of workers): a window method's
+        bytes depend on where a unit starts."""
         cfg = self.config
         out = []
         for t0 in range(0, self.n_time, cfg.months_per_unit):
             t = slice(t0, min(t0 + cfg.months_per_unit, self.n_time))
             period = f"{self.time_labels[t.start]}..{self.time_labels[t.stop - 1]}"
             for m0 in range(0, cfg.members, cfg.members_per_unit):
-                out.append(WorkUnit(t, slice(m0, min(m0 + cfg.members_per_unit, cfg.members)), period))
+                members = slice(m0, min(m0 + cfg.members_per_unit, cfg.members))
+                out.append(WorkUnit(t, members, period, self.refine))
         return out
 
 
@@ -254,6 +274,8 @@ def plan_downscale(
         raise DownscaleError(f"{fine_url}: {exc}") from None
     description = method.describe()
     fit = _fit_data(cfg, storage_options) if method.needs.fit else None
+    out_step, refine = method.needs.output_step(time_step)
+    halo = math.ceil(method.needs.time_halo / refine)
     variables = tuple(description.get("variables") or inputs.variables)
 
     fine_key = str(fine.attrs.get("climrecon_key") or content_key("foreign-fine", fine_url, dict(fine.sizes)))
@@ -272,6 +294,8 @@ def plan_downscale(
         parts += [fit.key, fit.years if isinstance(fit.years, str) else list(fit.years)]
     if time_step != "month":
         parts.append(time_step)
+    if halo or refine > 1:  # what a unit reads and writes; new keys only for the methods that use them
+        parts += [{"halo": halo, "refine": refine, "months_per_unit": ds_cfg.months_per_unit}]
     mask = _data_mask(cfg, Grid.from_dataset(fine, "fine store"), storage_options)
     if mask is not None:
         parts.append(hashlib.sha256(np.packbits(mask).tobytes()).hexdigest())
@@ -310,6 +334,8 @@ def plan_downscale(
         started=utc_now(),
         time_step=time_step,
         mask=mask,
+        refine=refine,
+        halo=halo,
     )
 
 
@@ -320,7 +346,9 @@ def _store(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> Stage
 
 def _template(plan: DownscalePlan, fine: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
     cfg = plan.config
-    n_m, n_t, n_y, n_x = cfg.members, plan.n_time, fine.sizes["lat"], fine.sizes["lon"]
+    if plan.refine > 1:
+        fine = _monthly_axis(fine)
+    n_m, n_t, n_y, n_x = cfg.members, fine.sizes["time"], fine.sizes["lat"], fine.sizes["lon"]
     time_var = fine["time"].variable.to_base_variable()
     coords = {
         "member": (
@@ -363,6 +391,20 @@ def _template(plan: DownscalePlan, fine: xr.Dataset) -> tuple[xr.Dataset, dict[s
     return ds, encoding
 
 
+def _monthly_axis(fine: xr.Dataset) -> xr.Dataset:
+    """``fine``'s coordinates with a monthly time axis (the 12 months of each annual step) and its bounds."""
+    starts = month_starts(fine["time"].values)
+    ends = np.array([type(t)(t.year + (t.month == 12), t.month % 12 + 1, 1) for t in starts], dtype=object)
+    out = fine.drop_vars(["time_bnds"], errors="ignore").isel(
+        time=np.repeat(np.arange(fine.sizes["time"]), 12)
+    )
+    out = out.assign_coords(time=("time", starts, fine["time"].attrs))
+    out["time"].encoding = {
+        k: fine["time"].encoding[k] for k in ("units", "calendar") if k in fine["time"].encoding
+    }
+    return out.assign(time_bnds=(("time", "bnds"), np.stack([starts, ends], axis=1)))
+
+
 def prepare_downscale(plan: DownscalePlan, storage_options: dict[str, Any] | None = None) -> list[WorkUnit]:
     """Write the member store's template (once); the units without a done marker."""
     store = _store(plan, storage_options)
@@ -385,7 +427,12 @@ def _method(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> Meth
     if method is None:
         method = build(plan.method, plan.sampler)
         if plan.fit is not None:
-            method.fit(*_fit_pairs(plan, storage_options))
+            coarse_train, fine_train = _fit_pairs(plan, storage_options)
+            if method.needs.fit_model:
+                model_train = _model_train(plan, fine_train, storage_options)
+                method.fit(coarse_train, fine_train, model_train=model_train)  # type: ignore[call-arg]
+            else:
+                method.fit(coarse_train, fine_train)
         while len(_METHODS) >= 2:  # a worker serves one store at a time; keep the last two
             _METHODS.pop(next(iter(_METHODS)))
         _METHODS[plan.out_key] = method
@@ -429,6 +476,25 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
         if isinstance(exc, DownscaleError):
             raise
         raise DownscaleError(f"fitting {plan.method.name} for {plan.name}: {exc}") from None
+
+
+def _model_train(
+    plan: DownscalePlan, fine_train: xr.Dataset, storage_options: dict[str, Any] | None
+) -> xr.Dataset:
+    """The coarse input's own fields over the years of the fit data (what a bias correction maps from)."""
+    coarse = _open(plan.coarse_url, storage_options, "regridded coarse store")
+    years = [t.year for t in fine_train["time"].values]
+    first, last = min(years), max(years)
+    have = np.array([t.year for t in coarse["time"].values])
+    keep = np.flatnonzero((have >= first) & (have <= last))
+    if not len(keep):
+        raise DownscaleError(
+            f"{plan.name}: {plan.method.name}'s bias correction is fitted on the years the training truth covers "
+            f"({first}-{last}), but the input {plan.coarse_url} covers {have.min()}-{have.max()}: downscale a run "
+            "that covers them (e.g. historical + scenario) or set method.bias_correction: false"
+        )
+    variables = [v for v in plan.variables if v in coarse.data_vars]
+    return coarse[variables].isel(time=keep).astype("float32").load()
 
 
 def _time_step(times: np.ndarray) -> str:
@@ -492,18 +558,31 @@ def _worker_address() -> str | None:
 
 
 def unit_inputs(plan: DownscalePlan, unit: WorkUnit, storage_options: dict[str, Any] | None = None) -> Inputs:
-    """The unit's :class:`~climrecon.methods.Inputs`, loaded: its time steps of the fine (and coarse) store
-    and the static fields."""
-    fine = _open(plan.fine_url, storage_options, "regridded fine store").isel(time=unit.time)
+    """The unit's :class:`~climrecon.methods.Inputs`, loaded: its time steps of the fine (and coarse) store,
+    with ``plan.halo`` steps of context on each side where the store has them (:func:`read_span`), and the
+    static fields."""
+    span = read_span(plan, unit)
+    fine = _open(plan.fine_url, storage_options, "regridded fine store").isel(time=span)
     static = _open(plan.static_url, storage_options, "static store")
     coarse = None
     if plan.coarse_url:
-        coarse = _open(plan.coarse_url, storage_options, "regridded coarse store").isel(time=unit.time).load()
+        coarse = _open(plan.coarse_url, storage_options, "regridded coarse store").isel(time=span).load()
     inputs = _method_inputs(fine.load(), static.load(), coarse, plan.fine_url)
     mask = None
     if plan.mask is not None:
         mask = xr.DataArray(plan.mask, dims=("lat", "lon"), coords={"lat": fine["lat"], "lon": fine["lon"]})
     return dataclasses.replace(inputs, time_step=plan.time_step, mask=mask)
+
+
+def read_span(plan: DownscalePlan, unit: WorkUnit) -> slice:
+    """The input time steps a unit reads: its own and ``plan.halo`` on each side, clipped to the store."""
+    return slice(max(0, unit.time.start - plan.halo), min(plan.n_time, unit.time.stop + plan.halo))
+
+
+def core(plan: DownscalePlan, unit: WorkUnit) -> slice:
+    """The unit's own OUTPUT time steps within the output of its read span (what it writes)."""
+    first = (unit.time.start - read_span(plan, unit).start) * plan.refine
+    return slice(first, first + (unit.time.stop - unit.time.start) * plan.refine)
 
 
 def sample_unit(
@@ -541,6 +620,7 @@ def sample_unit(
     except BaseException:
         _store(plan, storage_options).release(unit.region, plan.run_id)  # a retry or another run may take it
         raise
+    result = result.isel(time=core(plan, unit))  # halo steps are context, never written
     fields = {
         v: np.ascontiguousarray(result[v].transpose("member", "time", "lat", "lon").values, dtype=np.float32)
         for v in plan.variables
@@ -643,6 +723,9 @@ def finalize_downscale(
         inputs.append(
             {"store": public_url(plan.coarse_url), "content_key": plan.coarse_key, "role": "coarse"}
         )
+    fitted = None
+    if plan.fit is not None:  # what the fitted method learned (e.g. a bias correction), when it says
+        fitted = getattr(_method(plan, storage_options), "fitted", lambda: None)()
     record = stage_record(
         "downscale",
         store=public_url(plan.out_url),
@@ -657,6 +740,7 @@ def finalize_downscale(
         seeds=plan.description.get("seeds", "deterministic"),
         workers=list(workers.values()),
         units_this_run=len(reports),
+        **({"fitted": fitted} if fitted else {}),
         sample_seconds_this_run=round(sum(r.sample_seconds for r in reports), 3),
     )
     store.finalize(

@@ -169,7 +169,30 @@ def _config(world, name: str, root) -> Any:
         overrides += [f"method.checkpoint={_tiny_corrdiff(world)}", "method.patch_size=16"]
     if name == "zssd":
         overrides += [f"method.checkpoint={_tiny_zssd(world)}", "method.patch_size=16"]
+    if name == "spatiotemporal":  # the input (2002) does not cover the fit years: no bias correction
+        overrides += [f"method.checkpoint={_tiny_window_prior(world)}", "method.bias_correction=false"]
     return load_config(overrides=overrides)
+
+
+def _tiny_window_prior(world) -> str:
+    """A tiny spatiotemporal prior over windows of 3 months (2 steps) made by its own training recipe."""
+    path = world["root"] / "tiny-window-prior.pt"
+    if not path.exists():
+        from test_corrdiff import tiny_config
+
+        from climrecon.methods import spatiotemporal
+
+        cfg = tiny_config(
+            world["truth"],
+            world["static_global"],
+            path,
+            steps=2,
+            static_coarse=(),
+            name="spatiotemporal",
+            extra=("method.window=3",),
+        )
+        spatiotemporal.train(cfg)
+    return str(path)
 
 
 def _tiny_zssd(world) -> str:

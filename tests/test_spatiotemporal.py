@@ -5,9 +5,13 @@ monthly members whose annual means agree with it, and the bias correction is fit
 
 from __future__ import annotations
 
+import json
+
+import cftime
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from test_corrdiff import tiny_config
 from test_training_data import write_tiny_stores
 
@@ -118,7 +122,14 @@ def world(tmp_path_factory):
     store = open_truth(truth, ["tas", "uas", "vas"])
     train = select_years(store, (2000, 2001)).astype("float32").load()
     held = select_years(store, (2002, 2002)).astype("float32").load()
-    return {"checkpoint": str(ckpt), "train": train, "held": held, "static": static_for_truth(static, held)}
+    return {
+        "checkpoint": str(ckpt),
+        "train": train,
+        "held": held,
+        "static": static_for_truth(static, held),
+        "truth_url": truth,
+        "static_url": static,
+    }
 
 
 SAMPLER = SamplerConfig(num_steps=3, device="cpu", overlap=4, max_patches_per_batch=8)
@@ -188,3 +199,114 @@ def test_a_single_step_prior_is_refused(tmp_path, world):
     zssd.train(tiny_config(truth, static, ckpt, steps=1, static_coarse=(), name="zssd"))
     with pytest.raises(MethodError, match="prior of single time steps"):
         build({"name": "spatiotemporal", "checkpoint": str(ckpt)}, SAMPLER)
+
+
+# -- the downscale stage: units with a halo, annual input to monthly members, the fitted bias correction ----
+def _stores(world, root, annual: bool = False, bias: float = 0.0) -> dict:
+    """Regrid-stage-like stores of the tiny truth (2000-2002) at x4: fine (bilinear), static, coarse."""
+    from test_downscale import _stage_store
+
+    from climrecon.methods.features import coarse_on_fine
+    from climrecon.stores import content_key
+
+    truth = xr.concat([world["train"], world["held"]], "time")
+    coarse = coarsen_blocks(truth, 4)
+    coarse = coarse.assign(tas=coarse.tas + bias)
+    if annual:
+        coarse = coarse.groupby("time.year").mean("time").rename(year="time")
+        coarse = coarse.assign_coords(
+            time=[cftime.DatetimeGregorian(int(y), 7, 1) for y in coarse["time"].values]
+        )
+    fine = coarse_on_fine(coarse, Grid.from_dataset(truth)).astype("float32")
+    fine["time"].encoding.update(units="days since 1850-01-01", calendar="standard")
+    attrs = {"source_id": "TOY", "experiment_id": "hist", "member_id": "r1", "history": "test"}
+    fine.attrs.update(attrs)
+    tag = f"{'annual' if annual else 'monthly'}-{bias:g}"
+    return {
+        "fine": _stage_store(str(root / f"fine-{tag}.zarr"), fine, content_key("fine", tag), attrs),
+        "static": _stage_store(
+            str(root / f"static-{tag}.zarr"), world["static"], content_key("static", tag), {}
+        ),
+        "coarse": _stage_store(
+            str(root / f"coarse-{tag}.zarr"), coarse.astype("float32"), content_key("coarse", tag), {}
+        ),
+    }
+
+
+def _stage_config(world, root, **extra):
+    from climrecon.config import load_config
+
+    overrides = {
+        "storage.root": str(root),
+        "method.name": "spatiotemporal",
+        "method.checkpoint": world["checkpoint"],
+        "sampler.num_steps": 2,
+        "sampler.overlap": 4,
+        "sampler.max_patches_per_batch": 8,
+        "sampler.device": "cpu",
+        "downscale.members": 2,
+        "downscale.members_per_unit": 1,
+        "downscale.months_per_unit": 12,
+        "downscale.time_chunk": 12,
+        "train.truth": world["truth_url"],
+        "train.static": world["static_url"],
+        "train.variables": "[tas, uas, vas]",
+        "train.train_years": "[2000, 2001]",
+        "train.validation_years": "[2001, 2001]",
+        "train.heldout_years": "[2002, 2002]",
+        **extra,
+    }
+    return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_units_with_a_halo_give_the_same_bytes_for_one_or_two_workers_and_a_resumed_run(world, tmp_path):
+    from climrecon.flows.runtime import dask_client
+    from climrecon.stores import StageStore
+    from climrecon.tasks.downscale import plan_downscale, run_downscale
+
+    stores = _stores(world, tmp_path, bias=2.0)
+    args = (stores["fine"], stores["static"], stores["coarse"])
+    one = plan_downscale(_stage_config(world, tmp_path / "one"), *args)
+    assert one.halo == spatiotemporal.HALO and one.refine == 1 and len(one.units()) == 3 * 2
+    url, _ = run_downscale(one)
+    out = xr.open_zarr(url, decode_times=xr.coders.CFDatetimeCoder(use_cftime=True))
+    assert out.tas.shape == (2, 36, 40, 40) and np.isfinite(out.tas.values).all()
+    record = json.loads(out.attrs["climrecon_provenance"])
+    # the bias correction was fitted on the input's own 2000-2001 against the truth: it removes the +2 K
+    assert record["fitted"]["perfect_model"] is False
+    assert all(abs(v + 2.0) < 1e-3 for v in record["fitted"]["mean_adjustment"]["tas"].values())
+    with dask_client(n_workers=2, processes=False) as client:
+        two = plan_downscale(_stage_config(world, tmp_path / "two"), *args)
+        url2, _ = run_downscale(two, client=client)
+    for v in ("tas", "uas", "vas"):
+        assert out[v].values.tobytes() == xr.open_zarr(url2)[v].values.tobytes(), v
+    # a run that stopped after some units: the rest is sampled by the next run, same bytes
+    three = plan_downscale(_stage_config(world, tmp_path / "three"), *args)
+    from climrecon.tasks.downscale import prepare_downscale, run_units
+
+    units = prepare_downscale(three)
+    run_units(three, units[:3])
+    assert not StageStore(three.out_url, three.out_key).is_complete()
+    url3, reports = run_downscale(three)
+    assert len(reports) == 3
+    assert out.tas.values.tobytes() == xr.open_zarr(url3).tas.values.tobytes()
+
+
+def test_an_annual_store_gives_a_monthly_member_store(world, tmp_path):
+    from climrecon.tasks.downscale import plan_downscale, run_downscale
+
+    stores = _stores(world, tmp_path, annual=True)
+    plan = plan_downscale(
+        _stage_config(world, tmp_path, **{"downscale.months_per_unit": 1, "downscale.time_chunk": 1}),
+        stores["fine"],
+        stores["static"],
+        stores["coarse"],
+    )
+    assert plan.refine == 12 and plan.halo == 1 and plan.time_step == "year"
+    url, _ = run_downscale(plan)
+    out = xr.open_zarr(url, decode_times=xr.coders.CFDatetimeCoder(use_cftime=True))
+    assert out.tas.shape == (2, 36, 40, 40) and np.isfinite(out.tas.values).all()
+    assert [(t.year, t.month) for t in out["time"].values[:13]] == [(2000, m) for m in range(1, 13)] + [
+        (2001, 1)
+    ]
+    assert out["time_bnds"].values[11, 1] == cftime.DatetimeGregorian(2001, 1, 1)
