@@ -40,6 +40,7 @@ from climrecon.methods.base import (
 )
 from climrecon.methods.features import (
     STATIC_SCALING,
+    TARGET_KINDS,
     Climatology,
     ConditioningError,
     ConditioningSpec,
@@ -59,7 +60,6 @@ from climrecon.models.normalization import NormalizationStats
 from climrecon.models.tiled import sample_tiled
 from climrecon.models.tiling import Tiling, TilingError, make_tiling
 from climrecon.models.unet import UNet, UNetConfig
-from climrecon.tasks.training_data import TARGET_KINDS
 
 if TYPE_CHECKING:
     from climrecon.config import ClimReconConfig, TrainSection

@@ -42,6 +42,7 @@ from climrecon.models.normalization import NormalizationStats
 from climrecon.tasks.grids import Grid
 
 __all__ = [
+    "TARGET_KINDS",
     "ConditioningSpec",
     "ConditioningError",
     "Climatology",
@@ -57,6 +58,9 @@ __all__ = [
     "STATIC_SCALING",
     "normalize_conditioning",
 ]
+
+# what a patch model generates: the fine field's residual over the bilinear coarse input, or the field itself
+TARGET_KINDS = ("residual", "full")
 
 POSITION_CHANNELS = ("sin_lat", "cos_lat", "sin_lon", "cos_lon")
 DIURNAL_CHANNELS = ("sin_hour", "cos_hour")

@@ -37,6 +37,7 @@ import xarray as xr
 
 from climrecon.catalogs.static import open_static_fields
 from climrecon.methods.features import (
+    TARGET_KINDS,
     Climatology,
     ConditioningSpec,
     coarse_on_fine,
@@ -171,9 +172,6 @@ def _stacked(
     # the coarse grid's view of the static fields: through the same blocks as the truth
     static_fine = with_coarse_static(static_fine, grid.coarsened(spec.factor), spec.static_coarse)
     return target, conditioning_stack(coarse_fine, static_fine, spec, climatology)
-
-
-TARGET_KINDS = ("residual", "full")
 
 
 def valid_cells(target: xr.Dataset, variables: Sequence[str]) -> np.ndarray | None:
