@@ -126,14 +126,18 @@ def report(outputs: dict[str, Any], cfg: ClimReconConfig) -> None:
         "```",
     ]
     from climrecon.storage import resolve_storage_options
-    from climrecon.tasks.plots import ensemble_maps
+    from climrecon.tasks.plots import ensemble_maps, point_series
 
+    options = resolve_storage_options(cfg.storage.options)
     for url in outputs.get("aggregate", []):
         with tempfile.TemporaryDirectory(prefix="climrecon-maps-") as tmp:
-            png = ensemble_maps(url, Path(tmp), storage_options=resolve_storage_options(cfg.storage.options))
-            if png is not None:
-                encoded = base64.b64encode(png.read_bytes()).decode()
-                lines += ["", f"![ensemble mean and spread](data:image/png;base64,{encoded})"]
+            for caption, png in (
+                ("ensemble mean and spread", ensemble_maps(url, Path(tmp), storage_options=options)),
+                ("a point's time series", point_series(url, Path(tmp), storage_options=options)),
+            ):
+                if png is not None:
+                    encoded = base64.b64encode(png.read_bytes()).decode()
+                    lines += ["", f"![{caption}](data:image/png;base64,{encoded})"]
     for scored in outputs.get("evaluate", []):
         lines += [
             "",

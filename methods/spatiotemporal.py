@@ -183,6 +183,7 @@ class SpatioTemporal(ZSSD):
         coarse = self.corrected(inputs.coarse[present].transpose("time", "lat", "lon").load())
         a, y_obs, weight, gram = self.guidance_target(inputs, coarse)
         k = self.steps_per_input(inputs)
+        self._check_consecutive(inputs)
         time_index = inputs.time_index()
         if k > 1:
             z_cond = np.repeat(z_cond, k, axis=0)
@@ -247,6 +248,20 @@ class SpatioTemporal(ZSSD):
             bias_corrected=int(self.mapping is not None),
         )
         return result
+
+    def _check_consecutive(self, inputs: Inputs) -> None:
+        """A sequence is sampled whole: its input steps must follow one another without gaps."""
+        from climrecon.tasks.training_data import consecutive_steps
+
+        times = inputs.time.values
+        gaps = np.flatnonzero(~consecutive_steps(times, inputs.time_step)[1:])
+        if len(gaps):
+            t0, t1 = times[gaps[0]], times[gaps[0] + 1]
+            raise MethodError(
+                f"spatiotemporal samples whole sequences, but the input's time steps have a gap between "
+                f"{t0.year:04d}-{t0.month:02d} and {t1.year:04d}-{t1.month:02d}: downscale consecutive "
+                "steps (evaluate.month_stride: 1)"
+            )
 
     def steps_per_input(self, inputs: Inputs) -> int:
         """Output (prior) time steps per input step: 12 for annual input to a monthly prior, else 1."""

@@ -31,6 +31,7 @@ __all__ = [
     "plot_maps",
     "plot_power_spectra",
     "plot_rank_histogram",
+    "point_series",
 ]
 
 
@@ -235,6 +236,55 @@ def ensemble_maps(
         members=ds.attrs.get("ensemble_size", "?"),
     )
     return _save(fig, Path(directory) / f"{name}_mean_spread.png", ENSEMBLE_DPI)
+
+
+def point_series(
+    aggregate_url: str,
+    directory: str | Path,
+    *,
+    storage_options: dict | None = None,
+    lat: float | None = None,
+    lon: float | None = None,
+    figsize: tuple[float, float] = (9.2, 3.4),
+    dpi: int = 100,
+) -> Path | None:
+    """PNG of the first variable's ensemble mean +- spread at one cell (default: the domain's centre) over the
+    store's whole period, with its 12-step running mean when there are more than 36 steps.
+
+    Reads one cell of ``<var>_mean`` and ``<var>_std``; None when the store has no ``*_mean`` variable.
+    The file is ``<directory>/<var>_point_series.png``."""
+    ds = xr.open_zarr(
+        aggregate_url,
+        storage_options=url_options(aggregate_url, storage_options),
+        decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
+    )
+    means = sorted(str(v) for v in ds.data_vars if str(v).endswith("_mean"))
+    if not means:
+        return None
+    name = means[0][: -len("_mean")]
+    here = {
+        "lat": float(ds["lat"].values[ds.sizes["lat"] // 2]) if lat is None else lat,
+        "lon": float(ds["lon"].values[ds.sizes["lon"] // 2]) if lon is None else lon,
+    }
+    cell = ds[[f"{name}_mean", f"{name}_std"]].sel(here, method="nearest").load()
+    years = np.array([t.year + (t.month - 0.5) / 12 for t in cell["time"].values])
+    mean, std = cell[f"{name}_mean"].values, cell[f"{name}_std"].values
+    units = cell[f"{name}_mean"].attrs.get("units", "")
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.subplots()
+    ax.fill_between(years, mean - std, mean + std, color="tab:blue", alpha=0.25, lw=0, label="+- 1 spread")
+    ax.plot(years, mean, color="tab:blue", lw=0.6, label="ensemble mean")
+    if mean.size > 36:
+        running = np.convolve(mean, np.ones(12) / 12, mode="valid")
+        ax.plot(years[11:], running, color="black", lw=1.2, label="12-step running mean")
+    ax.set_xlabel("year")
+    ax.set_ylabel(f"{name} ({units})" if units else name)
+    ax.legend(loc="upper left", ncols=3, fontsize=8)
+    ax.set_title(
+        f"{name} at {float(cell['lat']):.2f}N {float(cell['lon']):.2f}E: {mean.size} steps, "
+        f"{ds.attrs.get('ensemble_size', '?')} members"
+    )
+    return _save(fig, Path(directory) / f"{name}_point_series.png", dpi)
 
 
 ENSEMBLE_PANEL = (4.6, 3.8)  # inches per panel of the ensemble figure: 9.2 x 3.8 in, 920 x 380 px

@@ -76,6 +76,7 @@ __all__ = [
     "residual_target",
     "PatchBatches",
     "window_starts",
+    "consecutive_steps",
 ]
 
 
@@ -283,7 +284,7 @@ class PatchBatches:
             seed=seed,
             valid=None if valid is None else np.ascontiguousarray(valid, dtype=bool),
             window=window,
-            consecutive=_consecutive(target["time"].values, time_step),
+            consecutive=consecutive_steps(target["time"].values, time_step),
         )
 
     def draw(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -338,7 +339,7 @@ def window_starts(consecutive: np.ndarray | None, n: int, window: int) -> np.nda
     return starts[breaks[starts] == breaks[starts + window - 1]]
 
 
-def _consecutive(times: np.ndarray, time_step: str) -> np.ndarray:
+def consecutive_steps(times: np.ndarray, time_step: str) -> np.ndarray:
     """[T] bool: time step i is the one right after step i - 1 (False at a gap between selections)."""
     times = np.asarray(times)
     if len(times) < 2:

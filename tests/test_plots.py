@@ -196,3 +196,22 @@ def test_ensemble_maps_writes_the_figure_of_an_aggregate_store(tmp_path) -> None
     assert path == tmp_path / "maps" / "tas_mean_spread.png"
     _check_png(path, (920, 380))
     assert P.ensemble_maps(str(tmp_path / "agg.zarr"), tmp_path / "none", time_index=1).exists()
+
+
+def test_point_series_draws_one_cells_mean_and_spread_over_the_whole_period(tmp_path) -> None:
+    mean, spread = _ensemble_month("tas", "K", 1.0, "Near-Surface Air Temperature")
+    times = xr.date_range("1860-01-01", periods=48, freq="MS", calendar="360_day", use_cftime=True)
+    store = xr.Dataset(
+        {
+            "tas_mean": mean.expand_dims(time=times) + xr.DataArray(np.arange(48.0), dims="time"),
+            "tas_std": spread.expand_dims(time=times),
+        },
+        attrs={"ensemble_size": 2},
+    )
+    store.to_zarr(tmp_path / "agg.zarr")
+    path = P.point_series(str(tmp_path / "agg.zarr"), tmp_path / "series")
+    assert path == tmp_path / "series" / "tas_point_series.png"
+    _check_png(path, (920, 340))
+    assert P.point_series(str(tmp_path / "agg.zarr"), tmp_path / "s2", lat=float(mean.lat[0])).exists()
+    store[["tas_std"]].to_zarr(tmp_path / "nomean.zarr")
+    assert P.point_series(str(tmp_path / "nomean.zarr"), tmp_path / "s3") is None

@@ -310,3 +310,10 @@ def test_an_annual_store_gives_a_monthly_member_store(world, tmp_path):
         (2001, 1)
     ]
     assert out["time_bnds"].values[11, 1] == cftime.DatetimeGregorian(2001, 1, 1)
+
+
+def test_a_sequence_with_gaps_is_refused(world):
+    held = world["held"].isel(time=[0, 1, 2, 4, 5])
+    inputs = perfect_model_inputs(coarsen_blocks(held, 4), Grid.from_dataset(held), world["static"], [])
+    with pytest.raises(MethodError, match="gap between 2002-03 and 2002-05"):
+        _method(world).downscale(inputs)
