@@ -140,8 +140,7 @@ class SpatioTemporal(ZSSD):
         month (per cell), fitted on ``model_train``: the coarse input's own fields over the same years (None:
         the input is the truth's coarse view itself, a perfect model, and the mapping is the identity).
         Annual model fields are mapped toward the truth's annual means."""
-        super().fit(coarse_train, fine_train)
-        if not self.config.bias_correction:
+        if not self.config.bias_correction:  # (a prior needs no fit data otherwise)
             return self
         present = [v for v in self.variables if v in coarse_train.data_vars]
         reference = coarse_train[present]

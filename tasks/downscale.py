@@ -276,7 +276,8 @@ def plan_downscale(
     fit = _fit_data(cfg, storage_options) if method.needs.fit else None
     out_step, refine = method.needs.output_step(time_step)
     halo = math.ceil(method.needs.time_halo / refine)
-    variables = tuple(description.get("variables") or inputs.variables)
+    # what the method returns of this input (a prior guided by a tas-only GCM returns tas only)
+    variables = tuple(v for v in description.get("variables") or inputs.variables if v in inputs.variables)
 
     fine_key = str(fine.attrs.get("climrecon_key") or content_key("foreign-fine", fine_url, dict(fine.sizes)))
     static_key = str(
