@@ -432,8 +432,9 @@ def _stores(root: Path, stage: str) -> list[Path]:
 
 
 def _reconstruct(root: Path, args: argparse.Namespace, years: tuple[int, int] | None) -> dict[str, Any]:
-    """One reconstruct run in a fresh CLI process on a fresh 1-worker Dask cluster: wall time, peak RSS of
-    the CLI process and of the worker (which samples), the member store's shape."""
+    """One reconstruct run in a fresh CLI process on a fresh Dask cluster of ``args.workers`` 1-thread
+    workers: wall time, peak RSS of the CLI process and of the largest worker (they sample), the member
+    store's shape."""
     from climrecon.flows.runtime import dask_client
 
     sets = [
@@ -443,7 +444,7 @@ def _reconstruct(root: Path, args: argparse.Namespace, years: tuple[int, int] | 
         *([f'ingest.query.time=["{years[0]}", "{years[1]}"]'] if years else []),
         *args.overrides,
     ]
-    with dask_client(n_workers=1, threads_per_worker=1) as client:
+    with dask_client(n_workers=args.workers, threads_per_worker=1) as client:
         argv = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -481,8 +482,11 @@ def showcase(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description="the A1B showcase (module docstring)")
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes (1 thread each)")
     parser.add_argument("--root", type=Path, default=REPO / "outputs" / "showcase-a1b")
-    parser.add_argument("--short-years", default="1860,1869")
+    parser.add_argument(
+        "--short-years", default="1996,2005", help="the 10-year run (inside the bias correction's fit years)"
+    )
     parser.add_argument("--timeout", type=float, default=5 * 3600)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -510,8 +514,8 @@ def showcase(argv: Sequence[str]) -> None:
         "runs": {"10y": short, "240y": full},
         "pictures": pictures,
         "notes": [
-            "fresh CLI process and fresh 1-worker Dask cluster per run; the worker samples; peak RSS of each "
-            "from getrusage in that process",
+            "fresh CLI process and a fresh Dask cluster (--workers processes, 1 thread each) per run; the "
+            "workers sample; peak RSS of the CLI process (wait4) and of the largest worker (getrusage there)",
             "wall time covers ingest, regrid, downscale and aggregate (the reconstruct flow)",
         ],
         "machine": machine(),
@@ -528,7 +532,9 @@ def showcase_child(argv: Sequence[str]) -> None:
 
     from climrecon.cli import app
 
-    app(list(argv), standalone_mode=False)
+    code = app(list(argv), standalone_mode=False)
+    if code:
+        sys.exit(code)
     Path(os.environ["BENCH_RESULT"]).write_text(json.dumps({"argv": list(argv)}))
 
 

@@ -12,7 +12,11 @@ attributes ``climrecon_key``, ``history``, ``climrecon_downscale_config`` (JSON)
 The stage knows no method: it builds :class:`~climrecon.methods.Inputs` from the stores and calls the
 method the ``method:`` section names (:func:`climrecon.methods.build`), exactly as the evaluation does.
 Work is cut into :class:`WorkUnit` s of ``months_per_unit`` steps x ``members_per_unit`` members, each one
-chunk-aligned region with its own done marker. :func:`sample_unit` (pinned to GPU workers when there are
+chunk-aligned region with its own done marker. A window method (``Needs.time_halo``) reads ``halo`` input
+steps of context on each side of its unit (clipped to the store) and writes only the unit's own steps, so
+its bytes depend on the configured unit length, never on the number of workers; a method that returns finer
+steps than its input (``Needs.refine``, e.g. monthly members of an annual input) gets a member store on that
+finer axis (month starts with bounds), each unit's region ``refine`` x its input steps. :func:`sample_unit` (pinned to GPU workers when there are
 any) reads the unit's inputs and calls ``method.downscale(inputs, members, seed)``; :func:`write_unit` (any
 worker) writes the region, then its marker. A method that is fitted (QM, BCSD: ``needs.fit``) is fitted
 once per worker process on the training years of ``train.truth`` (default: the sample catalog's
