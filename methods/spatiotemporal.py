@@ -16,16 +16,22 @@ and the time of year of the window's centre, no coarse input) is sampled as a wh
 - Likelihood (Climate2Weather's ``condition_on``; :class:`~climrecon.models.guidance.GuidedDenoiser` with
   ``noise``): ``log p(y | x_t) ~ -||y - A x0||^2_W / 2 (sigma_y^2 + g v(sigma))``, ``g = ||A^T W A||``,
   ``v`` the variance of x0 given x_t, isotropic Jacobian (no backprop through the network:
-  ``use_exact_grad: false``). ``likelihood_std`` is ``sigma_y`` in normalised units; ``zeta`` scales the step
-  (1 = the Gaussian rule).
+  ``use_exact_grad: false``). ``likelihood_std`` is ``sigma_y`` in normalised units (default 0: exact
+  observations, where the rule is ZSSD's step ``zeta / ||A^T W A||``); ``zeta`` scales the step (1 = the
+  Gaussian rule; default 1.5 as ZSSD's; both picked by a sweep on validation years).
 - Bias correction (``bias_correction: true``, default): before guidance, the coarse input is quantile-mapped
-  toward the fine truth's coarse view per calendar month over the fit years (xsdba's
-  ``EmpiricalQuantileMapping``, additive); fitted once per process from the stage's fit data, recorded in
-  provenance (:meth:`SpatioTemporal.fitted`).
+  toward the fine truth's coarse view per calendar month and coarse cell over the fit years (the training
+  years the input also covers; annual input against the truth's annual means), with the project's one
+  empirical quantile mapping (:class:`climrecon.methods.baselines.EmpiricalQuantileMapping`, the same as the
+  ``qm``/``bcsd`` baselines; xsdba was measured too heavy for this stack, see that module); fitted once per
+  process from the stage's fit data (``Needs.fit_model``: the input's own fields over those years), its
+  record (period, quantiles, mean adjustment per month, hash of the fitted quantiles) goes into the member
+  store's provenance (:meth:`SpatioTemporal.fitted`).
 
 Long sequences are split by the downscale stage into units of ``downscale.months_per_unit`` input steps with
-``Needs.time_halo`` input steps of context on each side (only each unit's core is written), so bytes depend
-on the configured unit length, never on the number of workers.
+``halo`` months of context on each side (``Needs.time_halo``; the stage reads whole input steps: 6 months of
+monthly input, 1 year of annual input), and only each unit's own steps are written, so bytes depend on the
+configured unit length, never on the number of workers.
 
 Training (:func:`train`): the project's trainer on windows of the fine truth's training years, drawn at batch
 time from the monthly array (never materialised k times), ``configs/train-spatiotemporal-westus.yaml``.
@@ -68,7 +74,7 @@ PRIOR_LABEL = "spatiotemporal-prior"
 # sigma_y (normalised units): on validation months 2006-2007 (x8, 2 members, 12 steps) sigma_y 0 / 0.05 with
 # zeta 1 / 1.5 gave CRPS 0.436 / 0.431 / 0.453 / 0.439 (benchmarks/spatiotemporal.py sweep): exact observations
 LIKELIHOOD_STD = 0.0
-HALO = 6  # input steps of context on each side of a unit (monthly input; annual: 1 year)
+HALO = 6  # months of context on each side of a unit (the stage rounds up to whole input steps)
 
 
 class SpatioTemporalConfig(ZSSDConfig):
@@ -82,13 +88,13 @@ class SpatioTemporalConfig(ZSSDConfig):
     bias_correction: bool = Field(
         True,
         description="quantile-map the coarse input toward the truth's coarse view per calendar month over "
-        "the fit years (xsdba) before guidance",
+        "the fit years (empirical quantile mapping) before guidance",
     )
     halo: int | None = Field(
         None,
         ge=0,
-        description="input time steps of context on each side of a unit; default 6 for monthly, 1 for annual "
-        "input",
+        description="months of context read on each side of a downscale unit (rounded up to whole input "
+        "steps: default 6, i.e. 6 months of monthly input, 1 year of annual input)",
     )
 
 
