@@ -263,9 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dev, hist = rank_deviation(outputs[name], truth)
         deviation[name] = dev
         path = RESULTS / f"spatiotemporal_rank_{name}.png"
-        plot_rank_histogram(
-            hist["all"], path, title=f"{name}: rank (PIT) histogram, tas/uas/vas, x{FACTOR}, {first}-{last}"
-        )
+        plot_rank_histogram(hist["all"], path, title=f"{name}: rank histogram, x{FACTOR}, {first}-{last}")
         pictures[name] = str(path.relative_to(REPO))
     consistency = None
     if "spatiotemporal" in outputs:
