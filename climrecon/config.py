@@ -85,10 +85,17 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     num_steps: int = Field(18, ge=1, description="sampler steps (Heun: 2 network calls each but the last)")
-    solver: Literal["heun", "ddim"] = "heun"
+    solver: Literal["heun", "ddim", "dpmpp2m"] = Field(
+        "heun", description="heun (EDM Alg. 2), ddim (Euler when eta=0), dpmpp2m (DPM-Solver++(2M))"
+    )
     sigma_max: float = Field(80.0, gt=0, description="noise level the chains start from (EDM: 80)")
     sigma_min: float = Field(0.002, gt=0, description="last non-zero noise level (EDM: 0.002)")
     rho: float = Field(7.0, gt=0, description="time-step exponent of EDM Eq. 5")
+    sigmas: tuple[float, ...] | None = Field(
+        None,
+        description="explicit noise levels (decreasing, ending in 0) instead of Eq. 5; a distilled "
+        "checkpoint sets its own",
+    )
     blend: Literal["every_step", "once"] = "every_step"
     overlap: int | None = Field(
         None, ge=0, description="tile overlap in fine cells; default: patch_size // 4"
@@ -110,11 +117,26 @@ class SamplerConfig(BaseModel):
             "sigma_max": self.sigma_max,
             "sigma_min": self.sigma_min,
             "rho": self.rho,
+            "sigmas": self.sigmas,
         }
+
+    def network_calls(self) -> int:
+        """Network evaluations (NFE) per member: Heun 2 per step but the last, one per step otherwise."""
+        return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
+
+    @model_validator(mode="after")
+    def _levels(self) -> SamplerConfig:
+        if self.sigmas is not None and len(self.sigmas) != self.num_steps + 1:
+            raise ValueError(
+                f"sampler.sigmas holds {len(self.sigmas)} noise levels; num_steps={self.num_steps} needs "
+                f"{self.num_steps + 1} (set both)"
+            )
+        return self
 
     def describe(self) -> str:
         churn = f", churn {self.S_churn:g}" if self.S_churn else (f", eta {self.eta:g}" if self.eta else "")
-        return f"{self.num_steps} {self.solver} steps, blend {self.blend}{churn}"
+        levels = ", own noise levels" if self.sigmas is not None else ""
+        return f"{self.num_steps} {self.solver} steps, blend {self.blend}{churn}{levels}"
 
 
 def _method(raw: Any) -> MethodConfig:
@@ -244,6 +266,25 @@ class SampleCatalogConfig(_Model):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
+class DistillSection(_Model):
+    """Distil a trained diffusion checkpoint (the teacher) into a few-step student
+    (:mod:`climrecon.models.distill`); the student keeps the teacher's network, data and statistics."""
+
+    teacher: str | None = Field(
+        None, description="teacher checkpoint; default: method.checkpoint (the shipped one when unset)"
+    )
+    steps: int = Field(4, ge=1, description="student steps = network calls per member (DDIM/Euler)")
+    teacher_steps: int = Field(16, ge=1, description="teacher Heun steps; a multiple of steps")
+
+    @model_validator(mode="after")
+    def _multiple(self) -> DistillSection:
+        if self.teacher_steps % self.steps:
+            raise ValueError(
+                f"distill.teacher_steps ({self.teacher_steps}) must be a multiple of distill.steps ({self.steps})"
+            )
+        return self
+
+
 class TrainSection(_Model):
     """The data and the optimisation loop of ``climrecon train`` (the model itself is the ``method:`` section).
 
@@ -279,6 +320,9 @@ class TrainSection(_Model):
     device: str = "auto"
     checkpoint: str = Field(
         "outputs/train/dpdm-westus-x8.pt", description="training checkpoint path (resumable)"
+    )
+    distill: DistillSection | None = Field(
+        None, description="train a few-step student of method.checkpoint instead of a model from scratch"
     )
 
     @model_validator(mode="after")

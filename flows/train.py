@@ -27,9 +27,11 @@ def run_training(
 ) -> TrainResult:
     """The configured method's training recipe, then the inference copy and the loss curve; no Prefect."""
     entry = METHODS[cfg.method.name]
-    if entry.train is None:
-        raise MethodError(f"method {cfg.method.name!r} has nothing to train (it is fitted or pretrained)")
-    result = entry.train(cfg, progress=progress, log=log)
+    recipe = entry.distill if cfg.train.distill is not None else entry.train
+    if recipe is None:
+        what = "cannot be distilled (train.distill)" if cfg.train.distill else "has nothing to train"
+        raise MethodError(f"method {cfg.method.name!r} {what}; it is fitted, pretrained or guided")
+    result = recipe(cfg, progress=progress, log=log)
     t, ckpt = cfg.train, Path(result.checkpoint_path)
     strip_training_state(ckpt, ckpt.with_suffix(".ema.pt"))
     plot_loss_curve(

@@ -67,6 +67,7 @@ class MethodEntry:
     summary: str
     needs: str = ""  # human-readable, for the README table and `climrecon methods`
     train: Callable[..., Any] | None = None  # train(cfg: ClimReconConfig, *, progress, log) -> TrainResult
+    distill: Callable[..., Any] | None = None  # like train, for cfg.train.distill (a few-step student)
 
 
 METHODS: dict[str, MethodEntry] = {}
@@ -78,6 +79,7 @@ def register(
     summary: str,
     needs: str = "",
     train: Callable[..., Any] | None = None,
+    distill: Callable[..., Any] | None = None,
 ) -> MethodEntry:
     """Add a method (its name is the default of ``config.name``); re-registering a name replaces it."""
     name = config.model_fields["name"].default
@@ -85,7 +87,7 @@ def register(
         raise TypeError(
             f"{config.__name__}.name needs a default (the registry key), e.g. name: Literal['x'] = 'x'"
         )
-    entry = MethodEntry(name, config, build, summary, needs, train)
+    entry = MethodEntry(name, config, build, summary, needs, train, distill)
     METHODS[name] = entry
     return entry
 

@@ -202,6 +202,30 @@ def physical_fields(
     return x
 
 
+_SCHEDULE_FIELDS = ("num_steps", "solver", "sigmas", "sigma_min", "sigma_max", "rho", "S_churn", "eta")
+
+
+def distilled_sampler(sampler: SamplerConfig, distilled: dict[str, Any], path: str) -> SamplerConfig:
+    """The sampler a distilled checkpoint needs: DDIM (Euler) on the noise levels it was distilled for.
+
+    Schedule settings at their defaults are replaced; one set to anything else is refused (a student is only
+    correct on its own levels)."""
+    levels = tuple(float(v) for v in distilled["sigmas"])
+    want = {"num_steps": len(levels) - 1, "solver": "ddim", "sigmas": levels, "S_churn": 0.0, "eta": 0.0}
+    given = sampler.model_dump(include=set(_SCHEDULE_FIELDS))
+    default = {k: SamplerConfig.model_fields[k].default for k in given}
+    clash = {k: v for k, v in given.items() if v != default[k] and v != want.get(k, default[k])}
+    if clash.get("sigmas") is not None and tuple(float(v) for v in clash["sigmas"]) == levels:
+        del clash["sigmas"]
+    if clash:
+        raise MethodError(
+            f"checkpoint {path} is a {want['num_steps']}-step student distilled from "
+            f"{distilled.get('teacher', 'a teacher')}: it samples with {want['num_steps']} ddim steps on its "
+            f"own noise levels {list(levels)}; unset sampler {sorted(clash)} (got {clash})"
+        )
+    return sampler.model_copy(update=want)
+
+
 def _device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -246,6 +270,9 @@ class DPDM:
                 raise MethodError(f"checkpoint {self.checkpoint}: {exc}") from None
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
+        distilled = self.metadata.data.get("distilled")
+        if distilled:
+            self.sampler = distilled_sampler(sampler, distilled, self.checkpoint)
         return networks
 
     def _needs(self, stochastic: bool) -> Needs:
@@ -468,7 +495,7 @@ class DPDM:
         extra = {
             k: v
             for k, v in s.model_dump(
-                include={"solver", "S_churn", "eta", "sigma_max", "sigma_min", "rho"}
+                include={"solver", "S_churn", "eta", "sigma_max", "sigma_min", "rho", "sigmas"}
             ).items()
             if v != SamplerConfig.model_fields[k].default
         }
@@ -605,6 +632,68 @@ def train(cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger |
     return train_denoiser(cfg, setup, label, progress=progress, log=log)
 
 
+def distill(
+    cfg: ClimReconConfig, *, progress: bool = False, log: logging.Logger | None = None
+) -> TrainResult:
+    """Train a ``train.distill.steps``-step student of the teacher checkpoint (``train.distill.teacher``, else
+    ``method.checkpoint``, else the shipped one) into the resumable ``train.checkpoint``
+    (:mod:`climrecon.models.distill`). The student starts from the teacher's weights and keeps its
+    metadata (networks, variables, statistics, grid); ``data.distilled`` records the teacher and the levels."""
+    import copy
+    from dataclasses import replace
+
+    from climrecon.models.distill import DistillationLoss
+    from climrecon.models.trainer import train as train_loop
+
+    torch.set_num_threads(cfg.train.threads)
+    section, spec = cfg.train, cfg.train.distill
+    teacher_path = default_checkpoint(spec.teacher or cfg.method.checkpoint, method=cfg.method.name)
+    contents = read_checkpoint(teacher_path)
+    networks, meta = load_networks(teacher_path, roles=("denoiser",))
+    if meta.data.get("distilled"):
+        raise MethodError(f"checkpoint {teacher_path} is itself a distilled student; distil its teacher")
+    teacher = networks["denoiser"].requires_grad_(False)
+    setup = prepare_training(cfg, cfg.method, target=meta.data.get("target", "full"))
+    if tuple(setup.spec.channel_names()) != tuple(meta.cond_channels) or setup.stats != meta.normalization:
+        raise MethodError(
+            f"train: data does not match the teacher {teacher_path}: conditioning {list(meta.cond_channels)} "
+            f"vs {setup.spec.channel_names()}, or other normalisation statistics; distil on the teacher's "
+            "own training data and method settings"
+        )
+    loss = DistillationLoss(teacher, spec.steps, spec.teacher_steps, sigma_data=teacher.config.sigma_data)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    record = {
+        "teacher": Path(teacher_path).name,
+        "teacher_sha256": str(contents.header["content_sha256"]),
+        "teacher_sampler": f"{spec.teacher_steps} heun steps (EDM Eq. 5 levels)",
+        "recipe": "progressive distillation (Salimans & Ho 2022), one round of factor "
+        f"{spec.teacher_steps // spec.steps} from a Heun teacher",
+        "sigmas": list(loss.levels),
+    }
+    metadata = replace(meta, data={**meta.data, "distilled": record})
+    tcfg = train_config(section, section.max_steps, section.lr)
+    on_log = _log_progress(log)
+    return train_loop(
+        student,
+        setup.batches,
+        tcfg,
+        loss=loss,
+        checkpoint_path=Path(section.checkpoint),
+        metadata=metadata,
+        arrays=contents.arrays() or None,
+        progress=progress,
+        on_log=on_log,
+    )
+
+
+def _log_progress(log: logging.Logger | None) -> Callable[[dict[str, float]], None] | None:
+    if log is None:
+        return None
+    return lambda r: log.info(
+        "step %d loss %.4f lr %.2e %.2f steps/s", r["step"], r["loss"], r["lr"], r["steps_per_s"]
+    )
+
+
 def train_denoiser(
     cfg: ClimReconConfig,
     setup: Any,
@@ -643,15 +732,7 @@ def train_denoiser(
         },
     )
     tcfg = train_config(section, section.max_steps, section.lr)
-    on_log = (
-        (
-            lambda r: log.info(
-                "step %d loss %.4f lr %.2e %.2f steps/s", r["step"], r["loss"], r["lr"], r["steps_per_s"]
-            )
-        )
-        if log
-        else None
-    )
+    on_log = _log_progress(log)
     ckpt = Path(section.checkpoint)
     return train_loop(
         model,
@@ -675,6 +756,7 @@ def _register() -> None:
         "conditional patch diffusion (EDM) on the coarse field, terrain, land fraction",
         needs="coarse fields on the fine grid; orog, orog_std, sftlf (+ coarse views); the checkpoint's factor",
         train=train,
+        distill=distill,
     )
 
 

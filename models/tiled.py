@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from climrecon.models.samplers import ddim_sampler, edm_sampler, make_generator, seed_for
+from climrecon.models.samplers import ddim_sampler, dpmpp_2m_sampler, edm_sampler, make_generator, seed_for
 from climrecon.models.tiling import Tiling, blend_patches, blend_weights, extract_patches
 from climrecon.models.windows import WindowDenoiser, window_centres
 
@@ -42,7 +42,7 @@ __all__ = ["PatchNet", "TiledDenoiser", "sample_tiled", "SOLVERS", "BLENDS"]
 PatchNet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 """``net(x [n, C_out, ph, pw], sigma [n], cond [n, C_cond, ph, pw] | None, time_of_year [n] | None) -> D(x)``"""
 
-SOLVERS = ("heun", "ddim")
+SOLVERS = ("heun", "ddim", "dpmpp2m")
 BLENDS = ("every_step", "once")
 _STOCHASTIC_STREAM = 1  # seed_for(seed, 1): an item's fresh sampler noise, independent of its initial noise
 
@@ -156,7 +156,7 @@ def sample_tiled(
     seeds: Sequence[int],
     out_channels: int,
     num_steps: int = 18,
-    solver: Literal["heun", "ddim"] = "heun",
+    solver: Literal["heun", "ddim", "dpmpp2m"] = "heun",
     blend: Literal["every_step", "once"] = "every_step",
     taper: Literal["hann", "uniform"] = "hann",
     max_patches_per_batch: int = 32,
@@ -173,12 +173,14 @@ def sample_tiled(
     wrap: Callable[[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], Callable] | None = None,
     window: int = 1,
     sequence_length: int | None = None,
+    sigmas: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """[B, out_channels, H, W] float32 samples of ``len(seeds)`` items (module docstring for the contract).
 
     ``net`` is the preconditioned patch denoiser; ``cond`` [B, C_cond, H, W] its conditioning in network space
     (or None); ``solver`` "heun" is EDM's Algorithm 2 (``S_*`` churn; Algorithm 1 without churn), "ddim" uses
-    ``eta``. ``wrap`` (optional) wraps the full-domain denoiser (blend "every_step" only), e.g. for guidance.
+    ``eta``, "dpmpp2m" is DPM-Solver++(2M) (one call per step); ``sigmas`` (optional) replaces the Eq. 5
+    noise levels (e.g. a distilled checkpoint's own). ``wrap`` (optional) wraps the full-domain denoiser (blend "every_step" only), e.g. for guidance.
     ``window`` > 1: ``net`` is a prior over windows of that many steps (``window * out_channels`` channels)
     and the items are ``B / sequence_length`` whole sequences of ``sequence_length`` consecutive steps
     (step-major within each), denoised by :class:`~climrecon.models.windows.WindowDenoiser`; each window sees
@@ -218,13 +220,16 @@ def sample_tiled(
         "sigma_max": sigma_max,
         "rho": rho,
         "dtype": dtype,
+        "sigmas": sigmas,
     }
     if solver == "heun":
         run = functools.partial(
             edm_sampler, **schedule, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise
         )
-    else:
+    elif solver == "ddim":
         run = functools.partial(ddim_sampler, **schedule, eta=eta)
+    else:
+        run = functools.partial(dpmpp_2m_sampler, **schedule)
     stochastic = (solver == "heun" and S_churn > 0) or (solver == "ddim" and eta > 0)
     fresh = (
         [make_generator(seed_for(int(s), _STOCHASTIC_STREAM), "cpu") for s in seeds] if stochastic else None

@@ -152,3 +152,40 @@ def test_same_seed_gives_identical_bytes_with_a_unet():
 
     assert sample(11) == sample(11)
     assert sample(11) != sample(12)
+
+
+def test_dpmpp_2m_is_second_order_with_one_call_per_step():
+    from climrecon.models.samplers import dpmpp_2m_sampler
+
+    z = latents(2000)
+    exact = exact_flow(z)
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(1)
+        return gaussian_denoiser(x, sigma)
+
+    errs = []
+    for n in (24, 48):
+        calls.clear()
+        errs.append(float((dpmpp_2m_sampler(counted, z, num_steps=n).double() - exact).abs().max()))
+        assert len(calls) == n  # one network evaluation per step
+    assert errs[0] / errs[1] > 3.0, errs  # error / 4 when steps double (second order)
+    ddim = float((ddim_sampler(gaussian_denoiser, z, num_steps=48).double() - exact).abs().max())
+    assert errs[1] < ddim / 5, (errs, ddim)
+    assert_moments(dpmpp_2m_sampler(gaussian_denoiser, latents(), num_steps=64), var_tol=0.03)
+
+
+def test_explicit_noise_levels_replace_eq5_and_are_checked():
+    from climrecon.models.samplers import noise_levels
+
+    z = latents(200)
+    t = karras_sigmas(6)
+    assert torch.equal(
+        edm_sampler(gaussian_denoiser, z, num_steps=6), edm_sampler(gaussian_denoiser, z, sigmas=t.tolist())
+    )
+    levels = noise_levels(3, 0.002, 80.0, 7.0, [40.0, 2.0, 0.1, 0.0], device="cpu", dtype=torch.float64)
+    assert levels.tolist() == [40.0, 2.0, 0.1, 0.0]
+    for bad in ([40.0, 2.0, 2.0, 0.0], [40.0, 0.0, 0.0], [5.0]):
+        with pytest.raises(ValueError, match="noise levels"):
+            noise_levels(3, 0.002, 80.0, 7.0, bad, device="cpu", dtype=torch.float64)
