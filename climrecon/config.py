@@ -100,7 +100,16 @@ class SamplerConfig(BaseModel):
     overlap: int | None = Field(
         None, ge=0, description="tile overlap in fine cells; default: patch_size // 4"
     )
-    max_patches_per_batch: int = Field(32, ge=1, description="patches per network call (fixed call shape)")
+    max_patches_per_batch: int | Literal["auto"] = Field(
+        32,
+        description="patches per network call (fixed call shape, across months, members and tiles); auto: "
+        "sized from the device's free memory (climrecon.models.fastpath.auto_patch_batch)",
+    )
+    network: Literal["eager", "channels_last", "compile"] = Field(
+        "eager",
+        description="how the network runs: eager, channels_last (NHWC weights) or compile (torch.compile, "
+        "eager fallback when it cannot compile; pays ~1-2 min per process once)",
+    )
     S_churn: float = Field(0.0, ge=0, description="EDM stochastic churn (0: deterministic Heun)")
     eta: float = Field(0.0, ge=0, description="DDIM stochasticity (0: deterministic)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -126,6 +135,10 @@ class SamplerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _levels(self) -> SamplerConfig:
+        if self.max_patches_per_batch != "auto" and self.max_patches_per_batch < 1:
+            raise ValueError(
+                f"sampler.max_patches_per_batch must be >= 1 or auto, got {self.max_patches_per_batch}"
+            )
         if self.sigmas is not None and len(self.sigmas) != self.num_steps + 1:
             raise ValueError(
                 f"sampler.sigmas holds {len(self.sigmas)} noise levels; num_steps={self.num_steps} needs "
@@ -136,7 +149,8 @@ class SamplerConfig(BaseModel):
     def describe(self) -> str:
         churn = f", churn {self.S_churn:g}" if self.S_churn else (f", eta {self.eta:g}" if self.eta else "")
         levels = ", own noise levels" if self.sigmas is not None else ""
-        return f"{self.num_steps} {self.solver} steps, blend {self.blend}{churn}{levels}"
+        network = f", network {self.network}" if self.network != "eager" else ""
+        return f"{self.num_steps} {self.solver} steps, blend {self.blend}{churn}{levels}{network}"
 
 
 def _method(raw: Any) -> MethodConfig:

@@ -56,6 +56,7 @@ from climrecon.models.checkpoint import (
     read_checkpoint,
 )
 from climrecon.models.edm import EDMConfig, EDMLoss, EDMPrecond
+from climrecon.models.fastpath import auto_patch_batch, prepare_network
 from climrecon.models.normalization import NormalizationStats
 from climrecon.models.tiled import sample_tiled
 from climrecon.models.tiling import Tiling, TilingError, make_tiling
@@ -273,7 +274,25 @@ class DPDM:
         distilled = self.metadata.data.get("distilled")
         if distilled:
             self.sampler = distilled_sampler(sampler, distilled, self.checkpoint)
-        return networks
+        if sampler.max_patches_per_batch == "auto":
+            batch = (
+                auto_patch_batch(networks["denoiser"], self._probe_call(), self.device)
+                if "denoiser" in networks
+                else SamplerConfig.model_fields["max_patches_per_batch"].default  # a regression alone
+            )
+            self.sampler = self.sampler.model_copy(update={"max_patches_per_batch": batch})
+        return {role: prepare_network(net, sampler.network) for role, net in networks.items()}
+
+    def _probe_call(self) -> tuple[torch.Tensor, ...]:
+        """A one-patch call of the denoiser on the device (what :func:`auto_patch_batch` sizes)."""
+        unet = self.metadata.networks["denoiser"].unet
+        p, dev = self.patch, self.device
+        return (
+            torch.zeros(1, unet.out_channels, p, p, device=dev),
+            torch.ones(1, device=dev),
+            torch.zeros(1, unet.cond_channels, p, p, device=dev),
+            torch.zeros(1, device=dev),
+        )
 
     def _needs(self, stochastic: bool) -> Needs:
         return Needs(
@@ -495,7 +514,7 @@ class DPDM:
         extra = {
             k: v
             for k, v in s.model_dump(
-                include={"solver", "S_churn", "eta", "sigma_max", "sigma_min", "rho", "sigmas"}
+                include={"solver", "S_churn", "eta", "sigma_max", "sigma_min", "rho", "sigmas", "network"}
             ).items()
             if v != SamplerConfig.model_fields[k].default
         }
