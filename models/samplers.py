@@ -136,9 +136,7 @@ def edm_sampler(
     ``dtype`` (float64 as in the reference code) and the result is returned in ``latents.dtype``. ``sigmas``
     replaces the Eq. 5 levels (:func:`noise_levels`); a step to sigma 0 takes no Heun correction.
     """
-    t_steps = noise_levels(
-        num_steps, sigma_min, sigma_max, rho, sigmas, device=latents.device, dtype=dtype
-    )
+    t_steps = noise_levels(num_steps, sigma_min, sigma_max, rho, sigmas, device=latents.device, dtype=dtype)
     num_steps = len(t_steps) - 1
     x_next = latents.to(dtype) * t_steps[0]  # line 2: x_0 ~ N(0, t_0^2 I)
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:], strict=True):  # line 3
@@ -187,9 +185,7 @@ def ddim_sampler(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    t_steps = noise_levels(
-        num_steps, sigma_min, sigma_max, rho, sigmas, device=latents.device, dtype=dtype
-    )
+    t_steps = noise_levels(num_steps, sigma_min, sigma_max, rho, sigmas, device=latents.device, dtype=dtype)
     x = latents.to(dtype) * t_steps[0]
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:], strict=True):
         denoised = _call(denoise, x, t_cur)
@@ -227,9 +223,7 @@ def dpmpp_2m_sampler(
     so the data prediction is extrapolated linearly in lambda from the last two calls. Noise levels as in
     :func:`edm_sampler`.
     """
-    t_steps = noise_levels(
-        num_steps, sigma_min, sigma_max, rho, sigmas, device=latents.device, dtype=dtype
-    )
+    t_steps = noise_levels(num_steps, sigma_min, sigma_max, rho, sigmas, device=latents.device, dtype=dtype)
     x = latents.to(dtype) * t_steps[0]
     denoised_prev, h_prev = None, None
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:], strict=True):

@@ -162,7 +162,9 @@ def test_distill_trains_a_student_that_the_method_samples_on_its_own_levels(tmp_
         run_training(_tiny(tmp_path, truth, static, "s2", **spec2))
     with pytest.raises(MethodError, match="does not match the teacher"):
         run_training(
-            _tiny(tmp_path, truth, static, "s3", train_years=[2001, 2001], validation_years=[2000, 2000], **spec)
+            _tiny(
+                tmp_path, truth, static, "s3", train_years=[2001, 2001], validation_years=[2000, 2000], **spec
+            )
         )
 
 
