@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from climrecon.storage import url_options
 
 __all__ = [
+    "plot_cost_curves",
     "plot_loss_curve",
     "PlotError",
     "ensemble_figure",
@@ -351,3 +352,34 @@ def plot_loss_curve(losses: list[float], path: str | Path, title: str = "trainin
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100, format="png")
     return path
+
+
+def plot_cost_curves(
+    curves: Mapping[str, Mapping[str, list[tuple[float, float]]]],
+    path: str | Path,
+    *,
+    xlabel: str = "network evaluations per member (NFE)",
+    title: str = "",
+    dpi: int = 100,
+) -> Path:
+    """One panel per score (``curves[score][family] = [(cost, value), ...]``), each family a line with
+    markers against a log-2 cost axis (e.g. a sampler family's NFE-vs-CRPS curve); single points (a
+    distilled sampler) are drawn as stars."""
+    if not curves:
+        raise PlotError("plot_cost_curves: no scores to draw")
+    fig = Figure(figsize=(4.0 * len(curves), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (score, families) in zip(axes, curves.items(), strict=True):
+        for i, (family, points) in enumerate(families.items()):
+            pts = sorted(points)
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            style = {"marker": "*", "markersize": 12, "ls": "none"} if len(pts) == 1 else {"marker": "o"}
+            ax.plot(x, y, color=f"C{i}", label=family, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(score)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)

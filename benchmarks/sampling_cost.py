@@ -1,0 +1,441 @@
+"""Benchmark: what a member costs (network evaluations, seconds) and what the cheaper samplers keep (issue 19).
+
+Two parts, one JSON (``benchmarks/results/sampling_cost.json``; each part keeps the other's figures):
+
+``curve``: the NFE-vs-skill curve. The shipped DPDM checkpoint (and CorrDiff's, fewer points) sampled by
+Heun (EDM Alg. 2) and Euler (DDIM, eta 0) at 4-18 steps, DPM-Solver++(2M) at 4-12 steps, Heun with EDM's
+stochastic churn, and the distilled 4-step student (``checkpoints/distilled-dpdm-westus-x8.pt``), all
+through :func:`climrecon.tasks.evaluate.run_evaluation` on the same held-out months (2011-2020, x8 perfect
+model, synthetic reanalysis), members and seeds: CRPS, ensemble-mean MAE, spread-skill ratio and the
+log-spectral distance per variable and overall (mean over tas, uas, vas). A sampler has *equal skill* with
+18-step Heun (the demo's default) when its overall CRPS is within 3%, every variable's spread-skill ratio
+within 0.05 and every variable's log-spectral distance within 18-step Heun's + 10%.
+
+``speed``: months x members per hour of 18-step Heun, the cheapest equal-skill sampler of the curve and the
+distilled student, in one process, interleaved rounds (medians), the same inputs and members; each network
+mode (eager, channels_last, compile) of the cheapest one; a dense float32 matmul measured between the rounds
+(its median is the ceiling) and the load average before and after. ``flops_fraction_of_matmul_shipped_path``:
+FLOPs of a whole ``method.downscale`` call (counted once with ``FlopCounterMode`` on the eager network:
+every network call of the sampler) over its wall time, over the matmul's FLOP/s: what the product reaches,
+blending and bookkeeping included. The best patches-per-call is measured per device the same way.
+
+    python benchmarks/sampling_cost.py curve [--month-stride 20] [--members 4] [--only LABEL ...]
+    python benchmarks/sampling_cost.py speed [--months 4] [--members 4] [--rounds 3]
+
+Runs on CPU (1 torch thread, a shared 2-core VM); a GPU part is recorded as not lent unless CUDA is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    add_evaluation_arguments,
+    command_line,
+    evaluation_overrides,
+    machine,
+    peak_rss_mib,
+    versions,
+    write_results,
+)
+
+from climrecon.config import MethodConfig, SamplerConfig, load_config  # noqa: E402
+from climrecon.methods import build, parse_config  # noqa: E402
+from climrecon.tasks import plots  # noqa: E402
+from climrecon.tasks.evaluate import method_factory, run_evaluation  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+OUT = RESULTS / "sampling_cost.json"
+FIGURE = RESULTS / "figures" / "sampling_cost_curve.png"
+CHECKPOINTS = {
+    "dpdm": REPO / "checkpoints" / "dpdm-westus-x8.pt",
+    "corrdiff": REPO / "checkpoints" / "corrdiff-westus-x8.pt",
+    "distilled": REPO / "checkpoints" / "distilled-dpdm-westus-x8.pt",
+}
+VARIABLES = ["tas", "uas", "vas"]
+REFERENCE = "dpdm/heun-18"
+# (family, steps, extra sampler settings); the reference is EDM's deterministic 18-step Heun
+CURVE: dict[str, list[tuple[str, int, dict[str, Any]]]] = {
+    "dpdm": [
+        *(("heun", n, {}) for n in (4, 6, 9, 18)),
+        *(("euler", n, {}) for n in (4, 8, 16)),
+        *(("dpmpp2m", n, {}) for n in (4, 6, 8, 12)),
+        ("heun-churn", 18, {"S_churn": 20.0}),
+    ],
+    "corrdiff": [("heun", 18, {}), ("dpmpp2m", 8, {})],
+}
+SOLVER = {"heun": "heun", "heun-churn": "heun", "euler": "ddim", "dpmpp2m": "dpmpp2m"}
+CRPS_TOL, SSR_TOL, LSD_TOL = 0.03, 0.05, 0.10
+
+
+def sampler_for(base: SamplerConfig, family: str, steps: int, extra: dict[str, Any]) -> SamplerConfig:
+    """``base`` with a curve point's solver, steps and settings."""
+    return base.model_copy(update={"solver": SOLVER[family], "num_steps": steps, **extra})
+
+
+def sampler_of(base: SamplerConfig, label: str) -> SamplerConfig:
+    """The sampler of a curve label ``method/family-steps``."""
+    name, point = label.split("/")
+    family, steps = point.rsplit("-", 1)
+    extra = next(e for f, n, e in CURVE[name] if f == family and n == int(steps))
+    return sampler_for(base, family, int(steps), extra)
+
+
+def _curve_cases(
+    base: SamplerConfig, methods: Sequence[str]
+) -> dict[str, tuple[MethodConfig, SamplerConfig]]:
+    """label -> (method config, sampler) of every curve point, plus the distilled student when shipped."""
+    cases = {}
+    for name in methods:
+        for family, steps, extra in CURVE[name]:
+            label = f"{name}/{family}-{steps}"
+            method = parse_config({"name": name, "checkpoint": str(CHECKPOINTS[name])})
+            cases[label] = (method, sampler_for(base, family, steps, extra))
+    if "dpdm" in methods and CHECKPOINTS["distilled"].exists():
+        # the student's own levels and solver come from its checkpoint (methods/dpdm.py distilled_sampler)
+        method = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"])})
+        cases["dpdm/distilled-4"] = (method, base)
+    return cases
+
+
+def equal_skill(point: dict[str, Any], ref: dict[str, Any]) -> dict[str, bool]:
+    """The three equal-skill tests of a curve point against the reference (module docstring)."""
+    return {
+        "crps_within_3pct": point["crps"] <= ref["crps"] * (1 + CRPS_TOL),
+        "spread_skill_within_0.05": all(
+            abs(point["per_variable"][v]["spread_skill_ratio"] - ref["per_variable"][v]["spread_skill_ratio"])
+            <= SSR_TOL
+            for v in ref["per_variable"]
+        ),
+        "lsd_within_ref_plus_10pct": all(
+            point["per_variable"][v]["log_spectral_distance"]
+            <= ref["per_variable"][v]["log_spectral_distance"] * (1 + LSD_TOL)
+            for v in ref["per_variable"]
+        ),
+    }
+
+
+def run_curve(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = evaluation_overrides(
+        [{"name": "bilinear"}],
+        VARIABLES,
+        members=args.members,
+        month_stride=args.month_stride,
+        threads=args.threads,
+        steps=18,
+    ) + list(args.overrides)
+    cfg = load_config(None, overrides)
+    cases = _curve_cases(cfg.sampler, args.methods)
+    if args.only:
+        cases = {k: v for k, v in cases.items() if k in args.only}
+    factories = {label: method_factory(m, s) for label, (m, s) in cases.items()}
+    result = run_evaluation(cfg, methods=factories, log=lambda msg: print(msg, flush=True))
+    seconds = {
+        t["step"].removesuffix(" x8"): t["downscale_seconds"]
+        for t in result.timings
+        if "downscale_seconds" in t
+    }
+    points: dict[str, dict[str, Any]] = {}
+    for r in result.records:
+        p = points.setdefault(r["method"], {"per_variable": {}})
+        p["per_variable"][r["variable"]] = {
+            k: r[k] for k in ("crps", "mae", "spread_skill_ratio", "log_spectral_distance", "rmse")
+        }
+    for label, p in points.items():
+        sampler = factories[label](8).sampler  # what the method really ran (a student's own levels)
+        p["nfe"] = sampler.network_calls()
+        p["sampler"] = sampler.describe()
+        for k in ("crps", "mae", "spread_skill_ratio", "log_spectral_distance"):
+            p[k] = float(np.mean([s[k] for s in p["per_variable"].values()]))
+        p["downscale_seconds"] = seconds.get(label)
+    return {
+        "points": points,
+        "months": result.months,
+        "members": args.members,
+        "command": command_line(),
+        "settings": {"month_stride": args.month_stride, "members": args.members, "threads": args.threads},
+        "notes": result.notes,
+    }
+
+
+def compare_to_reference(points: dict[str, dict[str, Any]]) -> None:
+    """Add each point's equal-skill tests against its method's 18-step Heun (in place)."""
+    for label, p in points.items():
+        ref = points.get(label.split("/")[0] + "/heun-18")
+        if ref is not None:
+            p["equal_skill_tests"] = equal_skill(p, ref)
+            p["equal_skill"] = all(p["equal_skill_tests"].values())
+            p["crps_vs_heun18"] = p["crps"] / ref["crps"] - 1
+
+
+def cheapest_equal_skill(
+    points: dict[str, dict[str, Any]], method: str = "dpdm"
+) -> tuple[str | None, str | None]:
+    """(cheapest equal-skill sampler of the curve, the distilled one if it has equal skill)."""
+    ok = [
+        (p["nfe"], label)
+        for label, p in points.items()
+        if label.startswith(f"{method}/") and p.get("equal_skill") and "distilled" not in label
+    ]
+    distilled = next((k for k, p in points.items() if "distilled" in k and p.get("equal_skill")), None)
+    return (min(ok)[1] if ok else None), distilled
+
+
+# -- speed -----------------------------------------------------------------------------------------------
+def matmul_gflops(n: int = 1024, repeat: int = 3) -> float:
+    """Best-of-``repeat`` float32 ``n x n`` matmul FLOP/s (GFLOP/s): the dense ceiling of this process."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeat))
+    return 2 * n**3 / best / 1e9
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def speed_inputs(cfg: Any, months: int) -> Any:
+    """Perfect-model x8 inputs of the first ``months`` held-out months (what the curve's evaluation feeds)."""
+    from climrecon.methods.features import perfect_model_coarse
+    from climrecon.tasks.evaluate import evaluation_data, perfect_model_inputs
+
+    data_at, _ = evaluation_data(cfg, VARIABLES, None, with_static=True)
+    here = data_at(8)
+    held = here.held.isel(time=slice(0, months))
+    return perfect_model_inputs(
+        perfect_model_coarse(held, 8), here.grid, here.static, ["orog", "sftlf"], time_step=here.time_step
+    )
+
+
+def downscale_flops(method: Any, inputs: Any, members: int) -> int:
+    """FLOPs of one ``method.downscale`` call (every network call of the sampler), counted on eager networks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        method.downscale(inputs, members=members, seed=0)
+    return int(counter.get_total_flops())
+
+
+def best_batch(method: Any, batches: Sequence[int], repeat: int = 3) -> dict[str, Any]:
+    """Patches per second of the method's network at each call size (median of ``repeat``)."""
+    unet = method.metadata.networks["denoiser"].unet
+    p = method.patch
+    rows = {}
+    for n in batches:
+        call = (
+            torch.randn(n, unet.out_channels, p, p),
+            torch.full((n,), 0.5),
+            torch.randn(n, unet.cond_channels, p, p),
+            torch.rand(n),
+        )
+        with torch.no_grad():
+            method.net(*call)
+            sec = statistics.median(_seconds(lambda call=call: method.net(*call)) for _ in range(repeat))
+        rows[str(n)] = n / sec
+    best = max(rows, key=rows.get)
+    return {"patches_per_s": rows, "best": int(best), "device": str(method.device)}
+
+
+def run_speed(args: argparse.Namespace, curve: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    cfg = load_config(None, ["sampler.device=cpu"])
+    points = curve.get("points", {})
+    cheapest, distilled = cheapest_equal_skill(points)
+    cheapest = args.sampler or cheapest or REFERENCE
+    base = cfg.sampler
+    dpdm = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["dpdm"])})
+    samplers: dict[str, tuple[MethodConfig, SamplerConfig]] = {
+        REFERENCE: (dpdm, sampler_of(base, REFERENCE)),
+        cheapest: (dpdm, sampler_of(base, cheapest)),
+    }
+    if CHECKPOINTS["distilled"].exists():
+        student = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"])})
+        samplers["dpdm/distilled-4"] = (student, base)
+    for mode in args.modes:
+        samplers[f"{cheapest} [{mode}]"] = (dpdm, samplers[cheapest][1].model_copy(update={"network": mode}))
+    inputs = speed_inputs(cfg, args.months)
+    methods = {label: build(m, s) for label, (m, s) in samplers.items()}
+    flops = {
+        label: downscale_flops(methods[label], inputs, args.members) for label in methods if "[" not in label
+    }
+    warm = {}
+    for label, method in methods.items():  # warm-up: compile, caches, first-touch of weights
+        warm[label] = _seconds(lambda method=method: method.downscale(inputs, members=args.members, seed=0))
+        print(f"warm-up {label}: {warm[label]:.1f} s", flush=True)
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    ceiling: list[float] = []
+    for r in range(args.rounds):
+        ceiling.append(matmul_gflops())
+        for label, method in methods.items():
+            times[label].append(
+                _seconds(lambda method=method: method.downscale(inputs, members=args.members, seed=0))
+            )
+            print(f"round {r} {label}: {times[label][-1]:.1f} s", flush=True)
+    ceiling.append(matmul_gflops())
+    matmul = statistics.median(ceiling)
+    work = args.months * args.members
+    rows = {}
+    for label, method in methods.items():
+        sec = statistics.median(times[label])
+        count = flops[label.split(" [")[0]]
+        rows[label] = {
+            "seconds": sec,
+            "timings_s": times[label],
+            "warmup_s": warm[label],
+            "months_x_members_per_hour": work * 3600 / sec,
+            "nfe": method.sampler.network_calls(),
+            "network": method.sampler.network,
+            "gflop_per_downscale": count / 1e9,  # padded patches of a last partial call count too
+            "achieved_gflops": count / sec / 1e9,
+            "fraction_of_matmul": count / sec / 1e9 / matmul,
+        }
+    fastest_mode = max(
+        (k for k in rows if k.startswith(cheapest)), key=lambda k: rows[k]["months_x_members_per_hour"]
+    )
+    ref_rate = rows[REFERENCE]["months_x_members_per_hour"]
+    chosen = distilled if distilled and distilled in rows else cheapest
+    return {
+        "rows": rows,
+        "reference": REFERENCE,
+        "cheapest_equal_skill": cheapest,
+        "distilled_equal_skill": distilled is not None,
+        "chosen_fastest": chosen,
+        "speedup_at_equal_skill": rows[chosen]["months_x_members_per_hour"] / ref_rate,
+        "speedup_cheapest_curve_sampler": rows[cheapest]["months_x_members_per_hour"] / ref_rate,
+        "speedup_distilled": (
+            rows["dpdm/distilled-4"]["months_x_members_per_hour"] / ref_rate
+            if "dpdm/distilled-4" in rows
+            else None
+        ),
+        "fastest_network_mode": fastest_mode,
+        "flops_fraction_of_matmul_shipped_path": rows[fastest_mode]["fraction_of_matmul"],
+        "flops_fraction_of_matmul_by_mode": {
+            k: v["fraction_of_matmul"] for k, v in rows.items() if k.startswith(cheapest)
+        },
+        "matmul_gflops": {"median": matmul, "runs": ceiling, "n": 1024},
+        "best_batch": {"cpu": best_batch(methods[REFERENCE], (8, 16, 32, 64, 128))},
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+        "months": args.months,
+        "members": args.members,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "command": command_line(),
+    }
+
+
+def figure(points: dict[str, dict[str, Any]]) -> str:
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for label, p in points.items():
+        family = label.rsplit("-", 1)[0]
+        for score in ("crps", "mae", "spread_skill_ratio", "log_spectral_distance"):
+            curves.setdefault(score, {}).setdefault(family, []).append((p["nfe"], p[score]))
+    path = plots.plot_cost_curves(
+        curves, FIGURE, title="NFE vs skill, x8 held-out months (mean over tas, uas, vas)"
+    )
+    return str(path.relative_to(REPO))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+    c = sub.add_parser("curve")
+    add_evaluation_arguments(c, month_stride=20, members=4)
+    c.add_argument("--methods", nargs="+", default=["dpdm", "corrdiff"], choices=sorted(CURVE))
+    c.add_argument("--only", nargs="*", default=None, help="curve labels to (re)run; the others are kept")
+    s = sub.add_parser("speed")
+    s.add_argument("--months", type=int, default=4)
+    s.add_argument("--members", type=int, default=4)
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument(
+        "--modes", nargs="*", default=["channels_last", "compile"], help="network modes besides eager"
+    )
+    s.add_argument(
+        "--sampler", default=None, help="curve label to time (default: the cheapest equal-skill one)"
+    )
+    for p in (c, s):
+        p.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.part == "curve":
+        curve = run_curve(args)
+        if args.only and doc.get("curve"):  # same months, members and seeds: extend the earlier curve
+            before = doc["curve"]
+            if (before["months"], before["members"]) != (curve["months"], curve["members"]):
+                raise SystemExit("--only extends a curve of the same months and members; rerun it whole")
+            curve["points"] = {**before["points"], **curve["points"]}
+            curve["command"] = f"{before['command']} && {curve['command']}"
+        compare_to_reference(curve["points"])
+        doc["curve"] = curve
+    else:
+        doc["speed"] = run_speed(args, doc.get("curve", {}))
+    summarize(doc)
+    write_results(args.out, doc)
+    print(json.dumps({k: v for k, v in doc.items() if k not in ("curve", "speed")}, indent=1, default=str))
+
+
+def summarize(doc: dict[str, Any]) -> None:
+    """The issue's top-level keys from the two parts (and the multi-host benchmark's figures)."""
+    points = doc.get("curve", {}).get("points", {})
+    speed = doc.get("speed", {})
+    doc["benchmark"] = (
+        "issue 19: sampling cost, x8 perfect model on the synthetic reanalysis (NOT observations)"
+    )
+    doc["nfe"] = {k: p["nfe"] for k, p in points.items()}
+    doc["crps"] = {k: p["crps"] for k, p in points.items()}
+    doc["spread_skill_ratio"] = {k: p["spread_skill_ratio"] for k, p in points.items()}
+    doc["log_spectral_distance"] = {k: p["log_spectral_distance"] for k, p in points.items()}
+    doc["equal_skill"] = {k: p.get("equal_skill") for k, p in points.items()}
+    cheapest, distilled = cheapest_equal_skill(points)
+    doc["cheapest_equal_skill_sampler"] = cheapest
+    doc["distilled_equal_skill"] = distilled is not None
+    if speed:
+        doc["speedup_at_equal_skill"] = speed["speedup_at_equal_skill"]
+        doc["chosen_fastest"] = speed["chosen_fastest"]
+        doc["flops_fraction_of_matmul_shipped_path"] = speed["flops_fraction_of_matmul_shipped_path"]
+        doc["months_x_members_per_hour"] = {
+            k: v["months_x_members_per_hour"] for k, v in speed["rows"].items()
+        }
+    multi = RESULTS / "multi_host.json"
+    if multi.exists():
+        mh = json.loads(multi.read_text())
+        doc["multi_host"] = {**mh.get("multi_host", {}), "command": mh.get("command"), "source": multi.name}
+    if points:
+        doc["figure"] = figure(points)
+    doc["gpu"] = (
+        f"CUDA present ({torch.cuda.get_device_name(0)}) but this run measured the CPU"
+        if torch.cuda.is_available()
+        else "not lent: no GPU device was lent to this task (device status: not drawn); CPU figures only"
+    )
+    doc["commands"] = {
+        "curve": doc.get("curve", {}).get("command"),
+        "speed": speed.get("command"),
+        "multi_host": doc.get("multi_host", {}).get("command"),
+    }
+    doc["command"] = " && ".join(v for v in doc["commands"].values() if v)
+    doc["machine"] = machine()
+    doc["versions"] = versions("torch", "numpy", "xarray", "dask")
+    doc["peak_rss_mib"] = peak_rss_mib()
+
+
+if __name__ == "__main__":
+    main()
