@@ -3,6 +3,8 @@ reproduces its Heun teacher, and the product only ever samples a student on its 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -135,7 +137,7 @@ def _tiny(tmp_path, truth, static, name, **train):
 def test_distill_trains_a_student_that_the_method_samples_on_its_own_levels(tmp_path):
     truth, static = write_tiny_stores(tmp_path)
     teacher = run_training(_tiny(tmp_path, truth, static, "teacher"))
-    teacher_ema = str(tmp_path / "teacher.ema.pt")
+    teacher_ema = str(Path(teacher.checkpoint_path).with_suffix(".ema.pt"))
     spec = {"distill": {"teacher": teacher_ema, "steps": 2, "teacher_steps": 4}}
     result = run_training(_tiny(tmp_path, truth, static, "student", **spec))
     networks, meta = load_networks(tmp_path / "student.ema.pt")
