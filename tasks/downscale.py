@@ -431,6 +431,13 @@ def _method(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> Meth
     method = _METHODS.get(plan.out_key)
     if method is None:
         method = build(plan.method, plan.sampler)
+        planned = (plan.description.get("checkpoint") or {}).get("sha256")
+        here = (method.describe().get("checkpoint") or {}).get("sha256")
+        if planned != here:  # e.g. another file at the same path on this worker's host
+            raise MethodError(
+                f"the checkpoint this worker loaded ({here}) is not the one the run was planned with "
+                f"({planned}): install the same file on every worker host"
+            )
         if plan.fit is not None:
             coarse_train, fine_train = _fit_pairs(plan, storage_options)
             if method.needs.fit_model:

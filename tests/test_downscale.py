@@ -368,3 +368,23 @@ def test_gpu_pool_pins_sampling_and_worker_count_does_not_change_bytes(reference
         assert {r.worker for r in spread} <= set(workers)
     assert_same_bytes(ref_url, pinned.out_url)
     assert_same_bytes(ref_url, free.out_url)
+
+
+def test_a_worker_with_another_checkpoint_at_the_planned_path_refuses_to_sample(inputs, tmp_path):
+    """Hosts install their own copy of the checkpoint: a different file there must not write under the
+    planned store's key (bytes from another model)."""
+    import shutil
+
+    from climrecon.models.checkpoint import load_networks, save_checkpoint
+    from climrecon.tasks import downscale as stage
+
+    path = tmp_path / "host-copy.pt"
+    shutil.copy(inputs["checkpoint"], path)
+    plan = plan_downscale(config(tmp_path, str(path)), inputs["fine"], inputs["static"], inputs["coarse"])
+    nets, meta = load_networks(path)
+    weights = {k: v + 1e-3 for k, v in nets["denoiser"].state_dict().items()}
+    save_checkpoint(path, {"denoiser": weights}, meta)  # another host's file: same name, other weights
+    stage._METHODS.pop(plan.out_key, None)
+    with pytest.raises(DownscaleError, match="is not the one the run was planned with"):
+        run_downscale(plan)
+    assert not StageStore(plan.out_url, plan.out_key).is_complete()
