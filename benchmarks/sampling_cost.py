@@ -54,6 +54,7 @@ from common import (  # noqa: E402
 
 from climrecon.config import MethodConfig, SamplerConfig, load_config  # noqa: E402
 from climrecon.methods import build, parse_config  # noqa: E402
+from climrecon.models.fastpath import CompiledNetwork  # noqa: E402
 from climrecon.tasks import plots  # noqa: E402
 from climrecon.tasks.evaluate import method_factory, run_evaluation  # noqa: E402
 
@@ -232,11 +233,14 @@ def downscale_flops(method: Any, inputs: Any, members: int) -> int:
     return int(counter.get_total_flops())
 
 
-def best_batch(method: Any, batches: Sequence[int], repeat: int = 3) -> dict[str, Any]:
-    """Patches per second of the method's network at each call size (median of ``repeat``)."""
+def best_batch(method: Any, batches: Sequence[int], matmul: float, repeat: int = 3) -> dict[str, Any]:
+    """Patches per second of the method's network at each call size (median of ``repeat``), and the network's
+    GFLOP/s there as a fraction of ``matmul`` (GFLOP/s)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     unet = method.metadata.networks["denoiser"].unet
     p = method.patch
-    rows = {}
+    rows, fraction = {}, {}
     for n in batches:
         call = (
             torch.randn(n, unet.out_channels, p, p),
@@ -247,9 +251,20 @@ def best_batch(method: Any, batches: Sequence[int], repeat: int = 3) -> dict[str
         with torch.no_grad():
             method.net(*call)
             sec = statistics.median(_seconds(lambda call=call: method.net(*call)) for _ in range(repeat))
+            with FlopCounterMode(display=False) as counter:
+                getattr(method.net, "net", method.net)(
+                    *call
+                )  # counted eagerly: a compiled graph hides its ops
         rows[str(n)] = n / sec
+        fraction[str(n)] = counter.get_total_flops() / sec / 1e9 / matmul
     best = max(rows, key=rows.get)
-    return {"patches_per_s": rows, "best": int(best), "device": str(method.device)}
+    return {
+        "patches_per_s": rows,
+        "network_fraction_of_matmul": fraction,
+        "best": int(best),
+        "device": str(method.device),
+        "network": method.sampler.network,
+    }
 
 
 def run_speed(args: argparse.Namespace, curve: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +345,20 @@ def run_speed(args: argparse.Namespace, curve: dict[str, Any]) -> dict[str, Any]
             k: v["fraction_of_matmul"] for k, v in rows.items() if k.startswith(cheapest)
         },
         "matmul_gflops": {"median": matmul, "runs": ceiling, "n": 1024},
-        "best_batch": {"cpu": best_batch(methods[REFERENCE], (8, 16, 32, 64, 128))},
+        "best_batch": {
+            "cpu": {
+                # a compiled network compiles once per call shape (minutes each): its shipped chunk only
+                mode: best_batch(
+                    methods[label],
+                    (methods[label].sampler.max_patches_per_batch,)
+                    if mode == "compile"
+                    else (8, 16, 32, 64, 128),
+                    matmul,
+                )
+                for mode, label in (("eager", cheapest), *((m, f"{cheapest} [{m}]") for m in args.modes))
+                if label in methods
+            }
+        },
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "months": args.months,
         "members": args.members,
