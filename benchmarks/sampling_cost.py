@@ -252,9 +252,8 @@ def best_batch(method: Any, batches: Sequence[int], matmul: float, repeat: int =
             method.net(*call)
             sec = statistics.median(_seconds(lambda call=call: method.net(*call)) for _ in range(repeat))
             with FlopCounterMode(display=False) as counter:
-                getattr(method.net, "net", method.net)(
-                    *call
-                )  # counted eagerly: a compiled graph hides its ops
+                eager = method.net.net if isinstance(method.net, CompiledNetwork) else method.net
+                eager(*call)  # counted eagerly: a compiled graph hides its ops
         rows[str(n)] = n / sec
         fraction[str(n)] = counter.get_total_flops() / sec / 1e9 / matmul
     best = max(rows, key=rows.get)
