@@ -130,17 +130,18 @@ def equal_skill(point: dict[str, Any], ref: dict[str, Any]) -> dict[str, bool]:
     }
 
 
-def run_curve(args: argparse.Namespace) -> dict[str, Any]:
+def run_curve(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The curve points of one method (``--only``: those labels only), scored in one evaluation."""
     overrides = evaluation_overrides(
         [{"name": "bilinear"}],
-        VARIABLES,
+        VARIABLES + (["pr"] if method == "corrdiff" else []),  # CorrDiff's checkpoint downscales pr too
         members=args.members,
         month_stride=args.month_stride,
         threads=args.threads,
         steps=18,
     ) + list(args.overrides)
     cfg = load_config(None, overrides)
-    cases = _curve_cases(cfg.sampler, args.methods)
+    cases = _curve_cases(cfg.sampler, [method])
     if args.only:
         cases = {k: v for k, v in cases.items() if k in args.only}
     factories = {label: method_factory(m, s) for label, (m, s) in cases.items()}
@@ -160,8 +161,8 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
         sampler = factories[label](8).sampler  # what the method really ran (a student's own levels)
         p["nfe"] = sampler.network_calls()
         p["sampler"] = sampler.describe()
-        for k in ("crps", "mae", "spread_skill_ratio", "log_spectral_distance"):
-            p[k] = float(np.mean([s[k] for s in p["per_variable"].values()]))
+        for k in ("crps", "mae", "spread_skill_ratio", "log_spectral_distance"):  # overall: tas, uas, vas
+            p[k] = float(np.mean([p["per_variable"][v][k] for v in VARIABLES]))
         p["downscale_seconds"] = seconds.get(label)
     return {
         "points": points,
@@ -404,19 +405,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.part == "curve":
-        curve = run_curve(args)
-        if args.only and doc.get("curve"):  # same months, members and seeds: extend the earlier curve
-            before = doc["curve"]
-            if (before["months"], before["members"]) != (curve["months"], curve["members"]):
-                raise SystemExit("--only extends a curve of the same months and members; rerun it whole")
-            curve["points"] = {**before["points"], **curve["points"]}
-            curve["command"] = f"{before['command']} && {curve['command']}"
-        compare_to_reference(curve["points"])
-        doc["curve"] = curve
+        for i, method in enumerate(args.methods):  # written after each method
+            curve = run_curve(args, method)
+            extend = doc.get("curve") if (args.only or i) else None
+            if extend:  # same months, members and seeds: extend the earlier curve
+                if (extend["months"], extend["members"]) != (curve["months"], curve["members"]):
+                    raise SystemExit("--only extends a curve of the same months and members; rerun it whole")
+                curve["points"] = {**extend["points"], **curve["points"]}
+                if curve["command"] not in extend["command"]:
+                    curve["command"] = f"{extend['command']} && {curve['command']}"
+            compare_to_reference(curve["points"])
+            doc["curve"] = curve
+            summarize(doc)
+            write_results(args.out, doc)
     else:
         doc["speed"] = run_speed(args, doc.get("curve", {}))
-    summarize(doc)
-    write_results(args.out, doc)
+        summarize(doc)
+        write_results(args.out, doc)
     print(json.dumps({k: v for k, v in doc.items() if k not in ("curve", "speed")}, indent=1, default=str))
 
 
