@@ -270,7 +270,8 @@ def methods_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     for name, entry in sorted(METHODS.items()):
         keys = ", ".join(k for k in entry.config.model_fields if k != "name") or "-"
         marker = " (method:)" if name == cfg.method.name else ""
-        table.add_row(name + marker, "yes" if entry.train else "no", entry.needs, entry.summary, keys)
+        trainable = ("yes" if entry.train else "no") + (" (+ distill)" if entry.distill else "")
+        table.add_row(name + marker, trainable, entry.needs, entry.summary, keys)
     Console(width=max(Console().width, 160)).print(table)
 
 
@@ -282,6 +283,8 @@ def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     training years only, EMA weights, resumable checkpoints and a loss-curve PNG beside the checkpoint.
     Runs the Prefect flow `train`. The shipped checkpoint was made with
     `climrecon train --config configs/train-dpdm-westus-x8.yaml` (see checkpoints/README.md).
+    With `train.distill` set, trains a few-step student of a trained checkpoint instead (progressive
+    distillation; `climrecon train --config configs/distill-dpdm-westus-x8.yaml`).
     """
 
     cfg = _load(config, set_)
