@@ -77,7 +77,7 @@ CURVE: dict[str, list[tuple[str, int, dict[str, Any]]]] = {
         *(("dpmpp2m", n, {}) for n in (4, 6, 8, 12)),
         ("heun-churn", 18, {"S_churn": 20.0}),
     ],
-    "corrdiff": [("heun", 18, {}), ("dpmpp2m", 8, {})],
+    "corrdiff": [("heun", 18, {}), ("dpmpp2m", 8, {}), ("dpmpp2m", 12, {})],
 }
 SOLVER = {"heun": "heun", "heun-churn": "heun", "euler": "ddim", "dpmpp2m": "dpmpp2m"}
 CRPS_TOL, SSR_TOL, LSD_TOL = 0.03, 0.05, 0.10

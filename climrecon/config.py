@@ -84,9 +84,16 @@ class SamplerConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    num_steps: int = Field(18, ge=1, description="sampler steps (Heun: 2 network calls each but the last)")
-    solver: Literal["heun", "ddim", "dpmpp2m"] = Field(
-        "heun", description="heun (EDM Alg. 2), ddim (Euler when eta=0), dpmpp2m (DPM-Solver++(2M))"
+    num_steps: int | None = Field(
+        None,
+        ge=1,
+        description="sampler steps (Heun: 2 network calls each but the last); default: the method's own",
+    )
+    solver: Literal["heun", "ddim", "dpmpp2m"] | None = Field(
+        None,
+        description="heun (EDM Alg. 2), ddim (Euler when eta=0), dpmpp2m (DPM-Solver++(2M)); default: the "
+        "method's own (DPDM, CorrDiff: 12 dpmpp2m steps, the cheapest sampler with the skill of 18 Heun "
+        "steps in benchmarks/results/sampling_cost.json; ZSSD, spatiotemporal: 18 heun steps)",
     )
     sigma_max: float = Field(80.0, gt=0, description="noise level the chains start from (EDM: 80)")
     sigma_min: float = Field(0.002, gt=0, description="last non-zero noise level (EDM: 0.002)")
@@ -114,8 +121,24 @@ class SamplerConfig(BaseModel):
     eta: float = Field(0.0, ge=0, description="DDIM stochasticity (0: deterministic)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def with_defaults(self, solver: str, num_steps: int) -> SamplerConfig:
+        """This sampler with a method's default ``solver`` and ``num_steps`` where they are unset; churn and
+        eta are checked against the solver that results."""
+        unset = {"solver": solver, "num_steps": num_steps}
+        out = self.model_copy(update={k: v for k, v in unset.items() if getattr(self, k) is None})
+        if out.S_churn and out.solver != "heun":
+            raise ValueError(f"sampler.S_churn needs solver heun; this method samples with {out.solver}")
+        if out.eta and out.solver != "ddim":
+            raise ValueError(f"sampler.eta needs solver ddim; this method samples with {out.solver}")
+        return out
+
+    def _resolved(self) -> None:
+        if self.solver is None or self.num_steps is None:
+            raise ValueError("sampler.solver / num_steps unset: a method fills them in (with_defaults)")
+
     def sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`climrecon.models.tiled.sample_tiled`."""
+        """Keyword arguments of :func:`climrecon.models.tiled.sample_tiled` (solver and steps resolved)."""
+        self._resolved()
         return {
             "num_steps": self.num_steps,
             "solver": self.solver,
@@ -131,6 +154,7 @@ class SamplerConfig(BaseModel):
 
     def network_calls(self) -> int:
         """Network evaluations (NFE) per member: Heun 2 per step but the last, one per step otherwise."""
+        self._resolved()
         return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
 
     @model_validator(mode="after")
@@ -139,7 +163,7 @@ class SamplerConfig(BaseModel):
             raise ValueError(
                 f"sampler.max_patches_per_batch must be >= 1 or auto, got {self.max_patches_per_batch}"
             )
-        if self.sigmas is not None and len(self.sigmas) != self.num_steps + 1:
+        if self.sigmas is not None and self.num_steps is not None and len(self.sigmas) != self.num_steps + 1:
             raise ValueError(
                 f"sampler.sigmas holds {len(self.sigmas)} noise levels; num_steps={self.num_steps} needs "
                 f"{self.num_steps + 1} (set both)"
@@ -150,7 +174,8 @@ class SamplerConfig(BaseModel):
         churn = f", churn {self.S_churn:g}" if self.S_churn else (f", eta {self.eta:g}" if self.eta else "")
         levels = ", own noise levels" if self.sigmas is not None else ""
         network = f", network {self.network}" if self.network != "eager" else ""
-        return f"{self.num_steps} {self.solver} steps, blend {self.blend}{churn}{levels}{network}"
+        steps = f"{self.num_steps or 'default'} {self.solver or 'default-solver'} steps"
+        return f"{steps}, blend {self.blend}{churn}{levels}{network}"
 
 
 def _method(raw: Any) -> MethodConfig:

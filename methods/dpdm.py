@@ -239,6 +239,9 @@ class DPDM:
     """A trained DPDM checkpoint as a :class:`~climrecon.methods.base.Method` (module docstring)."""
 
     name = "dpdm"
+    # (solver, steps) when the sampler leaves them unset: the cheapest sampler of equal skill to EDM's 18 Heun
+    # steps on the NFE-vs-skill curve (benchmarks/results/sampling_cost.json; README "Sampling cost")
+    default_sampler: tuple[str, int] = ("dpmpp2m", 12)
 
     def __init__(self, config: DPDMConfig, sampler: SamplerConfig):
         self.net = self._load(config, sampler, roles=("denoiser",))["denoiser"]
@@ -272,8 +275,14 @@ class DPDM:
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
         distilled = self.metadata.data.get("distilled")
-        if distilled:
-            self.sampler = distilled_sampler(sampler, distilled, self.checkpoint)
+        try:  # a student samples on its own levels; otherwise unset solver / steps take the method's default
+            self.sampler = (
+                distilled_sampler(sampler, distilled, self.checkpoint)
+                if distilled
+                else sampler.with_defaults(*self.default_sampler)
+            )
+        except ValueError as exc:
+            raise MethodError(f"{self.name}: {exc}") from None
         if sampler.max_patches_per_batch == "auto":
             batch = (
                 auto_patch_batch(networks["denoiser"], self._probe_call(), self.device)

@@ -176,6 +176,9 @@ class ZSSD(DPDM):
     """A ZSSD prior checkpoint guided toward the coarse input (module docstring)."""
 
     name = "zssd"
+    # guidance acts once per network call and its strengths were tuned at EDM's 18 Heun steps; the
+    # NFE-vs-skill curve (benchmarks/sampling_cost.py) covers the supervised methods only
+    default_sampler: tuple[str, int] = ("heun", 18)
 
     def __init__(self, config: ZSSDConfig, sampler: SamplerConfig):
         if config.climatology:

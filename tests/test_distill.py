@@ -98,7 +98,7 @@ def test_distilled_sampler_takes_the_students_levels_and_refuses_other_settings(
 
 
 def test_sampler_config_checks_explicit_levels_and_counts_network_calls():
-    assert SamplerConfig(num_steps=18).network_calls() == 35
+    assert SamplerConfig(num_steps=18, solver="heun").network_calls() == 35
     assert SamplerConfig(num_steps=8, solver="dpmpp2m").network_calls() == 8
     with pytest.raises(ConfigError, match="noise levels"):
         load_config(None, ["sampler.num_steps=4", "sampler.sigmas=[80.0, 1.0, 0.0]"])

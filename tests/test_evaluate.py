@@ -235,7 +235,7 @@ def test_markdown_tables_have_the_papers_shape_and_the_record_values(setup):
     rec = _record(result, method="dpdm", factor=4, variable="uas", members=3)
     assert row[3:] == [f"{rec[m]:.4g}" for m in ("rmse", "acc", "ssim", "psnr")]
     assert "SYNTHETIC" in md or "fine truth" in md
-    assert "- dpdm: checkpoint `tiny.pt` (dpdm-residual, x4, step 0, target residual), 2 heun steps" in md
+    assert "- dpdm: checkpoint `tiny.pt` (dpdm-residual, x4, step 0, target residual), 2 dpmpp2m steps" in md
 
 
 def test_heldout_years_are_never_fitted_on(setup):
