@@ -92,8 +92,8 @@ class SamplerConfig(BaseModel):
     solver: Literal["heun", "ddim", "dpmpp2m"] | None = Field(
         None,
         description="heun (EDM Alg. 2), ddim (Euler when eta=0), dpmpp2m (DPM-Solver++(2M)); default: the "
-        "method's own (DPDM, CorrDiff: 12 dpmpp2m steps, the cheapest sampler with the skill of 18 Heun "
-        "steps in benchmarks/results/sampling_cost.json; ZSSD, spatiotemporal: 18 heun steps)",
+        "method's own (DPDM: 12 dpmpp2m steps, the cheapest sampler with the skill of 18 Heun steps in "
+        "benchmarks/results/sampling_cost.json; CorrDiff, ZSSD, spatiotemporal: 18 heun steps)",
     )
     sigma_max: float = Field(80.0, gt=0, description="noise level the chains start from (EDM: 80)")
     sigma_min: float = Field(0.002, gt=0, description="last non-zero noise level (EDM: 0.002)")
