@@ -382,3 +382,25 @@ def test_the_stage_masks_every_output_with_the_fine_datas_missing_cells(world, t
         assert np.isnan(outs[1][..., ocean]).all() and np.isfinite(outs[1][..., ~ocean]).all(), name
         if name == "bilinear":  # not fitted: the valid cells are exactly the unmasked run's
             assert outs[1][..., ~ocean].tobytes() == outs[0][..., ~ocean].tobytes()
+
+
+def test_unset_solver_and_steps_take_each_methods_default_from_the_cost_curve():
+    """DPDM: 12 DPM-Solver++(2M) steps (equal skill to 18 Heun steps, benchmarks/results/sampling_cost.json);
+    CorrDiff and the guided methods keep 18 Heun steps; explicit settings win; churn needs Heun."""
+    from climrecon.config import SamplerConfig
+    from climrecon.methods import MethodError, build, parse_config
+
+    dpdm = build(parse_config({"name": "dpdm"}), SamplerConfig())
+    assert (dpdm.sampler.solver, dpdm.sampler.num_steps, dpdm.sampler.network_calls()) == ("dpmpp2m", 12, 12)
+    assert "12 dpmpp2m steps" in dpdm.describe()["report"]
+    for name in ("corrdiff", "zssd"):
+        m = build(parse_config({"name": name}), SamplerConfig())
+        assert (m.sampler.solver, m.sampler.num_steps) == ("heun", 18), name
+    mine = build(parse_config({"name": "dpdm"}), SamplerConfig(num_steps=18))
+    assert (mine.sampler.solver, mine.sampler.num_steps) == ("dpmpp2m", 18)
+    heun = build(parse_config({"name": "dpdm"}), SamplerConfig(solver="heun", S_churn=5.0))
+    assert (heun.sampler.solver, heun.sampler.num_steps) == ("heun", 12)
+    with pytest.raises(MethodError, match="S_churn needs solver heun"):
+        build(parse_config({"name": "dpdm"}), SamplerConfig(S_churn=5.0))
+    with pytest.raises(ValueError, match="a method fills them in"):
+        SamplerConfig().sampling_kwargs()
