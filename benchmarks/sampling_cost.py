@@ -109,7 +109,7 @@ def _curve_cases(
     if "dpdm" in methods and CHECKPOINTS["distilled"].exists():
         # the student's own levels and solver come from its checkpoint (methods/dpdm.py distilled_sampler)
         method = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"])})
-        cases["dpdm/distilled-4"] = (method, base)
+        cases["dpdm/distilled-4"] = (method, base.model_copy(update={"solver": None, "num_steps": None}))
     return cases
 
 
@@ -282,7 +282,7 @@ def run_speed(args: argparse.Namespace, curve: dict[str, Any]) -> dict[str, Any]
     }
     if CHECKPOINTS["distilled"].exists():
         student = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"])})
-        samplers["dpdm/distilled-4"] = (student, base)
+        samplers["dpdm/distilled-4"] = (student, base.model_copy(update={"solver": None, "num_steps": None}))
     for mode in args.modes:
         samplers[f"{cheapest} [{mode}]"] = (dpdm, samplers[cheapest][1].model_copy(update={"network": mode}))
     inputs = speed_inputs(cfg, args.months)
