@@ -37,6 +37,7 @@ class CompiledNetwork(torch.nn.Module):
         self.net = net
         self._compiled: Any = torch.compile(net, dynamic=False)
         self.fallback_reason: str | None = None
+        self.train(net.training)  # a new module starts in training mode; follow the wrapped network
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._compiled is not None:

@@ -70,6 +70,7 @@ def test_a_network_that_cannot_compile_runs_eagerly_with_one_warning(monkeypatch
     torch._dynamo.reset()
     net = prepare_network(tiny(), "compile")
     assert isinstance(net, CompiledNetwork) and net.sigma_data == 1.0  # attributes come from the network
+    assert not net.training  # the tiled sampler refuses networks in training mode
     with torch.no_grad(), caplog.at_level("WARNING"):
         out = net(*call())
         again = net(*call())
