@@ -158,7 +158,12 @@ def add_evaluation_arguments(
         help=f"{month_stride}: {months} months over 2011-2020",
     )
     parser.add_argument("--members", type=int, default=members)
-    parser.add_argument("--steps", type=int, default=steps, help="sampler steps of every diffusion method (with its default solver)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=steps,
+        help="sampler steps of every diffusion method (with its default solver)",
+    )
     parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
