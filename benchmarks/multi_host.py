@@ -394,6 +394,12 @@ def worker_argv(address: str, name: str, host: str, local_directory: str) -> lis
     ]
 
 
+def installation_dirs() -> list[Path]:
+    """The project and its Python environment (outermost directories only)."""
+    dirs = sorted({REPO, Path(sys.prefix).resolve()}, key=lambda d: len(d.parts))
+    return [d for i, d in enumerate(dirs) if not any(d.is_relative_to(o) for o in dirs[:i])]
+
+
 def namespaced_command(
     network: HostNetwork, i: int, hostname: str, inner: Sequence[str], provision: Sequence[str] = ()
 ) -> list[str]:
@@ -405,17 +411,36 @@ def namespaced_command(
         if not (Path(p).is_absolute() and Path(p).parts[1] == "tmp"):
             raise ValueError(f"provisioned files must lie under /tmp (the worker's private tmpfs): {p}")
     copy_in = " ".join(shlex.quote(str(Path(p).relative_to("/"))) for p in provision)
+    # the installation itself (project and environment) stays visible where it lies, even under /tmp (a CI
+    # checkout): bound aside before /tmp is replaced, moved back to its path, read-only
+    keep = [str(d) for d in installation_dirs() if Path(d).parts[1:2] == ("tmp",)]
+    hold = [
+        line
+        for k, d in enumerate(keep)
+        for line in (f"mkdir -p /mnt/keep{k}", f"mount --bind {shlex.quote(d)} /mnt/keep{k}")
+    ]
+    restore = [
+        line
+        for k, d in enumerate(keep)
+        for line in (
+            f"mkdir -p {shlex.quote(d)}",
+            f"mount -n --move /mnt/keep{k} {shlex.quote(d)}",
+            f"mount -n -o remount,bind,ro {shlex.quote(d)}",
+        )
+    ]
     script = "\n".join(
         [
             "set -e",
             f"hostname {shlex.quote(hostname)}",
             "mount -t tmpfs -o size=512m,mode=0700 climrecon-stage /mnt",  # staging: this namespace only
             f'cd / && for f in {copy_in}; do cp --parents "$f" /mnt/; done' if provision else ":",
+            *hold,
             "mount --rbind / /",
             "mount -o remount,bind,ro /",  # this namespace's bind of / only; the host's root stays rw
             "mount -t tmpfs -o mode=1777 climrecon-tmp /tmp",
             "mount -t tmpfs -o mode=1777 climrecon-shm /dev/shm",
             "if [ -d /mnt/tmp ]; then cp -a /mnt/tmp/. /tmp/; fi",
+            *restore,
             "umount -l /mnt || true",
             "mkdir -p /tmp/home /tmp/dask-scratch",
             "cd /tmp",
