@@ -19,13 +19,7 @@ from climrecon.models.checkpoint import load_networks
 from climrecon.models.distill import DistillationLoss, student_levels
 from climrecon.models.samplers import ddim_sampler, edm_sampler, karras_sigmas, make_generator
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_student_levels_are_every_kth_teacher_level():

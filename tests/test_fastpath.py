@@ -13,6 +13,8 @@ from climrecon.models.tiled import sample_tiled
 from climrecon.models.tiling import make_tiling
 from climrecon.models.unet import UNet, UNetConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 
 def tiny(seed: int = 0) -> EDMPrecond:
     torch.manual_seed(seed)
@@ -30,14 +32,6 @@ def call(n: int = 4) -> tuple[torch.Tensor, ...]:
         torch.randn(n, 3, 16, 16, generator=g),
         torch.rand(n, generator=g),
     )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_channels_last_agrees_with_eager_and_is_deterministic():
