@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
 from common import command_line, machine, run_isolated, versions, write_results  # noqa: E402
+
+from climrecon.localhost import free_port, moto_server_argv, wait_listening  # noqa: E402
 
 N_MEMBER, NY, NX, VARIABLES = 16, 80, 80, ("tas", "uas", "vas")
 CANDIDATES = {"t12_map": (12, 80, 80), "t120_map": (120, 80, 80), "t120_tile40": (120, 40, 40)}
@@ -120,21 +120,16 @@ def aggregate(member_url: str, root: str, time_chunk: int) -> dict:
 
 
 def _moto() -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        moto_server_argv("127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
+    try:
+        wait_listening("127.0.0.1", port, process=proc, name="moto_server", timeout=20)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def read(repeats: int = 5) -> dict:

@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from climrecon.localhost import LocalS3, free_port, moto_server_argv, wait_listening
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -278,27 +280,6 @@ def _die_with_parent() -> None:
         _LIBC.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(host: str, port: int, proc: Process, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.3).close()
-            return
-        except OSError:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(
-                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}"
-                ) from None
-            time.sleep(0.1)
-    raise RuntimeError(f"{proc.name} did not listen on {host}:{port} within {timeout:.0f} s:\n{proc.tail()}")
-
-
 def base_env() -> dict[str, str]:
     """The environment every child gets: this one without S3 credentials, one thread per library."""
     env = {
@@ -308,48 +289,20 @@ def base_env() -> dict[str, str]:
     return env
 
 
-@dataclass
-class ObjectStore:
-    """A moto S3 server: ``endpoint_url``, a bucket, and throw-away credentials for the environment."""
+@dataclass(frozen=True)
+class ObjectStore(LocalS3):
+    """A moto S3 server (:class:`climrecon.localhost.LocalS3`: endpoint, bucket, throw-away credentials for
+    the environment) and its process."""
 
-    endpoint_url: str
-    process: Process
-    key: str = field(default_factory=lambda: f"mh-key-{uuid.uuid4().hex[:8]}")
-    secret: str = field(default_factory=lambda: f"mh-secret-{uuid.uuid4().hex}")
-    bucket: str = field(default_factory=lambda: f"mh-{uuid.uuid4().hex[:10]}")
-
-    @property
-    def credentials(self) -> dict[str, str]:
-        """The ``AWS_*`` variables a client or worker needs (environment only)."""
-        return {
-            "AWS_ACCESS_KEY_ID": self.key,
-            "AWS_SECRET_ACCESS_KEY": self.secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        """Non-secret options (what a config may hold)."""
-        return {"endpoint_url": self.endpoint_url}
-
-    def url(self, *parts: str) -> str:
-        return "s3://" + "/".join([self.bucket, *parts])
-
-    def filesystem(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(endpoint_url=self.endpoint_url, key=self.key, secret=self.secret)
+    process: Process | None = None
 
 
 def start_object_store(host: str, logs: Path) -> ObjectStore:
     """``moto_server`` on ``host`` at a free port, with an empty bucket."""
-    exe = shutil.which("moto_server") or str(VENV_BIN / "moto_server")
-    port = _free_port(host)
-    proc = _spawn("moto_server", [exe, "-H", host, "-p", str(port)], logs, base_env())
-    _wait_port(host, port, proc)
-    store = ObjectStore(f"http://{host}:{port}", proc)
-    store.filesystem().mkdir(store.bucket)
-    return store
+    port = free_port(host)
+    proc = _spawn("moto_server", moto_server_argv(host, port), logs, base_env())
+    wait_listening(host, port, process=proc.popen, name=proc.name, log=proc.tail)
+    return ObjectStore(f"http://{host}:{port}", process=proc).with_new_bucket("mh")
 
 
 def start_scheduler(host: str, logs: Path, env: Mapping[str, str]) -> tuple[Process, str]:
@@ -541,7 +494,6 @@ def probe_workers(
 
     def probe(marker: str, checkpoint: str | None) -> dict[str, Any]:  # nested: pickled by value
         import os
-        import socket
 
         found = None
         if checkpoint:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from climrecon.localhost import free_port
 
 __all__ = [
     "LocalPrefectServer",
@@ -58,13 +59,6 @@ _REPLACED_VARIABLES = frozenset(
 
 class PrefectServerError(RuntimeError):
     """The local Prefect server did not start or stopped answering; the message quotes its log."""
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def client_environment(api_url: str, home: str | Path | None = None) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Shared fixtures: a local S3 (moto_server), a Prefect test harness, small intake-esm catalogs.
 
 - ``moto_s3`` (session): a real S3 API served by ``moto_server`` on 127.0.0.1 at a free port, stopped at
-  the end of the session. It yields :class:`S3Server` (endpoint URL, non-secret storage options, and
+  the end of the session. It yields :class:`climrecon.localhost.LocalS3` (endpoint URL, non-secret storage options, and
   throw-away credentials that tests put in the environment, never in a config).
 - ``s3`` (function): ``moto_s3`` with the credentials set as AWS_* environment variables and a fresh
   bucket; use ``s3.url(...)`` for object URLs and ``s3.storage_options`` for fsspec/xarray.
@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+
+from climrecon.localhost import LocalS3, free_port, moto_server_argv, wait_listening
 
 CATALOG_COLUMNS = [
     "activity_id",
@@ -59,54 +55,15 @@ GROUPBY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class S3Server:
-    endpoint_url: str
-    key: str = "climrecon-test-key"
-    secret: str = field(default_factory=lambda: f"secret-{uuid.uuid4().hex}")
-    bucket: str = ""
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        """Non-secret options: credentials come from the environment."""
-        return {"endpoint_url": self.endpoint_url}
-
-    def url(self, *parts: str) -> str:
-        return "s3://" + "/".join([self.bucket, *parts])
-
-    def filesystem(self):
-        import s3fs
-
-        return s3fs.S3FileSystem(endpoint_url=self.endpoint_url, key=self.key, secret=self.secret)
-
-
 @pytest.fixture(scope="session")
 def moto_s3():
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        moto_server_argv("127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with code {proc.returncode}") from None
-            time.sleep(0.1)
-    else:
-        proc.terminate()
-        raise RuntimeError("moto_server did not start within 20 s")
     try:
-        yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+        wait_listening("127.0.0.1", port, process=proc, name="moto_server", timeout=20)
+        yield LocalS3(endpoint_url=f"http://127.0.0.1:{port}")
     finally:
         proc.terminate()
         try:
@@ -118,12 +75,9 @@ def moto_s3():
 @pytest.fixture
 def s3(moto_s3, monkeypatch):
     """The moto server with its credentials in the environment and a new, empty bucket."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = S3Server(moto_s3.endpoint_url, moto_s3.key, moto_s3.secret, bucket=f"b-{uuid.uuid4().hex[:12]}")
-    server.filesystem().mkdir(server.bucket)
-    return server
+    for name, value in moto_s3.credentials.items():
+        monkeypatch.setenv(name, value)
+    return moto_s3.with_new_bucket()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from test_samplers import MU, S, gaussian_denoiser, latents
-from test_training_data import write_tiny_stores
+from test_training_data import tiny_train_config, write_tiny_stores
 
 from climrecon.config import ClimReconConfig, ConfigError, SamplerConfig, load_config
 from climrecon.flows.train import run_training
@@ -101,31 +101,8 @@ def test_sampler_config_checks_explicit_levels_and_counts_network_calls():
 
 
 def _tiny(tmp_path, truth, static, name, **train):
-    return ClimReconConfig.model_validate(
-        {
-            "method": {
-                "name": "dpdm",
-                "patch_size": 16,
-                "network": {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [1]},
-            },
-            "train": {
-                "truth": truth,
-                "static": static,
-                "factor": 4,
-                "train_years": [2000, 2000],
-                "validation_years": [2001, 2001],
-                "heldout_years": [2002, 2002],
-                "batch_size": 4,
-                "max_steps": 3,
-                "warmup_steps": 1,
-                "checkpoint_every": 2,
-                "ema_halflife_steps": 2,
-                "checkpoint": str(tmp_path / f"{name}.pt"),
-                "device": "cpu",
-                **train,
-            },
-        }
-    )
+    config = tiny_train_config(truth, static, tmp_path / f"{name}.pt", max_steps=3, warmup_steps=1, **train)
+    return ClimReconConfig.model_validate(config)
 
 
 def test_distill_trains_a_student_that_the_method_samples_on_its_own_levels(tmp_path):

@@ -35,6 +35,7 @@ from test_downscale import assert_same_bytes, config, write_checkpoint, write_in
 
 from climrecon.config import ConfigError, load_config
 from climrecon.flows.runtime import dask_client, is_transient
+from climrecon.localhost import free_port
 from climrecon.models.checkpoint import CheckpointError, load_networks
 from climrecon.storage import StoragePathError, explain_storage_error, join_url, store_url, url_options
 from climrecon.stores import StageStore
@@ -307,7 +308,7 @@ class _Proxy:
     in accept()/recv() nor ends the connection it serves."""
 
     def __init__(self, target_port: int):
-        self.target, self.port = target_port, _free_port()
+        self.target, self.port = target_port, free_port()
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -369,12 +370,6 @@ def _cut(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_s3_unreachable_before_and_during_a_run_fails_clearly_then_completes(
@@ -487,7 +482,7 @@ def test_private_prefect_server_dies_with_its_command(tmp_path, fault_record):
 
 
 def test_climrecon_server_stops_with_sigterm_to_its_process_group(tmp_path, fault_record):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "climrecon"), "server", "--home", str(tmp_path / "home"), "--port", str(port)],
         env=_cli_env(),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from test_training_data import write_tiny_stores
+from test_training_data import tiny_train_config, write_tiny_stores
 
 from climrecon.config import ConfigError, load_config
 from climrecon.flows.train import train_flow
@@ -15,37 +15,7 @@ from climrecon.models.checkpoint import load_networks, read_checkpoint
 
 def _config(tmp_path, truth: str, static: str) -> str:
     path = tmp_path / "train.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "method": {
-                    "name": "dpdm",
-                    "patch_size": 16,
-                    "network": {
-                        "base_channels": 8,
-                        "channel_mults": [1, 2],
-                        "attention_levels": [1],
-                        "num_blocks": 1,
-                    },
-                },
-                "train": {
-                    "truth": truth,
-                    "static": static,
-                    "factor": 4,
-                    "train_years": [2000, 2000],
-                    "validation_years": [2001, 2001],
-                    "heldout_years": [2002, 2002],
-                    "batch_size": 4,
-                    "max_steps": 4,
-                    "warmup_steps": 2,
-                    "checkpoint_every": 2,
-                    "ema_halflife_steps": 2,
-                    "checkpoint": str(tmp_path / "out" / "tiny.pt"),
-                    "device": "cpu",
-                },
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump(tiny_train_config(truth, static, tmp_path / "out" / "tiny.pt")))
     return str(path)
 
 

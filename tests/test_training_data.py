@@ -67,6 +67,39 @@ def write_tiny_stores(root: Path) -> tuple[str, str]:
     return truth_url, static_url
 
 
+def tiny_train_config(truth: str, static: str, checkpoint: Path, **train) -> dict:
+    """A DPDM training config on :func:`write_tiny_stores`' stores: an 8-channel UNet on 16-cell patches,
+    factor 4, one year each for training, validation and held-out, 4 steps; ``train`` overrides."""
+    return {
+        "method": {
+            "name": "dpdm",
+            "patch_size": 16,
+            "network": {
+                "base_channels": 8,
+                "channel_mults": [1, 2],
+                "attention_levels": [1],
+                "num_blocks": 1,
+            },
+        },
+        "train": {
+            "truth": truth,
+            "static": static,
+            "factor": 4,
+            "train_years": [2000, 2000],
+            "validation_years": [2001, 2001],
+            "heldout_years": [2002, 2002],
+            "batch_size": 4,
+            "max_steps": 4,
+            "warmup_steps": 2,
+            "checkpoint_every": 2,
+            "ema_halflife_steps": 2,
+            "checkpoint": str(checkpoint),
+            "device": "cpu",
+            **train,
+        },
+    }
+
+
 SPEC = ConditioningSpec(("tas", "uas", "vas"), 4)
 
 
