@@ -16,6 +16,7 @@ Telemetry is off (``PREFECT_SERVER_ANALYTICS_ENABLED=false``): machines here are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from climrecon.localhost import free_port
+from climrecon.storage import default_data_home
 
 __all__ = [
     "LocalPrefectServer",
@@ -39,6 +41,7 @@ __all__ = [
     "client_environment",
     "free_port",
     "start_server",
+    "template_database",
     "wait_until_healthy",
 ]
 
@@ -126,6 +129,7 @@ class LocalPrefectServer:
     process: subprocess.Popen = field(repr=False)
     log_path: Path
     startup_seconds: float = 0.0
+    from_template: bool = False  # the database started as a copy of the template (:func:`start_server`)
 
     @property
     def url(self) -> str:
@@ -201,7 +205,7 @@ def prefect_api(services: bool = False) -> Iterator[str | None]:
     home.mkdir(parents=True, exist_ok=True)
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     try:
-        with start_server(home, services=services) as server:
+        with start_server(home, services=services, template=template_database()) as server:
             os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
             yield server.api_url
     finally:
@@ -241,6 +245,7 @@ def start_server(
     port: int | None = None,
     timeout: float = 90.0,
     services: bool = True,
+    template: Path | None = None,
 ) -> LocalPrefectServer:
     """Start a Prefect server with its SQLite database under ``home`` and wait until it is healthy.
 
@@ -248,12 +253,36 @@ def start_server(
     - ``port``: default a free port. ``host``: 127.0.0.1 by default (reachable from this machine only;
       use 0.0.0.0 deliberately to serve a cluster, behind your own access control).
     - ``services=False`` runs only the API and UI (no scheduler, no late-run marking).
+    - ``template``: a migrated, empty database (:func:`template_database`). A home without a database starts
+      from a copy of it (a fresh SQLite database spends ~12 s on Prefect's migrations); when there is none
+      yet, it is written from this server's database once healthy, before anything else uses it. A template
+      the server cannot start from is removed and the server started afresh.
 
     Returns the running :class:`LocalPrefectServer`; raises :class:`PrefectServerError` with the end of
     the server log if it exits or is not healthy within ``timeout`` seconds (the process is stopped).
     """
     home = Path(home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
+    database = home / "prefect.db"
+    from_template = template is not None and not database.exists() and _copy_template(template, database)
+    try:
+        server = _start(home, host, port, timeout, services)
+    except PrefectServerError:
+        if not from_template:
+            raise
+        assert template is not None
+        template.unlink(missing_ok=True)  # a stale or damaged template: start afresh, write a new one
+        for leftover in home.glob("prefect.db*"):
+            leftover.unlink()
+        from_template = False
+        server = _start(home, host, port, timeout, services)
+    server.from_template = from_template
+    if template is not None and not template.exists():
+        _write_template(database, template)
+    return server
+
+
+def _start(home: Path, host: str, port: int | None, timeout: float, services: bool) -> LocalPrefectServer:
     port = port or free_port(host)
     api_url = f"http://{host}:{port}/api"
     # the caller's other Prefect settings pass through; these would point elsewhere and are replaced
@@ -288,3 +317,37 @@ def start_server(
         server.stop()
         raise
     return server
+
+
+def template_database() -> Path:
+    """Where private servers keep their migrated, empty database: one per Prefect version, under
+    ``$CLIMRECON_DATA_HOME/prefect`` (``~/.cache/climrecon/prefect`` by default)."""
+    from importlib.metadata import version
+
+    return default_data_home() / "prefect" / f"template-{version('prefect')}.db"
+
+
+def _copy_template(template: Path, database: Path) -> bool:
+    """Copy ``template`` to ``database``; False (nothing copied) when there is no readable template."""
+    try:
+        shutil.copyfile(template, database)
+        return True
+    except OSError:
+        database.unlink(missing_ok=True)
+        return False
+
+
+def _write_template(database: Path, template: Path) -> None:
+    """A consistent single-file copy of a running server's fresh ``database`` (SQLite ``VACUUM INTO``),
+    moved into place atomically; a template that cannot be written is simply not kept."""
+    import sqlite3
+
+    partial = template.with_name(f".{template.name}.{os.getpid()}.partial")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            db.execute("VACUUM INTO ?", (str(partial),))
+        os.replace(partial, template)
+    except (OSError, sqlite3.Error):
+        partial.unlink(missing_ok=True)

@@ -510,3 +510,32 @@ def test_wait_until_healthy_reports_a_dead_server(tmp_path):
         wait_until_healthy(f"http://127.0.0.1:{free_port()}/api", timeout=5, process=proc, log_path=log)
     with pytest.raises(PrefectServerError, match="not healthy within"):
         wait_until_healthy(f"http://127.0.0.1:{free_port()}/api", timeout=0.5)
+
+
+def test_private_servers_start_from_a_migrated_template_and_replace_a_damaged_one(tmp_path, monkeypatch):
+    import sqlite3
+    import urllib.request
+
+    from climrecon.flows.server import start_server, template_database
+
+    monkeypatch.setenv("CLIMRECON_DATA_HOME", str(tmp_path / "data"))
+    template = template_database()
+    assert template.parent == tmp_path / "data" / "prefect" and "template-3." in template.name
+    template.parent.mkdir(parents=True)
+    template.write_bytes(b"not a database" * 100)  # damaged (or from an incompatible Prefect)
+
+    def revision(path) -> str:
+        with sqlite3.connect(path) as db:
+            return db.execute("select version_num from alembic_version").fetchone()[0]
+
+    with start_server(tmp_path / "a", services=False, template=template) as first:
+        assert not first.from_template  # the damaged template was dropped, the server started afresh
+        head = revision(first.home / "prefect.db")
+    assert revision(template) == head  # a new template, migrated to the same head
+    with start_server(tmp_path / "b", services=False, template=template) as second:
+        assert second.from_template
+        request = urllib.request.Request(
+            f"{second.api_url}/flows/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200 and response.read() == b"[]"  # a working, empty database

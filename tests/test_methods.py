@@ -385,7 +385,7 @@ def test_the_stage_masks_every_output_with_the_fine_datas_missing_cells(world, t
 
 
 def test_unset_solver_and_steps_take_each_methods_default_from_the_cost_curve():
-    """DPDM: 12 DPM-Solver++(2M) steps (equal skill to 18 Heun steps, benchmarks/results/sampling_cost.json);
+    """DPDM: 12 DPM-Solver++(2M) steps (equal or better skill than 18 Heun steps, sampling_cost.json);
     CorrDiff and the guided methods keep 18 Heun steps; explicit settings win; churn needs Heun."""
     from climrecon.config import SamplerConfig
     from climrecon.methods import MethodError, build, parse_config

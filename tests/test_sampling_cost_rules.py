@@ -1,0 +1,64 @@
+"""The equal-skill verdicts of benchmarks/sampling_cost.py (issue 19's tests, and "equal or better")."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
+
+import sampling_cost as sc  # noqa: E402 - benchmarks/ is not a package
+
+
+def _point(crps: float, ssr: dict[str, float], lsd: float = 0.05, nfe: int = 8) -> dict:
+    return {
+        "crps": crps,
+        "nfe": nfe,
+        "per_variable": {v: {"spread_skill_ratio": r, "log_spectral_distance": lsd} for v, r in ssr.items()},
+    }
+
+
+REF = _point(0.150, {"tas": 0.95, "uas": 0.85}, nfe=35)
+
+
+def test_better_calibration_fails_the_symmetric_test_but_not_equal_or_better():
+    points = {"dpdm/heun-18": REF, "dpdm/dpmpp2m-8": _point(0.152, {"tas": 1.04, "uas": 0.93})}
+    sc.compare_to_reference(points)
+    p = points["dpdm/dpmpp2m-8"]
+    assert p["equal_skill_tests"] == {
+        "crps_within_3pct": True,
+        "spread_skill_within_0.05": False,  # tas 0.09 above Heun's, though closer to 1
+        "lsd_within_ref_plus_10pct": True,
+    }
+    assert not p["equal_skill"] and p["calibration_no_worse"] and p["equal_or_better_skill"]
+    assert sc.cheapest_equal_skill(points) == (None, None)  # the reference itself never counts
+    assert sc.cheapest_equal_skill(points, verdict="equal_or_better_skill") == ("dpdm/dpmpp2m-8", None)
+
+
+def test_worse_calibration_crps_or_spectra_fail_both_verdicts():
+    points = {
+        "dpdm/heun-18": REF,
+        "dpdm/euler-8": _point(0.148, {"tas": 0.85, "uas": 0.70}),  # under-dispersed: worse than Heun
+        "dpdm/dpmpp2m-4": _point(0.156, {"tas": 0.95, "uas": 0.85}),  # CRPS +4 %
+        "dpdm/heun-9": _point(0.150, {"tas": 0.95, "uas": 0.85}, lsd=0.056),  # spectra 12 % further
+        "dpdm/dpmpp2m-12": _point(0.151, {"tas": 0.97, "uas": 0.88}, nfe=12),
+    }
+    sc.compare_to_reference(points)
+    verdicts = {k: (p["equal_skill"], p["equal_or_better_skill"]) for k, p in points.items()}
+    assert verdicts == {
+        "dpdm/heun-18": (True, True),
+        "dpdm/euler-8": (False, False),
+        "dpdm/dpmpp2m-4": (False, False),
+        "dpdm/heun-9": (False, False),
+        "dpdm/dpmpp2m-12": (True, True),
+    }
+    assert sc.cheapest_equal_skill(points) == ("dpdm/dpmpp2m-12", None)
+
+
+def test_a_confirmation_run_decides_over_the_curve():
+    doc = {"curve": {"points": {"dpdm/heun-18": REF}}, "confirm": {"points": {"dpdm/dpmpp2m-8": REF}}}
+    assert set(sc.decision_points(doc)) == {"dpdm/dpmpp2m-8"}
+    del doc["confirm"]
+    assert set(sc.decision_points(doc)) == {"dpdm/heun-18"}
