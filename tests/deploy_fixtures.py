@@ -28,7 +28,7 @@ import psutil
 import pytest
 import yaml
 
-from climrecon.flows.server import LocalPrefectServer, start_server
+from climrecon.flows.server import LocalPrefectServer, start_server, template_database
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deploy" / "prefect.yaml"
@@ -134,7 +134,7 @@ class DeployedRun:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("prefect-home"))
+    server = start_server(tmp_path_factory.mktemp("prefect-home"), template=template_database())
     try:
         yield server
     finally:

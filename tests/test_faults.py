@@ -664,7 +664,7 @@ def test_messages_for_storage_without_credentials_and_options_per_url(monkeypatc
 
 # -- secrets ------------------------------------------------------------------------------------------------
 def test_canary_secrets_reach_no_log_attribute_catalog_or_prefect_database(tiny, tmp_path, s3, fault_record):
-    from climrecon.flows.server import start_server
+    from climrecon.flows.server import start_server, template_database
 
     canary = f"canary{uuid.uuid4().hex}"
     env = _cli_env(
@@ -676,7 +676,7 @@ def test_canary_secrets_reach_no_log_attribute_catalog_or_prefect_database(tiny,
     )
     root = s3.url("secret-run")
     outputs = []
-    with start_server(tmp_path / "prefect", services=False) as server:
+    with start_server(tmp_path / "prefect", services=False, template=template_database()) as server:
         env["PREFECT_API_URL"] = server.api_url
         # a nested secret on the command line is refused before anything runs (and never echoed)
         refused = subprocess.run(
