@@ -29,6 +29,7 @@ def test_shipped_dask_config_unsets_the_malloc_trim_threshold():
     collected = dask.config.collect(paths=[str(folder)], env={})
     environ = collected["distributed"]["nanny"]["pre-spawn-environ"]
     assert environ == {"MALLOC_TRIM_THRESHOLD_": None}  # None: Dask's way to unset a default variable
+    assert collected["distributed"]["worker"]["profile"]["enabled"] is False
     merged = dask.config.merge(
         {
             "distributed": {
@@ -49,7 +50,8 @@ def test_worker_processes_start_without_malloc_trim_threshold():
     # a GPU pool of processes (first worker declares GPU=1 without a device) covers both cluster kinds' Nannies
     with dask_client(n_workers=2, fake_gpu=True) as client:
         seen = client.run(_environ)
-    assert len(seen) == 2
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert len(seen) == 2 and not any(profiling.values())  # the installed config (deploy/install.sh) holds
     assert all(
         env["MALLOC_TRIM_THRESHOLD_"] is None and env["OMP_NUM_THREADS"] == "1" for env in seen.values()
     )
