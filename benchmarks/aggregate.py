@@ -21,11 +21,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 
 from common import command_line, machine, run_isolated, versions, write_results  # noqa: E402
 
-from climrecon.localhost import free_port, moto_server_argv, wait_listening  # noqa: E402
+from climrecon.localhost import serve_moto  # noqa: E402
 
 N_MEMBER, NY, NX, VARIABLES = 16, 80, 80, ("tas", "uas", "vas")
 CANDIDATES = {"t12_map": (12, 80, 80), "t120_map": (120, 80, 80), "t120_tile40": (120, 40, 40)}
@@ -119,32 +117,14 @@ def aggregate(member_url: str, root: str, time_chunk: int) -> dict:
     }
 
 
-def _moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        moto_server_argv("127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_listening("127.0.0.1", port, process=proc, name="moto_server", timeout=20)
-    except RuntimeError:
-        proc.kill()
-        raise
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def read(repeats: int = 5) -> dict:
     """Write tas_mean (40 years) per candidate chunking to S3 and time a map and a point-series read."""
     import s3fs
     import xarray as xr
 
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY=f"bench-{uuid.uuid4().hex}",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    proc, endpoint = _moto()
-    try:
-        opts = {"endpoint_url": endpoint}
+    with serve_moto() as server:
+        os.environ.update(server.credentials)
+        opts = server.storage_options
         s3fs.S3FileSystem(**opts).mkdir("bench")
         n_time = 480
         starts = xr.date_range("1981-01-01", periods=n_time, freq="MS", calendar="noleap", use_cftime=True)
@@ -174,9 +154,6 @@ def read(repeats: int = 5) -> dict:
                 "point_series_read_s": round(statistics.median(points), 4),
             }
         return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 # -- driver ------------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ blending and bookkeeping included. The best patches-per-call is measured per dev
 ``confirm``: the candidate points of the curve again on a larger sample (default 24 months x 8 members, eight
 times the curve's): the equal-skill tests are noisy at the curve's size, so when a confirmation run exists its
 tests decide which samplers have equal skill (for ``speed`` and the top-level keys); the curve stays as the
-overview.
+overview. A confirm run on the sample of the recorded one extends it: the ``--only`` points are (re)run,
+the others kept, and the recorded 18-step Heun reference is reused unless named (sampling is deterministic:
+same config and seeds, same bytes). Every point records the checkpoint it sampled (file and content hash).
 
 Runs on CPU (1 torch thread, a shared 2-core VM); a GPU part is recorded as not lent unless CUDA is present.
 """
@@ -124,6 +126,13 @@ def _curve_cases(
     return cases
 
 
+def same_sample(part: dict[str, Any] | None, args: argparse.Namespace) -> bool:
+    """Whether a recorded curve/confirm ``part`` was run on the months, members and threads ``args`` asks for
+    (so its points and the new ones are comparable: same inputs and seeds)."""
+    want = {"month_stride": args.month_stride, "members": args.members, "threads": args.threads}
+    return bool(part) and part.get("settings") == want
+
+
 def equal_skill(point: dict[str, Any], ref: dict[str, Any]) -> dict[str, bool]:
     """The three equal-skill tests of a curve point against the reference (module docstring)."""
     return {
@@ -180,6 +189,7 @@ def run_curve(args: argparse.Namespace, method: str) -> dict[str, Any]:
     for label, p in points.items():
         sampler = factories[label](8).sampler  # what the method really ran (a student's own levels)
         p["nfe"] = sampler.network_calls()
+        p["checkpoint"] = checkpoint_id(cases[label][0].checkpoint)
         p["sampler"] = sampler.describe()
         for k in ("crps", "mae", "spread_skill_ratio", "log_spectral_distance"):  # overall: tas, uas, vas
             p[k] = float(np.mean([p["per_variable"][v][k] for v in VARIABLES]))
@@ -192,6 +202,16 @@ def run_curve(args: argparse.Namespace, method: str) -> dict[str, Any]:
         "settings": {"month_stride": args.month_stride, "members": args.members, "threads": args.threads},
         "notes": result.notes,
     }
+
+
+def checkpoint_id(path: str | None) -> dict[str, str] | None:
+    """File name and content hash of a checkpoint (the header's ``content_sha256``): which weights a point
+    sampled, so points of a retrained checkpoint are never mistaken for the earlier one's."""
+    if path is None:
+        return None
+    from climrecon.models.checkpoint import read_checkpoint
+
+    return {"file": Path(path).name, "sha256": str(read_checkpoint(path).header["content_sha256"])}
 
 
 def compare_to_reference(points: dict[str, dict[str, Any]]) -> None:
@@ -460,13 +480,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.part == "confirm":
-        candidates = list(args.only)
-        for i, method in enumerate(args.methods):  # written after each method; summarize applies the tests
-            args.only = sorted({*candidates, f"{method}/heun-18"})
+        candidates, earlier = list(args.only), doc.get("confirm")
+        for method in args.methods:  # written after each method; summarize applies the tests
+            reference = f"{method}/heun-18"
+            args.only = sorted({*candidates, reference})
+            if same_sample(earlier, args) and reference in earlier["points"] and reference not in candidates:
+                args.only.remove(reference)  # deterministic: the recorded reference of the same sample stands
+            if not [c for c in args.only if c.startswith(f"{method}/")]:
+                continue
             confirm = run_curve(args, method)
-            if i:  # the same months and members: one confirmation table for every method
-                confirm["points"] = {**doc["confirm"]["points"], **confirm["points"]}
-            doc["confirm"] = confirm
+            if same_sample(earlier, args):  # one confirmation table: earlier points not rerun are kept
+                confirm["points"] = {**earlier["points"], **confirm["points"]}
+                if confirm["command"] not in earlier["command"]:
+                    confirm["command"] = f"{earlier['command']} && {confirm['command']}"
+            doc["confirm"] = earlier = confirm
             summarize(doc)
             write_results(args.out, doc)
     elif args.part == "curve":

@@ -314,6 +314,11 @@ class DistillSection(_Model):
     )
     steps: int = Field(4, ge=1, description="student steps = network calls per member (DDIM/Euler)")
     teacher_steps: int = Field(16, ge=1, description="teacher Heun steps; a multiple of steps")
+    student: str | None = Field(
+        None,
+        description="start the student from this student checkpoint (one distilled from the same teacher with "
+        "the same steps) instead of the teacher's weights: more training for a shipped student",
+    )
 
     @model_validator(mode="after")
     def _multiple(self) -> DistillSection:

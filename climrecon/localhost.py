@@ -5,8 +5,8 @@ server of their own:
 
 - :func:`free_port`: a TCP port nothing listens on right now;
 - :func:`wait_listening`: block until a freshly started server accepts connections, or fail naming it;
-- :class:`LocalS3` and :func:`moto_server_argv`: an S3 endpoint served by ``moto_server`` (the ``test``
-  extra), with throw-away credentials that belong in the environment (:attr:`LocalS3.credentials`), never in
+- :func:`serve_moto`, :class:`LocalS3` and :func:`moto_server_argv`: an S3 endpoint served by ``moto_server``
+  (the ``test`` extra), with throw-away credentials that belong in the environment (:attr:`LocalS3.credentials`), never in
   a config or a Prefect parameter (:attr:`LocalS3.storage_options` holds only the endpoint).
 """
 
@@ -18,12 +18,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalS3", "free_port", "moto_server_argv", "wait_listening"]
+__all__ = ["LocalS3", "free_port", "moto_server_argv", "serve_moto", "wait_listening"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,6 +66,27 @@ def moto_server_argv(host: str, port: int) -> list[str]:
     """The command that serves an S3 API on ``host:port`` (``moto_server`` beside this interpreter)."""
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     return [exe, "-H", host, "-p", str(port)]
+
+
+@contextmanager
+def serve_moto(host: str = "127.0.0.1", timeout: float = 20.0) -> Iterator[LocalS3]:
+    """A ``moto_server`` on a free port of ``host`` for the ``with`` block: yields its :class:`LocalS3`
+    (fresh throw-away credentials, no bucket yet); the server is stopped on exit (killed after 10 s), and a
+    server that does not listen within ``timeout`` seconds raises ``RuntimeError``."""
+    port = free_port(host)
+    proc = subprocess.Popen(
+        moto_server_argv(host, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_listening(host, port, process=proc, name="moto_server", timeout=timeout)
+        yield LocalS3(endpoint_url=f"http://{host}:{port}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass(frozen=True)

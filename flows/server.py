@@ -264,19 +264,22 @@ def start_server(
     home = Path(home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     database = home / "prefect.db"
-    from_template = template is not None and not database.exists() and _copy_template(template, database)
+    copied_from = (
+        template
+        if template is not None and not database.exists() and _copy_template(template, database)
+        else None
+    )
     try:
         server = _start(home, host, port, timeout, services)
     except PrefectServerError:
-        if not from_template:
+        if copied_from is None:
             raise
-        assert template is not None
-        template.unlink(missing_ok=True)  # a stale or damaged template: start afresh, write a new one
+        copied_from.unlink(missing_ok=True)  # a stale or damaged template: start afresh, write a new one
         for leftover in home.glob("prefect.db*"):
             leftover.unlink()
-        from_template = False
+        copied_from = None
         server = _start(home, host, port, timeout, services)
-    server.from_template = from_template
+    server.from_template = copied_from is not None
     if template is not None and not template.exists():
         _write_template(database, template)
     return server

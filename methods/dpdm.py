@@ -690,7 +690,6 @@ def distill(
             "own training data and method settings"
         )
     loss = DistillationLoss(teacher, spec.steps, spec.teacher_steps, sigma_data=teacher.config.sigma_data)
-    student = copy.deepcopy(teacher).requires_grad_(True)
     record = {
         "teacher": Path(teacher_path).name,
         "teacher_sha256": str(contents.header["content_sha256"]),
@@ -699,6 +698,11 @@ def distill(
         f"{spec.teacher_steps // spec.steps} from a Heun teacher",
         "sigmas": list(loss.levels),
     }
+    if spec.student:
+        student, record["continued_from"] = _student_to_continue(spec.student, record)
+    else:
+        student = copy.deepcopy(teacher)
+    student.requires_grad_(True)
     metadata = replace(meta, data={**meta.data, "distilled": record})
     tcfg = train_config(section, section.max_steps, section.lr)
     on_log = _log_progress(log)
@@ -713,6 +717,28 @@ def distill(
         progress=progress,
         on_log=on_log,
     )
+
+
+def _student_to_continue(path: str, record: dict[str, Any]) -> tuple[EDMPrecond, dict[str, Any]]:
+    """The network of the student checkpoint ``path`` and a record of it, refused unless it was distilled
+    from the same teacher file onto the same levels as ``record`` (the new run's ``data.distilled``)."""
+    contents = read_checkpoint(path)
+    networks, meta = load_networks(path, roles=("denoiser",))
+    earlier = meta.data.get("distilled")
+    if not earlier:
+        raise MethodError(f"train.distill.student: {path} is not a distilled student (no data.distilled)")
+    for key in ("teacher_sha256", "sigmas"):
+        if earlier.get(key) != record[key]:
+            raise MethodError(
+                f"train.distill.student: {path} was distilled with {key}={earlier.get(key)!r}, this run "
+                f"uses {record[key]!r}; continue a student of the same teacher and steps only"
+            )
+    steps = [*earlier.get("continued_from", {}).get("steps", []), int(meta.step or 0)]
+    return networks["denoiser"], {
+        "student": Path(path).name,
+        "student_sha256": str(contents.header["content_sha256"]),
+        "steps": steps,  # training steps of each earlier run, oldest first
+    }
 
 
 def _log_progress(log: logging.Logger | None) -> Callable[[dict[str, float]], None] | None:

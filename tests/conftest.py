@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 
-from climrecon.localhost import LocalS3, free_port, moto_server_argv, wait_listening
+from climrecon.localhost import serve_moto
 
 CATALOG_COLUMNS = [
     "activity_id",
@@ -57,19 +56,8 @@ GROUPBY = [
 
 @pytest.fixture(scope="session")
 def moto_s3():
-    port = free_port()
-    proc = subprocess.Popen(
-        moto_server_argv("127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_listening("127.0.0.1", port, process=proc, name="moto_server", timeout=20)
-        yield LocalS3(endpoint_url=f"http://127.0.0.1:{port}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_moto() as server:
+        yield server
 
 
 @pytest.fixture

@@ -129,6 +129,22 @@ def test_distill_trains_a_student_that_the_method_samples_on_its_own_levels(tmp_
     with pytest.raises(MethodError, match="2-step student"):
         bad = load_config(None, [f"method.checkpoint={tmp_path / 'student.ema.pt'}", "sampler.num_steps=12"])
         methods.build(bad.method, bad.sampler)
+    # a student trained further starts from its own weights and records the earlier run
+    student_ema = str(tmp_path / "student.ema.pt")
+    more = {"distill": {**spec["distill"], "student": student_ema}}
+    run_training(_tiny(tmp_path, truth, static, "student-more", **more))
+    _, mmeta = load_networks(tmp_path / "student-more.ema.pt")
+    cont = mmeta.data["distilled"]["continued_from"]
+    assert cont["student"] == "student.ema.pt" and cont["steps"] == [3] and mmeta.step == 3
+    assert mmeta.data["distilled"]["sigmas"] == record["sigmas"]
+    # ... only a student of the same teacher and levels
+    other = {"distill": {**spec["distill"], "steps": 1, "student": student_ema}}
+    with pytest.raises(MethodError, match="sigmas"):
+        run_training(_tiny(tmp_path, truth, static, "s4", **other))
+    with pytest.raises(MethodError, match="not a distilled student"):
+        run_training(
+            _tiny(tmp_path, truth, static, "s5", distill={**spec["distill"], "student": teacher_ema})
+        )
     # a student is not a teacher; other training data (other statistics) is refused
     with pytest.raises(MethodError, match="itself a distilled student"):
         spec2 = {"distill": {"teacher": str(tmp_path / "student.ema.pt"), "steps": 1, "teacher_steps": 2}}
@@ -147,8 +163,9 @@ def test_methods_without_a_distillation_recipe_refuse_train_distill(tmp_path):
         run_training(cfg)
 
 
-def test_distill_config_yaml_is_the_shipped_teachers_own_setup():
-    with open("configs/distill-dpdm-westus-x8.yaml") as f:
+@pytest.mark.parametrize("name", ["distill-dpdm-westus-x8", "distill-dpdm-westus-x8-more"])
+def test_distill_configs_are_the_shipped_teachers_own_setup(name):
+    with open(f"configs/{name}.yaml") as f:
         distill = yaml.safe_load(f)
     with open("configs/train-dpdm-westus-x8.yaml") as f:
         train = yaml.safe_load(f)
@@ -156,3 +173,8 @@ def test_distill_config_yaml_is_the_shipped_teachers_own_setup():
     assert distill["method"] == train["method"]
     same = ("truth", "static", "variables", "factor", "train_years", "validation_years", "heldout_years")
     assert {k: distill["train"][k] for k in same} == {k: train["train"][k] for k in same}
+    if name.endswith("-more"):  # further training of the first config's student, same recipe and levels
+        assert distill["train"]["distill"].pop("student") == "checkpoints/distilled-dpdm-westus-x8.pt"
+        with open("configs/distill-dpdm-westus-x8.yaml") as f:
+            first = yaml.safe_load(f)
+        assert distill["train"]["distill"] == first["train"]["distill"]

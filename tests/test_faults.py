@@ -205,9 +205,30 @@ def tiny(tmp_path_factory):
     return {"root": root, "inputs": inputs, "checkpoint": write_checkpoint(root / "tiny.pt")}
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One Prefect server (API only) for the CLI runs of the cases that test storage faults, not the CLI's
+    private server: each of those runs would otherwise start and stop a server of its own. The cases about
+    the private server (killed CLI, SIGTERM) keep it."""
+    from climrecon.flows.server import start_server, template_database
+
+    with start_server(
+        tmp_path_factory.mktemp("prefect"), services=False, template=template_database()
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(tiny) -> str:
+    """The undisturbed in-process run of ``tiny`` (SLOW_SAMPLER, UNITS), computed once: what every faulted
+    run of the same inputs must reproduce byte for byte. Read only."""
+    return _reference(tiny["inputs"], tiny["checkpoint"], tiny["root"] / "reference")
+
+
 # -- faults -----------------------------------------------------------------------------------------------
-def test_killed_worker_is_logged_and_its_unit_redone_to_the_same_bytes(tiny, tmp_path, caplog, fault_record):
-    ref = _reference(tiny["inputs"], tiny["checkpoint"], tmp_path / "ref")
+def test_killed_worker_is_logged_and_its_unit_redone_to_the_same_bytes(
+    tiny, reference, tmp_path, caplog, fault_record
+):
     cfg = config(tmp_path / "run", tiny["checkpoint"], sampler=SLOW_SAMPLER, members=4, **UNITS)
     plan = plan_downscale(cfg, tiny["inputs"]["fine"], tiny["inputs"]["static"], tiny["inputs"]["coarse"])
     killed: list[str] = []
@@ -230,7 +251,7 @@ def test_killed_worker_is_logged_and_its_unit_redone_to_the_same_bytes(tiny, tmp
         url, reports = run_downscale(plan, client=client)
         thread.join(5)
     assert killed, "no worker was killed"
-    assert_same_bytes(ref, url)
+    assert_same_bytes(reference, url)
     lost = [
         r.getMessage() for r in caplog.records if "was lost while running downscale-sample-" in r.getMessage()
     ]
@@ -238,10 +259,11 @@ def test_killed_worker_is_logged_and_its_unit_redone_to_the_same_bytes(tiny, tmp
     fault_record("fault", "dask worker killed mid-unit", log_line=lost[0][:200])
 
 
-def test_cli_killed_mid_run_resumes_to_the_same_bytes_and_leaves_no_server(tiny, tmp_path, fault_record):
+def test_cli_killed_mid_run_resumes_to_the_same_bytes_and_leaves_no_server(
+    tiny, reference, tmp_path, fault_record
+):
     import fsspec
 
-    ref = _reference(tiny["inputs"], tiny["checkpoint"], tmp_path / "ref")
     root = str(tmp_path / "cli")
     args = _downscale_args(tiny["inputs"], root, tiny["checkpoint"])
     fs = fsspec.filesystem("file")
@@ -253,27 +275,29 @@ def test_cli_killed_mid_run_resumes_to_the_same_bytes_and_leaves_no_server(tiny,
     again = subprocess.run(args, env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert Path(store, ".climrecon", "complete.json").exists()
-    assert_same_bytes(ref, str(store))
+    assert_same_bytes(reference, str(store))
     fault_record("fault", "CLI killed mid-run, resumed (local)", units_done_before_resume=done_before)
 
 
-def test_cli_killed_and_resumed_on_s3_with_local_inputs(tiny, tmp_path, s3, fault_record):
+def test_cli_killed_and_resumed_on_s3_with_local_inputs(
+    tiny, reference, tmp_path, s3, shared_server, fault_record
+):
     """Stores on S3 (moto), inputs local: each opens with its own options, completeness comes from fresh
     listings (the resumed run's finalize sees the markers its workers wrote), bytes as a local run."""
-    ref = _reference(tiny["inputs"], tiny["checkpoint"], tmp_path / "ref")
+    env = _cli_env(PREFECT_API_URL=shared_server.api_url)  # not the private server
     root = s3.url("out")
     args = _downscale_args(tiny["inputs"], root, tiny["checkpoint"])
     args += ["--set", f"storage.options.endpoint_url={s3.endpoint_url}"]
     fs = s3.filesystem()
-    family, _ = _kill_after_first_unit(args, _cli_env(), fs, root)
+    family, _ = _kill_after_first_unit(args, env, fs, root)
     assert not _wait_gone(family)
-    again = subprocess.run(args, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     url = again.stdout.strip().splitlines()[-1]
     assert url.startswith(root)
     ds = xr.open_zarr(url, storage_options=s3.storage_options)
     assert ds.attrs["climrecon_status"] == "complete"
-    ref_ds = xr.open_zarr(ref)
+    ref_ds = xr.open_zarr(reference)
     for v in ("tas", "uas"):
         assert ds[v].values.tobytes() == ref_ds[v].values.tobytes(), v
     fault_record("fault", "CLI killed mid-run, resumed (S3)")
@@ -373,8 +397,9 @@ def _cut(sock: socket.socket) -> None:
 
 
 def test_s3_unreachable_before_and_during_a_run_fails_clearly_then_completes(
-    tiny, tmp_path, s3, fault_record
+    tiny, tmp_path, s3, shared_server, fault_record
 ):
+    env = _cli_env(PREFECT_API_URL=shared_server.api_url)  # not the private server
     proxy = _Proxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
     root = s3.url("down")
     two_units = {
@@ -389,7 +414,7 @@ def test_s3_unreachable_before_and_during_a_run_fails_clearly_then_completes(
     # before the run: nothing answers
     proxy.down()
     start = time.monotonic()
-    before = subprocess.run(args, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    before = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     fail_s = time.monotonic() - start
     assert before.returncode == 1
     last = (
@@ -402,7 +427,13 @@ def test_s3_unreachable_before_and_during_a_run_fails_clearly_then_completes(
     assert "Traceback" not in text, text[-3000:]
     # during the run: the endpoint goes away once the run has written its store's template
     proxy.up()
-    proc = subprocess.Popen(args, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     fs = s3.filesystem()
     deadline, template = time.monotonic() + 180, join_url(root, "downscale", "*.zarr", "zarr.json")
     while time.monotonic() < deadline and proc.poll() is None and not fs.glob(template):
@@ -418,15 +449,14 @@ def test_s3_unreachable_before_and_during_a_run_fails_clearly_then_completes(
         join_url(root, "downscale", "*.zarr", ".climrecon", "complete.json")
     )  # nothing looks done
     proxy.up()
-    later = subprocess.run(args, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    later = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert later.returncode == 0, later.stdout[-3000:] + later.stderr[-3000:]
     proxy.down()
     fault_record("fault", "S3 unreachable before a run", fail_s=round(fail_s, 1), message=last[:200])
     fault_record("fault", "S3 unreachable during a run, then a run completes")
 
 
-def test_two_runs_of_one_store_share_the_work_and_say_so(tiny, tmp_path, caplog, fault_record):
-    ref = _reference(tiny["inputs"], tiny["checkpoint"], tmp_path / "ref")
+def test_two_runs_of_one_store_share_the_work_and_say_so(tiny, reference, tmp_path, caplog, fault_record):
     cfg = config(tmp_path / "two", tiny["checkpoint"], sampler=SLOW_SAMPLER, members=4, **UNITS)
     a = plan_downscale(cfg, tiny["inputs"]["fine"], tiny["inputs"]["static"], tiny["inputs"]["coarse"])
     b = plan_downscale(cfg, tiny["inputs"]["fine"], tiny["inputs"]["static"], tiny["inputs"]["coarse"])
@@ -445,7 +475,7 @@ def test_two_runs_of_one_store_share_the_work_and_say_so(tiny, tmp_path, caplog,
     url, reports = result["out"]
     assert [r.note for r in reports if r.label == first.label] == ["written by another run"]
     assert "is being written by run" in caplog.text and "was written by another run: skipped" in caplog.text
-    assert_same_bytes(ref, url)
+    assert_same_bytes(reference, url)
     # a dead run's lease (its process is gone) is taken over at once
     dead = {"owner": "dead-run", "host": socket.gethostname(), "pid": 2**22 + 7, "expires": time.time() + 600}
     store._put(store._state("lease", "member-0-2_time-0-6"), json.dumps(dead).encode())

@@ -62,3 +62,25 @@ def test_a_confirmation_run_decides_over_the_curve():
     assert set(sc.decision_points(doc)) == {"dpdm/dpmpp2m-8"}
     del doc["confirm"]
     assert set(sc.decision_points(doc)) == {"dpdm/heun-18"}
+
+
+def test_a_confirm_run_extends_the_recorded_one_only_on_the_same_sample():
+    import argparse
+
+    recorded = {"settings": {"month_stride": 5, "members": 8, "threads": 1}, "points": {"dpdm/heun-18": REF}}
+    same = argparse.Namespace(month_stride=5, members=8, threads=1)
+    assert sc.same_sample(recorded, same)
+    for other in ({"month_stride": 10}, {"members": 4}, {"threads": 2}):
+        assert not sc.same_sample(recorded, argparse.Namespace(**{**vars(same), **other}))
+    assert not sc.same_sample(None, same) and not sc.same_sample({}, same)
+
+
+def test_points_name_the_checkpoint_they_sampled():
+    from climrecon.models.checkpoint import read_checkpoint
+
+    ident = sc.checkpoint_id(str(sc.CHECKPOINTS["distilled"]))
+    assert ident == {
+        "file": "distilled-dpdm-westus-x8.pt",
+        "sha256": read_checkpoint(sc.CHECKPOINTS["distilled"]).header["content_sha256"],
+    }
+    assert len(ident["sha256"]) == 64 and sc.checkpoint_id(None) is None
