@@ -327,11 +327,49 @@ def shipped_default() -> str:
     return f"dpdm/{solver}-{steps}"
 
 
+def speed_choices(
+    rows: dict[str, dict[str, Any]], points: dict[str, dict[str, Any]], default: str
+) -> dict[str, Any]:
+    """The samplers the verdicts of ``points`` choose and their speedups over 18-step Heun from the timed
+    ``rows`` (label -> row; ``"label [mode]"`` for a network mode), so a later confirm run's verdicts pick
+    from the same timings. A chosen sampler that was not timed has speedup None (rerun ``speed``)."""
+    strict, distilled = cheapest_equal_skill(points)
+    better, _ = cheapest_equal_skill(points, verdict="equal_or_better_skill")
+    ref_rate = rows[REFERENCE]["months_x_members_per_hour"]
+
+    def fastest(label: str | None) -> str | None:
+        """The fastest network mode of ``label`` that was timed (modes are timed for the default only)."""
+        timed = [k for k in rows if label and (k == label or k.startswith(f"{label} ["))]
+        return max(timed, key=lambda k: rows[k]["months_x_members_per_hour"]) if timed else None
+
+    def speedup(label: str | None) -> float | None:
+        return rows[label]["months_x_members_per_hour"] / ref_rate if label else None
+
+    chosen = distilled if distilled in rows else fastest(strict)
+    chosen_better = fastest(better)
+    fastest_mode = fastest(default)
+    return {
+        "cheapest_equal_skill": strict,
+        "cheapest_equal_or_better_skill": better,
+        "distilled_equal_skill": distilled is not None,
+        "chosen_fastest": chosen,
+        "speedup_at_equal_skill": speedup(chosen),
+        "chosen_fastest_equal_or_better_skill": chosen_better,
+        "speedup_at_equal_or_better_skill": speedup(chosen_better),
+        "speedup_shipped_default": {k: speedup(k) for k in rows if k.split(" [")[0] == default},
+        "speedup_distilled": speedup("dpdm/distilled-4" if "dpdm/distilled-4" in rows else None),
+        "fastest_network_mode": fastest_mode,
+        "flops_fraction_of_matmul_shipped_path": rows[fastest_mode]["fraction_of_matmul"]
+        if fastest_mode
+        else None,
+    }
+
+
 def run_speed(args: argparse.Namespace, points: dict[str, dict[str, Any]]) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     cfg = load_config(None, ["sampler.device=cpu"])
-    strict, distilled = cheapest_equal_skill(points)
+    strict, _ = cheapest_equal_skill(points)
     better, _ = cheapest_equal_skill(points, verdict="equal_or_better_skill")
     default = args.sampler or shipped_default()
     base = cfg.sampler
@@ -382,36 +420,11 @@ def run_speed(args: argparse.Namespace, points: dict[str, dict[str, Any]]) -> di
             "achieved_gflops": count / sec / 1e9,
             "fraction_of_matmul": count / sec / 1e9 / matmul,
         }
-    ref_rate = rows[REFERENCE]["months_x_members_per_hour"]
-
-    def fastest(label: str | None) -> str | None:
-        """The fastest network mode of ``label`` that was timed (modes are timed for the default only)."""
-        if label is None:
-            return None
-        timed = [k for k in rows if k == label or k.startswith(f"{label} [")]
-        return max(timed, key=lambda k: rows[k]["months_x_members_per_hour"])
-
-    def speedup(label: str | None) -> float | None:
-        return rows[label]["months_x_members_per_hour"] / ref_rate if label else None
-
-    chosen = distilled if distilled in rows else fastest(strict)
-    chosen_better = fastest(better)
-    fastest_mode = fastest(default)
     return {
         "rows": rows,
         "reference": REFERENCE,
         "shipped_default": default,
-        "cheapest_equal_skill": strict,
-        "cheapest_equal_or_better_skill": better,
-        "distilled_equal_skill": distilled is not None,
-        "chosen_fastest": chosen,
-        "speedup_at_equal_skill": speedup(chosen),
-        "chosen_fastest_equal_or_better_skill": chosen_better,
-        "speedup_at_equal_or_better_skill": speedup(chosen_better),
-        "speedup_shipped_default": {k: speedup(k) for k in rows if k.split(" [")[0] == default},
-        "speedup_distilled": speedup("dpdm/distilled-4" if "dpdm/distilled-4" in rows else None),
-        "fastest_network_mode": fastest_mode,
-        "flops_fraction_of_matmul_shipped_path": rows[fastest_mode]["fraction_of_matmul"],
+        **speed_choices(rows, points, default),
         "flops_fraction_of_matmul_by_mode": {
             k: v["fraction_of_matmul"] for k, v in rows.items() if k.split(" [")[0] == default
         },
@@ -551,7 +564,8 @@ def summarize(doc: dict[str, Any]) -> None:
         decide, verdict="equal_or_better_skill"
     )[0]
     doc["distilled_equal_skill"] = distilled is not None
-    if speed:
+    if speed:  # the current verdicts choose from the recorded timings
+        speed.update(speed_choices(speed["rows"], decide, speed["shipped_default"]))
         for key in (
             "speedup_at_equal_skill",
             "chosen_fastest",
@@ -559,9 +573,9 @@ def summarize(doc: dict[str, Any]) -> None:
             "chosen_fastest_equal_or_better_skill",
             "speedup_shipped_default",
             "speedup_distilled",
+            "flops_fraction_of_matmul_shipped_path",
         ):
             doc[key] = speed.get(key)
-        doc["flops_fraction_of_matmul_shipped_path"] = speed["flops_fraction_of_matmul_shipped_path"]
         doc["months_x_members_per_hour"] = {
             k: v["months_x_members_per_hour"] for k, v in speed["rows"].items()
         }

@@ -84,3 +84,31 @@ def test_points_name_the_checkpoint_they_sampled():
         "sha256": read_checkpoint(sc.CHECKPOINTS["distilled"]).header["content_sha256"],
     }
     assert len(ident["sha256"]) == 64 and sc.checkpoint_id(None) is None
+
+
+def test_speed_choices_follow_the_current_verdicts_over_the_recorded_timings():
+    rows = {
+        "dpdm/heun-18": {"months_x_members_per_hour": 600.0, "fraction_of_matmul": 0.5},
+        "dpdm/dpmpp2m-12": {"months_x_members_per_hour": 1800.0, "fraction_of_matmul": 0.6},
+        "dpdm/dpmpp2m-12 [compile]": {"months_x_members_per_hour": 2400.0, "fraction_of_matmul": 0.8},
+        "dpdm/distilled-4": {"months_x_members_per_hour": 5400.0, "fraction_of_matmul": 0.7},
+    }
+    points = {
+        "dpdm/heun-18": REF,
+        "dpdm/dpmpp2m-12": _point(0.151, {"tas": 0.96, "uas": 0.86}, nfe=12),
+        "dpdm/distilled-4": _point(0.151, {"tas": 0.93, "uas": 0.84}, nfe=4),
+    }
+    sc.compare_to_reference(points)
+    got = sc.speed_choices(rows, points, "dpdm/dpmpp2m-12")
+    assert got["chosen_fastest"] == "dpdm/distilled-4" and got["speedup_at_equal_skill"] == 9.0
+    assert got["fastest_network_mode"] == "dpdm/dpmpp2m-12 [compile]"
+    assert got["flops_fraction_of_matmul_shipped_path"] == 0.8
+    # the student fails its spectra test: the fastest timed mode of the cheapest equal-skill sampler
+    points["dpdm/distilled-4"]["per_variable"]["uas"]["log_spectral_distance"] = 0.2
+    sc.compare_to_reference(points)
+    got = sc.speed_choices(rows, points, "dpdm/dpmpp2m-12")
+    assert got["chosen_fastest"] == "dpdm/dpmpp2m-12 [compile]" and got["speedup_at_equal_skill"] == 4.0
+    # a chosen sampler that was never timed has no speedup (rerun speed), rather than a wrong one
+    del rows["dpdm/dpmpp2m-12"], rows["dpdm/dpmpp2m-12 [compile]"]
+    got = sc.speed_choices(rows, points, "dpdm/dpmpp2m-12")
+    assert got["chosen_fastest"] is None and got["speedup_at_equal_skill"] is None
