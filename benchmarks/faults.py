@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bad_input_kinds": bad_kinds,
         "bad_input_kinds_clean": [k for k in bad_kinds if k in by["bad_input"]],
         "secret_kinds": list(SECRET_KINDS),
+        "secret_kinds_clean": [k for k in SECRET_KINDS if k in by["secret"]],
         "canary_hits": secret.get("canary_hits", "not run (test failed)"),
         "canary_places_searched": secret.get("places_searched"),
         "s3_down_fail_s": by["fault"].get("S3 unreachable before a run", {}).get("fail_s"),

@@ -2,8 +2,9 @@
 
 Secrets rule: storage options from a config file are non-secret; secret ones (keys, tokens) come only
 from the environment (``CLIMRECON_STORAGE_OPTIONS`` as JSON, or the usual AWS_* variables that s3fs reads)
-and are merged in at use time by :func:`resolve_storage_options`. Anything logged or recorded goes
-through :func:`redact` first.
+and are merged in at use time by :func:`resolve_storage_options`, in the process that opens the store:
+options sent to Dask workers go through :func:`for_workers` (the environment's keys removed) and the worker
+merges its own environment back. Anything logged or recorded goes through :func:`redact` first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "explain_storage_error",
     "default_data_home",
     "resolve_storage_options",
+    "environment_storage_options",
+    "for_workers",
     "redact",
     "join_url",
     "public_url",
@@ -62,19 +65,35 @@ def default_data_home() -> Path:
     return Path(os.environ.get("CLIMRECON_DATA_HOME", Path.home() / ".cache" / "climrecon"))
 
 
-def resolve_storage_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Config options merged with the secret-bearing ``CLIMRECON_STORAGE_OPTIONS`` environment JSON."""
-    merged = dict(options or {})
+def environment_storage_options() -> dict[str, Any]:
+    """The secret-bearing ``CLIMRECON_STORAGE_OPTIONS`` JSON object of this process's environment ({} unset)."""
     env = os.environ.get("CLIMRECON_STORAGE_OPTIONS")
-    if env:
-        try:
-            extra = json.loads(env)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"CLIMRECON_STORAGE_OPTIONS is not valid JSON: {exc.msg}") from None
-        if not isinstance(extra, dict):
-            raise ValueError("CLIMRECON_STORAGE_OPTIONS must be a JSON object")
-        merged.update(extra)
-    return merged
+    if not env:
+        return {}
+    try:
+        extra = json.loads(env)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"CLIMRECON_STORAGE_OPTIONS is not valid JSON: {exc.msg}") from None
+    if not isinstance(extra, dict):
+        raise ValueError("CLIMRECON_STORAGE_OPTIONS must be a JSON object")
+    return extra
+
+
+def resolve_storage_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Config options merged with the secret-bearing ``CLIMRECON_STORAGE_OPTIONS`` environment JSON (its
+    top-level keys win). Idempotent: resolving resolved options again changes nothing."""
+    return {**(options or {}), **environment_storage_options()}
+
+
+def for_workers(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``options`` as they may travel to Dask workers in task arguments: without the keys this process took
+    from ``CLIMRECON_STORAGE_OPTIONS``, so its secrets stay in the environment. Every function that runs on
+    a worker resolves them again there (:func:`resolve_storage_options`) from the worker's own environment
+    (a local cluster's workers inherit this process's; on other hosts set it there, as AWS_* credentials)."""
+    if not options:
+        return options
+    env = environment_storage_options()
+    return {k: v for k, v in options.items() if k not in env}
 
 
 def redact(obj: Any) -> Any:

@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from climrecon.config import ClimReconConfig, resolve_config
-from climrecon.storage import resolve_storage_options
+from climrecon.storage import for_workers, resolve_storage_options
 from climrecon.tasks.evaluate import (
     EvaluationResult,
     markdown_report,
@@ -47,7 +47,7 @@ def evaluate_task(cfg: ClimReconConfig, scheduler_address: str | None) -> Evalua
         future = client.submit(
             run_evaluation,
             cfg,
-            storage_options=options,
+            storage_options=for_workers(options),  # secrets stay in the environment (the worker's own)
             resources=sampling_resources(client),
             pure=False,
             key=f"evaluate-{uuid.uuid4().hex[:12]}",

@@ -92,7 +92,14 @@ from climrecon.provenance import (
     utc_now,
     write_prov_document,
 )
-from climrecon.storage import redact, safe_name, store_url, url_options
+from climrecon.storage import (
+    for_workers,
+    redact,
+    resolve_storage_options,
+    safe_name,
+    store_url,
+    url_options,
+)
 from climrecon.stores import StageStore, content_key, default_owner, time_blocks
 from climrecon.tasks.grids import lat_edges_from_centres, lon_edges_from_centres
 
@@ -502,6 +509,7 @@ def aggregate_block(
     With ``include_members`` the members are copied one member chunk at a time before the block's
     done marker is written, so an interrupted block is redone whole.
     """
+    storage_options = resolve_storage_options(storage_options)  # this process's secrets (a worker's own)
     store = _store(plan, storage_options)
     if not store.pending([region]) or not store.claim(region):  # done, or written by a concurrent run
         return False
@@ -584,7 +592,7 @@ def run_blocks(
             aggregate_block,
             plan,
             dict(r),
-            storage_options,
+            for_workers(storage_options),  # secrets stay in the environment (each worker has its own)
             pure=False,
             key=f"aggregate-block-{plan.key}-{_block_key(r)}",
         )

@@ -58,7 +58,14 @@ from climrecon.methods import (
     time_index,
 )
 from climrecon.provenance import hardware, stage_attrs, stage_record, utc_now
-from climrecon.storage import public_url, safe_name, store_url, url_options
+from climrecon.storage import (
+    for_workers,
+    public_url,
+    resolve_storage_options,
+    safe_name,
+    store_url,
+    url_options,
+)
 from climrecon.stores import StageStore, content_key
 from climrecon.tasks.grids import Grid, GridError
 
@@ -606,6 +613,7 @@ def sample_unit(
     the same unit this waits, and when that run has written it meanwhile the unit is skipped (fields None,
     the report says so)."""
     t0 = _time.perf_counter()
+    storage_options = resolve_storage_options(storage_options)  # this process's secrets (a worker's own)
     if not _store(plan, storage_options).claim(unit.region, plan.run_id, plan.config.lease_seconds):
         report = UnitReport(
             unit.label,
@@ -655,7 +663,7 @@ def write_unit(
     if fields is None:  # written by another run meanwhile
         return report
     block = xr.Dataset({v: (("member", "time", "lat", "lon"), a) for v, a in fields.items()})
-    store = _store(plan, storage_options)
+    store = _store(plan, resolve_storage_options(storage_options))  # this process's secrets
     store.write_block(block, unit.region)
     store.release(unit.region, plan.run_id)
     return UnitReport(**{**report.__dict__, "written": True})
@@ -700,18 +708,17 @@ def submit_unit(
 ) -> Any:
     """Dask futures of one unit: sampling (with ``resources``) then writing (anywhere); the write's future."""
     tag = f"{plan.name}-{unit.label.replace(' ', '-')}-{plan.out_key}-{os.urandom(4).hex()}"
+    options = for_workers(storage_options)  # secrets stay in the environment (each worker has its own)
     sampled = client.submit(
         sample_unit,
         plan,
         unit,
-        storage_options,
+        options,
         resources=dict(resources) if resources else None,
         pure=False,
         key=f"downscale-sample-{tag}",
     )
-    return client.submit(
-        write_unit, plan, unit, sampled, storage_options, pure=False, key=f"downscale-write-{tag}"
-    )
+    return client.submit(write_unit, plan, unit, sampled, options, pure=False, key=f"downscale-write-{tag}")
 
 
 def finalize_downscale(

@@ -45,7 +45,7 @@ from climrecon.catalogs.sample import STATIC_SOURCE_ID, SYNTHETIC_SOURCE_ID
 from climrecon.config import ClimReconConfig, EvaluateConfig, MethodConfig, SamplerConfig
 from climrecon.methods import Inputs, Method, MethodError, build
 from climrecon.methods.features import perfect_model_coarse, with_coarse_static
-from climrecon.storage import is_remote, public_url
+from climrecon.storage import is_remote, public_url, resolve_storage_options
 from climrecon.tasks import metrics, plots
 from climrecon.tasks.grids import Grid
 from climrecon.tasks.training_data import open_truth, select_years, static_for_truth, time_stamps
@@ -383,6 +383,7 @@ def run_evaluation(
     cases = {(m, f): factory(f) for m, factory in factories.items() for f in ev.factors}
     needs_static = any(d is not None and d.needs.static for d in cases.values())
     t0 = _time.perf_counter()
+    storage_options = resolve_storage_options(storage_options)  # this process's secrets (a worker's own)
     data_at, source = evaluation_data(cfg, variables, storage_options, with_static=needs_static)
     first = data_at(ev.factors[0])
     descriptions: dict[str, dict[str, Any]] = {}

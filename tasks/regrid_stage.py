@@ -50,7 +50,7 @@ import xarray as xr
 from climrecon.config import ClimReconConfig, RegridConfig, StorageConfig
 from climrecon.methods.features import coarse_on_fine, coarse_static_on_fine
 from climrecon.provenance import stage_attrs
-from climrecon.storage import resolve_storage_options, store_url, url_options
+from climrecon.storage import for_workers, resolve_storage_options, store_url, url_options
 from climrecon.stores import StageStore, content_key, default_owner, time_blocks
 from climrecon.tasks.grids import Grid, GridError, lat_edges_from_centres, lon_edges_from_centres
 from climrecon.tasks.regrid import (
@@ -609,6 +609,7 @@ def regrid_blocks(
     :class:`RegridError` naming the variable and time before anything of that block is written, and one
     region is written per store. Returns, per block, the URLs written (empty: it was already done).
     """
+    storage_options = resolve_storage_options(storage_options)  # this process's secrets (a worker's own)
     coarse_store, fine_store = _stores(plan, storage_options)
     missing = {s.url: {str(r) for r in s.pending(regions)} for s in (coarse_store, fine_store)}
     todo = {
@@ -690,7 +691,7 @@ def run_blocks(
             regrid_blocks,
             plan,
             group,
-            storage_options,
+            for_workers(storage_options),  # secrets stay in the environment (each worker has its own)
             pure=False,
             key=f"regrid-blocks-{plan.name}-{plan.label(group)}-{plan.coarse_key}",
         )

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,7 +79,10 @@ BAD_INPUT_KINDS = (  # besides the ingest table of tests/test_ingest_errors.py
     "path traversal in store names",
     "missing catalog column",
 )
-SECRET_KINDS = ("canaries in environment credentials and nested storage options",)
+SECRET_KINDS = (
+    "canaries in environment credentials and nested storage options",
+    "environment storage options never travel in Dask task arguments",
+)
 REPO = Path(__file__).resolve().parents[1]
 SLOW_SAMPLER = {"num_steps": 12}  # units of a second or two: a run can be killed between two of them
 UNITS = {"months_per_unit": 6, "time_chunk": 6, "members_per_unit": 2}
@@ -765,6 +769,50 @@ def test_canary_secrets_reach_no_log_attribute_catalog_or_prefect_database(tiny,
         canary_hits=len(hits),
         places_searched=["stdout/stderr", "zarr attributes", "provenance", "output catalog", "prefect.db"],
     )
+
+
+class _RecordingClient:
+    """A Dask client that keeps the repr of every task's arguments it submits (what travels to the
+    scheduler and the workers), then submits as the client does."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.sent = client, []
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(f"{getattr(fn, '__name__', fn)}: {args!r} {kwargs!r}")
+        return self.client.submit(fn, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_environment_storage_options_never_travel_in_dask_task_arguments(
+    tiny, tmp_path, s3, monkeypatch, fault_record
+):
+    """CLIMRECON_STORAGE_OPTIONS (here the endpoint and a canary session token) stay in the environment:
+    units are submitted without them and each worker merges its own environment's back, so the run still
+    reaches the store (the endpoint is nowhere else) and no task argument holds the canary."""
+    from climrecon.flows.runtime import dask_client
+    from climrecon.storage import for_workers, resolve_storage_options
+
+    canary = f"canary{uuid.uuid4().hex}"
+    secret = {"endpoint_url": s3.endpoint_url, "client_kwargs": {"aws_session_token": canary}}
+    monkeypatch.setenv("CLIMRECON_STORAGE_OPTIONS", json.dumps(secret))
+    options = resolve_storage_options({"anon": False})
+    assert (
+        for_workers(options) == {"anon": False} and resolve_storage_options(for_workers(options)) == options
+    )
+    cfg = config(s3.url("env-secrets"), tiny["checkpoint"], members=4, **UNITS)
+    plan = plan_downscale(
+        cfg, tiny["inputs"]["fine"], tiny["inputs"]["static"], tiny["inputs"]["coarse"], options
+    )
+    with dask_client(n_workers=1, processes=False) as client:  # the workers share this environment
+        recording = _RecordingClient(client)
+        url, reports = run_downscale(plan, options, client=recording)
+    assert len(recording.sent) == 2 * len(reports) and all("unit" in s for s in recording.sent)
+    assert [s for s in recording.sent if canary in s or s3.endpoint_url in s] == []
+    assert xr.open_zarr(url, storage_options=options).attrs["climrecon_status"] == "complete"
+    fault_record("secret", SECRET_KINDS[1], submitted_tasks=len(recording.sent), canary_hits=0)
 
 
 def test_remote_storage_options_never_reach_local_stores_or_catalogs(
