@@ -159,12 +159,6 @@ def _downscale_args(
     return args
 
 
-def _reference(inputs: dict, checkpoint: str, root: Path, sampler: dict | None = None) -> str:
-    cfg = config(root, checkpoint, sampler={**(sampler or SLOW_SAMPLER)}, members=4, **UNITS)
-    url, _ = run_downscale(plan_downscale(cfg, inputs["fine"], inputs["static"], inputs["coarse"]))
-    return url
-
-
 def _done_markers(fs, root: str) -> list[str]:
     try:
         return fs.glob(join_url(root, "downscale", "*.zarr", ".climrecon", "done", "*"))
@@ -226,7 +220,10 @@ def shared_server(tmp_path_factory):
 def reference(tiny) -> str:
     """The undisturbed in-process run of ``tiny`` (SLOW_SAMPLER, UNITS), computed once: what every faulted
     run of the same inputs must reproduce byte for byte. Read only."""
-    return _reference(tiny["inputs"], tiny["checkpoint"], tiny["root"] / "reference")
+    inputs = tiny["inputs"]
+    cfg = config(tiny["root"] / "reference", tiny["checkpoint"], sampler=SLOW_SAMPLER, members=4, **UNITS)
+    url, _ = run_downscale(plan_downscale(cfg, inputs["fine"], inputs["static"], inputs["coarse"]))
+    return url
 
 
 # -- faults -----------------------------------------------------------------------------------------------
