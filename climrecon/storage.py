@@ -9,6 +9,7 @@ merges its own environment back. Anything logged or recorded goes through :func:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import posixpath
@@ -187,7 +188,7 @@ def url_options(url: str, options: dict[str, Any] | None) -> dict[str, Any] | No
         return None
     out = dict(options or {})
     if str(url).startswith(("s3://", "s3a://")) and "config_kwargs" not in out:
-        out["config_kwargs"] = S3_CLIENT_DEFAULTS
+        out["config_kwargs"] = copy.deepcopy(S3_CLIENT_DEFAULTS)  # botocore rewrites the dict it is given
     return out or None
 
 

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -38,7 +39,14 @@ from climrecon.config import ConfigError, load_config
 from climrecon.flows.runtime import dask_client, is_transient
 from climrecon.localhost import free_port
 from climrecon.models.checkpoint import CheckpointError, load_networks
-from climrecon.storage import StoragePathError, explain_storage_error, join_url, store_url, url_options
+from climrecon.storage import (
+    S3_CLIENT_DEFAULTS,
+    StoragePathError,
+    explain_storage_error,
+    join_url,
+    store_url,
+    url_options,
+)
 from climrecon.stores import StageStore
 from climrecon.tasks.downscale import (
     DownscaleError,
@@ -673,7 +681,7 @@ def test_bad_inputs_are_refused_by_name_and_leave_earlier_stores_untouched(
     del ingest_plan, CatalogQueryError
 
 
-def test_messages_for_storage_without_credentials_and_options_per_url(monkeypatch, s3, fault_record):
+def test_messages_for_storage_without_credentials_and_options_per_url(monkeypatch, s3, moto_s3, fault_record):
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
@@ -687,7 +695,14 @@ def test_messages_for_storage_without_credentials_and_options_per_url(monkeypatc
     assert message and s3.url("out") in message and "AWS_ACCESS_KEY_ID" in message, (info.value, message)
     assert url_options("/local/path.zarr", {"endpoint_url": "x"}) is None
     assert url_options("s3://b/x.zarr", {"endpoint_url": "x"})["endpoint_url"] == "x"
-    assert url_options("s3://b/x.zarr", None)["config_kwargs"]["connect_timeout"] == 10  # bounded waits
+    credentials = {
+        "key": moto_s3.credentials["AWS_ACCESS_KEY_ID"],
+        "secret": moto_s3.credentials["AWS_SECRET_ACCESS_KEY"],
+    }
+    options = url_options("s3://b/x.zarr", {"endpoint_url": s3.endpoint_url, **credentials})
+    assert options["config_kwargs"]["connect_timeout"] == 10  # bounded waits
+    fsspec.filesystem("s3", skip_instance_cache=True, **options).ls(s3.bucket)
+    assert S3_CLIENT_DEFAULTS["retries"] == {"max_attempts": 4, "mode": "standard"}  # botocore got a copy
     fault_record(
         "fault", "S3 without credentials: the message names the URL and the variables", message=message
     )
