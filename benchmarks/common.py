@@ -29,6 +29,7 @@ __all__ = [
     "versions",
     "peak_rss_mib",
     "run_isolated",
+    "checkpoint_id",
     "command_line",
     "write_results",
     "IsolatedRun",
@@ -125,6 +126,16 @@ def run_isolated(argv: list[str], timeout_s: float = 600.0, env: dict[str, str] 
     result["wall_s"] = round(wall, 3)
     result["peak_rss_mib"] = round(usage.ru_maxrss * scale / 2**20, 1)
     return result
+
+
+def checkpoint_id(path: str | None) -> dict[str, str] | None:
+    """File name and content hash of a checkpoint (the header's ``content_sha256``): which weights a point
+    sampled, so points of a retrained checkpoint are never mistaken for the earlier one's."""
+    if path is None:
+        return None
+    from climrecon.models.checkpoint import read_checkpoint
+
+    return {"file": Path(path).name, "sha256": str(read_checkpoint(path).header["content_sha256"])}
 
 
 def command_line() -> str:

@@ -12,6 +12,11 @@ a shared 2-core CPU: every ``--month-stride``-th held-out month, ``--members`` m
 
     python benchmarks/methods_x8.py [--month-stride 10] [--members 16] [--steps 12]
 
+``--reuse dpdm`` takes a method's figures from the recorded run instead of sampling it again (only when that
+run scored the same months, members and sampler with the same checkpoint content; every other method reruns):
+
+    python benchmarks/methods_x8.py --month-stride 5 --members 16 --steps 12 --set sampler.solver=heun --reuse dpdm
+
 ``ablation`` scores CorrDiff checkpoints' regression alone on VALIDATION months (2006-2010; never the
 held-out years) and stores the table under ``ablation`` in the same JSON (kept by the main run):
 
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     add_evaluation_arguments,
+    checkpoint_id,
     command_line,
     evaluation_overrides,
     machine,
@@ -119,6 +125,38 @@ def _training_cost(path: Path) -> dict[str, Any]:
     return cost
 
 
+def method_label(method: str | dict[str, Any]) -> str:
+    """The label a method's figures are recorded under (``label`` or ``name``; a plain string is both)."""
+    return method if isinstance(method, str) else str(method.get("label", method["name"]))
+
+
+def reusable(
+    previous: dict[str, Any], labels: Sequence[str], sample: dict[str, Any], checkpoints: dict[str, Any]
+) -> list[str]:
+    """Why the recorded run ``previous`` cannot stand in for ``labels`` (empty: it can).
+
+    Reuse is exact or refused: the recorded run must have scored the same ``sample`` (months, members and,
+    on every sampler key it recorded, the sampler) and, for a method with a checkpoint, the same weights
+    (``checkpoints[label]["sha256"]`` equal to the recorded one)."""
+    problems = []
+    for key in ("months", "members"):
+        if previous.get(key) != sample[key]:
+            problems.append(f"the recorded {key} differ")
+    recorded = previous.get("sampler") or {}
+    changed = sorted(k for k, v in recorded.items() if sample["sampler"].get(k) != v)
+    if changed or not recorded:
+        problems.append(f"the recorded sampler differs in {changed or 'everything'}")
+    for label in labels:
+        if label not in previous.get("per_variable", {}):
+            problems.append(f"{label} has no recorded figures")
+        ident = checkpoints.get(label)
+        if ident is not None and (previous.get("checkpoints") or {}).get(label) != ident:
+            problems.append(
+                f"{label}'s checkpoint is not the recorded one ({ident['file']} {ident['sha256'][:12]})"
+            )
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,9 +165,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--corrdiff", type=Path, default=CORRDIFF)
     parser.add_argument("--dpdm", type=Path, default=DPDM)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="take METHOD's figures from the recorded run in --out (same months, members, sampler, checkpoint)",
+    )
     args = parser.parse_args(argv)
 
-    methods = [
+    every_method = [
         "bilinear",
         "qm",
         "bcsd",
@@ -142,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         {"name": "dpdm", "checkpoint": str(args.dpdm)},
         {"name": "corrdiff", "checkpoint": str(args.corrdiff)},
     ]
+    checkpoints = {
+        method_label(m): checkpoint_id(m["checkpoint"]) for m in every_method if isinstance(m, dict)
+    }
+    methods = [m for m in every_method if method_label(m) not in args.reuse]
     overrides = evaluation_overrides(
         methods,
         VARIABLES,
@@ -151,6 +200,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
     ) + list(args.overrides)
     cfg = load_config(None, overrides)
+    truth, _ = open_evaluation_truth(cfg)
+    held = heldout_months(truth, cfg.evaluate)[VARIABLES].astype("float32").load()
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    sample = {
+        "months": [f"{t.year:04d}-{t.month:02d}" for t in held["time"].values],
+        "members": args.members,
+        "sampler": cfg.sampler.model_dump(mode="json"),
+    }
+    if args.reuse and (problems := reusable(previous, args.reuse, sample, checkpoints)):
+        parser.error(f"cannot reuse {', '.join(args.reuse)} from {args.out}: " + "; ".join(problems))
     fields: dict[str, xr.Dataset] = {}
     factories = {
         m.key: _capturing(method_factory(m, cfg.sampler), fields, m.key) for m in cfg.evaluate.methods
@@ -158,12 +217,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     result = run_evaluation(cfg, methods=factories, log=lambda msg: print(msg, flush=True))
     wall = time.perf_counter() - start
-    truth, _ = open_evaluation_truth(cfg)
-    held = heldout_months(truth, cfg.evaluate)[VARIABLES].astype("float32").load()
+    assert result.months == sample["months"], (result.months, sample["months"])
 
     per_variable: dict[str, dict[str, dict[str, float]]] = {}
     for r in result.records:
         per_variable.setdefault(r["method"], {})[r["variable"]] = {k: r[k] for k in SCORES}
+    for label in args.reuse:  # the recorded figures (the ratio to bilinear is recomputed below)
+        per_variable[label] = {
+            v: {k: s[k] for k in SCORES} for v, s in previous["per_variable"][label].items()
+        }
     bilinear = per_variable["bilinear"]
     for scores in per_variable.values():
         for v, s in scores.items():
@@ -176,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     three = ["tas", "uas", "vas"]
     stochastic = [m for m, d in result.methods.items() if d.get("stochastic")]
+    stochastic += [m for m in args.reuse if m in previous.get("spread_skill_ratio", {})]
     wet = {"truth": float((held["pr"] > WET).mean())}
     pr_min = {}
     for name, ds in fields.items():
@@ -185,7 +248,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     rank_figures = []
     rank_counts: dict[str, dict[str, list[int]]] = {}
-    for name in stochastic:
+    for name in args.reuse:
+        for key, store in (("pr_wet_fraction", wet), ("pr_min_over_members_kg_m-2_s-1", pr_min)):
+            if name in previous.get(key, {}):
+                store[name] = previous[key][name]
+        if name in previous.get("rank_histograms", {}):
+            rank_counts[name] = previous["rank_histograms"][name]
+            rank_figures += [f for f in previous.get("figures", []) if f"methods_x8_rank_{name}_" in f]
+    for name in [m for m in stochastic if m not in args.reuse]:
         for v in fields[name].data_vars:
             counts = metrics.rank_histogram(fields[name][v], held[v], seed=0)
             rank_counts.setdefault(name, {})[str(v)] = [int(c) for c in counts.values]
@@ -212,7 +282,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             v: 0.9 <= per_variable["corrdiff"][v]["spread_skill_ratio"] <= 1.1 for v in VARIABLES
         },
     }
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    reports = {m: d.get("report", "") for m, d in result.methods.items()}
+    timings = list(result.timings)
+    for label in args.reuse:
+        reports[label] = previous.get("methods", {}).get(label, "")
+        timings += [
+            {**t, "reused_from_recorded_run": True}
+            for t in previous.get("timings", [])
+            if t.get("step") == f"{label} x8"
+        ]
     doc = {
         "benchmark": "issue 14: methods side by side, x8 perfect model, synthetic reanalysis (NOT observations)",
         "command": command_line(),
@@ -256,8 +334,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "CRPS; spread_skill_ratio sqrt((M+1)/M) spread / RMSE of the ensemble mean",
             *result.notes,
         ],
-        "methods": {m: d.get("report", "") for m, d in result.methods.items()},
-        "timings": result.timings,
+        "methods": reports,
+        "checkpoints": checkpoints,
+        "reused": {
+            label: "figures of the recorded run (same months, members, sampler and checkpoint content)"
+            for label in args.reuse
+        },
+        "timings": timings,
         "wall_s": round(wall, 1),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "machine": machine(),

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     add_evaluation_arguments,
+    checkpoint_id,
     command_line,
     evaluation_overrides,
     machine,
@@ -202,16 +203,6 @@ def run_curve(args: argparse.Namespace, method: str) -> dict[str, Any]:
         "settings": {"month_stride": args.month_stride, "members": args.members, "threads": args.threads},
         "notes": result.notes,
     }
-
-
-def checkpoint_id(path: str | None) -> dict[str, str] | None:
-    """File name and content hash of a checkpoint (the header's ``content_sha256``): which weights a point
-    sampled, so points of a retrained checkpoint are never mistaken for the earlier one's."""
-    if path is None:
-        return None
-    from climrecon.models.checkpoint import read_checkpoint
-
-    return {"file": Path(path).name, "sha256": str(read_checkpoint(path).header["content_sha256"])}
 
 
 def compare_to_reference(points: dict[str, dict[str, Any]]) -> None:

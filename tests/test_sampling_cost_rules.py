@@ -112,3 +112,37 @@ def test_speed_choices_follow_the_current_verdicts_over_the_recorded_timings():
     del rows["dpdm/dpmpp2m-12"], rows["dpdm/dpmpp2m-12 [compile]"]
     got = sc.speed_choices(rows, points, "dpdm/dpmpp2m-12")
     assert got["chosen_fastest"] is None and got["speedup_at_equal_skill"] is None
+
+
+def test_methods_x8_reuses_a_recorded_method_only_for_the_same_sample_and_weights():
+    import methods_x8 as mx  # noqa: PLC0415 - benchmarks/ is not a package
+
+    ident = {"file": "dpdm-westus-x8.pt", "sha256": "a" * 64}
+    sample = {"months": ["2011-01", "2011-06"], "members": 16, "sampler": {"solver": "heun", "num_steps": 12}}
+    recorded = {**sample, "per_variable": {"dpdm": {"tas": {}}}, "checkpoints": {"dpdm": ident}}
+    assert mx.reusable(recorded, ["dpdm"], sample, {"dpdm": ident}) == []
+    # a sampler key the recorded run did not know (added since) does not block reuse
+    assert (
+        mx.reusable(
+            recorded,
+            ["dpdm"],
+            {**sample, "sampler": {**sample["sampler"], "network": "eager"}},
+            {"dpdm": ident},
+        )
+        == []
+    )
+    assert mx.reusable(recorded, ["dpdm"], {**sample, "members": 8}, {"dpdm": ident}) == [
+        "the recorded members differ"
+    ]
+    other_solver = {**sample, "sampler": {"solver": None, "num_steps": 12}}
+    assert mx.reusable(recorded, ["dpdm"], other_solver, {"dpdm": ident}) == [
+        "the recorded sampler differs in ['solver']"
+    ]
+    retrained = {"file": "dpdm-westus-x8.pt", "sha256": "b" * 64}
+    assert mx.reusable(recorded, ["dpdm"], sample, {"dpdm": retrained}) == [
+        "dpdm's checkpoint is not the recorded one (dpdm-westus-x8.pt bbbbbbbbbbbb)"
+    ]
+    assert mx.reusable(
+        {**recorded, "checkpoints": {}}, ["dpdm"], sample, {"dpdm": ident}
+    )  # unrecorded weights
+    assert mx.reusable(recorded, ["qm"], sample, {}) == ["qm has no recorded figures"]
