@@ -364,9 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def ablation(argv: Sequence[str]) -> None:
     """Regression-only skill of CorrDiff checkpoints on validation months (pick the regression target)."""
-    from skill_core import heldout_inputs  # noqa: E402
-
     from climrecon.config import SamplerConfig
+    from climrecon.tasks.evaluate import heldout_inputs
 
     parser = argparse.ArgumentParser(prog="methods_x8.py ablation")
     parser.add_argument("--label", action="append", required=True, metavar="NAME=CHECKPOINT")

@@ -30,17 +30,12 @@ import torch
 import xarray as xr
 
 from climrecon.config import SamplerConfig, load_config
-from climrecon.methods import Inputs, Method, build
+from climrecon.methods import build
 from climrecon.tasks import metrics
-from climrecon.tasks.evaluate import perfect_model_inputs
-from climrecon.tasks.grids import Grid
-from climrecon.tasks.regrid import coarsen_blocks
+from climrecon.tasks.evaluate import heldout_inputs, spread_months
 from climrecon.tasks.training_data import (
     default_static_url,
     default_truth_url,
-    open_truth,
-    select_years,
-    static_for_truth,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,30 +45,6 @@ __all__ = ["spread_months", "heldout_inputs", "skill"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "dpdm-westus-x8.pt"
-
-
-def spread_months(n_available: int, n: int) -> np.ndarray:
-    """``n`` month indices spread evenly over ``n_available`` (all of them if ``n >= n_available``)."""
-    if n >= n_available:
-        return np.arange(n_available)
-    return np.unique(np.round(np.linspace(0, n_available - 1, n)).astype(int))
-
-
-def heldout_inputs(
-    method: Method, truth_url: str, static_url: str, years: tuple[int, int], n_months: int
-) -> tuple[xr.Dataset, Inputs]:
-    """(truth, the method's inputs) for ``n_months`` months spread over ``years``, coarsened by the
-    method's factor."""
-    variables = list(method.describe()["variables"])
-    truth = select_years(open_truth(truth_url, variables), years, f"truth store {truth_url}")
-    truth = truth.isel(time=spread_months(truth.sizes["time"], n_months)).astype("float32").load()
-    (factor,) = method.needs.factors
-    views = [n.removesuffix("_coarse") for n in method.needs.static if n.endswith("_coarse")]
-    grid = Grid.from_dataset(truth, "truth")
-    inputs = perfect_model_inputs(
-        coarsen_blocks(truth, factor), grid, static_for_truth(static_url, truth), views
-    )
-    return truth, inputs
 
 
 def skill(ensemble: xr.Dataset, truth: xr.Dataset, bilinear: xr.Dataset) -> dict[str, Any]:

@@ -17,7 +17,9 @@ map. In that space:
   (:class:`~climrecon.models.edm.RegressionLoss`), tiled and blended over the whole domain once per month;
 - the residual network generates ``(z - mu_z) / s_res`` with conditioning ``[<var>_coarse, <var>_mean, static,
   position]`` (``<var>_mean`` = ``mu_z``), sampled per member with the one tiled sampler;
-- a member is ``denormalize(mu_z + s_res * r)``: pr comes back through expm1 clipped at 0, never negative.
+- a member is ``denormalize(mu_z + f * s_res * r)``: pr comes back through expm1 clipped at 0, never negative;
+  ``f`` is 1 unless the checkpoint carries calibrated ``data.spread_inflation`` (fitted on validation months
+  by :mod:`climrecon.tasks.calibrate` so that the spread matches the error) or ``spread_inflation`` is set.
 
 ``regression_only: true`` gives the regression alone (deterministic; every member identical): the
 "regression-only" product and baseline. Seeds: member ``m`` of month ``t`` starts from
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from climrecon.methods.base import (
     Inputs,
@@ -114,6 +116,20 @@ class CorrDiffConfig(PatchModelConfig):
     )
     edm: EDMSection = EDMSection(P_mean=0.0)
     regression: RegressionSection = RegressionSection()
+    spread_inflation: dict[str, float] | None = Field(
+        None,
+        description="factor on each variable's generated residual (member = mean + factor x residual): "
+        "None takes the checkpoint's calibrated data.spread_inflation (climrecon.tasks.calibrate; 1 where "
+        "absent)",
+    )
+
+    @field_validator("spread_inflation")
+    @classmethod
+    def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: f for k, f in (value or {}).items() if not f > 0}
+        if bad:
+            raise ValueError(f"spread_inflation factors must be > 0, got {bad}")
+        return value
 
 
 # -- the two networks in network space (training and inference share these) ------------------------------
@@ -181,7 +197,21 @@ class CorrDiff(DPDM):
         self.reg_scale = [float(s) for s in data["regression_scale"]]
         residual = data.get("residual_scale")  # None in a checkpoint still in its regression stage
         self.res_scale = [float(s) for s in residual] if residual else None
+        self.inflation = self._inflation(config.spread_inflation, data.get("spread_inflation"))
         self.needs = self._needs(stochastic=not config.regression_only)
+
+    def _inflation(
+        self, configured: dict[str, float] | None, calibrated: dict[str, float] | None
+    ) -> list[float]:
+        """Each variable's factor on the generated residual: the config's, else the checkpoint's, else 1."""
+        factors = configured if configured is not None else (calibrated or {})
+        unknown = sorted(set(factors) - set(self.variables))
+        if unknown:
+            raise MethodError(
+                f"corrdiff spread_inflation names {unknown}, which checkpoint {self.checkpoint} does not "
+                f"predict (its variables: {list(self.variables)})"
+            )
+        return [float(factors.get(v, 1.0)) for v in self.variables]
 
     def mean(self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling) -> np.ndarray:
         """``mu_z`` [T, V, H, W] of the months of ``z_cond`` (network space)."""
@@ -210,7 +240,8 @@ class CorrDiff(DPDM):
             out = np.empty((len(index), *mu_z.shape), np.float32)
             out[:] = self._physical(mu_z)[None]
         else:
-            res = torch.tensor(self.res_scale, dtype=torch.float64).reshape(1, -1, 1, 1)
+            scale = [s * f for s, f in zip(self.res_scale, self.inflation, strict=True)]
+            res = torch.tensor(scale, dtype=torch.float64).reshape(1, -1, 1, 1)
 
             def to_physical(t_idx: np.ndarray, r: torch.Tensor) -> np.ndarray:
                 return self._physical(
@@ -233,6 +264,8 @@ class CorrDiff(DPDM):
         if self.config.regression_only:
             # the mean is deterministic: only the tiling's call shape can change its bytes
             return [*parts, "regression_only", self.sampler.max_patches_per_batch]
+        if self.config.spread_inflation is not None:  # the checkpoint's own factors are in its hash
+            parts.append(self.inflation)
         return [*parts, self.sampler.sampling_kwargs()]
 
     def describe(self) -> dict[str, Any]:
@@ -254,7 +287,14 @@ class CorrDiff(DPDM):
                 f"{self.config.key}: checkpoint `{Path(self.checkpoint).name}` (corrdiff, {kind}, x{self.factor}, "
                 f"regression {m.data.get('regression_stage', {}).get('steps', '?')} + residual step {m.step}, "
                 f"regression target {self.reg_target}), {sampling}, overlap {self.overlap}"
+                + (
+                    ""
+                    if self.config.regression_only or all(f == 1.0 for f in self.inflation)
+                    else ", residual inflation "
+                    + ", ".join(f"{v} {f:.3f}" for v, f in zip(self.variables, self.inflation, strict=True))
+                )
             ),
+            "spread_inflation": dict(zip(self.variables, self.inflation, strict=True)),
             "checkpoint": {
                 "path": self.checkpoint,
                 "sha256": self.sha256,

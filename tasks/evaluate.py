@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
@@ -48,6 +49,7 @@ from climrecon.methods.features import perfect_model_coarse, with_coarse_static
 from climrecon.storage import is_remote, public_url, resolve_storage_options
 from climrecon.tasks import metrics, plots
 from climrecon.tasks.grids import Grid
+from climrecon.tasks.regrid import coarsen_blocks
 from climrecon.tasks.training_data import open_truth, select_years, static_for_truth, time_stamps
 
 __all__ = [
@@ -62,6 +64,8 @@ __all__ = [
     "heldout_months",
     "method_factory",
     "perfect_model_inputs",
+    "spread_months",
+    "heldout_inputs",
     "run_evaluation",
     "records_frame",
     "write_records_csv",
@@ -350,6 +354,30 @@ def perfect_model_inputs(
     if static_fine is not None and views:
         static_fine = with_coarse_static(static_fine, Grid.from_dataset(coarse, "coarse input"), views)
     return Inputs.from_coarse(coarse, grid, static_fine, time_step=time_step, mask=mask)
+
+
+def spread_months(n_available: int, n: int) -> np.ndarray:
+    """``n`` month indices spread evenly over ``n_available`` (all of them if ``n >= n_available``)."""
+    if n >= n_available:
+        return np.arange(n_available)
+    return np.unique(np.round(np.linspace(0, n_available - 1, n)).astype(int))
+
+
+def heldout_inputs(
+    method: Method, truth_url: str, static_url: str, years: tuple[int, int], n_months: int
+) -> tuple[xr.Dataset, Inputs]:
+    """(truth, the method's inputs) for ``n_months`` months spread over ``years``, coarsened by the
+    method's factor."""
+    variables = list(method.describe()["variables"])
+    truth = select_years(open_truth(truth_url, variables), years, f"truth store {truth_url}")
+    truth = truth.isel(time=spread_months(truth.sizes["time"], n_months)).astype("float32").load()
+    (factor,) = method.needs.factors
+    views = [n.removesuffix("_coarse") for n in method.needs.static if n.endswith("_coarse")]
+    grid = Grid.from_dataset(truth, "truth")
+    inputs = perfect_model_inputs(
+        coarsen_blocks(truth, factor), grid, static_for_truth(static_url, truth), views
+    )
+    return truth, inputs
 
 
 def _stamp(t: int) -> str:

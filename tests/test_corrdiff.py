@@ -273,3 +273,80 @@ def test_shipped_checkpoint_has_both_networks_and_its_recorded_hash():
     recorded = re.search(r"content_sha256: `([0-9a-f]{64})`", section)
     assert recorded and recorded.group(1) == contents.header["content_sha256"]
     assert methods.dpdm.default_checkpoint(None, method="corrdiff") == str(SHIPPED)
+
+
+# -- spread calibration (climrecon.tasks.calibrate) --------------------------------------------------------
+def test_inflation_factor_calibrates_a_simulated_ensemble():
+    """truth = mu + e (std 1), members = mu + f r (r std 0.6, 8 members): the factor from the ratio measured
+    at f = 1 brings the project's spread-skill ratio to 1."""
+    import xarray as xr
+
+    from climrecon.tasks import metrics
+    from climrecon.tasks.calibrate import inflation_factor
+
+    rng = np.random.default_rng(0)
+    dims, shape = ("time", "lat", "lon"), (12, 40, 40)
+    coords = {"lat": np.linspace(30, 50, 40), "lon": np.linspace(-125, -105, 40)}
+    mu = rng.normal(size=shape)
+    truth = xr.DataArray(mu + rng.normal(size=shape), dims=dims, coords=coords)
+    r = rng.normal(scale=0.6, size=(8, *shape))
+
+    def ssr(f: float) -> float:
+        members = xr.DataArray(mu[None] + f * r, dims=("member", *dims), coords=coords)
+        return float(metrics.spread_skill_ratio(members, truth))
+
+    before = ssr(1.0)
+    f = inflation_factor(before, 8)
+    assert before < 0.7 and f == pytest.approx(1 / 0.6, rel=0.05)
+    assert ssr(f) == pytest.approx(1.0, abs=0.02)
+    assert inflation_factor(1.0, 8) == pytest.approx(1.0)  # calibrated: unchanged
+    assert inflation_factor(0.1, 8) == 2.0 and inflation_factor(5.0, 8) == 0.5  # clipped
+    with pytest.raises(ValueError, match="2 members"):
+        inflation_factor(0.9, 1)
+
+
+def test_spread_inflation_scales_the_residual_and_calibration_stores_it(world, tmp_path):
+    from dataclasses import replace
+
+    from climrecon.methods import MethodError
+    from climrecon.tasks.calibrate import fit_spread_inflation, write_calibrated
+
+    ckpt, inputs = world["checkpoint"], world["inputs"]
+    mean = methods.build({"name": "corrdiff", "checkpoint": ckpt, "regression_only": True}, FAST)
+    mu = mean.downscale(inputs, members=1).isel(member=0)
+    plain = methods.build({"name": "corrdiff", "checkpoint": ckpt}, FAST)
+    wide = methods.build({"name": "corrdiff", "checkpoint": ckpt, "spread_inflation": {"tas": 2.0}}, FAST)
+    a, b = plain.downscale(inputs, members=2, seed=5), wide.downscale(inputs, members=2, seed=5)
+    np.testing.assert_allclose((b["tas"] - mu["tas"]).values, 2 * (a["tas"] - mu["tas"]).values, atol=2e-3)
+    assert b["uas"].values.tobytes() == a["uas"].values.tobytes()  # other variables untouched
+    assert wide.identity(2, 5) != plain.identity(2, 5) and "tas 2.000" in wide.describe()["report"]
+    with pytest.raises(MethodError, match=r"spread_inflation names \['pr'\]"):
+        methods.build({"name": "corrdiff", "checkpoint": ckpt, "spread_inflation": {"pr": 1.1}}, FAST)
+
+    cfg = tiny_config(world["truth"], world["static"], tmp_path / "unused.pt")
+    fitted = fit_spread_inflation(ckpt, cfg=cfg, months=3, members=4, sampler=FAST)
+    factors, how = fitted["spread_inflation"], fitted["spread_calibration"]
+    assert set(factors) == {"tas", "uas", "vas"} and all(0.5 <= f <= 2.0 for f in factors.values())
+    assert how["years"] == [2001, 2001] and how["members"] == 4 and len(how["months"]) == 3  # validation
+    out = tmp_path / "calibrated.pt"
+    digest = write_calibrated(ckpt, out, fitted)
+    calibrated = methods.build({"name": "corrdiff", "checkpoint": str(out)}, FAST)
+    assert calibrated.inflation == [factors[v] for v in calibrated.variables]
+    data = read_checkpoint(out).metadata.data
+    assert (
+        data["spread_calibration"]["source"]["content_sha256"] == plain.sha256 and calibrated.sha256 == digest
+    )
+    # the config still overrides the checkpoint's factors
+    unit = {
+        "name": "corrdiff",
+        "checkpoint": str(out),
+        "spread_inflation": {"tas": 1.0, "uas": 1.0, "vas": 1.0},
+    }
+    assert methods.build(unit, FAST).downscale(inputs, members=2, seed=5)["vas"].values.tobytes() == (
+        a["vas"].values.tobytes()
+    )
+    contents = read_checkpoint(ckpt)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, contents.ema_states(), replace(contents.metadata, method="dpdm-residual"))
+    with pytest.raises(MethodError, match="spread calibration applies to"):
+        fit_spread_inflation(other, cfg=cfg)

@@ -40,13 +40,7 @@ def test_shipped_checkpoint_loads_verifies_and_is_inference_only():
 
 
 def test_shipped_checkpoint_samples_a_heldout_patch_deterministically():
-    sys_path = str(REPO / "benchmarks")
-    import sys
-
-    if sys_path not in sys.path:
-        sys.path.insert(0, sys_path)
-    from skill_core import heldout_inputs
-
+    from climrecon.tasks.evaluate import heldout_inputs
     from climrecon.tasks.training_data import default_static_url, default_truth_url
 
     cfg = load_config()

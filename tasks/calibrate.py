@@ -1,0 +1,150 @@
+"""Spread calibration: a per-variable inflation of a method's generated part, fitted on validation months.
+
+An ensemble whose spread is smaller than the error of its mean (spread-skill ratio below 1) is over-confident.
+For a method that generates a residual around a deterministic mean (CorrDiff: member = ``mu + f * s * r``),
+the factor ``f`` scales every member's deviation, hence the spread, without touching the mean. Under that
+model (truth = mu + e, members = mu + f r_i, e and r independent and zero-mean), the spread-skill ratio of an
+M-member ensemble is ``SSR(f)^2 = (M + 1) f^2 var(r) / (M var(e) + f^2 var(r))``, so the ratio ``SSR_1``
+measured with ``f = 1`` gives the calibrating factor in closed form (:func:`inflation_factor`):
+
+    f = sqrt(((M + 1) / SSR_1^2 - 1) / M)        (SSR(f) = 1)
+
+:func:`fit_spread_inflation` samples the method with no inflation on VALIDATION months (never the held-out
+ones), measures ``SSR_1`` per variable with :func:`climrecon.tasks.metrics.spread_skill_ratio`, and
+:func:`write_calibrated` stores the factors in a copy of the checkpoint (``data.spread_inflation``, with how
+they were fitted in ``data.spread_calibration``); the method applies them from then on.
+
+    python -m climrecon.tasks.calibrate outputs/train/corrdiff-westus-x8.ema.pt checkpoints/corrdiff-westus-x8.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from climrecon.config import ClimReconConfig, SamplerConfig, load_config
+from climrecon.methods import MethodError, build, parse_config
+from climrecon.models.checkpoint import read_checkpoint, save_checkpoint
+from climrecon.tasks import metrics
+from climrecon.tasks.evaluate import heldout_inputs
+from climrecon.tasks.training_data import default_static_url, default_truth_url
+
+__all__ = ["inflation_factor", "fit_spread_inflation", "write_calibrated", "main"]
+
+BOUNDS = (0.5, 2.0)  # a factor outside these says the model is wrong, not under-dispersed
+
+
+def inflation_factor(ssr: float, members: int, bounds: tuple[float, float] = BOUNDS) -> float:
+    """The factor ``f`` that brings an ``members``-member ensemble of spread-skill ratio ``ssr`` (measured
+    at ``f = 1``) to 1 (module docstring), clipped to ``bounds``."""
+    if not (ssr > 0 and members >= 2):
+        raise ValueError(f"need a positive spread-skill ratio and >= 2 members, got {ssr} and {members}")
+    ratio = ((members + 1) / ssr**2 - 1) / members  # var(e) / var(r)
+    return float(min(max(math.sqrt(max(ratio, 0.0)), bounds[0]), bounds[1]))
+
+
+def _inflatable(name: str) -> bool:
+    """Whether the registered method ``name`` takes ``spread_inflation`` in its config."""
+    try:
+        config = parse_config({"name": name})
+    except Exception:  # noqa: BLE001 - not a registered method name: not calibratable
+        return False
+    return "spread_inflation" in type(config).model_fields
+
+
+def fit_spread_inflation(
+    checkpoint: str | Path,
+    *,
+    cfg: ClimReconConfig | None = None,
+    years: tuple[int, int] | None = None,
+    months: int = 12,
+    members: int = 8,
+    sampler: SamplerConfig | None = None,
+    seed: int = 20261202,
+) -> dict[str, Any]:
+    """Sample ``checkpoint``'s method with no inflation on ``months`` months spread over ``years`` (default:
+    the checkpoint's validation years) of ``cfg``'s fine truth, and return ``{"spread_inflation": {var: f},
+    "spread_calibration": {how it was fitted, the spread-skill ratios before}}``."""
+    cfg = cfg or load_config()
+    meta = read_checkpoint(checkpoint).metadata
+    if not _inflatable(meta.method):
+        raise MethodError(
+            f"checkpoint {checkpoint} is a {meta.method!r} model; spread calibration applies to methods whose "
+            "config takes spread_inflation (a mean plus a generated residual, e.g. corrdiff)"
+        )
+    years = years or tuple(meta.data.get("validation_years") or ())
+    if len(years) != 2:
+        raise MethodError(f"checkpoint {checkpoint} records no validation years: pass years=(first, last)")
+    sampler = sampler or SamplerConfig(device="cpu")
+    unit = {v: 1.0 for v in meta.variables}
+    method = build({"name": meta.method, "checkpoint": str(checkpoint), "spread_inflation": unit}, sampler)
+    truth, inputs = heldout_inputs(method, default_truth_url(cfg), default_static_url(cfg), years, months)
+    ensemble = method.downscale(inputs, members=members, seed=seed)
+    ssr = {v: float(metrics.spread_skill_ratio(ensemble[v], truth[v])) for v in meta.variables}
+    return {
+        "spread_inflation": {v: round(inflation_factor(r, members), 4) for v, r in ssr.items()},
+        "spread_calibration": {
+            "rule": "f = sqrt(((M + 1) / SSR^2 - 1) / M), clipped to [0.5, 2] (climrecon.tasks.calibrate)",
+            "spread_skill_ratio_before": ssr,
+            "years": list(years),
+            "months": [str(t)[:7] for t in truth["time"].values],
+            "members": members,
+            "seed": seed,
+            "sampler": method.describe()["sampler"],
+        },
+    }
+
+
+def write_calibrated(src: str | Path, dst: str | Path, fitted: Mapping[str, Any]) -> str:
+    """Write ``dst``: the inference copy of ``src`` (weights, arrays, metadata) with ``fitted`` (what
+    :func:`fit_spread_inflation` returns) merged into its ``data``; returns the new content hash."""
+    contents = read_checkpoint(src)
+    meta = contents.metadata
+    data = {
+        **meta.data,
+        **fitted,
+        "spread_calibration": {
+            **fitted["spread_calibration"],
+            "source": {"file": Path(src).name, "content_sha256": contents.header["content_sha256"]},
+        },
+    }
+    return save_checkpoint(dst, contents.ema_states(), replace(meta, data=data), arrays=contents.arrays())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m climrecon.tasks.calibrate",
+        description="Fit a checkpoint's spread inflation on its validation months and write a calibrated copy.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="the trained checkpoint (read only)")
+    parser.add_argument("out", type=Path, help="the calibrated copy to write")
+    parser.add_argument("--config", type=Path, default=None, help="config whose fine truth is used")
+    parser.add_argument(
+        "--years", default=None, help="FIRST,LAST (default: the checkpoint's validation years)"
+    )
+    parser.add_argument("--months", type=int, default=12)
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the method's)")
+    args = parser.parse_args(argv)
+    years = tuple(int(y) for y in args.years.split(",")) if args.years else None
+    fitted = fit_spread_inflation(
+        args.checkpoint,
+        cfg=load_config(args.config),
+        years=years,
+        months=args.months,
+        members=args.members,
+        sampler=SamplerConfig(device="cpu", num_steps=args.steps),
+    )
+    digest = write_calibrated(args.checkpoint, args.out, fitted)
+    before = fitted["spread_calibration"]["spread_skill_ratio_before"]
+    for v, f in fitted["spread_inflation"].items():
+        print(f"{v}: spread-skill {before[v]:.3f} -> inflation {f:.4f}")
+    print(f"wrote {args.out} (content_sha256 {digest})")
+
+
+if __name__ == "__main__":
+    main()
