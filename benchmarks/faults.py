@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ledger = Path(tmp) / "ledger.json"
         start = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-m", "faults", "-p", "no:cacheprovider"],
+            [sys.executable, "-m", "pytest", "-q", "-m", "faults", "-n", "0", "-p", "no:cacheprovider"],
             cwd=REPO,
             env={**__import__("os").environ, "CLIMRECON_FAULTS_REPORT": str(ledger)},
             capture_output=True,

@@ -5,11 +5,17 @@
   throw-away credentials that tests put in the environment, never in a config).
 - ``s3`` (function): ``moto_s3`` with the credentials set as AWS_* environment variables and a fresh
   bucket; use ``s3.url(...)`` for object URLs and ``s3.storage_options`` for fsspec/xarray.
-- ``prefect_harness`` (session): Prefect's temporary test API (``prefect_test_harness``), ~10 s once.
+- ``prefect_harness`` (session): Prefect's temporary test API (``prefect_test_harness``), ~10-30 s once per
+  worker.
 - ``make_catalog``: writes an intake-esm catalog (JSON + CSV, the project's columns) for given rows.
 - ``fault_record`` (session): the fault suite's ledger (``record(category, kind, **figures)`` once a case
   has passed); written as JSON to ``$CLIMRECON_FAULTS_REPORT`` at the end of the session, which
   ``benchmarks/faults.py`` turns into ``benchmarks/results/faults.json``.
+
+The suite runs on two pytest-xdist workers (pyproject.toml's addopts), a whole module per worker
+(``--dist loadfile``: module fixtures are built once; the deployment's server and flow run serve one module);
+:func:`pytest_collection_modifyitems` sends the longest modules first, so that the two workers finish
+together. ``-n 0`` runs everything in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +29,27 @@ import pandas as pd
 import pytest
 
 from climrecon.localhost import serve_moto
+
+# modules sent first, longest first (from --durations on the CI machine); the rest follow in collection order
+LONG_MODULES = (
+    "test_faults.py",
+    "test_deployment_e2e.py",
+    "test_aggregate_s3.py",
+    "test_deploy_files.py",
+    "test_multi_host.py",
+    "test_fastpath.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest modules first, so that the two xdist workers (``--dist loadfile``) finish together."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: collection order within a rank
+
 
 CATALOG_COLUMNS = [
     "activity_id",
@@ -73,7 +100,7 @@ def prefect_harness():
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # a fresh database migrates slowly on a busy CPU
         yield
 
 
