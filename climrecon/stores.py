@@ -230,7 +230,11 @@ class StageStore:
                 return False
             taken, holder = self.lease(region, owner, seconds)
             if taken:
-                return True
+                # the holder may have written and released between our check and our lease: look again
+                if not self.is_done(region):
+                    return True
+                self.release(region, owner)
+                continue
             if not said:
                 LOG.warning(
                     "%s %s is being written by run %s (pid %s on %s, lease until %s): waiting for it",

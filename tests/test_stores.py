@@ -119,3 +119,23 @@ def test_claim_waits_for_a_live_lease_and_skips_a_block_written_meanwhile(tmp_pa
     assert got == {"b": False}  # ... so run B skips it
     assert "is being written by run run-a" in caplog.text and "was written by another run" in caplog.text
     assert store.claim({"time": slice(5, 10)}, "run-b")  # a free block is taken at once
+
+
+def test_claim_skips_a_block_written_between_its_check_and_its_lease(tmp_path, monkeypatch):
+    """The race a busy machine hits: run A writes and releases the block after run B found it not done but
+    before B took the free lease. B must look again, skip the block and leave no lease behind."""
+    ds = _dataset()
+    store = StageStore(str(tmp_path / "s.zarr"), key="k1")
+    store.initialize(ds.chunk({"time": 5}))
+    region = {"time": slice(0, 5)}
+    real_lease = store.lease
+
+    def lease_after_run_a_finished(region_, owner, seconds):
+        if not store.is_done(region_):
+            store.write_block(ds.isel(region_), region_)  # run A writes it and has released it ...
+        return real_lease(region_, owner, seconds)  # ... just before run B takes the free lease
+
+    monkeypatch.setattr(store, "lease", lease_after_run_a_finished)
+    assert store.claim(region, "run-b") is False
+    monkeypatch.undo()
+    assert store.lease(region, "run-c", 60) == (True, None)  # run B let its lease go
