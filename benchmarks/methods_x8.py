@@ -79,9 +79,11 @@ TRAINING = {
         "variables": ["tas", "uas", "vas"],
     },
     "corrdiff": {
-        "steps": {"regression": 2500, "residual": 5500},
-        "wall_s": 2680,
-        "wall_s_by_stage": {"data": 11, "regression": 856, "mean_of_training_months": 37, "residual": 1776},
+        "steps": {"regression": 5000, "residual": 2500},
+        "wall_s": None,
+        "wall_s_note": "roughly 6000-7500 s on a slow day of the shared VM (0.8-1.6 steps/s, the test suite ran beside "
+        "it for part of the run; data + regression stage 17:39-18:54); the exact log was lost with that session's "
+        "machine. The previous checkpoint (2500 + 5500 steps) took 2680 s on a quiet VM (3.0-3.3 steps/s)",
         "cores": "1 torch thread on a shared 2-core VM",
         "parameters": {"regression": 1197220, "denoiser": 1198372},
         "variables": VARIABLES,

@@ -14,7 +14,11 @@ ones), measures ``SSR_1`` per variable with :func:`climrecon.tasks.metrics.sprea
 :func:`write_calibrated` stores the factors in a copy of the checkpoint (``data.spread_inflation``, with how
 they were fitted in ``data.spread_calibration``); the method applies them from then on.
 
-    python -m climrecon.tasks.calibrate outputs/train/corrdiff-westus-x8.ema.pt checkpoints/corrdiff-westus-x8.pt
+    python -m climrecon.tasks.calibrate outputs/train/corrdiff-westus-x8.ema.pt checkpoints/corrdiff-westus-x8.pt \
+        --members 8 --steps 12
+
+A residual's spread depends a little on the sampler (its solver and steps): fit with the sampler you run
+(``--steps``, ``--solver``); the fit records it in ``data.spread_calibration.sampler``.
 """
 
 from __future__ import annotations
@@ -61,13 +65,13 @@ def fit_spread_inflation(
     *,
     cfg: ClimReconConfig | None = None,
     years: tuple[int, int] | None = None,
-    months: int = 12,
+    months: int | None = None,
     members: int = 8,
     sampler: SamplerConfig | None = None,
     seed: int = 20261202,
 ) -> dict[str, Any]:
     """Sample ``checkpoint``'s method with no inflation on ``months`` months spread over ``years`` (default:
-    the checkpoint's validation years) of ``cfg``'s fine truth, and return ``{"spread_inflation": {var: f},
+    every month of the checkpoint's validation years) of ``cfg``'s fine truth, and return ``{"spread_inflation": {var: f},
     "spread_calibration": {how it was fitted, the spread-skill ratios before}}``."""
     cfg = cfg or load_config()
     meta = read_checkpoint(checkpoint).metadata
@@ -126,9 +130,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--years", default=None, help="FIRST,LAST (default: the checkpoint's validation years)"
     )
-    parser.add_argument("--months", type=int, default=12)
+    parser.add_argument(
+        "--months", type=int, default=None, help="months spread over the years (default: every one of them)"
+    )
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the method's)")
+    parser.add_argument(
+        "--solver", choices=["heun", "ddim", "dpmpp2m"], default=None, help="sampler (default: the method's)"
+    )
     args = parser.parse_args(argv)
     years = tuple(int(y) for y in args.years.split(",")) if args.years else None
     fitted = fit_spread_inflation(
@@ -137,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         years=years,
         months=args.months,
         members=args.members,
-        sampler=SamplerConfig(device="cpu", num_steps=args.steps),
+        sampler=SamplerConfig(device="cpu", num_steps=args.steps, solver=args.solver),
     )
     digest = write_calibrated(args.checkpoint, args.out, fitted)
     before = fitted["spread_calibration"]["spread_skill_ratio_before"]

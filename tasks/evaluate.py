@@ -364,13 +364,14 @@ def spread_months(n_available: int, n: int) -> np.ndarray:
 
 
 def heldout_inputs(
-    method: Method, truth_url: str, static_url: str, years: tuple[int, int], n_months: int
+    method: Method, truth_url: str, static_url: str, years: tuple[int, int], n_months: int | None
 ) -> tuple[xr.Dataset, Inputs]:
-    """(truth, the method's inputs) for ``n_months`` months spread over ``years``, coarsened by the
-    method's factor."""
+    """(truth, the method's inputs) for ``n_months`` months spread over ``years`` (``None``: every time step
+    of those years), coarsened by the method's factor."""
     variables = list(method.describe()["variables"])
     truth = select_years(open_truth(truth_url, variables), years, f"truth store {truth_url}")
-    truth = truth.isel(time=spread_months(truth.sizes["time"], n_months)).astype("float32").load()
+    n = truth.sizes["time"]
+    truth = truth.isel(time=spread_months(n, n if n_months is None else n_months)).astype("float32").load()
     (factor,) = method.needs.factors
     views = [n.removesuffix("_coarse") for n in method.needs.static if n.endswith("_coarse")]
     grid = Grid.from_dataset(truth, "truth")

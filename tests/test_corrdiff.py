@@ -268,6 +268,9 @@ def test_shipped_checkpoint_has_both_networks_and_its_recorded_hash():
     assert meta.variables == ("tas", "uas", "vas", "pr") and meta.grid.coarsening_factor == 8
     assert meta.data["train_years"] == [1961, 2005] and meta.data["heldout_years"] == [2011, 2020]
     assert meta.data["regression_target"] == "residual" and meta.data["regression_stage"]["steps"] > 0
+    calibration = meta.data["spread_calibration"]  # fitted on validation months, never held-out ones
+    assert set(meta.data["spread_inflation"]) == set(meta.variables)
+    assert calibration["years"] == meta.data["validation_years"] == [2006, 2010]
     readme = (SHIPPED.parent / "README.md").read_text()
     section = readme[readme.index("# Shipped checkpoint: `corrdiff-westus-x8.pt`") :]
     recorded = re.search(r"content_sha256: `([0-9a-f]{64})`", section)
@@ -350,3 +353,13 @@ def test_spread_inflation_scales_the_residual_and_calibration_stores_it(world, t
     save_checkpoint(other, contents.ema_states(), replace(contents.metadata, method="dpdm-residual"))
     with pytest.raises(MethodError, match="spread calibration applies to"):
         fit_spread_inflation(other, cfg=cfg)
+
+
+def test_calibration_months_default_to_every_month_of_the_years(world):
+    from climrecon.tasks.evaluate import heldout_inputs
+
+    method = methods.build({"name": "corrdiff", "checkpoint": world["checkpoint"]}, FAST)
+    every, inputs = heldout_inputs(method, world["truth"], world["static"], (2001, 2001), None)
+    some, _ = heldout_inputs(method, world["truth"], world["static"], (2001, 2001), 3)
+    assert every.sizes["time"] == 12 and {t.year for t in every["time"].values} == {2001}
+    assert inputs.coarse_on_fine.sizes["time"] == 12 and some.sizes["time"] == 3
