@@ -80,10 +80,13 @@ TRAINING = {
     },
     "corrdiff": {
         "steps": {"regression": 5000, "residual": 2500},
-        "wall_s": None,
-        "wall_s_note": "roughly 6000-7500 s on a slow day of the shared VM (0.8-1.6 steps/s, the test suite ran beside "
-        "it for part of the run; data + regression stage 17:39-18:54); the exact log was lost with that session's "
-        "machine. The previous checkpoint (2500 + 5500 steps) took 2680 s on a quiet VM (3.0-3.3 steps/s)",
+        "wall_s": 2217,
+        "wall_s_by_stage": {
+            "startup_and_data": 30,
+            "regression_and_mean_of_training_months": 1495,
+            "residual": 710,
+        },
+        "note": "a 1-thread calibration job ran on the other core throughout (3.4-3.6 steps/s)",
         "cores": "1 torch thread on a shared 2-core VM",
         "parameters": {"regression": 1197220, "denoiser": 1198372},
         "variables": VARIABLES,

@@ -93,6 +93,7 @@ __all__ = [
 ROLES = ("regression", "denoiser")
 MEAN_SUFFIX = "_mean"
 LOG_EVERY = 50  # training log interval (steps) of both stages
+_log = logging.getLogger(__name__)
 
 
 class RegressionSection(_Section):
@@ -198,6 +199,8 @@ class CorrDiff(DPDM):
         residual = data.get("residual_scale")  # None in a checkpoint still in its regression stage
         self.res_scale = [float(s) for s in residual] if residual else None
         self.inflation = self._inflation(config.spread_inflation, data.get("spread_inflation"))
+        if config.spread_inflation is None and not config.regression_only:
+            self._check_calibration_sampler(data.get("spread_calibration") or {})
         self.needs = self._needs(stochastic=not config.regression_only)
 
     def _inflation(
@@ -212,6 +215,25 @@ class CorrDiff(DPDM):
                 f"predict (its variables: {list(self.variables)})"
             )
         return [float(factors.get(v, 1.0)) for v in self.variables]
+
+    def _check_calibration_sampler(self, calibration: dict[str, Any]) -> None:
+        """Warn when the checkpoint's factors were fitted with another solver or step count than this run
+        samples with: the residual's spread depends on the sampler, so they may not calibrate it."""
+        fitted = calibration.get("sampler") or {}
+        now = self.sampler.sampling_kwargs()
+        if fitted and (fitted.get("solver"), fitted.get("num_steps")) != (now["solver"], now["num_steps"]):
+            _log.warning(
+                "corrdiff: checkpoint %s's spread_inflation was fitted with %s %s steps, this run samples with "
+                "%s %s steps; its spread may not be calibrated (refit: python -m climrecon.tasks.calibrate "
+                "--solver %s --steps %s, or set spread_inflation)",
+                Path(self.checkpoint).name,
+                fitted.get("num_steps"),
+                fitted.get("solver"),
+                now["num_steps"],
+                now["solver"],
+                now["solver"],
+                now["num_steps"],
+            )
 
     def mean(self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling) -> np.ndarray:
         """``mu_z`` [T, V, H, W] of the months of ``z_cond`` (network space)."""

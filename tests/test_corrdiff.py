@@ -355,6 +355,30 @@ def test_spread_inflation_scales_the_residual_and_calibration_stores_it(world, t
         fit_spread_inflation(other, cfg=cfg)
 
 
+def test_a_sampler_other_than_the_calibrations_is_warned_about(world, tmp_path, caplog):
+    import logging
+
+    from climrecon.tasks.calibrate import write_calibrated
+
+    fitted = {
+        "spread_inflation": {"tas": 1.2, "uas": 1.2, "vas": 1.2},
+        "spread_calibration": {"sampler": {"solver": "heun", "num_steps": FAST.num_steps}},
+    }
+    out = tmp_path / "calibrated.pt"
+    write_calibrated(world["checkpoint"], out, fitted)
+    caplog.set_level(logging.WARNING, logger="climrecon.methods.corrdiff")
+    methods.build({"name": "corrdiff", "checkpoint": str(out)}, FAST)
+    assert "was fitted with" not in caplog.text  # the calibration's own sampler: quiet
+    other = FAST.model_copy(update={"num_steps": FAST.num_steps + 1})
+    methods.build({"name": "corrdiff", "checkpoint": str(out)}, other)
+    assert f"fitted with {FAST.num_steps} heun steps" in caplog.text and "--steps" in caplog.text
+    caplog.clear()  # a factor set in the config is the user's choice: quiet
+    methods.build({"name": "corrdiff", "checkpoint": str(out), "spread_inflation": {"tas": 1.0}}, other)
+    assert "was fitted with" not in caplog.text
+    uncalibrated = methods.build({"name": "corrdiff", "checkpoint": str(out), "spread_inflation": {}}, other)
+    assert uncalibrated.inflation == [1.0, 1.0, 1.0] and "was fitted with" not in caplog.text
+
+
 def test_calibration_months_default_to_every_month_of_the_years(world):
     from climrecon.tasks.evaluate import heldout_inputs
 
