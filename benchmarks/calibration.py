@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_evaluation_arguments,
     command_line,
-    evaluation_overrides,
     machine,
     peak_rss_mib,
+    run_side_by_side,
     versions,
     write_results,
 )
 
-from climrecon.config import load_config  # noqa: E402
 from climrecon.models.checkpoint import read_checkpoint  # noqa: E402
-from climrecon.tasks.evaluate import run_evaluation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "calibration.json"
@@ -103,22 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             },
         ]
     variables = sorted({v for m in checkpoints.values() for v in read_checkpoint(m).metadata.variables})
-    overrides = evaluation_overrides(
-        methods,
-        variables,
-        members=args.members,
-        month_stride=args.month_stride,
-        threads=args.threads,
-        steps=args.steps,
-    ) + list(args.overrides)
-    cfg = load_config(None, overrides)
-    start = time.perf_counter()
-    result = run_evaluation(cfg, log=lambda msg: print(msg, flush=True))
-    wall = time.perf_counter() - start
-
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    for r in result.records:
-        scores.setdefault(r["method"], {})[r["variable"]] = {k: r[k] for k in SCORES}
+    run = run_side_by_side(args, methods, variables, SCORES)
+    cfg, result, wall, scores = run.cfg, run.result, run.wall_s, run.scores
     comparison = {label: compare(scores, label) for label in checkpoints}
     doc = {
         "benchmark": "spread calibration on held-out months: calibrated checkpoint vs the same with factors 1",

@@ -4,7 +4,9 @@
 - :func:`peak_rss_mib`: this process's peak resident set size;
 - :func:`run_isolated`: run a command in a fresh child process and return its JSON result, wall time and
   the child's own peak RSS (from ``wait4``), so one case's memory never leaks into another's figure;
-- :func:`command_line` and :func:`write_results`: the exact command and a stable JSON file.
+- :func:`command_line` and :func:`write_results`: the exact command and a stable JSON file;
+- :func:`add_evaluation_arguments` / :func:`run_side_by_side`: a side-by-side evaluation of methods through
+  the evaluation stage's own code (:func:`climrecon.tasks.evaluate.run_evaluation`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,12 @@ __all__ = [
     "command_line",
     "write_results",
     "IsolatedRun",
+    "add_evaluation_arguments",
+    "evaluation_overrides",
+    "side_by_side_config",
+    "score_table",
+    "run_side_by_side",
+    "SideBySide",
 ]
 
 
@@ -200,3 +209,54 @@ def evaluation_overrides(
         f"sampler.num_steps={steps}",
         "sampler.device=cpu",
     ]
+
+
+@dataclass
+class SideBySide:
+    """What :func:`run_side_by_side` returns: the config, the evaluation result, its wall time and
+    ``scores[method label][variable][score name]``."""
+
+    cfg: Any
+    result: Any
+    wall_s: float
+    scores: dict[str, dict[str, dict[str, float]]]
+
+
+def side_by_side_config(args: argparse.Namespace, methods: list[Any], variables: list[str]) -> Any:
+    """The evaluation config of ``methods`` on ``variables`` with the arguments of
+    :func:`add_evaluation_arguments` (its ``--set`` overrides last)."""
+    from climrecon.config import load_config
+
+    overrides = evaluation_overrides(
+        methods,
+        variables,
+        members=args.members,
+        month_stride=args.month_stride,
+        threads=args.threads,
+        steps=args.steps,
+    ) + list(args.overrides)
+    return load_config(None, overrides)
+
+
+def score_table(
+    records: Sequence[dict[str, Any]], scores: Sequence[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {variable: {score: value}}}`` of the evaluation's records, keeping ``scores``."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for r in records:
+        table.setdefault(r["method"], {})[r["variable"]] = {k: r[k] for k in scores}
+    return table
+
+
+def run_side_by_side(
+    args: argparse.Namespace, methods: list[Any], variables: list[str], scores: Sequence[str]
+) -> SideBySide:
+    """Evaluate ``methods`` side by side on ``variables`` (:func:`side_by_side_config`: the same held-out
+    months, members, seeds and sampler for every method) and keep the ``scores`` of each method and variable."""
+    from climrecon.tasks.evaluate import run_evaluation
+
+    cfg = side_by_side_config(args, methods, variables)
+    start = time.perf_counter()
+    result = run_evaluation(cfg, log=lambda msg: print(msg, flush=True))
+    wall = time.perf_counter() - start
+    return SideBySide(cfg, result, wall, score_table(result.records, scores))

@@ -42,9 +42,10 @@ from common import (  # noqa: E402
     add_evaluation_arguments,
     checkpoint_id,
     command_line,
-    evaluation_overrides,
     machine,
     peak_rss_mib,
+    score_table,
+    side_by_side_config,
     versions,
     write_results,
 )
@@ -196,15 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         method_label(m): checkpoint_id(m["checkpoint"]) for m in every_method if isinstance(m, dict)
     }
     methods = [m for m in every_method if method_label(m) not in args.reuse]
-    overrides = evaluation_overrides(
-        methods,
-        VARIABLES,
-        members=args.members,
-        month_stride=args.month_stride,
-        threads=args.threads,
-        steps=args.steps,
-    ) + list(args.overrides)
-    cfg = load_config(None, overrides)
+    cfg = side_by_side_config(args, methods, VARIABLES)
     truth, _ = open_evaluation_truth(cfg)
     held = heldout_months(truth, cfg.evaluate)[VARIABLES].astype("float32").load()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -224,9 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     wall = time.perf_counter() - start
     assert result.months == sample["months"], (result.months, sample["months"])
 
-    per_variable: dict[str, dict[str, dict[str, float]]] = {}
-    for r in result.records:
-        per_variable.setdefault(r["method"], {})[r["variable"]] = {k: r[k] for k in SCORES}
+    per_variable = score_table(result.records, SCORES)
     for label in args.reuse:  # the recorded figures (the ratio to bilinear is recomputed below)
         per_variable[label] = {
             v: {k: s[k] for k in SCORES} for v, s in previous["per_variable"][label].items()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_evaluation_arguments,
     command_line,
-    evaluation_overrides,
     machine,
     peak_rss_mib,
+    run_side_by_side,
     versions,
     write_results,
 )
 
-from climrecon.config import load_config  # noqa: E402
 from climrecon.models.checkpoint import read_checkpoint  # noqa: E402
-from climrecon.tasks.evaluate import run_evaluation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "own_data.json"
@@ -86,22 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     methods: list[Any] = ["bilinear", "delta", "qm", "bcsd"]
     methods += [{"name": n, "label": label, "checkpoint": str(p)} for label, (n, p) in checkpoints.items()]
-    overrides = evaluation_overrides(
-        methods,
-        VARIABLES,
-        members=args.members,
-        month_stride=args.month_stride,
-        threads=args.threads,
-        steps=args.steps,
-    ) + list(args.overrides)
-    cfg = load_config(None, overrides)
-    start = time.perf_counter()
-    result = run_evaluation(cfg, log=lambda msg: print(msg, flush=True))
-    wall = time.perf_counter() - start
-
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    for r in result.records:
-        scores.setdefault(r["method"], {})[r["variable"]] = {k: r[k] for k in SCORES}
+    run = run_side_by_side(args, methods, VARIABLES, SCORES)
+    cfg, result, wall, scores = run.cfg, run.result, run.wall_s, run.scores
     mae = {m: {v: s["mae"] for v, s in sc.items()} for m, sc in scores.items()}
     ratio = {m: {v: x / mae["bilinear"][v] for v, x in sc.items()} for m, sc in mae.items()}
     spread = {
