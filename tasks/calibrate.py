@@ -30,6 +30,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from climrecon.config import ClimReconConfig, SamplerConfig, load_config
 from climrecon.methods import MethodError, build, parse_config
 from climrecon.models.checkpoint import read_checkpoint, save_checkpoint
@@ -83,6 +85,8 @@ def fit_spread_inflation(
     years = years or tuple(meta.data.get("validation_years") or ())
     if len(years) != 2:
         raise MethodError(f"checkpoint {checkpoint} records no validation years: pass years=(first, last)")
+    if cfg.evaluate.threads:
+        torch.set_num_threads(cfg.evaluate.threads)  # as the evaluation: oversubscribed CPUs crawl
     sampler = sampler or SamplerConfig(device="cpu")
     unit = {v: 1.0 for v in meta.variables}
     method = build({"name": meta.method, "checkpoint": str(checkpoint), "spread_inflation": unit}, sampler)
@@ -136,13 +140,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the method's)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on CPU (default: the config's evaluate.threads)",
+    )
+    parser.add_argument(
         "--solver", choices=["heun", "ddim", "dpmpp2m"], default=None, help="sampler (default: the method's)"
     )
     args = parser.parse_args(argv)
     years = tuple(int(y) for y in args.years.split(",")) if args.years else None
     fitted = fit_spread_inflation(
         args.checkpoint,
-        cfg=load_config(args.config),
+        cfg=load_config(args.config, [f"evaluate.threads={args.threads}"] if args.threads else []),
         years=years,
         months=args.months,
         members=args.members,
