@@ -74,7 +74,7 @@ def fit_spread_inflation(
 ) -> dict[str, Any]:
     """Sample ``checkpoint``'s method with no inflation on ``months`` months spread over ``years`` (default:
     every month of the checkpoint's validation years) of ``cfg``'s fine truth, and return ``{"spread_inflation": {var: f},
-    "spread_calibration": {how it was fitted, the spread-skill ratios before}}``."""
+    "spread_calibration": {how it was fitted; the spread-skill ratio, CRPS and ensemble-mean MAE before}}``."""
     cfg = cfg or load_config()
     meta = read_checkpoint(checkpoint).metadata
     if not _inflatable(meta.method):
@@ -93,11 +93,15 @@ def fit_spread_inflation(
     truth, inputs = heldout_inputs(method, default_truth_url(cfg), default_static_url(cfg), years, months)
     ensemble = method.downscale(inputs, members=members, seed=seed)
     ssr = {v: float(metrics.spread_skill_ratio(ensemble[v], truth[v])) for v in meta.variables}
+    crps = {v: float(metrics.crps(ensemble[v], truth[v])) for v in meta.variables}
+    mae = {v: float(metrics.mae(ensemble[v].mean("member"), truth[v])) for v in meta.variables}
     return {
         "spread_inflation": {v: round(inflation_factor(r, members), 4) for v, r in ssr.items()},
         "spread_calibration": {
             "rule": "f = sqrt(((M + 1) / SSR^2 - 1) / M), clipped to [0.5, 2] (climrecon.tasks.calibrate)",
             "spread_skill_ratio_before": ssr,
+            "crps_before": crps,  # of the uncalibrated ensemble: compare checkpoints on validation months
+            "ensemble_mean_mae_before": mae,
             "years": list(years),
             "months": [str(t)[:7] for t in truth["time"].values],
             "members": members,
@@ -160,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     digest = write_calibrated(args.checkpoint, args.out, fitted)
     before = fitted["spread_calibration"]["spread_skill_ratio_before"]
+    how = fitted["spread_calibration"]
     for v, f in fitted["spread_inflation"].items():
-        print(f"{v}: spread-skill {before[v]:.3f} -> inflation {f:.4f}")
+        print(
+            f"{v}: spread-skill {before[v]:.3f} -> inflation {f:.4f} (uncalibrated CRPS {how['crps_before'][v]:.4g}, "
+            f"ensemble-mean MAE {how['ensemble_mean_mae_before'][v]:.4g})"
+        )
     print(f"wrote {args.out} (content_sha256 {digest})")
 
 

@@ -331,6 +331,7 @@ def test_spread_inflation_scales_the_residual_and_calibration_stores_it(world, t
     factors, how = fitted["spread_inflation"], fitted["spread_calibration"]
     assert set(factors) == {"tas", "uas", "vas"} and all(0.5 <= f <= 2.0 for f in factors.values())
     assert how["years"] == [2001, 2001] and how["members"] == 4 and len(how["months"]) == 3  # validation
+    assert set(how["crps_before"]) == set(how["ensemble_mean_mae_before"]) == set(factors)
     out = tmp_path / "calibrated.pt"
     digest = write_calibrated(ckpt, out, fitted)
     calibrated = methods.build({"name": "corrdiff", "checkpoint": str(out)}, FAST)
