@@ -80,14 +80,18 @@ TRAINING = {
         "variables": ["tas", "uas", "vas"],
     },
     "corrdiff": {
-        "steps": {"regression": 5000, "residual": 2500},
-        "wall_s": 2217,
+        "steps": {"regression": 5000, "residual": 5500},
+        "wall_s": 3152,
         "wall_s_by_stage": {
             "startup_and_data": 30,
             "regression_and_mean_of_training_months": 1495,
-            "residual": 710,
+            "residual_to_2500": 710,
+            "continuation_startup_and_mean": 41,
+            "residual_2500_to_5500": 894,
         },
-        "note": "a 1-thread calibration job ran on the other core throughout (3.4-3.6 steps/s)",
+        "note": "two runs: configs/train-corrdiff-westus-x8.yaml (regression 5000 + residual 2500; a 1-thread "
+        "calibration job on the other core) and configs/train-corrdiff-westus-x8-longer.yaml (the residual "
+        "continued to 5500 steps, a warm restart of the cosine schedule); 3.3-3.6 steps/s",
         "cores": "1 torch thread on a shared 2-core VM",
         "parameters": {"regression": 1197220, "denoiser": 1198372},
         "variables": VARIABLES,
