@@ -78,8 +78,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     methods: list[Any] = []
     fitted: dict[str, Any] = {}
+    variables: set[str] = set()
     for label, path in checkpoints.items():
         meta = read_checkpoint(path).metadata
+        variables.update(meta.variables)
         if not meta.data.get("spread_inflation"):
             parser.error(
                 f"{path} has no data.spread_inflation: calibrate it first (climrecon.tasks.calibrate)"
@@ -99,8 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "spread_inflation": unit,
             },
         ]
-    variables = sorted({v for m in checkpoints.values() for v in read_checkpoint(m).metadata.variables})
-    run = run_side_by_side(args, methods, variables, SCORES)
+    run = run_side_by_side(args, methods, sorted(variables), SCORES)
     cfg, result, wall, scores = run.cfg, run.result, run.wall_s, run.scores
     comparison = {label: compare(scores, label) for label in checkpoints}
     doc = {

@@ -30,13 +30,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from climrecon.config import ClimReconConfig, SamplerConfig, load_config
 from climrecon.methods import MethodError, build, parse_config
 from climrecon.models.checkpoint import read_checkpoint, save_checkpoint
 from climrecon.tasks import metrics
-from climrecon.tasks.evaluate import heldout_inputs
+from climrecon.tasks.evaluate import heldout_inputs, use_threads
 from climrecon.tasks.training_data import default_static_url, default_truth_url
 
 __all__ = ["inflation_factor", "fit_spread_inflation", "write_calibrated", "main"]
@@ -85,8 +83,7 @@ def fit_spread_inflation(
     years = years or tuple(meta.data.get("validation_years") or ())
     if len(years) != 2:
         raise MethodError(f"checkpoint {checkpoint} records no validation years: pass years=(first, last)")
-    if cfg.evaluate.threads:
-        torch.set_num_threads(cfg.evaluate.threads)  # as the evaluation: oversubscribed CPUs crawl
+    use_threads(cfg.evaluate.threads)  # as the evaluation does
     sampler = sampler or SamplerConfig(device="cpu")
     unit = {v: 1.0 for v in meta.variables}
     method = build({"name": meta.method, "checkpoint": str(checkpoint), "spread_inflation": unit}, sampler)
@@ -163,11 +160,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sampler=SamplerConfig(device="cpu", num_steps=args.steps, solver=args.solver),
     )
     digest = write_calibrated(args.checkpoint, args.out, fitted)
-    before = fitted["spread_calibration"]["spread_skill_ratio_before"]
     how = fitted["spread_calibration"]
     for v, f in fitted["spread_inflation"].items():
         print(
-            f"{v}: spread-skill {before[v]:.3f} -> inflation {f:.4f} (uncalibrated CRPS {how['crps_before'][v]:.4g}, "
+            f"{v}: spread-skill {how['spread_skill_ratio_before'][v]:.3f} -> inflation {f:.4f} (uncalibrated CRPS {how['crps_before'][v]:.4g}, "
             f"ensemble-mean MAE {how['ensemble_mean_mae_before'][v]:.4g})"
         )
     print(f"wrote {args.out} (content_sha256 {digest})")

@@ -65,6 +65,7 @@ __all__ = [
     "method_factory",
     "perfect_model_inputs",
     "spread_months",
+    "use_threads",
     "heldout_inputs",
     "run_evaluation",
     "records_frame",
@@ -363,6 +364,13 @@ def spread_months(n_available: int, n: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n_available - 1, n)).astype(int))
 
 
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU intra-op threads to ``threads`` (``None``: leave torch's own choice). Evaluation-like
+    work takes ``evaluate.threads``: oversubscribed CPUs make multi-threaded small convolutions crawl."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def heldout_inputs(
     method: Method, truth_url: str, static_url: str, years: tuple[int, int], n_months: int | None
 ) -> tuple[xr.Dataset, Inputs]:
@@ -370,8 +378,9 @@ def heldout_inputs(
     of those years), coarsened by the method's factor."""
     variables = list(method.describe()["variables"])
     truth = select_years(open_truth(truth_url, variables), years, f"truth store {truth_url}")
-    n = truth.sizes["time"]
-    truth = truth.isel(time=spread_months(n, n if n_months is None else n_months)).astype("float32").load()
+    available = truth.sizes["time"]
+    n = available if n_months is None else n_months
+    truth = truth.isel(time=spread_months(available, n)).astype("float32").load()
     (factor,) = method.needs.factors
     views = [n.removesuffix("_coarse") for n in method.needs.static if n.endswith("_coarse")]
     grid = Grid.from_dataset(truth, "truth")
@@ -403,8 +412,7 @@ def run_evaluation(
     configured methods by name -> factory (any :class:`~climrecon.methods.Method`), e.g. to score a new one."""
     ev = cfg.evaluate
     say = log or (lambda _msg: None)
-    if ev.threads:
-        torch.set_num_threads(ev.threads)  # oversubscribed CPUs make multi-threaded small convolutions crawl
+    use_threads(ev.threads)
     variables = cfg.evaluate_variables()
     factories = (
         dict(methods) if methods is not None else {m.key: method_factory(m, cfg.sampler) for m in ev.methods}
