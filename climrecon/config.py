@@ -495,7 +495,7 @@ class EvaluateConfig(_Model):
         default_factory=lambda: [4, 8, 16, 20], description="coarsening factors (>= 2)"
     )
     methods: list[SerializeAsAny[MethodConfig]] = Field(
-        default_factory=lambda: [_method(m) for m in ("bilinear", "bcsd", "qm", "dpdm")],
+        default_factory=lambda: [_method(m) for m in ("bilinear", "bcsd", "qm", "local_regression", "dpdm")],
         description="registered method names or method configs",
     )
     ensemble_sizes: list[int] = Field(default_factory=lambda: [1, 16], description="diffusion ensemble sizes")

@@ -129,7 +129,14 @@ def _register_builtins() -> None:
     ``climrecon.methods``: importing the module registers it, in every process, Dask workers included)."""
     from importlib.metadata import entry_points
 
-    from climrecon.methods import baselines, corrdiff, dpdm, spatiotemporal, zssd  # noqa: F401  (each registers)
+    from climrecon.methods import (  # noqa: F401  (each registers)
+        baselines,
+        corrdiff,
+        dpdm,
+        local_regression,
+        spatiotemporal,
+        zssd,
+    )
 
     for ep in entry_points(group="climrecon.methods"):
         try:
