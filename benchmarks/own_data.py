@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "corrdiff": ("corrdiff", args.corrdiff),
         "corrdiff_clim": ("corrdiff", args.corrdiff_clim),
     }
-    methods: list[Any] = ["bilinear", "delta", "qm", "bcsd"]
+    methods: list[Any] = ["bilinear", "delta", "qm", "bcsd", "local_regression"]
     methods += [{"name": n, "label": label, "checkpoint": str(p)} for label, (n, p) in checkpoints.items()]
     run = run_side_by_side(args, methods, VARIABLES, SCORES)
     cfg, result, wall, scores = run.cfg, run.result, run.wall_s, run.scores
@@ -100,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         for m in DIFFUSION
         if m in mae
+    }
+    # not a goal of the issue: the strongest simple baseline (methods/local_regression.py), per variable
+    below_local_regression = {
+        m: {v: mae[m][v] < mae["local_regression"][v] for v in mae[m]} for m in DIFFUSION if m in mae
     }
     ablation = {
         base: {
@@ -127,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "spread_skill_ratio": spread,
         "climatology_ablation_mae_ratio_vs_bilinear": ablation,
         "goals": goals,
+        "mae_below_local_regression": below_local_regression,
         "per_variable": scores,
         "training": {label: _cost(p) for label, (_, p) in checkpoints.items() if p.exists()},
         "methods": {m: d.get("report", "") for m, d in result.methods.items()},

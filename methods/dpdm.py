@@ -38,6 +38,7 @@ from climrecon.methods.base import (
     member_indices,
     per_step,
 )
+from climrecon.methods.baselines import BaselineError
 from climrecon.methods.features import (
     STATIC_SCALING,
     TARGET_KINDS,
@@ -48,6 +49,7 @@ from climrecon.methods.features import (
     normalize_conditioning,
     time_of_year,
 )
+from climrecon.methods.local_regression import LocalRegression
 from climrecon.models.checkpoint import (
     CheckpointMetadata,
     GridSpec,
@@ -61,6 +63,7 @@ from climrecon.models.normalization import NormalizationStats
 from climrecon.models.tiled import sample_tiled
 from climrecon.models.tiling import Tiling, TilingError, make_tiling
 from climrecon.models.unet import UNet, UNetConfig
+from climrecon.tasks.grids import Grid
 
 if TYPE_CHECKING:
     from climrecon.config import ClimReconConfig, TrainSection
@@ -128,6 +131,12 @@ class PatchModelConfig(MethodConfig):
         False,
         description="condition on the training period's mean residual per cell and calendar month "
         "(<var>_clim, stored in the checkpoint): what the climatological-delta baseline knows",
+    )
+    first_guess: Literal["bilinear", "local_regression"] = Field(
+        "bilinear",
+        description="what the coarse input becomes on the fine grid (the <var>_coarse planes, and the base of a "
+        "residual target): bilinear interpolation, or the local_regression baseline fitted on the training "
+        "pairs and stored in the checkpoint (bilinear + the regression's fine-scale residual)",
     )
     patch_size: int = Field(32, ge=8, description="training patch (a multiple of train.factor)")
     network: NetworkSection = NetworkSection()
@@ -273,6 +282,14 @@ class DPDM:
                 )
             except (ConditioningError, KeyError) as exc:
                 raise MethodError(f"checkpoint {self.checkpoint}: {exc}") from None
+        self.first_guess: LocalRegression | None = None
+        if "first_guess" in self.metadata.data:
+            try:
+                self.first_guess = LocalRegression.from_checkpoint(
+                    contents.arrays(), self.metadata.data["first_guess"]
+                )
+            except (BaselineError, KeyError) as exc:
+                raise MethodError(f"checkpoint {self.checkpoint}: {exc}") from None
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
         distilled = self.metadata.data.get("distilled")
@@ -309,7 +326,7 @@ class DPDM:
             static=tuple(self.spec.static_names()),
             factors=(self.spec.factor,),
             stochastic=stochastic,
-            coarse=False,
+            coarse=self.first_guess is not None,  # the first guess regresses on the coarse grid's own cells
         )
 
     # -- what the checkpoint is --
@@ -377,7 +394,20 @@ class DPDM:
                 self.climatology.on(grid, [1], self.variables)
             except ConditioningError as exc:
                 raise MethodError(f"checkpoint {path}: {exc}") from None
+        if self.first_guess is not None:
+            self._check_first_guess(inputs)
         self._check_tiling(inputs)
+
+    def _check_first_guess(self, inputs: Inputs) -> None:
+        """A first guess fitted on the training grids downscales those grids only."""
+        fg, path = self.first_guess, self.checkpoint
+        coarse = Grid.from_dataset(inputs.coarse, "coarse input")
+        if not (fg.fine_grid.same_cells(inputs.grid) and fg.coarse_grid.same_cells(coarse)):
+            raise MethodError(
+                f"checkpoint {path} is conditioned on a local-regression first guess fitted on "
+                f"{fg.coarse_grid.describe()} -> {fg.fine_grid.describe()}; the input is {coarse.describe()} -> "
+                f"{inputs.grid.describe()}: such a model downscales the region and grids it was trained on"
+            )
 
     def _check_resolution(self, inputs: Inputs) -> None:
         """The target grid has the fine resolution the checkpoint was trained at (both axes)."""
@@ -419,11 +449,14 @@ class DPDM:
         conditioning, time of year [T], the tiling of the target grid); NaN/inf conditioning is refused
         naming the months."""
         self.validate(inputs)
+        coarse_fine = inputs.coarse_on_fine[
+            [v for v in self.variables if self.spec.coarse or v in inputs.coarse_on_fine]
+        ].load()
+        if self.first_guess is not None:
+            coarse_fine = self._with_first_guess(inputs, coarse_fine)
         try:
             cond = conditioning_stack(
-                inputs.coarse_on_fine[
-                    [v for v in self.variables if self.spec.coarse or v in inputs.coarse_on_fine]
-                ].load(),
+                coarse_fine,
                 inputs.static[self.spec.static_names()].load(),
                 self.spec,
                 self.climatology,
@@ -440,6 +473,15 @@ class DPDM:
         z_cond = network_conditioning(values, self.spec.channel_names(), self.metadata)
         tiling = make_tiling(inputs.grid.nlat, inputs.grid.nlon, self.patch, self.overlap)
         return values, times, z_cond, time_of_year(times, inputs.time_step), tiling
+
+    def _with_first_guess(self, inputs: Inputs, coarse_fine: xr.Dataset) -> xr.Dataset:
+        """``coarse_fine`` improved by the checkpoint's first guess, exactly as training built it."""
+        try:
+            return self.first_guess.first_guess(coarse_fine, inputs.coarse, list(self.variables))
+        except KeyError as exc:
+            raise MethodError(
+                f"checkpoint {self.checkpoint}: the coarse input lacks {exc}, a predictor of its first guess"
+            ) from None
 
     def _sample(
         self,
@@ -611,6 +653,11 @@ def prepare_training(
             diurnal=source.time_step == "hour",
             coarse=coarse,
         )
+        first_guess = None
+        if config.first_guess == "local_regression":
+            if not coarse:
+                raise MethodError("first_guess: local_regression needs coarse planes; a prior has none")
+            first_guess = LocalRegression(list(variables), {v: list(variables) for v in variables})
         return training_setup(
             section,
             spec,
@@ -618,6 +665,7 @@ def prepare_training(
             target=target or config.target,
             patch_size=config.patch_size,
             window=window,
+            first_guess=first_guess,
         )
     except TrainingDataError as exc:
         raise MethodError(str(exc)) from None

@@ -31,9 +31,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 import xarray as xr
 from pydantic import Field
 
@@ -55,7 +56,14 @@ from climrecon.methods.baselines import (
 )
 from climrecon.tasks.grids import Grid
 
-__all__ = ["LocalRegressionConfig", "LocalRegression", "LocalRegressionDownscaler", "RIDGE_GRID"]
+__all__ = [
+    "LocalRegressionConfig",
+    "LocalRegression",
+    "LocalRegressionDownscaler",
+    "RIDGE_GRID",
+    "to_checkpoint",
+    "from_checkpoint",
+]
 
 RIDGE_GRID = tuple(float(a) for a in np.logspace(-7, 3, 21))
 """Ridge strengths tried, per training step (the penalty is ``alpha * n_steps``; predictors standardised)."""
@@ -242,6 +250,30 @@ class LocalRegression:
             weights[cells] = _weights(vt_t, uty, s, alpha * n_rows).T
         self.weights[var] = weights.reshape(fy, fx, -1)
 
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(arrays, JSON description): what a checkpoint stores of it (:func:`to_checkpoint`)."""
+        return to_checkpoint(self)
+
+    @classmethod
+    def from_checkpoint(cls, arrays: dict[str, torch.Tensor], description: dict[str, Any]) -> LocalRegression:
+        return from_checkpoint(arrays, description)
+
+    def first_guess(
+        self, coarse_fine: xr.Dataset, coarse: xr.Dataset, variables: Sequence[str] | None = None
+    ) -> xr.Dataset:
+        """``coarse_fine`` (the coarse input bilinearly on the fine grid) plus the predicted residual of each
+        of ``variables`` (default all fitted) from ``coarse`` (on the fitted coarse grid): what a network
+        conditioned on this regression sees as its ``<var>_coarse`` planes, in training and at inference
+        alike. Cells the regression leaves NaN (never valid in training) keep the bilinear value."""
+        variables = list(self.variables if variables is None else variables)
+        coarse = coarse.assign_coords(lat=self.coarse_grid.lat, lon=self.coarse_grid.lon)
+        residual = self.residual(coarse, coarse["time"].dt.month.values, variables)
+        out = coarse_fine.copy()
+        for v in variables:
+            add = np.nan_to_num(residual[v], nan=0.0).astype(np.float32)
+            out[v] = (coarse_fine[v].transpose("time", "lat", "lon") + add).astype("float32")
+        return out
+
     # -- predict --------------------------------------------------------------------------------------------
     def residual(
         self, coarse: xr.Dataset, months: np.ndarray, variables: Sequence[str] | None = None, chunk: int = 32
@@ -263,6 +295,74 @@ class LocalRegression:
                 parts.append(np.einsum("tyxf,yxf->tyx", on_fine, w))
             out[var] = np.concatenate(parts, axis=0) + self.residual_climatology[var][months - 1]
         return out
+
+
+ARRAY_PREFIX = "first_guess"  # names of a fitted regression's arrays in a checkpoint (``first_guess/...``)
+
+
+def _grid_record(grid: Grid) -> dict[str, float | int]:
+    return {k: getattr(grid, k) for k in ("south", "west", "dlat", "dlon", "nlat", "nlon")}
+
+
+def to_checkpoint(model: LocalRegression) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(arrays, JSON description) of a fitted regression, what a checkpoint stores beside its networks (a
+    model conditioned on it needs it at inference); :func:`from_checkpoint` reads them back exactly."""
+    arrays: dict[str, torch.Tensor] = {}
+    for kind, table in (
+        ("weights", model.weights),
+        ("residual_climatology", model.residual_climatology),
+        ("coarse_climatology", model.coarse_climatology),
+    ):
+        for name, values in table.items():
+            arrays[f"{ARRAY_PREFIX}/{kind}/{name}"] = torch.from_numpy(
+                np.ascontiguousarray(values, np.float64)
+            )
+    description = {
+        "method": "local_regression",
+        "definition": "bilinear + residual climatology of the calendar month + ridge regression per fine cell on "
+        "the standardised coarse anomalies of the (2 halo + 1)^2 surrounding coarse cells (training times only)",
+        "variables": list(model.variables),
+        "predictors": {k: list(v) for k, v in model.predictors.items()},
+        "halo": model.halo,
+        "ridge": dict(model.ridge),
+        "min_values": model.min_values,
+        "coarse_grid": _grid_record(model.coarse_grid),
+        "fine_grid": _grid_record(model.fine_grid),
+        "windows": {str(m): list(w) for m, w in model.windows.items()},
+        "coarse_scale": dict(model.coarse_scale),
+    }
+    return arrays, description
+
+
+def from_checkpoint(arrays: dict[str, torch.Tensor], description: dict[str, Any]) -> LocalRegression:
+    """The :class:`LocalRegression` stored by :func:`to_checkpoint`; BaselineError naming what is missing."""
+
+    def table(kind: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+        keys = {n: f"{ARRAY_PREFIX}/{kind}/{n}" for n in names}
+        missing = [k for k in keys.values() if k not in arrays]
+        if missing:
+            raise BaselineError(
+                f"the checkpoint describes a local-regression first guess but lacks {missing}"
+            )
+        return {n: arrays[k].numpy() for n, k in keys.items()}
+
+    variables = list(description["variables"])
+    predictors = {k: list(v) for k, v in description["predictors"].items()}
+    used = sorted({p for v in variables for p in predictors[v]})
+    return LocalRegression(
+        variables,
+        predictors,
+        int(description["halo"]),
+        ridge=dict(description["ridge"]),
+        min_values=int(description["min_values"]),
+        coarse_grid=Grid(**description["coarse_grid"]),
+        fine_grid=Grid(**description["fine_grid"]),
+        windows={int(m): tuple(w) for m, w in description["windows"].items()},
+        coarse_climatology=table("coarse_climatology", used),
+        coarse_scale={k: float(v) for k, v in description["coarse_scale"].items()},
+        residual_climatology=table("residual_climatology", variables),
+        weights=table("weights", variables),
+    )
 
 
 def _monthly(da: xr.DataArray, windows: dict[int, tuple[int, ...]]) -> np.ndarray:

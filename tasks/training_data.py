@@ -141,6 +141,16 @@ def _pairs_fields(truth: xr.Dataset, spec: ConditioningSpec) -> tuple[xr.Dataset
     return target, coarse_on_fine(perfect_model_coarse(target, spec.factor), grid), grid
 
 
+def _with_first_guess(
+    fields: tuple[xr.Dataset, xr.Dataset, Grid], model: Any, spec: ConditioningSpec
+) -> tuple[xr.Dataset, xr.Dataset, Grid]:
+    """:func:`_pairs_fields`' output with ``model`` (see :func:`training_setup`) fitted on the pairs and its
+    predicted residual added to the coarse-on-fine fields."""
+    target, coarse_fine, grid = fields
+    coarse = perfect_model_coarse(target, spec.factor)
+    return target, model.fit(coarse, target).first_guess(coarse_fine, coarse, spec.variables), grid
+
+
 def training_climatology(truth: xr.Dataset, spec: ConditioningSpec) -> Climatology:
     """The residual climatology (:func:`~climrecon.methods.features.residual_climatology`) of the
     perfect-model pairs of ``truth`` (pass the TRAINING times only)."""
@@ -396,10 +406,14 @@ class TrainingSetup:
     grid: Grid
     data: dict[str, Any]  # labelled description of the training data (goes into the checkpoint)
     climatology: Climatology | None = None  # training-period residual climatology (spec.climatology)
+    first_guess: Any = None  # the fitted first guess (training_setup's first_guess), if any
 
     def arrays(self) -> dict[str, torch.Tensor]:
-        """What the checkpoint stores beside the weights (the climatology, if any)."""
-        return self.climatology.arrays() if self.climatology is not None else {}
+        """What the checkpoint stores beside the weights (the climatology and the first guess, if any)."""
+        out = self.climatology.arrays() if self.climatology is not None else {}
+        if self.first_guess is not None:
+            out.update(self.first_guess.to_checkpoint()[0])
+        return out
 
 
 def time_stamps(times: Any) -> list[int]:
@@ -510,9 +524,18 @@ def training_setup(
     target: str = "residual",
     patch_size: int = 32,
     window: int = 1,
+    first_guess: Any = None,
 ) -> TrainingSetup:
     """Training-time pairs of ``source`` (``section``: a TrainSection, for the batch size and seed), their
-    statistics and the crop sampler; held-out times are never opened."""
+    statistics and the crop sampler; held-out times are never opened.
+
+    ``first_guess`` (optional, unfitted): a model with ``fit(coarse, fine)`` -> itself,
+    ``first_guess(coarse_fine, coarse, variables)`` -> the coarse-on-fine fields it improves and
+    ``to_checkpoint()`` -> (arrays, description), e.g.
+    :class:`climrecon.methods.local_regression.LocalRegression`. It is fitted on the training pairs (coarse =
+    the truth's block means) and its predicted fine-minus-bilinear residual is added to the ``<var>_coarse``
+    fields: the network is conditioned on, and a residual target is taken from, the first guess instead of
+    the bilinear field. Cells it leaves NaN (never valid) keep the bilinear value."""
     if target not in TARGET_KINDS:
         raise TrainingDataError(f"target must be one of {TARGET_KINDS}, got {target!r}")
     if target == "residual":
@@ -524,6 +547,8 @@ def training_setup(
             )
     truth = source.truth
     fields = _pairs_fields(truth, spec)  # coarsened once, for the climatology and the conditioning
+    if first_guess is not None:
+        fields = _with_first_guess(fields, first_guess, spec)
     climatology = residual_climatology(fields[0], fields[1], spec.variables) if spec.climatology else None
     clim_scale = dict(zip(spec.variables, climatology.scale, strict=True)) if climatology else None
     pairs, cond = _stacked(fields, source.static, spec, climatology)
@@ -559,7 +584,9 @@ def training_setup(
         data["window"] = window
     if climatology is not None:
         data["climatology"] = climatology.describe()
+    if first_guess is not None:
+        data["first_guess"] = first_guess.to_checkpoint()[1]
     if valid is not None:
         data["masked_cells"] = int((~valid).sum())
     grid = Grid.from_dataset(truth, "truth")
-    return TrainingSetup(batches, stats, cond_stats, spec, grid, data, climatology)
+    return TrainingSetup(batches, stats, cond_stats, spec, grid, data, climatology, first_guess)
