@@ -66,6 +66,7 @@ OUT = RESULTS / "methods_x8.json"
 FIGURES = RESULTS / "figures"
 CORRDIFF = REPO / "checkpoints" / "corrdiff-westus-x8.pt"
 DPDM = REPO / "checkpoints" / "dpdm-westus-x8.pt"
+DPDM_FG = REPO / "checkpoints" / "first_guess" / "dpdm-fg-westus-x8.pt"  # first_guess: local_regression
 VARIABLES = ["tas", "uas", "vas", "pr"]
 WET = 1.0 / 86400.0  # 1 mm/day in kg m-2 s-1: a "wet" cell-month
 SCORES = ("mae", "rmse", "crps", "spread_skill_ratio", "q99_error", "log_spectral_distance", "bias")
@@ -174,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_evaluation_arguments(parser, month_stride=10, members=16)
     parser.add_argument("--corrdiff", type=Path, default=CORRDIFF)
     parser.add_argument("--dpdm", type=Path, default=DPDM)
+    parser.add_argument(
+        "--dpdm-fg", type=Path, default=DPDM_FG, help="DPDM on the local-regression first guess"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument(
         "--reuse",
@@ -196,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "checkpoint": str(args.corrdiff),
         },
         {"name": "dpdm", "checkpoint": str(args.dpdm)},
+        {"name": "dpdm", "label": "dpdm_fg", "checkpoint": str(args.dpdm_fg)},
         {"name": "corrdiff", "checkpoint": str(args.corrdiff)},
     ]
     checkpoints = {
@@ -289,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         m: {
             v: per_variable[m][v]["mae"] < per_variable["local_regression"][v]["mae"] for v in per_variable[m]
         }
-        for m in ("regression", "dpdm", "corrdiff")
+        for m in ("regression", "dpdm", "dpdm_fg", "corrdiff")
     }
     reports = {m: d.get("report", "") for m, d in result.methods.items()}
     timings = list(result.timings)

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "own_data.json"
 VARIABLES = ["tas", "uas", "vas", "pr"]
 SCORES = ("mae", "rmse", "crps", "spread_skill_ratio", "q99_error", "log_spectral_distance", "bias")
-DIFFUSION = ("dpdm", "dpdm_clim", "corrdiff", "corrdiff_clim")
+DIFFUSION = ("dpdm", "dpdm_fg", "dpdm_clim", "corrdiff", "corrdiff_clim")
 
 
 def _cost(path: Path) -> dict[str, Any]:
@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_evaluation_arguments(parser, month_stride=5, members=16)
     parser.add_argument("--dpdm", type=Path, default=REPO / "checkpoints" / "dpdm-westus-x8.pt")
     parser.add_argument(
+        "--dpdm-fg", type=Path, default=REPO / "checkpoints" / "first_guess" / "dpdm-fg-westus-x8.pt"
+    )
+    parser.add_argument(
         "--dpdm-clim", type=Path, default=REPO / "checkpoints" / "climatology" / "dpdm-clim-westus-x8.pt"
     )
     parser.add_argument("--corrdiff", type=Path, default=REPO / "checkpoints" / "corrdiff-westus-x8.pt")
@@ -77,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     checkpoints = {
         "dpdm": ("dpdm", args.dpdm),
+        "dpdm_fg": ("dpdm", args.dpdm_fg),
         "dpdm_clim": ("dpdm", args.dpdm_clim),
         "corrdiff": ("corrdiff", args.corrdiff),
         "corrdiff_clim": ("corrdiff", args.corrdiff_clim),

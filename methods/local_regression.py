@@ -102,15 +102,12 @@ def _containing(coarse_centres: np.ndarray, fine_centres: np.ndarray) -> np.ndar
     return np.abs(fine_centres[:, None] - coarse_centres[None, :]).argmin(axis=1)
 
 
-def _loo_ridge(
-    x: np.ndarray, y: np.ndarray, alphas: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ridge fits of every column of ``y`` (n, m) on ``x`` (n, p), no intercept, for each penalty
-    ``alpha * n``: returns (leave-one-out sum of squared errors per alpha (len(alphas),), the SVD pieces
-    ``vt_s`` (p, r) and ``uty`` (r, m), ``s2`` (r,)) so that the weights for a chosen alpha are
-    ``vt_s @ (uty * s / (s2 + lam))``; exact LOO through the hat matrix's diagonal."""
+def _loo_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> np.ndarray:
+    """Leave-one-out sum of squared errors of the ridge fits (no intercept) of every column of ``y`` (n, m) on
+    ``x`` (n, p), one per penalty ``alpha * n`` of ``alphas``: exact, through the hat matrix's diagonal
+    (``e_i / (1 - H_ii)``), from one SVD of ``x``."""
     n = x.shape[0]
-    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
     uty = u.T @ y
     s2 = s**2
     sse = np.empty(len(alphas))
@@ -120,11 +117,7 @@ def _loo_ridge(
         leverage = (u**2) @ shrink
         loo = (y - fitted) / np.maximum(1.0 - leverage, 1e-9)[:, None]
         sse[k] = float((loo**2).sum())
-    return sse, vt.T, uty, s
-
-
-def _weights(vt_t: np.ndarray, uty: np.ndarray, s: np.ndarray, lam: float) -> np.ndarray:
-    return vt_t @ ((s / (s**2 + lam))[:, None] * uty)
+    return sse
 
 
 @dataclass
@@ -161,15 +154,27 @@ class LocalRegression:
             out[name] = np.nan_to_num(anomaly, nan=0.0)  # a missing coarse cell: its climatology
         return out
 
-    def _features(self, anomalies: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
-        """(time, cy, cx, n_features): each coarse cell's neighbourhood of every predictor."""
-        cy, cx = self.coarse_grid.nlat, self.coarse_grid.nlon
-        iy = _neighbourhood_index(cy, np.arange(cy), self.halo)
-        ix = _neighbourhood_index(cx, np.arange(cx), self.halo)
-        blocks = [a[:, iy[:, :, None, None], ix[None, None, :, :]] for a in (anomalies[n] for n in names)]
-        # each block: (time, cy, 2h+1, cx, 2h+1) -> (time, cy, cx, (2h+1)^2)
-        stacked = [b.transpose(0, 1, 3, 2, 4).reshape(b.shape[0], cy, cx, -1) for b in blocks]
-        return np.concatenate(stacked, axis=-1)
+    def _design(self, anomalies: dict[str, np.ndarray], names: Sequence[str], cy: int, cx: int) -> np.ndarray:
+        """(time, n_features) predictors of the fine cells of coarse cell (cy, cx): the anomalies of ``names``
+        at the (2 halo + 1)^2 coarse cells around it (edge cells repeated beyond the grid), row-major."""
+        rows = _neighbourhood_index(self.coarse_grid.nlat, np.array([cy]), self.halo)[0]
+        cols = _neighbourhood_index(self.coarse_grid.nlon, np.array([cx]), self.halo)[0]
+        return np.concatenate(
+            [anomalies[n][:, rows[:, None], cols[None, :]].reshape(len(anomalies[n]), -1) for n in names],
+            axis=1,
+        )
+
+    def _groups(self) -> list[tuple[int, int, np.ndarray]]:
+        """(cy, cx, flat indices of the fine cells whose nearest coarse centre is (cy, cx)): cells that share
+        their predictors, so one factorisation serves them all."""
+        iy, ix = self._cells()
+        fx = self.fine_grid.nlon
+        out = []
+        for cy in np.unique(iy):
+            for cx in np.unique(ix):
+                rows, cols = np.nonzero(iy == cy)[0], np.nonzero(ix == cx)[0]
+                out.append((int(cy), int(cx), (rows[:, None] * fx + cols[None, :]).ravel()))
+        return out
 
     def _cells(self) -> tuple[np.ndarray, np.ndarray]:
         return (
@@ -205,49 +210,45 @@ class LocalRegression:
             scale = float(np.nanstd(anomaly)) if np.isfinite(anomaly).any() else 0.0
             self.coarse_scale[name] = scale if scale > 0 else 1.0
         anomalies = self._anomalies(coarse, months, used)
-        iy, ix = self._cells()
         for var in self.variables:
             residual = (truth[var] - interpolated[var]).transpose("time", "lat", "lon")
             self.residual_climatology[var] = _monthly(residual, self.windows)
             target = residual.values - self.residual_climatology[var][months - 1]  # (n, fy, fx)
-            self._fit_variable(var, self._features(anomalies, self.predictors[var]), target, iy, ix)
+            self._fit_variable(var, anomalies, target)
         return self
 
-    def _fit_variable(
-        self, var: str, features: np.ndarray, target: np.ndarray, iy: np.ndarray, ix: np.ndarray
-    ):
-        """Ridge per fine cell; the cells of one coarse cell share their predictors, so one SVD serves them."""
+    def _fit_variable(self, var: str, anomalies: dict[str, np.ndarray], target: np.ndarray) -> None:
+        """Ridge per fine cell, the strength chosen by the summed leave-one-out error of every cell (pass 1),
+        then the weights at that strength (pass 2); memory of one coarse cell's design at a time."""
         n, fy, fx = target.shape
         alphas = RIDGE_GRID if self.fixed_ridge is None else (self.fixed_ridge,)
-        groups = {}
-        for cy in np.unique(iy):
-            for cx in np.unique(ix):
-                rows, cols = np.nonzero(iy == cy)[0], np.nonzero(ix == cx)[0]
-                cells = (rows[:, None] * fx + cols[None, :]).ravel()
-                groups[(int(cy), int(cx))] = cells
         flat = target.reshape(n, -1)
         valid = np.isfinite(flat)
-        fits, sse = [], np.zeros(len(alphas))
-        for (cy, cx), cells in groups.items():
-            x = features[:, cy, cx, :]
-            full = cells[valid[:, cells].all(axis=0)]
-            if full.size:
-                part_sse, *pieces = _loo_ridge(x, flat[:, full], alphas)
-                sse += part_sse
-                fits.append((full, pieces, n))
-            for cell in cells[~valid[:, cells].all(axis=0)]:  # cells missing at some steps: their own rows
-                rows = valid[:, cell]
-                if rows.sum() >= 2:
-                    part_sse, *pieces = _loo_ridge(x[rows], flat[rows, cell][:, None], alphas)
-                    sse += part_sse
-                    fits.append((np.array([cell]), pieces, int(rows.sum())))
-        if not fits:
-            raise BaselineError(f"local_regression fit: variable {var!r} has no fine cell with 2 valid steps")
+
+        def problems():  # (fine cells, design rows, targets) sharing one design
+            for cy, cx, cells in self._groups():
+                x = self._design(anomalies, self.predictors[var], cy, cx)
+                complete = valid[:, cells].all(axis=0)
+                if complete.any():
+                    yield cells[complete], x, flat[:, cells[complete]]
+                for cell in cells[~complete]:  # cells missing at some steps: fitted on their own valid rows
+                    rows = valid[:, cell]
+                    if rows.sum() >= 2:
+                        yield np.array([cell]), x[rows], flat[rows, cell][:, None]
+
+        sse, fitted = np.zeros(len(alphas)), False
+        if len(alphas) > 1:
+            for _, x, y in problems():
+                sse += _loo_ridge(x, y, alphas)
         alpha = alphas[int(np.argmin(sse))]
         self.ridge[var] = float(alpha)
-        weights = np.full((fy * fx, features.shape[-1]), np.nan)
-        for cells, (vt_t, uty, s), n_rows in fits:
-            weights[cells] = _weights(vt_t, uty, s, alpha * n_rows).T
+        weights = np.full((fy * fx, len(self.predictors[var]) * (2 * self.halo + 1) ** 2), np.nan)
+        for cells, x, y in problems():
+            gram = x.T @ x + alpha * len(x) * np.eye(x.shape[1])
+            weights[cells] = np.linalg.solve(gram, x.T @ y).T
+            fitted = True
+        if not fitted:
+            raise BaselineError(f"local_regression fit: variable {var!r} has no fine cell with 2 valid steps")
         self.weights[var] = weights.reshape(fy, fx, -1)
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -276,24 +277,21 @@ class LocalRegression:
 
     # -- predict --------------------------------------------------------------------------------------------
     def residual(
-        self, coarse: xr.Dataset, months: np.ndarray, variables: Sequence[str] | None = None, chunk: int = 32
+        self, coarse: xr.Dataset, months: np.ndarray, variables: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Predicted fine-minus-bilinear residual of ``variables`` (default all fitted), (time, fy, fx), for
         coarse fields on the fitted coarse grid at calendar ``months``."""
         variables = list(self.variables if variables is None else variables)
         used = sorted({p for v in variables for p in self.predictors[v]})
         anomalies = self._anomalies(_float64(coarse[used]), months, used)
-        iy, ix = self._cells()
+        fy, fx = self.fine_grid.nlat, self.fine_grid.nlon
         out = {}
         for var in variables:
-            w = self.weights[var]
-            parts = []
-            for start in range(0, len(months), chunk):
-                sl = slice(start, start + chunk)
-                feats = self._features({k: a[sl] for k, a in anomalies.items()}, self.predictors[var])
-                on_fine = feats[:, iy[:, None], ix[None, :], :]  # (t, fy, fx, nf)
-                parts.append(np.einsum("tyxf,yxf->tyx", on_fine, w))
-            out[var] = np.concatenate(parts, axis=0) + self.residual_climatology[var][months - 1]
+            w = self.weights[var].reshape(fy * fx, -1)
+            pred = np.empty((len(months), fy * fx))
+            for cy, cx, cells in self._groups():
+                pred[:, cells] = self._design(anomalies, self.predictors[var], cy, cx) @ w[cells].T
+            out[var] = pred.reshape(-1, fy, fx) + self.residual_climatology[var][months - 1]
         return out
 
 

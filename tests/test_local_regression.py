@@ -108,7 +108,7 @@ def test_leave_one_out_is_exact() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(30, 4)), rng.normal(size=(30, 2))
     alpha = 0.1
-    sse, vt_t, uty, s = _loo_ridge(x, y, [alpha])
+    sse = _loo_ridge(x, y, [alpha])
     brute = 0.0
     for i in range(30):
         keep = np.arange(30) != i
