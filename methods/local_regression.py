@@ -205,14 +205,14 @@ class LocalRegression:
         self.windows, _ = month_windows(months, months, self.min_values, what)
         for name in used:
             c = coarse[name]
-            self.coarse_climatology[name] = _monthly(c, self.windows)
+            self.coarse_climatology[name] = _f32(_monthly(c, self.windows))
             anomaly = c.transpose("time", "lat", "lon").values - self.coarse_climatology[name][months - 1]
             scale = float(np.nanstd(anomaly)) if np.isfinite(anomaly).any() else 0.0
             self.coarse_scale[name] = scale if scale > 0 else 1.0
         anomalies = self._anomalies(coarse, months, used)
         for var in self.variables:
             residual = (truth[var] - interpolated[var]).transpose("time", "lat", "lon")
-            self.residual_climatology[var] = _monthly(residual, self.windows)
+            self.residual_climatology[var] = _f32(_monthly(residual, self.windows))
             target = residual.values - self.residual_climatology[var][months - 1]  # (n, fy, fx)
             self._fit_variable(var, anomalies, target)
         return self
@@ -249,7 +249,7 @@ class LocalRegression:
             fitted = True
         if not fitted:
             raise BaselineError(f"local_regression fit: variable {var!r} has no fine cell with 2 valid steps")
-        self.weights[var] = weights.reshape(fy, fx, -1)
+        self.weights[var] = _f32(weights.reshape(fy, fx, -1))
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(arrays, JSON description): what a checkpoint stores of it (:func:`to_checkpoint`)."""
@@ -313,7 +313,7 @@ def to_checkpoint(model: LocalRegression) -> tuple[dict[str, torch.Tensor], dict
     ):
         for name, values in table.items():
             arrays[f"{ARRAY_PREFIX}/{kind}/{name}"] = torch.from_numpy(
-                np.ascontiguousarray(values, np.float64)
+                np.ascontiguousarray(values, np.float32)
             )
     description = {
         "method": "local_regression",
@@ -342,7 +342,7 @@ def from_checkpoint(arrays: dict[str, torch.Tensor], description: dict[str, Any]
             raise BaselineError(
                 f"the checkpoint describes a local-regression first guess but lacks {missing}"
             )
-        return {n: arrays[k].numpy() for n, k in keys.items()}
+        return {n: arrays[k].numpy().astype(np.float64) for n, k in keys.items()}
 
     variables = list(description["variables"])
     predictors = {k: list(v) for k, v in description["predictors"].items()}
@@ -361,6 +361,12 @@ def from_checkpoint(arrays: dict[str, torch.Tensor], description: dict[str, Any]
         residual_climatology=table("residual_climatology", variables),
         weights=table("weights", variables),
     )
+
+
+def _f32(values: np.ndarray) -> np.ndarray:
+    """``values`` at float32 precision (held as float64): what a checkpoint stores, so a model fitted in
+    training predicts exactly what the stored one predicts at inference."""
+    return np.asarray(values, np.float32).astype(np.float64)
 
 
 def _monthly(da: xr.DataArray, windows: dict[int, tuple[int, ...]]) -> np.ndarray:
