@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "own_data.json"
 VARIABLES = ["tas", "uas", "vas", "pr"]
 SCORES = ("mae", "rmse", "crps", "spread_skill_ratio", "q99_error", "log_spectral_distance", "bias")
-DIFFUSION = ("dpdm", "dpdm_fg", "dpdm_clim", "corrdiff", "corrdiff_clim")
+DIFFUSION = ("dpdm", "dpdm_fg", "dpdm_clim", "corrdiff", "corrdiff_fg", "corrdiff_clim")
 
 
 def _cost(path: Path) -> dict[str, Any]:
@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--corrdiff", type=Path, default=REPO / "checkpoints" / "corrdiff-westus-x8.pt")
     parser.add_argument(
+        "--corrdiff-fg", type=Path, default=REPO / "checkpoints" / "first_guess" / "corrdiff-fg-westus-x8.pt"
+    )
+    parser.add_argument(
         "--corrdiff-clim",
         type=Path,
         default=REPO / "checkpoints" / "climatology" / "corrdiff-clim-westus-x8.pt",
@@ -83,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "dpdm_fg": ("dpdm", args.dpdm_fg),
         "dpdm_clim": ("dpdm", args.dpdm_clim),
         "corrdiff": ("corrdiff", args.corrdiff),
+        "corrdiff_fg": ("corrdiff", args.corrdiff_fg),
         "corrdiff_clim": ("corrdiff", args.corrdiff_clim),
     }
     methods: list[Any] = ["bilinear", "delta", "qm", "bcsd", "local_regression"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -399,14 +400,25 @@ class DPDM:
         self._check_tiling(inputs)
 
     def _check_first_guess(self, inputs: Inputs) -> None:
-        """A first guess fitted on the training grids downscales those grids only."""
+        """A first guess fitted on the training grids needs the fine grid it was fitted on and a coarse input
+        that covers its coarse cells (another coarse grid is averaged onto them conservatively)."""
         fg, path = self.first_guess, self.checkpoint
         coarse = Grid.from_dataset(inputs.coarse, "coarse input")
-        if not (fg.fine_grid.same_cells(inputs.grid) and fg.coarse_grid.same_cells(coarse)):
+        shift = 360.0 * round((fg.coarse_grid.west - coarse.west) / 360.0)  # another longitude convention
+        coarse = replace(coarse, west=coarse.west + shift)
+        covered = all(
+            lo - 1e-6 <= t_lo and t_hi <= hi + 1e-6
+            for lo, hi, t_lo, t_hi in (
+                (coarse.south, coarse.north, fg.coarse_grid.south, fg.coarse_grid.north),
+                (coarse.west, coarse.east, fg.coarse_grid.west, fg.coarse_grid.east),
+            )
+        )
+        if not (fg.fine_grid.same_cells(inputs.grid) and covered):
             raise MethodError(
                 f"checkpoint {path} is conditioned on a local-regression first guess fitted on "
                 f"{fg.coarse_grid.describe()} -> {fg.fine_grid.describe()}; the input is {coarse.describe()} -> "
-                f"{inputs.grid.describe()}: such a model downscales the region and grids it was trained on"
+                f"{inputs.grid.describe()}: such a model downscales the fine grid it was trained on, from a "
+                "coarse input that covers its coarse cells"
             )
 
     def _check_resolution(self, inputs: Inputs) -> None:
@@ -717,7 +729,6 @@ def distill(
     (:mod:`climrecon.models.distill`). The student starts from the teacher's weights and keeps its
     metadata (networks, variables, statistics, grid); ``data.distilled`` records the teacher and the levels."""
     import copy
-    from dataclasses import replace
 
     from climrecon.models.distill import DistillationLoss
     from climrecon.models.trainer import train as train_loop

@@ -54,6 +54,7 @@ from climrecon.methods.baselines import (
     _with_members,
     month_windows,
 )
+from climrecon.tasks import regrid
 from climrecon.tasks.grids import Grid
 
 __all__ = [
@@ -265,8 +266,17 @@ class LocalRegression:
         """``coarse_fine`` (the coarse input bilinearly on the fine grid) plus the predicted residual of each
         of ``variables`` (default all fitted) from ``coarse`` (on the fitted coarse grid): what a network
         conditioned on this regression sees as its ``<var>_coarse`` planes, in training and at inference
-        alike. Cells the regression leaves NaN (never valid in training) keep the bilinear value."""
+        alike. Cells the regression leaves NaN (never valid in training) keep the bilinear value.
+
+        A coarse input on another grid (a reconstruction's unified grid, shifted against the training's
+        blocks) is first averaged conservatively onto the fitted coarse grid, which it must cover (RegridError
+        otherwise); the fine grid must be the fitted one (the caller checks)."""
         variables = list(self.variables if variables is None else variables)
+        if not _as_grid(coarse, "coarse input").same_cells(self.coarse_grid):
+            used = sorted({p for v in variables for p in self.predictors[v]})
+            coarse = regrid.conservative(
+                coarse[used], self.coarse_grid, name="coarse input of the first guess"
+            )
         coarse = coarse.assign_coords(lat=self.coarse_grid.lat, lon=self.coarse_grid.lon)
         residual = self.residual(coarse, coarse["time"].dt.month.values, variables)
         out = coarse_fine.copy()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from test_corrdiff import FAST, tiny_config
 from test_training_data import write_tiny_stores
 
@@ -85,3 +86,55 @@ def test_another_grid_is_refused_naming_the_first_guess(world):
     inputs = type(held).from_coarse(cropped, grid, held.static.isel(lat=slice(4, None)))
     with pytest.raises(MethodError, match="local-regression first guess fitted on"):
         method.validate(inputs)
+
+
+def test_a_coarse_input_on_a_shifted_grid_is_averaged_onto_the_training_blocks(world):
+    """A reconstruction's unified grid need not line up with the training's coarse blocks: the first guess
+    averages the input conservatively onto them, and refuses an input that does not cover them."""
+    from climrecon.tasks import regrid
+
+    method = methods.build({"name": "dpdm", "checkpoint": world["dpdm"]}, FAST)
+    held = world["inputs"]
+    blocks = Grid.from_dataset(held.coarse, "blocks")
+    shifted = Grid(
+        blocks.south - blocks.dlat / 2,
+        blocks.west - blocks.dlon / 2,
+        blocks.dlat,
+        blocks.dlon,
+        blocks.nlat + 1,
+        blocks.nlon + 1,
+    )
+    fine_truth = held.coarse_on_fine  # any smooth field will do: its block structure is not the point
+    coarse = regrid.conservative(fine_truth, shifted)
+    inputs = type(held).from_coarse(coarse, held.grid, held.static)
+    out = method.downscale(inputs, members=1, seed=0)
+    assert all(np.isfinite(out[v].values).all() for v in VARIABLES)
+    onto = regrid.conservative(coarse, blocks)
+    want = method.first_guess.first_guess(inputs.coarse_on_fine, onto)
+    values = method._network_inputs(inputs)[0]
+    channels = method.spec.channel_names()
+    np.testing.assert_allclose(
+        values[:, channels.index("tas_coarse")], want["tas"].transpose("time", "lat", "lon").values, rtol=1e-6
+    )
+    short = coarse.isel(lon=slice(1, None))  # no longer covers the westernmost training block
+    with pytest.raises(MethodError, match="coarse input that covers its coarse cells"):
+        method.validate(type(held).from_coarse(short, held.grid, held.static))
+
+
+@pytest.mark.parametrize("name", ["dpdm-fg-westus-x8.pt", "corrdiff-fg-westus-x8.pt"])
+def test_shipped_first_guess_checkpoints_and_their_recorded_hashes(name):
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "first_guess" / name
+    contents = read_checkpoint(path)
+    data = contents.metadata.data
+    assert data["train_years"] == [1961, 2005] and data["heldout_years"] == [2011, 2020]
+    stored = LocalRegression.from_checkpoint(contents.arrays(), data["first_guess"])
+    assert stored.fine_grid.nlat == stored.fine_grid.nlon == 80 and stored.coarse_grid.nlat == 10
+    assert all(
+        contents.arrays()[k].dtype == torch.float32 for k in contents.arrays() if k.startswith("first_")
+    )
+    readme = (path.parents[1] / "README.md").read_text()
+    section = readme[readme.index("# First-guess variants") :]
+    assert contents.header["content_sha256"] in re.findall(r"`([0-9a-f]{64})`", section)
