@@ -62,8 +62,6 @@ __all__ = [
     "LocalRegression",
     "LocalRegressionDownscaler",
     "RIDGE_GRID",
-    "to_checkpoint",
-    "from_checkpoint",
 ]
 
 RIDGE_GRID = tuple(float(a) for a in np.logspace(-7, 3, 21))
@@ -119,6 +117,13 @@ def _loo_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> np.ndar
         loo = (y - fitted) / np.maximum(1.0 - leverage, 1e-9)[:, None]
         sse[k] = float((loo**2).sum())
     return sse
+
+
+ARRAY_PREFIX = "first_guess"  # names of a fitted regression's arrays in a checkpoint (``first_guess/...``)
+
+
+def _grid_record(grid: Grid) -> dict[str, float | int]:
+    return {k: getattr(grid, k) for k in ("south", "west", "dlat", "dlon", "nlat", "nlon")}
 
 
 @dataclass
@@ -211,14 +216,21 @@ class LocalRegression:
             scale = float(np.nanstd(anomaly)) if np.isfinite(anomaly).any() else 0.0
             self.coarse_scale[name] = scale if scale > 0 else 1.0
         anomalies = self._anomalies(coarse, months, used)
+        groups = self._groups()
         for var in self.variables:
             residual = (truth[var] - interpolated[var]).transpose("time", "lat", "lon")
             self.residual_climatology[var] = _f32(_monthly(residual, self.windows))
             target = residual.values - self.residual_climatology[var][months - 1]  # (n, fy, fx)
-            self._fit_variable(var, anomalies, target)
+            self._fit_variable(var, anomalies, target, groups)
         return self
 
-    def _fit_variable(self, var: str, anomalies: dict[str, np.ndarray], target: np.ndarray) -> None:
+    def _fit_variable(
+        self,
+        var: str,
+        anomalies: dict[str, np.ndarray],
+        target: np.ndarray,
+        groups: list[tuple[int, int, np.ndarray]],
+    ) -> None:
         """Ridge per fine cell, the strength chosen by the summed leave-one-out error of every cell (pass 1),
         then the weights at that strength (pass 2); memory of one coarse cell's design at a time."""
         n, fy, fx = target.shape
@@ -227,7 +239,7 @@ class LocalRegression:
         valid = np.isfinite(flat)
 
         def problems():  # (fine cells, design rows, targets) sharing one design
-            for cy, cx, cells in self._groups():
+            for cy, cx, cells in groups:
                 x = self._design(anomalies, self.predictors[var], cy, cx)
                 complete = valid[:, cells].all(axis=0)
                 if complete.any():
@@ -253,12 +265,65 @@ class LocalRegression:
         self.weights[var] = _f32(weights.reshape(fy, fx, -1))
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(arrays, JSON description): what a checkpoint stores of it (:func:`to_checkpoint`)."""
-        return to_checkpoint(self)
+        """(arrays, JSON description): what a checkpoint stores beside its networks (a model conditioned on
+        this regression needs it at inference); :meth:`from_checkpoint` reads them back exactly."""
+        arrays: dict[str, torch.Tensor] = {}
+        for kind, table in (
+            ("weights", self.weights),
+            ("residual_climatology", self.residual_climatology),
+            ("coarse_climatology", self.coarse_climatology),
+        ):
+            for name, values in table.items():
+                arrays[f"{ARRAY_PREFIX}/{kind}/{name}"] = torch.from_numpy(
+                    np.ascontiguousarray(values, np.float32)
+                )
+        description = {
+            "method": "local_regression",
+            "definition": "bilinear + residual climatology of the calendar month + ridge regression per fine cell "
+            "on the standardised coarse anomalies of the (2 halo + 1)^2 surrounding coarse cells (training times "
+            "only)",
+            "variables": list(self.variables),
+            "predictors": {k: list(v) for k, v in self.predictors.items()},
+            "halo": self.halo,
+            "ridge": dict(self.ridge),
+            "min_values": self.min_values,
+            "coarse_grid": _grid_record(self.coarse_grid),
+            "fine_grid": _grid_record(self.fine_grid),
+            "windows": {str(m): list(w) for m, w in self.windows.items()},
+            "coarse_scale": dict(self.coarse_scale),
+        }
+        return arrays, description
 
     @classmethod
     def from_checkpoint(cls, arrays: dict[str, torch.Tensor], description: dict[str, Any]) -> LocalRegression:
-        return from_checkpoint(arrays, description)
+        """The regression stored by :meth:`to_checkpoint`; BaselineError naming what is missing."""
+
+        def table(kind: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+            keys = {n: f"{ARRAY_PREFIX}/{kind}/{n}" for n in names}
+            missing = [k for k in keys.values() if k not in arrays]
+            if missing:
+                raise BaselineError(
+                    f"the checkpoint describes a local-regression first guess but lacks {missing}"
+                )
+            return {n: arrays[k].numpy().astype(np.float64) for n, k in keys.items()}
+
+        variables = list(description["variables"])
+        predictors = {k: list(v) for k, v in description["predictors"].items()}
+        used = sorted({p for v in variables for p in predictors[v]})
+        return cls(
+            variables,
+            predictors,
+            int(description["halo"]),
+            ridge=dict(description["ridge"]),
+            min_values=int(description["min_values"]),
+            coarse_grid=Grid(**description["coarse_grid"]),
+            fine_grid=Grid(**description["fine_grid"]),
+            windows={int(m): tuple(w) for m, w in description["windows"].items()},
+            coarse_climatology=table("coarse_climatology", used),
+            coarse_scale={k: float(v) for k, v in description["coarse_scale"].items()},
+            residual_climatology=table("residual_climatology", variables),
+            weights=table("weights", variables),
+        )
 
     def first_guess(
         self, coarse_fine: xr.Dataset, coarse: xr.Dataset, variables: Sequence[str] | None = None
@@ -295,82 +360,15 @@ class LocalRegression:
         used = sorted({p for v in variables for p in self.predictors[v]})
         anomalies = self._anomalies(_float64(coarse[used]), months, used)
         fy, fx = self.fine_grid.nlat, self.fine_grid.nlon
+        groups = self._groups()
         out = {}
         for var in variables:
             w = self.weights[var].reshape(fy * fx, -1)
             pred = np.empty((len(months), fy * fx))
-            for cy, cx, cells in self._groups():
+            for cy, cx, cells in groups:
                 pred[:, cells] = self._design(anomalies, self.predictors[var], cy, cx) @ w[cells].T
             out[var] = pred.reshape(-1, fy, fx) + self.residual_climatology[var][months - 1]
         return out
-
-
-ARRAY_PREFIX = "first_guess"  # names of a fitted regression's arrays in a checkpoint (``first_guess/...``)
-
-
-def _grid_record(grid: Grid) -> dict[str, float | int]:
-    return {k: getattr(grid, k) for k in ("south", "west", "dlat", "dlon", "nlat", "nlon")}
-
-
-def to_checkpoint(model: LocalRegression) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(arrays, JSON description) of a fitted regression, what a checkpoint stores beside its networks (a
-    model conditioned on it needs it at inference); :func:`from_checkpoint` reads them back exactly."""
-    arrays: dict[str, torch.Tensor] = {}
-    for kind, table in (
-        ("weights", model.weights),
-        ("residual_climatology", model.residual_climatology),
-        ("coarse_climatology", model.coarse_climatology),
-    ):
-        for name, values in table.items():
-            arrays[f"{ARRAY_PREFIX}/{kind}/{name}"] = torch.from_numpy(
-                np.ascontiguousarray(values, np.float32)
-            )
-    description = {
-        "method": "local_regression",
-        "definition": "bilinear + residual climatology of the calendar month + ridge regression per fine cell on "
-        "the standardised coarse anomalies of the (2 halo + 1)^2 surrounding coarse cells (training times only)",
-        "variables": list(model.variables),
-        "predictors": {k: list(v) for k, v in model.predictors.items()},
-        "halo": model.halo,
-        "ridge": dict(model.ridge),
-        "min_values": model.min_values,
-        "coarse_grid": _grid_record(model.coarse_grid),
-        "fine_grid": _grid_record(model.fine_grid),
-        "windows": {str(m): list(w) for m, w in model.windows.items()},
-        "coarse_scale": dict(model.coarse_scale),
-    }
-    return arrays, description
-
-
-def from_checkpoint(arrays: dict[str, torch.Tensor], description: dict[str, Any]) -> LocalRegression:
-    """The :class:`LocalRegression` stored by :func:`to_checkpoint`; BaselineError naming what is missing."""
-
-    def table(kind: str, names: Sequence[str]) -> dict[str, np.ndarray]:
-        keys = {n: f"{ARRAY_PREFIX}/{kind}/{n}" for n in names}
-        missing = [k for k in keys.values() if k not in arrays]
-        if missing:
-            raise BaselineError(
-                f"the checkpoint describes a local-regression first guess but lacks {missing}"
-            )
-        return {n: arrays[k].numpy().astype(np.float64) for n, k in keys.items()}
-
-    variables = list(description["variables"])
-    predictors = {k: list(v) for k, v in description["predictors"].items()}
-    used = sorted({p for v in variables for p in predictors[v]})
-    return LocalRegression(
-        variables,
-        predictors,
-        int(description["halo"]),
-        ridge=dict(description["ridge"]),
-        min_values=int(description["min_values"]),
-        coarse_grid=Grid(**description["coarse_grid"]),
-        fine_grid=Grid(**description["fine_grid"]),
-        windows={int(m): tuple(w) for m, w in description["windows"].items()},
-        coarse_climatology=table("coarse_climatology", used),
-        coarse_scale={k: float(v) for k, v in description["coarse_scale"].items()},
-        residual_climatology=table("residual_climatology", variables),
-        weights=table("weights", variables),
-    )
 
 
 def _f32(values: np.ndarray) -> np.ndarray:

@@ -130,25 +130,23 @@ def static_for_truth(
     return static_on_grid(sub.load(), grid, name=f"static store {static_url}")
 
 
-def _pairs_fields(truth: xr.Dataset, spec: ConditioningSpec) -> tuple[xr.Dataset, xr.Dataset, Grid]:
-    """(target loaded as float32, its coarse view bilinearly back on the fine grid, the fine grid)."""
+def _pairs_fields(
+    truth: xr.Dataset, spec: ConditioningSpec, first_guess: Any = None
+) -> tuple[xr.Dataset, xr.Dataset, Grid]:
+    """(target loaded as float32, its coarse view bilinearly back on the fine grid, the fine grid); with a
+    ``first_guess`` (see :func:`training_setup`), that model fitted on the pairs and its predicted residual
+    added to the coarse-on-fine fields."""
     target = truth[list(spec.variables)].astype("float32").load()
     grid = Grid.from_dataset(target, "truth")
     if grid.nlat % spec.factor or grid.nlon % spec.factor:
         raise TrainingDataError(
             f"truth grid {grid.describe()} is not a whole number of {spec.factor} x {spec.factor} coarse cells"
         )
-    return target, coarse_on_fine(perfect_model_coarse(target, spec.factor), grid), grid
-
-
-def _with_first_guess(
-    fields: tuple[xr.Dataset, xr.Dataset, Grid], model: Any, spec: ConditioningSpec
-) -> tuple[xr.Dataset, xr.Dataset, Grid]:
-    """:func:`_pairs_fields`' output with ``model`` (see :func:`training_setup`) fitted on the pairs and its
-    predicted residual added to the coarse-on-fine fields."""
-    target, coarse_fine, grid = fields
     coarse = perfect_model_coarse(target, spec.factor)
-    return target, model.fit(coarse, target).first_guess(coarse_fine, coarse, spec.variables), grid
+    coarse_fine = coarse_on_fine(coarse, grid)
+    if first_guess is not None:
+        coarse_fine = first_guess.fit(coarse, target).first_guess(coarse_fine, coarse, spec.variables)
+    return target, coarse_fine, grid
 
 
 def training_climatology(truth: xr.Dataset, spec: ConditioningSpec) -> Climatology:
@@ -546,9 +544,8 @@ def training_setup(
                 "not: use target: full, or CorrDiff (its network space transforms the full fields)"
             )
     truth = source.truth
-    fields = _pairs_fields(truth, spec)  # coarsened once, for the climatology and the conditioning
-    if first_guess is not None:
-        fields = _with_first_guess(fields, first_guess, spec)
+    # coarsened once, for the first guess, the climatology and the conditioning
+    fields = _pairs_fields(truth, spec, first_guess)
     climatology = residual_climatology(fields[0], fields[1], spec.variables) if spec.climatology else None
     clim_scale = dict(zip(spec.variables, climatology.scale, strict=True)) if climatology else None
     pairs, cond = _stacked(fields, source.static, spec, climatology)
