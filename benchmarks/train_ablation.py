@@ -85,6 +85,7 @@ def patch_skill(
                 coarse_on_fine=fine,
                 grid=Grid.from_dataset(fine),
                 static=full.static.isel(lat=window["lat"], lon=window["lon"]),
+                truth_view=True,  # the truth's own coarse view: nothing for a bias correction to map
             )
             out = method.downscale(inputs, members=members, seed=t)
             mean = np.stack([(out[v].mean("member") - fine[v]).values[0] for v in variables])

@@ -406,7 +406,9 @@ class DownscaleConfig(_Model):
         None, description="static store on the fine grid; default: this config's regrid output"
     )
     coarse: str | None = Field(
-        None, description="regridded coarse store (checked only); default: this config's regrid output"
+        None,
+        description="regridded coarse store (read by methods that work on the coarse grid itself: the bias "
+        "correction, a first guess, guidance); default: this config's regrid output",
     )
     members: int = Field(8, ge=1, description="ensemble members")
     seed: int = Field(20261121, ge=0, description="base seed; member m of month t uses seed_for(seed, t, m)")

@@ -124,6 +124,8 @@ def downscale_flow(
     urls: dict[str, Any] = {"fine": fine_url, "static": static_url, "coarse": coarse_url}
     if not (fine_url and static_url):
         urls = {k: urls[k] or v for k, v in default_inputs(cfg).items()}
+    elif urls["coarse"] is None:  # stores given as arguments: the coarse one may still come from the config
+        urls["coarse"] = cfg.downscale.coarse
     plan = plan_task(cfg, urls["fine"], urls["static"], urls["coarse"])
     with dask_client(scheduler_address, n_workers, gpu_workers=gpu_workers) as client:
         resources = sampling_resources(client)

@@ -89,6 +89,9 @@ class Inputs:
     time_step: str = "month"
     # (lat, lon) bool on ``grid``: valid cells; None: all (see :meth:`masked`)
     mask: xr.DataArray | None = None
+    # the coarse fields are the fine truth's own coarse view (a perfect-model evaluation): a bias correction of
+    # the coarse input has nothing to correct (methods/bias_correction.py)
+    truth_view: bool = False
 
     def masked(self, out: xr.Dataset) -> xr.Dataset:
         """``out`` (a method's result on ``grid``) with NaN at the cells ``mask`` marks invalid (ocean,
@@ -112,13 +115,14 @@ class Inputs:
         *,
         time_step: str = "month",
         mask: xr.DataArray | None = None,
+        truth_view: bool = False,
     ) -> Inputs:
         """Inputs of a coarse dataset on ``target``: its bilinear view is computed here (as training does)."""
         from climrecon.methods.features import coarse_on_fine
 
         grid = target if isinstance(target, Grid) else Grid.from_dataset(target, "target grid")
         on_fine = coarse_on_fine(coarse[gridded_variables(coarse)].astype("float32"), grid)
-        return cls(on_fine, grid, coarse, static, time_step=time_step, mask=mask)
+        return cls(on_fine, grid, coarse, static, time_step=time_step, mask=mask, truth_view=truth_view)
 
     @property
     def time(self) -> xr.DataArray:

@@ -53,6 +53,7 @@ from climrecon.methods.base import (
     member_indices,
 )
 from climrecon.methods.dpdm import (
+    BIAS_CORRECTION_HELP,
     DPDM,
     STATIC_SCALING,
     EDMSection,
@@ -112,6 +113,9 @@ class CorrDiffConfig(PatchModelConfig):
     default checkpoint the one ``corrdiff-*.pt`` in ``<repo>/checkpoints/``)."""
 
     name: Literal["corrdiff"] = "corrdiff"
+    bias_correction: bool = Field(
+        True, description=BIAS_CORRECTION_HELP
+    )  # as DPDM's (README "Bias correction")
     regression_only: bool = Field(
         False, description="the regression mean alone (deterministic: every member is the mean)"
     )
@@ -256,6 +260,7 @@ class CorrDiff(DPDM):
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
         index = member_indices(members)
+        inputs = self._corrected_inputs(inputs)
         _, _, z_cond, toy, tiling = self._network_inputs(inputs)
         mu_z = self.mean(z_cond, toy, tiling)  # once per time step, whatever the members
         if self.config.regression_only:
@@ -283,6 +288,8 @@ class CorrDiff(DPDM):
 
     def identity(self, members: int, seed: int) -> list[Any]:
         parts: list[Any] = [self.name, self.sha256, members, seed, self.patch, self.overlap]
+        if self.correction is not None:
+            parts.append("bias_correction")
         if self.config.regression_only:
             # the mean is deterministic: only the tiling's call shape can change its bytes
             return [*parts, "regression_only", self.sampler.max_patches_per_batch]
@@ -315,6 +322,7 @@ class CorrDiff(DPDM):
                     else ", residual inflation "
                     + ", ".join(f"{v} {f:.3f}" for v, f in zip(self.variables, self.inflation, strict=True))
                 )
+                + (", quantile-mapping bias correction" if self.correction is not None else "")
             ),
             "spread_inflation": dict(zip(self.variables, self.inflation, strict=True)),
             "checkpoint": {
@@ -332,6 +340,7 @@ class CorrDiff(DPDM):
             "regression_only": self.config.regression_only,
             "sampler": self.sampler.model_dump(mode="json"),
             "seeds": "seed_for(base_seed, year * 12 + month - 1, member)",
+            "bias_correction": self.correction is not None,
         }
 
 

@@ -40,6 +40,7 @@ from climrecon.methods.base import (
     per_step,
 )
 from climrecon.methods.baselines import BaselineError
+from climrecon.methods.bias_correction import CoarseBiasCorrection
 from climrecon.methods.features import (
     STATIC_SCALING,
     TARGET_KINDS,
@@ -117,6 +118,13 @@ class EDMSection(_Section):
     P_std: float = Field(1.2, gt=0)
 
 
+BIAS_CORRECTION_HELP = (
+    "quantile-map the coarse input toward the truth's coarse view per calendar month and coarse cell, fitted on "
+    "the training years the input covers, before the model reads it (methods/bias_correction.py); a "
+    "perfect-model evaluation is left unchanged. Off: the model reads the GCM's own values"
+)
+
+
 class PatchModelConfig(MethodConfig):
     """What every trained patch-diffusion method configures (DPDM, CorrDiff): ``checkpoint`` is what sampling
     loads (default: the one ``<name>-*.pt`` in ``<repo>/checkpoints/``); the other keys describe what
@@ -139,6 +147,7 @@ class PatchModelConfig(MethodConfig):
         "residual target): bilinear interpolation, or the local_regression baseline fitted on the training "
         "pairs and stored in the checkpoint (bilinear + the regression's fine-scale residual)",
     )
+    bias_correction: bool = Field(False, description=BIAS_CORRECTION_HELP)
     patch_size: int = Field(32, ge=8, description="training patch (a multiple of train.factor)")
     network: NetworkSection = NetworkSection()
     edm: EDMSection = EDMSection()
@@ -151,6 +160,9 @@ class DPDMConfig(PatchModelConfig):
     """DPDM-style conditional patch diffusion (:class:`PatchModelConfig`)."""
 
     name: Literal["dpdm"] = "dpdm"
+    # on by default: a GCM's climate is not the training truth's (README "Bias correction": on the demo's
+    # MPI-ESM-LR 2005 the fine-scale RMSE of the time mean drops from 0.62 K, 0.41, 0.33 m/s to 0.38, 0.12, 0.13)
+    bias_correction: bool = Field(True, description=BIAS_CORRECTION_HELP)
     target: Literal["residual", "full"] = Field(
         "residual", description="what the network generates: truth minus the bilinear coarse input, or truth"
     )
@@ -291,6 +303,11 @@ class DPDM:
                 )
             except (BaselineError, KeyError) as exc:
                 raise MethodError(f"checkpoint {self.checkpoint}: {exc}") from None
+        self.correction = (
+            CoarseBiasCorrection(self.variables, f"{self.name} bias correction")
+            if getattr(config, "bias_correction", False)
+            else None
+        )
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
         distilled = self.metadata.data.get("distilled")
@@ -327,7 +344,11 @@ class DPDM:
             static=tuple(self.spec.static_names()),
             factors=(self.spec.factor,),
             stochastic=stochastic,
-            coarse=self.first_guess is not None,  # the first guess regresses on the coarse grid's own cells
+            # the first guess regresses on the coarse grid's own cells (the bias correction maps them too, except
+            # for the truth's own view: validate checks that)
+            coarse=self.first_guess is not None,
+            fit=self.correction is not None,
+            fit_model=self.correction is not None,
         )
 
     # -- what the checkpoint is --
@@ -357,13 +378,33 @@ class DPDM:
             "seen_periods": self.metadata.data.get("seen_periods", []),
         }
 
-    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> DPDM:
+    def fit(
+        self, coarse_train: xr.Dataset, fine_train: xr.Dataset, model_train: xr.Dataset | None = None
+    ) -> DPDM:
+        """Nothing to fit but the bias correction, when on (the networks are trained by `climrecon train`):
+        ``model_train`` (the coarse input over the fit years) mapped toward ``coarse_train``; None: a perfect
+        model (the input is the truth's coarse view)."""
         missing = [v for v in self.variables if v not in fine_train.data_vars]
         if missing:
             raise MethodError(
                 f"checkpoint {self.checkpoint} downscales {list(self.variables)}; the truth lacks {missing}"
             )
-        return self  # trained by `climrecon train`
+        if self.correction is not None:
+            self.correction.fit(coarse_train, model_train)
+        return self
+
+    def fitted(self) -> dict[str, Any] | None:
+        """The fitted bias correction (what the stage's provenance records), or None without one."""
+        return None if self.correction is None else self.correction.record
+
+    def corrected(self, coarse: xr.Dataset) -> xr.Dataset:
+        """``coarse`` mapped by the fitted bias correction (unchanged without one)."""
+        return coarse if self.correction is None else self.correction.coarse(coarse)
+
+    def _corrected_inputs(self, inputs: Inputs) -> Inputs:
+        """``inputs`` validated, with the coarse fields (and their fine-grid view) bias-corrected when on."""
+        self.validate(inputs)
+        return inputs if self.correction is None else self.correction.inputs(inputs)
 
     def validate(self, inputs: Inputs) -> None:
         path = self.checkpoint
@@ -382,6 +423,12 @@ class DPDM:
                 f"checkpoint {path} was trained to downscale by x{self.factor} ({wanted:g} deg -> {grid.dlat:g} deg); "
                 f"the coarse input is x{factor:g} coarser than the target: re-run regrid with "
                 f"regrid.coarse_resolution={wanted:g} (or use a checkpoint trained for that factor)"
+            )
+        if self.correction is not None and inputs.coarse is None and not inputs.truth_view:
+            raise MethodError(
+                f"{self.name}: bias_correction maps the coarse input on its own grid, and this stage has only its "
+                "view on the fine grid: give the stage the coarse store the regrid stage wrote, or set "
+                "method.bias_correction: false"
             )
         inputs.require(self.needs, f"checkpoint {path}")
         if inputs.time_step != self.time_step:
@@ -441,6 +488,7 @@ class DPDM:
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
         index = member_indices(members)
+        inputs = self._corrected_inputs(inputs)
         values, _, z_cond, toy, tiling = self._network_inputs(inputs)
         channels = self.spec.channel_names()
         out = self._sample(
@@ -584,6 +632,8 @@ class DPDM:
         }
         if extra:  # the first releases knew the default deterministic Heun schedule only: same keys for it
             parts.append(extra)
+        if self.correction is not None:
+            parts.append("bias_correction")
         return parts
 
     def describe(self) -> dict[str, Any]:
@@ -599,6 +649,7 @@ class DPDM:
             "report": (
                 f"{self.name}: checkpoint `{Path(self.checkpoint).name}` ({m.method}, x{self.factor}, "
                 f"step {m.step}, target {target}), {self.sampler.describe()}, overlap {self.overlap}"
+                + (", quantile-mapping bias correction" if self.correction is not None else "")
             ),
             "checkpoint": {
                 "path": self.checkpoint,
@@ -614,6 +665,7 @@ class DPDM:
             },
             "sampler": self.sampler.model_dump(mode="json"),
             "seeds": "seed_for(base_seed, year * 12 + month - 1, member)",
+            "bias_correction": self.correction is not None,
         }
 
 

@@ -22,8 +22,9 @@ and the time of year of the window's centre, no coarse input) is sampled as a wh
 - Bias correction (``bias_correction: true``, default): before guidance, the coarse input is quantile-mapped
   toward the fine truth's coarse view per calendar month and coarse cell over the fit years (the training
   years the input also covers; annual input against the truth's annual means), with the project's one
-  empirical quantile mapping (:class:`climrecon.methods.baselines.EmpiricalQuantileMapping`, the same as the
-  ``qm``/``bcsd`` baselines; xsdba was measured too heavy for this stack, see that module); fitted once per
+  empirical quantile mapping (:mod:`climrecon.methods.bias_correction`, shared with DPDM, CorrDiff and ZSSD's
+  ``bias_correction``; the same mapping as the ``qm``/``bcsd`` baselines; xsdba was measured too heavy for
+  this stack, see :mod:`climrecon.methods.baselines`); fitted once per
   process from the stage's fit data (``Needs.fit_model``: the input's own fields over those years), its
   record (period, quantiles, mean adjustment per month, hash of the fitted quantiles) goes into the member
   store's provenance (:meth:`SpatioTemporal.fitted`).
@@ -57,7 +58,6 @@ from climrecon.methods.base import (
     member_indices,
     month_starts,
 )
-from climrecon.methods.baselines import BaselineError, EmpiricalQuantileMapping
 from climrecon.methods.dpdm import prepare_training, train_denoiser
 from climrecon.methods.zssd import ZETA, ZSSD, ZSSDConfig
 from climrecon.models.guidance import GuidedDenoiser
@@ -128,8 +128,6 @@ class SpatioTemporal(ZSSD):
                 "spatiotemporal method samples a prior over windows (configs/train-spatiotemporal-westus.yaml), "
                 "or use method zssd with this one"
             )
-        self.mapping: EmpiricalQuantileMapping | None = None
-        self.fit_record: dict[str, Any] | None = None
         self.needs = Needs(
             static=tuple(self.spec.static_names()),
             stochastic=True,
@@ -140,54 +138,26 @@ class SpatioTemporal(ZSSD):
             refine={"year": ("month", 12)} if self.time_step == "month" else {},
         )
 
-    # -- bias correction --
+    # -- bias correction (methods/bias_correction.py; fit, fitted and corrected are DPDM's) --
     def fit(
         self, coarse_train: xr.Dataset, fine_train: xr.Dataset, model_train: xr.Dataset | None = None
     ) -> SpatioTemporal:
-        """Quantile mapping of the coarse model toward the truth's coarse view ``coarse_train`` per calendar
-        month (per cell), fitted on ``model_train``: the coarse input's own fields over the same years (None:
-        the input is the truth's coarse view itself, a perfect model, and the mapping is the identity).
-        Annual model fields are mapped toward the truth's annual means."""
-        if not self.config.bias_correction:  # (a prior needs no fit data otherwise)
-            return self
-        present = [v for v in self.variables if v in coarse_train.data_vars]
-        reference = coarse_train[present]
-        model = reference if model_train is None else model_train[[v for v in present if v in model_train]]
-        if model_train is not None and _time_step(model) == "year":
-            reference = _annual(reference, model)
-        try:
-            self.mapping = EmpiricalQuantileMapping().fit(model, reference[list(model.data_vars)])
-        except BaselineError as exc:
-            raise MethodError(f"spatiotemporal bias correction: {exc}") from None
-        self.fit_record = _describe_mapping(self.mapping, model, reference, perfect=model_train is None)
+        """The quantile mapping of the coarse model toward the truth's coarse view ``coarse_train`` per
+        calendar month (per cell), fitted on ``model_train``: the coarse input's own fields over the same years
+        (None: the input is the truth's coarse view itself, a perfect model). Annual model fields are mapped
+        toward the truth's annual means. A prior needs no other fit data."""
+        if self.correction is not None:
+            self.correction.fit(coarse_train, model_train)
         return self
-
-    def fitted(self) -> dict[str, Any] | None:
-        """The fitted bias correction (what provenance records), or None without one."""
-        return self.fit_record
-
-    def corrected(self, coarse: xr.Dataset) -> xr.Dataset:
-        """``coarse`` quantile-mapped by the fitted correction (unchanged without one)."""
-        if self.mapping is None:
-            if self.config.bias_correction:
-                raise MethodError(
-                    "spatiotemporal: bias_correction is on but the method was not fitted; the downscale stage "
-                    "fits it on the training years (or set method.bias_correction: false)"
-                )
-            return coarse
-        names = [v for v in coarse.data_vars if v in self.mapping.model_quantiles]
-        try:
-            return coarse.assign(self.mapping.adjust(coarse[names]))
-        except BaselineError as exc:
-            raise MethodError(f"spatiotemporal bias correction: {exc}") from None
 
     # -- sampling --
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
         """Members as whole sequences: monthly members for monthly and for annual input (12 per year)."""
         index = member_indices(members)
+        inputs = self._corrected_inputs(inputs)
         _, _, z_cond, toy, tiling = self._network_inputs(inputs)
         present = self.observed(inputs)
-        coarse = self.corrected(inputs.coarse[present].transpose("time", "lat", "lon").load())
+        coarse = inputs.coarse[present].transpose("time", "lat", "lon").load()
         a, y_obs, weight, gram = self.guidance_target(inputs, coarse)
         k = self.steps_per_input(inputs)
         self._check_consecutive(inputs)
@@ -252,7 +222,7 @@ class SpatioTemporal(ZSSD):
             window=self.window,
             likelihood_std=cfg.likelihood_std,
             months_per_input_step=k,
-            bias_corrected=int(self.mapping is not None),
+            bias_corrected=int(self.correction is not None),
         )
         return result
 
@@ -276,31 +246,16 @@ class SpatioTemporal(ZSSD):
 
     def identity(self, members: int, seed: int) -> list[Any]:
         c = self.config
-        return [*super().identity(members, seed), self.window, c.likelihood_std, c.bias_correction]
+        return [*super().identity(members, seed), self.window, c.likelihood_std]
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         c = self.config
         out["report"] = out["report"].replace(
             "guidance", f"window {self.window}, likelihood std {c.likelihood_std:g}, guidance", 1
-        ) + (", quantile-mapping bias correction" if c.bias_correction else "")
+        )
         out["guidance"].update(window=self.window, likelihood_std=c.likelihood_std)
-        out["bias_correction"] = c.bias_correction
         return out
-
-
-def _time_step(ds: xr.Dataset) -> str:
-    """ "year" when the labels are a year apart, else "month" (what the bias correction distinguishes)."""
-    years = [t.year for t in ds["time"].values]
-    return "year" if len(years) > 1 and len(set(years)) == len(years) else "month"
-
-
-def _annual(reference: xr.Dataset, model: xr.Dataset) -> xr.Dataset:
-    """``reference``'s annual means, labelled like ``model``'s annual steps (same month and day)."""
-    t0 = model["time"].values[0]
-    means = reference.groupby("time.year").mean("time")
-    times = [type(t0)(int(y), t0.month, t0.day) for y in means["year"].values]
-    return means.rename(year="time").assign_coords(time=times)
 
 
 def _monthly(inputs: Inputs) -> Inputs:
@@ -312,43 +267,6 @@ def _monthly(inputs: Inputs) -> Inputs:
     return dataclasses.replace(
         inputs, coarse_on_fine=fine.assign_coords(time=times).drop_vars("time_bnds", errors="ignore")
     )
-
-
-def _describe_mapping(
-    mapping: EmpiricalQuantileMapping, model: xr.Dataset, reference: xr.Dataset, perfect: bool
-) -> dict[str, Any]:
-    """JSON record of a fitted bias correction: period, quantiles, mean adjustment per variable and month,
-    and the hash of the fitted quantiles (the full mapping is what ``mapping_dataset`` returns)."""
-    import hashlib
-
-    qm, qr = mapping.model_quantiles, mapping.reference_quantiles
-    digest = hashlib.sha256()
-    for ds in (qm, qr):
-        for v in sorted(ds.data_vars):
-            digest.update(np.ascontiguousarray(ds[v].values, dtype=np.float64).tobytes())
-    times = model["time"].values
-    return {
-        "method": "empirical quantile mapping per calendar month and coarse cell (additive)",
-        "perfect_model": perfect,
-        "model_period": [
-            f"{times[0].year:04d}-{times[0].month:02d}",
-            f"{times[-1].year:04d}-{times[-1].month:02d}",
-        ],
-        "reference_steps": int(reference.sizes["time"]),
-        "n_quantiles": int(qm.sizes["quantile"]),
-        "mean_adjustment": {
-            str(v): {
-                int(m): round(float(d), 4)
-                for m, d in zip(
-                    qm["month"].values,
-                    (qr[v] - qm[v]).mean([d for d in qm[v].dims if d != "month"]).values,
-                    strict=True,
-                )
-            }
-            for v in qm.data_vars
-        },
-        "quantiles_sha256": digest.hexdigest(),
-    }
 
 
 def _register() -> None:

@@ -199,7 +199,13 @@ class ZSSD(DPDM):
                 f"zssd guides in network space, where an area mean is only exact for untransformed variables; "
                 f"{logs} are transformed in checkpoint {self.checkpoint}"
             )
-        self.needs = Needs(static=tuple(self.spec.static_names()), stochastic=True, coarse=True)
+        self.needs = Needs(
+            static=tuple(self.spec.static_names()),
+            stochastic=True,
+            coarse=True,
+            fit=self.correction is not None,
+            fit_model=self.correction is not None,
+        )
 
     def validate(self, inputs: Inputs) -> None:
         path = self.checkpoint
@@ -252,6 +258,7 @@ class ZSSD(DPDM):
         year are sampled together (time of year and seeds of each month) and guided so that their MEAN agrees
         with the annual input; a member is the mean of its 12 months (the input's time step)."""
         index = member_indices(members)
+        inputs = self._corrected_inputs(inputs)
         _, _, z_cond, toy, tiling = self._network_inputs(inputs)
         cfg = self.config
         present = self.observed(inputs)
@@ -333,6 +340,7 @@ class ZSSD(DPDM):
             f"{c.guidance}"
             + (f" on {where}" if c.guidance == "zssd" else " on the input's cells")
             + f", jacobian {c.resolved_jacobian()}, {self.sampler.describe()}"
+            + (", quantile-mapping bias correction" if self.correction is not None else "")
         )
         out["guidance"] = {
             **c.model_dump(include={"guidance", "unified_resolution", "zeta"}),

@@ -481,10 +481,11 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
             )
         )
         target = Grid.from_dataset(fine, "fine store")
-        if not Grid.from_dataset(truth, "truth").same_cells(target):
+        truth = _on_target_cells(truth, target)
+        if truth is None:
             raise DownscaleError(
-                f"the fitting truth {fit.truth_url} is not on the target grid {target.describe()}: give train.truth "
-                "on the grid the regrid stage writes"
+                f"the fitting truth {fit.truth_url} does not hold the target grid {target.describe()}'s cells: give "
+                "train.truth on the grid the regrid stage writes (or one that contains it)"
             )
         truth = truth.assign_coords(lat=fine["lat"].values, lon=fine["lon"].values)
         coarse_grid = Grid.from_dataset(
@@ -495,6 +496,20 @@ def _fit_pairs(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> t
         if isinstance(exc, DownscaleError):
             raise
         raise DownscaleError(f"fitting {plan.method.name} for {plan.name}: {exc}") from None
+
+
+def _on_target_cells(truth: xr.Dataset, target: Grid) -> xr.Dataset | None:
+    """``truth`` on ``target``'s cells: itself when on the same grid, the target's cells of it when the target is
+    a part of its grid (a reconstruction over a sub-region of the truth's domain), else None."""
+    have = Grid.from_dataset(truth, "truth")
+    if have.same_cells(target):
+        return truth
+    tolerance = 1e-3 * min(have.dlat, target.dlat)
+    try:
+        part = truth.sel(lat=target.lat, lon=target.lon, method="nearest", tolerance=tolerance)
+    except KeyError:
+        return None
+    return part if Grid.from_dataset(part, "truth").same_cells(target) else None
 
 
 def _model_train(

@@ -348,13 +348,17 @@ def perfect_model_inputs(
     *,
     time_step: str = "month",
     mask: xr.DataArray | None = None,
+    truth_view: bool = True,
 ) -> Inputs:
     """Inputs of coarsened truth on ``grid``: the coarse fields, their bilinear view, the static fields plus
     the ``<name>_coarse`` views of ``views`` through the coarse grid (as training builds them), the time
-    step and the valid-cell mask of the truth."""
+    step and the valid-cell mask of the truth. ``truth_view``: the coarse fields are the truth's own view (a
+    bias correction leaves them as they are); False for another source (a GCM) on the same path."""
     if static_fine is not None and views:
         static_fine = with_coarse_static(static_fine, Grid.from_dataset(coarse, "coarse input"), views)
-    return Inputs.from_coarse(coarse, grid, static_fine, time_step=time_step, mask=mask)
+    return Inputs.from_coarse(
+        coarse, grid, static_fine, time_step=time_step, mask=mask, truth_view=truth_view
+    )
 
 
 def spread_months(n_available: int, n: int) -> np.ndarray:

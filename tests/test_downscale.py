@@ -39,8 +39,9 @@ SAMPLER = {"num_steps": 3, "max_patches_per_batch": 16, "overlap": 2, "device": 
 
 
 def config(root, checkpoint, sampler=None, **downscale) -> ClimReconConfig:
-    """The config of a downscale run: ``storage.root``, the DPDM checkpoint, the test's fast sampler."""
-    overrides = [f"storage.root={root}", f"method.checkpoint={checkpoint}"]
+    """The config of a downscale run: ``storage.root``, the DPDM checkpoint, the test's fast sampler; no bias
+    correction (the toy GCM has no truth to fit one on; tests/test_bias_correction.py covers it)."""
+    overrides = [f"storage.root={root}", f"method.checkpoint={checkpoint}", "method.bias_correction=false"]
     overrides += [f"sampler.{k}={v}" for k, v in {**SAMPLER, **(sampler or {})}.items()]
     overrides += [f"downscale.{k}={v}" for k, v in {**FAST, **downscale}.items()]
     return load_config(overrides=overrides)

@@ -152,6 +152,7 @@ def _downscale_args(
     sets = {
         "storage.root": root,
         "method.checkpoint": checkpoint,
+        "method.bias_correction": "false",  # as the reference run (test_downscale.config)
         "downscale.coarse": inputs["coarse"],
         "downscale.members": 4,
         **{f"downscale.{k}": v for k, v in (units or UNITS).items()},

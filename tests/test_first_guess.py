@@ -106,7 +106,7 @@ def test_a_coarse_input_on_a_shifted_grid_is_averaged_onto_the_training_blocks(w
     )
     fine_truth = held.coarse_on_fine  # any smooth field will do: its block structure is not the point
     coarse = regrid.conservative(fine_truth, shifted)
-    inputs = type(held).from_coarse(coarse, held.grid, held.static)
+    inputs = type(held).from_coarse(coarse, held.grid, held.static, truth_view=True)
     out = method.downscale(inputs, members=1, seed=0)
     assert all(np.isfinite(out[v].values).all() for v in VARIABLES)
     onto = regrid.conservative(coarse, blocks)

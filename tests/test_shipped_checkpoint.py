@@ -57,7 +57,9 @@ def test_shipped_checkpoint_samples_a_heldout_patch_deterministically():
     window = {"lat": slice(24, 56), "lon": slice(24, 56)}  # a 32 x 32 patch over the Great Basin
     truth = truth.isel(window)
     fine = inputs.coarse_on_fine.isel(window)
-    patch = Inputs(coarse_on_fine=fine, grid=Grid.from_dataset(fine), static=inputs.static.isel(window))
+    patch = Inputs(  # the truth's own coarse view: nothing for the bias correction to map
+        coarse_on_fine=fine, grid=Grid.from_dataset(fine), static=inputs.static.isel(window), truth_view=True
+    )
     run = lambda: method.downscale(patch, members=2, seed=7)  # noqa: E731
     first, second = run(), run()
     for v in meta.variables:
