@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,10 @@ import xarray as xr
 from climrecon.methods.base import Inputs, MethodError, gridded_variables
 from climrecon.methods.baselines import BaselineError, EmpiricalQuantileMapping
 
-__all__ = ["CoarseBiasCorrection", "annual_means_like", "is_annual"]
+__all__ = ["CoarseBiasCorrection", "annual_means_like", "is_annual", "SHORT_FIT_YEARS"]
+
+log = logging.getLogger(__name__)
+SHORT_FIT_YEARS = 10  # fewer years of the input to fit on: its own anomalies are mapped away with its bias
 
 
 def is_annual(ds: xr.Dataset) -> bool:
@@ -90,6 +94,16 @@ class CoarseBiasCorrection:
         except BaselineError as exc:
             raise MethodError(f"{self.what}: {exc}") from None
         self.record = _describe(self.mapping, fitted, reference)
+        years = self.record["model_years"]
+        if years < SHORT_FIT_YEARS:
+            log.warning(
+                "%s is fitted on %d year(s) of the coarse input (%s..%s): on so short a period the mapping also "
+                "takes away those years' own anomalies, not only the model's bias; give the run a longer historical "
+                "period inside the training years (e.g. 30 years) for a climate bias",
+                self.what,
+                years,
+                *self.record["model_period"],
+            )
         return self
 
     def coarse(self, coarse: xr.Dataset) -> xr.Dataset:
@@ -146,6 +160,7 @@ def _describe(mapping: EmpiricalQuantileMapping, model: xr.Dataset, reference: x
             f"{times[0].year:04d}-{times[0].month:02d}",
             f"{times[-1].year:04d}-{times[-1].month:02d}",
         ],
+        "model_years": len({t.year for t in times}),
         "reference_steps": int(reference.sizes["time"]),
         "n_quantiles": int(qm.sizes["quantile"]),
         "mean_adjustment": {

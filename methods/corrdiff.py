@@ -113,9 +113,8 @@ class CorrDiffConfig(PatchModelConfig):
     default checkpoint the one ``corrdiff-*.pt`` in ``<repo>/checkpoints/``)."""
 
     name: Literal["corrdiff"] = "corrdiff"
-    bias_correction: bool = Field(
-        True, description=BIAS_CORRECTION_HELP
-    )  # as DPDM's (README "Bias correction")
+    # on by default, as DPDM's (README "Bias correction of the coarse input")
+    bias_correction: bool = Field(True, description=BIAS_CORRECTION_HELP)
     regression_only: bool = Field(
         False, description="the regression mean alone (deterministic: every member is the mean)"
     )

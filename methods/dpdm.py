@@ -305,7 +305,7 @@ class DPDM:
                 raise MethodError(f"checkpoint {self.checkpoint}: {exc}") from None
         self.correction = (
             CoarseBiasCorrection(self.variables, f"{self.name} bias correction")
-            if getattr(config, "bias_correction", False)
+            if config.bias_correction
             else None
         )
         self.patch = int(g.patch_size)

@@ -76,10 +76,13 @@ def _inputs(world, coarse):
     return perfect_model_inputs(coarse, grid, static, ["orog", "sftlf"], truth_view=False)
 
 
-def test_a_biased_model_is_mapped_onto_the_truths_coarse_fields_and_the_fine_view_follows(world):
+def test_a_biased_model_is_mapped_onto_the_truths_coarse_fields_and_the_fine_view_follows(world, caplog):
     reference = coarsen_blocks(world["train"], 4)
-    correction = CoarseBiasCorrection(VARIABLES, "test").fit(reference, _biased(reference, shift=3.0))
+    with caplog.at_level("WARNING", logger="climrecon.methods.bias_correction"):
+        correction = CoarseBiasCorrection(VARIABLES, "test").fit(reference, _biased(reference, shift=3.0))
+    assert "test is fitted on 2 year(s) of the coarse input (2000-01..2001-12)" in caplog.text
     record = correction.record
+    assert record["model_years"] == 2
     assert record["perfect_model"] is False and record["model_period"] == ["2000-01", "2001-12"]
     assert all(abs(v + 3.0) < 1e-5 for v in record["mean_adjustment"]["tas"].values())
     # a monotone distortion of the training values is undone exactly on them (every value is a quantile node)
