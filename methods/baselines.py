@@ -423,6 +423,13 @@ class DeltaConfig(MethodConfig):
     )
 
 
+FIT_ON_INPUT_HELP = (
+    "fit the quantile mapping on the coarse input's own fields over the training years the run covers (a GCM's "
+    "bias is corrected toward the truth); false: on the truth's coarse view (the input is taken as unbiased). A "
+    "perfect-model evaluation fits on the truth's view either way"
+)
+
+
 class QuantileMappingConfig(MethodConfig):
     """Bilinear interpolation, then empirical quantile mapping per month of year and fine cell."""
 
@@ -430,6 +437,7 @@ class QuantileMappingConfig(MethodConfig):
     n_quantiles: int | None = Field(
         None, ge=2, description="quantiles per month and cell; default: every value"
     )
+    bias_correction: bool = Field(True, description=FIT_ON_INPUT_HELP)
 
 
 class BCSDConfig(MethodConfig):
@@ -439,6 +447,7 @@ class BCSDConfig(MethodConfig):
     n_quantiles: int | None = Field(
         None, ge=2, description="quantiles per month and cell; default: every value"
     )
+    bias_correction: bool = Field(True, description=FIT_ON_INPUT_HELP)
 
 
 @dataclass
@@ -576,27 +585,36 @@ class DeltaDownscaler(_Baseline):
 class QuantileMappingDownscaler(_Baseline):
     """Bilinear interpolation to the fine grid, then empirical quantile mapping per month and fine cell.
 
-    ``fit`` maps the distribution of bilinear(coarse_train) onto that of fine_train at every fine cell (its
-    grid becomes the only valid ``target``); ``downscale`` interpolates and applies the mapping.
+    ``fit`` maps the distribution of bilinear(model) onto that of fine_train at every fine cell (its grid becomes
+    the only valid ``target``), ``model`` being ``model_train`` (the coarse input's own fields over the training
+    years, which the downscale stage passes when ``bias_correction``) or else ``coarse_train`` (the truth's coarse
+    view); ``downscale`` interpolates and applies the mapping.
     """
 
     n_quantiles: int | None = None
+    bias_correction: bool = True
     name: str = "qm"
     mapping: EmpiricalQuantileMapping | None = field(default=None, repr=False)
     grid: Grid | None = None
-    needs: ClassVar[Needs] = Needs(fit=True)
     summary: ClassVar[str] = (
         "bilinear + empirical quantile mapping per month and fine cell (fitted on training years)"
     )
 
     @property
-    def config(self) -> MethodConfig:
-        return QuantileMappingConfig(n_quantiles=self.n_quantiles)
+    def needs(self) -> Needs:  # type: ignore[override]
+        return Needs(fit=True, fit_model=self.bias_correction)
 
-    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> QuantileMappingDownscaler:
+    @property
+    def config(self) -> MethodConfig:
+        return QuantileMappingConfig(n_quantiles=self.n_quantiles, bias_correction=self.bias_correction)
+
+    def fit(
+        self, coarse_train: xr.Dataset, fine_train: xr.Dataset, model_train: xr.Dataset | None = None
+    ) -> QuantileMappingDownscaler:
         names = _common_variables(coarse_train, fine_train, f"{self.name} fit")
         self.grid = _as_grid(fine_train, f"{self.name} fine_train")
-        interpolated = _bilinear_skipna(_float64(coarse_train[names]), self.grid)
+        model = coarse_train if model_train is None else model_train
+        interpolated = _bilinear_skipna(_float64(model[names]), self.grid)
         self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(interpolated, fine_train[names])
         return self
 
@@ -620,7 +638,9 @@ class BCSDDownscaler(_Baseline):
     fit (training years only):
       1. the reference on the coarse grid: fine_train block-averaged (regrid.coarsen_blocks) when the coarse
          grid is a whole-number coarsening of the fine one, else regridded conservatively;
-      2. empirical quantile mapping of coarse_train onto that coarse reference, per month and coarse cell;
+      2. empirical quantile mapping of the coarse model onto that coarse reference, per month and coarse cell:
+         ``model_train`` (the coarse input's own fields over the training years, which the downscale stage passes
+         when ``bias_correction``), else ``coarse_train`` (the truth's coarse view: nothing to correct);
       3. monthly climatologies of the coarse reference and of fine_train.
     downscale:
       1. bias-correct the coarse field (:meth:`bias_correct`);
@@ -635,8 +655,8 @@ class BCSDDownscaler(_Baseline):
     """
 
     n_quantiles: int | None = None
+    bias_correction: bool = True
     name: str = "bcsd"
-    needs: ClassVar[Needs] = Needs(fit=True)
     summary: ClassVar[str] = "bias correction on the coarse grid + spatial disaggregation (Wood et al. 2004)"
     mapping: EmpiricalQuantileMapping | None = field(default=None, repr=False)
     coarse_climatology: xr.Dataset | None = field(default=None, repr=False)
@@ -645,17 +665,22 @@ class BCSDDownscaler(_Baseline):
     fine_grid: Grid | None = None
 
     @property
-    def config(self) -> MethodConfig:
-        return BCSDConfig(n_quantiles=self.n_quantiles)
+    def needs(self) -> Needs:  # type: ignore[override]
+        return Needs(fit=True, fit_model=self.bias_correction)
 
-    def fit(self, coarse_train: xr.Dataset, fine_train: xr.Dataset) -> BCSDDownscaler:
+    @property
+    def config(self) -> MethodConfig:
+        return BCSDConfig(n_quantiles=self.n_quantiles, bias_correction=self.bias_correction)
+
+    def fit(
+        self, coarse_train: xr.Dataset, fine_train: xr.Dataset, model_train: xr.Dataset | None = None
+    ) -> BCSDDownscaler:
         names = _common_variables(coarse_train, fine_train, f"{self.name} fit")
         self.coarse_grid = _as_grid(coarse_train, f"{self.name} coarse_train")
         self.fine_grid = _as_grid(fine_train, f"{self.name} fine_train")
         reference = self.coarse_reference(fine_train[names])
-        self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(
-            _float64(coarse_train[names]), reference
-        )
+        model = coarse_train if model_train is None else model_train
+        self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(_float64(model[names]), reference)
         windows = self.mapping.pooled_months
         self.coarse_climatology = _all_months(reference.groupby("time.month").mean("time").compute(), windows)
         self.fine_climatology = _all_months(
@@ -760,13 +785,13 @@ def _register() -> None:
     )
     register(
         QuantileMappingConfig,
-        lambda cfg, sampler: QuantileMappingDownscaler(cfg.n_quantiles),
+        lambda cfg, sampler: QuantileMappingDownscaler(cfg.n_quantiles, cfg.bias_correction),
         QuantileMappingDownscaler.summary,
         needs="coarse fields; paired training years; any factor",
     )
     register(
         BCSDConfig,
-        lambda cfg, sampler: BCSDDownscaler(cfg.n_quantiles),
+        lambda cfg, sampler: BCSDDownscaler(cfg.n_quantiles, cfg.bias_correction),
         BCSDDownscaler.summary,
         needs="coarse fields; paired training years; any factor",
     )

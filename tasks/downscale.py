@@ -523,7 +523,8 @@ def _model_train(
     keep = np.flatnonzero((have >= first) & (have <= last))
     if not len(keep):
         raise DownscaleError(
-            f"{plan.name}: {plan.method.name}'s bias correction is fitted on the years the training truth covers "
+            f"{plan.name}: {plan.method.name}'s bias correction is fitted on the coarse input's own fields over the "
+            "years the training truth covers "
             f"({first}-{last}), but the input {plan.coarse_url} covers {have.min()}-{have.max()}: downscale a run "
             "that covers them (e.g. historical + scenario) or set method.bias_correction: false"
         )

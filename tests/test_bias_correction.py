@@ -179,3 +179,38 @@ def test_the_stage_fits_the_correction_on_the_runs_own_years_records_it_and_undo
         DownscaleError, match="give the stage the coarse store .* method.bias_correction: false"
     ):
         plan_downscale(cfg, stores["fine"], stores["static"], None)
+
+
+@pytest.mark.parametrize("name", ["bcsd", "qm"])
+def test_the_quantile_mapping_baselines_fit_on_the_inputs_own_years_in_the_stage(world, tmp_path, name):
+    """BCSD's bias correction (and QM's mapping) is fitted on the GCM's own fields over the training years it
+    covers, so a constant bias of the input is taken out; with ``bias_correction: false`` it is fitted on the
+    truth's coarse view and the bias stays (what the stage did before)."""
+    from test_spatiotemporal import _stores
+
+    from climrecon.config import load_config
+    from climrecon.tasks.downscale import plan_downscale, run_downscale
+
+    here = {**world, "static": static_for_truth(world["static_url"], world["held"])}
+    out = {}
+    for bias, corrected in ((0.0, True), (3.0, True), (3.0, False)):
+        stores = _stores(here, tmp_path / f"in-{bias:g}", bias=bias)
+        overrides = {
+            "storage.root": str(tmp_path / f"out-{bias:g}-{corrected}"),
+            "method.name": name,
+            "method.bias_correction": str(corrected).lower(),
+            "downscale.members": 1,
+            "downscale.months_per_unit": 12,
+            "downscale.time_chunk": 12,
+            "train.truth": world["truth_url"],
+            "train.static": world["static_url"],
+            "train.variables": "[tas, uas, vas]",
+            "train.train_years": "[2000, 2001]",
+            "train.validation_years": "[2001, 2001]",
+            "train.heldout_years": "[2002, 2002]",
+        }
+        cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+        url, _ = run_downscale(plan_downscale(cfg, stores["fine"], stores["static"], stores["coarse"]))
+        out[bias, corrected] = xr.open_zarr(url).tas.load()
+    np.testing.assert_allclose(out[3.0, True].values, out[0.0, True].values, atol=1e-3)
+    assert 2.5 < float((out[3.0, False] - out[0.0, True]).mean()) < 3.5  # the bias stays

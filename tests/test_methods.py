@@ -165,6 +165,8 @@ def _config(world, name: str, root) -> Any:
     ]
     # the input (2002) does not cover the fit years (2000-2001): no bias correction for the methods that have
     # it on by default (a perfect-model evaluation leaves the truth's view unchanged anyway)
+    if name in ("bcsd", "qm"):
+        overrides += ["method.bias_correction=false"]
     if name == "dpdm":
         overrides += [f"method.checkpoint={world['checkpoint']}", "method.patch_size=16"]
         overrides += ["method.bias_correction=false"]
@@ -310,7 +312,12 @@ def test_the_registry_validates_each_method_and_names_the_culprit(world):
     ):
         load_config(overrides=["downscale.num_steps=4"])
     cfg = load_config(overrides=["method.name=bcsd", "method.n_quantiles=20"])
-    assert cfg.method.model_dump() == {"name": "bcsd", "label": None, "n_quantiles": 20}
+    assert cfg.method.model_dump() == {
+        "name": "bcsd",
+        "label": None,
+        "n_quantiles": 20,
+        "bias_correction": True,
+    }
     assert load_config(overrides=["method.name=toy-shift"]).model_dump(mode="json")["method"] == {
         "name": "toy-shift",
         "label": None,
