@@ -354,6 +354,42 @@ class EmpiricalQuantileMapping:
         self.reference_quantiles = quantiles(reference, r_months)
         return self
 
+    def describe(self, model: xr.Dataset, reference: xr.Dataset) -> dict[str, Any]:
+        """JSON record of this fitted mapping from ``model`` (the data it was fitted on) to ``reference``:
+        period and years of the model, quantiles, the mean adjustment per variable and month (reference minus
+        model quantiles, over cells and quantiles), and the hash of the fitted quantiles (what provenance keeps)."""
+        import hashlib
+
+        qm, qr = self.model_quantiles, self.reference_quantiles
+        digest = hashlib.sha256()
+        for ds in (qm, qr):
+            for v in sorted(ds.data_vars):
+                digest.update(np.ascontiguousarray(ds[v].values, dtype=np.float64).tobytes())
+        times = model["time"].values
+        return {
+            "method": "empirical quantile mapping per calendar month and cell (additive; ratio for pr)",
+            "perfect_model": False,
+            "model_period": [
+                f"{times[0].year:04d}-{times[0].month:02d}",
+                f"{times[-1].year:04d}-{times[-1].month:02d}",
+            ],
+            "model_years": len({t.year for t in times}),
+            "reference_steps": int(reference.sizes["time"]),
+            "n_quantiles": int(qm.sizes["quantile"]),
+            "mean_adjustment": {
+                str(v): {
+                    int(m): round(float(d), 4)
+                    for m, d in zip(
+                        qm["month"].values,
+                        (qr[v] - qm[v]).mean([d for d in qm[v].dims if d != "month"]).values,
+                        strict=True,
+                    )
+                }
+                for v in qm.data_vars
+            },
+            "quantiles_sha256": digest.hexdigest(),
+        }
+
     def adjust(self, model: xr.Dataset) -> xr.Dataset:
         if self.model_quantiles is None or self.reference_quantiles is None:
             raise BaselineError("quantile mapping: call fit(model, reference) before adjust")
@@ -390,6 +426,22 @@ class EmpiricalQuantileMapping:
             )
             out[var] = adjusted.transpose(*da.dims).astype(da.dtype).assign_attrs(da.attrs)
         return out
+
+
+def _fit_record(
+    mapping: EmpiricalQuantileMapping,
+    model_train: xr.Dataset | None,
+    model: xr.Dataset,
+    reference: xr.Dataset,
+) -> dict[str, Any]:
+    """What a baseline's mapping was fitted on: the input's own fields (``model_train``: described), or the
+    truth's coarse view (nothing about the input's bias was learnt)."""
+    if model_train is None:
+        return {
+            "method": "fitted on the truth's coarse view (the input is taken as unbiased)",
+            "perfect_model": True,
+        }
+    return mapping.describe(model, reference)
 
 
 class _quiet_all_nan:
@@ -596,6 +648,7 @@ class QuantileMappingDownscaler(_Baseline):
     name: str = "qm"
     mapping: EmpiricalQuantileMapping | None = field(default=None, repr=False)
     grid: Grid | None = None
+    fit_record: dict[str, Any] | None = None
     summary: ClassVar[str] = (
         "bilinear + empirical quantile mapping per month and fine cell (fitted on training years)"
     )
@@ -616,7 +669,12 @@ class QuantileMappingDownscaler(_Baseline):
         model = coarse_train if model_train is None else model_train
         interpolated = _bilinear_skipna(_float64(model[names]), self.grid)
         self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(interpolated, fine_train[names])
+        self.fit_record = _fit_record(self.mapping, model_train, interpolated, fine_train[names])
         return self
+
+    def fitted(self) -> dict[str, Any] | None:
+        """What the mapping was fitted on (the downscale stage's provenance records it)."""
+        return self.fit_record
 
     def downscale(self, inputs: Inputs, members: int | Sequence[int] = 1, seed: int = 0) -> xr.Dataset:
         coarse, target = self._coarse(inputs), inputs.grid
@@ -663,6 +721,7 @@ class BCSDDownscaler(_Baseline):
     fine_climatology: xr.Dataset | None = field(default=None, repr=False)
     coarse_grid: Grid | None = None
     fine_grid: Grid | None = None
+    fit_record: dict[str, Any] | None = None
 
     @property
     def needs(self) -> Needs:  # type: ignore[override]
@@ -681,12 +740,17 @@ class BCSDDownscaler(_Baseline):
         reference = self.coarse_reference(fine_train[names])
         model = coarse_train if model_train is None else model_train
         self.mapping = EmpiricalQuantileMapping(self.n_quantiles).fit(_float64(model[names]), reference)
+        self.fit_record = _fit_record(self.mapping, model_train, model[names], reference)
         windows = self.mapping.pooled_months
         self.coarse_climatology = _all_months(reference.groupby("time.month").mean("time").compute(), windows)
         self.fine_climatology = _all_months(
             fine_train[names].groupby("time.month").mean("time").compute(), windows
         )
         return self
+
+    def fitted(self) -> dict[str, Any] | None:
+        """What the bias correction was fitted on (the downscale stage's provenance records it)."""
+        return self.fit_record
 
     def coarse_reference(self, fine: xr.Dataset) -> xr.Dataset:
         """``fine`` area-averaged onto the fitted coarse grid (coordinates exactly the coarse grid's)."""

@@ -28,13 +28,11 @@ variable and month, and the hash of the fitted quantiles.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import xarray as xr
 
 from climrecon.methods.base import Inputs, MethodError, gridded_variables
@@ -93,7 +91,7 @@ class CoarseBiasCorrection:
             self.mapping = EmpiricalQuantileMapping().fit(fitted, reference[list(fitted.data_vars)])
         except BaselineError as exc:
             raise MethodError(f"{self.what}: {exc}") from None
-        self.record = _describe(self.mapping, fitted, reference)
+        self.record = self.mapping.describe(fitted, reference)
         years = self.record["model_years"]
         if years < SHORT_FIT_YEARS:
             log.warning(
@@ -142,37 +140,3 @@ class CoarseBiasCorrection:
             moved = base.values + increment[v].transpose("time", "lat", "lon").values
             on_fine[v] = base.copy(data=moved.astype(base.dtype))
         return dataclasses.replace(inputs, coarse=corrected, coarse_on_fine=on_fine)
-
-
-def _describe(mapping: EmpiricalQuantileMapping, model: xr.Dataset, reference: xr.Dataset) -> dict[str, Any]:
-    """JSON record of a fitted correction: period, quantiles, mean adjustment per variable and month, and the
-    hash of the fitted quantiles."""
-    qm, qr = mapping.model_quantiles, mapping.reference_quantiles
-    digest = hashlib.sha256()
-    for ds in (qm, qr):
-        for v in sorted(ds.data_vars):
-            digest.update(np.ascontiguousarray(ds[v].values, dtype=np.float64).tobytes())
-    times = model["time"].values
-    return {
-        "method": "empirical quantile mapping per calendar month and coarse cell (additive; ratio for pr)",
-        "perfect_model": False,
-        "model_period": [
-            f"{times[0].year:04d}-{times[0].month:02d}",
-            f"{times[-1].year:04d}-{times[-1].month:02d}",
-        ],
-        "model_years": len({t.year for t in times}),
-        "reference_steps": int(reference.sizes["time"]),
-        "n_quantiles": int(qm.sizes["quantile"]),
-        "mean_adjustment": {
-            str(v): {
-                int(m): round(float(d), 4)
-                for m, d in zip(
-                    qm["month"].values,
-                    (qr[v] - qm[v]).mean([d for d in qm[v].dims if d != "month"]).values,
-                    strict=True,
-                )
-            }
-            for v in qm.data_vars
-        },
-        "quantiles_sha256": digest.hexdigest(),
-    }

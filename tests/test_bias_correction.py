@@ -211,6 +211,12 @@ def test_the_quantile_mapping_baselines_fit_on_the_inputs_own_years_in_the_stage
         }
         cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
         url, _ = run_downscale(plan_downscale(cfg, stores["fine"], stores["static"], stores["coarse"]))
-        out[bias, corrected] = xr.open_zarr(url).tas.load()
+        store = xr.open_zarr(url)
+        out[bias, corrected] = store.tas.load()
+        record = json.loads(store.attrs["climrecon_provenance"])["fitted"]  # what the mapping was fitted on
+        assert record["perfect_model"] is (not corrected)
+        if corrected and name == "bcsd":  # on the coarse grid: the mean adjustment is the bias itself
+            assert record["model_period"] == ["2000-01", "2001-12"]
+            assert all(abs(v + bias) < 1e-3 for v in record["mean_adjustment"]["tas"].values())
     np.testing.assert_allclose(out[3.0, True].values, out[0.0, True].values, atol=1e-3)
     assert 2.5 < float((out[3.0, False] - out[0.0, True]).mean()) < 3.5  # the bias stays
