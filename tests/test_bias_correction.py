@@ -186,7 +186,7 @@ def test_the_quantile_mapping_baselines_fit_on_the_inputs_own_years_in_the_stage
     """BCSD's bias correction (and QM's mapping) is fitted on the GCM's own fields over the training years it
     covers, so a constant bias of the input is taken out; with ``bias_correction: false`` it is fitted on the
     truth's coarse view and the bias stays (what the stage did before)."""
-    from test_spatiotemporal import _stores
+    from test_spatiotemporal import _stores, fit_truth_overrides
 
     from climrecon.config import load_config
     from climrecon.tasks.downscale import plan_downscale, run_downscale
@@ -202,12 +202,7 @@ def test_the_quantile_mapping_baselines_fit_on_the_inputs_own_years_in_the_stage
             "downscale.members": 1,
             "downscale.months_per_unit": 12,
             "downscale.time_chunk": 12,
-            "train.truth": world["truth_url"],
-            "train.static": world["static_url"],
-            "train.variables": "[tas, uas, vas]",
-            "train.train_years": "[2000, 2001]",
-            "train.validation_years": "[2001, 2001]",
-            "train.heldout_years": "[2002, 2002]",
+            **fit_truth_overrides(world),
         }
         cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
         url, _ = run_downscale(plan_downscale(cfg, stores["fine"], stores["static"], stores["coarse"]))

@@ -258,6 +258,18 @@ def _stores(world, root, annual: bool = False, bias: float = 0.0) -> dict:
     }
 
 
+def fit_truth_overrides(world) -> dict[str, str]:
+    """The ``train.*`` keys that point a downscale stage at the tiny truth's training years (its fit data)."""
+    return {
+        "train.truth": world["truth_url"],
+        "train.static": world["static_url"],
+        "train.variables": "[tas, uas, vas]",
+        "train.train_years": "[2000, 2001]",
+        "train.validation_years": "[2001, 2001]",
+        "train.heldout_years": "[2002, 2002]",
+    }
+
+
 def _stage_config(world, root, **extra):
     from climrecon.config import load_config
 
@@ -273,12 +285,7 @@ def _stage_config(world, root, **extra):
         "downscale.members_per_unit": 1,
         "downscale.months_per_unit": 12,
         "downscale.time_chunk": 12,
-        "train.truth": world["truth_url"],
-        "train.static": world["static_url"],
-        "train.variables": "[tas, uas, vas]",
-        "train.train_years": "[2000, 2001]",
-        "train.validation_years": "[2001, 2001]",
-        "train.heldout_years": "[2002, 2002]",
+        **fit_truth_overrides(world),
         **extra,
     }
     return load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
