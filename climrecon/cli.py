@@ -483,7 +483,8 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     Builds the offline sample catalog (real packaged GCM data + the labelled synthetic reanalysis) if
     missing, then reconstructs MPI-ESM-LR 2005 tas/uas/vas over the western US at 0.25 deg with the
-    configured method (default: DPDM with the shipped checkpoint, 8 members, 18 Heun steps; any registered
+    configured method (default: DPDM with the shipped checkpoint, 8 members, 12 DPM-Solver++(2M) steps, the
+    GCM bias-corrected toward the synthetic truth's coarse view over the training years; any registered
     method with --set method.name=...), scores it against the synthetic truth, with Prefect's
     local API, a Dask LocalCluster and stores under ./outputs; --set overrides anything (e.g. --set
     downscale.members=4 for a quicker look). `-c configs/demo-corrdiff.yaml`: CorrDiff on tas, uas, vas and
