@@ -121,7 +121,8 @@ class CoarseBiasCorrection:
 
     def inputs(self, inputs: Inputs) -> Inputs:
         """``inputs`` with the coarse fields mapped and their fine-grid view moved by the bilinearly
-        interpolated adjustment (:func:`climrecon.methods.features.coarse_on_fine`, as the stage made it)."""
+        interpolated adjustment (:func:`climrecon.methods.features.coarse_on_fine`, as the stage made it); a
+        coarse cell without a value stays so, and adjusts nothing around it."""
         from climrecon.methods.features import coarse_on_fine
 
         if inputs.truth_view or (self.record is not None and self.mapping is None):
@@ -133,7 +134,9 @@ class CoarseBiasCorrection:
         names = [v for v in self.mapping.model_quantiles.data_vars if v in inputs.coarse_on_fine.data_vars]
         if not names:
             return dataclasses.replace(inputs, coarse=corrected)
-        increment = coarse_on_fine((corrected[names] - original[names]).astype("float64"), inputs.grid)
+        # a coarse cell without a value (masked) gets no adjustment, rather than spreading NaN to its neighbours
+        adjustment = (corrected[names] - original[names]).astype("float64").fillna(0.0)
+        increment = coarse_on_fine(adjustment, inputs.grid)
         on_fine = inputs.coarse_on_fine.load().copy()
         for v in names:
             base = on_fine[v].transpose("time", "lat", "lon")

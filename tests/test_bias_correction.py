@@ -6,6 +6,7 @@ the correction is recorded, keyed and refused when it was never fitted; DPDM and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -101,6 +102,14 @@ def test_a_biased_model_is_mapped_onto_the_truths_coarse_fields_and_the_fine_vie
         abs(float((fixed.coarse.tas - held.tas).mean()))
         < 0.3
         < abs(float((inputs.coarse.tas - held.tas).mean()))
+    )
+    # a coarse cell without a value stays without one, and the fine view gains no NaN from it
+    holed = inputs.coarse.copy(deep=True)
+    holed["tas"][:, 4, 4] = np.nan
+    fixed = correction.inputs(dataclasses.replace(inputs, coarse=holed))
+    assert (
+        np.isnan(fixed.coarse.tas.values[:, 4, 4]).all()
+        and np.isfinite(fixed.coarse_on_fine.tas.values).all()
     )
 
 
