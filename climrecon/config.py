@@ -410,6 +410,12 @@ class DownscaleConfig(_Model):
         description="regridded coarse store (read by methods that work on the coarse grid itself: the bias "
         "correction, a first guess, guidance); default: this config's regrid output",
     )
+    fit_coarse: str | None = Field(
+        None,
+        description="regridded coarse store a bias correction is fitted on (e.g. the same model's historical "
+        "run, for a scenario that does not cover the training years; same coarse grid); default: the input's "
+        "own coarse store. The reconstruct flow sets it for each scenario that has a historical run beside it",
+    )
     members: int = Field(8, ge=1, description="ensemble members")
     seed: int = Field(20261121, ge=0, description="base seed; member m of month t uses seed_for(seed, t, m)")
     months_per_unit: int = Field(12, ge=1, description="time steps per work unit (a multiple of time_chunk)")

@@ -60,9 +60,20 @@ def default_inputs(cfg: ClimReconConfig) -> dict[str, str | None]:
 
 
 @task(name="downscale-plan", task_run_name="plan downscale of {fine_url}", cache_policy=NO_CACHE)
-def plan_task(cfg: ClimReconConfig, fine_url: str, static_url: str, coarse_url: str | None) -> DownscalePlan:
+def plan_task(
+    cfg: ClimReconConfig,
+    fine_url: str,
+    static_url: str,
+    coarse_url: str | None,
+    fit_coarse_url: str | None = None,
+) -> DownscalePlan:
     return plan_downscale(
-        cfg, fine_url, static_url, coarse_url, storage_options=resolve_storage_options(cfg.storage.options)
+        cfg,
+        fine_url,
+        static_url,
+        coarse_url,
+        storage_options=resolve_storage_options(cfg.storage.options),
+        fit_coarse_url=fit_coarse_url,
     )
 
 
@@ -108,6 +119,7 @@ def downscale_flow(
     fine_url: str | None = None,
     static_url: str | None = None,
     coarse_url: str | None = None,
+    fit_coarse_url: str | None = None,
     scheduler_address: str | None = None,
     n_workers: int | None = None,
     gpu_workers: int | None = None,
@@ -116,7 +128,7 @@ def downscale_flow(
     """Downscale one regridded store into the member store; returns its URL.
 
     Inputs: the arguments, else ``downscale.fine/static/coarse``, else the regrid output of the same
-    config. Workers: the cluster at ``scheduler_address``, else a local one with one GPU worker per CUDA
+    config; ``fit_coarse_url`` (else ``downscale.fit_coarse``): the coarse store a bias correction is fitted on. Workers: the cluster at ``scheduler_address``, else a local one with one GPU worker per CUDA
     device (``gpu_workers``, default: all) plus ``n_workers`` CPU workers, or ``n_workers`` CPU workers
     when there is no GPU. A complete store is skipped; an incomplete one is filled where units are missing.
     """
@@ -126,7 +138,7 @@ def downscale_flow(
         urls = {k: urls[k] or v for k, v in default_inputs(cfg).items()}
     elif urls["coarse"] is None:  # stores given as arguments: the coarse one may still come from the config
         urls["coarse"] = cfg.downscale.coarse
-    plan = plan_task(cfg, urls["fine"], urls["static"], urls["coarse"])
+    plan = plan_task(cfg, urls["fine"], urls["static"], urls["coarse"], fit_coarse_url)
     with dask_client(scheduler_address, n_workers, gpu_workers=gpu_workers) as client:
         resources = sampling_resources(client)
         pending = prepare_task(plan, cfg.storage)

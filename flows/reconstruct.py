@@ -31,6 +31,8 @@ from climrecon.flows.downscale import downscale_flow
 from climrecon.flows.ingest import ingest_flow
 from climrecon.flows.regrid import regrid_flow
 from climrecon.flows.runtime import dask_client
+from climrecon.storage import resolve_storage_options
+from climrecon.tasks.downscale import historical_fit_stores, store_identity
 
 __all__ = ["reconstruct_flow", "model_grid_overrides", "STAGE_OPTIONS"]
 
@@ -171,15 +173,22 @@ def reconstruct_flow(
         logger.info("Dask scheduler %s (dashboard %s)", address, client.dashboard_link)
         ingested = ingest_flow.with_options(**STAGE_OPTIONS["ingest"])(scheduler_address=address, config=cfg)
         outputs["ingest"] = ingested
+        regridded = []
         for source in ingested:
             stores = regrid_flow.with_options(**STAGE_OPTIONS["regrid"])(
                 source_url=source, scheduler_address=address, config=cfg
             )
             outputs["regrid"] += [stores["coarse"], stores["fine"], stores["static"]]
+            regridded.append(stores)
+        # a scenario's bias correction is fitted on the same model's historical run when the query has one
+        options = resolve_storage_options(cfg.storage.options)
+        fit_on = historical_fit_stores({s["coarse"]: store_identity(s["fine"], options) for s in regridded})
+        for stores in regridded:
             members = downscale_flow.with_options(**STAGE_OPTIONS["downscale"])(
                 fine_url=stores["fine"],
                 static_url=stores["static"],
                 coarse_url=stores["coarse"],
+                fit_coarse_url=fit_on.get(stores["coarse"]),
                 scheduler_address=address,
                 config=cfg,
             )

@@ -76,6 +76,8 @@ __all__ = [
     "UnitReport",
     "WorkUnit",
     "finalize_downscale",
+    "historical_fit_stores",
+    "store_identity",
     "month_index",
     "plan_downscale",
     "prepare_downscale",
@@ -178,6 +180,9 @@ class DownscalePlan:
     mask: np.ndarray | None = None  # (lat, lon) bool valid cells of the data: section's fine data, or None
     refine: int = 1  # output time steps per input step (the method's Needs.refine, e.g. 12 for year -> month)
     halo: int = 0  # input time steps of context read on each side of a unit (the method's Needs.time_halo)
+    fit_coarse_url: str | None = (
+        None  # what a bias correction is fitted on, when not the input's own coarse store
+    )
 
     @property
     def n_time(self) -> int:
@@ -261,9 +266,12 @@ def plan_downscale(
     static_url: str,
     coarse_url: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    fit_coarse_url: str | None = None,
 ) -> DownscalePlan:
     """Check the inputs against the method (``method.validate`` on the lazy stores) and name the member
-    store; writes nothing. Raises :class:`DownscaleError` naming the store, or the method's message."""
+    store; writes nothing. ``fit_coarse_url`` (default ``downscale.fit_coarse``): the coarse store a bias
+    correction is fitted on instead of the input's own (the same model's historical run, on the same grid).
+    Raises :class:`DownscaleError` naming the store, or the method's message."""
     ds_cfg = cfg.downscale
     fine = _open(fine_url, storage_options, "regridded fine store")
     static = _open(static_url, storage_options, "static store")
@@ -304,6 +312,11 @@ def plan_downscale(
     parts = [*method.identity(ds_cfg.members, ds_cfg.seed), ds_cfg.time_chunk, ds_cfg.zarr_format]
     if fit is not None:
         parts += [fit.key, fit.years if isinstance(fit.years, str) else list(fit.years)]
+    fit_coarse_url = fit_coarse_url or ds_cfg.fit_coarse
+    if fit_coarse_url and method.needs.fit_model:  # another store's fields define the correction: its key too
+        parts.append(_fit_coarse_key(fit_coarse_url, coarse, storage_options))
+    else:
+        fit_coarse_url = None
     if time_step != "month":
         parts.append(time_step)
     if halo or refine > 1:  # what a unit reads and writes; new keys only for the methods that use them
@@ -338,6 +351,7 @@ def plan_downscale(
         static_key=static_key,
         coarse_url=coarse_url,
         coarse_key=coarse_key,
+        fit_coarse_url=fit_coarse_url,
         time_labels=tuple(f"{t.year:04d}-{t.month:02d}" for t in times),
         out_url=store_url(cfg.storage.root, "downscale", name.split("."), f"{key}.zarr"),
         out_key=key,
@@ -512,11 +526,55 @@ def _on_target_cells(truth: xr.Dataset, target: Grid) -> xr.Dataset | None:
     return part if Grid.from_dataset(part, "truth").same_cells(target) else None
 
 
+def _fit_coarse_key(url: str, coarse: xr.Dataset | None, storage_options: dict[str, Any] | None) -> str:
+    """The content key of the store a bias correction is fitted on, after checking it is on the input's coarse
+    grid (the mapping is per coarse cell)."""
+    fit = _open(url, storage_options, "coarse store to fit the bias correction on (downscale.fit_coarse)")
+    if coarse is None:
+        raise DownscaleError(
+            f"downscale.fit_coarse {url} is given but the run has no coarse store of its own"
+        )
+    have, want = Grid.from_dataset(fit, url), Grid.from_dataset(coarse, "coarse store")
+    if not have.same_cells(want):
+        raise DownscaleError(
+            f"downscale.fit_coarse {url} is on {have.describe()}, the input's coarse store on {want.describe()}: "
+            "fit on the same model's run regridded by the same config"
+        )
+    return str(fit.attrs.get("climrecon_key") or content_key("foreign-coarse", url, dict(fit.sizes)))
+
+
+def store_identity(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """``source_id``, ``experiment_id`` and ``member_id`` of a regridded store: its attributes, else its name
+    (``<source>.<experiment>.<member>...zarr``), as the member store is named."""
+    ident = _identity(_open(url, storage_options, "regridded store"), url, "", "")
+    return {k: ident[k] for k in ("source_id", "experiment_id", "member_id")}
+
+
+def historical_fit_stores(stores: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """For each coarse store URL of ``stores`` (URL -> its ``source_id``, ``experiment_id``, ``member_id``) that is
+    not a historical run, the coarse store of the same model and member's ``historical`` run among them: what
+    the scenario's bias correction is fitted on (a scenario does not cover the training years). Stores without a
+    historical counterpart are left out (they fit on their own years)."""
+    historical = {
+        (ident.get("source_id"), ident.get("member_id")): url
+        for url, ident in stores.items()
+        if ident.get("experiment_id") == "historical"
+    }
+    return {
+        url: historical[key]
+        for url, ident in stores.items()
+        if ident.get("experiment_id") != "historical"
+        and (key := (ident.get("source_id"), ident.get("member_id"))) in historical
+    }
+
+
 def _model_train(
     plan: DownscalePlan, fine_train: xr.Dataset, storage_options: dict[str, Any] | None
 ) -> xr.Dataset:
-    """The coarse input's own fields over the years of the fit data (what a bias correction maps from)."""
-    coarse = _open(plan.coarse_url, storage_options, "regridded coarse store")
+    """The coarse model's fields over the years of the fit data (what a bias correction maps from): the input's
+    own coarse store, or ``plan.fit_coarse_url`` (the same model's historical run)."""
+    source = plan.fit_coarse_url or plan.coarse_url
+    coarse = _open(source, storage_options, "regridded coarse store")
     years = [t.year for t in fine_train["time"].values]
     first, last = min(years), max(years)
     have = np.array([t.year for t in coarse["time"].values])
@@ -525,8 +583,9 @@ def _model_train(
         raise DownscaleError(
             f"{plan.name}: {plan.method.name}'s bias correction is fitted on the coarse input's own fields over the "
             "years the training truth covers "
-            f"({first}-{last}), but the input {plan.coarse_url} covers {have.min()}-{have.max()}: downscale a run "
-            "that covers them (e.g. historical + scenario) or set method.bias_correction: false"
+            f"({first}-{last}), but {source} covers {have.min()}-{have.max()}: downscale a run that covers them, "
+            "give downscale.fit_coarse (the coarse store of the same model's historical run; the reconstruct flow "
+            "does so when the query has it), or set method.bias_correction: false"
         )
     variables = [v for v in plan.variables if v in coarse.data_vars]
     return coarse[variables].isel(time=keep).astype("float32").load()
@@ -758,6 +817,8 @@ def finalize_downscale(
         inputs.append(
             {"store": public_url(plan.coarse_url), "content_key": plan.coarse_key, "role": "coarse"}
         )
+    if plan.fit_coarse_url:
+        inputs.append({"store": public_url(plan.fit_coarse_url), "role": "bias correction fitted on"})
     fitted = None
     if plan.fit is not None:  # what the fitted method learned (e.g. a bias correction), when it says
         fitted = getattr(_method(plan, storage_options), "fitted", lambda: None)()

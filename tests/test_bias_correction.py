@@ -224,3 +224,55 @@ def test_the_quantile_mapping_baselines_fit_on_the_inputs_own_years_in_the_stage
             assert all(abs(v + bias) < 1e-3 for v in record["mean_adjustment"]["tas"].values())
     np.testing.assert_allclose(out[3.0, True].values, out[0.0, True].values, atol=1e-3)
     assert 2.5 < float((out[3.0, False] - out[0.0, True]).mean()) < 3.5  # the bias stays
+
+
+def test_a_scenario_is_corrected_with_the_fit_on_its_historical_run(world, tmp_path):
+    """A scenario store (2002 only, outside the training years) 3 K too warm: refused without a fit store (the
+    message names downscale.fit_coarse), and fitted on the same model's historical coarse store it gives the
+    members of the unbiased scenario; the historical store is in the key and the provenance."""
+    from test_spatiotemporal import _stage_config, _stores
+
+    from climrecon.tasks.downscale import DownscaleError, plan_downscale, run_downscale
+
+    static = with_coarse_static(
+        static_for_truth(world["static_url"], world["held"]),
+        Grid.from_dataset(coarsen_blocks(world["held"], 4)),
+        ["orog", "sftlf"],
+    )
+    here = {**world, "checkpoint": world["dpdm"], "static": static}
+    scenario = {**here, "train": world["held"].isel(time=slice(0, 0))}  # the stores hold 2002 alone
+    historical = _stores(here, tmp_path / "hist", bias=3.0)  # 2000-2002, the training years included
+    extra = {"method.name": "dpdm", "method.checkpoint": world["dpdm"], "sampler.overlap": 4}
+    out = {}
+    for bias in (0.0, 3.0):
+        stores = _stores(scenario, tmp_path / f"scen-{bias:g}", bias=bias)
+        cfg = _stage_config(here, tmp_path / f"out-{bias:g}", **extra)
+        if bias:
+            with pytest.raises(DownscaleError, match="covers 2002-2002: .* give downscale.fit_coarse"):
+                run_downscale(plan_downscale(cfg, stores["fine"], stores["static"], stores["coarse"]))
+        fit = historical["coarse"] if bias else _stores(here, tmp_path / "hist0", bias=0.0)["coarse"]
+        plan = plan_downscale(cfg, stores["fine"], stores["static"], stores["coarse"], fit_coarse_url=fit)
+        url, _ = run_downscale(plan)
+        out[bias] = xr.open_zarr(url)
+        record = json.loads(out[bias].attrs["climrecon_provenance"])
+        assert record["fitted"]["model_period"] == ["2000-01", "2001-12"]
+        assert {"store": fit, "role": "bias correction fitted on"} in record["inputs"]
+    assert plan.out_key != plan_downscale(cfg, stores["fine"], stores["static"], stores["coarse"]).out_key
+    for v in VARIABLES:
+        np.testing.assert_allclose(out[3.0][v].values, out[0.0][v].values, atol=1e-3, err_msg=v)
+
+
+def test_scenarios_are_paired_with_the_historical_run_of_the_same_model_and_member():
+    from climrecon.tasks.downscale import historical_fit_stores
+
+    def ident(source, experiment, member="r1"):
+        return {"source_id": source, "experiment_id": experiment, "member_id": member}
+
+    stores = {
+        "a-hist": ident("A", "historical"),
+        "a-ssp585": ident("A", "ssp585"),
+        "a-ssp245-r2": ident("A", "ssp245", "r2"),  # no historical run of member r2
+        "b-ssp585": ident("B", "ssp585"),  # no historical run of model B
+        "c-a1b": ident("C", "a1b"),
+    }
+    assert historical_fit_stores(stores) == {"a-ssp585": "a-hist"}
