@@ -544,27 +544,28 @@ def _fit_coarse_key(url: str, coarse: xr.Dataset | None, storage_options: dict[s
 
 
 def store_identity(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
-    """``source_id``, ``experiment_id`` and ``member_id`` of a regridded store: its attributes, else its name
-    (``<source>.<experiment>.<member>...zarr``), as the member store is named."""
-    ident = _identity(_open(url, storage_options, "regridded store"), url, "", "")
-    return {k: ident[k] for k in ("source_id", "experiment_id", "member_id")}
+    """``source_id``, ``experiment_id``, ``member_id`` and ``frequency`` of a regridded store: its attributes,
+    else its name (``<source>.<experiment>.<member>...zarr``), as the member store is named."""
+    ds = _open(url, storage_options, "regridded store")
+    ident = _identity(ds, url, "", "")
+    out = {k: ident[k] for k in ("source_id", "experiment_id", "member_id")}
+    return {**out, "frequency": str(ds.attrs.get("frequency") or ds.attrs.get("table_id") or "")}
 
 
 def historical_fit_stores(stores: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
-    """For each coarse store URL of ``stores`` (URL -> its ``source_id``, ``experiment_id``, ``member_id``) that is
-    not a historical run, the coarse store of the same model and member's ``historical`` run among them: what
-    the scenario's bias correction is fitted on (a scenario does not cover the training years). Stores without a
-    historical counterpart are left out (they fit on their own years)."""
-    historical = {
-        (ident.get("source_id"), ident.get("member_id")): url
-        for url, ident in stores.items()
-        if ident.get("experiment_id") == "historical"
-    }
+    """For each coarse store URL of ``stores`` (URL -> its :func:`store_identity`) that is not a historical run,
+    the coarse store of the same model, member and frequency's ``historical`` run among them: what the scenario's
+    bias correction is fitted on (a scenario does not cover the training years). Stores without a historical
+    counterpart are left out (they fit on their own years)."""
+
+    def same(ident: Mapping[str, str]) -> tuple[str | None, ...]:
+        return tuple(ident.get(k) for k in ("source_id", "member_id", "frequency"))
+
+    historical = {same(i): url for url, i in stores.items() if i.get("experiment_id") == "historical"}
     return {
-        url: historical[key]
-        for url, ident in stores.items()
-        if ident.get("experiment_id") != "historical"
-        and (key := (ident.get("source_id"), ident.get("member_id"))) in historical
+        url: historical[same(i)]
+        for url, i in stores.items()
+        if i.get("experiment_id") != "historical" and same(i) in historical
     }
 
 

@@ -265,8 +265,8 @@ def test_a_scenario_is_corrected_with_the_fit_on_its_historical_run(world, tmp_p
 def test_scenarios_are_paired_with_the_historical_run_of_the_same_model_and_member():
     from climrecon.tasks.downscale import historical_fit_stores
 
-    def ident(source, experiment, member="r1"):
-        return {"source_id": source, "experiment_id": experiment, "member_id": member}
+    def ident(source, experiment, member="r1", frequency="mon"):
+        return {"source_id": source, "experiment_id": experiment, "member_id": member, "frequency": frequency}
 
     stores = {
         "a-hist": ident("A", "historical"),
@@ -274,5 +274,6 @@ def test_scenarios_are_paired_with_the_historical_run_of_the_same_model_and_memb
         "a-ssp245-r2": ident("A", "ssp245", "r2"),  # no historical run of member r2
         "b-ssp585": ident("B", "ssp585"),  # no historical run of model B
         "c-a1b": ident("C", "a1b"),
+        "a-ssp585-day": ident("A", "ssp585", frequency="day"),  # no daily historical run
     }
     assert historical_fit_stores(stores) == {"a-ssp585": "a-hist"}
