@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -460,12 +461,15 @@ def _method(plan: DownscalePlan, storage_options: dict[str, Any] | None) -> Meth
                 f"({planned}): install the same file on every worker host"
             )
         if plan.fit is not None:
-            coarse_train, fine_train = _fit_pairs(plan, storage_options)
-            if method.needs.fit_model:
-                model_train = _model_train(plan, fine_train, storage_options)
-                method.fit(coarse_train, fine_train, model_train=model_train)  # type: ignore[call-arg]
-            else:
-                method.fit(coarse_train, fine_train)
+            # read the fit data here with local threads: inside a Dask worker a .load() would otherwise go
+            # through the cluster, queued behind the units the workers are sampling
+            with dask.config.set(scheduler="threads"):
+                coarse_train, fine_train = _fit_pairs(plan, storage_options)
+                if method.needs.fit_model:
+                    model_train = _model_train(plan, fine_train, storage_options)
+                    method.fit(coarse_train, fine_train, model_train=model_train)  # type: ignore[call-arg]
+                else:
+                    method.fit(coarse_train, fine_train)
         while len(_METHODS) >= 2:  # a worker serves one store at a time; keep the last two
             _METHODS.pop(next(iter(_METHODS)))
         _METHODS[plan.out_key] = method
