@@ -128,7 +128,8 @@ def downscale_flow(
     """Downscale one regridded store into the member store; returns its URL.
 
     Inputs: the arguments, else ``downscale.fine/static/coarse``, else the regrid output of the same
-    config; ``fit_coarse_url`` (else ``downscale.fit_coarse``): the coarse store a bias correction is fitted on. Workers: the cluster at ``scheduler_address``, else a local one with one GPU worker per CUDA
+    config; ``fit_coarse_url`` (else ``downscale.fit_coarse``): the coarse store a bias correction is fitted
+    on. Workers: the cluster at ``scheduler_address``, else a local one with one GPU worker per CUDA
     device (``gpu_workers``, default: all) plus ``n_workers`` CPU workers, or ``n_workers`` CPU workers
     when there is no GPU. A complete store is skipped; an incomplete one is filled where units are missing.
     """

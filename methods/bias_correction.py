@@ -38,19 +38,19 @@ import xarray as xr
 from climrecon.methods.base import Inputs, MethodError, gridded_variables
 from climrecon.methods.baselines import BaselineError, EmpiricalQuantileMapping
 
-__all__ = ["CoarseBiasCorrection", "annual_means_like", "is_annual", "SHORT_FIT_YEARS"]
+__all__ = ["CoarseBiasCorrection", "SHORT_FIT_YEARS"]
 
 log = logging.getLogger(__name__)
 SHORT_FIT_YEARS = 10  # fewer years of the input to fit on: its own anomalies are mapped away with its bias
 
 
-def is_annual(ds: xr.Dataset) -> bool:
+def _is_annual(ds: xr.Dataset) -> bool:
     """Whether ``ds``'s time labels are one per year (an annual-mean input), as the correction distinguishes."""
     years = [t.year for t in ds["time"].values]
     return len(years) > 1 and len(set(years)) == len(years)
 
 
-def annual_means_like(reference: xr.Dataset, model: xr.Dataset) -> xr.Dataset:
+def _annual_means_like(reference: xr.Dataset, model: xr.Dataset) -> xr.Dataset:
     """``reference``'s annual means, labelled like ``model``'s annual steps (same month and day)."""
     t0 = model["time"].values[0]
     means = reference.groupby("time.year").mean("time")
@@ -77,16 +77,18 @@ class CoarseBiasCorrection:
         reference = reference[present]
         if model is None:  # a perfect model: the input is the truth's coarse view, nothing to map
             self.mapping = None
-            self.record = {"method": "identity (perfect model: the input is the truth's coarse view)"}
-            self.record["perfect_model"] = True
+            self.record = {
+                "method": "identity (perfect model: the input is the truth's coarse view)",
+                "perfect_model": True,
+            }
             return self
         fitted = model[[v for v in present if v in model.data_vars]]
         if not list(fitted.data_vars):
             raise MethodError(
                 f"{self.what}: the coarse input has none of {list(self.variables)} over the fit years"
             )
-        if is_annual(fitted):
-            reference = annual_means_like(reference, fitted)
+        if _is_annual(fitted):
+            reference = _annual_means_like(reference, fitted)
         try:
             self.mapping = EmpiricalQuantileMapping().fit(fitted, reference[list(fitted.data_vars)])
         except BaselineError as exc:

@@ -397,10 +397,6 @@ class DPDM:
         """The fitted bias correction (what the stage's provenance records), or None without one."""
         return None if self.correction is None else self.correction.record
 
-    def corrected(self, coarse: xr.Dataset) -> xr.Dataset:
-        """``coarse`` mapped by the fitted bias correction (unchanged without one)."""
-        return coarse if self.correction is None else self.correction.coarse(coarse)
-
     def _corrected_inputs(self, inputs: Inputs) -> Inputs:
         """``inputs`` validated, with the coarse fields (and their fine-grid view) bias-corrected when on."""
         self.validate(inputs)

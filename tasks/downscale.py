@@ -217,7 +217,9 @@ def _open(url: str, storage_options: dict[str, Any] | None, what: str) -> xr.Dat
     return ds
 
 
-def _identity(fine: xr.Dataset, fine_url: str, fine_key: str, method: str) -> dict[str, str]:
+def _identity(fine: xr.Dataset, fine_url: str) -> dict[str, str]:
+    """``source_id``, ``experiment_id`` and ``member_id`` of a regridded store: its attributes, else its name
+    (``<source>.<experiment>.<member>...zarr``), made safe for a store name."""
     wanted = ("source_id", "experiment_id", "member_id")
     ident = {f: str(fine.attrs[f]) for f in wanted if fine.attrs.get(f)}
     if len(ident) < 3:
@@ -228,7 +230,7 @@ def _identity(fine: xr.Dataset, fine_url: str, fine_key: str, method: str) -> di
                 "attributes and its name is not <source>.<experiment>.<member_id>...zarr"
             )
         ident = {**dict(zip(wanted, parts[:3], strict=True)), **ident}
-    return {k: safe_name(v) for k, v in {**ident, "method": method}.items()}
+    return {k: safe_name(v) for k, v in ident.items()}
 
 
 def _method_inputs(fine: xr.Dataset, static: xr.Dataset, coarse: xr.Dataset | None, fine_url: str) -> Inputs:
@@ -309,7 +311,8 @@ def plan_downscale(
         time_index(times, time_step)  # every label seedable (year >= 0, one per step)
     except MethodError as exc:
         raise DownscaleError(f"{fine_url}: {exc}") from None
-    identity = _identity(fine, fine_url, fine_key, str(description.get("label", cfg.method.name)))
+    label = str(description.get("label", cfg.method.name))
+    identity = {**_identity(fine, fine_url), "method": safe_name(label)}
     parts = [*method.identity(ds_cfg.members, ds_cfg.seed), ds_cfg.time_chunk, ds_cfg.zarr_format]
     if fit is not None:
         parts += [fit.key, fit.years if isinstance(fit.years, str) else list(fit.years)]
@@ -548,12 +551,13 @@ def _fit_coarse_key(url: str, coarse: xr.Dataset | None, storage_options: dict[s
 
 
 def store_identity(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
-    """``source_id``, ``experiment_id``, ``member_id`` and ``frequency`` of a regridded store: its attributes,
-    else its name (``<source>.<experiment>.<member>...zarr``), as the member store is named."""
+    """:func:`_identity` of a regridded store (as the member store is named) and its ``frequency`` (or
+    ``table_id``): what pairs a scenario with its historical run."""
     ds = _open(url, storage_options, "regridded store")
-    ident = _identity(ds, url, "", "")
-    out = {k: ident[k] for k in ("source_id", "experiment_id", "member_id")}
-    return {**out, "frequency": str(ds.attrs.get("frequency") or ds.attrs.get("table_id") or "")}
+    return {
+        **_identity(ds, url),
+        "frequency": str(ds.attrs.get("frequency") or ds.attrs.get("table_id") or ""),
+    }
 
 
 def historical_fit_stores(stores: Mapping[str, Mapping[str, str]]) -> dict[str, str]:

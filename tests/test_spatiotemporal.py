@@ -209,11 +209,11 @@ def test_the_bias_correction_maps_a_biased_model_toward_the_truth_and_is_recorde
     record = method.fitted()
     assert record["perfect_model"] is False and record["n_quantiles"] >= 2
     assert all(abs(v + 3.0) < 1e-6 for v in record["mean_adjustment"]["tas"].values())
-    fixed = method.corrected(biased[["tas"]])
+    fixed = method.correction.coarse(biased[["tas"]])
     np.testing.assert_allclose(fixed.tas.values, coarse.tas.values, atol=1e-4)
     unfitted = build({"name": "spatiotemporal", "checkpoint": world["checkpoint"]}, SAMPLER)
     with pytest.raises(MethodError, match="not fitted"):
-        unfitted.corrected(coarse)
+        unfitted.correction.coarse(coarse)
 
 
 def test_a_single_step_prior_is_refused(tmp_path, world):
