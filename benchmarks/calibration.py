@@ -3,10 +3,15 @@
 The calibrated checkpoint against the same checkpoint with every factor forced to 1, side by side through
 :func:`climrecon.tasks.evaluate.run_evaluation` (the same held-out months, members, seeds and sampler): the
 spread-skill ratio should move to 1 and a proper score (CRPS) should not get worse; the ensemble mean's MAE
-changes only by the finite-ensemble noise of the larger residuals. Default: the shipped CorrDiff and its
-climatology variant.
+changes only by the finite-ensemble noise of the larger residuals (CorrDiff), or by how far the members' centre
+(DPDM: its denoiser's conditional mean) lies from their mean. Default: the shipped CorrDiff and its
+climatology variant; the shipped DPDM checkpoints with ``--checkpoint`` (README "Spread calibration"):
 
     python benchmarks/calibration.py [--month-stride 10] [--members 16] [--steps 12]
+    python benchmarks/calibration.py --out benchmarks/results/calibration_dpdm.json \
+        --checkpoint dpdm=checkpoints/dpdm-westus-x8.pt \
+        --checkpoint dpdm_fg=checkpoints/first_guess/dpdm-fg-westus-x8.pt \
+        --checkpoint dpdm_clim=checkpoints/climatology/dpdm-clim-westus-x8.pt
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from common import (  # noqa: E402
 )
 
 from climrecon.models.checkpoint import read_checkpoint  # noqa: E402
+from climrecon.tasks.calibrate import method_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "calibration.json"
@@ -91,11 +97,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "spread_inflation": meta.data["spread_inflation"],
             "fitted_on": {k: meta.data["spread_calibration"][k] for k in ("years", "members", "sampler")},
         }
-        unit = {v: 1.0 for v in meta.variables}
+        unit, name = {v: 1.0 for v in meta.variables}, method_of(meta.method)
         methods += [
-            {"name": meta.method, "label": label, "checkpoint": str(path)},
+            {"name": name, "label": label, "checkpoint": str(path)},
             {
-                "name": meta.method,
+                "name": name,
                 "label": f"{label}_uncalibrated",
                 "checkpoint": str(path),
                 "spread_inflation": unit,

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from climrecon.methods.base import (
     Inputs,
@@ -57,7 +57,7 @@ from climrecon.methods.dpdm import (
     DPDM,
     STATIC_SCALING,
     EDMSection,
-    PatchModelConfig,
+    InflatableConfig,
     _Section,
     build_model,
     grid_spec,
@@ -73,7 +73,7 @@ from climrecon.models.checkpoint import (
     read_checkpoint,
 )
 from climrecon.models.edm import REGRESSION_SIGMA, EDMLoss, RegressionLoss
-from climrecon.models.tiled import TiledDenoiser
+from climrecon.models.tiled import denoise_zero
 from climrecon.models.tiling import Tiling, make_tiling
 from climrecon.models.trainer import Batch
 
@@ -94,7 +94,6 @@ __all__ = [
 ROLES = ("regression", "denoiser")
 MEAN_SUFFIX = "_mean"
 LOG_EVERY = 50  # training log interval (steps) of both stages
-_log = logging.getLogger(__name__)
 
 
 class RegressionSection(_Section):
@@ -108,7 +107,7 @@ class RegressionSection(_Section):
     lr: float | None = Field(None, gt=0, description="learning rate; default train.lr")
 
 
-class CorrDiffConfig(PatchModelConfig):
+class CorrDiffConfig(InflatableConfig):
     """CorrDiff: regression mean + EDM residual diffusion (:class:`~climrecon.methods.dpdm.PatchModelConfig`:
     default checkpoint the one ``corrdiff-*.pt`` in ``<repo>/checkpoints/``)."""
 
@@ -120,20 +119,6 @@ class CorrDiffConfig(PatchModelConfig):
     )
     edm: EDMSection = EDMSection(P_mean=0.0)
     regression: RegressionSection = RegressionSection()
-    spread_inflation: dict[str, float] | None = Field(
-        None,
-        description="factor on each variable's generated residual (member = mean + factor x residual): "
-        "None takes the checkpoint's calibrated data.spread_inflation (climrecon.tasks.calibrate; 1 where "
-        "absent)",
-    )
-
-    @field_validator("spread_inflation")
-    @classmethod
-    def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        bad = {k: f for k, f in (value or {}).items() if not f > 0}
-        if bad:
-            raise ValueError(f"spread_inflation factors must be > 0, got {bad}")
-        return value
 
 
 # -- the two networks in network space (training and inference share these) ------------------------------
@@ -155,18 +140,21 @@ def regression_mean(
     channels are the coarse ones): the regression on every tile in calls of exactly ``chunk`` patches,
     blended over the domain with the tiling's weights, then scaled and (``target`` residual) added to ``z_c``."""
     scale_t = torch.tensor(list(scale), dtype=torch.float64).reshape(1, -1, 1, 1)
-    sigma = torch.tensor([REGRESSION_SIGMA], dtype=torch.float32, device=device)
-    out = np.empty((z_cond.shape[0], n_out, tiling.height, tiling.width), np.float32)
-    for start in range(0, z_cond.shape[0], months_per_call):
-        s = slice(start, min(start + months_per_call, z_cond.shape[0]))
-        cond = torch.from_numpy(np.ascontiguousarray(z_cond[s]))
-        den = TiledDenoiser(net, tiling, cond, torch.from_numpy(toy[s]), chunk=chunk, device=device)
-        zeros = torch.zeros((cond.shape[0], n_out, *tiling.canvas_shape), dtype=torch.float64, device=device)
-        d = den(zeros, sigma)[..., : tiling.height, : tiling.width].cpu() * scale_t
-        if target == "residual":
-            d = d + cond[:, :n_out].to(torch.float64)
-        out[s] = d.to(torch.float32).numpy()
-    return out
+    d = denoise_zero(
+        net,
+        z_cond,
+        toy,
+        tiling,
+        n_out=n_out,
+        sigma=REGRESSION_SIGMA,
+        chunk=chunk,
+        months_per_call=months_per_call,
+        device=device,
+    )
+    d = d * scale_t
+    if target == "residual":
+        d = d + torch.from_numpy(z_cond[:, :n_out]).to(torch.float64)
+    return d.to(torch.float32).numpy()
 
 
 def denoiser_conditioning(z_cond: np.ndarray, mu_z: np.ndarray) -> np.ndarray:
@@ -201,42 +189,8 @@ class CorrDiff(DPDM):
         self.reg_scale = [float(s) for s in data["regression_scale"]]
         residual = data.get("residual_scale")  # None in a checkpoint still in its regression stage
         self.res_scale = [float(s) for s in residual] if residual else None
-        self.inflation = self._inflation(config.spread_inflation, data.get("spread_inflation"))
-        if config.spread_inflation is None and not config.regression_only:
-            self._check_calibration_sampler(data.get("spread_calibration") or {})
+        self._set_inflation(config, sampled=not config.regression_only)
         self.needs = self._needs(stochastic=not config.regression_only)
-
-    def _inflation(
-        self, configured: dict[str, float] | None, calibrated: dict[str, float] | None
-    ) -> list[float]:
-        """Each variable's factor on the generated residual: the config's, else the checkpoint's, else 1."""
-        factors = configured if configured is not None else (calibrated or {})
-        unknown = sorted(set(factors) - set(self.variables))
-        if unknown:
-            raise MethodError(
-                f"corrdiff spread_inflation names {unknown}, which checkpoint {self.checkpoint} does not "
-                f"predict (its variables: {list(self.variables)})"
-            )
-        return [float(factors.get(v, 1.0)) for v in self.variables]
-
-    def _check_calibration_sampler(self, calibration: dict[str, Any]) -> None:
-        """Warn when the checkpoint's factors were fitted with another solver or step count than this run
-        samples with: the residual's spread depends on the sampler, so they may not calibrate it."""
-        fitted = calibration.get("sampler") or {}
-        now = self.sampler.sampling_kwargs()
-        if fitted and (fitted.get("solver"), fitted.get("num_steps")) != (now["solver"], now["num_steps"]):
-            _log.warning(
-                "corrdiff: checkpoint %s's spread_inflation was fitted with %s %s steps, this run samples with "
-                "%s %s steps; its spread may not be calibrated (refit: python -m climrecon.tasks.calibrate "
-                "--solver %s --steps %s, or set spread_inflation)",
-                Path(self.checkpoint).name,
-                fitted.get("num_steps"),
-                fitted.get("solver"),
-                now["num_steps"],
-                now["solver"],
-                now["solver"],
-                now["num_steps"],
-            )
 
     def mean(self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling) -> np.ndarray:
         """``mu_z`` [T, V, H, W] of the months of ``z_cond`` (network space)."""
@@ -292,7 +246,7 @@ class CorrDiff(DPDM):
         if self.config.regression_only:
             # the mean is deterministic: only the tiling's call shape can change its bytes
             return [*parts, "regression_only", self.sampler.max_patches_per_batch]
-        if self.config.spread_inflation is not None:  # the checkpoint's own factors are in its hash
+        if self.inflation_configured:  # the checkpoint's own factors are in its hash
             parts.append(self.inflation)
         return [*parts, self.sampler.sampling_kwargs()]
 
@@ -315,12 +269,7 @@ class CorrDiff(DPDM):
                 f"{self.config.key}: checkpoint `{Path(self.checkpoint).name}` (corrdiff, {kind}, x{self.factor}, "
                 f"regression {m.data.get('regression_stage', {}).get('steps', '?')} + residual step {m.step}, "
                 f"regression target {self.reg_target}), {sampling}, overlap {self.overlap}"
-                + (
-                    ""
-                    if self.config.regression_only or all(f == 1.0 for f in self.inflation)
-                    else ", residual inflation "
-                    + ", ".join(f"{v} {f:.3f}" for v, f in zip(self.variables, self.inflation, strict=True))
-                )
+                + ("" if self.config.regression_only else self._inflation_report())
                 + (", quantile-mapping bias correction" if self.correction is not None else "")
             ),
             "spread_inflation": dict(zip(self.variables, self.inflation, strict=True)),

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from climrecon.methods.base import (
     Inputs,
@@ -59,10 +59,10 @@ from climrecon.models.checkpoint import (
     load_networks,
     read_checkpoint,
 )
-from climrecon.models.edm import EDMConfig, EDMLoss, EDMPrecond
+from climrecon.models.edm import REGRESSION_SIGMA, EDMConfig, EDMLoss, EDMPrecond
 from climrecon.models.fastpath import auto_patch_batch, prepare_network
 from climrecon.models.normalization import NormalizationStats
-from climrecon.models.tiled import sample_tiled
+from climrecon.models.tiled import denoise_zero, sample_tiled
 from climrecon.models.tiling import Tiling, TilingError, make_tiling
 from climrecon.models.unet import UNet, UNetConfig
 from climrecon.tasks.grids import Grid
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PatchModelConfig",
+    "InflatableConfig",
     "DPDMConfig",
     "grid_spec",
     "train_config",
@@ -90,6 +91,7 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -156,7 +158,29 @@ class PatchModelConfig(MethodConfig):
     )
 
 
-class DPDMConfig(PatchModelConfig):
+SPREAD_INFLATION_HELP = (
+    "factor on each variable's generated part, about the model's own conditional mean (member = mean + factor x "
+    "(sample - mean)): None takes the checkpoint's calibrated data.spread_inflation (python -m "
+    "climrecon.tasks.calibrate; 1 where absent), {} none"
+)
+
+
+class InflatableConfig(PatchModelConfig):
+    """A patch model whose members are a conditional mean plus a generated part (DPDM, CorrDiff): the spread of
+    that part can be calibrated (:mod:`climrecon.tasks.calibrate`)."""
+
+    spread_inflation: dict[str, float] | None = Field(None, description=SPREAD_INFLATION_HELP)
+
+    @field_validator("spread_inflation")
+    @classmethod
+    def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: f for k, f in (value or {}).items() if not f > 0}
+        if bad:
+            raise ValueError(f"spread_inflation factors must be > 0, got {bad}")
+        return value
+
+
+class DPDMConfig(InflatableConfig):
     """DPDM-style conditional patch diffusion (:class:`PatchModelConfig`)."""
 
     name: Literal["dpdm"] = "dpdm"
@@ -268,6 +292,7 @@ class DPDM:
 
     def __init__(self, config: DPDMConfig, sampler: SamplerConfig):
         self.net = self._load(config, sampler, roles=("denoiser",))["denoiser"]
+        self._set_inflation(config)
         self.needs = self._needs(stochastic=True)
 
     def _load(
@@ -308,6 +333,7 @@ class DPDM:
             if config.bias_correction
             else None
         )
+        self.inflation, self.inflation_configured = [1.0] * len(self.variables), False
         self.patch = int(g.patch_size)
         self.overlap = sampler.overlap if sampler.overlap is not None else self.patch // 4
         distilled = self.metadata.data.get("distilled")
@@ -327,6 +353,42 @@ class DPDM:
             )
             self.sampler = self.sampler.model_copy(update={"max_patches_per_batch": batch})
         return {role: prepare_network(net, sampler.network) for role, net in networks.items()}
+
+    def _set_inflation(self, config: InflatableConfig, sampled: bool = True) -> None:
+        """``self.inflation``, each variable's factor on the generated part: the config's, else the checkpoint's
+        calibrated ``data.spread_inflation``, else 1. Factors fitted with another solver or step count than
+        this run samples with are warned about (``sampled``): the generated part's spread depends on them."""
+        configured, data = config.spread_inflation, self.metadata.data
+        factors = configured if configured is not None else (data.get("spread_inflation") or {})
+        unknown = sorted(set(factors) - set(self.variables))
+        if unknown:
+            raise MethodError(
+                f"{self.name} spread_inflation names {unknown}, which checkpoint {self.checkpoint} does not "
+                f"predict (its variables: {list(self.variables)})"
+            )
+        self.inflation = [float(factors.get(v, 1.0)) for v in self.variables]
+        self.inflation_configured = configured is not None
+        fitted = (data.get("spread_calibration") or {}).get("sampler") or {}
+        now = self.sampler.sampling_kwargs()
+        if (
+            sampled
+            and configured is None
+            and fitted
+            and (fitted.get("solver"), fitted.get("num_steps")) != (now["solver"], now["num_steps"])
+        ):
+            _log.warning(
+                "%s: checkpoint %s's spread_inflation was fitted with %s %s steps, this run samples with "
+                "%s %s steps; its spread may not be calibrated (refit: python -m climrecon.tasks.calibrate "
+                "--solver %s --steps %s, or set spread_inflation)",
+                self.name,
+                Path(self.checkpoint).name,
+                fitted.get("num_steps"),
+                fitted.get("solver"),
+                now["num_steps"],
+                now["solver"],
+                now["solver"],
+                now["num_steps"],
+            )
 
     def _probe_call(self) -> tuple[torch.Tensor, ...]:
         """A one-patch call of the denoiser on the device (what :func:`auto_patch_batch` sizes)."""
@@ -487,6 +549,7 @@ class DPDM:
         inputs = self._corrected_inputs(inputs)
         values, _, z_cond, toy, tiling = self._network_inputs(inputs)
         channels = self.spec.channel_names()
+        inflate = self._inflated(z_cond, toy, tiling)
         out = self._sample(
             z_cond,
             toy,
@@ -494,9 +557,42 @@ class DPDM:
             inputs.time_index(),
             index,
             seed,
-            lambda t_idx, z: physical_fields(z, values[t_idx], channels, self.metadata),
+            lambda t_idx, z: physical_fields(inflate(t_idx, z), values[t_idx], channels, self.metadata),
         )
         return self._dataset(inputs, out, index, seed)
+
+    def centre(self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling) -> torch.Tensor:
+        """The members' centre [T, V, H, W] float64 in network space: the denoiser's conditional mean
+        ``D(0; 20)`` (:func:`~climrecon.models.tiled.denoise_zero` at
+        :data:`~climrecon.models.edm.REGRESSION_SIGMA`), the same for every member: what the spread inflation
+        scales the members about (README "Spread calibration"; D(0; 5) and D(0; 80) calibrated as well on
+        validation months)."""
+        return denoise_zero(
+            self.net,
+            z_cond,
+            toy,
+            tiling,
+            n_out=len(self.variables),
+            sigma=REGRESSION_SIGMA,
+            chunk=self.sampler.max_patches_per_batch,
+            device=self.device,
+        )
+
+    def _inflated(
+        self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling
+    ) -> Callable[[np.ndarray, torch.Tensor], torch.Tensor]:
+        """``inflate(time indices, z)``: the network-space samples ``z`` of a call spread about their centre by
+        ``self.inflation`` (``c + f (z - c)``); the identity, bit for bit, when every factor is 1."""
+        if all(f == 1.0 for f in self.inflation):
+            return lambda t_idx, z: z
+        centre = self.centre(z_cond, toy, tiling)
+        factor = torch.tensor(self.inflation, dtype=torch.float64).reshape(1, -1, 1, 1)
+
+        def inflate(t_idx: np.ndarray, z: torch.Tensor) -> torch.Tensor:
+            c = centre[torch.from_numpy(t_idx)]
+            return (c + factor * (z.cpu().to(torch.float64) - c)).to(torch.float32)
+
+        return inflate
 
     def _network_inputs(
         self, inputs: Inputs
@@ -630,7 +726,16 @@ class DPDM:
             parts.append(extra)
         if self.correction is not None:
             parts.append("bias_correction")
+        if self.inflation_configured:  # the checkpoint's own factors are in its hash
+            parts.append({"spread_inflation": self.inflation})
         return parts
+
+    def _inflation_report(self) -> str:
+        if all(f == 1.0 for f in self.inflation):
+            return ""
+        return ", spread inflation " + ", ".join(
+            f"{v} {f:.3f}" for v, f in zip(self.variables, self.inflation, strict=True)
+        )
 
     def describe(self) -> dict[str, Any]:
         m = self.metadata
@@ -645,8 +750,10 @@ class DPDM:
             "report": (
                 f"{self.name}: checkpoint `{Path(self.checkpoint).name}` ({m.method}, x{self.factor}, "
                 f"step {m.step}, target {target}), {self.sampler.describe()}, overlap {self.overlap}"
+                + self._inflation_report()
                 + (", quantile-mapping bias correction" if self.correction is not None else "")
             ),
+            "spread_inflation": dict(zip(self.variables, self.inflation, strict=True)),
             "checkpoint": {
                 "path": self.checkpoint,
                 "sha256": self.sha256,

@@ -37,7 +37,7 @@ from climrecon.models.samplers import ddim_sampler, dpmpp_2m_sampler, edm_sample
 from climrecon.models.tiling import Tiling, blend_patches, blend_weights, extract_patches
 from climrecon.models.windows import WindowDenoiser, window_centres
 
-__all__ = ["PatchNet", "TiledDenoiser", "sample_tiled", "SOLVERS", "BLENDS"]
+__all__ = ["PatchNet", "TiledDenoiser", "denoise_zero", "sample_tiled", "SOLVERS", "BLENDS"]
 
 PatchNet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 """``net(x [n, C_out, ph, pw], sigma [n], cond [n, C_cond, ph, pw] | None, time_of_year [n] | None) -> D(x)``"""
@@ -111,6 +111,37 @@ class TiledDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x [B, C, *canvas] -> the blended D of all tiles on the canvas (what "every_step" integrates)."""
         return self.from_tiles(self.tiles(self.to_tiles(x), sigma), crop=False)
+
+
+@torch.no_grad()
+def denoise_zero(
+    net: PatchNet,
+    cond: np.ndarray,
+    time_of_year: np.ndarray,
+    tiling: Tiling,
+    *,
+    n_out: int,
+    sigma: float,
+    chunk: int = 32,
+    months_per_call: int = 16,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``D(0; sigma)`` [T, n_out, H, W] float64 on the CPU, of conditioning ``cond`` [T, C, H, W] (network space):
+    the network on every tile of a zero field in calls of exactly ``chunk`` patches, blended over the domain.
+
+    A denoiser trained on ``x = y + sigma n`` returns ``E[y | x, cond]``; at a noise level far above the data's
+    spread, ``x`` says nothing of ``y``, so ``D(0; sigma)`` is the conditional mean ``E[y | cond]`` (CorrDiff's
+    regression is trained to be exactly that at its fixed level; a diffusion denoiser is it at high sigma).
+    Deterministic: no noise is drawn, and the calls' shape is fixed."""
+    sig = torch.tensor([sigma], dtype=torch.float32, device=device)
+    out = torch.empty((cond.shape[0], n_out, tiling.height, tiling.width), dtype=torch.float64)
+    for start in range(0, cond.shape[0], months_per_call):
+        s = slice(start, min(start + months_per_call, cond.shape[0]))
+        c = torch.from_numpy(np.ascontiguousarray(cond[s]))
+        den = TiledDenoiser(net, tiling, c, torch.from_numpy(time_of_year[s]), chunk=chunk, device=device)
+        zeros = torch.zeros((c.shape[0], n_out, *tiling.canvas_shape), dtype=torch.float64, device=device)
+        out[s] = den(zeros, sig)[..., : tiling.height, : tiling.width].cpu()
+    return out
 
 
 def _check(

@@ -1,11 +1,13 @@
 """Spread calibration: a per-variable inflation of a method's generated part, fitted on validation months.
 
 An ensemble whose spread is smaller than the error of its mean (spread-skill ratio below 1) is over-confident.
-For a method that generates a residual around a deterministic mean (CorrDiff: member = ``mu + f * s * r``),
-the factor ``f`` scales every member's deviation, hence the spread, without touching the mean. Under that
-model (truth = mu + e, members = mu + f r_i, e and r independent and zero-mean), the spread-skill ratio of an
-M-member ensemble is ``SSR(f)^2 = (M + 1) f^2 var(r) / (M var(e) + f^2 var(r))``, so the ratio ``SSR_1``
-measured with ``f = 1`` gives the calibrating factor in closed form (:func:`inflation_factor`):
+For a method whose members are a deterministic conditional mean plus a generated part (CorrDiff: member =
+``mu + f * s * r``, ``mu`` its regression; DPDM: member = ``c + f * (z - c)`` in network space, ``c`` its
+denoiser's conditional mean ``D(0; sigma_max)``), the factor ``f`` scales every member's deviation, hence the
+spread, without touching the mean. Under that model (truth = mu + e, members = mu + f r_i, e and r independent
+and zero-mean), the spread-skill ratio of an M-member ensemble is
+``SSR(f)^2 = (M + 1) f^2 var(r) / (M var(e) + f^2 var(r))``, so the ratio ``SSR_1`` measured with ``f = 1``
+gives the calibrating factor in closed form (:func:`inflation_factor`):
 
     f = sqrt(((M + 1) / SSR_1^2 - 1) / M)        (SSR(f) = 1)
 
@@ -17,7 +19,7 @@ they were fitted in ``data.spread_calibration``); the method applies them from t
     python -m climrecon.tasks.calibrate outputs/train/corrdiff-westus-x8.ema.pt checkpoints/corrdiff-westus-x8.pt \
         --members 8 --steps 12
 
-A residual's spread depends a little on the sampler (its solver and steps): fit with the sampler you run
+A generated part's spread depends on the sampler (its solver and steps): fit with the sampler you run
 (``--steps``, ``--solver``); the fit records it in ``data.spread_calibration.sampler``.
 """
 
@@ -37,7 +39,7 @@ from climrecon.tasks import metrics
 from climrecon.tasks.evaluate import heldout_inputs, use_threads
 from climrecon.tasks.training_data import default_static_url, default_truth_url
 
-__all__ = ["inflation_factor", "fit_spread_inflation", "write_calibrated", "main"]
+__all__ = ["inflation_factor", "method_of", "fit_spread_inflation", "write_calibrated", "main"]
 
 BOUNDS = (0.5, 2.0)  # a factor outside these says the model is wrong, not under-dispersed
 
@@ -49,6 +51,11 @@ def inflation_factor(ssr: float, members: int, bounds: tuple[float, float] = BOU
         raise ValueError(f"need a positive spread-skill ratio and >= 2 members, got {ssr} and {members}")
     ratio = ((members + 1) / ssr**2 - 1) / members  # var(e) / var(r)
     return float(min(max(math.sqrt(max(ratio, 0.0)), bounds[0]), bounds[1]))
+
+
+def method_of(label: str) -> str:
+    """The registered method a checkpoint's ``metadata.method`` label belongs to (``dpdm-residual``: dpdm)."""
+    return label.split("-", 1)[0]
 
 
 def _inflatable(name: str) -> bool:
@@ -75,10 +82,11 @@ def fit_spread_inflation(
     "spread_calibration": {how it was fitted; the spread-skill ratio, CRPS and ensemble-mean MAE before}}``."""
     cfg = cfg or load_config()
     meta = read_checkpoint(checkpoint).metadata
-    if not _inflatable(meta.method):
+    name = method_of(meta.method)
+    if not _inflatable(name):
         raise MethodError(
             f"checkpoint {checkpoint} is a {meta.method!r} model; spread calibration applies to methods whose "
-            "config takes spread_inflation (a mean plus a generated residual, e.g. corrdiff)"
+            "config takes spread_inflation (a conditional mean plus a generated part: dpdm, corrdiff)"
         )
     years = years or tuple(meta.data.get("validation_years") or ())
     if len(years) != 2:
@@ -86,7 +94,8 @@ def fit_spread_inflation(
     use_threads(cfg.evaluate.threads)  # as the evaluation does
     sampler = sampler or SamplerConfig(device="cpu")
     unit = {v: 1.0 for v in meta.variables}
-    method = build({"name": meta.method, "checkpoint": str(checkpoint), "spread_inflation": unit}, sampler)
+    spec = {"name": name, "checkpoint": str(checkpoint), "spread_inflation": unit, "bias_correction": False}
+    method = build(spec, sampler)
     truth, inputs = heldout_inputs(method, default_truth_url(cfg), default_static_url(cfg), years, months)
     ensemble = method.downscale(inputs, members=members, seed=seed)
     ssr = {v: float(metrics.spread_skill_ratio(ensemble[v], truth[v])) for v in meta.variables}

@@ -351,9 +351,43 @@ def test_spread_inflation_scales_the_residual_and_calibration_stores_it(world, t
     )
     contents = read_checkpoint(ckpt)
     other = tmp_path / "other.pt"
-    save_checkpoint(other, contents.ema_states(), replace(contents.metadata, method="dpdm-residual"))
+    save_checkpoint(other, contents.ema_states(), replace(contents.metadata, method="zssd-prior"))
     with pytest.raises(MethodError, match="spread calibration applies to"):
         fit_spread_inflation(other, cfg=cfg)
+
+
+def test_dpdm_members_spread_about_the_denoisers_mean_and_calibrate(world, tmp_path):
+    """DPDM's factor scales each member's distance from ``D(0; 20)`` (the same centre for every member, so
+    members stay independent of one another); calibration fits and stores it as for CorrDiff."""
+    from climrecon.methods.dpdm import physical_fields, train
+    from climrecon.tasks.calibrate import fit_spread_inflation, write_calibrated
+
+    cfg = tiny_config(world["truth"], world["static"], tmp_path / "dpdm.pt", steps=2, name="dpdm")
+    train(cfg)
+    ckpt, inputs = str(tmp_path / "dpdm.pt"), world["inputs"]
+    plain = methods.build({"name": "dpdm", "checkpoint": ckpt}, FAST)
+    wide = methods.build({"name": "dpdm", "checkpoint": ckpt, "spread_inflation": {"tas": 2.0}}, FAST)
+    assert plain.inflation == [1.0, 1.0, 1.0] and "spread inflation" not in plain.describe()["report"]
+    a, b = plain.downscale(inputs, members=3, seed=5), wide.downscale(inputs, members=3, seed=5)
+    values, _, z_cond, toy, tiling = plain._network_inputs(inputs)
+    centre = physical_fields(
+        plain.centre(z_cond, toy, tiling).float(), values, plain.spec.channel_names(), plain.metadata
+    )
+    c = centre[None, :, 0]  # tas, broadcast over members
+    np.testing.assert_allclose(b["tas"].values - c, 2 * (a["tas"].values - c), atol=1e-4)
+    assert not np.allclose(a["tas"].values, c, atol=1e-3)  # the members do spread about it
+    assert b["uas"].values.tobytes() == a["uas"].values.tobytes()  # other variables untouched
+    one = wide.downscale(inputs, members=[1], seed=5)  # a member alone: the same bytes as in the ensemble
+    assert one["tas"].values.tobytes() == b["tas"].isel(member=[1]).values.tobytes()
+    assert wide.identity(3, 5) != plain.identity(3, 5) and "tas 2.000" in wide.describe()["report"]
+
+    fitted = fit_spread_inflation(ckpt, cfg=cfg, months=3, members=4, sampler=FAST)
+    assert set(fitted["spread_inflation"]) == {"tas", "uas", "vas"}
+    out = tmp_path / "calibrated.pt"
+    write_calibrated(ckpt, out, fitted)
+    calibrated = methods.build({"name": "dpdm", "checkpoint": str(out)}, FAST)
+    assert calibrated.inflation == [fitted["spread_inflation"][v] for v in calibrated.variables]
+    assert calibrated.describe()["spread_inflation"] == fitted["spread_inflation"]
 
 
 def test_a_sampler_other_than_the_calibrations_is_warned_about(world, tmp_path, caplog):
@@ -367,7 +401,7 @@ def test_a_sampler_other_than_the_calibrations_is_warned_about(world, tmp_path, 
     }
     out = tmp_path / "calibrated.pt"
     write_calibrated(world["checkpoint"], out, fitted)
-    caplog.set_level(logging.WARNING, logger="climrecon.methods.corrdiff")
+    caplog.set_level(logging.WARNING, logger="climrecon.methods")
     methods.build({"name": "corrdiff", "checkpoint": str(out)}, FAST)
     assert "was fitted with" not in caplog.text  # the calibration's own sampler: quiet
     other = FAST.model_copy(update={"num_steps": FAST.num_steps + 1})
