@@ -118,8 +118,10 @@ def _curve_cases(
     for name in methods:
         for family, steps, extra in CURVE[name]:
             label = f"{name}/{family}-{steps}"
-            method = parse_config({"name": name, "checkpoint": str(CHECKPOINTS[name])})
-            cases[label] = (method, sampler_for(base, family, steps, extra))
+            # the network itself under every solver: a checkpoint's spread calibration is fitted for one sampler
+            # (README "Spread calibration"), so no factors here
+            spec = {"name": name, "checkpoint": str(CHECKPOINTS[name]), "spread_inflation": {}}
+            cases[label] = (parse_config(spec), sampler_for(base, family, steps, extra))
     if "dpdm" in methods and CHECKPOINTS["distilled"].exists():
         # the student's own levels and solver come from its checkpoint (methods/dpdm.py distilled_sampler)
         method = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"])})

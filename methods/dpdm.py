@@ -59,10 +59,10 @@ from climrecon.models.checkpoint import (
     load_networks,
     read_checkpoint,
 )
-from climrecon.models.edm import REGRESSION_SIGMA, EDMConfig, EDMLoss, EDMPrecond
+from climrecon.models.edm import EDMConfig, EDMLoss, EDMPrecond
 from climrecon.models.fastpath import auto_patch_batch, prepare_network
 from climrecon.models.normalization import NormalizationStats
-from climrecon.models.tiled import denoise_zero, sample_tiled
+from climrecon.models.tiled import sample_tiled
 from climrecon.models.tiling import Tiling, TilingError, make_tiling
 from climrecon.models.unet import UNet, UNetConfig
 from climrecon.tasks.grids import Grid
@@ -159,9 +159,9 @@ class PatchModelConfig(MethodConfig):
 
 
 SPREAD_INFLATION_HELP = (
-    "factor on each variable's generated part, about the model's own conditional mean (member = mean + factor x "
-    "(sample - mean)): None takes the checkpoint's calibrated data.spread_inflation (python -m "
-    "climrecon.tasks.calibrate; 1 where absent), {} none"
+    "factor on each variable's spread about the members' common centre (member = centre + factor x (sample - "
+    "centre); corrdiff: its regression mean, dpdm: the sample from a zero latent): None takes the checkpoint's "
+    "calibrated data.spread_inflation (python -m climrecon.tasks.calibrate; 1 where absent), {} none"
 )
 
 
@@ -562,21 +562,27 @@ class DPDM:
         return self._dataset(inputs, out, index, seed)
 
     def centre(self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling) -> torch.Tensor:
-        """The members' centre [T, V, H, W] float64 in network space: the denoiser's conditional mean
-        ``D(0; 20)`` (:func:`~climrecon.models.tiled.denoise_zero` at
-        :data:`~climrecon.models.edm.REGRESSION_SIGMA`), the same for every member: what the spread inflation
-        scales the members about (README "Spread calibration"; D(0; 5) and D(0; 80) calibrated as well on
-        validation months)."""
-        return denoise_zero(
-            self.net,
-            z_cond,
-            toy,
-            tiling,
-            n_out=len(self.variables),
-            sigma=REGRESSION_SIGMA,
-            chunk=self.sampler.max_patches_per_batch,
-            device=self.device,
-        )
+        """The members' centre [T, V, H, W] float64 in network space: this sampler's solution from a zero
+        latent (no churn, no eta), the image of the noise distribution's centre; the same for every member and
+        seed, so inflating about it keeps members independent of one another. Sampled in calls of
+        ``items_per_call`` time steps (one extra member per time step)."""
+        n_v, n_t = len(self.variables), z_cond.shape[0]
+        kwargs = {**self.sampler.sampling_kwargs(), "S_churn": 0.0, "eta": 0.0}
+        out = torch.empty((n_t, n_v, tiling.height, tiling.width), dtype=torch.float64)
+        for start in range(0, n_t, self.config.items_per_call):
+            s = slice(start, min(start + self.config.items_per_call, n_t))
+            out[s] = sample_tiled(
+                self.net,
+                torch.from_numpy(z_cond[s]),
+                torch.from_numpy(toy[s]),
+                tiling,
+                seeds=[0] * (s.stop - s.start),
+                out_channels=n_v,
+                device=self.device,
+                zero_start=True,
+                **kwargs,
+            ).to(torch.float64)
+        return out
 
     def _inflated(
         self, z_cond: np.ndarray, toy: np.ndarray, tiling: Tiling

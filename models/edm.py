@@ -31,9 +31,7 @@ from climrecon.models.unet import UNet
 __all__ = ["EDMConfig", "EDMPrecond", "EDMLoss", "RegressionLoss", "REGRESSION_SIGMA"]
 
 REGRESSION_SIGMA = 20.0
-"""Fixed noise level at which an :class:`EDMPrecond` is used as a plain regression network (input zeros): the
-conditional mean. A diffusion denoiser (targets of std ``sigma_data`` ~ 1) evaluated there on zeros gives its
-own conditional mean too: noise 20 times the data's spread leaves ``x`` no information about ``y``."""
+"""Fixed noise level at which an :class:`EDMPrecond` is used as a plain regression network (input zeros)."""
 
 
 @dataclass(frozen=True)

@@ -127,12 +127,9 @@ def denoise_zero(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """``D(0; sigma)`` [T, n_out, H, W] float64 on the CPU, of conditioning ``cond`` [T, C, H, W] (network space):
-    the network on every tile of a zero field in calls of exactly ``chunk`` patches, blended over the domain.
-
-    A denoiser trained on ``x = y + sigma n`` returns ``E[y | x, cond]``; at a noise level far above the data's
-    spread, ``x`` says nothing of ``y``, so ``D(0; sigma)`` is the conditional mean ``E[y | cond]`` (CorrDiff's
-    regression is trained to be exactly that at its fixed level; a diffusion denoiser is it at high sigma).
-    Deterministic: no noise is drawn, and the calls' shape is fixed."""
+    the network on every tile of a zero field in calls of exactly ``chunk`` patches, blended over the domain
+    (CorrDiff's regression: :data:`~climrecon.models.edm.REGRESSION_SIGMA`). Deterministic: no noise is drawn,
+    and the calls' shape is fixed."""
     sig = torch.tensor([sigma], dtype=torch.float32, device=device)
     out = torch.empty((cond.shape[0], n_out, tiling.height, tiling.width), dtype=torch.float64)
     for start in range(0, cond.shape[0], months_per_call):
@@ -205,6 +202,7 @@ def sample_tiled(
     window: int = 1,
     sequence_length: int | None = None,
     sigmas: Sequence[float] | None = None,
+    zero_start: bool = False,
 ) -> torch.Tensor:
     """[B, out_channels, H, W] float32 samples of ``len(seeds)`` items (module docstring for the contract).
 
@@ -212,6 +210,8 @@ def sample_tiled(
     (or None); ``solver`` "heun" is EDM's Algorithm 2 (``S_*`` churn; Algorithm 1 without churn), "ddim" uses
     ``eta``, "dpmpp2m" is DPM-Solver++(2M) (one call per step); ``sigmas`` (optional) replaces the Eq. 5
     noise levels (e.g. a distilled checkpoint's own). ``wrap`` (optional) wraps the full-domain denoiser (blend "every_step" only), e.g. for guidance.
+    ``zero_start``: every item starts from a zero latent instead of its seed's noise (with a deterministic
+    solver, the sampler's image of the noise distribution's centre: the same for every seed).
     ``window`` > 1: ``net`` is a prior over windows of that many steps (``window * out_channels`` channels)
     and the items are ``B / sequence_length`` whole sequences of ``sequence_length`` consecutive steps
     (step-major within each), denoised by :class:`~climrecon.models.windows.WindowDenoiser`; each window sees
@@ -239,11 +239,15 @@ def sample_tiled(
     )
     if window > 1:
         denoiser = WindowDenoiser(denoiser, n, window)
-    latents = torch.stack(
-        [
-            torch.randn((out_channels, *tiling.canvas_shape), generator=make_generator(int(s), "cpu"))
-            for s in seeds
-        ]
+    latents = (
+        torch.zeros((len(seeds), out_channels, *tiling.canvas_shape))
+        if zero_start
+        else torch.stack(
+            [
+                torch.randn((out_channels, *tiling.canvas_shape), generator=make_generator(int(s), "cpu"))
+                for s in seeds
+            ]
+        )
     ).to(device)
     schedule = {
         "num_steps": num_steps,

@@ -357,8 +357,8 @@ def test_spread_inflation_scales_the_residual_and_calibration_stores_it(world, t
 
 
 def test_dpdm_members_spread_about_the_denoisers_mean_and_calibrate(world, tmp_path):
-    """DPDM's factor scales each member's distance from ``D(0; 20)`` (the same centre for every member, so
-    members stay independent of one another); calibration fits and stores it as for CorrDiff."""
+    """DPDM's factor scales each member's distance from the sample of a zero latent (the same centre for every
+    member, so members stay independent of one another); calibration fits and stores it as for CorrDiff."""
     from climrecon.methods.dpdm import physical_fields, train
     from climrecon.tasks.calibrate import fit_spread_inflation, write_calibrated
 
