@@ -571,17 +571,21 @@ class DPDM:
         out = torch.empty((n_t, n_v, tiling.height, tiling.width), dtype=torch.float64)
         for start in range(0, n_t, self.config.items_per_call):
             s = slice(start, min(start + self.config.items_per_call, n_t))
-            out[s] = sample_tiled(
-                self.net,
-                torch.from_numpy(z_cond[s]),
-                torch.from_numpy(toy[s]),
-                tiling,
-                seeds=[0] * (s.stop - s.start),
-                out_channels=n_v,
-                device=self.device,
-                zero_start=True,
-                **kwargs,
-            ).to(torch.float64)
+            out[s] = (
+                sample_tiled(
+                    self.net,
+                    torch.from_numpy(z_cond[s]),
+                    torch.from_numpy(toy[s]),
+                    tiling,
+                    seeds=[0] * (s.stop - s.start),
+                    out_channels=n_v,
+                    device=self.device,
+                    zero_start=True,
+                    **kwargs,
+                )
+                .cpu()
+                .to(torch.float64)
+            )
         return out
 
     def _inflated(

@@ -27,9 +27,14 @@ def test_shipped_checkpoint_loads_verifies_and_is_inference_only():
     assert contents.header["training"] is None and all(
         k.startswith("ema.denoiser.") for k in contents.tensors
     )
-    calibration = meta.data["spread_calibration"]  # spread-calibrated on validation months, never held-out ones
+    calibration = meta.data[
+        "spread_calibration"
+    ]  # spread-calibrated on validation months, never held-out ones
     assert set(meta.data["spread_inflation"]) == set(meta.variables)
-    assert calibration["years"] == meta.data["validation_years"] and calibration["sampler"]["solver"] == "dpmpp2m"
+    assert (
+        calibration["years"] == meta.data["validation_years"]
+        and calibration["sampler"]["solver"] == "dpmpp2m"
+    )
     recorded = re.search(r"content_sha256: `([0-9a-f]{64})`", README.read_text())
     assert recorded and recorded.group(1) == contents.header["content_sha256"]
     assert SHIPPED.stat().st_size < 8 * 2**20
