@@ -356,7 +356,7 @@ def test_spread_inflation_scales_the_residual_and_calibration_stores_it(world, t
         fit_spread_inflation(other, cfg=cfg)
 
 
-def test_dpdm_members_spread_about_the_denoisers_mean_and_calibrate(world, tmp_path):
+def test_dpdm_members_spread_about_a_common_centre_and_calibrate(world, tmp_path):
     """DPDM's factor scales each member's distance from the sample of a zero latent (the same centre for every
     member, so members stay independent of one another); calibration fits and stores it as for CorrDiff."""
     from climrecon.methods.dpdm import physical_fields, train
