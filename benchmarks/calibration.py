@@ -4,7 +4,7 @@ The calibrated checkpoint against the same checkpoint with every factor forced t
 :func:`climrecon.tasks.evaluate.run_evaluation` (the same held-out months, members, seeds and sampler): the
 spread-skill ratio should move to 1 and a proper score (CRPS) should not get worse; the ensemble mean's MAE
 changes only by the finite-ensemble noise of the larger residuals (CorrDiff), or by how far the members' centre
-(DPDM: its denoiser's conditional mean) lies from their mean. Default: the shipped CorrDiff and its
+(DPDM: the sampler's solution from a zero latent) lies from their mean. Default: the shipped CorrDiff and its
 climatology variant; the shipped DPDM checkpoints with ``--checkpoint`` (README "Spread calibration"):
 
     python benchmarks/calibration.py [--month-stride 10] [--members 16] [--steps 12]

@@ -4,8 +4,9 @@ An ensemble whose spread is smaller than the error of its mean (spread-skill rat
 For a method whose members are a deterministic conditional mean plus a generated part (CorrDiff: member =
 ``mu + f * s * r``, ``mu`` its regression; DPDM: member = ``c + f * (z - c)`` in network space, ``c`` its
 sampler's solution from a zero latent, the same for every member), the factor ``f`` scales every member's
-deviation, hence the spread, and leaves the mean where it is (CorrDiff) or close to it (DPDM). Under that model (truth = mu + e, members = mu + f r_i, e and r independent
-and zero-mean), the spread-skill ratio of an M-member ensemble is
+deviation, hence the spread, and leaves the mean where it is (CorrDiff) or close to it (DPDM). Under that
+model (truth = mu + e, members = mu + f r_i, e and r independent and zero-mean), the spread-skill ratio of an
+M-member ensemble is
 ``SSR(f)^2 = (M + 1) f^2 var(r) / (M var(e) + f^2 var(r))``, so the ratio ``SSR_1`` measured with ``f = 1``
 gives the calibrating factor in closed form (:func:`inflation_factor`):
 
