@@ -68,8 +68,10 @@ from common import (  # noqa: E402
 from climrecon.config import MethodConfig, SamplerConfig, load_config  # noqa: E402
 from climrecon.methods import build, parse_config  # noqa: E402
 from climrecon.methods.dpdm import DPDM  # noqa: E402
+from climrecon.models.checkpoint import read_checkpoint  # noqa: E402
 from climrecon.models.fastpath import CompiledNetwork  # noqa: E402
 from climrecon.tasks import plots  # noqa: E402
+from climrecon.tasks.calibrate import FIT_SEED, fit_spread_inflation  # noqa: E402
 from climrecon.tasks.evaluate import method_factory, run_evaluation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,8 +164,8 @@ def calibration_no_worse(point: dict[str, Any], ref: dict[str, Any]) -> bool:
     )
 
 
-def run_curve(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    """The curve points of one method (``--only``: those labels only), scored in one evaluation."""
+def evaluation_config(args: argparse.Namespace, method: str) -> Any:
+    """The evaluation config every part scores with (months, members, threads of ``args``)."""
     overrides = evaluation_overrides(
         [{"name": "bilinear"}],
         VARIABLES + (["pr"] if method == "corrdiff" else []),  # CorrDiff's checkpoint downscales pr too
@@ -172,8 +174,18 @@ def run_curve(args: argparse.Namespace, method: str) -> dict[str, Any]:
         threads=args.threads,
         steps=18,
     ) + list(args.overrides)
-    cfg = load_config(None, overrides)
-    cases = _curve_cases(cfg.sampler, [method])
+    return load_config(None, overrides)
+
+
+def run_curve(
+    args: argparse.Namespace,
+    method: str,
+    cases: dict[str, tuple[MethodConfig, SamplerConfig]] | None = None,
+) -> dict[str, Any]:
+    """The curve points of one method (``--only``: those labels only), scored in one evaluation; ``cases``
+    (label -> method config, sampler) replaces the curve's own (:func:`_curve_cases`)."""
+    cfg = evaluation_config(args, method)
+    cases = cases if cases is not None else _curve_cases(cfg.sampler, [method])
     if args.only:
         cases = {k: v for k, v in cases.items() if k in args.only}
     factories = {label: method_factory(m, s) for label, (m, s) in cases.items()}
@@ -237,6 +249,88 @@ def cheapest_equal_skill(
     ]
     distilled = next((k for k, p in points.items() if "distilled" in k and p.get(verdict)), None)
     return (min(ok)[1] if ok else None), distilled
+
+
+# -- calibrated: every sampler with its own spread inflation ---------------------------------------------
+def shipped_fit(
+    spec: MethodConfig, sampler: SamplerConfig, members: int, months: int
+) -> dict[str, Any] | None:
+    """The checkpoint's own spread calibration when it was fitted by the protocol asked for (the same sampler
+    as ``build(spec, sampler)`` runs, ``members`` members on ``months`` validation months, the default seed),
+    else None."""
+    data = read_checkpoint(spec.checkpoint).metadata.data
+    how = data.get("spread_calibration")
+    if not how or "spread_inflation" not in data:
+        return None
+    ran = build(spec.model_copy(update={"spread_inflation": {}}), sampler).describe()["sampler"]
+    protocol = (how.get("members"), len(how.get("months", ())), how.get("seed"), how.get("sampler"))
+    if protocol != (members, months, FIT_SEED, ran):
+        return None
+    return {"spread_inflation": data["spread_inflation"], "spread_calibration": how}
+
+
+def calibrated_cases(
+    args: argparse.Namespace, cfg: Any
+) -> tuple[dict[str, tuple[MethodConfig, SamplerConfig]], dict[str, dict[str, Any]]]:
+    """(label -> method config with the factors fitted for its own sampler, sampler; label -> the fit) for
+    the ``--only`` points: each is fitted on ``--fit-months`` validation months x ``--fit-members`` members
+    with :func:`climrecon.tasks.calibrate.fit_spread_inflation` (the protocol the shipped checkpoints were
+    calibrated with), or takes the checkpoint's own factors when they were fitted that way."""
+    curve = _curve_cases(cfg.sampler, ["dpdm"])
+    cases, fits = {}, {}
+    for label in args.only:
+        spec, sampler = curve[label]
+        fitted = shipped_fit(spec, sampler, args.fit_members, args.fit_months)
+        source = "the checkpoint's own calibration (same protocol)"
+        if fitted is None:
+            print(f"fitting the spread inflation of {label} on validation months", flush=True)
+            fitted = fit_spread_inflation(
+                spec.checkpoint,
+                cfg=cfg,
+                months=args.fit_months,
+                members=args.fit_members,
+                sampler=sampler,
+                seed=FIT_SEED,
+            )
+            source = "fitted by this benchmark"
+        factors = dict(fitted["spread_inflation"])
+        cases[label] = (spec.model_copy(update={"spread_inflation": factors}), sampler)
+        how = fitted["spread_calibration"]
+        fits[label] = {
+            "spread_inflation": factors,
+            "source": source,
+            "spread_skill_ratio_before": how["spread_skill_ratio_before"],
+            "years": how["years"],
+            "months": len(how["months"]),
+            "members": how["members"],
+            "seed": how["seed"],
+        }
+    return cases, fits
+
+
+def run_calibrated(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``calibrated`` part: the ``--only`` DPDM points (with 18-step Heun) scored on the confirmation
+    sample, each with the spread inflation fitted for its own sampler."""
+    cases, fits = calibrated_cases(args, evaluation_config(args, "dpdm"))
+    part = run_curve(args, "dpdm", cases)
+    for label, p in part["points"].items():
+        p["spread_inflation"] = fits[label]["spread_inflation"]
+    part["fits"] = fits
+    part["settings"] = {**part["settings"], "fit_months": args.fit_months, "fit_members": args.fit_members}
+    return part
+
+
+def merge_part(doc: dict[str, Any], key: str, part: dict[str, Any]) -> None:
+    """Put ``part`` under ``doc[key]``, keeping the recorded part's points (and fits) that ``part`` did not
+    rerun when both were run on the same sample (same settings: same months, members and seeds)."""
+    earlier = doc.get(key)
+    if earlier and earlier.get("settings") == part["settings"]:
+        for sub in ("points", "fits"):
+            if sub in part:
+                part[sub] = {**earlier.get(sub, {}), **part[sub]}
+        if part["command"] not in earlier["command"]:
+            part["command"] = f"{earlier['command']} && {part['command']}"
+    doc[key] = part
 
 
 # -- speed -----------------------------------------------------------------------------------------------
@@ -309,9 +403,18 @@ def best_batch(method: Any, batches: Sequence[int], matmul: float, repeat: int =
     }
 
 
+def decision_part(doc: dict[str, Any]) -> str | None:
+    """The part whose equal-skill tests decide: ``calibrated`` (the samplers as the product runs them, each
+    with its own spread inflation) when it holds 18-step Heun, else the confirmation run, else the curve."""
+    if REFERENCE in doc.get("calibrated", {}).get("points", {}):
+        return "calibrated"
+    return next((part for part in ("confirm", "curve") if part in doc), None)
+
+
 def decision_points(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The points whose equal-skill tests decide: the confirmation run's when there is one, else the curve's."""
-    return doc.get("confirm", doc.get("curve", {})).get("points", {})
+    """The points of :func:`decision_part`."""
+    part = decision_part(doc)
+    return doc[part].get("points", {}) if part else {}
 
 
 def shipped_default() -> str:
@@ -366,17 +469,29 @@ def run_speed(args: argparse.Namespace, points: dict[str, dict[str, Any]]) -> di
     better, _ = cheapest_equal_skill(points, verdict="equal_or_better_skill")
     default = args.sampler or shipped_default()
     base = cfg.sampler
-    dpdm = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["dpdm"])})
+
+    def spec(label: str) -> MethodConfig:
+        """The method of ``label`` with the spread inflation its deciding point was scored with (none: the
+        network alone), so the timed path is the one whose skill decided."""
+        which = "distilled" if "distilled" in label else "dpdm"
+        factors = points.get(label, {}).get("spread_inflation", {})
+        return parse_config(
+            {"name": "dpdm", "checkpoint": str(CHECKPOINTS[which]), "spread_inflation": factors}
+        )
+
     samplers: dict[str, tuple[MethodConfig, SamplerConfig]] = {
-        label: (dpdm, sampler_of(base, label))
+        label: (spec(label), sampler_of(base, label))
         for label in dict.fromkeys([REFERENCE, default, strict, better])
         if label
     }
     if CHECKPOINTS["distilled"].exists():
-        student = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"])})
+        student = spec("dpdm/distilled-4")
         samplers["dpdm/distilled-4"] = (student, base.model_copy(update={"solver": None, "num_steps": None}))
     for mode in args.modes:
-        samplers[f"{default} [{mode}]"] = (dpdm, samplers[default][1].model_copy(update={"network": mode}))
+        samplers[f"{default} [{mode}]"] = (
+            samplers[default][0],
+            samplers[default][1].model_copy(update={"network": mode}),
+        )
     inputs = speed_inputs(cfg, args.months)
     methods = {label: build(m, s) for label, (m, s) in samplers.items()}
     flops = {
@@ -409,6 +524,7 @@ def run_speed(args: argparse.Namespace, points: dict[str, dict[str, Any]]) -> di
             "months_x_members_per_hour": work * 3600 / sec,
             "nfe": method.sampler.network_calls(),
             "network": method.sampler.network,
+            "spread_inflation": samplers[label][0].spread_inflation,
             "gflop_per_downscale": count / 1e9,  # padded patches of a last partial call count too
             "achieved_gflops": count / sec / 1e9,
             "fraction_of_matmul": count / sec / 1e9 / matmul,
@@ -470,6 +586,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_evaluation_arguments(f, month_stride=5, members=8)
     f.add_argument("--methods", nargs="+", default=["dpdm"], choices=sorted(CURVE))
     f.add_argument("--only", nargs="+", required=True, help="curve labels to confirm (with heun-18)")
+    k = sub.add_parser("calibrated")
+    add_evaluation_arguments(k, month_stride=5, members=8)
+    k.add_argument("--only", nargs="+", required=True, help="DPDM curve labels (list dpdm/heun-18 too)")
+    k.add_argument("--fit-months", type=int, default=30, help="validation months of each fit")
+    k.add_argument("--fit-members", type=int, default=8, help="members of each fit")
     s = sub.add_parser("speed")
     s.add_argument("--months", type=int, default=4)
     s.add_argument("--members", type=int, default=4)
@@ -481,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     s.add_argument(
         "--sampler", default=None, help="curve label whose network modes are timed (default: DPDM's default)"
     )
-    for p in (c, f, s):
+    for p in (c, f, k, s):
         p.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -502,6 +623,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             doc["confirm"] = earlier = confirm
             summarize(doc)
             write_results(args.out, doc)
+    elif args.part == "calibrated":
+        part = run_calibrated(args)
+        # reread: a calibrated run of other points may have finished meanwhile (they run side by side)
+        doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+        merge_part(doc, "calibrated", part)
+        summarize(doc)
+        write_results(args.out, doc)
     elif args.part == "curve":
         for i, method in enumerate(args.methods):  # written after each method
             curve = run_curve(args, method)
@@ -521,14 +649,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_results(args.out, doc)
     print(
         json.dumps(
-            {k: v for k, v in doc.items() if k not in ("curve", "confirm", "speed")}, indent=1, default=str
+            {k: v for k, v in doc.items() if k not in ("curve", "confirm", "calibrated", "speed")},
+            indent=1,
+            default=str,
         )
     )
 
 
 def summarize(doc: dict[str, Any]) -> None:
     """The issue's top-level keys from the two parts (and the multi-host benchmark's figures)."""
-    for part in ("curve", "confirm"):  # (re)apply the tests: the verdicts follow this file's rules
+    for part in (
+        "curve",
+        "confirm",
+        "calibrated",
+    ):  # (re)apply the tests: the verdicts follow this file's rules
         compare_to_reference(doc.get(part, {}).get("points", {}))
     points = doc.get("curve", {}).get("points", {})
     decide = decision_points(doc)
@@ -541,15 +675,27 @@ def summarize(doc: dict[str, Any]) -> None:
     doc["spread_skill_ratio"] = {k: p["spread_skill_ratio"] for k, p in points.items()}
     doc["log_spectral_distance"] = {k: p["log_spectral_distance"] for k, p in points.items()}
     doc["equal_skill"] = {k: p.get("equal_skill") for k, p in decide.items()}
+    part = decision_part(doc)
     doc["equal_skill_decided_by"] = (
-        (
-            f"confirm: {len(doc['confirm']['months'])} months x {doc['confirm']['members']} members"
-            if "confirm" in doc
-            else f"curve: {len(doc['curve']['months'])} months x {doc['curve']['members']} members"
+        f"{part}: {len(doc[part]['months'])} months x {doc[part]['members']} members"
+        + (
+            ", each sampler with the spread inflation fitted for it on validation months"
+            if part == "calibrated"
+            else ""
         )
-        if decide
+        if part
         else None
     )
+    for key, name in (("confirm", "network_only"), ("calibrated", "calibrated")):
+        if key in doc and key != part:  # the other verdicts, side by side
+            doc[f"equal_skill_{name}"] = {k: p.get("equal_skill") for k, p in doc[key]["points"].items()}
+            doc[f"equal_or_better_skill_{name}"] = {
+                k: p.get("equal_or_better_skill") for k, p in doc[key]["points"].items()
+            }
+    if "calibrated" in doc:
+        doc["spread_inflation_by_sampler"] = {
+            k: f["spread_inflation"] for k, f in doc["calibrated"]["fits"].items()
+        }
     doc["equal_or_better_skill"] = {k: p.get("equal_or_better_skill") for k, p in decide.items()}
     cheapest, distilled = cheapest_equal_skill(decide)
     doc["cheapest_equal_skill_sampler"] = cheapest
@@ -586,6 +732,7 @@ def summarize(doc: dict[str, Any]) -> None:
     doc["commands"] = {
         "curve": doc.get("curve", {}).get("command"),
         "confirm": doc.get("confirm", {}).get("command"),
+        "calibrated": doc.get("calibrated", {}).get("command"),
         "speed": speed.get("command"),
         "multi_host": doc.get("multi_host", {}).get("command"),
     }

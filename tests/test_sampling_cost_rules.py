@@ -64,6 +64,32 @@ def test_a_confirmation_run_decides_over_the_curve():
     assert set(sc.decision_points(doc)) == {"dpdm/heun-18"}
 
 
+def test_the_calibrated_part_decides_once_it_holds_the_reference():
+    doc = {"confirm": {"points": {"dpdm/dpmpp2m-8": REF}}, "calibrated": {"points": {"dpdm/dpmpp2m-6": REF}}}
+    assert sc.decision_part(doc) == "confirm"  # no calibrated 18-step Heun to compare with yet
+    doc["calibrated"]["points"]["dpdm/heun-18"] = REF
+    assert sc.decision_part(doc) == "calibrated"
+    assert set(sc.decision_points(doc)) == {"dpdm/dpmpp2m-6", "dpdm/heun-18"}
+    assert sc.decision_part({}) is None and sc.decision_points({}) == {}
+
+
+def test_calibrated_runs_side_by_side_merge_only_on_the_same_sample():
+    settings = {"month_stride": 5, "members": 8, "threads": 1, "fit_months": 30, "fit_members": 8}
+    ref = {"dpdm/heun-18": REF}
+    doc = {"calibrated": {"settings": settings, "points": ref, "fits": {"dpdm/heun-18": {}}, "command": "a"}}
+    part = {"settings": dict(settings), "points": {"dpdm/dpmpp2m-8": REF}, "fits": {"dpdm/dpmpp2m-8": {}}}
+    sc.merge_part(doc, "calibrated", {**part, "command": "b"})
+    assert (
+        set(doc["calibrated"]["points"])
+        == set(doc["calibrated"]["fits"])
+        == {"dpdm/heun-18", "dpdm/dpmpp2m-8"}
+    )
+    assert doc["calibrated"]["command"] == "a && b"
+    other = {**part, "settings": {**settings, "fit_months": 12}, "command": "c"}
+    sc.merge_part(doc, "calibrated", other)  # another fit protocol: the recorded points are not comparable
+    assert set(doc["calibrated"]["points"]) == {"dpdm/dpmpp2m-8"} and doc["calibrated"]["command"] == "c"
+
+
 def test_a_confirm_run_extends_the_recorded_one_only_on_the_same_sample():
     import argparse
 
