@@ -300,7 +300,7 @@ def calibrated_cases(
             "spread_inflation": factors,
             "source": source,
             "spread_skill_ratio_before": how["spread_skill_ratio_before"],
-            "years": how["years"],
+            "years": how.get("years"),
             "months": len(how["months"]),
             "members": how["members"],
             "seed": how["seed"],

@@ -22,6 +22,10 @@ they were fitted in ``data.spread_calibration``); the method applies them from t
 
 A generated part's spread depends on the sampler (its solver and steps): fit with the sampler you run
 (``--steps``, ``--solver``); the fit records it in ``data.spread_calibration.sampler``.
+
+With a ``data:`` section in ``--config`` (the user's own fine data) the fit uses its ``validation`` selection,
+grid and valid-cell mask (:func:`climrecon.tasks.evaluate.data_section_inputs`) instead of ``train.truth`` and
+validation years; without ``data.validation`` it refuses, naming it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from climrecon.config import ClimReconConfig, SamplerConfig, load_config
 from climrecon.methods import MethodError, build, parse_config
 from climrecon.models.checkpoint import read_checkpoint, save_checkpoint
 from climrecon.tasks import metrics
-from climrecon.tasks.evaluate import heldout_inputs, use_threads
+from climrecon.tasks.evaluate import EvaluationError, data_section_inputs, heldout_inputs, use_threads
 from climrecon.tasks.training_data import default_static_url, default_truth_url
 
 __all__ = ["FIT_SEED", "inflation_factor", "method_of", "fit_spread_inflation", "write_calibrated", "main"]
@@ -80,8 +84,9 @@ def fit_spread_inflation(
     seed: int = FIT_SEED,
 ) -> dict[str, Any]:
     """Sample ``checkpoint``'s method with no inflation on ``months`` months spread over ``years`` (default:
-    every month of the checkpoint's validation years) of ``cfg``'s fine truth, and return ``{"spread_inflation": {var: f},
-    "spread_calibration": {how it was fitted; the spread-skill ratio, CRPS and ensemble-mean MAE before}}``."""
+    every month of the checkpoint's validation years) of ``cfg``'s fine truth, or over ``data.validation``
+    when ``cfg`` has a ``data:`` section, and return ``{"spread_inflation": {var: f}, "spread_calibration":
+    {how it was fitted; the spread-skill ratio, CRPS and ensemble-mean MAE before}}``."""
     cfg = cfg or load_config()
     meta = read_checkpoint(checkpoint).metadata
     name = method_of(meta.method)
@@ -90,15 +95,27 @@ def fit_spread_inflation(
             f"checkpoint {checkpoint} is a {meta.method!r} model; spread calibration applies to methods whose "
             "config takes spread_inflation (a conditional mean plus a generated part: dpdm, corrdiff)"
         )
+    if cfg.data is not None and years:
+        raise MethodError(
+            "years select years of train.truth; with a data: section the fit uses data.validation instead"
+        )
     years = years or tuple(meta.data.get("validation_years") or ())
-    if len(years) != 2:
+    if cfg.data is None and len(years) != 2:
         raise MethodError(f"checkpoint {checkpoint} records no validation years: pass years=(first, last)")
     use_threads(cfg.evaluate.threads)  # as the evaluation does
     sampler = sampler or SamplerConfig(device="cpu")
     unit = {v: 1.0 for v in meta.variables}
     spec = {"name": name, "checkpoint": str(checkpoint), "spread_inflation": unit, "bias_correction": False}
     method = build(spec, sampler)
-    truth, inputs = heldout_inputs(method, default_truth_url(cfg), default_static_url(cfg), years, months)
+    if cfg.data is not None:  # the user's own fine data: its validation selection, mask and grid
+        try:
+            truth, inputs = data_section_inputs(method, cfg, "validation", months)
+        except EvaluationError as exc:
+            raise MethodError(f"spread calibration of {checkpoint}: {exc}") from None
+        period: dict[str, Any] = {"data_validation": cfg.data.validation.describe()}
+    else:
+        truth, inputs = heldout_inputs(method, default_truth_url(cfg), default_static_url(cfg), years, months)
+        period = {"years": list(years)}
     ensemble = method.downscale(inputs, members=members, seed=seed)
     ssr = {v: float(metrics.spread_skill_ratio(ensemble[v], truth[v])) for v in meta.variables}
     crps = {v: float(metrics.crps(ensemble[v], truth[v])) for v in meta.variables}
@@ -110,8 +127,8 @@ def fit_spread_inflation(
             "spread_skill_ratio_before": ssr,
             "crps_before": crps,  # of the uncalibrated ensemble: compare checkpoints on validation months
             "ensemble_mean_mae_before": mae,
-            "years": list(years),
-            "months": [str(t)[:7] for t in truth["time"].values],
+            **period,
+            "months": [str(t)[:10] if cfg.data is not None else str(t)[:7] for t in truth["time"].values],
             "members": members,
             "seed": seed,
             "sampler": method.describe()["sampler"],
@@ -142,12 +159,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", type=Path, help="the trained checkpoint (read only)")
     parser.add_argument("out", type=Path, help="the calibrated copy to write")
-    parser.add_argument("--config", type=Path, default=None, help="config whose fine truth is used")
     parser.add_argument(
-        "--years", default=None, help="FIRST,LAST (default: the checkpoint's validation years)"
+        "--config", type=Path, default=None, help="config whose fine truth (train.truth or data:) is used"
     )
     parser.add_argument(
-        "--months", type=int, default=None, help="months spread over the years (default: every one of them)"
+        "--years",
+        default=None,
+        help="FIRST,LAST of train.truth (default: the checkpoint's validation years; not with a data: section)",
+    )
+    parser.add_argument(
+        "--months",
+        type=int,
+        default=None,
+        help="time steps spread over the years or data.validation (default: every one of them)",
     )
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the method's)")

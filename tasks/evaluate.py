@@ -394,6 +394,54 @@ def heldout_inputs(
     return truth, inputs
 
 
+def data_section_inputs(
+    method: Method,
+    cfg: ClimReconConfig,
+    split: str,
+    n_steps: int | None,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[xr.Dataset, Inputs]:
+    """(truth, the method's inputs) for ``n_steps`` time steps spread over the ``split`` selection
+    (``"train"``, ``"validation"`` or ``"heldout"``) of ``cfg``'s ``data:`` section (``None``: all of them),
+    as the evaluation builds them: the grid cropped or padded to tile the method's factor, the data's
+    valid-cell mask, its own static fields or the catalog's. Raises EvaluationError naming the section when
+    the split is not configured or the data cannot be read."""
+    from climrecon.tasks.fine_data import FineDataError, fine_static, open_fine_data
+
+    if cfg.data is None:
+        raise EvaluationError("no data: section in the config")
+    if getattr(cfg.data, split, None) is None:
+        raise EvaluationError(
+            f"data.{split} is not set: add it to the data: section, e.g. {split}: {{years: [2006, 2010]}} "
+            "(time steps the checkpoint was not trained on and the evaluation does not score)"
+        )
+    variables = list(method.describe()["variables"])
+    (factor,) = method.needs.factors
+    try:
+        here = open_fine_data(cfg.data, storage_options).for_factor(factor)
+        missing = [v for v in variables if v not in here.variables]
+        if missing:
+            raise EvaluationError(
+                f"the method's variables {missing} are not in data.variables {here.variables}"
+            )
+        steps = here.splits(cfg.data)[split]
+        n = steps.sizes["time"] if n_steps is None else n_steps
+        truth = steps[variables].isel(time=spread_months(steps.sizes["time"], n)).astype("float32").load()
+        static = fine_static(here, cfg.data.static or evaluation_static_url(cfg), storage_options)
+    except FineDataError as exc:
+        raise EvaluationError(f"data: {exc}") from None
+    views = [v.removesuffix("_coarse") for v in method.needs.static if v.endswith("_coarse")]
+    inputs = perfect_model_inputs(
+        perfect_model_coarse(truth, factor),
+        here.grid,
+        static,
+        views,
+        time_step=here.time_step,
+        mask=None if bool(here.mask.all()) else here.mask,
+    )
+    return truth, inputs
+
+
 def _stamp(t: int) -> str:
     """``YYYYMMDDHH`` -> ``YYYY-MM-DDTHH``."""
     return f"{t // 1_000_000:04d}-{t // 10_000 % 100:02d}-{t // 100 % 100:02d}T{t % 100:02d}"

@@ -125,6 +125,28 @@ def test_the_evaluation_scores_every_method_on_valid_cells_of_held_out_days(trai
         run_evaluation(leaky)
 
 
+def test_own_data_checkpoints_are_spread_calibrated_on_data_validation(trained, daily, static_5min):  # noqa: F811
+    from climrecon.methods import MethodError
+    from climrecon.tasks.calibrate import fit_spread_inflation
+
+    cfg = load_config(None, data_overrides(daily["path"], static_5min[0]))
+    sampler = SamplerConfig(device="cpu", num_steps=2, overlap=4)
+    with pytest.raises(MethodError, match="data.validation is not set: add it to the data: section"):
+        fit_spread_inflation(trained["checkpoint"], cfg=cfg, months=2, members=2, sampler=sampler)
+    cfg = cfg.with_overrides(['data.validation={"dates": ["2001-09-01", "2001-09-30"]}'])
+    with pytest.raises(MethodError, match="with a data: section the fit uses data.validation"):
+        fit_spread_inflation(trained["checkpoint"], cfg=cfg, years=(2001, 2001), members=2, sampler=sampler)
+    fitted = fit_spread_inflation(trained["checkpoint"], cfg=cfg, months=3, members=2, sampler=sampler)
+    how = fitted["spread_calibration"]
+    # three days spread over the validation selection, on the data's own grid and mask (ocean cells are NaN
+    # in the truth and scored out: every figure is finite)
+    assert how["months"] == ["2001-09-01", "2001-09-15", "2001-09-30"]
+    assert "2001-09-01" in how["data_validation"] and "years" not in how
+    assert set(fitted["spread_inflation"]) == {"tasmax", "pr"}
+    assert all(0.5 <= f <= 2.0 for f in fitted["spread_inflation"].values())
+    assert all(np.isfinite(r) and r > 0 for r in how["spread_skill_ratio_before"].values())
+
+
 def test_a_one_year_monthly_record_split_by_months_is_scored_by_every_baseline(tmp_path):
     truth, static = write_tiny_stores(tmp_path)
     data = {
