@@ -10,7 +10,7 @@ evaluation refuses a checkpoint whose recorded training or validation years over
 Contract:
 - :func:`run_evaluation` ``(ClimReconConfig) -> EvaluationResult``: tidy ``records``, one per
   method x factor x variable x ensemble size, each with every scalar of
-  :func:`climrecon.tasks.metrics.evaluate_all` (mae, rmse, bias, acc, ssim, psnr, q99_error, crps,
+  :func:`climrecon.tasks.metrics.evaluate_all` (mae, rmse, bias, acc, ssim, psnr, q99_error, crps, crps_fair,
   spread_skill_ratio, log_spectral_distance, wasserstein; NaN where a metric does not apply, e.g. the
   spread-skill ratio of one member); plus what the figures need (maps of the first scored month, power
   spectra, rank histograms) at the "figure factor" (the smallest factor an ensemble method serves, else
@@ -86,6 +86,7 @@ METRIC_LABELS = {
     "psnr": "PSNR [dB]",
     "q99_error": "q99 error",
     "crps": "CRPS",
+    "crps_fair": "fair CRPS",
     "spread_skill_ratio": "spread/skill",
     "log_spectral_distance": "LSD [dB]",
     "wasserstein": "W1",
@@ -726,6 +727,7 @@ def markdown_report(result: EvaluationResult, title: str = "Perfect-model evalua
         ),
         "(c) Probabilistic and distributional scores": (
             "crps",
+            "crps_fair",
             "spread_skill_ratio",
             "q99_error",
             "log_spectral_distance",

@@ -672,7 +672,7 @@ def evaluate_all(forecast: Field, truth: Field, *, climatology: Field | None = N
     Accuracy of the (ensemble-mean) forecast: mae, rmse, bias, acc (only with a ``climatology``). Realism of
     the samples (every member counts): ssim and psnr (mean over maps; ssim only for maps >= 11 x 11),
     q99_error (per cell), log_spectral_distance [dB], wasserstein. Ensembles (a ``member`` dim): crps and,
-    with >= 2 members, spread_skill_ratio. ``.to_dataframe()`` gives a metric x variable table.
+    with >= 2 members, crps_fair (the ensemble-size-unbiased CRPS) and spread_skill_ratio. ``.to_dataframe()`` gives a metric x variable table.
     Masked truth (NaN cells) is scored on its valid points only (see the module docstring); each variable's
     attrs hold ``valid_fraction``, the fraction of the truth's (time, lat, lon) points that are not NaN.
     """
@@ -703,6 +703,7 @@ def evaluate_all(forecast: Field, truth: Field, *, climatology: Field | None = N
         if MEMBER_DIM in f.dims:
             row["crps"] = crps(f, t)
             if f.sizes[MEMBER_DIM] >= 2:
+                row["crps_fair"] = crps(f, t, fair=True)
                 row["spread_skill_ratio"] = spread_skill_ratio(f, t)
         with _quiet_masked():  # dask-backed scores are computed here
             results[var] = {k: float(v) for k, v in row.items()}

@@ -302,9 +302,15 @@ def test_evaluate_all_ensemble_and_deterministic() -> None:
         "log_spectral_distance",
         "wasserstein",
         "crps",
+        "crps_fair",
         "spread_skill_ratio",
     }
     assert set(table["metric"].values) == expected  # 8 x 8 maps: no SSIM
+    # the fair CRPS is the empirical one less mean|x_i - x_j| / 2M (M = 4): smaller, by the ensemble's spread
+    assert float(table["tas"].sel(metric="crps_fair")) == pytest.approx(
+        float(M.crps(ds_e["tas"], ds_t["tas"], fair=True))
+    )
+    assert float(table["tas"].sel(metric="crps_fair")) < float(table["tas"].sel(metric="crps"))
     assert np.isfinite(table.to_dataframe().values).all()
     assert float(table["tas"].sel(metric="rmse")) == pytest.approx(
         float(M.rmse(ds_e["tas"].mean("member"), ds_t["tas"]))
