@@ -126,7 +126,8 @@ def _curve_cases(
             cases[label] = (parse_config(spec), sampler_for(base, family, steps, extra))
     if "dpdm" in methods and CHECKPOINTS["distilled"].exists():
         # the student's own levels and solver come from its checkpoint (methods/dpdm.py distilled_sampler)
-        method = parse_config({"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"])})
+        spec = {"name": "dpdm", "checkpoint": str(CHECKPOINTS["distilled"]), "spread_inflation": {}}
+        method = parse_config(spec)
         cases["dpdm/distilled-4"] = (method, base.model_copy(update={"solver": None, "num_steps": None}))
     return cases
 
