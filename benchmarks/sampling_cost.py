@@ -27,6 +27,18 @@ blending and bookkeeping included. The best patches-per-call is measured per dev
     python benchmarks/sampling_cost.py confirm [--month-stride 5] [--members 8] --only LABEL ...
     python benchmarks/sampling_cost.py speed [--months 4] [--members 4] [--rounds 3]
 
+``calibrated``: DPDM points as the product runs them. The product ships spread-calibrated ensembles
+(``spread_inflation``, README "DPDM's spread") and a checkpoint's factors are fitted for one sampler, so each
+``--only`` point (list ``dpdm/heun-18`` too) gets the factors fitted for its own sampler on validation months
+(``--fit-months`` x ``--fit-members``, :func:`climrecon.tasks.calibrate.fit_spread_inflation`, the shipped
+checkpoints' protocol; a checkpoint calibrated by that protocol for that sampler is taken as it is) and is
+scored on the confirmation sample. Once it holds 18-step Heun this part decides the verdicts (the other
+parts' verdicts stay beside them, ``equal_skill_network_only``), and ``speed`` times each sampler with the
+factors it was scored with. Runs of different points may go side by side (they merge on writing):
+
+    python benchmarks/sampling_cost.py calibrated --only dpdm/heun-18
+    python benchmarks/sampling_cost.py calibrated --only dpdm/dpmpp2m-8 dpdm/distilled-4 dpdm/dpmpp2m-12
+
 ``confirm``: the candidate points of the curve again on a larger sample (default 24 months x 8 members, eight
 times the curve's): the equal-skill tests are noisy at the curve's size, so when a confirmation run exists its
 tests decide which samplers have equal skill (for ``speed`` and the top-level keys); the curve stays as the
