@@ -3,7 +3,7 @@
 Two parts, one JSON (``benchmarks/results/sampling_cost.json``; each part keeps the other's figures):
 
 ``curve``: the NFE-vs-skill curve. The shipped DPDM checkpoint (and CorrDiff's, fewer points) sampled by
-Heun (EDM Alg. 2) and Euler (DDIM, eta 0) at 4-18 steps, DPM-Solver++(2M) at 4-12 steps, Heun with EDM's
+Heun (EDM Alg. 2) and Euler (DDIM, eta 0) at 4-32 steps, DPM-Solver++(2M) at 4-12 steps, Heun with EDM's
 stochastic churn, and the distilled 4-step student (``checkpoints/distilled-dpdm-westus-x8.pt``), all
 through :func:`climrecon.tasks.evaluate.run_evaluation` on the same held-out months (2011-2020, x8 perfect
 model, synthetic reanalysis), members and seeds: CRPS, ensemble-mean MAE, spread-skill ratio and the
@@ -100,8 +100,8 @@ REFERENCE = "dpdm/heun-18"
 # (family, steps, extra sampler settings); the reference is EDM's deterministic 18-step Heun
 CURVE: dict[str, list[tuple[str, int, dict[str, Any]]]] = {
     "dpdm": [
-        *(("heun", n, {}) for n in (4, 6, 9, 18)),
-        *(("euler", n, {}) for n in (4, 8, 16)),
+        *(("heun", n, {}) for n in (4, 6, 9, 18, 32)),
+        *(("euler", n, {}) for n in (4, 8, 16, 32)),
         *(("dpmpp2m", n, {}) for n in (4, 6, 8, 10, 12)),
         ("heun-churn", 18, {"S_churn": 20.0}),
     ],
