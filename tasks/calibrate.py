@@ -41,7 +41,13 @@ from climrecon.config import ClimReconConfig, SamplerConfig, load_config
 from climrecon.methods import MethodError, build, parse_config
 from climrecon.models.checkpoint import read_checkpoint, save_checkpoint
 from climrecon.tasks import metrics
-from climrecon.tasks.evaluate import EvaluationError, data_section_inputs, heldout_inputs, use_threads
+from climrecon.tasks.evaluate import (
+    EvaluationError,
+    data_section_inputs,
+    heldout_inputs,
+    time_label,
+    use_threads,
+)
 from climrecon.tasks.training_data import default_static_url, default_truth_url
 
 __all__ = ["FIT_SEED", "inflation_factor", "method_of", "fit_spread_inflation", "write_calibrated", "main"]
@@ -128,7 +134,7 @@ def fit_spread_inflation(
             "crps_before": crps,  # of the uncalibrated ensemble: compare checkpoints on validation months
             "ensemble_mean_mae_before": mae,
             **period,
-            "months": [str(t)[:10] if cfg.data is not None else str(t)[:7] for t in truth["time"].values],
+            "months": [time_label(t, inputs.time_step) for t in truth["time"].values],
             "members": members,
             "seed": seed,
             "sampler": method.describe()["sampler"],

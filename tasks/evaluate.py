@@ -67,6 +67,7 @@ __all__ = [
     "spread_months",
     "use_threads",
     "heldout_inputs",
+    "time_label",
     "run_evaluation",
     "records_frame",
     "write_records_csv",
@@ -448,7 +449,8 @@ def _stamp(t: int) -> str:
     return f"{t // 1_000_000:04d}-{t // 10_000 % 100:02d}-{t // 100 % 100:02d}T{t % 100:02d}"
 
 
-def _time_label(t: Any, time_step: str) -> str:
+def time_label(t: Any, time_step: str) -> str:
+    """``t`` as the evaluation labels it: ``YYYY-MM``, ``YYYY-MM-DD`` for daily and ``YYYY-MM-DDTHH`` for hourly steps."""
     if time_step in ("day", "hour"):
         return f"{t.year:04d}-{t.month:02d}-{t.day:02d}" + (f"T{t.hour:02d}" if time_step == "hour" else "")
     return f"{t.year:04d}-{t.month:02d}"
@@ -498,7 +500,7 @@ def run_evaluation(
         fine_resolution=grid.dlat,
         units={v: str(first.held[v].attrs.get("units", "")) for v in variables},
         figure_factor=figure_factor,
-        months=[_time_label(t, first.time_step) for t in first.held["time"].values],
+        months=[time_label(t, first.time_step) for t in first.held["time"].values],
         timings=timings,
         methods=descriptions,
     )
