@@ -211,10 +211,8 @@ def _goals(per_variable: dict[str, Any], label: str, crps_over_reg: dict[str, fl
     ensemble size: the empirical CRPS of M members exceeds it by mean|x_i - x_j| / 2M, so a perfectly
     calibrated Gaussian residual has empirical CRPS / regression MAE = 0.707 (1 + 1/M), 0.751 at 16 members)."""
     scores = per_variable[label]
-    fair = [
-        scores[v].get("crps_fair", np.nan) / per_variable[label.replace("corrdiff", "regression")][v]["mae"]
-        for v in VARIABLES
-    ]
+    regression = label.replace("corrdiff", "regression")  # corrdiff_fg -> regression_fg
+    fair = list(_crps_over_regression(per_variable, label, regression, "crps_fair").values())
     return {
         "crps_fair_over_regression_mae_le_0.75": bool(np.mean(fair) <= 0.75)
         if np.all(np.isfinite(fair))
